@@ -1,0 +1,2 @@
+//! Tessera's reliable UDP transport (filled by the RUDP issue).
+#![warn(missing_docs)]
