@@ -1,1 +1,43 @@
-fn main() {}
+//! Tessera's benchmarks. Every suite prints a table and writes
+//! `target/bench/<suite>.json` (see shared/BENCH.md):
+//!
+//! ```text
+//! cargo run --release -p tessera-bench -- mailbox [--quick]
+//! cargo run --release -p tessera-bench -- rudp [--quick]
+//! ```
+
+use clap::{Parser, Subcommand};
+
+mod mailbox;
+mod report;
+mod rudp;
+
+#[derive(Parser)]
+#[command(
+    name = "tessera-bench",
+    about = "Tessera benchmarks (tables + target/bench/<suite>.json)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    suite: Suite,
+}
+
+#[derive(Subcommand)]
+enum Suite {
+    /// Unified bulk-drained mailbox vs tokio-mpsc per stage vs a queue per stage.
+    Mailbox(mailbox::Args),
+    /// Tessera's RUDP vs ENet, KCP, renet, quinn and a raw-UDP ceiling.
+    Rudp(rudp::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.suite {
+        Suite::Mailbox(args) => mailbox::run(args),
+        Suite::Rudp(args) => rudp::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("tessera-bench: {e}");
+        std::process::exit(1);
+    }
+}

@@ -11,13 +11,15 @@
 //!
 //! A parked glommio executor is not woken by a crossbeam send, so the
 //! receiver announces when it is about to park and the first sender that sees
-//! it rings a doorbell (a datagram on a socketpair the shard reads through
-//! io_uring). Only one bell rings per park.
+//! it rings a doorbell: a one-byte datagram on a pair of connected loopback
+//! UDP sockets, which the shard reads through io_uring (glommio reads UDP
+//! sockets; it cannot wrap an eventfd or a unix socket created outside it).
+//! Only one bell rings per park.
 
 use std::fmt;
 use std::io;
+use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -119,7 +121,7 @@ struct Shared<M> {
     state: AtomicU64,
     capacity: u64,
     parked: AtomicBool,
-    bell: UnixDatagram,
+    bell: UdpSocket,
     owner: ShardId,
     counters: MailboxCounters,
 }
@@ -174,12 +176,24 @@ impl<M> Shared<M> {
     }
 }
 
+/// Two loopback UDP sockets connected to each other, so that the receiving
+/// end hears only its sender.
+fn bell_pair() -> io::Result<(UdpSocket, UdpSocket)> {
+    let rx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let tx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    tx.connect(rx.local_addr()?)?;
+    rx.connect(tx.local_addr()?)?;
+    // Senders must never block on a full bell. The receiving end stays
+    // blocking: io_uring answers EAGAIN at once on an O_NONBLOCK socket
+    // instead of waiting for a datagram.
+    tx.set_nonblocking(true)?;
+    Ok((tx, rx))
+}
+
 /// Creates a mailbox for `owner` holding at most `capacity` messages.
 pub fn mailbox<M>(owner: ShardId, capacity: usize) -> io::Result<Mailbox<M>> {
     let (tx, rx) = crossbeam_channel::unbounded();
-    let (bell_tx, bell_rx) = UnixDatagram::pair()?;
-    bell_tx.set_nonblocking(true)?;
-    bell_rx.set_nonblocking(true)?;
+    let (bell_tx, bell_rx) = bell_pair()?;
     let shared = Arc::new(Shared {
         tx,
         state: AtomicU64::new(0),
@@ -314,7 +328,7 @@ impl<M> MailboxSender<M> {
 pub struct Mailbox<M> {
     rx: crossbeam_channel::Receiver<Parcel<M>>,
     shared: Arc<Shared<M>>,
-    bell_rx: Option<UnixDatagram>,
+    bell_rx: Option<UdpSocket>,
 }
 
 impl<M> fmt::Debug for Mailbox<M> {
@@ -476,7 +490,8 @@ mod tests {
     #[test]
     fn a_parked_receiver_gets_exactly_one_bell() {
         let mut mb = mailbox::<u64>(ShardId(0), 16).unwrap();
-        let bell = UnixDatagram::from(mb.take_bell().unwrap());
+        let bell = UdpSocket::from(mb.take_bell().unwrap());
+        bell.set_nonblocking(true).unwrap();
         let tx = mb.sender();
         assert!(mb.prepare_park());
         tx.try_send(env(0, 1)).unwrap();

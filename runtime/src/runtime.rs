@@ -72,6 +72,9 @@ pub struct ShardConfig {
     pub shutdown_timeout: Duration,
     /// How often statistics are published to the [`StatsBoard`].
     pub publish_interval: Duration,
+    /// Wake a parked shard as soon as a message arrives (default). Off, a
+    /// parked shard notices messages only at its next deadline.
+    pub doorbell: bool,
 }
 
 impl Default for ShardConfig {
@@ -83,6 +86,7 @@ impl Default for ShardConfig {
             outbox_pending_max: 65_536,
             shutdown_timeout: Duration::from_secs(5),
             publish_interval: Duration::from_secs(1),
+            doorbell: true,
         }
     }
 }

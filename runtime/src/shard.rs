@@ -443,7 +443,9 @@ impl<H: ShardHandler> Loop<H> {
     }
 
     async fn park(&mut self, deadline: Instant) {
-        if !self.mailbox.prepare_park() {
+        // Without a doorbell the shard never announces its park, so senders
+        // never ring and it wakes only at its deadline (tick-bound latency).
+        if self.config.doorbell && !self.mailbox.prepare_park() {
             return;
         }
         if self.cx.local.notify.take() {
