@@ -1,1 +1,40 @@
-//! tessera-cells
+//! Tessera's world engine: the pure, deterministic heart.
+//!
+//! The world is a grid of square **cells** ([`CellId`], [`Layout`]), some
+//! split quadtree-style. Each cell owns a dense store of **entities** and
+//! runs the six-step tick of DESIGN.md section 4 with explicit queues
+//! ([`Cell`]); a [`ShardWorld`] runs the cells of one shard together.
+//! Entities near a border are mirrored to neighbours as read-only
+//! **ghosts** ([`ghost`]); each player's **view** (AOI with hysteresis) is
+//! sent as snapshot deltas against the view it last acknowledged ([`view`]);
+//! an entity crossing a border is **transferred** to the new cell with its
+//! view state, and whatever arrives for it at the old cell is forwarded. A
+//! game plugs in through [`GameLogic`]; [`demo`] is the demo game, and
+//! [`sim`] is the deterministic multi-shard harness used by the tests.
+//!
+//! This crate never touches a socket, a thread or the wall clock: time is
+//! the tick number, randomness comes from seeded generators, and the same
+//! seed gives the same world bit for bit.
+#![warn(missing_docs)]
+
+pub mod cell;
+pub mod demo;
+pub mod entity;
+pub mod game;
+pub mod geometry;
+pub mod ghost;
+pub mod ids;
+pub mod messages;
+pub mod rng;
+pub mod sim;
+pub mod spatial;
+pub mod view;
+pub mod world;
+
+pub use cell::Cell;
+pub use entity::{Entity, EntityStore, QState};
+pub use game::{GameContext, GameLogic};
+pub use geometry::{CellId, Geometry, Layout, Rect, Vec2};
+pub use ids::{ClientId, EntityId, TickId};
+pub use messages::{CellEnvelope, CellMessage, ClientOutput, EntityTransfer, Output};
+pub use world::{ShardWorld, WorldConfig};

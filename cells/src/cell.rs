@@ -1,0 +1,736 @@
+//! One cell: its entities, ghosts, queues, and the steps of its tick.
+//!
+//! The queues of DESIGN.md section 4 are explicit: the **InputQueue**
+//! (messages from clients and other cells), the **IntentQueue** (intents
+//! produced by inputs and systems, and routed from other cells), the
+//! **SimulationQueue** (jobs scheduled for later ticks) and the
+//! **OutputQueue** (messages to other cells and to clients). The
+//! [`ShardWorld`](crate::world::ShardWorld) runs the steps over all its cells.
+
+use rustc_hash::{FxHashMap, FxHashSet};
+use tessera_schema::wire::{EntityKind, GameEvent};
+
+use crate::entity::{Entity, EntityStore, QState};
+use crate::game::{GameContext, GameCounters, GameLogic, Job, SimulationQueue};
+use crate::geometry::{CellId, Layout, Rect, Vec2};
+use crate::ghost::{Ghost, GhostSender, GhostTable, GhostUpdate};
+use crate::ids::{ClientId, EntityId, IdAllocator, TickId};
+use crate::messages::{
+    CellEnvelope, CellMessage, ClientOutput, ClientOutputKind, EntityTransfer, Output,
+};
+use crate::rng::Rng;
+use crate::spatial::SpatialHash;
+use crate::view::{Candidate, ClientView, ViewConfig, ViewScratch};
+use crate::world::WorldConfig;
+
+/// A cell's message type for a game.
+pub type Msg<G> = CellMessage<<G as GameLogic>::Components, <G as GameLogic>::Intent>;
+/// A cell's envelope type for a game.
+pub type Envelope<G> = CellEnvelope<<G as GameLogic>::Components, <G as GameLogic>::Intent>;
+/// A cell's output type for a game.
+pub type Out<G> = Output<<G as GameLogic>::Components, <G as GameLogic>::Intent>;
+/// A transfer for a game.
+pub type Transfer<G> = EntityTransfer<<G as GameLogic>::Components>;
+
+/// What a cell counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CellCounters {
+    /// Client inputs applied.
+    pub inputs: u64,
+    /// Inputs passed on to the cell the entity moved to.
+    pub inputs_forwarded: u64,
+    /// Inputs at or below the entity's last input sequence.
+    pub inputs_duplicate: u64,
+    /// Inputs held back because an older one had not arrived yet.
+    pub inputs_held: u64,
+    /// Times held inputs were applied without the missing older ones.
+    pub inputs_gap_skipped: u64,
+    /// Inputs from a client for an entity it does not control.
+    pub inputs_wrong_client: u64,
+    /// Inputs, acks or leaves for an entity this cell never had or forgot.
+    pub unknown_entity: u64,
+    /// Messages dropped after too many forwards.
+    pub hops_exceeded: u64,
+    /// Intents applied here.
+    pub intents_applied: u64,
+    /// Intents sent to the owner of their target.
+    pub intents_routed: u64,
+    /// Intents whose target is unknown here.
+    pub intents_dropped: u64,
+    /// Entities handed to other cells.
+    pub transfers_out: u64,
+    /// Entities received from other cells.
+    pub transfers_in: u64,
+    /// Transfers of an entity already owned here (refused, kept first copy).
+    pub transfers_duplicate: u64,
+    /// Players joined here.
+    pub joins: u64,
+    /// Players removed.
+    pub leaves: u64,
+    /// Snapshots produced.
+    pub snapshots: u64,
+    /// Their encoded bytes.
+    pub snapshot_bytes: u64,
+    /// Changes left for a later snapshot by the byte cap.
+    pub snapshot_deferred: u64,
+    /// Ghost updates sent (to any neighbour).
+    pub ghost_updates: u64,
+}
+
+/// A [`GameContext`] over the cell's own fields, borrowed one by one so
+/// that the entity store stays free for the game to mutate.
+macro_rules! game_context {
+    ($cell:ident, $world:expr, $tick:expr, $dt:expr, $ids:expr) => {
+        GameContext {
+            tick: $tick,
+            dt: $dt,
+            cell: $cell.id,
+            bounds: $cell.bounds,
+            world: $world,
+            rng: &mut $cell.rng,
+            events: &mut $cell.events,
+            counters: &mut $cell.game_counters,
+            jobs: &mut $cell.jobs,
+            ids: $ids,
+        }
+    };
+}
+
+/// One cell of the world, owned by one shard.
+pub struct Cell<G: GameLogic> {
+    id: CellId,
+    bounds: Rect,
+    entities: EntityStore<G::Components>,
+    ghosts: GhostTable,
+    ghost_sender: GhostSender,
+    input_queue: Vec<Msg<G>>,
+    intent_queue: Vec<(G::Intent, u8)>,
+    jobs: SimulationQueue,
+    output_queue: Vec<Out<G>>,
+    forwards: FxHashMap<EntityId, (CellId, TickId)>,
+    rng: Rng,
+    events: Vec<GameEvent>,
+    counters: CellCounters,
+    game_counters: GameCounters,
+    // Per-tick scratch for the views.
+    items: Vec<(EntityId, QState)>,
+    positions: Vec<Vec2>,
+    hash: SpatialHash,
+    candidates: Vec<Candidate>,
+    scratch: ViewScratch,
+    near: Vec<CellId>,
+}
+
+impl<G: GameLogic> Cell<G> {
+    /// An empty cell of `layout`, its generator derived from `seed`.
+    pub fn new(id: CellId, layout: &Layout, seed: u64) -> Self {
+        let (gx, gy) = id.grid();
+        let stream = (gx as u64).wrapping_mul(0x9E37)
+            ^ (gy as u64).wrapping_mul(0x85EB_CA6B)
+            ^ (u64::from(id.depth) << 56);
+        Self {
+            id,
+            bounds: layout.geometry().bounds(id),
+            entities: EntityStore::new(),
+            ghosts: GhostTable::new(),
+            ghost_sender: GhostSender::new(),
+            input_queue: Vec::new(),
+            intent_queue: Vec::new(),
+            jobs: SimulationQueue::default(),
+            output_queue: Vec::new(),
+            forwards: FxHashMap::default(),
+            rng: Rng::derive(seed, stream),
+            events: Vec::new(),
+            counters: CellCounters::default(),
+            game_counters: GameCounters::default(),
+            items: Vec::new(),
+            positions: Vec::new(),
+            hash: SpatialHash::new(),
+            candidates: Vec::new(),
+            scratch: ViewScratch::default(),
+            near: Vec::new(),
+        }
+    }
+
+    /// The cell's id.
+    pub fn id(&self) -> CellId {
+        self.id
+    }
+
+    /// Its area.
+    pub fn bounds(&self) -> Rect {
+        self.bounds
+    }
+
+    /// The entities it owns.
+    pub fn entities(&self) -> &EntityStore<G::Components> {
+        &self.entities
+    }
+
+    /// The entities it owns, mutably (tests, admin).
+    pub fn entities_mut(&mut self) -> &mut EntityStore<G::Components> {
+        &mut self.entities
+    }
+
+    /// The ghosts it holds.
+    pub fn ghosts(&self) -> &GhostTable {
+        &self.ghosts
+    }
+
+    /// Its counters.
+    pub fn counters(&self) -> CellCounters {
+        self.counters
+    }
+
+    /// The game's counters for this cell.
+    pub fn game_counters(&self) -> GameCounters {
+        self.game_counters
+    }
+
+    /// Messages waiting in the InputQueue.
+    pub fn input_queue_len(&self) -> usize {
+        self.input_queue.len()
+    }
+
+    /// Jobs waiting in the SimulationQueue.
+    pub fn simulation_queue_len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Queues a message for the next [`drain_inputs`](Self::drain_inputs).
+    pub fn push_input(&mut self, msg: Msg<G>) {
+        self.input_queue.push(msg);
+    }
+
+    /// Takes what the cell produced for other cells and clients.
+    pub fn take_outputs(&mut self, out: &mut Vec<Out<G>>) {
+        out.append(&mut self.output_queue);
+    }
+
+    fn send(&mut self, to: CellId, msg: Msg<G>) {
+        self.output_queue.push(Output::Cell(CellEnvelope {
+            to,
+            from: self.id,
+            msg,
+        }));
+    }
+
+    /// Step 1 and 2: drains the InputQueue. Client inputs become intents
+    /// (through the game's validation); ghosts, transfers, joins, acks and
+    /// intents from other cells are taken in; what concerns an entity that
+    /// moved is forwarded to where it went.
+    pub fn drain_inputs(
+        &mut self,
+        game: &mut G,
+        config: &WorldConfig,
+        layout: &Layout,
+        tick: TickId,
+        ids: &mut IdAllocator,
+    ) {
+        self.events.clear();
+        self.forwards.retain(|_, (_, until)| *until >= tick);
+        self.ghosts.expire(tick);
+        let world = layout.geometry().world_rect();
+        let dt = config.dt();
+        let mut intents = Vec::new();
+        for msg in std::mem::take(&mut self.input_queue) {
+            match msg {
+                CellMessage::Join { client, name, pos } => {
+                    let id = ids.allocate();
+                    let pos = self.bounds.clamp(pos);
+                    let mut cx = game_context!(self, world, tick, dt, ids);
+                    let components = game.new_player(&mut cx, &name);
+                    let mut e = Entity::new(id, EntityKind::Player, pos, components);
+                    e.client = Some(client);
+                    e.view = Some(Box::new(ClientView::new(client)));
+                    let _ = self.entities.insert(e);
+                    self.counters.joins += 1;
+                    tracing::debug!(cell = %self.id, entity = %id, %client, tick = tick.0, "player joined");
+                    let welcome = tessera_schema::server::Welcome {
+                        entity: id.0,
+                        world: self.id.world,
+                        tick: tick.0,
+                        tick_hz: config.tick_hz as u16,
+                        aoi_radius_cm: (config.view.radius * 100.0) as u32,
+                        cell_size_cm: (layout.geometry().cell_size * 100.0) as u32,
+                        position: tessera_schema::quant::qvec(pos.x, pos.y),
+                    };
+                    let mut fbb =
+                        tessera_schema::flatbuffers::FlatBufferBuilder::with_capacity(128);
+                    let bytes = tessera_schema::server::encode(
+                        &mut fbb,
+                        &tessera_schema::server::ServerMessage::Welcome(welcome),
+                    )
+                    .to_vec();
+                    self.output_queue.push(Output::Client(ClientOutput {
+                        client,
+                        entity: id,
+                        cell: self.id,
+                        tick,
+                        kind: ClientOutputKind::Welcome,
+                        bytes,
+                    }));
+                }
+                CellMessage::Input {
+                    client,
+                    entity,
+                    input,
+                    hops,
+                } => {
+                    if let Some(e) = self.entities.get_mut(entity) {
+                        if e.client != Some(client) {
+                            self.counters.inputs_wrong_client += 1;
+                            continue;
+                        }
+                        let seq = input.input_seq;
+                        if seq <= e.last_input_seq || e.pending_inputs.iter().any(|p| p.0 == seq) {
+                            self.counters.inputs_duplicate += 1;
+                            continue;
+                        }
+                        if seq != e.last_input_seq + 1
+                            && e.pending_inputs.len() < config.input_reorder_max
+                        {
+                            // An older input is still on its way (forwarded by
+                            // the cell this entity left): wait for it a little.
+                            let at = e.pending_inputs.partition_point(|p| p.0 < seq);
+                            e.pending_inputs.insert(at, (seq, tick, input));
+                            self.counters.inputs_held += 1;
+                            continue;
+                        }
+                        let mut cx = game_context!(self, world, tick, dt, ids);
+                        Self::apply_one(game, &mut cx, e, &input, &mut intents, &mut self.counters);
+                        Self::apply_ready(game, &mut cx, e, &mut intents, &mut self.counters, None);
+                    } else {
+                        self.forward(
+                            entity,
+                            config,
+                            CellMessage::Input {
+                                client,
+                                entity,
+                                input,
+                                hops: hops.saturating_add(1),
+                            },
+                        );
+                    }
+                }
+                CellMessage::Ack {
+                    client,
+                    entity,
+                    tick: acked,
+                    hops,
+                } => match self.entities.get_mut(entity) {
+                    Some(e) if e.client == Some(client) => {
+                        if let Some(v) = e.view.as_mut() {
+                            v.ack(acked);
+                        }
+                    }
+                    Some(_) => self.counters.inputs_wrong_client += 1,
+                    None => self.forward(
+                        entity,
+                        config,
+                        CellMessage::Ack {
+                            client,
+                            entity,
+                            tick: acked,
+                            hops: hops.saturating_add(1),
+                        },
+                    ),
+                },
+                CellMessage::Leave {
+                    client,
+                    entity,
+                    hops,
+                } => match self.entities.get(entity) {
+                    Some(e) if e.client == Some(client) => {
+                        self.entities.remove(entity);
+                        self.ghost_sender.forget(self.id, entity);
+                        let _ = self.jobs.take_for(entity);
+                        self.counters.leaves += 1;
+                        tracing::debug!(cell = %self.id, %entity, %client, tick = tick.0, "player left");
+                    }
+                    Some(_) => self.counters.inputs_wrong_client += 1,
+                    None => self.forward(
+                        entity,
+                        config,
+                        CellMessage::Leave {
+                            client,
+                            entity,
+                            hops: hops.saturating_add(1),
+                        },
+                    ),
+                },
+                CellMessage::Ghost(update) => {
+                    let entities = &self.entities;
+                    self.ghosts.apply(&update, tick, |id| entities.contains(id));
+                }
+                CellMessage::Transfer(t) => self.accept_transfer(*t),
+                CellMessage::Intent { intent, hops } => self.intent_queue.push((intent, hops)),
+            }
+        }
+        // Held inputs whose gap did not fill in time are applied anyway.
+        let expired_before = TickId(tick.0.saturating_sub(config.input_reorder_ticks));
+        for e in self.entities.iter_mut() {
+            if e.pending_inputs.is_empty() {
+                continue;
+            }
+            let mut cx = game_context!(self, world, tick, dt, ids);
+            Self::apply_ready(
+                game,
+                &mut cx,
+                e,
+                &mut intents,
+                &mut self.counters,
+                Some(expired_before),
+            );
+        }
+        self.intent_queue
+            .extend(intents.into_iter().map(|i| (i, 0)));
+    }
+
+    fn apply_one(
+        game: &mut G,
+        cx: &mut GameContext<'_>,
+        e: &mut Entity<G::Components>,
+        input: &tessera_schema::client::InputCmd,
+        intents: &mut Vec<G::Intent>,
+        counters: &mut CellCounters,
+    ) {
+        e.last_input_seq = input.input_seq;
+        counters.inputs += 1;
+        game.apply_input(cx, e, input, intents);
+    }
+
+    /// Applies held inputs that are next in sequence; with `expired_before`,
+    /// also the ones that waited since before that tick (skipping the gap).
+    fn apply_ready(
+        game: &mut G,
+        cx: &mut GameContext<'_>,
+        e: &mut Entity<G::Components>,
+        intents: &mut Vec<G::Intent>,
+        counters: &mut CellCounters,
+        expired_before: Option<TickId>,
+    ) {
+        while let Some(&(seq, arrived, _)) = e.pending_inputs.first() {
+            let next = seq == e.last_input_seq + 1;
+            let expired = expired_before.is_some_and(|t| arrived <= t);
+            if seq <= e.last_input_seq {
+                e.pending_inputs.remove(0);
+                counters.inputs_duplicate += 1;
+                continue;
+            }
+            if !next && !expired {
+                break;
+            }
+            if !next {
+                counters.inputs_gap_skipped += 1;
+            }
+            let (_, _, input) = e.pending_inputs.remove(0);
+            Self::apply_one(game, cx, e, &input, intents, counters);
+        }
+    }
+
+    fn forward(&mut self, entity: EntityId, config: &WorldConfig, msg: Msg<G>) {
+        let hops = match &msg {
+            CellMessage::Input { hops, .. }
+            | CellMessage::Ack { hops, .. }
+            | CellMessage::Leave { hops, .. }
+            | CellMessage::Intent { hops, .. } => *hops,
+            _ => 0,
+        };
+        match self.forwards.get(&entity) {
+            Some(&(to, _)) if hops <= config.max_hops => {
+                if matches!(msg, CellMessage::Input { .. }) {
+                    self.counters.inputs_forwarded += 1;
+                }
+                self.send(to, msg);
+            }
+            Some(_) => self.counters.hops_exceeded += 1,
+            None => self.counters.unknown_entity += 1,
+        }
+    }
+
+    /// Takes in an entity handed over by another cell.
+    pub fn accept_transfer(&mut self, t: Transfer<G>) {
+        let id = t.entity.id;
+        if self.entities.contains(id) {
+            self.counters.transfers_duplicate += 1;
+            tracing::warn!(cell = %self.id, entity = %id, "transfer of an entity already owned here refused");
+            return;
+        }
+        self.ghosts.remove(id);
+        self.forwards.remove(&id);
+        let q = QState::of(&t.entity, G::stats(&t.entity.game));
+        self.ghost_sender
+            .adopt(&t.ghost_holders, id, t.entity.version, q);
+        for job in t.jobs {
+            self.jobs.schedule(job);
+        }
+        let _ = self.entities.insert(t.entity);
+        self.counters.transfers_in += 1;
+    }
+
+    /// Spawns an entity directly (NPCs, tests).
+    pub fn spawn(&mut self, e: Entity<G::Components>) -> bool {
+        self.entities.insert(e).is_ok()
+    }
+
+    /// Step 3: runs due jobs, the game's systems, integrates velocities and
+    /// hands every entity that left the cell to the leaf it is in now.
+    pub fn simulate(
+        &mut self,
+        game: &mut G,
+        config: &WorldConfig,
+        layout: &Layout,
+        tick: TickId,
+        ids: &mut IdAllocator,
+    ) -> Vec<(CellId, Transfer<G>)> {
+        let world = layout.geometry().world_rect();
+        let dt = config.dt();
+        let mut due = Vec::new();
+        self.jobs.take_due(tick, &mut due);
+        let mut intents = Vec::new();
+        {
+            let mut cx = game_context!(self, world, tick, dt, ids);
+            for job in due {
+                if let Some(e) = self.entities.get_mut(job.entity) {
+                    game.run_job(&mut cx, e, job.kind);
+                }
+            }
+            game.simulate(&mut cx, &mut self.entities, &mut intents);
+        }
+        self.intent_queue
+            .extend(intents.into_iter().map(|i| (i, 0)));
+        let mut leaving = Vec::new();
+        for e in self.entities.iter_mut() {
+            if e.vel.is_finite() {
+                e.pos += e.vel * dt;
+            }
+            if !e.pos.is_finite() {
+                e.pos = self.bounds.center();
+            }
+            e.pos = world.clamp(e.pos);
+            if !self.bounds.contains(e.pos) {
+                leaving.push(e.id);
+            }
+        }
+        let mut out = Vec::with_capacity(leaving.len());
+        for id in leaving {
+            let pos = self.entities.get(id).map(|e| e.pos).unwrap_or_default();
+            let Some(dest) = layout.leaf_at(pos) else {
+                continue;
+            };
+            if dest == self.id {
+                continue;
+            }
+            if let Some(t) = self.transfer_out(id, dest, config, layout, tick) {
+                out.push((dest, t));
+            }
+        }
+        out
+    }
+
+    /// Removes an entity and builds its transfer to `dest`: neighbours keep
+    /// ghosts where the new owner will update them, this cell keeps a ghost
+    /// if it is still close, and a forward pointer catches late inputs.
+    pub fn transfer_out(
+        &mut self,
+        id: EntityId,
+        dest: CellId,
+        config: &WorldConfig,
+        layout: &Layout,
+        tick: TickId,
+    ) -> Option<Transfer<G>> {
+        let mut e = self.entities.remove(id)?;
+        e.version += 1;
+        let q = QState::of(&e, G::stats(&e.game));
+        self.near.clear();
+        layout.leaves_near(e.pos, config.view.leave_radius(), &mut self.near);
+        let targets: FxHashSet<CellId> = self.near.iter().copied().filter(|c| *c != dest).collect();
+        let mut holders = self
+            .ghost_sender
+            .hand_over(self.id, id, dest, e.version, q, &targets);
+        if targets.contains(&self.id) {
+            self.ghosts.insert_local(
+                id,
+                Ghost {
+                    owner: dest,
+                    version: e.version,
+                    state: q,
+                },
+            );
+            holders.push(self.id);
+        }
+        holders.sort();
+        self.forwards
+            .insert(id, (dest, TickId(tick.0 + config.forward_ticks)));
+        self.counters.transfers_out += 1;
+        tracing::trace!(cell = %self.id, entity = %id, to = %dest, tick = tick.0, version = e.version, "entity transfer");
+        let jobs = self.jobs.take_for(id);
+        Some(EntityTransfer {
+            entity: e,
+            jobs,
+            ghost_holders: holders,
+        })
+    }
+
+    /// Step 4: consumes the IntentQueue: intents about owned entities are
+    /// applied; intents about ghosts go to their owner; about entities that
+    /// moved, to where they went.
+    pub fn consume_intents(
+        &mut self,
+        game: &mut G,
+        config: &WorldConfig,
+        layout: &Layout,
+        tick: TickId,
+        ids: &mut IdAllocator,
+    ) {
+        let world = layout.geometry().world_rect();
+        let dt = config.dt();
+        for (intent, hops) in std::mem::take(&mut self.intent_queue) {
+            let target = G::intent_target(&intent);
+            if let Some(e) = self.entities.get_mut(target) {
+                let mut cx = game_context!(self, world, tick, dt, ids);
+                game.apply_intent(&mut cx, e, &intent);
+                self.counters.intents_applied += 1;
+            } else if let Some(g) = self.ghosts.get(target) {
+                if hops > config.max_hops {
+                    self.counters.hops_exceeded += 1;
+                    continue;
+                }
+                let owner = g.owner;
+                self.counters.intents_routed += 1;
+                self.send(
+                    owner,
+                    CellMessage::Intent {
+                        intent,
+                        hops: hops.saturating_add(1),
+                    },
+                );
+            } else if self.forwards.contains_key(&target) {
+                self.counters.intents_routed += 1;
+                self.forward(
+                    target,
+                    config,
+                    CellMessage::Intent {
+                        intent,
+                        hops: hops.saturating_add(1),
+                    },
+                );
+            } else {
+                self.counters.intents_dropped += 1;
+            }
+        }
+    }
+
+    /// Step 5a: ghost changes for every neighbour, in cell order.
+    pub fn ghost_round(
+        &mut self,
+        config: &WorldConfig,
+        layout: &Layout,
+    ) -> Vec<(CellId, GhostUpdate)> {
+        let g = config.view.leave_radius();
+        let inner = Rect::new(
+            Vec2::new(self.bounds.min.x + g, self.bounds.min.y + g),
+            Vec2::new(self.bounds.max.x - g, self.bounds.max.y - g),
+        );
+        self.ghost_sender.begin();
+        for e in self.entities.iter() {
+            // Far from every border: no neighbour can see it.
+            if inner.contains(e.pos) {
+                continue;
+            }
+            self.near.clear();
+            layout.leaves_near(e.pos, g, &mut self.near);
+            if self.near.len() <= 1 {
+                continue;
+            }
+            let q = QState::of(e, G::stats(&e.game));
+            for &target in &self.near {
+                if target != self.id {
+                    self.ghost_sender.offer(self.id, target, e.id, e.version, q);
+                }
+            }
+        }
+        let out = self.ghost_sender.finish(self.id);
+        self.counters.ghost_updates += out.len() as u64;
+        out
+    }
+
+    /// Applies ghost changes from a neighbour right away (same shard).
+    pub fn apply_ghosts(&mut self, update: &GhostUpdate, tick: TickId) {
+        let entities = &self.entities;
+        self.ghosts.apply(update, tick, |id| entities.contains(id));
+    }
+
+    /// Step 5b: every player's view and snapshot.
+    pub fn view_round(&mut self, config: &WorldConfig, tick: TickId) {
+        let view: &ViewConfig = &config.view;
+        self.items.clear();
+        self.positions.clear();
+        for e in self.entities.iter() {
+            let q = QState::of(e, G::stats(&e.game));
+            self.items.push((e.id, q));
+            self.positions.push(e.pos);
+        }
+        let players = self.entities.iter().filter(|e| e.view.is_some()).count();
+        if players == 0 {
+            return;
+        }
+        for (id, g) in self.ghosts.iter() {
+            self.items.push((id, g.state));
+            self.positions.push(g.state.position());
+        }
+        let area = self.bounds.expand(view.leave_radius());
+        self.hash.rebuild(area, config.bucket, &self.positions);
+        let radius = view.leave_radius();
+        for e in self.entities.iter_mut() {
+            let Some(v) = e.view.as_mut() else { continue };
+            self.candidates.clear();
+            let items = &self.items;
+            let candidates = &mut self.candidates;
+            self.hash.for_each_within(e.pos, radius, |i, d2| {
+                let (id, state) = items[i as usize];
+                candidates.push(Candidate {
+                    id,
+                    state,
+                    distance_squared: d2,
+                });
+            });
+            let (bytes, stats) = v.update(
+                view,
+                tick,
+                e.id,
+                e.last_input_seq,
+                &self.candidates,
+                &self.events,
+                &mut self.scratch,
+            );
+            self.counters.snapshots += 1;
+            self.counters.snapshot_bytes += stats.bytes as u64;
+            self.counters.snapshot_deferred += stats.deferred as u64;
+            self.output_queue.push(Output::Client(ClientOutput {
+                client: v.client,
+                entity: e.id,
+                cell: self.id,
+                tick,
+                kind: ClientOutputKind::Snapshot,
+                bytes,
+            }));
+        }
+    }
+
+    /// The client controlling `entity`, if owned here.
+    pub fn client_of(&self, entity: EntityId) -> Option<ClientId> {
+        self.entities.get(entity).and_then(|e| e.client)
+    }
+
+    /// Where an entity that left this cell went (while remembered).
+    pub fn forwarded_to(&self, entity: EntityId) -> Option<CellId> {
+        self.forwards.get(&entity).map(|(c, _)| *c)
+    }
+
+    /// Schedules a job directly (tests).
+    pub fn schedule(&mut self, job: Job) {
+        self.jobs.schedule(job);
+    }
+}

@@ -1,0 +1,62 @@
+//! Identities that name things in logs, metrics and messages.
+
+use std::fmt;
+
+/// A stable entity id: never changes when the entity moves between cells or
+/// shards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EntityId(pub u64);
+
+impl fmt::Display for EntityId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "e{}", self.0)
+    }
+}
+
+/// A client session (assigned by the gateway that hosts it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(pub u64);
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "c{}", self.0)
+    }
+}
+
+/// A simulation tick.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TickId(pub u64);
+
+impl fmt::Display for TickId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "t{}", self.0)
+    }
+}
+
+/// Hands out entity ids unique across a node: the top 16 bits name the
+/// allocator (one per shard, or per node and shard in a cluster).
+#[derive(Clone, Debug)]
+pub struct IdAllocator {
+    prefix: u64,
+    next: u64,
+}
+
+impl IdAllocator {
+    /// Bits left for the serial number.
+    pub const SERIAL_BITS: u32 = 48;
+
+    /// An allocator whose ids start with `prefix`.
+    pub fn new(prefix: u16) -> Self {
+        Self {
+            prefix: u64::from(prefix) << Self::SERIAL_BITS,
+            next: 1,
+        }
+    }
+
+    /// The next id.
+    pub fn allocate(&mut self) -> EntityId {
+        let id = self.prefix | (self.next & ((1 << Self::SERIAL_BITS) - 1));
+        self.next += 1;
+        EntityId(id)
+    }
+}
