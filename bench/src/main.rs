@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release -p tessera-bench -- mailbox [--quick]
 //! cargo run --release -p tessera-bench -- rudp [--quick]
+//! cargo run --release -p tessera-bench -- world [--quick]
 //! ```
 
 use clap::{Parser, Subcommand};
@@ -11,6 +12,7 @@ use clap::{Parser, Subcommand};
 mod mailbox;
 mod report;
 mod rudp;
+mod world;
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +30,8 @@ enum Suite {
     Mailbox(mailbox::Args),
     /// Tessera's RUDP vs ENet, KCP, renet, quinn and a raw-UDP ceiling.
     Rudp(rudp::Args),
+    /// World engine tick cost, snapshot sizes, AOI vs brute force.
+    World(world::Args),
 }
 
 fn main() {
@@ -35,6 +39,7 @@ fn main() {
     let result = match cli.suite {
         Suite::Mailbox(args) => mailbox::run(args),
         Suite::Rudp(args) => rudp::run(args),
+        Suite::World(args) => world::run(args),
     };
     if let Err(e) = result {
         eprintln!("tessera-bench: {e}");

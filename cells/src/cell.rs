@@ -19,8 +19,7 @@ use crate::messages::{
     CellEnvelope, CellMessage, ClientOutput, ClientOutputKind, EntityTransfer, Output,
 };
 use crate::rng::Rng;
-use crate::spatial::SpatialHash;
-use crate::view::{Candidate, ClientView, ViewConfig, ViewScratch};
+use crate::view::{AoiIndex, ClientView, ViewConfig, ViewScratch};
 use crate::world::WorldConfig;
 
 /// A cell's message type for a game.
@@ -113,10 +112,8 @@ pub struct Cell<G: GameLogic> {
     counters: CellCounters,
     game_counters: GameCounters,
     // Per-tick scratch for the views.
-    items: Vec<(EntityId, QState)>,
-    positions: Vec<Vec2>,
-    hash: SpatialHash,
-    candidates: Vec<Candidate>,
+    aoi: AoiIndex,
+    accepted: Vec<(u32, u32)>,
     scratch: ViewScratch,
     near: Vec<CellId>,
 }
@@ -143,10 +140,8 @@ impl<G: GameLogic> Cell<G> {
             events: Vec::new(),
             counters: CellCounters::default(),
             game_counters: GameCounters::default(),
-            items: Vec::new(),
-            positions: Vec::new(),
-            hash: SpatialHash::new(),
-            candidates: Vec::new(),
+            aoi: AoiIndex::new(),
+            accepted: Vec::new(),
             scratch: ViewScratch::default(),
             near: Vec::new(),
         }
@@ -665,43 +660,30 @@ impl<G: GameLogic> Cell<G> {
     /// Step 5b: every player's view and snapshot.
     pub fn view_round(&mut self, config: &WorldConfig, tick: TickId) {
         let view: &ViewConfig = &config.view;
-        self.items.clear();
-        self.positions.clear();
-        for e in self.entities.iter() {
-            let q = QState::of(e, G::stats(&e.game));
-            self.items.push((e.id, q));
-            self.positions.push(e.pos);
-        }
-        let players = self.entities.iter().filter(|e| e.view.is_some()).count();
-        if players == 0 {
+        if !self.entities.iter().any(|e| e.view.is_some()) {
             return;
         }
-        for (id, g) in self.ghosts.iter() {
-            self.items.push((id, g.state));
-            self.positions.push(g.state.position());
+        self.aoi.clear();
+        for e in self.entities.iter() {
+            self.aoi.push(e.id, QState::of(e, G::stats(&e.game)), e.pos);
         }
-        let area = self.bounds.expand(view.leave_radius());
-        self.hash.rebuild(area, config.bucket, &self.positions);
-        let radius = view.leave_radius();
+        for (id, g) in self.ghosts.iter() {
+            self.aoi.push(id, g.state, g.state.position());
+        }
+        self.aoi
+            .build(self.bounds.expand(view.leave_radius()), config.bucket);
         for e in self.entities.iter_mut() {
             let Some(v) = e.view.as_mut() else { continue };
-            self.candidates.clear();
-            let items = &self.items;
-            let candidates = &mut self.candidates;
-            self.hash.for_each_within(e.pos, radius, |i, d2| {
-                let (id, state) = items[i as usize];
-                candidates.push(Candidate {
-                    id,
-                    state,
-                    distance_squared: d2,
-                });
-            });
+            self.accepted.clear();
+            self.aoi
+                .members_of(e.pos, v.members(), view, &mut self.accepted);
             let (bytes, stats) = v.update(
                 view,
                 tick,
                 e.id,
                 e.last_input_seq,
-                &self.candidates,
+                &self.aoi,
+                &mut self.accepted,
                 &self.events,
                 &mut self.scratch,
             );

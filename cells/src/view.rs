@@ -17,7 +17,9 @@ use tessera_schema::server::{snapshot_size_bound, SnapshotRef};
 use tessera_schema::wire::{EntityFull, GameEvent, HeadingUpdate, PosUpdate, QVec2, StatUpdate};
 
 use crate::entity::QState;
+use crate::geometry::{Rect, Vec2};
 use crate::ids::{ClientId, EntityId, TickId};
+use crate::spatial::SpatialHash;
 
 /// AOI and snapshot settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -75,21 +77,94 @@ pub struct ClientView {
     last_included: FxHashMap<EntityId, TickId>,
 }
 
-/// A candidate for the view: an item of the cell's spatial index.
-#[derive(Clone, Copy, Debug)]
-pub struct Candidate {
-    /// The entity.
-    pub id: EntityId,
-    /// Its state.
-    pub state: QState,
-    /// Squared distance to the viewer.
-    pub distance_squared: f32,
+/// One tick's index of what can be seen from a cell: its entities and
+/// ghosts (the *items*) and a spatial hash over them.
+#[derive(Debug, Default)]
+pub struct AoiIndex {
+    items: Vec<(EntityId, QState)>,
+    positions: Vec<Vec2>,
+    hash: SpatialHash,
+    scratch: Vec<f32>,
+}
+
+impl AoiIndex {
+    /// An empty index.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Forgets every item.
+    pub fn clear(&mut self) {
+        self.items.clear();
+        self.positions.clear();
+    }
+
+    /// Adds an item.
+    pub fn push(&mut self, id: EntityId, state: QState, pos: Vec2) {
+        self.items.push((id, state));
+        self.positions.push(pos);
+    }
+
+    /// Builds the spatial hash over `area` once every item was pushed.
+    pub fn build(&mut self, area: Rect, bucket: f32) {
+        self.hash.rebuild(area, bucket, &self.positions);
+    }
+
+    /// Number of items.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// True if no item.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// An item: (entity, state).
+    pub fn item(&self, i: u32) -> (EntityId, QState) {
+        self.items[i as usize]
+    }
+
+    /// The viewer at `center`, whose membership was `previous` (sorted),
+    /// sees: every item within `radius`, and the previous members still
+    /// within the leave radius; only the `max_entities` nearest matter, so
+    /// the search stops once they are known. Appends (squared distance as
+    /// bits, item) to `out`.
+    pub fn members_of(
+        &mut self,
+        center: Vec2,
+        previous: &[EntityId],
+        config: &ViewConfig,
+        out: &mut Vec<(u32, u32)>,
+    ) {
+        let r2 = config.radius * config.radius;
+        let items = &self.items;
+        self.hash.for_each_nearest(
+            center,
+            config.leave_radius(),
+            config.max_entities,
+            &mut self.scratch,
+            |i, d2| {
+                // Beyond R only a previous member stays (hysteresis); a
+                // binary search in the short, hot membership list is cheaper
+                // than a lookup in a table of every entity.
+                let keep = d2 <= r2 || previous.binary_search(&items[i as usize].0).is_ok();
+                if keep {
+                    // Non-negative floats order like their bits.
+                    out.push((d2.to_bits(), i));
+                }
+                keep
+            },
+        );
+    }
 }
 
 /// Reusable buffers for building snapshots.
 #[derive(Default)]
 pub struct ViewScratch {
-    current: Vec<Candidate>,
+    current: Vec<(EntityId, QState, f32)>,
+    included: Vec<bool>,
+    spare: Vec<(EntityId, QState)>,
     entered: Vec<EntityFull>,
     moved: Vec<PosUpdate>,
     turned: Vec<HeadingUpdate>,
@@ -154,10 +229,11 @@ impl ClientView {
         }
     }
 
-    /// Computes the new membership from `candidates` (everything within the
-    /// leave radius, in any order), and the snapshot against the acked view;
-    /// encodes it and returns the frame. `events` are this tick's events; the
-    /// ones about entities in the view are included.
+    /// Computes the new membership from `accepted` (the items
+    /// [`AoiIndex::members_of`] found for this viewer), keeping the nearest
+    /// `max_entities`, and the snapshot against the acked view; encodes it
+    /// and returns the frame. `events` are this tick's events; the ones about
+    /// entities in the view are included.
     #[allow(clippy::too_many_arguments)]
     pub fn update(
         &mut self,
@@ -165,31 +241,30 @@ impl ClientView {
         tick: TickId,
         avatar: EntityId,
         last_input_seq: u32,
-        candidates: &[Candidate],
+        aoi: &AoiIndex,
+        accepted: &mut [(u32, u32)],
         events: &[GameEvent],
         scratch: &mut ViewScratch,
     ) -> (Vec<u8>, SnapshotStats) {
-        let r2 = config.radius * config.radius;
-        let l2 = config.leave_radius() * config.leave_radius();
-        // 1. Membership with hysteresis, nearest `max_entities`.
+        // 1. Membership: the nearest `max_entities` (ties broken by id).
+        let mut accepted = accepted;
+        if accepted.len() > config.max_entities {
+            let by_distance = |a: &(u32, u32), b: &(u32, u32)| {
+                a.0.cmp(&b.0)
+                    .then_with(|| aoi.item(a.1).0.cmp(&aoi.item(b.1).0))
+            };
+            accepted.select_nth_unstable_by(config.max_entities, by_distance);
+            accepted = &mut accepted[..config.max_entities];
+        }
         let cur = &mut scratch.current;
         cur.clear();
-        for c in candidates {
-            if c.distance_squared <= r2 || (c.distance_squared <= l2 && self.is_member(c.id)) {
-                cur.push(*c);
-            }
-        }
-        if cur.len() > config.max_entities {
-            cur.select_nth_unstable_by(config.max_entities, |a, b| {
-                a.distance_squared
-                    .total_cmp(&b.distance_squared)
-                    .then(a.id.cmp(&b.id))
-            });
-            cur.truncate(config.max_entities);
-        }
-        cur.sort_unstable_by_key(|c| c.id);
+        cur.extend(accepted.iter().map(|&(d, i)| {
+            let (id, q) = aoi.item(i);
+            (id, q, f32::from_bits(d))
+        }));
+        cur.sort_unstable_by_key(|c| c.0);
         self.members.clear();
-        self.members.extend(cur.iter().map(|c| c.id));
+        self.members.extend(cur.iter().map(|c| c.0));
 
         // 2. Delta against the acknowledged view.
         let empty = SentView::default();
@@ -208,14 +283,14 @@ impl ClientView {
         let base = &baseline.entries;
         while i < base.len() || j < cur.len() {
             match (base.get(i), cur.get(j)) {
-                (Some(b), Some(c)) if b.0 == c.id => {
-                    if b.1 != c.state {
-                        scratch.changes.push((c.distance_squared, j, Some(i)));
+                (Some(b), Some(c)) if b.0 == c.0 => {
+                    if b.1 != c.1 {
+                        scratch.changes.push((c.2, j, Some(i)));
                     }
                     i += 1;
                     j += 1;
                 }
-                (Some(b), Some(c)) if b.0 < c.id => {
+                (Some(b), Some(c)) if b.0 < c.0 => {
                     scratch.left.push(b.0 .0);
                     i += 1;
                 }
@@ -224,37 +299,63 @@ impl ClientView {
                     i += 1;
                 }
                 (_, Some(c)) => {
-                    scratch.changes.push((c.distance_squared, j, None));
+                    scratch.changes.push((c.2, j, None));
                     j += 1;
                 }
                 (None, None) => unreachable!(),
             }
         }
 
-        // 3. Under the byte cap, nearest (and longest-waiting) first.
-        let age_of = |id: EntityId| {
-            tick.0
-                .saturating_sub(self.last_included.get(&id).map_or(0, |t| t.0))
-                .min(64) as f32
+        // 3. Under the byte cap, nearest (and longest-waiting) first. When
+        // everything fits, no ordering is needed.
+        let kinds = |base_index: Option<usize>,
+                     c: &(EntityId, QState, f32)|
+         -> (usize, usize, usize, usize) {
+            match base_index {
+                // A changed kind is sent whole, like a new entity.
+                Some(bi) if base[bi].1.kind == c.1.kind => {
+                    let b = &base[bi].1;
+                    (
+                        0,
+                        usize::from(b.pos != c.1.pos || b.vel != c.1.vel),
+                        usize::from(b.heading != c.1.heading),
+                        usize::from(b.health != c.1.health || b.state != c.1.state),
+                    )
+                }
+                _ => (1, 0, 0, 0),
+            }
         };
-        if scratch.changes.len() > 1 {
+        let mut all = (0, 0, 0, 0);
+        for &(_, j, bi) in scratch.changes.iter() {
+            let k = kinds(bi, &cur[j]);
+            all = (all.0 + k.0, all.1 + k.1, all.2 + k.2, all.3 + k.3);
+        }
+        let fits = snapshot_size_bound(all.0, all.1, all.2, all.3, scratch.left.len(), 0)
+            <= config.snapshot_bytes_max;
+        if !fits && scratch.changes.len() > 1 {
+            let age_of = |id: EntityId| {
+                tick.0
+                    .saturating_sub(self.last_included.get(&id).map_or(0, |t| t.0))
+                    .min(64) as f32
+            };
             for ch in scratch.changes.iter_mut() {
-                let age = age_of(cur[ch.1].id);
+                let age = age_of(cur[ch.1].0);
                 ch.0 /= (1.0 + age) * (1.0 + age);
             }
             scratch
                 .changes
-                .sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(cur[a.1].id.cmp(&cur[b.1].id)));
+                .sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(cur[a.1].0.cmp(&cur[b.1].0)));
         }
         scratch.entered.clear();
         scratch.moved.clear();
         scratch.turned.clear();
         scratch.stats.clear();
         scratch.events.clear();
-        let mut next = SentView {
-            tick,
-            entries: Vec::with_capacity(cur.len()),
-        };
+        // Reuse the storage of a view that fell out of the history.
+        let mut entries = std::mem::take(&mut scratch.spare);
+        entries.clear();
+        entries.reserve(cur.len());
+        let mut next = SentView { tick, entries };
         // The leaves first: they are small and must not linger.
         let budget = config.snapshot_bytes_max;
         let mut lefts_kept = scratch.left.len();
@@ -263,22 +364,12 @@ impl ClientView {
         }
         let mut deferred = scratch.left.len() - lefts_kept;
         scratch.left.truncate(lefts_kept);
-        let mut included = vec![false; cur.len()];
+        let included = &mut scratch.included;
+        included.clear();
+        included.resize(cur.len(), false);
         for &(_, j, base_index) in scratch.changes.iter() {
             let c = &cur[j];
-            let (e, m, t, s) = match base_index {
-                // A changed kind is sent whole, like a new entity.
-                Some(bi) if base[bi].1.kind == c.state.kind => {
-                    let b = &base[bi].1;
-                    (
-                        0,
-                        usize::from(b.pos != c.state.pos || b.vel != c.state.vel),
-                        usize::from(b.heading != c.state.heading),
-                        usize::from(b.health != c.state.health || b.state != c.state.state),
-                    )
-                }
-                _ => (1, 0, 0, 0),
-            };
+            let (e, m, t, s) = kinds(base_index, c);
             let size = snapshot_size_bound(
                 scratch.entered.len() + e,
                 scratch.moved.len() + m,
@@ -292,26 +383,28 @@ impl ClientView {
                 continue;
             }
             included[j] = true;
-            self.last_included.insert(c.id, tick);
-            let st = &c.state;
+            if !fits {
+                self.last_included.insert(c.0, tick);
+            }
+            let st = &c.1;
             if e == 1 {
-                scratch.entered.push(st.full(c.id));
+                scratch.entered.push(st.full(c.0));
                 continue;
             }
             if m == 1 {
                 scratch.moved.push(PosUpdate::new(
-                    c.id.0,
+                    c.0 .0,
                     &QVec2::new(st.pos[0], st.pos[1]),
                     &QVec2::new(st.vel[0], st.vel[1]),
                 ));
             }
             if t == 1 {
-                scratch.turned.push(HeadingUpdate::new(c.id.0, st.heading));
+                scratch.turned.push(HeadingUpdate::new(c.0 .0, st.heading));
             }
             if s == 1 {
                 scratch
                     .stats
-                    .push(StatUpdate::new(c.id.0, st.health, st.state));
+                    .push(StatUpdate::new(c.0 .0, st.health, st.state));
             }
         }
         // 4. The sent view: baseline - left + included changes; what did not
@@ -320,13 +413,13 @@ impl ClientView {
         let left_set = &scratch.left; // sorted: merged from the sorted baseline
         while i < base.len() || j < cur.len() {
             match (base.get(i), cur.get(j)) {
-                (Some(b), Some(c)) if b.0 == c.id => {
+                (Some(b), Some(c)) if b.0 == c.0 => {
                     next.entries
-                        .push((c.id, if included[j] { c.state } else { b.1 }));
+                        .push((c.0, if included[j] { c.1 } else { b.1 }));
                     i += 1;
                     j += 1;
                 }
-                (Some(b), Some(c)) if b.0 < c.id => {
+                (Some(b), Some(c)) if b.0 < c.0 => {
                     if left_set.binary_search(&b.0 .0).is_err() {
                         next.entries.push(*b);
                     }
@@ -340,7 +433,7 @@ impl ClientView {
                 }
                 (_, Some(c)) => {
                     if included[j] {
-                        next.entries.push((c.id, c.state));
+                        next.entries.push((c.0, c.1));
                     }
                     j += 1;
                 }
@@ -395,6 +488,7 @@ impl ClientView {
                     // The acked view fell out: the next snapshot is full.
                     self.acked = None;
                 }
+                scratch.spare = dropped.entries;
             }
         }
         let stats = SnapshotStats {
