@@ -1,2 +1,30 @@
-//! Tessera's reliable UDP transport (filled by the RUDP issue).
+#![doc = include_str!("../README.md")]
+//!
+//! What this crate must never do: block, read the clock or the OS's
+//! randomness, or touch a socket outside the `driver` module (feature
+//! `driver`); grow a table, queue or buffer on outside input without a bound;
+//! panic on bytes from the network.
 #![warn(missing_docs)]
+
+mod channel;
+pub mod conditioner;
+mod config;
+mod connection;
+mod cookie;
+#[cfg(feature = "driver")]
+pub mod driver;
+mod endpoint;
+pub mod pair;
+mod pool;
+mod recovery;
+pub mod rng;
+mod types;
+pub mod wire;
+
+pub use config::{ChannelConfig, ChannelId, ChannelKind, Config, ConfigError, CongestionConfig};
+pub use connection::ConnectionStats;
+pub use endpoint::{Endpoint, EndpointStats, Footprint, Transmit, TransmitBatch};
+pub use types::{
+    ConnectError, ConnectionHandle, DisconnectReason, Event, MessageId, RejectReason, SendError,
+    UnknownConnection,
+};

@@ -1,0 +1,470 @@
+//! Endpoint and channel configuration.
+
+use std::time::Duration;
+
+use crate::wire::{
+    FRAGMENTED_LEN_MAX, FRAGMENT_FRAME_OVERHEAD, HANDSHAKE_MIN_LEN, HEADER_LEN,
+    MESSAGE_FRAME_OVERHEAD,
+};
+
+/// Index of a channel in [`Config::channels`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChannelId(pub u8);
+
+impl ChannelId {
+    /// Channel 0 of [`Config::default`]: unreliable.
+    pub const UNRELIABLE: ChannelId = ChannelId(0);
+    /// Channel 1 of [`Config::default`]: unreliable-sequenced (snapshots).
+    pub const SEQUENCED: ChannelId = ChannelId(1);
+    /// Channel 2 of [`Config::default`]: reliable-ordered (events, handover).
+    pub const RELIABLE_ORDERED: ChannelId = ChannelId(2);
+    /// Channel 3 of [`Config::default`]: reliable-unordered.
+    pub const RELIABLE_UNORDERED: ChannelId = ChannelId(3);
+}
+
+/// Delivery guarantees of a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChannelKind {
+    /// At most once, any order. A fragmented message is dropped whole when
+    /// one fragment is lost.
+    Unreliable,
+    /// At most once, and never older than a message already delivered
+    /// (newest wins). A full send queue drops its oldest message.
+    UnreliableSequenced,
+    /// Exactly once, in send order.
+    ReliableOrdered,
+    /// Exactly once, any order.
+    ReliableUnordered,
+}
+
+impl ChannelKind {
+    /// True for the two reliable kinds.
+    pub fn is_reliable(self) -> bool {
+        matches!(self, Self::ReliableOrdered | Self::ReliableUnordered)
+    }
+}
+
+/// One channel. Both ends of a connection must use the same channel list
+/// (kinds are part of the handshake's config hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelConfig {
+    /// Delivery guarantees.
+    pub kind: ChannelKind,
+    /// Higher goes first when a packet is filled.
+    pub priority: u8,
+    /// Bytes of frames this channel may put in one packet before channels of
+    /// lower priority get a turn; what is left after every channel had its
+    /// turn is filled in priority order again. 0 means no limit.
+    pub packet_budget_bytes: usize,
+    /// Messages waiting or unacknowledged at most; beyond, `send` fails
+    /// (a sequenced channel drops its oldest instead).
+    pub queue_messages_max: usize,
+    /// Bytes waiting or unacknowledged at most; beyond, `send` fails.
+    pub queue_bytes_max: usize,
+    /// Emit [`crate::Event::Acked`] when a message of this channel is
+    /// acknowledged (whole messages on unreliable channels; a fragmented
+    /// unreliable message is never reported).
+    pub notify_acks: bool,
+}
+
+impl ChannelConfig {
+    fn with(
+        kind: ChannelKind,
+        priority: u8,
+        queue_messages_max: usize,
+        queue_bytes_max: usize,
+    ) -> Self {
+        Self {
+            kind,
+            priority,
+            packet_budget_bytes: 0,
+            queue_messages_max,
+            queue_bytes_max,
+            notify_acks: false,
+        }
+    }
+
+    /// An unreliable channel with default limits.
+    pub fn unreliable() -> Self {
+        Self::with(ChannelKind::Unreliable, 64, 1024, 1 << 20)
+    }
+
+    /// An unreliable-sequenced channel with default limits (a short queue:
+    /// stale snapshots are worthless).
+    pub fn unreliable_sequenced() -> Self {
+        Self::with(ChannelKind::UnreliableSequenced, 128, 8, 1 << 20)
+    }
+
+    /// A reliable-ordered channel with default limits (room for a few
+    /// 256 KiB handover snapshots).
+    pub fn reliable_ordered() -> Self {
+        Self::with(ChannelKind::ReliableOrdered, 192, 4096, 4 << 20)
+    }
+
+    /// A reliable-unordered channel with default limits.
+    pub fn reliable_unordered() -> Self {
+        Self::with(ChannelKind::ReliableUnordered, 160, 4096, 4 << 20)
+    }
+
+    /// Sets the priority.
+    pub fn priority(mut self, priority: u8) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Sets the per-packet byte budget.
+    pub fn packet_budget_bytes(mut self, bytes: usize) -> Self {
+        self.packet_budget_bytes = bytes;
+        self
+    }
+
+    /// Sets the queue bounds.
+    pub fn queue_max(mut self, messages: usize, bytes: usize) -> Self {
+        self.queue_messages_max = messages;
+        self.queue_bytes_max = bytes;
+        self
+    }
+
+    /// Turns ack notifications on or off.
+    pub fn notify_acks(mut self, on: bool) -> Self {
+        self.notify_acks = on;
+        self
+    }
+}
+
+/// Congestion control and pacing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CongestionConfig {
+    /// Initial send window, in packets of MTU size.
+    pub initial_window_packets: usize,
+    /// The window never goes below this many MTU-sized packets.
+    pub min_window_packets: usize,
+    /// The window never grows above this many bytes.
+    pub max_window_bytes: usize,
+    /// Window multiplier on a loss event (once per round trip).
+    pub loss_beta: f64,
+    /// Window multiplier when the smoothed RTT grows past
+    /// `min_rtt * rtt_growth_ratio + rtt_growth_slack` (once per round trip).
+    pub delay_beta: f64,
+    /// See `delay_beta`.
+    pub rtt_growth_ratio: f64,
+    /// See `delay_beta`.
+    pub rtt_growth_slack: Duration,
+    /// Bytes a connection may send back to back before pacing spaces them.
+    pub pacing_burst_bytes: usize,
+}
+
+impl Default for CongestionConfig {
+    fn default() -> Self {
+        Self {
+            initial_window_packets: 32,
+            min_window_packets: 4,
+            max_window_bytes: 8 << 20,
+            loss_beta: 0.7,
+            delay_beta: 0.85,
+            rtt_growth_ratio: 1.5,
+            rtt_growth_slack: Duration::from_millis(25),
+            pacing_burst_bytes: 16 * 1200,
+        }
+    }
+}
+
+/// Configuration of an [`crate::Endpoint`] and of its connections.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The channels, indexed by [`ChannelId`] (at most 255).
+    pub channels: Vec<ChannelConfig>,
+    /// Largest datagram (UDP payload) this endpoint sends, header included.
+    pub mtu: usize,
+    /// Bytes kept free at the end of every packet (room for an AEAD tag once
+    /// encryption lands).
+    pub trailer_reserved_bytes: usize,
+    /// Largest message `send` accepts (fragmented above one packet).
+    pub message_bytes_max: usize,
+    /// Reliable messages of one channel that may be in flight at once (span
+    /// of message ids). The receiver buffers at most this many out of order.
+    pub reliable_window: u16,
+    /// Bytes a connection may hold in reassembly and reorder buffers (the
+    /// next in-order message is always admitted on top of this).
+    pub receive_buffer_bytes_max: usize,
+    /// Bytes all connections of the endpoint may hold in those buffers.
+    pub endpoint_receive_buffer_bytes_max: usize,
+    /// Unreliable messages being reassembled at once per channel.
+    pub unreliable_reassemblies_max: usize,
+    /// An unreliable reassembly older than this is dropped.
+    pub reassembly_timeout: Duration,
+    /// Connections (any state) the endpoint holds at most.
+    pub connections_max: usize,
+    /// Answer handshakes (server role). `connect` works either way.
+    pub accept_incoming: bool,
+    /// A connection that hears nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// A connection that sent nothing for this long sends a ping.
+    pub keepalive_interval: Duration,
+    /// A handshake not finished after this long fails.
+    pub handshake_timeout: Duration,
+    /// First handshake resend interval (x1.5 per resend, at most 1 s).
+    pub handshake_resend_interval: Duration,
+    /// Longest an ack waits for a packet to ride on.
+    pub ack_delay: Duration,
+    /// Ack-eliciting packets received that force an immediate ack.
+    pub ack_frequency: u32,
+    /// RTT assumed before the first sample.
+    pub initial_rtt: Duration,
+    /// Floor of the retransmission timeout.
+    pub rto_min: Duration,
+    /// Ceiling of the retransmission timeout after backoff.
+    pub rto_max: Duration,
+    /// Congestion control.
+    pub congestion: CongestionConfig,
+    /// Period after which the handshake cookie secret rotates; a cookie is
+    /// valid for one to two periods.
+    pub cookie_rotation: Duration,
+    /// Events waiting for `poll_event` at most; beyond, data packets are
+    /// dropped unacknowledged (the peer retransmits) and counted.
+    pub events_max: usize,
+    /// Stateless replies (challenges, rejections) waiting to be sent at most.
+    pub control_queue_max: usize,
+    /// Copies of a disconnect packet sent on a graceful close.
+    pub disconnect_copies: u8,
+    /// Spacing of those copies.
+    pub disconnect_interval: Duration,
+    /// Packets one connection may add to a transmit batch before the next
+    /// connection gets a turn.
+    pub transmit_burst_packets: usize,
+    /// Message buffers kept for reuse.
+    pub buffer_pool_max: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            channels: vec![
+                ChannelConfig::unreliable(),
+                ChannelConfig::unreliable_sequenced(),
+                ChannelConfig::reliable_ordered(),
+                ChannelConfig::reliable_unordered(),
+            ],
+            mtu: 1200,
+            trailer_reserved_bytes: 0,
+            message_bytes_max: 256 * 1024,
+            reliable_window: 1024,
+            receive_buffer_bytes_max: 1 << 20,
+            endpoint_receive_buffer_bytes_max: 256 << 20,
+            unreliable_reassemblies_max: 4,
+            reassembly_timeout: Duration::from_secs(2),
+            connections_max: 16_384,
+            accept_incoming: false,
+            idle_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(5),
+            handshake_resend_interval: Duration::from_millis(200),
+            ack_delay: Duration::from_millis(10),
+            ack_frequency: 2,
+            initial_rtt: Duration::from_millis(100),
+            rto_min: Duration::from_millis(50),
+            rto_max: Duration::from_secs(3),
+            congestion: CongestionConfig::default(),
+            cookie_rotation: Duration::from_secs(5),
+            events_max: 1 << 16,
+            control_queue_max: 1024,
+            disconnect_copies: 3,
+            disconnect_interval: Duration::from_millis(30),
+            transmit_burst_packets: 8,
+            buffer_pool_max: 4096,
+        }
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// Zero or more than 255 channels.
+    #[error("between 1 and 255 channels are needed, got {0}")]
+    ChannelCount(usize),
+    /// MTU out of range.
+    #[error("mtu must be between {min} and 65507 bytes, got {0}", min = HANDSHAKE_MIN_LEN)]
+    Mtu(usize),
+    /// Message limit out of range for the MTU.
+    #[error("message_bytes_max {0} is too large (fragment count or wire limit)")]
+    MessageBytesMax(usize),
+    /// Reliable window out of range.
+    #[error("reliable_window must be between 1 and 16384, got {0}")]
+    ReliableWindow(u16),
+    /// Receive buffer cannot hold one message.
+    #[error("receive_buffer_bytes_max must be at least message_bytes_max")]
+    ReceiveBuffer,
+    /// A zero that must not be zero.
+    #[error("{0} must not be zero")]
+    Zero(&'static str),
+}
+
+/// Values derived from a validated [`Config`], shared by every connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    /// Channel indices, highest priority first.
+    pub order: Vec<usize>,
+    /// Bytes of a packet that frames may use after the header.
+    pub frame_room: usize,
+    /// Largest message sent unfragmented.
+    pub single_max: usize,
+    /// Largest fragment payload.
+    pub fragment_max: usize,
+}
+
+impl Config {
+    /// A server configuration (accepts incoming connections).
+    pub fn server() -> Self {
+        Self {
+            accept_incoming: true,
+            ..Self::default()
+        }
+    }
+
+    /// A client configuration (connects out only).
+    pub fn client() -> Self {
+        Self::default()
+    }
+
+    /// Checks the configuration.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.channels.is_empty() || self.channels.len() > 255 {
+            return Err(ConfigError::ChannelCount(self.channels.len()));
+        }
+        let overhead = HEADER_LEN + self.trailer_reserved_bytes + FRAGMENT_FRAME_OVERHEAD;
+        if self.mtu < HANDSHAKE_MIN_LEN || self.mtu > 65_507 || self.mtu < overhead + 64 {
+            return Err(ConfigError::Mtu(self.mtu));
+        }
+        let limits = self.limits();
+        let fragments = self.message_bytes_max.div_ceil(limits.fragment_max);
+        if self.message_bytes_max > FRAGMENTED_LEN_MAX as usize || fragments > u16::MAX as usize {
+            return Err(ConfigError::MessageBytesMax(self.message_bytes_max));
+        }
+        if self.reliable_window == 0 || self.reliable_window > 16_384 {
+            return Err(ConfigError::ReliableWindow(self.reliable_window));
+        }
+        if self.receive_buffer_bytes_max < self.message_bytes_max {
+            return Err(ConfigError::ReceiveBuffer);
+        }
+        for (value, name) in [
+            (self.connections_max, "connections_max"),
+            (self.events_max, "events_max"),
+            (self.transmit_burst_packets, "transmit_burst_packets"),
+            (
+                self.congestion.min_window_packets,
+                "congestion.min_window_packets",
+            ),
+            (
+                self.unreliable_reassemblies_max,
+                "unreliable_reassemblies_max",
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        for channel in &self.channels {
+            if channel.queue_messages_max == 0 || channel.queue_bytes_max == 0 {
+                return Err(ConfigError::Zero("channel queue bound"));
+            }
+        }
+        if self.ack_frequency == 0 {
+            return Err(ConfigError::Zero("ack_frequency"));
+        }
+        if self.cookie_rotation.is_zero() {
+            return Err(ConfigError::Zero("cookie_rotation"));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn limits(&self) -> Limits {
+        let mut order: Vec<usize> = (0..self.channels.len()).collect();
+        // Stable: equal priorities keep channel order.
+        order.sort_by_key(|&c| std::cmp::Reverse(self.channels[c].priority));
+        let frame_room = self
+            .mtu
+            .saturating_sub(HEADER_LEN + self.trailer_reserved_bytes);
+        Limits {
+            order,
+            frame_room,
+            single_max: frame_room
+                .saturating_sub(MESSAGE_FRAME_OVERHEAD)
+                .min(u16::MAX as usize),
+            fragment_max: frame_room
+                .saturating_sub(FRAGMENT_FRAME_OVERHEAD)
+                .clamp(1, u16::MAX as usize),
+        }
+    }
+
+    /// Hash of what both ends must agree on (channel kinds, reliable window,
+    /// message limit); carried in the handshake.
+    pub fn protocol_hash(&self) -> u32 {
+        // FNV-1a: stable across builds and platforms, unlike `Hash`.
+        let mut hash: u32 = 0x811C_9DC5;
+        let mut feed = |byte: u8| {
+            hash ^= byte as u32;
+            hash = hash.wrapping_mul(0x0100_0193);
+        };
+        for channel in &self.channels {
+            feed(channel.kind as u8 + 1);
+        }
+        for byte in self.reliable_window.to_le_bytes() {
+            feed(byte);
+        }
+        for byte in (self.message_bytes_max as u32).to_le_bytes() {
+            feed(byte);
+        }
+        hash
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+        Config::server().validate().unwrap();
+        let limits = Config::default().limits();
+        assert_eq!(limits.frame_room, 1200 - HEADER_LEN);
+        assert_eq!(limits.order, vec![2, 3, 1, 0]);
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        let mut c = Config::default();
+        c.channels.clear();
+        assert_eq!(c.validate(), Err(ConfigError::ChannelCount(0)));
+        let c = Config {
+            mtu: 100,
+            ..Config::default()
+        };
+        assert_eq!(c.validate(), Err(ConfigError::Mtu(100)));
+        let c = Config {
+            message_bytes_max: 100 << 20,
+            ..Config::default()
+        };
+        assert!(matches!(c.validate(), Err(ConfigError::MessageBytesMax(_))));
+        let c = Config {
+            receive_buffer_bytes_max: 1000,
+            ..Config::default()
+        };
+        assert_eq!(c.validate(), Err(ConfigError::ReceiveBuffer));
+    }
+
+    #[test]
+    fn hash_tracks_channel_kinds() {
+        let a = Config::default();
+        let mut b = Config::default();
+        assert_eq!(a.protocol_hash(), b.protocol_hash());
+        b.channels[0].kind = ChannelKind::ReliableOrdered;
+        assert_ne!(a.protocol_hash(), b.protocol_hash());
+        // Local-only knobs do not change the hash.
+        let c = Config {
+            mtu: 1400,
+            ..Config::default()
+        };
+        assert_eq!(a.protocol_hash(), c.protocol_hash());
+    }
+}
