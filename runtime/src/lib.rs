@@ -42,6 +42,7 @@
 mod bundle;
 mod ids;
 mod mailbox;
+pub mod node;
 mod notify;
 mod outbox;
 mod runtime;

@@ -70,6 +70,12 @@ pub trait ShardHandler: 'static {
         0
     }
 
+    /// The handler's own next deadline (protocol timers...): the shard does
+    /// not park beyond it.
+    fn next_deadline(&self) -> Option<Instant> {
+        None
+    }
+
     /// A message arrived for a stage that does not exist (removed, or moved
     /// elsewhere). The default counts it and logs it; a node re-routes it.
     fn on_undeliverable(
@@ -331,6 +337,9 @@ pub(crate) async fn run_shard<H: ShardHandler>(
         if work == 0 {
             let waiting = l.cx.local.outbox.borrow().waiting();
             let mut deadline = l.clock.next_deadline().min(next_publish);
+            if let Some(own) = l.handler.next_deadline() {
+                deadline = deadline.min(own);
+            }
             if waiting > 0 {
                 // A destination was full: retry soon rather than at the tick.
                 deadline = deadline.min(Instant::now() + Duration::from_micros(200));

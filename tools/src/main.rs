@@ -2,7 +2,12 @@
 
 use clap::{Parser, Subcommand};
 
+mod admin;
+mod client;
+mod config;
 mod demo;
+mod serve;
+mod sim;
 
 #[derive(Parser)]
 #[command(
@@ -17,7 +22,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start the shards, tick, exchange messages and print per-shard stats.
+    /// Run a node with the demo world (UDP 7777, metrics 127.0.0.1:9100).
+    Serve(config::ServeArgs),
+    /// Test client: ping, join, move, repl, script.
+    Client(client::ClientArgs),
+    /// Load simulator: bots that join, move, attack, ack and measure.
+    Sim(sim::SimArgs),
+    /// Talk to a running node's admin port.
+    Admin(admin::AdminArgs),
+    /// Start the runtime alone (shards, ticks, messages) and print stats.
     RuntimeDemo(demo::DemoArgs),
 }
 
@@ -29,8 +42,41 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                std::process::exit(
+                    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                        2
+                    } else {
+                        0
+                    },
+                );
+            }
+            // One clear line, not a page of usage.
+            let text = e.render().to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("tessera: {first} (see tessera --help)");
+            std::process::exit(2);
+        }
+    };
     let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Client(args) => client::run(args),
+        Command::Sim(args) => sim::run(args),
+        Command::Admin(args) => admin::run(args),
         Command::RuntimeDemo(args) => demo::run(args),
     };
     if let Err(e) = result {

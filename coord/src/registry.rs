@@ -1,0 +1,246 @@
+//! The `cell -> owner` registry.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use tessera_cells::{CellId, Layout};
+
+/// A shard of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShardRef {
+    /// The node (0 for a single-node deployment).
+    pub node: u16,
+    /// The shard within the node.
+    pub shard: u16,
+}
+
+impl ShardRef {
+    /// Shard `shard` of the local node.
+    pub const fn local(shard: u16) -> Self {
+        Self { node: 0, shard }
+    }
+}
+
+impl fmt::Display for ShardRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "node-{}/shard-{}", self.node, self.shard)
+    }
+}
+
+/// Who owns a cell, under which epoch, and where messages for it go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Assignment {
+    /// The owning shard.
+    pub owner: ShardRef,
+    /// The cell's epoch: bumped at every change of owner. A message about
+    /// the cell with an older epoch is stale.
+    pub epoch: u32,
+    /// The runtime stage hosting the cell on its shard.
+    pub stage: u32,
+}
+
+/// Why a registry change was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// The cell is not a leaf of the layout.
+    #[error("cell {0} is not a leaf of the current layout")]
+    NotALeaf(CellId),
+    /// The cell has no owner.
+    #[error("cell {0} has no owner")]
+    Unassigned(CellId),
+    /// A change carried an epoch older than the registry's.
+    #[error("stale epoch {got} for cell {cell} (current {current})")]
+    StaleEpoch {
+        /// The cell.
+        cell: CellId,
+        /// The epoch given.
+        got: u32,
+        /// The current epoch.
+        current: u32,
+    },
+}
+
+/// The epoch an operator uses to override any owner (logged loudly).
+pub const ADMIN_EPOCH: u32 = u32::MAX;
+
+/// The registry of cell owners.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    layout: Arc<Layout>,
+    cells: BTreeMap<CellId, Assignment>,
+    version: u64,
+    cluster_epoch: u32,
+}
+
+impl Registry {
+    /// A registry of `layout` with these owners (stages numbered from 1 per
+    /// shard, in cell order: stage 0 of a shard is its gateway).
+    pub fn new(
+        layout: Arc<Layout>,
+        owners: &BTreeMap<CellId, ShardRef>,
+    ) -> Result<Self, RegistryError> {
+        let mut next_stage: BTreeMap<ShardRef, u32> = BTreeMap::new();
+        let mut cells = BTreeMap::new();
+        for leaf in layout.leaves() {
+            let owner = *owners.get(&leaf).ok_or(RegistryError::Unassigned(leaf))?;
+            let stage = next_stage.entry(owner).or_insert(1);
+            cells.insert(
+                leaf,
+                Assignment {
+                    owner,
+                    epoch: 1,
+                    stage: *stage,
+                },
+            );
+            *stage += 1;
+        }
+        for cell in owners.keys() {
+            if !layout.is_leaf(*cell) {
+                return Err(RegistryError::NotALeaf(*cell));
+            }
+        }
+        Ok(Self {
+            layout,
+            cells,
+            version: 1,
+            cluster_epoch: 1,
+        })
+    }
+
+    /// The layout the registry covers.
+    pub fn layout(&self) -> &Arc<Layout> {
+        &self.layout
+    }
+
+    /// Bumped at every change.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The cluster epoch (bumped when a coordinator takes over).
+    pub fn cluster_epoch(&self) -> u32 {
+        self.cluster_epoch
+    }
+
+    /// Who owns a cell.
+    pub fn get(&self, cell: CellId) -> Option<Assignment> {
+        self.cells.get(&cell).copied()
+    }
+
+    /// Every assignment, in cell order.
+    pub fn iter(&self) -> impl Iterator<Item = (CellId, Assignment)> + '_ {
+        self.cells.iter().map(|(c, a)| (*c, *a))
+    }
+
+    /// The cells a shard owns, in order.
+    pub fn cells_of(&self, owner: ShardRef) -> Vec<(CellId, Assignment)> {
+        self.iter().filter(|(_, a)| a.owner == owner).collect()
+    }
+
+    /// Number of cells.
+    pub fn len(&self) -> usize {
+        self.cells.len()
+    }
+
+    /// True if no cell.
+    pub fn is_empty(&self) -> bool {
+        self.cells.is_empty()
+    }
+
+    /// Moves a cell to a new owner and stage with epoch `epoch`, which must
+    /// be newer than the cell's (or [`ADMIN_EPOCH`]).
+    pub fn reassign(
+        &mut self,
+        cell: CellId,
+        owner: ShardRef,
+        stage: u32,
+        epoch: u32,
+    ) -> Result<(), RegistryError> {
+        let a = self
+            .cells
+            .get_mut(&cell)
+            .ok_or(RegistryError::Unassigned(cell))?;
+        if epoch <= a.epoch && epoch != ADMIN_EPOCH {
+            return Err(RegistryError::StaleEpoch {
+                cell,
+                got: epoch,
+                current: a.epoch,
+            });
+        }
+        *a = Assignment {
+            owner,
+            epoch,
+            stage,
+        };
+        self.version += 1;
+        Ok(())
+    }
+
+    /// Replaces the layout and the assignments of the cells it changed
+    /// (after a split or merge): `removed` cells go, `added` come in.
+    pub fn relayout(
+        &mut self,
+        layout: Arc<Layout>,
+        removed: &[CellId],
+        added: &[(CellId, Assignment)],
+    ) -> Result<(), RegistryError> {
+        for c in removed {
+            self.cells.remove(c);
+        }
+        for (c, a) in added {
+            if !layout.is_leaf(*c) {
+                return Err(RegistryError::NotALeaf(*c));
+            }
+            self.cells.insert(*c, *a);
+        }
+        self.layout = layout;
+        self.version += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_cells::Geometry;
+
+    #[test]
+    fn stages_are_numbered_per_shard_and_epochs_only_grow() {
+        let layout = Arc::new(Layout::new(Geometry::new(0, 128.0, 2, 2)));
+        let owners: BTreeMap<_, _> = layout
+            .leaves()
+            .into_iter()
+            .map(|c| (c, ShardRef::local((c.cx % 2) as u16)))
+            .collect();
+        let mut r = Registry::new(layout.clone(), &owners).unwrap();
+        let s0: Vec<u32> = r
+            .cells_of(ShardRef::local(0))
+            .iter()
+            .map(|(_, a)| a.stage)
+            .collect();
+        assert_eq!(s0, vec![1, 2]);
+        let c = CellId::root(0, 0, 0);
+        let v = r.version();
+        assert!(matches!(
+            r.reassign(c, ShardRef::local(1), 3, 1),
+            Err(RegistryError::StaleEpoch { .. })
+        ));
+        r.reassign(c, ShardRef::local(1), 3, 2).unwrap();
+        assert_eq!(r.get(c).unwrap().owner, ShardRef::local(1));
+        assert!(r.version() > v);
+        r.reassign(c, ShardRef::local(0), 1, ADMIN_EPOCH).unwrap();
+    }
+
+    #[test]
+    fn every_leaf_needs_an_owner() {
+        let layout = Arc::new(Layout::new(Geometry::new(0, 128.0, 2, 1)));
+        let owners: BTreeMap<_, _> = [(CellId::root(0, 0, 0), ShardRef::local(0))]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            Registry::new(layout, &owners).unwrap_err(),
+            RegistryError::Unassigned(CellId::root(0, 1, 0))
+        );
+    }
+}

@@ -1,0 +1,206 @@
+//! The admin port: a line protocol on a loopback TCP port.
+//!
+//! A client connects, writes one command line, reads one JSON document and
+//! the connection closes. Commands: `status`, `cells`, `shutdown`. Errors
+//! come back as `{"error": "..."}`.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::{spawn_helper, StopHandle};
+use crate::stats::StatsBoard;
+
+use super::shared::NodeShared;
+
+/// Longest command line accepted.
+const LINE_MAX: u64 = 1024;
+
+/// One shard in a status answer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ShardStatus {
+    /// The shard.
+    pub shard: u16,
+    /// Its CPU, if pinned.
+    pub cpu: Option<usize>,
+    /// Last tick.
+    pub tick: u64,
+    /// Tick duration p99, microseconds.
+    pub tick_us_p99: u64,
+    /// Tick duration p50, microseconds.
+    pub tick_us_p50: u64,
+    /// Ticks that overran.
+    pub overruns: u64,
+    /// Sessions hosted.
+    pub sessions: usize,
+    /// Entities owned.
+    pub entities: usize,
+    /// Cells owned.
+    pub cells: usize,
+    /// Messages waiting in its mailbox.
+    pub mailbox_depth: u64,
+}
+
+/// One cell in a status answer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CellStatus {
+    /// The cell (`world:cx,cy[/quadrants]`).
+    pub cell: String,
+    /// Owning shard.
+    pub owner: u16,
+    /// The cell's epoch.
+    pub epoch: u32,
+    /// Entities owned.
+    pub entities: usize,
+    /// Players among them.
+    pub players: usize,
+    /// Ghosts held.
+    pub ghosts: usize,
+}
+
+/// The answer to `status`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    /// Seconds since start.
+    pub uptime_s: f64,
+    /// Ticks per second.
+    pub tick_hz: u32,
+    /// Registry version.
+    pub registry_version: u64,
+    /// Every shard.
+    pub shards: Vec<ShardStatus>,
+    /// Every cell.
+    pub cells: Vec<CellStatus>,
+    /// Sessions, all shards.
+    pub sessions: usize,
+    /// Entities, all shards.
+    pub entities: usize,
+    /// Worst shard's tick p99, microseconds.
+    pub tick_us_p99: u64,
+}
+
+/// Builds the status document.
+pub fn status(shared: &NodeShared, board: &StatsBoard) -> Status {
+    let runtime = board.snapshot();
+    let node = shared.stats();
+    let registry = shared.registry();
+    let mut shards = Vec::new();
+    for (i, r) in runtime.iter().enumerate() {
+        let n = node.get(i).cloned().flatten();
+        shards.push(ShardStatus {
+            shard: i as u16,
+            cpu: r.as_ref().and_then(|r| r.cpu),
+            tick: n.as_ref().map_or(0, |n| n.tick),
+            tick_us_p99: r.as_ref().map_or(0, |r| r.tick_us(0.99)),
+            tick_us_p50: r.as_ref().map_or(0, |r| r.tick_us(0.5)),
+            overruns: r.as_ref().map_or(0, |r| r.overruns),
+            sessions: n.as_ref().map_or(0, |n| n.sessions),
+            entities: n.as_ref().map_or(0, |n| n.world.entities),
+            cells: registry
+                .cells_of(tessera_coord::ShardRef::local(i as u16))
+                .len(),
+            mailbox_depth: r.as_ref().map_or(0, |r| r.mailbox_depth),
+        });
+    }
+    let mut cells = Vec::new();
+    for (cell, a) in registry.iter() {
+        let counts = node
+            .get(a.owner.shard as usize)
+            .cloned()
+            .flatten()
+            .and_then(|n| n.cells.iter().find(|c| c.0 == cell).copied());
+        let (entities, ghosts, players) = counts.map_or((0, 0, 0), |c| (c.1, c.2, c.3));
+        cells.push(CellStatus {
+            cell: cell.to_string(),
+            owner: a.owner.shard,
+            epoch: a.epoch,
+            entities,
+            players,
+            ghosts,
+        });
+    }
+    Status {
+        uptime_s: shared.uptime_seconds(),
+        tick_hz: shared.tick_hz,
+        registry_version: registry.version(),
+        sessions: shards.iter().map(|s| s.sessions).sum(),
+        entities: shards.iter().map(|s| s.entities).sum(),
+        tick_us_p99: shards.iter().map(|s| s.tick_us_p99).max().unwrap_or(0),
+        shards,
+        cells,
+    }
+}
+
+/// Serves the admin port until `stop` is set.
+pub fn serve(
+    listener: TcpListener,
+    shared: Arc<NodeShared>,
+    board: Arc<StatsBoard>,
+    node_stop: StopHandle,
+    stop: Arc<AtomicBool>,
+) -> io::Result<JoinHandle<()>> {
+    listener.set_nonblocking(true)?;
+    spawn_helper("tessera-admin", None, move || {
+        while !stop.load(Ordering::Acquire) {
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    if let Err(e) = answer(stream, &shared, &board, &node_stop) {
+                        tracing::debug!(%peer, error = %e, "admin request failed");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    })
+}
+
+fn answer(
+    stream: TcpStream,
+    shared: &NodeShared,
+    board: &StatsBoard,
+    node_stop: &StopHandle,
+) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut line = String::new();
+    BufReader::new((&stream).take(LINE_MAX)).read_line(&mut line)?;
+    let mut words = line.split_whitespace();
+    let reply = match words.next() {
+        Some("status") | Some("cells") => serde_json::to_string(&status(shared, board)).map_err(io::Error::other)?,
+        Some("shutdown") => {
+            tracing::warn!("shutdown requested on the admin port");
+            node_stop.stop();
+            "{\"ok\":true}".to_string()
+        }
+        Some(other) => serde_json::json!({ "error": format!("unknown command {other:?}: try status, cells, shutdown") }).to_string(),
+        None => serde_json::json!({ "error": "empty command" }).to_string(),
+    };
+    let mut stream = stream;
+    stream.write_all(reply.as_bytes())?;
+    stream.write_all(b"\n")?;
+    stream.flush()
+}
+
+/// Sends one command to an admin port and returns the JSON answer (used by
+/// `tessera admin`).
+pub fn request(addr: std::net::SocketAddr, command: &str) -> io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(command.as_bytes())?;
+    stream.write_all(b"\n")?;
+    let mut out = String::new();
+    stream.take(16 << 20).read_to_string(&mut out)?;
+    Ok(out)
+}

@@ -1,0 +1,384 @@
+//! Prometheus text metrics over a tiny HTTP server on a helper thread.
+//!
+//! `GET /metrics`: per-shard tick duration histogram, overruns, mailbox
+//! depth, sessions, packets and bytes in/out, drops by reason, entities per
+//! cell. `GET /healthz`: `ok`. Anything else: 404. One request at a time,
+//! bounded reads: this is for a scraper on the same host, not the internet.
+
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::runtime::spawn_helper;
+use crate::stats::StatsBoard;
+
+use super::shared::NodeShared;
+
+/// Bucket bounds of the tick duration histogram, seconds.
+const TICK_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 1.0,
+];
+
+/// Serves metrics until `stop` is set.
+pub fn serve(
+    listener: TcpListener,
+    shared: Arc<NodeShared>,
+    board: Arc<StatsBoard>,
+    stop: Arc<AtomicBool>,
+) -> io::Result<JoinHandle<()>> {
+    listener.set_nonblocking(true)?;
+    spawn_helper("tessera-metrics", None, move || {
+        while !stop.load(Ordering::Acquire) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    if let Err(e) = answer(stream, &shared, &board) {
+                        tracing::debug!(error = %e, "metrics request failed");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    })
+}
+
+/// Reads an HTTP request head (bounded) and returns its path.
+pub(crate) fn read_request_path(stream: &mut TcpStream) -> io::Result<String> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = [0u8; 4096];
+    let mut len = 0;
+    while len < buf.len() {
+        let n = stream.read(&mut buf[len..])?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") || buf[..len].contains(&b'\n') {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..len]);
+    let line = head.lines().next().unwrap_or_default();
+    let mut parts = line.split_whitespace();
+    let _method = parts.next();
+    Ok(parts.next().unwrap_or("/").to_string())
+}
+
+fn answer(mut stream: TcpStream, shared: &NodeShared, board: &StatsBoard) -> io::Result<()> {
+    let path = read_request_path(&mut stream)?;
+    let (status, content_type, body) = match path.as_str() {
+        "/metrics" => ("200 OK", "text/plain; version=0.0.4", render(shared, board)),
+        "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            "not found: try /metrics\n".to_string(),
+        ),
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}
+
+/// A counter family: name, help text, and how to read it from a shard's stats.
+type Counter<S> = (&'static str, &'static str, fn(&S) -> u64);
+
+fn help(out: &mut String, name: &str, kind: &str, text: &str) {
+    let _ = writeln!(out, "# HELP {name} {text}\n# TYPE {name} {kind}");
+}
+
+/// The metrics page.
+pub fn render(shared: &NodeShared, board: &StatsBoard) -> String {
+    let mut o = String::with_capacity(16 << 10);
+    let runtime = board.snapshot();
+    let node = shared.stats();
+
+    help(
+        &mut o,
+        "tessera_uptime_seconds",
+        "gauge",
+        "Seconds since the node started.",
+    );
+    let _ = writeln!(o, "tessera_uptime_seconds {:.3}", shared.uptime_seconds());
+
+    help(
+        &mut o,
+        "tessera_tick_duration_seconds",
+        "histogram",
+        "Time spent in each tick, per shard.",
+    );
+    for s in runtime.iter().flatten() {
+        let shard = s.shard.0;
+        let h = &s.tick_duration_us;
+        for le in TICK_BUCKETS {
+            let count = h.count_between(0, (le * 1e6) as u64);
+            let _ = writeln!(
+                o,
+                "tessera_tick_duration_seconds_bucket{{shard=\"{shard}\",le=\"{le}\"}} {count}"
+            );
+        }
+        let _ = writeln!(
+            o,
+            "tessera_tick_duration_seconds_bucket{{shard=\"{shard}\",le=\"+Inf\"}} {}",
+            h.len()
+        );
+        let _ = writeln!(
+            o,
+            "tessera_tick_duration_seconds_sum{{shard=\"{shard}\"}} {:.6}",
+            h.mean() * h.len() as f64 / 1e6
+        );
+        let _ = writeln!(
+            o,
+            "tessera_tick_duration_seconds_count{{shard=\"{shard}\"}} {}",
+            h.len()
+        );
+    }
+    let gauges: [(&str, &str, &str); 2] = [
+        (
+            "tessera_tick_duration_p99_seconds",
+            "gauge",
+            "99th percentile tick duration, per shard.",
+        ),
+        (
+            "tessera_tick_lateness_p99_seconds",
+            "gauge",
+            "99th percentile lateness of tick starts, per shard.",
+        ),
+    ];
+    for (i, (name, kind, text)) in gauges.iter().enumerate() {
+        help(&mut o, name, kind, text);
+        for s in runtime.iter().flatten() {
+            let v = if i == 0 {
+                s.tick_us(0.99)
+            } else {
+                s.lateness_us(0.99)
+            };
+            let _ = writeln!(o, "{name}{{shard=\"{}\"}} {:.6}", s.shard.0, v as f64 / 1e6);
+        }
+    }
+    let counters: [Counter<crate::stats::ShardStats>; 6] = [
+        ("tessera_ticks_total", "Ticks run.", |s| s.ticks),
+        (
+            "tessera_tick_overruns_total",
+            "Ticks that ended after the next deadline.",
+            |s| s.overruns,
+        ),
+        (
+            "tessera_ticks_skipped_total",
+            "Deadlines skipped after overruns.",
+            |s| s.skipped_ticks,
+        ),
+        (
+            "tessera_mailbox_messages_total",
+            "Messages handed to stages.",
+            |s| s.messages_handled,
+        ),
+        (
+            "tessera_mailbox_rejected_full_total",
+            "Messages refused by this shard's full mailbox.",
+            |s| s.mailbox_rejected_full,
+        ),
+        (
+            "tessera_undeliverable_total",
+            "Messages for a stage that no longer exists (re-routed).",
+            |s| s.undeliverable,
+        ),
+    ];
+    for (name, text, get) in counters {
+        help(&mut o, name, "counter", text);
+        for s in runtime.iter().flatten() {
+            let _ = writeln!(o, "{name}{{shard=\"{}\"}} {}", s.shard.0, get(s));
+        }
+    }
+    help(
+        &mut o,
+        "tessera_mailbox_depth",
+        "gauge",
+        "Messages waiting in the shard's mailbox.",
+    );
+    for s in runtime.iter().flatten() {
+        let _ = writeln!(
+            o,
+            "tessera_mailbox_depth{{shard=\"{}\"}} {}",
+            s.shard.0, s.mailbox_depth
+        );
+    }
+
+    help(
+        &mut o,
+        "tessera_sessions",
+        "gauge",
+        "Client sessions hosted, per shard.",
+    );
+    for (i, s) in node.iter().enumerate() {
+        if let Some(s) = s {
+            let _ = writeln!(o, "tessera_sessions{{shard=\"{i}\"}} {}", s.sessions);
+        }
+    }
+    let net: [Counter<NodeShardStats>; 6] = [
+        (
+            "tessera_packets_received_total",
+            "UDP datagrams received.",
+            |s| s.endpoint.datagrams_received,
+        ),
+        ("tessera_packets_sent_total", "UDP datagrams sent.", |s| {
+            s.endpoint.datagrams_sent
+        }),
+        ("tessera_bytes_received_total", "UDP bytes received.", |s| {
+            s.endpoint.bytes_received
+        }),
+        ("tessera_bytes_sent_total", "UDP bytes sent.", |s| {
+            s.endpoint.bytes_sent
+        }),
+        (
+            "tessera_snapshots_sent_total",
+            "Snapshots sent to clients.",
+            |s| s.gateway.snapshots_sent,
+        ),
+        (
+            "tessera_snapshot_bytes_total",
+            "Bytes of snapshots sent.",
+            |s| s.gateway.snapshot_bytes,
+        ),
+    ];
+    for (name, text, get) in net {
+        help(&mut o, name, "counter", text);
+        for (i, s) in node.iter().enumerate() {
+            if let Some(s) = s {
+                let _ = writeln!(o, "{name}{{shard=\"{i}\"}} {}", get(s));
+            }
+        }
+    }
+    help(
+        &mut o,
+        "tessera_drops_total",
+        "counter",
+        "Things dropped or refused, by reason, per shard.",
+    );
+    for (i, s) in node.iter().enumerate() {
+        let Some(s) = s else { continue };
+        let e = &s.endpoint;
+        let reasons: Vec<(&str, u64)> = vec![
+            ("bad_header", e.dropped_bad_header),
+            ("bad_version", e.dropped_bad_version),
+            ("bad_body", e.dropped_bad_body),
+            ("bad_frame", e.dropped_bad_frame),
+            ("unknown_channel", e.dropped_unknown_channel),
+            ("oversized", e.dropped_oversized),
+            ("unknown_connection", e.dropped_unknown_connection),
+            ("address_mismatch", e.dropped_address_mismatch),
+            ("unexpected", e.dropped_unexpected),
+            ("duplicate_packet", e.dropped_duplicate),
+            ("too_old", e.dropped_too_old),
+            ("receive_window", e.dropped_receive_window),
+            ("event_queue_full", e.dropped_event_queue_full),
+            ("short_handshake", e.dropped_short_handshake),
+            ("bad_cookie", e.dropped_bad_cookie),
+            ("expired_cookie", e.dropped_expired_cookie),
+            ("connection_cap", e.rejected_full),
+            ("socket_truncated", s.socket.recv_truncated),
+            ("socket_send_would_block", s.socket.send_would_block),
+            ("send_queue_full", s.gateway.send_refused),
+            ("not_joined", s.gateway.not_joined),
+            ("router_unknown_cell", s.router.cell_unknown),
+            (
+                "router_mailbox_full",
+                s.router.cell_full + s.router.client_full,
+            ),
+            ("input_duplicate", s.world.counters.inputs_duplicate),
+            ("input_unknown_entity", s.world.counters.unknown_entity),
+            ("input_rejected", s.world.game.inputs_rejected),
+            ("input_clamped", s.world.game.inputs_clamped),
+            ("intent_dropped", s.world.counters.intents_dropped),
+        ];
+        for (reason, n) in reasons {
+            let _ = writeln!(
+                o,
+                "tessera_drops_total{{shard=\"{i}\",reason=\"{reason}\"}} {n}"
+            );
+        }
+        for (reason, n) in s.frames_refused.by_reason() {
+            let _ = writeln!(
+                o,
+                "tessera_drops_total{{shard=\"{i}\",reason=\"frame_{reason}\"}} {n}"
+            );
+        }
+    }
+    help(
+        &mut o,
+        "tessera_transfers_total",
+        "counter",
+        "Entities handed between cells, per shard.",
+    );
+    for (i, s) in node.iter().enumerate() {
+        if let Some(s) = s {
+            let _ = writeln!(
+                o,
+                "tessera_transfers_total{{shard=\"{i}\",direction=\"in\"}} {}",
+                s.world.counters.transfers_in
+            );
+            let _ = writeln!(
+                o,
+                "tessera_transfers_total{{shard=\"{i}\",direction=\"out\"}} {}",
+                s.world.counters.transfers_out
+            );
+        }
+    }
+    for (name, text, idx) in [
+        ("tessera_cell_entities", "Entities owned, per cell.", 0),
+        ("tessera_cell_ghosts", "Ghosts held, per cell.", 1),
+        ("tessera_cell_players", "Players, per cell.", 2),
+    ] {
+        help(&mut o, name, "gauge", text);
+        for (i, s) in node.iter().enumerate() {
+            let Some(s) = s else { continue };
+            for (cell, entities, ghosts, players) in &s.cells {
+                let v = [entities, ghosts, players][idx];
+                let _ = writeln!(o, "{name}{{shard=\"{i}\",cell=\"{cell}\"}} {v}");
+            }
+        }
+    }
+    o
+}
+
+use super::shared::NodeShardStats;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use tessera_cells::{Geometry, Layout};
+    use tessera_coord::{contiguous_blocks, Registry};
+
+    #[test]
+    fn renders_without_stats_and_with() {
+        let layout = Arc::new(Layout::new(Geometry::new(0, 128.0, 2, 2)));
+        let owners: BTreeMap<_, _> = contiguous_blocks(&layout, 2);
+        let shared = NodeShared::new(Registry::new(layout, &owners).unwrap(), 2, 20);
+        let board = StatsBoard::new(2);
+        let empty = render(&shared, &board);
+        assert!(empty.contains("tessera_uptime_seconds"));
+        shared.publish(1, NodeShardStats::default());
+        let text = render(&shared, &board);
+        assert!(text.contains("tessera_sessions{shard=\"1\"} 0"));
+        assert!(text.contains("tessera_drops_total{shard=\"1\",reason=\"frame_invalid\"} 0"));
+        // Every sample line is "name{labels} value" or "name value".
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert_eq!(line.split_whitespace().count(), 2, "{line}");
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! A Tessera node: shards that own cells and host client sessions.
+//!
+//! [`Node::start`] binds one UDP socket per shard on the same port
+//! (SO_REUSEPORT: the kernel spreads clients over the shards), builds the
+//! registry of cell owners (contiguous blocks of the grid per shard, or a
+//! validated static mapping), starts the shards, the metrics endpoint and
+//! the admin port. Each shard runs the world of its cells and the sessions
+//! of its clients ([`shard::NodeShard`]).
+
+pub mod admin;
+pub mod gateway;
+pub mod metrics;
+pub mod msg;
+pub mod protocol;
+pub mod router;
+pub mod shard;
+pub mod shared;
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tessera_cells::demo::{DemoConfig, DemoGame};
+use tessera_cells::{Geometry, Layout, ShardWorld, WorldConfig};
+use tessera_coord::{contiguous_blocks, MappingError, Registry, RegistryError, StaticMapping};
+use tessera_net::conditioner::ConditionerConfig;
+use tessera_net::driver::{BatchSocket, SocketConfig};
+use tessera_net::Endpoint;
+
+use crate::runtime::{Runtime, RuntimeBuilder, RuntimeError, ShardConfig, StopHandle};
+use crate::stats::ShardReport;
+
+pub use msg::NodeMsg;
+pub use shared::{NodeShardStats, NodeShared};
+
+/// Everything a node is started with.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Address the game port binds to.
+    pub bind: IpAddr,
+    /// The game port (UDP). 0 picks a free one.
+    pub port: u16,
+    /// Prometheus metrics (HTTP), None to disable.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The admin port (TCP, loopback), None to disable.
+    pub admin_addr: Option<SocketAddr>,
+    /// Shards (default: one per CPU).
+    pub shards: Option<usize>,
+    /// Pin shards to CPUs.
+    pub pinned: bool,
+    /// Ticks per second (10..=60).
+    pub tick_hz: u32,
+    /// NPCs in the demo world.
+    pub npcs: usize,
+    /// The world's shape.
+    pub geometry: Geometry,
+    /// Engine settings.
+    pub world: WorldConfig,
+    /// Demo game tunables.
+    pub demo: DemoConfig,
+    /// Cells per shard from a config file; None: contiguous blocks.
+    pub mapping: Option<StaticMapping>,
+    /// Most sessions per shard.
+    pub sessions_per_shard: usize,
+    /// Seed of the world's randomness (NPCs...).
+    pub seed: u64,
+    /// Impair outgoing traffic (manual testing only).
+    pub conditioner: Option<ConditionerConfig>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            port: 7777,
+            metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9100))),
+            admin_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9101))),
+            shards: None,
+            pinned: true,
+            tick_hz: 20,
+            npcs: 2000,
+            geometry: Geometry::new(0, 128.0, 8, 8),
+            world: WorldConfig::default(),
+            demo: DemoConfig::default(),
+            mapping: None,
+            sessions_per_shard: 20_000,
+            seed: 1,
+            conditioner: None,
+        }
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The game port is taken.
+    #[error("UDP port {port} is in use: pass --port or stop the other server")]
+    PortInUse {
+        /// The port.
+        port: u16,
+    },
+    /// Binding a socket failed otherwise.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The metrics or admin address is taken.
+    #[error("{what} address {addr} is in use: pass {flag} or stop the other process")]
+    HelperPortInUse {
+        /// "metrics" or "admin".
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The flag that changes it.
+        flag: &'static str,
+    },
+    /// The static cell mapping is wrong.
+    #[error("invalid cell mapping: {0}")]
+    Mapping(#[from] MappingError),
+    /// The registry could not be built.
+    #[error("invalid registry: {0}")]
+    Registry(#[from] RegistryError),
+    /// A setting is out of range.
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+    /// The runtime failed.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// Another I/O failure.
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A running node.
+pub struct Node {
+    runtime: Runtime<NodeMsg>,
+    shared: Arc<NodeShared>,
+    helpers: Vec<JoinHandle<()>>,
+    helpers_stop: Arc<AtomicBool>,
+    game_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+}
+
+fn bind_helper(
+    addr: SocketAddr,
+    what: &'static str,
+    flag: &'static str,
+) -> Result<std::net::TcpListener, NodeError> {
+    std::net::TcpListener::bind(addr).map_err(|e| match e.kind() {
+        io::ErrorKind::AddrInUse => NodeError::HelperPortInUse { what, addr, flag },
+        _ => NodeError::Bind { addr, source: e },
+    })
+}
+
+impl Node {
+    /// Starts a node.
+    pub fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        if !(10..=60).contains(&config.tick_hz) {
+            return Err(NodeError::Invalid(format!(
+                "tick rate {} Hz is outside 10..=60",
+                config.tick_hz
+            )));
+        }
+        let builder = RuntimeBuilder::new()
+            .pinned(config.pinned)
+            .tick_hz(config.tick_hz)
+            .mailbox_capacity(1 << 20)
+            .shard_config(ShardConfig {
+                tick_period: Duration::from_nanos(1_000_000_000 / u64::from(config.tick_hz)),
+                outbox_pending_max: 1 << 18,
+                ..ShardConfig::default()
+            });
+        let builder = match config.shards {
+            Some(n) => builder.shards(n),
+            None => builder,
+        };
+        let plan = builder.plan()?;
+        let shards = plan.len();
+
+        let layout = Arc::new(Layout::new(config.geometry.clone()));
+        let owners = match &config.mapping {
+            Some(m) => m.validate(&layout, shards)?,
+            None => contiguous_blocks(&layout, shards),
+        };
+        let registry = Registry::new(layout.clone(), &owners)?;
+        let shared = Arc::new(NodeShared::new(registry, shards, config.tick_hz));
+
+        // Helper ports first: a clash there must not leave shards running.
+        let metrics = config
+            .metrics_addr
+            .map(|a| bind_helper(a, "metrics", "--metrics-addr"))
+            .transpose()?;
+        let admin = config
+            .admin_addr
+            .map(|a| bind_helper(a, "admin", "--admin-addr"))
+            .transpose()?;
+
+        let sockets = Self::bind_game_sockets(&config, shards)?;
+        let game_addr = sockets[0].local_addr();
+        let sockets: Arc<Mutex<Vec<Option<BatchSocket>>>> =
+            Arc::new(Mutex::new(sockets.into_iter().map(Some).collect()));
+
+        let world_config = WorldConfig {
+            tick_hz: config.tick_hz,
+            seed: config.seed,
+            ..config.world.clone()
+        };
+        let npcs_total = config.npcs;
+        let total_cells = layout.leaves().len().max(1);
+        let (sh, demo, sessions, seed) = (
+            shared.clone(),
+            config.demo.clone(),
+            config.sessions_per_shard,
+            config.seed,
+        );
+        let runtime = builder.start(move |shard| {
+            let socket = sockets.lock().unwrap_or_else(|e| e.into_inner())[shard.index()]
+                .take()
+                .expect("one socket per shard");
+            let registry = sh.registry();
+            let mine = registry
+                .cells_of(tessera_coord::ShardRef::local(shard.0))
+                .len();
+            let npcs = npcs_total * mine / total_cells;
+            let world = ShardWorld::new(
+                DemoGame::new(demo.clone()),
+                registry.layout().clone(),
+                world_config.clone(),
+                shard.0 + 1,
+            );
+            let endpoint_seed = tessera_net::driver::os_seed().unwrap_or(seed) ^ u64::from(shard.0);
+            let endpoint = Endpoint::new(protocol::server_config(sessions), endpoint_seed)
+                .expect("valid server configuration");
+            let gateway = gateway::Gateway::new(
+                shard,
+                endpoint,
+                socket,
+                registry.layout().clone(),
+                DemoGame::new(demo.clone()),
+            );
+            shard::NodeShard::new(shard, sh.clone(), world, gateway, npcs, seed)
+        })?;
+
+        let helpers_stop = Arc::new(AtomicBool::new(false));
+        let mut helpers = Vec::new();
+        let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
+        let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+        if let Some(listener) = metrics {
+            helpers.push(metrics::serve(
+                listener,
+                shared.clone(),
+                runtime.stats(),
+                helpers_stop.clone(),
+            )?);
+        }
+        if let Some(listener) = admin {
+            helpers.push(admin::serve(
+                listener,
+                shared.clone(),
+                runtime.stats(),
+                runtime.stop_handle(),
+                helpers_stop.clone(),
+            )?);
+        }
+        tracing::info!(addr = %game_addr, shards, metrics = ?metrics_addr, admin = ?admin_addr, "node started");
+        Ok(Node {
+            runtime,
+            shared,
+            helpers,
+            helpers_stop,
+            game_addr,
+            metrics_addr,
+            admin_addr,
+        })
+    }
+
+    fn bind_game_sockets(
+        config: &NodeConfig,
+        shards: usize,
+    ) -> Result<Vec<BatchSocket>, NodeError> {
+        let mut addr = SocketAddr::new(config.bind, config.port);
+        if config.port != 0 {
+            // SO_REUSEPORT would let us share the port with another server
+            // silently: a plain bind first tells whether someone holds it.
+            match UdpSocket::bind(addr) {
+                Ok(probe) => drop(probe),
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                    return Err(NodeError::PortInUse { port: config.port })
+                }
+                Err(e) => return Err(NodeError::Bind { addr, source: e }),
+            }
+        }
+        let socket_config = SocketConfig::default();
+        let mut sockets = Vec::with_capacity(shards);
+        for _ in 0..shards {
+            let mut s = BatchSocket::bind(addr, &socket_config).map_err(|e| match e.kind() {
+                io::ErrorKind::AddrInUse => NodeError::PortInUse { port: addr.port() },
+                _ => NodeError::Bind { addr, source: e },
+            })?;
+            if let Some(c) = &config.conditioner {
+                s.set_conditioner(Some(tessera_net::conditioner::LinkConditioner::new(
+                    c.clone(),
+                    config.seed,
+                )));
+            }
+            // Port 0: the other shards join the port the first one got.
+            addr = s.local_addr();
+            sockets.push(s);
+        }
+        Ok(sockets)
+    }
+
+    /// The game address clients connect to.
+    pub fn game_addr(&self) -> SocketAddr {
+        self.game_addr
+    }
+
+    /// The metrics address, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The admin address, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Shared state (registry, statistics).
+    pub fn shared(&self) -> &Arc<NodeShared> {
+        &self.shared
+    }
+
+    /// A handle to stop the node from anywhere.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.runtime.stop_handle()
+    }
+
+    /// Shard -> CPU mapping.
+    pub fn placement(&self) -> Vec<(crate::ids::ShardId, Option<usize>)> {
+        self.runtime.placement()
+    }
+
+    /// Waits until the node is stopped (signal, admin, [`StopHandle`]), then
+    /// joins the shards and helpers; returns the shards' reports.
+    pub fn wait(self) -> Result<Vec<ShardReport>, NodeError> {
+        let stop = self.runtime.stop_handle();
+        while !stop.wait_timeout(Duration::from_secs(3600)) {}
+        let reports = self.runtime.join();
+        self.helpers_stop.store(true, Ordering::Release);
+        for h in self.helpers {
+            let _ = h.join();
+        }
+        Ok(reports?)
+    }
+}

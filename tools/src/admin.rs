@@ -1,0 +1,107 @@
+//! `tessera admin`: talks to a node's admin port.
+
+use std::net::SocketAddr;
+
+use tessera_runtime::node::admin::{request, Status};
+
+/// Options of `tessera admin`.
+#[derive(clap::Args, Debug)]
+pub struct AdminArgs {
+    /// The node's admin address.
+    #[arg(long, default_value = "127.0.0.1:9101", env = "TESSERA_ADMIN_ADDR")]
+    pub addr: SocketAddr,
+    /// Print the raw JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+/// Admin commands.
+#[derive(clap::Subcommand, Debug)]
+pub enum AdminCommand {
+    /// Shards, cells and owners, entities, sessions, tick p99.
+    Status,
+    /// Every cell with its owner and epoch.
+    Cells,
+    /// Stop the node gracefully.
+    Shutdown,
+}
+
+fn fetch(addr: SocketAddr, command: &str) -> Result<String, String> {
+    let answer = request(addr, command).map_err(|e| {
+        format!("cannot reach the admin port {addr}: {e} (is the node running? pass --addr)")
+    })?;
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&answer) {
+        if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+            return Err(format!("the node refused {command:?}: {e}"));
+        }
+    }
+    Ok(answer)
+}
+
+/// Runs an admin command.
+pub fn run(args: AdminArgs) -> Result<(), String> {
+    let command = match args.command {
+        AdminCommand::Status => "status",
+        AdminCommand::Cells => "cells",
+        AdminCommand::Shutdown => "shutdown",
+    };
+    let answer = fetch(args.addr, command)?;
+    if args.json || matches!(args.command, AdminCommand::Shutdown) {
+        println!("{}", answer.trim());
+        return Ok(());
+    }
+    let status: Status = serde_json::from_str(&answer)
+        .map_err(|e| format!("unexpected answer from the node: {e}"))?;
+    if matches!(args.command, AdminCommand::Status) {
+        println!(
+            "uptime {:.0} s, {} Hz, {} sessions, {} entities, worst tick p99 {} us, registry v{}",
+            status.uptime_s,
+            status.tick_hz,
+            status.sessions,
+            status.entities,
+            status.tick_us_p99,
+            status.registry_version
+        );
+        println!(
+            "{:>6} {:>4} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>6} {:>7}",
+            "shard",
+            "cpu",
+            "tick",
+            "p50_us",
+            "p99_us",
+            "overrun",
+            "sessions",
+            "entities",
+            "cells",
+            "mailbox"
+        );
+        for s in &status.shards {
+            println!(
+                "{:>6} {:>4} {:>8} {:>9} {:>9} {:>8} {:>9} {:>9} {:>6} {:>7}",
+                s.shard,
+                s.cpu.map_or("-".into(), |c| c.to_string()),
+                s.tick,
+                s.tick_us_p50,
+                s.tick_us_p99,
+                s.overruns,
+                s.sessions,
+                s.entities,
+                s.cells,
+                s.mailbox_depth
+            );
+        }
+    }
+    println!(
+        "{:>14} {:>6} {:>6} {:>9} {:>8} {:>7}",
+        "cell", "owner", "epoch", "entities", "players", "ghosts"
+    );
+    for c in &status.cells {
+        println!(
+            "{:>14} {:>6} {:>6} {:>9} {:>8} {:>7}",
+            c.cell, c.owner, c.epoch, c.entities, c.players, c.ghosts
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,316 @@
+//! `tessera serve` settings: flags, `TESSERA_*` variables, a TOML or JSON
+//! file, defaults, in that order of precedence.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tessera_cells::{CellId, Geometry};
+use tessera_coord::StaticMapping;
+use tessera_runtime::node::NodeConfig;
+
+/// Options of `tessera serve`.
+#[derive(clap::Args, Debug, Default)]
+pub struct ServeArgs {
+    /// UDP game port.
+    #[arg(long, env = "TESSERA_PORT")]
+    pub port: Option<u16>,
+    /// Address the game port binds to.
+    #[arg(long, env = "TESSERA_BIND")]
+    pub bind: Option<IpAddr>,
+    /// Prometheus metrics address (HTTP, /metrics).
+    #[arg(long, env = "TESSERA_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Admin control address (TCP, loopback).
+    #[arg(long, env = "TESSERA_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+    /// Shards (default: one per CPU).
+    #[arg(long, env = "TESSERA_SHARDS")]
+    pub shards: Option<usize>,
+    /// Ticks per second, 10..=60.
+    #[arg(long, env = "TESSERA_TICK_HZ", value_parser = clap::value_parser!(u32).range(10..=60))]
+    pub tick_hz: Option<u32>,
+    /// NPCs in the demo world.
+    #[arg(long, env = "TESSERA_NPCS")]
+    pub npcs: Option<usize>,
+    /// World size in depth-0 cells, COLUMNSxROWS (default 8x8 of 128 m).
+    #[arg(long, env = "TESSERA_WORLD", value_parser = parse_world_size)]
+    pub world: Option<(i32, i32)>,
+    /// Do not pin shards to CPUs (oversubscribed machines).
+    #[arg(long, env = "TESSERA_UNPINNED")]
+    pub unpinned: bool,
+    /// Seed of the world's randomness.
+    #[arg(long, env = "TESSERA_SEED")]
+    pub seed: Option<u64>,
+    /// A TOML or JSON file with any of these settings and a static cell
+    /// mapping ([[shard]] id = N, cells = ["0:0,0", ...]).
+    #[arg(long, env = "TESSERA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Stop by itself after this many seconds.
+    #[arg(long)]
+    pub duration: Option<f64>,
+}
+
+fn parse_world_size(s: &str) -> Result<(i32, i32), String> {
+    let (c, r) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("{s:?} is not COLUMNSxROWS (e.g. 8x8)"))?;
+    let c: i32 = c
+        .trim()
+        .parse()
+        .map_err(|_| format!("{c:?} is not a number of columns"))?;
+    let r: i32 = r
+        .trim()
+        .parse()
+        .map_err(|_| format!("{r:?} is not a number of rows"))?;
+    if !(1..=4096).contains(&c) || !(1..=4096).contains(&r) {
+        return Err("world size must be between 1x1 and 4096x4096 cells".into());
+    }
+    Ok((c, r))
+}
+
+/// The `[world]` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorldSection {
+    /// Depth-0 columns.
+    pub columns: Option<i32>,
+    /// Depth-0 rows.
+    pub rows: Option<i32>,
+    /// Cell edge, metres.
+    pub cell_size: Option<f32>,
+    /// AOI radius, metres.
+    pub aoi_radius: Option<f32>,
+    /// AOI hysteresis margin, metres.
+    pub aoi_margin: Option<f32>,
+    /// Most entities in a view.
+    pub view_max_entities: Option<usize>,
+}
+
+/// One `[[shard]]` of a static mapping.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardSection {
+    /// Shard index.
+    pub id: usize,
+    /// Its cells, as `world:cx,cy`.
+    pub cells: Vec<String>,
+}
+
+/// A configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// See `--port`.
+    pub port: Option<u16>,
+    /// See `--bind`.
+    pub bind: Option<IpAddr>,
+    /// See `--metrics-addr`.
+    pub metrics_addr: Option<SocketAddr>,
+    /// See `--admin-addr`.
+    pub admin_addr: Option<SocketAddr>,
+    /// See `--shards`.
+    pub shards: Option<usize>,
+    /// See `--tick-hz`.
+    pub tick_hz: Option<u32>,
+    /// See `--npcs`.
+    pub npcs: Option<usize>,
+    /// See `--unpinned`.
+    pub unpinned: Option<bool>,
+    /// See `--seed`.
+    pub seed: Option<u64>,
+    /// World shape and AOI.
+    pub world: Option<WorldSection>,
+    /// Static cell mapping.
+    pub shard: Option<Vec<ShardSection>>,
+}
+
+impl FileConfig {
+    /// Reads a `.toml` or `.json` file (by extension; TOML otherwise).
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        let json = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+        if json {
+            serde_json::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+        } else {
+            toml::from_str(&text).map_err(|e| {
+                let msg = e.message().to_string();
+                match e.span() {
+                    Some(span) => {
+                        let line = text[..span.start].lines().count().max(1);
+                        format!("config file {} line {line}: {msg}", path.display())
+                    }
+                    None => format!("config file {}: {msg}", path.display()),
+                }
+            })
+        }
+    }
+}
+
+/// Merges flags (and their `TESSERA_*` variables), the file and defaults.
+pub fn node_config(args: &ServeArgs) -> Result<NodeConfig, String> {
+    let file = match &args.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let d = NodeConfig::default();
+    let world = file.world.unwrap_or_default();
+    let (columns, rows) = args.world.unwrap_or((
+        world.columns.unwrap_or(d.geometry.columns),
+        world.rows.unwrap_or(d.geometry.rows),
+    ));
+    let cell_size = world.cell_size.unwrap_or(d.geometry.cell_size);
+    if !(cell_size.is_finite() && (8.0..=10_000.0).contains(&cell_size)) {
+        return Err(format!(
+            "world.cell_size {cell_size} must be between 8 and 10000 metres"
+        ));
+    }
+    if columns < 1 || rows < 1 {
+        return Err(format!(
+            "world size {columns}x{rows} must have at least one cell"
+        ));
+    }
+    let mut wc = d.world.clone();
+    if let Some(r) = world.aoi_radius {
+        wc.view.radius = r;
+    }
+    if let Some(m) = world.aoi_margin {
+        wc.view.margin = m;
+    }
+    if let Some(n) = world.view_max_entities {
+        wc.view.max_entities = n.max(1);
+    }
+    if !(wc.view.radius > 0.0
+        && wc.view.margin >= 0.0
+        && 2.0 * wc.view.leave_radius() <= cell_size * 2.5)
+    {
+        return Err(format!(
+            "AOI radius {} + margin {} does not fit cells of {cell_size} m (cells should be 2-3x the AOI radius)",
+            wc.view.radius, wc.view.margin
+        ));
+    }
+    let mapping = match file.shard {
+        None => None,
+        Some(shards) => {
+            let mut m = StaticMapping::default();
+            for s in shards {
+                let cells: Result<Vec<CellId>, String> = s
+                    .cells
+                    .iter()
+                    .map(|c| {
+                        c.parse::<CellId>()
+                            .map_err(|e| format!("shard {}: {e}", s.id))
+                    })
+                    .collect();
+                m.shards.push((s.id, cells?));
+            }
+            Some(m)
+        }
+    };
+    let tick_hz = args.tick_hz.or(file.tick_hz).unwrap_or(d.tick_hz);
+    if !(10..=60).contains(&tick_hz) {
+        return Err(format!("tick_hz {tick_hz} is outside 10..=60"));
+    }
+    let shards = args.shards.or(file.shards);
+    if shards == Some(0) {
+        return Err("shards must be at least 1".into());
+    }
+    Ok(NodeConfig {
+        bind: args.bind.or(file.bind).unwrap_or(d.bind),
+        port: args.port.or(file.port).unwrap_or(d.port),
+        metrics_addr: Some(
+            args.metrics_addr
+                .or(file.metrics_addr)
+                .unwrap_or(d.metrics_addr.expect("default")),
+        ),
+        admin_addr: Some(
+            args.admin_addr
+                .or(file.admin_addr)
+                .unwrap_or(d.admin_addr.expect("default")),
+        ),
+        shards,
+        pinned: !(args.unpinned || file.unpinned.unwrap_or(false)),
+        tick_hz,
+        npcs: args.npcs.or(file.npcs).unwrap_or(d.npcs),
+        geometry: Geometry::new(0, cell_size, columns, rows),
+        world: wc,
+        demo: d.demo.clone(),
+        mapping,
+        sessions_per_shard: d.sessions_per_shard,
+        seed: args.seed.or(file.seed).unwrap_or(d.seed),
+        conditioner: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tessera-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn flags_win_over_the_file_which_wins_over_defaults() {
+        let p = write(
+            "a.toml",
+            "port = 9000\nnpcs = 5\ntick_hz = 30\n[world]\ncolumns = 4\nrows = 2\n",
+        );
+        let args = ServeArgs {
+            config: Some(p),
+            port: Some(8000),
+            ..ServeArgs::default()
+        };
+        let c = node_config(&args).unwrap();
+        assert_eq!(c.port, 8000);
+        assert_eq!(c.npcs, 5);
+        assert_eq!(c.tick_hz, 30);
+        assert_eq!((c.geometry.columns, c.geometry.rows), (4, 2));
+    }
+
+    #[test]
+    fn json_and_static_mappings() {
+        let p = write(
+            "b.json",
+            r#"{"shards": 2, "world": {"columns": 2, "rows": 1}, "shard": [{"id": 0, "cells": ["0:0,0"]}, {"id": 1, "cells": ["0:1,0"]}]}"#,
+        );
+        let c = node_config(&ServeArgs {
+            config: Some(p),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(c.mapping.unwrap().shards.len(), 2);
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let p = write("c.toml", "prot = 9000\n");
+        let e = node_config(&ServeArgs {
+            config: Some(p),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(e.contains("line 1") && e.contains("prot"), "{e}");
+        let p = write("d.toml", "[[shard]]\nid = 0\ncells = [\"zero\"]\n");
+        let e = node_config(&ServeArgs {
+            config: Some(p),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(e.contains("invalid cell id"), "{e}");
+        let e = node_config(&ServeArgs {
+            config: Some(PathBuf::from("/nonexistent/x.toml")),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(e.contains("cannot read config file"), "{e}");
+        assert!(parse_world_size("8by8").is_err());
+    }
+}
