@@ -513,6 +513,14 @@ pub enum MirrorError {
         /// Its baseline.
         baseline: u64,
     },
+    /// It names the same entity twice as entering.
+    #[error("snapshot {tick} has entity {id} entering twice")]
+    DuplicateEntity {
+        /// The snapshot.
+        tick: u64,
+        /// The entity.
+        id: u64,
+    },
     /// It updates an entity absent from the baseline.
     #[error("snapshot {tick} updates entity {id} absent from its baseline")]
     UnknownEntity {
@@ -569,6 +577,11 @@ impl ClientMirror {
         let mut left: Vec<u64> = s.left.clone();
         left.sort_unstable();
         entries.retain(|(id, _)| left.binary_search(&id.0).is_err());
+        let mut entering: Vec<u64> = s.entered.iter().map(|f| f.id()).collect();
+        entering.sort_unstable();
+        if let Some(w) = entering.windows(2).find(|w| w[0] == w[1]) {
+            return Err(MirrorError::DuplicateEntity { tick: s.tick, id: w[0] });
+        }
         for f in &s.entered {
             let (id, q) = QState::from_full(f);
             match entries.binary_search_by_key(&id, |e| e.0) {

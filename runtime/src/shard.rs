@@ -384,9 +384,9 @@ impl<H: ShardHandler> Loop<H> {
                 }
                 self.handler.on_tick(&mut self.cx, &mut self.stages, tick);
                 let end = Instant::now();
-                self.stats
-                    .tick_duration_us
-                    .saturating_record(end.duration_since(now).as_micros() as u64);
+                let us = end.duration_since(now).as_micros() as u64;
+                self.stats.tick_duration_us.saturating_record(us);
+                self.stats.tick_duration_us_recent.saturating_record(us);
                 self.clock.finish(end);
                 self.stats.ticks = self.clock.ticks();
                 self.stats.skipped_ticks = self.clock.skipped();
@@ -575,5 +575,6 @@ impl<H: ShardHandler> Loop<H> {
             .rejected_full_msgs
             .load(Ordering::Relaxed);
         self.board.publish(&self.stats);
+        self.stats.tick_duration_us_recent.reset();
     }
 }

@@ -27,6 +27,9 @@ pub struct ShardStats {
     pub tick_duration_us: Histogram<u64>,
     /// How late each tick started after its deadline, in microseconds.
     pub tick_lateness_us: Histogram<u64>,
+    /// Tick durations since the previous publication only (for "now"
+    /// figures; the other histograms cover the whole run).
+    pub tick_duration_us_recent: Histogram<u64>,
     /// Ticks run.
     pub ticks: u64,
     /// Ticks that ended after the next deadline.
@@ -64,6 +67,7 @@ impl ShardStats {
             cpu,
             tick_duration_us: us_histogram(),
             tick_lateness_us: us_histogram(),
+            tick_duration_us_recent: us_histogram(),
             ticks: 0,
             overruns: 0,
             skipped_ticks: 0,
