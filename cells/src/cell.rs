@@ -22,12 +22,17 @@ use crate::rng::Rng;
 use crate::view::{AoiIndex, ClientView, ViewConfig, ViewScratch};
 use crate::world::WorldConfig;
 
+/// Most messages a cell holds while waiting for their entity.
+const ORPHANS_MAX: usize = 1024;
+
 /// A cell's message type for a game.
 pub type Msg<G> = CellMessage<<G as GameLogic>::Components, <G as GameLogic>::Intent>;
 /// A cell's envelope type for a game.
 pub type Envelope<G> = CellEnvelope<<G as GameLogic>::Components, <G as GameLogic>::Intent>;
 /// A cell's output type for a game.
 pub type Out<G> = Output<<G as GameLogic>::Components, <G as GameLogic>::Intent>;
+/// Intents waiting, with how often each was forwarded.
+pub type Intents<G> = Vec<(<G as GameLogic>::Intent, u8)>;
 /// A transfer for a game.
 pub type Transfer<G> = EntityTransfer<<G as GameLogic>::Components>;
 
@@ -46,8 +51,11 @@ pub struct CellCounters {
     pub inputs_gap_skipped: u64,
     /// Inputs from a client for an entity it does not control.
     pub inputs_wrong_client: u64,
-    /// Inputs, acks or leaves for an entity this cell never had or forgot.
+    /// Inputs, acks or leaves for an entity this cell never had or forgot
+    /// (after waiting for it).
     pub unknown_entity: u64,
+    /// Such messages held while their entity was expected.
+    pub orphans_held: u64,
     /// Messages dropped after too many forwards.
     pub hops_exceeded: u64,
     /// Intents applied here.
@@ -107,6 +115,11 @@ pub struct Cell<G: GameLogic> {
     jobs: SimulationQueue,
     output_queue: Vec<Out<G>>,
     forwards: FxHashMap<EntityId, (CellId, TickId)>,
+    /// Messages about an entity this cell does not know yet, waiting a few
+    /// ticks for it (its transfer can be overtaken by a forwarded input when
+    /// they travel different paths, e.g. across a handover).
+    orphans: Vec<(TickId, Msg<G>)>,
+    tick: TickId,
     rng: Rng,
     events: Vec<GameEvent>,
     counters: CellCounters,
@@ -136,6 +149,8 @@ impl<G: GameLogic> Cell<G> {
             jobs: SimulationQueue::default(),
             output_queue: Vec::new(),
             forwards: FxHashMap::default(),
+            orphans: Vec::new(),
+            tick: TickId(0),
             rng: Rng::derive(seed, stream),
             events: Vec::new(),
             counters: CellCounters::default(),
@@ -223,12 +238,29 @@ impl<G: GameLogic> Cell<G> {
         ids: &mut IdAllocator,
     ) {
         self.events.clear();
+        self.tick = tick;
         self.forwards.retain(|_, (_, until)| *until >= tick);
         self.ghosts.expire(tick);
+        let mut intents = Vec::new();
+        let msgs = std::mem::take(&mut self.input_queue);
+        self.process_messages(game, config, layout, tick, ids, msgs, &mut intents);
+        self.finish_inputs(game, config, layout, tick, ids, intents);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn process_messages(
+        &mut self,
+        game: &mut G,
+        config: &WorldConfig,
+        layout: &Layout,
+        tick: TickId,
+        ids: &mut IdAllocator,
+        msgs: Vec<Msg<G>>,
+        intents: &mut Vec<G::Intent>,
+    ) {
         let world = layout.geometry().world_rect();
         let dt = config.dt();
-        let mut intents = Vec::new();
-        for msg in std::mem::take(&mut self.input_queue) {
+        for msg in msgs {
             match msg {
                 CellMessage::Join { client, name, pos } => {
                     let id = ids.allocate();
@@ -293,8 +325,8 @@ impl<G: GameLogic> Cell<G> {
                             continue;
                         }
                         let mut cx = game_context!(self, world, tick, dt, ids);
-                        Self::apply_one(game, &mut cx, e, &input, &mut intents, &mut self.counters);
-                        Self::apply_ready(game, &mut cx, e, &mut intents, &mut self.counters, None);
+                        Self::apply_one(game, &mut cx, e, &input, intents, &mut self.counters);
+                        Self::apply_ready(game, &mut cx, e, intents, &mut self.counters, None);
                     } else {
                         self.forward(
                             entity,
@@ -338,7 +370,7 @@ impl<G: GameLogic> Cell<G> {
                 } => match self.entities.get(entity) {
                     Some(e) if e.client == Some(client) => {
                         self.entities.remove(entity);
-                        self.ghost_sender.forget(self.id, entity);
+                        self.ghost_sender.forget(entity);
                         let _ = self.jobs.take_for(entity);
                         self.counters.leaves += 1;
                         tracing::debug!(cell = %self.id, %entity, %client, tick = tick.0, "player left");
@@ -362,6 +394,43 @@ impl<G: GameLogic> Cell<G> {
                 CellMessage::Intent { intent, hops } => self.intent_queue.push((intent, hops)),
             }
         }
+    }
+
+    /// After the InputQueue: orphans whose entity arrived (or whose forward
+    /// pointer appeared) go through again, the ones that waited too long are
+    /// dropped and counted; held inputs whose gap did not fill in time are
+    /// applied anyway; intents join the IntentQueue.
+    fn finish_inputs(
+        &mut self,
+        game: &mut G,
+        config: &WorldConfig,
+        layout: &Layout,
+        tick: TickId,
+        ids: &mut IdAllocator,
+        mut intents: Vec<G::Intent>,
+    ) {
+        if !self.orphans.is_empty() {
+            let orphans = std::mem::take(&mut self.orphans);
+            let mut ready = Vec::new();
+            for (since, msg) in orphans {
+                let entity = match &msg {
+                    CellMessage::Input { entity, .. }
+                    | CellMessage::Ack { entity, .. }
+                    | CellMessage::Leave { entity, .. } => *entity,
+                    _ => continue,
+                };
+                if self.entities.contains(entity) || self.forwards.contains_key(&entity) {
+                    ready.push(msg);
+                } else if tick.0 > since.0 + config.orphan_ticks {
+                    self.counters.unknown_entity += 1;
+                } else {
+                    self.orphans.push((since, msg));
+                }
+            }
+            self.process_messages(game, config, layout, tick, ids, ready, &mut intents);
+        }
+        let world = layout.geometry().world_rect();
+        let dt = config.dt();
         // Held inputs whose gap did not fill in time are applied anyway.
         let expired_before = TickId(tick.0.saturating_sub(config.input_reorder_ticks));
         for e in self.entities.iter_mut() {
@@ -424,6 +493,15 @@ impl<G: GameLogic> Cell<G> {
         }
     }
 
+    fn hold_orphan(&mut self, msg: Msg<G>) {
+        if self.orphans.len() >= ORPHANS_MAX {
+            self.counters.unknown_entity += 1;
+            return;
+        }
+        self.counters.orphans_held += 1;
+        self.orphans.push((self.tick, msg));
+    }
+
     fn forward(&mut self, entity: EntityId, config: &WorldConfig, msg: Msg<G>) {
         let hops = match &msg {
             CellMessage::Input { hops, .. }
@@ -440,7 +518,7 @@ impl<G: GameLogic> Cell<G> {
                 self.send(to, msg);
             }
             Some(_) => self.counters.hops_exceeded += 1,
-            None => self.counters.unknown_entity += 1,
+            None => self.hold_orphan(msg),
         }
     }
 
@@ -456,7 +534,7 @@ impl<G: GameLogic> Cell<G> {
         self.forwards.remove(&id);
         let q = QState::of(&t.entity, G::stats(&t.entity.game));
         self.ghost_sender
-            .adopt(&t.ghost_holders, id, t.entity.version, q);
+            .adopt(self.id, &t.ghost_holders, id, t.entity.version, q);
         for job in t.jobs {
             self.jobs.schedule(job);
         }
@@ -646,7 +724,7 @@ impl<G: GameLogic> Cell<G> {
                 }
             }
         }
-        let out = self.ghost_sender.finish(self.id);
+        let out = self.ghost_sender.finish();
         self.counters.ghost_updates += out.len() as u64;
         out
     }
@@ -714,5 +792,295 @@ impl<G: GameLogic> Cell<G> {
     /// Schedules a job directly (tests).
     pub fn schedule(&mut self, job: Job) {
         self.jobs.schedule(job);
+    }
+}
+
+/// The persistent state of a cell: everything a handover must carry (the
+/// per-tick scratch is rebuilt).
+pub struct CellState<G: GameLogic> {
+    /// The cell.
+    pub id: CellId,
+    /// Its entities.
+    pub entities: EntityStore<G::Components>,
+    /// Its ghosts.
+    pub ghosts: GhostTable,
+    ghost_sender: GhostSender,
+    /// Messages waiting (during a freeze: the buffered inputs).
+    pub input_queue: Vec<Msg<G>>,
+    intent_queue: Vec<(G::Intent, u8)>,
+    jobs: SimulationQueue,
+    forwards: FxHashMap<EntityId, (CellId, TickId)>,
+    orphans: Vec<(TickId, Msg<G>)>,
+    rng: Rng,
+    counters: CellCounters,
+    game_counters: GameCounters,
+}
+
+impl<G: GameLogic> Clone for CellState<G> {
+    fn clone(&self) -> Self {
+        Self {
+            id: self.id,
+            entities: self.entities.clone(),
+            ghosts: self.ghosts.clone(),
+            ghost_sender: self.ghost_sender.clone(),
+            input_queue: self.input_queue.clone(),
+            intent_queue: self.intent_queue.clone(),
+            jobs: self.jobs.clone(),
+            forwards: self.forwards.clone(),
+            orphans: self.orphans.clone(),
+            rng: self.rng.clone(),
+            counters: self.counters,
+            game_counters: self.game_counters,
+        }
+    }
+}
+
+/// What changed in a cell since a [`CellState`] was taken: the entities
+/// that changed or appeared, the ones that went, and the rest of the state
+/// whole (small next to the entities).
+pub struct CellDiff<G: GameLogic> {
+    /// Entities new or different since the base.
+    pub changed: Vec<Entity<G::Components>>,
+    /// Entities gone since the base.
+    pub removed: Vec<EntityId>,
+    /// Everything else, current (its entity store is empty).
+    pub rest: CellState<G>,
+}
+
+/// Entities inside transfers in a list of messages.
+pub fn queued_transfer_ids<C, I>(
+    queue: &[CellMessage<C, I>],
+) -> impl Iterator<Item = EntityId> + '_ {
+    queue.iter().filter_map(|m| match m {
+        CellMessage::Transfer(t) => Some(t.entity.id),
+        _ => None,
+    })
+}
+
+impl<G: GameLogic> CellState<G> {
+    /// Applies a diff taken against this state: afterwards the state equals
+    /// the cell the diff was taken from.
+    pub fn apply(&mut self, diff: CellDiff<G>) {
+        for id in diff.removed {
+            self.entities.remove(id);
+        }
+        for e in diff.changed {
+            self.entities.remove(e.id);
+            let _ = self.entities.insert(e);
+        }
+        let entities = std::mem::take(&mut self.entities);
+        *self = CellState {
+            entities,
+            ..diff.rest
+        };
+    }
+
+    /// Entities in the state.
+    pub fn entity_count(&self) -> usize {
+        self.entities.len()
+    }
+}
+
+impl<G: GameLogic> Cell<G> {
+    /// A copy of the persistent state (a handover's pre-copy).
+    pub fn state(&self) -> CellState<G> {
+        CellState {
+            id: self.id,
+            entities: self.entities.clone(),
+            ghosts: self.ghosts.clone(),
+            ghost_sender: self.ghost_sender.clone(),
+            input_queue: self.input_queue.clone(),
+            intent_queue: self.intent_queue.clone(),
+            jobs: self.jobs.clone(),
+            forwards: self.forwards.clone(),
+            orphans: self.orphans.clone(),
+            rng: self.rng.clone(),
+            counters: self.counters,
+            game_counters: self.game_counters,
+        }
+    }
+
+    /// The persistent state, moved out.
+    pub fn into_state(self) -> CellState<G> {
+        CellState {
+            id: self.id,
+            entities: self.entities,
+            ghosts: self.ghosts,
+            ghost_sender: self.ghost_sender,
+            input_queue: self.input_queue,
+            intent_queue: self.intent_queue,
+            jobs: self.jobs,
+            forwards: self.forwards,
+            orphans: self.orphans,
+            rng: self.rng,
+            counters: self.counters,
+            game_counters: self.game_counters,
+        }
+    }
+
+    /// A cell rebuilt from its persistent state.
+    pub fn from_state(state: CellState<G>, layout: &Layout) -> Self {
+        let mut c = Cell::new(state.id, layout, 0);
+        c.entities = state.entities;
+        c.ghosts = state.ghosts;
+        c.ghost_sender = state.ghost_sender;
+        c.input_queue = state.input_queue;
+        c.intent_queue = state.intent_queue;
+        c.jobs = state.jobs;
+        c.forwards = state.forwards;
+        c.orphans = state.orphans;
+        c.rng = state.rng;
+        c.counters = state.counters;
+        c.game_counters = state.game_counters;
+        c
+    }
+
+    /// What changed since `base` (taken from this cell earlier).
+    pub fn diff(&self, base: &CellState<G>) -> CellDiff<G> {
+        let changed = self
+            .entities
+            .iter()
+            .filter(|e| base.entities.get(e.id) != Some(e))
+            .cloned()
+            .collect();
+        let removed = base
+            .entities
+            .iter()
+            .map(|e| e.id)
+            .filter(|id| !self.entities.contains(*id))
+            .collect();
+        let mut rest = self.state();
+        rest.entities = EntityStore::new();
+        CellDiff {
+            changed,
+            removed,
+            rest,
+        }
+    }
+
+    /// Entities inside transfers waiting in the InputQueue (checkers).
+    pub fn queued_transfers(&self) -> impl Iterator<Item = EntityId> + '_ {
+        queued_transfer_ids(&self.input_queue)
+    }
+
+    /// Takes the messages waiting in the InputQueue (a frozen cell's
+    /// buffered inputs).
+    pub fn take_inputs(&mut self) -> Vec<Msg<G>> {
+        std::mem::take(&mut self.input_queue)
+    }
+
+    /// Puts messages back in front of the InputQueue (an aborted handover
+    /// returns what it had taken).
+    pub fn restore_inputs(&mut self, mut msgs: Vec<Msg<G>>) {
+        msgs.append(&mut self.input_queue);
+        self.input_queue = msgs;
+    }
+
+    /// The layout changed: stop sending ghosts to cells that are no longer
+    /// leaves.
+    pub fn retarget(&mut self, layout: &Layout) {
+        self.ghost_sender.retarget(layout);
+        self.bounds = layout.geometry().bounds(self.id);
+    }
+
+    /// True if this cell owns the entity or remembers where it went.
+    pub fn knows(&self, entity: EntityId) -> bool {
+        self.entities.contains(entity) || self.forwards.contains_key(&entity)
+    }
+
+    /// Splits this cell's state among `children` (leaves of `layout`):
+    /// entities by position (their version bumped: the owner cell changes),
+    /// what neighbours hold of them, their jobs; ghosts inherited
+    /// provisionally until `until`; forward pointers copied; waiting
+    /// messages handed back to the caller for re-delivery.
+    pub fn split_into(
+        self,
+        children: &[CellId],
+        layout: &Layout,
+        seed: u64,
+        until: TickId,
+    ) -> (Vec<Cell<G>>, Vec<Msg<G>>, Intents<G>) {
+        let mut state = self.into_state();
+        let mut out: Vec<Cell<G>> = children
+            .iter()
+            .map(|c| Cell::new(*c, layout, seed))
+            .collect();
+        let ids: Vec<EntityId> = state.entities.iter().map(|e| e.id).collect();
+        for id in ids {
+            let Some(mut e) = state.entities.remove(id) else {
+                continue;
+            };
+            let k = out
+                .iter()
+                .position(|c| c.bounds.contains(e.pos))
+                .unwrap_or(0);
+            e.version += 1;
+            for job in state.jobs.take_for(id) {
+                out[k].jobs.schedule(job);
+            }
+            let _ = out[k].entities.insert(e);
+        }
+        for c in out.iter_mut() {
+            let mine = &c.entities;
+            c.ghost_sender = state.ghost_sender.take_where(|id| mine.contains(id));
+            let owned = &c.entities;
+            c.ghosts
+                .inherit(&state.ghosts, until, |id| owned.contains(id));
+            c.forwards = state.forwards.clone();
+            c.counters = CellCounters::default();
+        }
+        let mut inputs = state.input_queue;
+        inputs.extend(state.orphans.into_iter().map(|(_, m)| m));
+        (out, inputs, state.intent_queue)
+    }
+
+    /// Merges sibling cells into `parent` (a leaf of `layout`); the reverse
+    /// of [`split_into`](Self::split_into).
+    pub fn merge_from(
+        parent: CellId,
+        children: Vec<Cell<G>>,
+        layout: &Layout,
+        seed: u64,
+        until: TickId,
+    ) -> (Cell<G>, Vec<Msg<G>>, Intents<G>) {
+        let mut p = Cell::new(parent, layout, seed);
+        let mut inputs = Vec::new();
+        let mut intents = Vec::new();
+        let mut states: Vec<CellState<G>> = children.into_iter().map(|c| c.into_state()).collect();
+        for s in states.iter_mut() {
+            let ids: Vec<EntityId> = s.entities.iter().map(|e| e.id).collect();
+            for id in ids {
+                if let Some(mut e) = s.entities.remove(id) {
+                    e.version += 1;
+                    let _ = p.entities.insert(e);
+                }
+            }
+        }
+        for s in states {
+            let owned = &p.entities;
+            p.ghosts.inherit(&s.ghosts, until, |id| owned.contains(id));
+            p.ghost_sender.absorb(s.ghost_sender);
+            let mut jobs = Vec::new();
+            let mut s_jobs = s.jobs;
+            s_jobs.take_due(TickId(u64::MAX), &mut jobs);
+            for job in jobs {
+                p.jobs.schedule(job);
+            }
+            p.forwards.extend(s.forwards);
+            inputs.extend(s.input_queue);
+            inputs.extend(s.orphans.into_iter().map(|(_, m)| m));
+            intents.extend(s.intent_queue);
+        }
+        // Entities now owned by the parent may sit in its inherited ghosts.
+        let owned: Vec<EntityId> = p.entities.iter().map(|e| e.id).collect();
+        for id in owned {
+            p.ghosts.remove(id);
+        }
+        (p, inputs, intents)
+    }
+
+    /// Queues intents (re-delivered after a split or merge).
+    pub fn push_intents(&mut self, intents: impl IntoIterator<Item = (G::Intent, u8)>) {
+        self.intent_queue.extend(intents);
     }
 }

@@ -85,6 +85,9 @@ pub const TOMBSTONE_TICKS: u64 = 1200;
 pub struct GhostTable {
     ghosts: FxHashMap<EntityId, Ghost>,
     tombstones: FxHashMap<EntityId, (u32, TickId)>,
+    /// Ghosts inherited from a split or merged cell, dropped at the given
+    /// tick unless their owner confirms them (sends an enter or an update).
+    provisional: FxHashMap<EntityId, TickId>,
     counters: GhostCounters,
 }
 
@@ -107,6 +110,9 @@ impl GhostTable {
     }
 
     fn apply_entry(&mut self, e: &GhostEntry, now: TickId) {
+        if !self.provisional.is_empty() && !matches!(e.change, GhostChange::Leave) {
+            self.provisional.remove(&e.id);
+        }
         match e.change {
             GhostChange::Enter(state) => {
                 if self
@@ -199,10 +205,47 @@ impl GhostTable {
         self.ghosts.remove(&id)
     }
 
-    /// Forgets tombstones older than their expiry.
+    /// Forgets tombstones older than their expiry, and inherited ghosts no
+    /// owner confirmed in time.
     pub fn expire(&mut self, now: TickId) {
         if self.tombstones.len() > 64 {
             self.tombstones.retain(|_, (_, exp)| *exp > now);
+        }
+        if !self.provisional.is_empty() {
+            let ghosts = &mut self.ghosts;
+            self.provisional.retain(|id, until| {
+                if *until <= now {
+                    ghosts.remove(id);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+    }
+
+    /// Takes in the ghosts of a cell this one was split from or merged with,
+    /// provisionally: owners re-send what this cell should hold (they
+    /// retarget after the layout change), the rest is dropped at `until`.
+    /// `owned` says which ids this cell owns (never ghosted here).
+    pub fn inherit(&mut self, other: &GhostTable, until: TickId, owned: impl Fn(EntityId) -> bool) {
+        for (id, g) in &other.ghosts {
+            if owned(*id)
+                || self
+                    .ghosts
+                    .get(id)
+                    .is_some_and(|mine| mine.version > g.version)
+            {
+                continue;
+            }
+            self.ghosts.insert(*id, *g);
+            self.provisional.insert(*id, until);
+        }
+        for (id, t) in &other.tombstones {
+            let mine = self.tombstones.entry(*id).or_insert(*t);
+            if mine.0 < t.0 {
+                *mine = *t;
+            }
         }
     }
 
@@ -235,6 +278,8 @@ impl GhostTable {
 #[derive(Clone, Copy, Debug)]
 struct Sent {
     version: u32,
+    /// The owner the receiver holds this ghost under (a leave must name it).
+    owner: CellId,
     state: QState,
     stamp: u64,
 }
@@ -271,7 +316,7 @@ impl GhostSender {
         let stamp = self.stamp;
         let sent = self.sent.entry(target).or_default();
         let change = match sent.get_mut(&id) {
-            Some(s) if s.version == version => {
+            Some(s) if s.version == version && s.owner == owner => {
                 let moved = (s.state.pos != state.pos || s.state.vel != state.vel)
                     .then_some((state.pos, state.vel));
                 let heading = (s.state.heading != state.heading).then_some(state.heading);
@@ -293,6 +338,7 @@ impl GhostSender {
                     id,
                     Sent {
                         version,
+                        owner,
                         state,
                         stamp,
                     },
@@ -310,20 +356,20 @@ impl GhostSender {
 
     /// Ends the round: every ghost not offered again is left; returns the
     /// updates per target cell, in cell order.
-    pub fn finish(&mut self, owner: CellId) -> Vec<(CellId, GhostUpdate)> {
+    pub fn finish(&mut self) -> Vec<(CellId, GhostUpdate)> {
         let stamp = self.stamp;
         for (target, sent) in self.sent.iter_mut() {
-            let mut gone: Vec<(EntityId, u32)> = sent
+            let mut gone: Vec<(EntityId, u32, CellId)> = sent
                 .iter()
                 .filter(|(_, s)| s.stamp != stamp)
-                .map(|(id, s)| (*id, s.version))
+                .map(|(id, s)| (*id, s.version, s.owner))
                 .collect();
             if gone.is_empty() {
                 continue;
             }
             gone.sort_unstable();
             let pending = self.pending.entry(*target).or_default();
-            for (id, version) in gone {
+            for (id, version, owner) in gone {
                 sent.remove(&id);
                 pending.push(GhostEntry {
                     id,
@@ -374,22 +420,31 @@ impl GhostSender {
                 pending.push(GhostEntry {
                     id,
                     version: s.version,
-                    owner,
+                    owner: s.owner,
                     change: GhostChange::Leave,
                 });
             }
         }
+        let _ = owner;
         holders
     }
 
     /// The entity arrived with neighbours already holding its ghost: remember
     /// that they have it, so that they get updates rather than enters.
-    pub fn adopt(&mut self, holders: &[CellId], id: EntityId, version: u32, state: QState) {
+    pub fn adopt(
+        &mut self,
+        owner: CellId,
+        holders: &[CellId],
+        id: EntityId,
+        version: u32,
+        state: QState,
+    ) {
         for h in holders {
             self.sent.entry(*h).or_default().insert(
                 id,
                 Sent {
                     version,
+                    owner,
                     state,
                     stamp: self.stamp,
                 },
@@ -397,14 +452,56 @@ impl GhostSender {
         }
     }
 
+    /// Moves out what neighbours hold of the entities `take` selects (a
+    /// split: each child takes the entries of its own entities).
+    pub fn take_where(&mut self, take: impl Fn(EntityId) -> bool) -> GhostSender {
+        let mut out = GhostSender {
+            stamp: self.stamp,
+            ..GhostSender::default()
+        };
+        for (target, sent) in self.sent.iter_mut() {
+            let moved: Vec<EntityId> = sent.keys().copied().filter(|id| take(*id)).collect();
+            if moved.is_empty() {
+                continue;
+            }
+            let dst = out.sent.entry(*target).or_default();
+            for id in moved {
+                if let Some(s) = sent.remove(&id) {
+                    dst.insert(id, s);
+                }
+            }
+        }
+        self.sent.retain(|_, s| !s.is_empty());
+        out
+    }
+
+    /// Takes over another sender's entries (a merge).
+    pub fn absorb(&mut self, other: GhostSender) {
+        for (target, sent) in other.sent {
+            self.sent.entry(target).or_default().extend(sent);
+        }
+        for (target, pending) in other.pending {
+            self.pending.entry(target).or_default().extend(pending);
+        }
+        self.stamp = self.stamp.max(other.stamp);
+    }
+
+    /// The layout changed: forget, silently, what was sent to cells that are
+    /// no longer leaves (they were split or merged; their successors
+    /// inherited the ghosts provisionally and will be sent enters).
+    pub fn retarget(&mut self, layout: &crate::geometry::Layout) {
+        self.sent.retain(|target, _| layout.is_leaf(*target));
+        self.pending.retain(|target, _| layout.is_leaf(*target));
+    }
+
     /// The entity is gone for good (despawned): every holder gets a leave.
-    pub fn forget(&mut self, owner: CellId, id: EntityId) {
+    pub fn forget(&mut self, id: EntityId) {
         for (target, sent) in self.sent.iter_mut() {
             if let Some(s) = sent.remove(&id) {
                 self.pending.entry(*target).or_default().push(GhostEntry {
                     id,
                     version: s.version,
-                    owner,
+                    owner: s.owner,
                     change: GhostChange::Leave,
                 });
             }
@@ -506,20 +603,20 @@ mod tests {
         let mut s = GhostSender::new();
         s.begin();
         s.offer(A, D, EntityId(5), 0, q(1));
-        let out = s.finish(A);
+        let out = s.finish();
         assert!(matches!(out[0].1.entries[0].change, GhostChange::Enter(_)));
         s.begin();
         s.offer(A, D, EntityId(5), 0, q(1));
-        assert!(s.finish(A).is_empty(), "unchanged: nothing sent");
+        assert!(s.finish().is_empty(), "unchanged: nothing sent");
         s.begin();
         s.offer(A, D, EntityId(5), 0, q(2));
-        let out = s.finish(A);
+        let out = s.finish();
         assert!(matches!(
             out[0].1.entries[0].change,
             GhostChange::Update { moved: Some(_), .. }
         ));
         s.begin();
-        let out = s.finish(A);
+        let out = s.finish();
         assert_eq!(out[0].1.entries[0].change, GhostChange::Leave);
         assert_eq!(s.sent_count(), 0);
     }
@@ -532,11 +629,11 @@ mod tests {
         s.offer(A, B, EntityId(5), 0, q(1));
         let c = CellId::root(0, 5, 5);
         s.offer(A, c, EntityId(5), 0, q(1));
-        s.finish(A);
+        s.finish();
         let targets: FxHashSet<CellId> = [D, A].into_iter().collect();
         let holders = s.hand_over(A, EntityId(5), B, 1, q(2), &targets);
         assert_eq!(holders, vec![D]);
-        let out = s.finish(A);
+        let out = s.finish();
         let to = |cell| {
             out.iter()
                 .find(|(t, _)| *t == cell)

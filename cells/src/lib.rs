@@ -23,6 +23,7 @@ pub mod entity;
 pub mod game;
 pub mod geometry;
 pub mod ghost;
+pub mod handover;
 pub mod ids;
 pub mod messages;
 pub mod rng;

@@ -23,6 +23,7 @@ use crate::demo::{DemoConfig, DemoGame};
 use crate::entity::QState;
 use crate::game::GameLogic;
 use crate::geometry::{CellId, Geometry, Layout, Vec2};
+use crate::handover::{AgentOutput, HandoverAgent, HandoverMsg, HandoverReport};
 use crate::ids::{ClientId, EntityId, TickId};
 use crate::messages::{CellEnvelope, CellMessage, ClientOutput, ClientOutputKind, Output};
 use crate::rng::Rng;
@@ -305,13 +306,17 @@ impl HarnessConfig {
     }
 }
 
-/// What travels between simulated shards.
-#[derive(Clone, Debug)]
+/// What travels between simulated shards (and the coordinator, whose node
+/// index is the number of shards).
 pub enum Wire {
     /// A message for a cell.
     Cell(Envelope<DemoGame>),
     /// A frame for a client whose session another shard hosts.
     Client(ClientOutput),
+    /// A handover message for a shard's agent.
+    Handover(HandoverMsg<DemoGame>),
+    /// A shard's report to the coordinator.
+    Report(u16, HandoverReport),
 }
 
 /// The harness.
@@ -330,6 +335,9 @@ pub struct Harness {
     rng: Rng,
     tick: u64,
     violations: Vec<String>,
+    agents: Vec<HandoverAgent<DemoGame>>,
+    epochs: BTreeMap<CellId, u32>,
+    reports: Vec<(u16, HandoverReport)>,
 }
 
 impl Harness {
@@ -381,6 +389,9 @@ impl Harness {
             rng,
             tick: 0,
             violations: Vec::new(),
+            agents: (0..n).map(|s| HandoverAgent::new(s as u16)).collect(),
+            epochs: BTreeMap::new(),
+            reports: Vec::new(),
             config,
         };
         for _ in 0..h.config.clients {
@@ -440,10 +451,7 @@ impl Harness {
             return;
         };
         if to == gateway {
-            if let Err(env) = self.shards[to].deliver(env) {
-                self.violations
-                    .push(format!("tick {}: shard {to} refused {}", self.tick, env.to));
-            }
+            self.deliver_cell(to, env);
         } else {
             self.net.send(gateway, to, Wire::Cell(env), self.tick);
         }
@@ -536,6 +544,11 @@ impl Harness {
             match msg {
                 Wire::Cell(env) => self.deliver_cell(to, env),
                 Wire::Client(out) => self.queue_for_client(out, now),
+                Wire::Handover(m) => {
+                    let outputs = self.agents[to].handle(&mut self.shards[to], m, TickId(now));
+                    self.agent_outputs(to, outputs);
+                }
+                Wire::Report(from, report) => self.reports.push((from, report)),
             }
         }
         while let Some(Reverse((at, serial, i))) = self.to_clients.peek().copied() {
@@ -552,15 +565,16 @@ impl Harness {
         }
         for s in 0..self.shards.len() {
             self.shards[s].tick(TickId(now));
+            let handover = self.agents[s].after_tick(&mut self.shards[s], TickId(now));
+            self.agent_outputs(s, handover);
             let outputs: Vec<_> = self.shards[s].drain_outbox().collect();
             for o in outputs {
                 match o {
                     Output::Cell(env) => match self.owner.get(&env.to).copied() {
                         Some(to) if to != s => self.net.send(s, to, Wire::Cell(env), now),
-                        Some(_) => self.violation(format!(
-                            "shard {s} emitted a message for its own cell {}",
-                            env.to
-                        )),
+                        // Ours by the registry, not yet active here: the
+                        // prepared shadow takes it.
+                        Some(_) => self.deliver_cell(s, env),
                         None => self.violation(format!("message for unknown cell {}", env.to)),
                     },
                     Output::Client(out) => {
@@ -592,12 +606,108 @@ impl Harness {
         (i < self.clients.len()).then_some(i)
     }
 
+    fn agent_outputs(&mut self, s: usize, outputs: Vec<AgentOutput<DemoGame>>) {
+        let now = self.tick;
+        for o in outputs {
+            match o {
+                AgentOutput::ToShard(to, m) => {
+                    self.net.send(s, to as usize, Wire::Handover(m), now)
+                }
+                AgentOutput::ToCoordinator(r) => {
+                    self.net
+                        .send(s, self.shards.len(), Wire::Report(s as u16, r), now)
+                }
+                AgentOutput::Forward(cell, msgs) => {
+                    for msg in msgs {
+                        let env = CellEnvelope {
+                            to: cell,
+                            from: cell,
+                            msg,
+                        };
+                        match self.owner.get(&cell).copied() {
+                            Some(o) if o != s => self.net.send(s, o, Wire::Cell(env), now),
+                            _ => self.deliver_cell(s, env),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a handover message from the coordinator to a shard.
+    pub fn send_from_coordinator(&mut self, to: u16, msg: HandoverMsg<DemoGame>) {
+        let now = self.tick;
+        self.net
+            .send(self.shards.len(), to as usize, Wire::Handover(msg), now);
+    }
+
+    /// Reports that reached the coordinator since the last call.
+    pub fn take_reports(&mut self) -> Vec<(u16, HandoverReport)> {
+        std::mem::take(&mut self.reports)
+    }
+
+    /// The registry moved a cell: route to its new owner from now on.
+    pub fn set_owner(&mut self, cell: CellId, shard: u16, epoch: u32) {
+        self.owner.insert(cell, shard as usize);
+        self.epochs.insert(cell, epoch);
+    }
+
+    /// The owner of every cell.
+    pub fn owners(&self) -> &BTreeMap<CellId, usize> {
+        &self.owner
+    }
+
+    /// A shard's handover agent restarts: shadows and pending steps are lost
+    /// (its cells and sessions are not).
+    pub fn restart_agent(&mut self, shard: usize) {
+        self.agents[shard] = HandoverAgent::new(shard as u16);
+    }
+
+    /// A shard's handover agent.
+    pub fn agent(&self, shard: usize) -> &HandoverAgent<DemoGame> {
+        &self.agents[shard]
+    }
+
     fn deliver_cell(&mut self, to: usize, env: Envelope<DemoGame>) {
-        if let Err(env) = self.shards[to].deliver(env) {
-            // The cell moved to another shard meanwhile: pass it on.
-            match self.owner.get(&env.to).copied() {
-                Some(owner) if owner != to => self.net.send(to, owner, Wire::Cell(env), self.tick),
-                _ => self.violation(format!("undeliverable message for {}", env.to)),
+        let Err(env) = self.shards[to].deliver(env) else {
+            return;
+        };
+        // A cell this shard holds as a prepared shadow keeps what comes in.
+        let CellEnvelope {
+            to: cell,
+            from,
+            msg,
+        } = env;
+        let Err(msg) = self.agents[to].deliver_to_shadow(cell, msg) else {
+            return;
+        };
+        let env = CellEnvelope {
+            to: cell,
+            from,
+            msg,
+        };
+        // The cell moved to another shard meanwhile: pass it on.
+        match self.owner.get(&env.to).copied() {
+            Some(owner) if owner != to => self.net.send(to, owner, Wire::Cell(env), self.tick),
+            owner => {
+                let holders: Vec<String> = (0..self.shards.len())
+                    .map(|s| {
+                        format!(
+                            "s{s}:owns={} frozen={} busy={}",
+                            self.shards[s].owns(env.to),
+                            self.shards[s].is_frozen(env.to),
+                            self.agents[s].busy(env.to)
+                        )
+                    })
+                    .collect();
+                let what = format!(
+                    "undeliverable {} for {} at shard {to}: registry owner {owner:?} epoch {:?}; {}",
+                    env.msg.kind(),
+                    env.to,
+                    self.epochs.get(&env.to),
+                    holders.join(" ")
+                );
+                self.violation(what)
             }
         }
     }
@@ -772,8 +882,17 @@ impl Harness {
     fn check_ownership(&mut self) {
         let mut count: BTreeMap<EntityId, u32> = BTreeMap::new();
         let mut problems = Vec::new();
-        for s in &self.shards {
+        for (si, s) in self.shards.iter().enumerate() {
             for cell in s.cells() {
+                // Authoritative: the registry names this shard, at this epoch.
+                let current = self.epochs.get(&cell.id()).copied().unwrap_or(1);
+                let owner = self.owner.get(&cell.id()).copied();
+                if owner != Some(si) || s.epoch(cell.id()) != Some(current) {
+                    continue;
+                }
+                for id in cell.queued_transfers() {
+                    *count.entry(id).or_default() += 1;
+                }
                 for e in cell.entities().iter() {
                     *count.entry(e.id).or_default() += 1;
                     if cell.ghosts().get(e.id).is_some() {
@@ -785,6 +904,33 @@ impl Harness {
                     }
                     if !cell.bounds().contains(e.pos) {
                         problems.push(format!("{} owns {} outside its bounds", cell.id(), e.id));
+                    }
+                }
+            }
+        }
+        // Committed but not yet activated: the target's shadow holds them.
+        for (si, agent) in self.agents.iter().enumerate() {
+            for (cell, state) in agent.prepared() {
+                if self.owner.get(&cell) == Some(&si) && !self.shards[si].owns(cell) {
+                    for e in state.entities.iter() {
+                        *count.entry(e.id).or_default() += 1;
+                    }
+                    for id in crate::cell::queued_transfer_ids(&state.input_queue) {
+                        *count.entry(id).or_default() += 1;
+                    }
+                }
+            }
+        }
+        // A frozen source that lost authority keeps what arrived after its
+        // diff until it releases the cell.
+        for (si, s) in self.shards.iter().enumerate() {
+            for cell in s.cells() {
+                let current = self.epochs.get(&cell.id()).copied().unwrap_or(1);
+                let authoritative =
+                    self.owner.get(&cell.id()) == Some(&si) && s.epoch(cell.id()) == Some(current);
+                if !authoritative && s.is_frozen(cell.id()) {
+                    for id in cell.queued_transfers() {
+                        *count.entry(id).or_default() += 1;
                     }
                 }
             }

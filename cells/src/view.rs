@@ -580,7 +580,10 @@ impl ClientMirror {
         let mut entering: Vec<u64> = s.entered.iter().map(|f| f.id()).collect();
         entering.sort_unstable();
         if let Some(w) = entering.windows(2).find(|w| w[0] == w[1]) {
-            return Err(MirrorError::DuplicateEntity { tick: s.tick, id: w[0] });
+            return Err(MirrorError::DuplicateEntity {
+                tick: s.tick,
+                id: w[0],
+            });
         }
         for f in &s.entered {
             let (id, q) = QState::from_full(f);

@@ -1,6 +1,6 @@
 //! The cells of one shard and the six steps of their tick.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::cell::{Cell, CellCounters, Envelope, Msg, Out};
@@ -30,6 +30,9 @@ pub struct WorldConfig {
     pub input_reorder_ticks: u64,
     /// Most inputs held back per entity.
     pub input_reorder_max: usize,
+    /// How long a message about an entity a cell does not know waits for
+    /// the entity to arrive, in ticks.
+    pub orphan_ticks: u64,
     /// Seed of every generator.
     pub seed: u64,
 }
@@ -44,6 +47,7 @@ impl Default for WorldConfig {
             max_hops: 8,
             input_reorder_ticks: 10,
             input_reorder_max: 32,
+            orphan_ticks: 20,
             seed: 1,
         }
     }
@@ -85,7 +89,27 @@ pub struct ShardWorld<G: GameLogic> {
     next_tick_local: Vec<Envelope<G>>,
     outbox: Vec<Out<G>>,
     tick: TickId,
+    frozen: BTreeSet<CellId>,
+    epochs: BTreeMap<CellId, u32>,
+    retired: CellCounters,
 }
+
+/// Why a split or merge was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReshapeError {
+    /// The layout refused it.
+    #[error(transparent)]
+    Layout(#[from] crate::geometry::LayoutError),
+    /// A cell involved is not owned here.
+    #[error("cell {0} is not owned by this shard")]
+    NotOwned(CellId),
+    /// A cell involved is frozen (in a handover).
+    #[error("cell {0} is frozen by a handover")]
+    Frozen(CellId),
+}
+
+/// How long ghosts inherited by a split or merge wait for confirmation.
+const INHERITED_GHOST_TICKS: u64 = 40;
 
 impl<G: GameLogic> ShardWorld<G> {
     /// A world with no cells. `id_prefix` makes entity ids unique per shard.
@@ -99,6 +123,9 @@ impl<G: GameLogic> ShardWorld<G> {
             next_tick_local: Vec::new(),
             outbox: Vec::new(),
             tick: TickId(0),
+            frozen: BTreeSet::new(),
+            epochs: BTreeMap::new(),
+            retired: CellCounters::default(),
         }
     }
 
@@ -117,9 +144,134 @@ impl<G: GameLogic> ShardWorld<G> {
         &self.layout
     }
 
-    /// Replaces the layout (after a split or merge).
+    /// Replaces the layout (after a split or merge elsewhere): cells stop
+    /// sending ghosts to cells that are no longer leaves.
     pub fn set_layout(&mut self, layout: Arc<Layout>) {
+        if *layout == *self.layout {
+            return;
+        }
+        for c in self.cells.values_mut() {
+            c.retarget(&layout);
+        }
         self.layout = layout;
+    }
+
+    /// Stops simulating a cell (a handover's freeze): it keeps its state and
+    /// buffers whatever arrives for it.
+    pub fn freeze(&mut self, cell: CellId) -> bool {
+        self.cells.contains_key(&cell) && self.frozen.insert(cell)
+    }
+
+    /// Resumes a frozen cell.
+    pub fn unfreeze(&mut self, cell: CellId) -> bool {
+        self.frozen.remove(&cell)
+    }
+
+    /// True if the cell is frozen.
+    pub fn is_frozen(&self, cell: CellId) -> bool {
+        self.frozen.contains(&cell)
+    }
+
+    /// Removes a cell (its handover committed elsewhere); its counters stay
+    /// in the totals.
+    pub fn take_cell(&mut self, cell: CellId) -> Option<Cell<G>> {
+        self.frozen.remove(&cell);
+        self.epochs.remove(&cell);
+        let c = self.cells.remove(&cell)?;
+        add_counters(&mut self.retired, &c.counters());
+        Some(c)
+    }
+
+    /// The epoch this shard holds a cell under.
+    pub fn epoch(&self, cell: CellId) -> Option<u32> {
+        self.cells
+            .contains_key(&cell)
+            .then(|| self.epochs.get(&cell).copied().unwrap_or(1))
+    }
+
+    /// Records the epoch of an owned cell.
+    pub fn set_epoch(&mut self, cell: CellId, epoch: u32) {
+        self.epochs.insert(cell, epoch);
+    }
+
+    /// Splits an owned cell into its four children, at a tick boundary.
+    pub fn split(&mut self, parent: CellId) -> Result<[CellId; 4], ReshapeError> {
+        if !self.cells.contains_key(&parent) {
+            return Err(ReshapeError::NotOwned(parent));
+        }
+        if self.frozen.contains(&parent) {
+            return Err(ReshapeError::Frozen(parent));
+        }
+        let mut layout = (*self.layout).clone();
+        let children = layout.split(parent)?;
+        let layout = Arc::new(layout);
+        let epoch = self.epochs.remove(&parent).unwrap_or(1);
+        let cell = self.cells.remove(&parent).expect("checked");
+        add_counters(&mut self.retired, &cell.counters());
+        let until = TickId(self.tick.0 + INHERITED_GHOST_TICKS);
+        let (cells, inputs, intents) = cell.split_into(&children, &layout, self.config.seed, until);
+        self.set_layout(layout);
+        for c in cells {
+            self.epochs.insert(c.id(), epoch + 1);
+            self.cells.insert(c.id(), c);
+        }
+        self.redeliver(parent, inputs, intents);
+        Ok(children)
+    }
+
+    /// Merges four owned sibling leaves into their parent, at a tick boundary.
+    pub fn merge(&mut self, parent: CellId) -> Result<(), ReshapeError> {
+        let children = parent.children().ok_or(ReshapeError::NotOwned(parent))?;
+        for c in children {
+            if !self.cells.contains_key(&c) {
+                return Err(ReshapeError::NotOwned(c));
+            }
+            if self.frozen.contains(&c) {
+                return Err(ReshapeError::Frozen(c));
+            }
+        }
+        let mut layout = (*self.layout).clone();
+        layout.merge(parent)?;
+        let layout = Arc::new(layout);
+        let mut epoch = 1;
+        let mut taken = Vec::with_capacity(4);
+        for c in children {
+            epoch = epoch.max(self.epochs.remove(&c).unwrap_or(1));
+            let cell = self.cells.remove(&c).expect("checked");
+            add_counters(&mut self.retired, &cell.counters());
+            taken.push(cell);
+        }
+        let until = TickId(self.tick.0 + INHERITED_GHOST_TICKS);
+        let (cell, inputs, intents) =
+            Cell::merge_from(parent, taken, &layout, self.config.seed, until);
+        self.set_layout(layout);
+        self.epochs.insert(parent, epoch + 1);
+        self.cells.insert(parent, cell);
+        self.redeliver(parent, inputs, intents);
+        Ok(())
+    }
+
+    fn redeliver(&mut self, old: CellId, inputs: Vec<Msg<G>>, intents: Vec<(G::Intent, u8)>) {
+        for msg in inputs {
+            let env = CellEnvelope {
+                to: old,
+                from: old,
+                msg,
+            };
+            if let Err(env) = self.deliver(env) {
+                self.outbox.push(Output::Cell(env));
+            }
+        }
+        for (intent, hops) in intents {
+            let env = CellEnvelope {
+                to: old,
+                from: old,
+                msg: CellMessage::Intent { intent, hops },
+            };
+            if let Err(env) = self.deliver(env) {
+                self.outbox.push(Output::Cell(env));
+            }
+        }
     }
 
     /// The settings.
@@ -195,12 +347,62 @@ impl<G: GameLogic> ShardWorld<G> {
 
     /// A message for one of this shard's cells (from a client session, or
     /// another shard). Hands it back if the cell is not owned here.
+    ///
+    /// A message for a cell that was merged into an owned parent goes to the
+    /// parent; one for a cell that was split into owned children goes to the
+    /// child it concerns (by position for joins and transfers, by entity for
+    /// inputs, acks, leaves and intents; ghost updates go to every child,
+    /// which inherited the parent's ghosts).
     pub fn deliver(&mut self, env: Envelope<G>) -> Result<(), Envelope<G>> {
-        match self.cells.get_mut(&env.to) {
-            Some(cell) => {
+        if let Some(cell) = self.cells.get_mut(&env.to) {
+            cell.push_input(env.msg);
+            return Ok(());
+        }
+        let mut up = env.to.parent();
+        while let Some(p) = up {
+            if let Some(cell) = self.cells.get_mut(&p) {
                 cell.push_input(env.msg);
+                return Ok(());
+            }
+            up = p.parent();
+        }
+        let descendants: Vec<CellId> = self
+            .cells
+            .keys()
+            .filter(|c| env.to.contains_cell(**c) && **c != env.to)
+            .copied()
+            .collect();
+        if descendants.is_empty() {
+            return Err(env);
+        }
+        let by_entity = |cells: &BTreeMap<CellId, Cell<G>>, id: crate::ids::EntityId| {
+            descendants
+                .iter()
+                .copied()
+                .find(|c| cells[c].entities().contains(id))
+                .or_else(|| descendants.iter().copied().find(|c| cells[c].knows(id)))
+        };
+        let target = match &env.msg {
+            CellMessage::Join { pos, .. } => self.layout.leaf_at(*pos),
+            CellMessage::Transfer(t) => self.layout.leaf_at(t.entity.pos),
+            CellMessage::Input { entity, .. }
+            | CellMessage::Ack { entity, .. }
+            | CellMessage::Leave { entity, .. } => by_entity(&self.cells, *entity),
+            CellMessage::Intent { intent, .. } => by_entity(&self.cells, G::intent_target(intent)),
+            CellMessage::Ghost(update) => {
+                for c in &descendants {
+                    let cell = self.cells.get_mut(c).expect("owned");
+                    cell.push_input(CellMessage::Ghost(update.clone()));
+                }
+                return Ok(());
+            }
+        };
+        match target {
+            Some(t) if self.cells.contains_key(&t) => {
+                self.cells.get_mut(&t).expect("owned").push_input(env.msg);
                 Ok(())
             }
+            Some(t) => Err(CellEnvelope { to: t, ..env }),
             None => Err(env),
         }
     }
@@ -243,20 +445,34 @@ impl<G: GameLogic> ShardWorld<G> {
             }
         }
         let mut produced = Vec::new();
-        for cell in self.cells.values_mut() {
+        let frozen = &self.frozen;
+        for cell in self
+            .cells
+            .values_mut()
+            .filter(|c| !frozen.contains(&c.id()))
+        {
             cell.drain_inputs(&mut self.game, &self.config, &layout, tick, &mut self.ids);
             cell.take_outputs(&mut produced);
         }
         self.route(std::mem::take(&mut produced));
 
         let mut transfers = Vec::new();
-        for cell in self.cells.values_mut() {
+        let frozen = &self.frozen;
+        for cell in self
+            .cells
+            .values_mut()
+            .filter(|c| !frozen.contains(&c.id()))
+        {
             let from = cell.id();
             let moved = cell.simulate(&mut self.game, &self.config, &layout, tick, &mut self.ids);
             transfers.extend(moved.into_iter().map(|(to, t)| (from, to, t)));
         }
         for (from, to, t) in transfers {
             match self.cells.get_mut(&to) {
+                // A frozen cell buffers: its handover carries the message on.
+                Some(cell) if self.frozen.contains(&to) => {
+                    cell.push_input(CellMessage::Transfer(Box::new(t)))
+                }
                 Some(cell) => cell.accept_transfer(t),
                 None => self.outbox.push(Output::Cell(CellEnvelope {
                     to,
@@ -266,14 +482,24 @@ impl<G: GameLogic> ShardWorld<G> {
             }
         }
 
-        for cell in self.cells.values_mut() {
+        let frozen = &self.frozen;
+        for cell in self
+            .cells
+            .values_mut()
+            .filter(|c| !frozen.contains(&c.id()))
+        {
             cell.consume_intents(&mut self.game, &self.config, &layout, tick, &mut self.ids);
             cell.take_outputs(&mut produced);
         }
         self.route(std::mem::take(&mut produced));
 
         let mut ghost_updates: Vec<(CellId, CellId, GhostUpdate)> = Vec::new();
-        for cell in self.cells.values_mut() {
+        let frozen = &self.frozen;
+        for cell in self
+            .cells
+            .values_mut()
+            .filter(|c| !frozen.contains(&c.id()))
+        {
             let from = cell.id();
             ghost_updates.extend(
                 cell.ghost_round(&self.config, &layout)
@@ -283,6 +509,9 @@ impl<G: GameLogic> ShardWorld<G> {
         }
         for (from, to, update) in ghost_updates {
             match self.cells.get_mut(&to) {
+                Some(cell) if self.frozen.contains(&to) => {
+                    cell.push_input(CellMessage::Ghost(update))
+                }
                 Some(cell) => cell.apply_ghosts(&update, tick),
                 None => self.outbox.push(Output::Cell(CellEnvelope {
                     to,
@@ -291,7 +520,12 @@ impl<G: GameLogic> ShardWorld<G> {
                 })),
             }
         }
-        for cell in self.cells.values_mut() {
+        let frozen = &self.frozen;
+        for cell in self
+            .cells
+            .values_mut()
+            .filter(|c| !frozen.contains(&c.id()))
+        {
             cell.view_round(&self.config, tick);
             cell.take_outputs(&mut produced);
         }
@@ -312,6 +546,7 @@ impl<G: GameLogic> ShardWorld<G> {
     pub fn totals(&self) -> WorldTotals {
         let mut t = WorldTotals {
             cells: self.cells.len(),
+            counters: self.retired,
             ..WorldTotals::default()
         };
         for c in self.cells.values() {
@@ -337,6 +572,7 @@ fn add_counters(t: &mut CellCounters, c: &CellCounters) {
     t.inputs_gap_skipped += c.inputs_gap_skipped;
     t.inputs_wrong_client += c.inputs_wrong_client;
     t.unknown_entity += c.unknown_entity;
+    t.orphans_held += c.orphans_held;
     t.hops_exceeded += c.hops_exceeded;
     t.intents_applied += c.intents_applied;
     t.intents_routed += c.intents_routed;

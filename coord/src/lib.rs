@@ -8,8 +8,13 @@
 //! static ones from a configuration file.
 #![warn(missing_docs)]
 
+pub mod balance;
 pub mod placement;
 pub mod registry;
 
+pub use balance::{
+    CellLoad, CommandError, Coordinator, CoordinatorCounters, HandoverRecord, LoadReport, Order,
+    Policy, ShardEvent,
+};
 pub use placement::{contiguous_blocks, MappingError, StaticMapping};
 pub use registry::{Assignment, Registry, RegistryError, ShardRef};

@@ -148,6 +148,14 @@ impl Registry {
         self.cells.is_empty()
     }
 
+    /// A coordinator takes over: every order of an earlier one is now older
+    /// than the cluster epoch.
+    pub fn bump_cluster_epoch(&mut self) -> u32 {
+        self.cluster_epoch += 1;
+        self.version += 1;
+        self.cluster_epoch
+    }
+
     /// Moves a cell to a new owner and stage with epoch `epoch`, which must
     /// be newer than the cell's (or [`ADMIN_EPOCH`]).
     pub fn reassign(

@@ -1,0 +1,1100 @@
+//! The coordinator: orchestrates handovers, splits and merges, and decides
+//! them from load reports.
+//!
+//! Pure: time is an argument, orders come out of [`Coordinator::poll_order`],
+//! and the registry it owns changes only here (route swaps at commit, new
+//! layouts after splits and merges).
+//!
+//! Load score of a cell (DESIGN.md section 7):
+//! `0.5 * actors / actors_ref + 0.3 * pps / pps_ref + 0.2 * share * p99 / budget`,
+//! where `share` is the cell's part of its shard's actors. A cell above
+//! `split_score` for `split_sustain` splits into its four children (depth
+//! permitting); a shard whose tick p99 stays above its budget share hands
+//! its hottest movable cell to the coolest shard, preferring a cell that
+//! borders cells the target already owns; four sibling leaves below
+//! `merge_score` for `merge_after` are gathered on one shard and merged.
+//! Cooldowns after every operation stop flapping.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tessera_cells::handover::{AbortReason, HandoverId};
+use tessera_cells::CellId;
+
+use crate::registry::{Assignment, Registry, ShardRef};
+
+/// Tunables of the balancing policy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    /// Shards of the node.
+    pub shards: u16,
+    /// Actors that make a cell "full" (score 0.5 from actors alone).
+    pub actors_ref: f64,
+    /// Inputs per second that make a cell busy (score 0.3 alone).
+    pub pps_ref: f64,
+    /// Score above which a cell is hot.
+    pub split_score: f64,
+    /// How long a cell must stay hot before it splits.
+    pub split_sustain: Duration,
+    /// Score below which four siblings may merge back.
+    pub merge_score: f64,
+    /// How long siblings must stay cold before they merge.
+    pub merge_after: Duration,
+    /// Deepest split.
+    pub max_depth: u8,
+    /// Tick p99 / budget above which a shard sheds a cell.
+    pub shard_busy_ratio: f64,
+    /// How long a shard must stay busy before it sheds.
+    pub move_sustain: Duration,
+    /// No new operation on a cell for this long after one.
+    pub cooldown: Duration,
+    /// A handover step that takes longer is aborted.
+    pub step_timeout: Duration,
+    /// Decide automatically (off: only operator commands).
+    pub automatic: bool,
+}
+
+impl Policy {
+    /// Defaults for `shards` shards: a shard sheds load above N/(N+1) of its
+    /// tick budget, so that the node keeps room to absorb one shard's load.
+    pub fn new(shards: u16) -> Self {
+        let n = f64::from(shards.max(1));
+        Self {
+            shards,
+            actors_ref: 300.0,
+            pps_ref: 4000.0,
+            split_score: 1.0,
+            split_sustain: Duration::from_secs(3),
+            merge_score: 0.3,
+            merge_after: Duration::from_secs(10),
+            max_depth: 3,
+            shard_busy_ratio: n / (n + 1.0),
+            move_sustain: Duration::from_secs(2),
+            cooldown: Duration::from_secs(5),
+            step_timeout: Duration::from_secs(2),
+            automatic: true,
+        }
+    }
+}
+
+/// A cell's load as a shard measured it over the last second.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CellLoad {
+    /// The cell.
+    pub cell: CellId,
+    /// Entities owned.
+    pub actors: u32,
+    /// Players among them.
+    pub players: u32,
+    /// Client inputs applied per second.
+    pub pps: f64,
+}
+
+/// What a shard reports every second.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadReport {
+    /// The shard.
+    pub shard: u16,
+    /// Its tick p99 over the last second, microseconds.
+    pub tick_us_p99: u64,
+    /// Its tick budget (the period), microseconds.
+    pub budget_us: u64,
+    /// Its cells.
+    pub cells: Vec<CellLoad>,
+}
+
+/// What a shard tells the coordinator about an operation.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ShardEvent {
+    /// Source froze the cell (or, with `repeat`, is still waiting).
+    Frozen {
+        /// The handover.
+        id: HandoverId,
+        /// The cell.
+        cell: CellId,
+        /// The epoch the source holds it at.
+        epoch: u32,
+        /// When.
+        at: Instant,
+        /// Entities in the cell.
+        entities: usize,
+        /// A repeat of an earlier report.
+        repeat: bool,
+    },
+    /// Target holds the frozen state and has a stage for it (or, with
+    /// `repeat`, is still waiting).
+    Prepared {
+        /// The handover.
+        id: HandoverId,
+        /// The cell.
+        cell: CellId,
+        /// The stage the cell will use on the target.
+        stage: u32,
+        /// A repeat of an earlier report.
+        repeat: bool,
+    },
+    /// Target simulates the cell.
+    Activated {
+        /// The handover.
+        id: HandoverId,
+        /// When.
+        at: Instant,
+    },
+    /// Source dropped its copy.
+    Released {
+        /// The handover.
+        id: HandoverId,
+    },
+    /// One side gave up.
+    Aborted {
+        /// The handover.
+        id: HandoverId,
+        /// Why.
+        reason: AbortReason,
+    },
+    /// A split was done: children and their stages on the same shard.
+    Split {
+        /// The operation.
+        op: u64,
+        /// The parent.
+        parent: CellId,
+        /// (child, stage).
+        children: Vec<(CellId, u32)>,
+    },
+    /// A merge was done.
+    Merged {
+        /// The operation.
+        op: u64,
+        /// The parent.
+        parent: CellId,
+        /// Its stage.
+        stage: u32,
+    },
+    /// A split or merge was refused by the shard.
+    Refused {
+        /// The operation.
+        op: u64,
+        /// Why, for the log.
+        reason: String,
+    },
+    /// Load of the last second.
+    Load(LoadReport),
+}
+
+/// An order for a shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Order {
+    /// Start handing `cell` (held at `epoch`) to shard `to`.
+    Begin {
+        /// The handover.
+        id: HandoverId,
+        /// The cell.
+        cell: CellId,
+        /// Target shard.
+        to: u16,
+        /// Current epoch.
+        epoch: u32,
+    },
+    /// The registry moved: finish.
+    Commit {
+        /// The handover.
+        id: HandoverId,
+        /// The cell.
+        cell: CellId,
+        /// New epoch.
+        epoch: u32,
+    },
+    /// Roll back.
+    Abort {
+        /// The handover.
+        id: HandoverId,
+        /// The cell.
+        cell: CellId,
+        /// Why.
+        reason: AbortReason,
+    },
+    /// Split `cell` into its children.
+    Split {
+        /// The operation.
+        op: u64,
+        /// The cell.
+        cell: CellId,
+    },
+    /// Merge the children of `parent` into it.
+    Merge {
+        /// The operation.
+        op: u64,
+        /// The parent.
+        parent: CellId,
+    },
+}
+
+/// One finished handover, for logs, metrics and benchmarks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HandoverRecord {
+    /// The handover.
+    pub id: HandoverId,
+    /// The cell.
+    pub cell: CellId,
+    /// From shard.
+    pub from: u16,
+    /// To shard.
+    pub to: u16,
+    /// New epoch (if committed).
+    pub epoch: u32,
+    /// Entities moved.
+    pub entities: usize,
+    /// Decision to commit.
+    pub decision_to_commit: Duration,
+    /// Freeze on the source to simulation on the target.
+    pub freeze: Option<Duration>,
+    /// Committed (else aborted).
+    pub committed: bool,
+    /// Abort reason.
+    pub abort: Option<AbortReason>,
+    /// Who decided: "policy" or "operator".
+    pub cause: &'static str,
+}
+
+#[derive(Clone, Debug)]
+struct MoveOp {
+    cell: CellId,
+    from: u16,
+    to: u16,
+    epoch: u32,
+    decided: Instant,
+    deadline: Instant,
+    frozen: Option<Instant>,
+    entities: usize,
+    committed: Option<(Instant, u32)>,
+    activated: bool,
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug)]
+struct ReshapeOp {
+    shard: u16,
+    cell: CellId,
+    split: bool,
+    deadline: Instant,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Heat {
+    score: f64,
+    hot_since: Option<Instant>,
+    cold_since: Option<Instant>,
+}
+
+/// Counters of the coordinator.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoordinatorCounters {
+    /// Handovers committed.
+    pub handovers: u64,
+    /// Handovers aborted.
+    pub aborts: u64,
+    /// Splits done.
+    pub splits: u64,
+    /// Merges done.
+    pub merges: u64,
+    /// Events about unknown or finished operations (ignored).
+    pub stale_events: u64,
+}
+
+/// Why an operator command was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// Unknown cell.
+    #[error("cell {0} is not a leaf of the current layout")]
+    UnknownCell(CellId),
+    /// Unknown shard.
+    #[error("shard {0} does not exist")]
+    UnknownShard(u16),
+    /// Already there, or in an operation.
+    #[error("cell {cell} {why}")]
+    Busy {
+        /// The cell.
+        cell: CellId,
+        /// Why.
+        why: &'static str,
+    },
+    /// A split or merge is not possible.
+    #[error("{0}")]
+    Impossible(String),
+}
+
+/// The coordinator.
+pub struct Coordinator {
+    registry: Registry,
+    policy: Policy,
+    moves: BTreeMap<HandoverId, MoveOp>,
+    reshapes: BTreeMap<u64, ReshapeOp>,
+    next_id: u64,
+    heat: BTreeMap<CellId, Heat>,
+    shard_busy_since: BTreeMap<u16, Instant>,
+    shard_ratio: BTreeMap<u16, f64>,
+    cooldown: BTreeMap<CellId, Instant>,
+    orders: VecDeque<(u16, Order)>,
+    records: VecDeque<HandoverRecord>,
+    log: VecDeque<String>,
+    counters: CoordinatorCounters,
+}
+
+impl Coordinator {
+    /// A coordinator taking over `registry`: the cluster epoch goes up, and
+    /// operation ids start in a range no earlier coordinator used, so that a
+    /// late report about an operation of a dead coordinator can never be
+    /// mistaken for one of ours.
+    pub fn new(mut registry: Registry, policy: Policy) -> Self {
+        let incarnation = registry.bump_cluster_epoch();
+        Self {
+            registry,
+            policy,
+            moves: BTreeMap::new(),
+            reshapes: BTreeMap::new(),
+            next_id: (u64::from(incarnation) << 32) | 1,
+            heat: BTreeMap::new(),
+            shard_busy_since: BTreeMap::new(),
+            shard_ratio: BTreeMap::new(),
+            cooldown: BTreeMap::new(),
+            orders: VecDeque::new(),
+            records: VecDeque::new(),
+            log: VecDeque::new(),
+            counters: CoordinatorCounters::default(),
+        }
+    }
+
+    /// The registry (publish it when its version changes).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The policy.
+    pub fn policy_mut(&mut self) -> &mut Policy {
+        &mut self.policy
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> CoordinatorCounters {
+        self.counters
+    }
+
+    /// The next order to send, and to which shard.
+    #[must_use]
+    pub fn poll_order(&mut self) -> Option<(u16, Order)> {
+        self.orders.pop_front()
+    }
+
+    /// Finished handovers since the last call.
+    pub fn take_records(&mut self) -> Vec<HandoverRecord> {
+        self.records.drain(..).collect()
+    }
+
+    /// Decisions and outcomes since the last call, as log lines.
+    pub fn take_log(&mut self) -> Vec<String> {
+        self.log.drain(..).collect()
+    }
+
+    /// Operations in flight.
+    pub fn in_flight(&self) -> usize {
+        self.moves.len() + self.reshapes.len()
+    }
+
+    /// The last load score of each cell.
+    pub fn scores(&self) -> Vec<(CellId, f64)> {
+        self.heat.iter().map(|(c, h)| (*c, h.score)).collect()
+    }
+
+    fn note(&mut self, line: String) {
+        if self.log.len() < 10_000 {
+            self.log.push_back(line);
+        }
+    }
+
+    fn busy(&self, cell: CellId) -> bool {
+        self.moves.values().any(|m| m.cell == cell)
+            || self
+                .reshapes
+                .values()
+                .any(|r| r.cell == cell || r.cell.contains_cell(cell) || cell.contains_cell(r.cell))
+    }
+
+    fn shard_busy(&self, shard: u16) -> bool {
+        self.moves
+            .values()
+            .any(|m| m.from == shard || m.to == shard)
+            || self.reshapes.values().any(|r| r.shard == shard)
+    }
+
+    /// Operator: move a cell to a shard.
+    pub fn command_move(
+        &mut self,
+        now: Instant,
+        cell: CellId,
+        to: u16,
+    ) -> Result<HandoverId, CommandError> {
+        let a = self
+            .registry
+            .get(cell)
+            .ok_or(CommandError::UnknownCell(cell))?;
+        if to >= self.policy.shards {
+            return Err(CommandError::UnknownShard(to));
+        }
+        if a.owner.shard == to {
+            return Err(CommandError::Busy {
+                cell,
+                why: "is already on that shard",
+            });
+        }
+        if self.busy(cell) {
+            return Err(CommandError::Busy {
+                cell,
+                why: "is in an operation",
+            });
+        }
+        Ok(self.start_move(now, cell, a, to, "operator"))
+    }
+
+    /// Operator: split a cell.
+    pub fn command_split(&mut self, now: Instant, cell: CellId) -> Result<u64, CommandError> {
+        let a = self
+            .registry
+            .get(cell)
+            .ok_or(CommandError::UnknownCell(cell))?;
+        if cell.depth >= self.policy.max_depth {
+            return Err(CommandError::Impossible(format!(
+                "cell {cell} is at the maximum depth {}",
+                self.policy.max_depth
+            )));
+        }
+        if self.busy(cell) {
+            return Err(CommandError::Busy {
+                cell,
+                why: "is in an operation",
+            });
+        }
+        Ok(self.start_split(now, cell, a.owner.shard, "operator"))
+    }
+
+    /// Operator: merge the four children of `parent` (gathering them on one
+    /// shard first if needed: the merge then waits for those moves).
+    pub fn command_merge(&mut self, now: Instant, parent: CellId) -> Result<u64, CommandError> {
+        self.start_merge(now, parent, "operator")
+    }
+
+    fn start_move(
+        &mut self,
+        now: Instant,
+        cell: CellId,
+        a: Assignment,
+        to: u16,
+        cause: &'static str,
+    ) -> HandoverId {
+        let id = HandoverId(self.next_id);
+        self.next_id += 1;
+        self.moves.insert(
+            id,
+            MoveOp {
+                cell,
+                from: a.owner.shard,
+                to,
+                epoch: a.epoch,
+                decided: now,
+                deadline: now + self.policy.step_timeout * 3,
+                frozen: None,
+                entities: 0,
+                committed: None,
+                activated: false,
+                cause,
+            },
+        );
+        self.cooldown.insert(cell, now + self.policy.cooldown);
+        self.note(format!(
+            "decision: move {cell} shard {} -> {to} (epoch {}, {cause}, handover {})",
+            a.owner.shard, a.epoch, id.0
+        ));
+        self.orders.push_back((
+            a.owner.shard,
+            Order::Begin {
+                id,
+                cell,
+                to,
+                epoch: a.epoch,
+            },
+        ));
+        id
+    }
+
+    fn start_split(&mut self, now: Instant, cell: CellId, shard: u16, cause: &'static str) -> u64 {
+        let op = self.next_id;
+        self.next_id += 1;
+        self.reshapes.insert(
+            op,
+            ReshapeOp {
+                shard,
+                cell,
+                split: true,
+                deadline: now + self.policy.step_timeout,
+            },
+        );
+        self.cooldown.insert(cell, now + self.policy.cooldown);
+        self.note(format!(
+            "decision: split {cell} on shard {shard} ({cause}, op {op})"
+        ));
+        self.orders.push_back((shard, Order::Split { op, cell }));
+        op
+    }
+
+    fn start_merge(
+        &mut self,
+        now: Instant,
+        parent: CellId,
+        cause: &'static str,
+    ) -> Result<u64, CommandError> {
+        let children = parent
+            .children()
+            .ok_or_else(|| CommandError::Impossible(format!("cell {parent} has no children")))?;
+        let mut owners = Vec::new();
+        for c in children {
+            let a = self.registry.get(c).ok_or_else(|| {
+                CommandError::Impossible(format!("{c} is not a leaf: {parent} cannot merge"))
+            })?;
+            if self.busy(c) {
+                return Err(CommandError::Busy {
+                    cell: c,
+                    why: "is in an operation",
+                });
+            }
+            owners.push(a);
+        }
+        // Gather on the shard that owns most of them.
+        let mut count: BTreeMap<u16, usize> = BTreeMap::new();
+        for a in &owners {
+            *count.entry(a.owner.shard).or_default() += 1;
+        }
+        let (&home, _) = count
+            .iter()
+            .max_by_key(|(s, n)| (**n, std::cmp::Reverse(**s)))
+            .expect("four children");
+        let mut gathering = false;
+        for (c, a) in children.iter().zip(&owners) {
+            if a.owner.shard != home {
+                gathering = true;
+                self.start_move(now, *c, *a, home, cause);
+            }
+        }
+        if gathering {
+            self.note(format!("decision: gather the children of {parent} on shard {home} before merging ({cause})"));
+            return Ok(0);
+        }
+        let op = self.next_id;
+        self.next_id += 1;
+        self.reshapes.insert(
+            op,
+            ReshapeOp {
+                shard: home,
+                cell: parent,
+                split: false,
+                deadline: now + self.policy.step_timeout,
+            },
+        );
+        for c in children {
+            self.cooldown.insert(c, now + self.policy.cooldown);
+        }
+        self.note(format!(
+            "decision: merge into {parent} on shard {home} ({cause}, op {op})"
+        ));
+        self.orders.push_back((home, Order::Merge { op, parent }));
+        Ok(op)
+    }
+
+    /// Takes in what a shard reports.
+    pub fn handle_event(&mut self, now: Instant, shard: u16, event: ShardEvent) {
+        match event {
+            ShardEvent::Load(report) => self.take_load(now, report),
+            ShardEvent::Frozen {
+                id,
+                cell,
+                epoch,
+                at,
+                entities,
+                repeat,
+            } => match self.moves.get_mut(&id).filter(|m| m.cell == cell) {
+                Some(m) => {
+                    if !repeat {
+                        m.frozen = Some(at);
+                        m.entities = entities;
+                    }
+                    if let (Some((_, new_epoch)), true) = (m.committed, m.activated) {
+                        // The release may have been lost: say it again.
+                        self.orders.push_back((
+                            shard,
+                            Order::Commit {
+                                id,
+                                cell,
+                                epoch: new_epoch,
+                            },
+                        ));
+                    }
+                }
+                None => self.settle_unknown(shard, id, cell, epoch),
+            },
+            ShardEvent::Prepared {
+                id,
+                cell,
+                stage,
+                repeat,
+            } => {
+                let Some(m) = self.moves.get_mut(&id).filter(|m| m.cell == cell) else {
+                    // A handover this coordinator does not know (it took over
+                    // from one that crashed): the registry decides.
+                    let current = self.registry.get(cell);
+                    match current {
+                        Some(a) if a.owner.shard == shard => self.orders.push_back((
+                            shard,
+                            Order::Commit {
+                                id,
+                                cell,
+                                epoch: a.epoch,
+                            },
+                        )),
+                        _ => self.orders.push_back((
+                            shard,
+                            Order::Abort {
+                                id,
+                                cell,
+                                reason: AbortReason::Superseded,
+                            },
+                        )),
+                    }
+                    self.counters.stale_events += 1;
+                    return;
+                };
+                if let Some((_, epoch)) = m.committed {
+                    if repeat {
+                        self.orders
+                            .push_back((shard, Order::Commit { id, cell, epoch }));
+                    }
+                    return;
+                }
+                if shard != m.to {
+                    self.counters.stale_events += 1;
+                    return;
+                }
+                let epoch = m.epoch + 1;
+                let (cell, to, from) = (m.cell, m.to, m.from);
+                match self
+                    .registry
+                    .reassign(cell, ShardRef::local(to), stage, epoch)
+                {
+                    Ok(()) => {
+                        // The target first: the source lets go of its frozen
+                        // copy only once the target runs the cell.
+                        m.committed = Some((now, epoch));
+                        self.orders
+                            .push_back((to, Order::Commit { id, cell, epoch }));
+                        let _ = from;
+                    }
+                    Err(e) => {
+                        self.note(format!(
+                            "handover {} of {cell}: registry refused the swap: {e}; aborting",
+                            id.0
+                        ));
+                        self.abort(now, id, AbortReason::Stale);
+                    }
+                }
+            }
+            ShardEvent::Activated { id, at } => {
+                let Some(m) = self.moves.get_mut(&id) else {
+                    self.counters.stale_events += 1;
+                    return;
+                };
+                if m.activated {
+                    return;
+                }
+                m.activated = true;
+                let (cell, from, epoch) = (m.cell, m.from, m.committed.map_or(m.epoch, |c| c.1));
+                self.orders
+                    .push_back((from, Order::Commit { id, cell, epoch }));
+                let m = m.clone();
+                let (commit_at, epoch) = m.committed.unwrap_or((now, m.epoch));
+                let record = HandoverRecord {
+                    id,
+                    cell: m.cell,
+                    from: m.from,
+                    to: m.to,
+                    epoch,
+                    entities: m.entities,
+                    decision_to_commit: commit_at.saturating_duration_since(m.decided),
+                    freeze: m.frozen.map(|f| at.saturating_duration_since(f)),
+                    committed: true,
+                    abort: None,
+                    cause: m.cause,
+                };
+                self.counters.handovers += 1;
+                self.note(format!(
+                    "handover {}: {} shard {} -> {} committed at epoch {epoch}: {} entities, decision to commit {:.2} ms, freeze {:.2} ms",
+                    id.0,
+                    m.cell,
+                    m.from,
+                    m.to,
+                    m.entities,
+                    record.decision_to_commit.as_secs_f64() * 1e3,
+                    record.freeze.map_or(0.0, |f| f.as_secs_f64() * 1e3)
+                ));
+                self.records.push_back(record);
+            }
+            ShardEvent::Released { id } => {
+                if self.moves.get(&id).is_some_and(|m| m.activated) {
+                    self.moves.remove(&id);
+                    self.try_pending_merges(now);
+                }
+            }
+            ShardEvent::Aborted { id, reason } => {
+                if self.moves.get(&id).is_some_and(|m| m.committed.is_none()) {
+                    self.abort(now, id, reason);
+                } else {
+                    self.counters.stale_events += 1;
+                }
+            }
+            ShardEvent::Split {
+                op,
+                parent,
+                children,
+            } => {
+                let Some(r) = self.reshapes.remove(&op) else {
+                    self.counters.stale_events += 1;
+                    return;
+                };
+                let epoch = self.registry.get(parent).map_or(1, |a| a.epoch) + 1;
+                let mut layout = (**self.registry.layout()).clone();
+                if layout.split(parent).is_err() {
+                    self.note(format!("split {op} of {parent}: the layout refused it"));
+                    return;
+                }
+                let added: Vec<(CellId, Assignment)> = children
+                    .iter()
+                    .map(|(c, stage)| {
+                        (
+                            *c,
+                            Assignment {
+                                owner: ShardRef::local(r.shard),
+                                epoch,
+                                stage: *stage,
+                            },
+                        )
+                    })
+                    .collect();
+                if let Err(e) = self.registry.relayout(Arc::new(layout), &[parent], &added) {
+                    self.note(format!("split {op} of {parent}: registry refused it: {e}"));
+                    return;
+                }
+                for (c, _) in &children {
+                    self.cooldown.insert(*c, now + self.policy.cooldown);
+                }
+                self.counters.splits += 1;
+                self.note(format!(
+                    "split {op}: {parent} -> 4 children on shard {} (epoch {epoch})",
+                    r.shard
+                ));
+            }
+            ShardEvent::Merged { op, parent, stage } => {
+                let Some(r) = self.reshapes.remove(&op) else {
+                    self.counters.stale_events += 1;
+                    return;
+                };
+                let children = parent.children().expect("merged");
+                let epoch = children
+                    .iter()
+                    .filter_map(|c| self.registry.get(*c))
+                    .map(|a| a.epoch)
+                    .max()
+                    .unwrap_or(1)
+                    + 1;
+                let mut layout = (**self.registry.layout()).clone();
+                if layout.merge(parent).is_err() {
+                    self.note(format!("merge {op} into {parent}: the layout refused it"));
+                    return;
+                }
+                let added = [(
+                    parent,
+                    Assignment {
+                        owner: ShardRef::local(r.shard),
+                        epoch,
+                        stage,
+                    },
+                )];
+                if let Err(e) = self.registry.relayout(Arc::new(layout), &children, &added) {
+                    self.note(format!(
+                        "merge {op} into {parent}: registry refused it: {e}"
+                    ));
+                    return;
+                }
+                self.cooldown.insert(parent, now + self.policy.cooldown);
+                self.counters.merges += 1;
+                self.note(format!(
+                    "merge {op}: 4 children -> {parent} on shard {} (epoch {epoch})",
+                    r.shard
+                ));
+            }
+            ShardEvent::Refused { op, reason } => {
+                if let Some(r) = self.reshapes.remove(&op) {
+                    self.note(format!(
+                        "{} of {} refused by shard {}: {reason}",
+                        if r.split { "split" } else { "merge" },
+                        r.cell,
+                        r.shard
+                    ));
+                }
+            }
+        }
+    }
+
+    /// A source reports a handover this coordinator does not know: if the
+    /// registry already moved the cell past the source's epoch, the source
+    /// missed its commit; otherwise nothing was committed and it aborts.
+    fn settle_unknown(&mut self, shard: u16, id: HandoverId, cell: CellId, epoch: u32) {
+        self.counters.stale_events += 1;
+        match self.registry.get(cell) {
+            Some(a) if a.epoch > epoch && a.owner.shard != shard => {
+                self.orders.push_back((
+                    shard,
+                    Order::Commit {
+                        id,
+                        cell,
+                        epoch: a.epoch,
+                    },
+                ));
+            }
+            _ => self.orders.push_back((
+                shard,
+                Order::Abort {
+                    id,
+                    cell,
+                    reason: AbortReason::Superseded,
+                },
+            )),
+        }
+    }
+
+    fn abort(&mut self, now: Instant, id: HandoverId, reason: AbortReason) {
+        let Some(m) = self.moves.remove(&id) else {
+            return;
+        };
+        self.counters.aborts += 1;
+        self.orders.push_back((
+            m.from,
+            Order::Abort {
+                id,
+                cell: m.cell,
+                reason,
+            },
+        ));
+        self.orders.push_back((
+            m.to,
+            Order::Abort {
+                id,
+                cell: m.cell,
+                reason,
+            },
+        ));
+        self.note(format!(
+            "handover {} of {} aborted: {reason:?}",
+            id.0, m.cell
+        ));
+        self.records.push_back(HandoverRecord {
+            id,
+            cell: m.cell,
+            from: m.from,
+            to: m.to,
+            epoch: m.epoch,
+            entities: m.entities,
+            decision_to_commit: now.saturating_duration_since(m.decided),
+            freeze: None,
+            committed: false,
+            abort: Some(reason),
+            cause: m.cause,
+        });
+    }
+
+    fn take_load(&mut self, now: Instant, r: LoadReport) {
+        let ratio = r.tick_us_p99 as f64 / r.budget_us.max(1) as f64;
+        self.shard_ratio.insert(r.shard, ratio);
+        if ratio > self.policy.shard_busy_ratio {
+            self.shard_busy_since.entry(r.shard).or_insert(now);
+        } else {
+            self.shard_busy_since.remove(&r.shard);
+        }
+        let actors: u32 = r.cells.iter().map(|c| c.actors).sum::<u32>().max(1);
+        for c in &r.cells {
+            let share = f64::from(c.actors) / f64::from(actors);
+            let score = 0.5 * f64::from(c.actors) / self.policy.actors_ref
+                + 0.3 * c.pps / self.policy.pps_ref
+                + 0.2 * share * ratio;
+            let h = self.heat.entry(c.cell).or_default();
+            h.score = score;
+            if score >= self.policy.split_score {
+                h.hot_since.get_or_insert(now);
+            } else {
+                h.hot_since = None;
+            }
+            if score < self.policy.merge_score {
+                h.cold_since.get_or_insert(now);
+            } else {
+                h.cold_since = None;
+            }
+        }
+        // Forget cells that no longer exist.
+        let registry = &self.registry;
+        self.heat.retain(|c, _| registry.get(*c).is_some());
+    }
+
+    fn cooling(&self, cell: CellId, now: Instant) -> bool {
+        self.cooldown.get(&cell).is_some_and(|t| *t > now)
+    }
+
+    fn try_pending_merges(&mut self, _now: Instant) {
+        // Merges wait for their gathering moves through cooldown-free
+        // re-decisions in `decide`; nothing to do eagerly.
+    }
+
+    /// Timeouts, then (if automatic) one decision.
+    pub fn tick(&mut self, now: Instant) {
+        let late: Vec<HandoverId> = self
+            .moves
+            .iter()
+            .filter(|(_, m)| m.committed.is_none() && now > m.deadline)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            self.abort(now, id, AbortReason::Timeout);
+        }
+        let late: Vec<u64> = self
+            .reshapes
+            .iter()
+            .filter(|(_, r)| now > r.deadline)
+            .map(|(op, _)| *op)
+            .collect();
+        for op in late {
+            if let Some(r) = self.reshapes.remove(&op) {
+                self.note(format!(
+                    "{} of {} timed out on shard {}",
+                    if r.split { "split" } else { "merge" },
+                    r.cell,
+                    r.shard
+                ));
+            }
+        }
+        if self.policy.automatic && self.in_flight() == 0 {
+            self.decide(now);
+        }
+    }
+
+    fn decide(&mut self, now: Instant) {
+        // 1. Split the hottest cell that stayed hot.
+        let hot = self
+            .heat
+            .iter()
+            .filter(|(c, h)| {
+                h.hot_since
+                    .is_some_and(|t| now.duration_since(t) >= self.policy.split_sustain)
+                    && c.depth < self.policy.max_depth
+                    && !self.cooling(**c, now)
+            })
+            .max_by(|a, b| a.1.score.total_cmp(&b.1.score))
+            .map(|(c, _)| *c);
+        if let Some(cell) = hot {
+            if let Some(a) = self.registry.get(cell) {
+                self.start_split(now, cell, a.owner.shard, "policy");
+                return;
+            }
+        }
+        // 2. A shard busy for long enough sheds its hottest movable cell.
+        let busy = self
+            .shard_busy_since
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t) >= self.policy.move_sustain)
+            .map(|(s, _)| *s)
+            .max_by(|a, b| {
+                self.shard_ratio
+                    .get(a)
+                    .unwrap_or(&0.0)
+                    .total_cmp(self.shard_ratio.get(b).unwrap_or(&0.0))
+            });
+        if let Some(from) = busy {
+            if let Some((cell, a, to)) = self.pick_move(now, from) {
+                self.start_move(now, cell, a, to, "policy");
+                self.shard_busy_since.remove(&from);
+                return;
+            }
+        }
+        // 3. Merge four cold siblings.
+        let mut parents: BTreeSet<CellId> = BTreeSet::new();
+        for (c, h) in &self.heat {
+            if let (Some(p), Some(t)) = (c.parent(), h.cold_since) {
+                if now.duration_since(t) >= self.policy.merge_after && !self.cooling(*c, now) {
+                    parents.insert(p);
+                }
+            }
+        }
+        for p in parents {
+            let children = p.children().expect("a parent");
+            let all_cold = children.iter().all(|c| {
+                self.heat
+                    .get(c)
+                    .and_then(|h| h.cold_since)
+                    .is_some_and(|t| now.duration_since(t) >= self.policy.merge_after)
+                    && !self.cooling(*c, now)
+                    && self.registry.get(*c).is_some()
+            });
+            if all_cold && self.start_merge(now, p, "policy").is_ok() {
+                return;
+            }
+        }
+    }
+
+    /// The cell of `from` worth moving, and where: the coolest other shard,
+    /// if moving the cell does not make that shard the busiest; among the
+    /// candidates, the hottest cell that borders the target's cells.
+    fn pick_move(&self, now: Instant, from: u16) -> Option<(CellId, Assignment, u16)> {
+        let to = (0..self.policy.shards)
+            .filter(|s| *s != from && !self.shard_busy(*s))
+            .min_by(|a, b| {
+                self.shard_ratio
+                    .get(a)
+                    .unwrap_or(&0.0)
+                    .total_cmp(self.shard_ratio.get(b).unwrap_or(&0.0))
+            })?;
+        if self.shard_busy(from) {
+            return None;
+        }
+        let target_cells: BTreeSet<CellId> = self
+            .registry
+            .cells_of(ShardRef::local(to))
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
+        let layout = self.registry.layout().clone();
+        let mut best: Option<(f64, CellId, Assignment)> = None;
+        for (cell, a) in self.registry.cells_of(ShardRef::local(from)) {
+            if self.cooling(cell, now) || self.busy(cell) {
+                continue;
+            }
+            let score = self.heat.get(&cell).map_or(0.0, |h| h.score);
+            if score <= 0.0 {
+                continue;
+            }
+            let b = layout.geometry().bounds(cell);
+            let mut near = Vec::new();
+            layout.leaves_near(b.center(), b.width() * 0.75, &mut near);
+            let borders = near.iter().any(|n| target_cells.contains(n));
+            // Prefer bordering cells; among them the hottest.
+            let value = score + if borders { 10.0 } else { 0.0 };
+            if best.as_ref().is_none_or(|(v, _, _)| value > *v) {
+                best = Some((value, cell, a));
+            }
+        }
+        best.map(|(_, c, a)| (c, a, to))
+    }
+}
