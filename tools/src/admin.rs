@@ -24,6 +24,25 @@ pub enum AdminCommand {
     Status,
     /// Every cell with its owner and epoch.
     Cells,
+    /// Recent handovers, splits and merges, with freeze and commit times.
+    Handovers,
+    /// Hand a cell to a shard (live handover).
+    Move {
+        /// The cell, e.g. 0:2,3 (or 0:2,3/12 below a split).
+        cell: String,
+        /// The shard.
+        shard: u16,
+    },
+    /// Split a cell into its four children.
+    Split {
+        /// The cell.
+        cell: String,
+    },
+    /// Merge four sibling cells back into their parent.
+    Merge {
+        /// The parent cell.
+        cell: String,
+    },
     /// Stop the node gracefully.
     Shutdown,
 }
@@ -42,14 +61,32 @@ fn fetch(addr: SocketAddr, command: &str) -> Result<String, String> {
 
 /// Runs an admin command.
 pub fn run(args: AdminArgs) -> Result<(), String> {
-    let command = match args.command {
-        AdminCommand::Status => "status",
-        AdminCommand::Cells => "cells",
-        AdminCommand::Shutdown => "shutdown",
+    let check = |c: &str| -> Result<String, String> {
+        c.parse::<tessera_cells::CellId>()
+            .map(|_| c.to_string())
+            .map_err(|e| e.to_string())
     };
-    let answer = fetch(args.addr, command)?;
-    if args.json || matches!(args.command, AdminCommand::Shutdown) {
-        println!("{}", answer.trim());
+    let command = match &args.command {
+        AdminCommand::Status => "status".to_string(),
+        AdminCommand::Cells => "cells".to_string(),
+        AdminCommand::Handovers => "handovers".to_string(),
+        AdminCommand::Move { cell, shard } => format!("move {} {shard}", check(cell)?),
+        AdminCommand::Split { cell } => format!("split {}", check(cell)?),
+        AdminCommand::Merge { cell } => format!("merge {}", check(cell)?),
+        AdminCommand::Shutdown => "shutdown".to_string(),
+    };
+    let answer = fetch(args.addr, &command)?;
+    if args.json || !matches!(args.command, AdminCommand::Status | AdminCommand::Cells) {
+        match serde_json::from_str::<serde_json::Value>(&answer) {
+            Ok(v) if !args.json => match v.get("ok").and_then(|o| o.as_str()) {
+                Some(text) => println!("{text}"),
+                None => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&v).unwrap_or_else(|_| answer.trim().to_string())
+                ),
+            },
+            _ => println!("{}", answer.trim()),
+        }
         return Ok(());
     }
     let status: Status = serde_json::from_str(&answer)

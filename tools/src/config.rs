@@ -42,6 +42,13 @@ pub struct ServeArgs {
     /// Seed of the world's randomness.
     #[arg(long, env = "TESSERA_SEED")]
     pub seed: Option<u64>,
+    /// Do not split, move or merge cells automatically (operator commands
+    /// still work).
+    #[arg(long, env = "TESSERA_NO_BALANCE")]
+    pub no_balance: bool,
+    /// Deepest quadtree split, 0..=8.
+    #[arg(long, env = "TESSERA_MAX_DEPTH", value_parser = clap::value_parser!(u8).range(0..=8))]
+    pub max_depth: Option<u8>,
     /// A TOML or JSON file with any of these settings and a static cell
     /// mapping ([[shard]] id = N, cells = ["0:0,0", ...]).
     #[arg(long, env = "TESSERA_CONFIG")]
@@ -119,6 +126,10 @@ pub struct FileConfig {
     pub unpinned: Option<bool>,
     /// See `--seed`.
     pub seed: Option<u64>,
+    /// Automatic balancing (default true).
+    pub auto_balance: Option<bool>,
+    /// See `--max-depth`.
+    pub max_depth: Option<u8>,
     /// World shape and AOI.
     pub world: Option<WorldSection>,
     /// Static cell mapping.
@@ -242,6 +253,12 @@ pub fn node_config(args: &ServeArgs) -> Result<NodeConfig, String> {
         sessions_per_shard: d.sessions_per_shard,
         seed: args.seed.or(file.seed).unwrap_or(d.seed),
         conditioner: None,
+        auto_balance: !args.no_balance && file.auto_balance.unwrap_or(d.auto_balance),
+        max_depth: args
+            .max_depth
+            .or(file.max_depth)
+            .unwrap_or(d.max_depth)
+            .min(8),
     })
 }
 

@@ -25,7 +25,9 @@ use serde::Serialize;
 use tessera_cells::view::ClientMirror;
 use tessera_net::driver::{BatchSocket, SocketConfig};
 use tessera_net::{ConnectionHandle, Endpoint, Event, TransmitBatch};
-use tessera_runtime::node::protocol::{client_config, CHANNEL_RELIABLE, CHANNEL_SNAPSHOTS, CHANNEL_UNRELIABLE};
+use tessera_runtime::node::protocol::{
+    client_config, CHANNEL_RELIABLE, CHANNEL_SNAPSHOTS, CHANNEL_UNRELIABLE,
+};
 use tessera_schema::client::{self, ActionCmd, ClientMessage, InputCmd};
 use tessera_schema::flatbuffers::FlatBufferBuilder;
 use tessera_schema::quant::dequantize;
@@ -218,7 +220,8 @@ fn scrape_tick_p99_ms(addr: SocketAddr) -> Option<f64> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()?;
     s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .ok()?;
     let mut body = String::new();
     s.take(4 << 20).read_to_string(&mut body).ok()?;
     body.lines()
@@ -257,10 +260,20 @@ pub fn run(args: SimArgs) -> Result<(), String> {
             return Err(format!("cannot pin the simulator to CPU {cpu}"));
         }
     }
-    let sockets = args.sockets.unwrap_or(args.clients.div_ceil(200)).clamp(1, 256);
-    let ramp = Duration::from_secs_f64(args.ramp.unwrap_or((args.clients as f64 / 1000.0).max(1.0)));
+    let sockets = args
+        .sockets
+        .unwrap_or(args.clients.div_ceil(200))
+        .clamp(1, 256);
+    let ramp =
+        Duration::from_secs_f64(args.ramp.unwrap_or((args.clients as f64 / 1000.0).max(1.0)));
     let hold = Duration::from_secs_f64(args.duration.max(0.0));
-    let local: SocketAddr = if args.addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
+    let local: SocketAddr = if args.addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .expect("literal");
     let per = args.clients.div_ceil(sockets);
     let mut nets = Vec::with_capacity(sockets);
     for i in 0..sockets {
@@ -277,7 +290,8 @@ pub fn run(args: SimArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot open UDP socket {i}: {e}"))?;
         let mut config = client_config(per + 1);
         config.events_max = config.events_max.max(per * 64);
-        let endpoint = Endpoint::new(config, args.seed.wrapping_mul(1000) + i as u64).map_err(|e| e.to_string())?;
+        let endpoint = Endpoint::new(config, args.seed.wrapping_mul(1000) + i as u64)
+            .map_err(|e| e.to_string())?;
         nets.push(Net {
             endpoint,
             socket,
@@ -306,7 +320,8 @@ pub fn run(args: SimArgs) -> Result<(), String> {
             pos: None,
             leg: 0,
             visible: [0; 4],
-            mirror: (args.verify_every > 0 && i % args.verify_every == 0).then(|| ClientMirror::new(64)),
+            mirror: (args.verify_every > 0 && i % args.verify_every == 0)
+                .then(|| ClientMirror::new(64)),
             ping: None,
         })
         .collect();
@@ -355,11 +370,7 @@ pub fn run(args: SimArgs) -> Result<(), String> {
         }
         // 1. Network in.
         for (e, net) in nets.iter_mut().enumerate() {
-            loop {
-                let n = match net.socket.recv_batch() {
-                    Ok(n) => n,
-                    Err(_) => break,
-                };
+            while let Ok(n) = net.socket.recv_batch() {
                 for (from, bytes) in net.socket.received() {
                     net.endpoint.handle_datagram(now, from, bytes);
                 }
@@ -371,21 +382,35 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                 net.endpoint.handle_timeout(now);
             }
             while let Some(ev) = net.endpoint.poll_event() {
-                let bot_of = |h: ConnectionHandle| net.bots.get(h.index() as usize).copied().filter(|b| *b != u32::MAX);
+                let bot_of = |h: ConnectionHandle| {
+                    net.bots
+                        .get(h.index() as usize)
+                        .copied()
+                        .filter(|b| *b != u32::MAX)
+                };
                 match ev {
                     Event::Connected { connection, .. } => {
-                        let Some(b) = bot_of(connection) else { continue };
+                        let Some(b) = bot_of(connection) else {
+                            continue;
+                        };
                         let bot = &mut bots[b as usize];
                         bot.state = State::Joining;
-                        let _ = connect_ms.record(now.duration_since(bot.started).as_micros().max(1) as u64);
+                        let _ = connect_ms
+                            .record(now.duration_since(bot.started).as_micros().max(1) as u64);
                         let join = ClientMessage::Join {
                             name: format!("bot{b}"),
                             token: Vec::new(),
                         };
-                        let _ = net.endpoint.send(connection, CHANNEL_RELIABLE, client::encode(&mut fbb, &join));
+                        let _ = net.endpoint.send(
+                            connection,
+                            CHANNEL_RELIABLE,
+                            client::encode(&mut fbb, &join),
+                        );
                     }
                     Event::Disconnected { connection, reason } => {
-                        let Some(b) = bot_of(connection) else { continue };
+                        let Some(b) = bot_of(connection) else {
+                            continue;
+                        };
                         let bot = &mut bots[b as usize];
                         if bot.state != State::Failed {
                             if bot.state == State::Playing {
@@ -398,7 +423,9 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                             }
                         }
                     }
-                    Event::Message { connection, bytes, .. } => {
+                    Event::Message {
+                        connection, bytes, ..
+                    } => {
                         let Some(b) = bot_of(connection) else {
                             net.endpoint.recycle(bytes);
                             continue;
@@ -406,66 +433,92 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                         let bot = &mut bots[b as usize];
                         match tessera_schema::verify::server_frame(&bytes) {
                             Err(_) => totals.bad_frames += 1,
-                            Ok(frame) => match frame.msg_type() {
-                                wire::ServerMsg::Welcome => {
-                                    if let Some(w) = frame.msg_as_welcome() {
-                                        bot.entity = w.entity();
-                                        bot.state = State::Playing;
-                                        bot.play_started = Some(now);
-                                        cell_m = w.cell_size_cm() as f32 / 100.0;
-                                        if let Some(p) = w.position() {
-                                            bot.pos = Some([dequantize(p.x()), dequantize(p.y())]);
+                            Ok(frame) => {
+                                match frame.msg_type() {
+                                    wire::ServerMsg::Welcome => {
+                                        if let Some(w) = frame.msg_as_welcome() {
+                                            bot.entity = w.entity();
+                                            bot.state = State::Playing;
+                                            bot.play_started = Some(now);
+                                            cell_m = w.cell_size_cm() as f32 / 100.0;
+                                            if let Some(p) = w.position() {
+                                                bot.pos =
+                                                    Some([dequantize(p.x()), dequantize(p.y())]);
+                                            }
+                                            totals.joined += 1;
+                                            let _ = join_ms.record(
+                                                now.duration_since(bot.started).as_micros().max(1)
+                                                    as u64,
+                                            );
+                                            heap.push(Reverse((now, Action::Input, b)));
+                                            heap.push(Reverse((
+                                                now + Duration::from_millis(
+                                                    500 + u64::from(b % 1500),
+                                                ),
+                                                Action::Ping,
+                                                b,
+                                            )));
                                         }
-                                        totals.joined += 1;
-                                        let _ = join_ms.record(now.duration_since(bot.started).as_micros().max(1) as u64);
-                                        heap.push(Reverse((now, Action::Input, b)));
-                                        heap.push(Reverse((now + Duration::from_millis(500 + u64::from(b % 1500)), Action::Ping, b)));
                                     }
-                                }
-                                wire::ServerMsg::Snapshot => {
-                                    if let Some(s) = frame.msg_as_snapshot() {
-                                        let tick = s.tick();
-                                        if tick > bot.last_tick {
-                                            if bot.last_tick > 0 && tick - bot.last_tick > 2 && now >= measure_from {
-                                                bot.gaps += 1;
+                                    wire::ServerMsg::Snapshot => {
+                                        if let Some(s) = frame.msg_as_snapshot() {
+                                            let tick = s.tick();
+                                            if tick > bot.last_tick {
+                                                if bot.last_tick > 0
+                                                    && tick - bot.last_tick > 2
+                                                    && now >= measure_from
+                                                {
+                                                    bot.gaps += 1;
+                                                }
+                                                bot.last_tick = tick;
+                                                bot.ack = tick;
                                             }
-                                            bot.last_tick = tick;
-                                            bot.ack = tick;
-                                        }
-                                        bot.snapshots += 1;
-                                        bot.bytes += bytes.len() as u64;
-                                        if now >= measure_from {
-                                            bot.snapshots_measured += 1;
-                                            sec_snapshots += 1;
-                                            sec_bytes += bytes.len() as u64;
-                                        }
-                                        let applied = s.last_input_seq();
-                                        while bot.pending.front().is_some_and(|(seq, _)| *seq <= applied) {
-                                            let (_, sent) = bot.pending.pop_front().expect("front");
-                                            let us = now.duration_since(sent).as_micros().max(1) as u64;
+                                            bot.snapshots += 1;
+                                            bot.bytes += bytes.len() as u64;
                                             if now >= measure_from {
-                                                let _ = visible_us.record(us);
-                                                let _ = sec_visible.record(us);
+                                                bot.snapshots_measured += 1;
+                                                sec_snapshots += 1;
+                                                sec_bytes += bytes.len() as u64;
                                             }
-                                        }
-                                        let me = bot.entity;
-                                        if let Some(v) = s.entered() {
-                                            for (k, f) in v.iter().enumerate() {
-                                                if f.id() == me {
-                                                    bot.pos = Some([dequantize(f.pos().x()), dequantize(f.pos().y())]);
-                                                } else if k < 4 {
-                                                    bot.visible[k] = f.id();
+                                            let applied = s.last_input_seq();
+                                            while bot
+                                                .pending
+                                                .front()
+                                                .is_some_and(|(seq, _)| *seq <= applied)
+                                            {
+                                                let (_, sent) =
+                                                    bot.pending.pop_front().expect("front");
+                                                let us = now.duration_since(sent).as_micros().max(1)
+                                                    as u64;
+                                                if now >= measure_from {
+                                                    let _ = visible_us.record(us);
+                                                    let _ = sec_visible.record(us);
                                                 }
                                             }
-                                        }
-                                        if let Some(v) = s.moved() {
-                                            if let Some(m) = v.iter().find(|m| m.id() == me) {
-                                                bot.pos = Some([dequantize(m.pos().x()), dequantize(m.pos().y())]);
+                                            let me = bot.entity;
+                                            if let Some(v) = s.entered() {
+                                                for (k, f) in v.iter().enumerate() {
+                                                    if f.id() == me {
+                                                        bot.pos = Some([
+                                                            dequantize(f.pos().x()),
+                                                            dequantize(f.pos().y()),
+                                                        ]);
+                                                    } else if k < 4 {
+                                                        bot.visible[k] = f.id();
+                                                    }
+                                                }
                                             }
-                                        }
-                                        if let Some(mirror) = bot.mirror.as_mut() {
-                                            totals.verified += 1;
-                                            match tessera_schema::server::decode(&bytes) {
+                                            if let Some(v) = s.moved() {
+                                                if let Some(m) = v.iter().find(|m| m.id() == me) {
+                                                    bot.pos = Some([
+                                                        dequantize(m.pos().x()),
+                                                        dequantize(m.pos().y()),
+                                                    ]);
+                                                }
+                                            }
+                                            if let Some(mirror) = bot.mirror.as_mut() {
+                                                totals.verified += 1;
+                                                match tessera_schema::server::decode(&bytes) {
                                                 Ok(tessera_schema::server::ServerMessage::Snapshot(owned)) => {
                                                     if let Err(e) = mirror.apply(&owned) {
                                                         if !matches!(e, tessera_cells::view::MirrorError::Stale(_)) {
@@ -475,22 +528,26 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                                                 }
                                                 _ => totals.verify_errors += 1,
                                             }
+                                            }
                                         }
                                     }
-                                }
-                                wire::ServerMsg::Pong => {
-                                    if let (Some(p), Some((token, sent))) = (frame.msg_as_pong(), bot.ping) {
-                                        if p.client_time_us() == token {
-                                            let us = now.duration_since(sent).as_micros().max(1) as u64;
-                                            let _ = rtt_us.record(us);
-                                            let _ = sec_rtt.record(us);
-                                            bot.ping = None;
+                                    wire::ServerMsg::Pong => {
+                                        if let (Some(p), Some((token, sent))) =
+                                            (frame.msg_as_pong(), bot.ping)
+                                        {
+                                            if p.client_time_us() == token {
+                                                let us = now.duration_since(sent).as_micros().max(1)
+                                                    as u64;
+                                                let _ = rtt_us.record(us);
+                                                let _ = sec_rtt.record(us);
+                                                bot.ping = None;
+                                            }
                                         }
                                     }
+                                    wire::ServerMsg::Error => totals.errors_from_server += 1,
+                                    _ => {}
                                 }
-                                wire::ServerMsg::Error => totals.errors_from_server += 1,
-                                _ => {}
-                            },
+                            }
                         }
                         net.endpoint.recycle(bytes);
                     }
@@ -530,8 +587,14 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                     if let Some(h) = bot.connection {
                         let token = rng.next() | 1;
                         bot.ping = Some((token, now));
-                        let ping = ClientMessage::Ping { client_time_us: token };
-                        let _ = nets[e].endpoint.send(h, CHANNEL_UNRELIABLE, client::encode(&mut fbb, &ping));
+                        let ping = ClientMessage::Ping {
+                            client_time_us: token,
+                        };
+                        let _ = nets[e].endpoint.send(
+                            h,
+                            CHANNEL_UNRELIABLE,
+                            client::encode(&mut fbb, &ping),
+                        );
                     }
                     heap.push(Reverse((now + Duration::from_secs(2), Action::Ping, b)));
                 }
@@ -563,7 +626,10 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                         }
                         Pattern::Commute => {
                             // Legs of 20 s along a diagonal, back and forth.
-                            let leg = (now.duration_since(bot.play_started.unwrap_or(now)).as_secs() / 20) as u32;
+                            let leg = (now
+                                .duration_since(bot.play_started.unwrap_or(now))
+                                .as_secs()
+                                / 20) as u32;
                             if leg != bot.leg || bot.dir == [0.0, 0.0] {
                                 bot.leg = leg;
                                 let s = if (leg + b) % 2 == 0 { 0.7 } else { -0.7 };
@@ -574,7 +640,9 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                     bot.input_seq += 1;
                     let mut actions = Vec::new();
                     if rng.chance(args.attack_chance) && bot.visible[0] != 0 {
-                        actions.push(ActionCmd::Attack { target: bot.visible[0] });
+                        actions.push(ActionCmd::Attack {
+                            target: bot.visible[0],
+                        });
                         totals.attacks += 1;
                     }
                     let input = ClientMessage::Input(InputCmd {
@@ -584,7 +652,11 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                         heading: bot.dir[1].atan2(bot.dir[0]),
                         actions,
                     });
-                    if nets[e].endpoint.send(h, CHANNEL_RELIABLE, client::encode(&mut fbb, &input)).is_ok() {
+                    if nets[e]
+                        .endpoint
+                        .send(h, CHANNEL_RELIABLE, client::encode(&mut fbb, &input))
+                        .is_ok()
+                    {
                         totals.inputs += 1;
                         bot.pending.push_back((bot.input_seq, now));
                         if bot.pending.len() > 256 {
@@ -592,8 +664,14 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                         }
                     }
                     if bot.ack > 0 {
-                        let ack = ClientMessage::Ack { snapshot_tick: bot.ack };
-                        let _ = nets[e].endpoint.send(h, CHANNEL_SNAPSHOTS, client::encode(&mut fbb, &ack));
+                        let ack = ClientMessage::Ack {
+                            snapshot_tick: bot.ack,
+                        };
+                        let _ = nets[e].endpoint.send(
+                            h,
+                            CHANNEL_SNAPSHOTS,
+                            client::encode(&mut fbb, &ack),
+                        );
                     }
                     let mut next = at + input_period;
                     if next < now {
@@ -631,12 +709,17 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                 },
                 input_to_visible_ms_p99: sec_visible.value_at_quantile(0.99) as f64 / 1000.0,
                 rtt_ms_p99: sec_rtt.value_at_quantile(0.99) as f64 / 1000.0,
-                bytes_per_client_s: if playing > 0 { sec_bytes as f64 / playing as f64 } else { 0.0 },
+                bytes_per_client_s: if playing > 0 {
+                    sec_bytes as f64 / playing as f64
+                } else {
+                    0.0
+                },
                 ..Sample::default()
             };
             if let Some(pid) = args.server_pid {
                 if let (Some((cpu0, _)), Some((cpu1, rss))) = (last_proc, proc_sample(pid)) {
-                    sample.server_cpu_pct = Some((cpu1.saturating_sub(cpu0)) as f64 / clock_ticks * 100.0);
+                    sample.server_cpu_pct =
+                        Some((cpu1.saturating_sub(cpu0)) as f64 / clock_ticks * 100.0);
                     sample.server_rss_mb = Some(rss as f64 / (1 << 20) as f64);
                     last_proc = Some((cpu1, rss));
                 }
@@ -666,8 +749,13 @@ pub fn run(args: SimArgs) -> Result<(), String> {
             sec_rtt.reset();
         }
         // 5. Sleep until the next action or traffic.
-        let next = heap.peek().map(|r| r.0 .0).unwrap_or(now + Duration::from_millis(5));
-        let wait = next.saturating_duration_since(Instant::now()).min(Duration::from_millis(5));
+        let next = heap
+            .peek()
+            .map(|r| r.0 .0)
+            .unwrap_or(now + Duration::from_millis(5));
+        let wait = next
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(5));
         if !wait.is_zero() {
             wait_any(&nets, wait);
         }
@@ -677,7 +765,11 @@ pub fn run(args: SimArgs) -> Result<(), String> {
     for bot in bots.iter() {
         if let (State::Playing, Some(h)) = (bot.state, bot.connection) {
             let net = &mut nets[bot.endpoint as usize];
-            let _ = net.endpoint.send(h, CHANNEL_RELIABLE, client::encode(&mut fbb, &ClientMessage::Leave { reason: 0 }));
+            let _ = net.endpoint.send(
+                h,
+                CHANNEL_RELIABLE,
+                client::encode(&mut fbb, &ClientMessage::Leave { reason: 0 }),
+            );
         }
     }
     for _ in 0..5 {
@@ -688,7 +780,18 @@ pub fn run(args: SimArgs) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    report(&args, &bots, &totals, &connect_ms, &join_ms, &rtt_us, &visible_us, end, measure_from, &samples)
+    report(
+        &args,
+        &bots,
+        &totals,
+        &connect_ms,
+        &join_ms,
+        &rtt_us,
+        &visible_us,
+        end,
+        measure_from,
+        &samples,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -719,13 +822,28 @@ fn report(
     }
     bytes += playing.iter().map(|b| b.bytes).sum::<u64>();
     let gaps: u64 = bots.iter().map(|b| b.gaps).sum();
-    let delivered = if expected > 0.0 { 100.0 * received as f64 / expected } else { 0.0 };
-    let per_client_s = if seconds > 0.0 { received as f64 / seconds } else { 0.0 };
+    let delivered = if expected > 0.0 {
+        100.0 * received as f64 / expected
+    } else {
+        0.0
+    };
+    let per_client_s = if seconds > 0.0 {
+        received as f64 / seconds
+    } else {
+        0.0
+    };
     let total_play: f64 = playing
         .iter()
-        .map(|b| end.saturating_duration_since(b.play_started.unwrap_or(end)).as_secs_f64())
+        .map(|b| {
+            end.saturating_duration_since(b.play_started.unwrap_or(end))
+                .as_secs_f64()
+        })
         .sum();
-    let bytes_per_client_s = if total_play > 0.0 { bytes as f64 / total_play } else { 0.0 };
+    let bytes_per_client_s = if total_play > 0.0 {
+        bytes as f64 / total_play
+    } else {
+        0.0
+    };
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let case = format!(
         "pattern={},clients={}",
@@ -739,7 +857,11 @@ fn report(
     let mut rows: Vec<(&str, f64, &str)> = vec![
         ("clients_joined", totals.joined as f64, "clients"),
         ("clients_failed", totals.failed as f64, "clients"),
-        ("clients_disconnected", totals.disconnected as f64, "clients"),
+        (
+            "clients_disconnected",
+            totals.disconnected as f64,
+            "clients",
+        ),
         ("connect_ms_p50", ms(connect, 0.5), "ms"),
         ("connect_ms_p99", ms(connect, 0.99), "ms"),
         ("join_ms_p99", ms(join, 0.99), "ms"),
@@ -759,7 +881,12 @@ fn report(
         ("verified_snapshots", totals.verified as f64, "snapshots"),
         ("verify_errors", totals.verify_errors as f64, "snapshots"),
     ];
-    let worst = |f: fn(&Sample) -> Option<f64>| samples.iter().filter_map(f).fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+    let worst = |f: fn(&Sample) -> Option<f64>| {
+        samples
+            .iter()
+            .filter_map(f)
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
+    };
     let server_tick = worst(|s| s.server_tick_p99_ms);
     let server_rss = worst(|s| s.server_rss_mb);
     let server_cpu = worst(|s| s.server_cpu_pct);
@@ -772,7 +899,10 @@ fn report(
     if let Some(v) = server_cpu {
         rows.push(("server_cpu_pct_max", v, "%"));
     }
-    println!("sim report: {case}, {} Hz ticks, {} input/s per bot, ran {:.0} s after ramp", args.tick_hz, args.input_hz, args.duration);
+    println!(
+        "sim report: {case}, {} Hz ticks, {} input/s per bot, ran {:.0} s after ramp",
+        args.tick_hz, args.input_hz, args.duration
+    );
     println!("{:<34} {:>14}  unit", "metric", "value");
     for (m, v, u) in &rows {
         println!("{m:<34} {v:>14.3}  {u}");
@@ -787,12 +917,18 @@ fn report(
         "notes": [format!("addr {}, {} sockets, pattern {:?}, input {} Hz, attack chance {}, verify 1 in {}", args.addr, args.sockets.unwrap_or(args.clients.div_ceil(200)), args.pattern, args.input_hz, args.attack_chance, args.verify_every)],
         "samples": samples,
     });
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("target/bench/sim.json"));
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("target/bench/sim.json"));
     if let Some(dir) = out.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    std::fs::write(&out, serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?)
-        .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+    std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
     println!("wrote {}", out.display());
     if let Some(path) = &args.samples {
         let mut csv = String::from("t_s,playing,server_cpu_pct,server_rss_mb,server_tick_p99_ms,snapshots_delivered_pct,input_to_visible_ms_p99,rtt_ms_p99,bytes_per_client_s\n");
@@ -814,7 +950,10 @@ fn report(
         std::fs::write(path, csv).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     if totals.joined == 0 {
-        return Err(format!("no bot could join {}: is the server running?", args.addr));
+        return Err(format!(
+            "no bot could join {}: is the server running?",
+            args.addr
+        ));
     }
     Ok(())
 }

@@ -14,7 +14,11 @@ use tessera_runtime::node::protocol::client_config;
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 
 fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Server {
@@ -29,8 +33,28 @@ impl Server {
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         let mut child = Command::new(BIN)
-            .args(["serve", "--port", "0", "--bind", "127.0.0.1", "--shards", "2", "--unpinned", "--world", "4x4", "--npcs", "300"])
-            .args(["--metrics-addr", &metrics.to_string(), "--admin-addr", &admin.to_string(), "--duration", "120"])
+            .args([
+                "serve",
+                "--port",
+                "0",
+                "--bind",
+                "127.0.0.1",
+                "--shards",
+                "2",
+                "--unpinned",
+                "--world",
+                "4x4",
+                "--npcs",
+                "300",
+            ])
+            .args([
+                "--metrics-addr",
+                &metrics.to_string(),
+                "--admin-addr",
+                &admin.to_string(),
+                "--duration",
+                "120",
+            ])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -38,23 +62,34 @@ impl Server {
             .expect("start tessera serve");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let first = lines.next().expect("server printed nothing").unwrap();
-        let addr = first.split("udp://").nth(1).and_then(|s| s.split_whitespace().next()).expect("address line");
+        let addr = first
+            .split("udp://")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .expect("address line");
         let game: SocketAddr = addr.parse().unwrap();
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Server { child, game, metrics, admin }
+        Server {
+            child,
+            game,
+            metrics,
+            admin,
+        }
     }
 
     fn tessera(&self, args: &[&str]) -> (bool, String) {
         let out = Command::new(BIN).args(args).output().expect("run tessera");
-        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
         (out.status.success(), text)
     }
 
     fn metric(&self, name_and_labels: &str) -> f64 {
         let mut s = std::net::TcpStream::connect(self.metrics).unwrap();
         use std::io::Write;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
         let mut body = String::new();
         s.read_to_string(&mut body).unwrap();
         body.lines()
@@ -73,7 +108,10 @@ impl Server {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "server did not stop within 30 s of SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "server did not stop within 30 s of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -105,25 +143,76 @@ fn a_node_serves_200_commuting_clients_and_stops_cleanly() {
     // The client commands work.
     let (ok, out) = server.tessera(&["client", "--addr", &addr, "ping", "--count", "3"]);
     assert!(ok && out.contains("pongs"), "{out}");
-    let (ok, out) = server.tessera(&["client", "--addr", &addr, "--name", "ada", "join", "--seconds", "1"]);
+    let (ok, out) = server.tessera(&[
+        "client",
+        "--addr",
+        &addr,
+        "--name",
+        "ada",
+        "join",
+        "--seconds",
+        "1",
+    ]);
     assert!(ok && out.contains("joined as entity"), "{out}");
-    let (ok, out) = server.tessera(&["client", "--addr", &addr, "move", "--dx", "1", "--dy", "0", "--seconds", "1"]);
+    let (ok, out) = server.tessera(&[
+        "client",
+        "--addr",
+        &addr,
+        "move",
+        "--dx",
+        "1",
+        "--dy",
+        "0",
+        "--seconds",
+        "1",
+    ]);
     assert!(ok && out.contains("at ("), "{out}");
     let script = std::env::temp_dir().join(format!("tessera-e2e-{}.txt", std::process::id()));
-    std::fs::write(&script, "# a script\njoin bob\nmove 0 1\nsleep 300\nwhere\nview\nping\nleave\n").unwrap();
-    let (ok, out) = server.tessera(&["client", "--addr", &addr, "script", script.to_str().unwrap()]);
-    assert!(ok && out.contains("rtt") && out.contains("entities"), "{out}");
+    std::fs::write(
+        &script,
+        "# a script\njoin bob\nmove 0 1\nsleep 300\nwhere\nview\nping\nleave\n",
+    )
+    .unwrap();
+    let (ok, out) = server.tessera(&[
+        "client",
+        "--addr",
+        &addr,
+        "script",
+        script.to_str().unwrap(),
+    ]);
+    assert!(
+        ok && out.contains("rtt") && out.contains("entities"),
+        "{out}"
+    );
     let (ok, out) = server.tessera(&["admin", "--addr", &server.admin.to_string(), "status"]);
-    assert!(ok && out.contains("cell") && out.contains("sessions"), "{out}");
+    assert!(
+        ok && out.contains("cell") && out.contains("sessions"),
+        "{out}"
+    );
 
     // 200 bots commute diagonally across cells owned by both shards.
-    let report_path = std::env::temp_dir().join(format!("tessera-e2e-sim-{}.json", std::process::id()));
+    let report_path =
+        std::env::temp_dir().join(format!("tessera-e2e-sim-{}.json", std::process::id()));
     let (ok, out) = server.tessera(&[
-        "sim", "--addr", &addr, "--clients", "200", "--duration", "6", "--ramp", "1", "--pattern", "commute",
-        "--verify-every", "10", "--out", report_path.to_str().unwrap(),
+        "sim",
+        "--addr",
+        &addr,
+        "--clients",
+        "200",
+        "--duration",
+        "6",
+        "--ramp",
+        "1",
+        "--pattern",
+        "commute",
+        "--verify-every",
+        "10",
+        "--out",
+        report_path.to_str().unwrap(),
     ]);
     assert!(ok, "sim failed: {out}");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
     assert_eq!(sim_value(&report, "clients_joined"), 200.0, "{out}");
     assert_eq!(sim_value(&report, "clients_failed"), 0.0, "{out}");
     // Rebuilt views are consistent: no duplicate entity, no missing baseline.
@@ -157,14 +246,19 @@ fn a_node_serves_200_commuting_clients_and_stops_cleanly() {
     }
     std::thread::sleep(Duration::from_millis(1500));
     let refused_after = server.metric("tessera_drops_total");
-    assert!(refused_after - refused_before >= 400.0, "garbage not counted: {refused_before} -> {refused_after}");
+    assert!(
+        refused_after - refused_before >= 400.0,
+        "garbage not counted: {refused_before} -> {refused_after}"
+    );
     let (ok, out) = server.tessera(&["client", "--addr", &addr, "ping", "--count", "2"]);
     assert!(ok, "server stopped answering after garbage: {out}");
 
     // A connected client hears the shutdown; the server exits 0.
     let mut endpoint = Endpoint::new(client_config(1), 99).unwrap();
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-    socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
     let connection = endpoint.connect(Instant::now(), server.game).unwrap();
     let pump = |endpoint: &mut Endpoint| -> Vec<Event> {
         let now = Instant::now();
@@ -183,7 +277,10 @@ fn a_node_serves_200_commuting_clients_and_stops_cleanly() {
         std::iter::from_fn(|| endpoint.poll_event()).collect()
     };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !pump(&mut endpoint).iter().any(|e| matches!(e, Event::Connected { .. })) {
+    while !pump(&mut endpoint)
+        .iter()
+        .any(|e| matches!(e, Event::Connected { .. }))
+    {
         assert!(Instant::now() < deadline, "could not connect");
     }
     let status = server.terminate();
@@ -196,11 +293,19 @@ fn a_node_serves_200_commuting_clients_and_stops_cleanly() {
         }) {
             break reason;
         }
-        assert!(Instant::now() < deadline, "the client never heard the shutdown");
+        assert!(
+            Instant::now() < deadline,
+            "the client never heard the shutdown"
+        );
     };
     assert_eq!(
         format!("{reason:?}"),
-        format!("{:?}", tessera_net::DisconnectReason::Remote(tessera_runtime::node::protocol::disconnect::SHUTTING_DOWN)),
+        format!(
+            "{:?}",
+            tessera_net::DisconnectReason::Remote(
+                tessera_runtime::node::protocol::disconnect::SHUTTING_DOWN
+            )
+        ),
         "connection {connection:?}"
     );
 }
@@ -211,25 +316,64 @@ fn mistakes_give_one_clear_line_and_a_nonzero_exit() {
     let holder = UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = holder.local_addr().unwrap().port().to_string();
     let out = Command::new(BIN)
-        .args(["serve", "--bind", "127.0.0.1", "--port", &port, "--metrics-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--unpinned"])
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--unpinned",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("is in use") && err.lines().count() == 1, "{err}");
+    assert!(
+        err.contains("is in use") && err.lines().count() == 1,
+        "{err}"
+    );
     // Bad flag value.
-    let out = Command::new(BIN).args(["serve", "--tick-hz", "500"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--tick-hz", "500"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.lines().count() == 1 && err.contains("tick-hz"), "{err}");
+    assert!(
+        !out.status.success() && err.lines().count() == 1 && err.contains("tick-hz"),
+        "{err}"
+    );
     // Bad config file.
     let cfg = std::env::temp_dir().join(format!("tessera-bad-{}.toml", std::process::id()));
     std::fs::write(&cfg, "[[shard]]\nid = 0\ncells = [\"0:0,0\", \"0:0,0\"]\n").unwrap();
     let out = Command::new(BIN)
-        .args(["serve", "--config", cfg.to_str().unwrap(), "--world", "1x1", "--shards", "1", "--unpinned", "--port", "0"])
-        .args(["--metrics-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--world",
+            "1x1",
+            "--shards",
+            "1",
+            "--unpinned",
+            "--port",
+            "0",
+        ])
+        .args([
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("assigned twice") && err.lines().count() == 1, "{err}");
+    assert!(
+        !out.status.success() && err.contains("assigned twice") && err.lines().count() == 1,
+        "{err}"
+    );
     assert!(!err.contains("panicked") && !err.contains("backtrace"));
 }

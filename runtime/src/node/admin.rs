@@ -1,8 +1,9 @@
 //! The admin port: a line protocol on a loopback TCP port.
 //!
 //! A client connects, writes one command line, reads one JSON document and
-//! the connection closes. Commands: `status`, `cells`, `shutdown`. Errors
-//! come back as `{"error": "..."}`.
+//! the connection closes. Commands: `status`, `cells`, `handovers`,
+//! `move CELL SHARD`, `split CELL`, `merge CELL`, `shutdown`. Errors come
+//! back as `{"error": "..."}`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -16,7 +17,9 @@ use serde::{Deserialize, Serialize};
 use crate::runtime::{spawn_helper, StopHandle};
 use crate::stats::StatsBoard;
 
+use super::coordinator::{AdminCommand, CoordInput, CoordSender};
 use super::shared::NodeShared;
+use tessera_cells::CellId;
 
 /// Longest command line accepted.
 const LINE_MAX: u64 = 1024;
@@ -142,6 +145,7 @@ pub fn serve(
     shared: Arc<NodeShared>,
     board: Arc<StatsBoard>,
     node_stop: StopHandle,
+    coord: CoordSender,
     stop: Arc<AtomicBool>,
 ) -> io::Result<JoinHandle<()>> {
     listener.set_nonblocking(true)?;
@@ -149,7 +153,7 @@ pub fn serve(
         while !stop.load(Ordering::Acquire) {
             match listener.accept() {
                 Ok((stream, peer)) => {
-                    if let Err(e) = answer(stream, &shared, &board, &node_stop) {
+                    if let Err(e) = answer(stream, &shared, &board, &node_stop, &coord) {
                         tracing::debug!(%peer, error = %e, "admin request failed");
                     }
                 }
@@ -165,11 +169,33 @@ pub fn serve(
     })
 }
 
+fn command(coord: &CoordSender, command: AdminCommand) -> String {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    if coord
+        .send(CoordInput::Admin { command, reply: tx })
+        .is_err()
+    {
+        return serde_json::json!({ "error": "the coordinator is not running" }).to_string();
+    }
+    match rx.recv_timeout(Duration::from_secs(5)) {
+        Ok(Ok(text)) => serde_json::json!({ "ok": text }).to_string(),
+        Ok(Err(e)) => serde_json::json!({ "error": e }).to_string(),
+        Err(_) => serde_json::json!({ "error": "the coordinator did not answer" }).to_string(),
+    }
+}
+
+fn parse_cell(word: Option<&str>) -> Result<CellId, String> {
+    word.ok_or_else(|| "a cell is needed, e.g. 0:2,3".to_string())?
+        .parse::<CellId>()
+        .map_err(|e| e.to_string())
+}
+
 fn answer(
     stream: TcpStream,
     shared: &NodeShared,
     board: &StatsBoard,
     node_stop: &StopHandle,
+    coord: &CoordSender,
 ) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -179,12 +205,54 @@ fn answer(
     let mut words = line.split_whitespace();
     let reply = match words.next() {
         Some("status") | Some("cells") => serde_json::to_string(&status(shared, board)).map_err(io::Error::other)?,
+        Some("move") => match (parse_cell(words.next()), words.next().map(str::parse::<u16>)) {
+            (Ok(cell), Some(Ok(shard))) => command(coord, AdminCommand::Move { cell, shard }),
+            (Err(e), _) => serde_json::json!({ "error": e }).to_string(),
+            _ => serde_json::json!({ "error": "usage: move CELL SHARD" }).to_string(),
+        },
+        Some("split") => match parse_cell(words.next()) {
+            Ok(cell) => command(coord, AdminCommand::Split { cell }),
+            Err(e) => serde_json::json!({ "error": e }).to_string(),
+        },
+        Some("merge") => match parse_cell(words.next()) {
+            Ok(cell) => command(coord, AdminCommand::Merge { cell }),
+            Err(e) => serde_json::json!({ "error": e }).to_string(),
+        },
+        Some("handovers") => {
+            let c = shared.coordinator_stats();
+            let recent: Vec<serde_json::Value> = c
+                .recent
+                .iter()
+                .rev()
+                .take(50)
+                .map(|r| {
+                    serde_json::json!({
+                        "handover": r.id.0, "cell": r.cell.to_string(), "from": r.from, "to": r.to, "epoch": r.epoch,
+                        "entities": r.entities, "committed": r.committed, "abort": r.abort.map(|a| format!("{a:?}")),
+                        "decision_to_commit_ms": r.decision_to_commit.as_secs_f64() * 1e3,
+                        "freeze_ms": r.freeze.map(|f| f.as_secs_f64() * 1e3), "cause": r.cause,
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "handovers": c.counters.handovers, "aborts": c.counters.aborts, "splits": c.counters.splits,
+                "merges": c.counters.merges, "stale_events": c.counters.stale_events,
+                "freeze_ms_p50": c.freeze_us.value_at_quantile(0.5) as f64 / 1e3,
+                "freeze_ms_p99": c.freeze_us.value_at_quantile(0.99) as f64 / 1e3,
+                "commit_ms_p99": c.commit_us.value_at_quantile(0.99) as f64 / 1e3,
+                "recent": recent,
+            })
+            .to_string()
+        }
         Some("shutdown") => {
             tracing::warn!("shutdown requested on the admin port");
             node_stop.stop();
             "{\"ok\":true}".to_string()
         }
-        Some(other) => serde_json::json!({ "error": format!("unknown command {other:?}: try status, cells, shutdown") }).to_string(),
+        Some(other) => serde_json::json!({
+            "error": format!("unknown command {other:?}: try status, cells, handovers, move CELL SHARD, split CELL, merge CELL, shutdown")
+        })
+        .to_string(),
         None => serde_json::json!({ "error": "empty command" }).to_string(),
     };
     let mut stream = stream;

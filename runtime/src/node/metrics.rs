@@ -338,6 +338,75 @@ pub fn render(shared: &NodeShared, board: &StatsBoard) -> String {
             );
         }
     }
+    let c = shared.coordinator_stats();
+    for (name, text, v) in [
+        (
+            "tessera_handovers_total",
+            "Cell handovers committed.",
+            c.counters.handovers,
+        ),
+        (
+            "tessera_handover_aborts_total",
+            "Cell handovers aborted.",
+            c.counters.aborts,
+        ),
+        ("tessera_splits_total", "Cells split.", c.counters.splits),
+        ("tessera_merges_total", "Cells merged.", c.counters.merges),
+        (
+            "tessera_coordinator_stale_events_total",
+            "Reports about unknown or finished operations (ignored).",
+            c.counters.stale_events,
+        ),
+    ] {
+        help(&mut o, name, "counter", text);
+        let _ = writeln!(o, "{name} {v}");
+    }
+    for (name, text, h) in [
+        (
+            "tessera_handover_freeze_seconds",
+            "Freeze on the source to simulation on the target.",
+            &c.freeze_us,
+        ),
+        (
+            "tessera_handover_commit_seconds",
+            "Decision to commit.",
+            &c.commit_us,
+        ),
+    ] {
+        help(&mut o, name, "summary", text);
+        for q in [0.5, 0.99, 1.0] {
+            let _ = writeln!(
+                o,
+                "{name}{{quantile=\"{q}\"}} {:.6}",
+                h.value_at_quantile(q) as f64 / 1e6
+            );
+        }
+        let _ = writeln!(o, "{name}_count {}", h.len());
+    }
+    help(
+        &mut o,
+        "tessera_stale_messages_total",
+        "counter",
+        "Handover messages with a stale epoch or for an unknown handover, ignored, per shard.",
+    );
+    for (i, s) in node.iter().enumerate() {
+        if let Some(s) = s {
+            let _ = writeln!(
+                o,
+                "tessera_stale_messages_total{{shard=\"{i}\"}} {}",
+                s.handover.stale_ignored
+            );
+        }
+    }
+    help(
+        &mut o,
+        "tessera_cell_load_score",
+        "gauge",
+        "The coordinator's load score per cell.",
+    );
+    for (cell, score) in &c.scores {
+        let _ = writeln!(o, "tessera_cell_load_score{{cell=\"{cell}\"}} {score:.3}");
+    }
     for (name, text, idx) in [
         ("tessera_cell_entities", "Entities owned, per cell.", 0),
         ("tessera_cell_ghosts", "Ghosts held, per cell.", 1),

@@ -8,6 +8,7 @@
 //! of its clients ([`shard::NodeShard`]).
 
 pub mod admin;
+pub mod coordinator;
 pub mod gateway;
 pub mod metrics;
 pub mod msg;
@@ -69,6 +70,11 @@ pub struct NodeConfig {
     pub seed: u64,
     /// Impair outgoing traffic (manual testing only).
     pub conditioner: Option<ConditionerConfig>,
+    /// Let the coordinator split, move and merge cells by itself (off: only
+    /// operator commands).
+    pub auto_balance: bool,
+    /// Deepest split.
+    pub max_depth: u8,
 }
 
 impl Default for NodeConfig {
@@ -89,6 +95,8 @@ impl Default for NodeConfig {
             sessions_per_shard: 20_000,
             seed: 1,
             conditioner: None,
+            auto_balance: true,
+            max_depth: 3,
         }
     }
 }
@@ -140,6 +148,7 @@ pub enum NodeError {
 /// A running node.
 pub struct Node {
     runtime: Runtime<NodeMsg>,
+    coord_tx: coordinator::CoordSender,
     shared: Arc<NodeShared>,
     helpers: Vec<JoinHandle<()>>,
     helpers_stop: Arc<AtomicBool>,
@@ -190,7 +199,16 @@ impl Node {
             None => contiguous_blocks(&layout, shards),
         };
         let registry = Registry::new(layout.clone(), &owners)?;
-        let shared = Arc::new(NodeShared::new(registry, shards, config.tick_hz));
+        let mut policy = tessera_coord::Policy::new(shards as u16);
+        policy.automatic = config.auto_balance;
+        policy.max_depth = config.max_depth;
+        let coordinator = tessera_coord::Coordinator::new(registry.clone(), policy);
+        let shared = Arc::new(NodeShared::new(
+            coordinator.registry().clone(),
+            shards,
+            config.tick_hz,
+        ));
+        let (coord_tx, coord_rx) = crossbeam_channel::unbounded();
 
         // Helper ports first: a clash there must not leave shards running.
         let metrics = config
@@ -220,6 +238,7 @@ impl Node {
             config.sessions_per_shard,
             config.seed,
         );
+        let shard_coord_tx = coord_tx.clone();
         let runtime = builder.start(move |shard| {
             let socket = sockets.lock().unwrap_or_else(|e| e.into_inner())[shard.index()]
                 .take()
@@ -245,7 +264,15 @@ impl Node {
                 registry.layout().clone(),
                 DemoGame::new(demo.clone()),
             );
-            shard::NodeShard::new(shard, sh.clone(), world, gateway, npcs, seed)
+            shard::NodeShard::new(
+                shard,
+                sh.clone(),
+                world,
+                gateway,
+                shard_coord_tx.clone(),
+                npcs,
+                seed,
+            )
         })?;
 
         let helpers_stop = Arc::new(AtomicBool::new(false));
@@ -260,17 +287,26 @@ impl Node {
                 helpers_stop.clone(),
             )?);
         }
+        helpers.push(coordinator::spawn(
+            coordinator,
+            coord_rx,
+            runtime.senders().to_vec(),
+            shared.clone(),
+            helpers_stop.clone(),
+        )?);
         if let Some(listener) = admin {
             helpers.push(admin::serve(
                 listener,
                 shared.clone(),
                 runtime.stats(),
                 runtime.stop_handle(),
+                coord_tx.clone(),
                 helpers_stop.clone(),
             )?);
         }
         tracing::info!(addr = %game_addr, shards, metrics = ?metrics_addr, admin = ?admin_addr, "node started");
         Ok(Node {
+            coord_tx,
             runtime,
             shared,
             helpers,
@@ -335,6 +371,16 @@ impl Node {
     /// Shared state (registry, statistics).
     pub fn shared(&self) -> &Arc<NodeShared> {
         &self.shared
+    }
+
+    /// Sends an operator command to the coordinator and waits for its answer.
+    pub fn command(&self, command: coordinator::AdminCommand) -> Result<String, String> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.coord_tx
+            .send(coordinator::CoordInput::Admin { command, reply: tx })
+            .map_err(|_| "the coordinator is not running".to_string())?;
+        rx.recv_timeout(Duration::from_secs(5))
+            .map_err(|_| "the coordinator did not answer".to_string())?
     }
 
     /// A handle to stop the node from anywhere.

@@ -4,14 +4,14 @@
 
 use std::sync::Arc;
 
-use tessera_cells::{ClientId, ClientOutput};
-use tessera_coord::Registry;
+use tessera_cells::{CellId, CellMessage, ClientId, ClientOutput};
+use tessera_coord::{Assignment, Registry};
 
 use crate::ids::{ShardId, StageAddr, StageId};
 use crate::mailbox::SendError;
 use crate::shard::ShardContext;
 
-use super::msg::{CellMsg, NodeMsg};
+use super::msg::{CellMsg, ControlMsg, NodeMsg};
 use super::shared::NodeShared;
 
 /// Bits of a client id left for the serial: the top bits name the gateway shard.
@@ -81,13 +81,81 @@ impl Router {
         self.counters
     }
 
+    /// Where a message for a cell that is no longer a leaf goes: the leaf
+    /// it was merged into; or, for a split cell, the child it concerns (by
+    /// position for joins and transfers; entity-addressed messages try the
+    /// children in turn, one more hop each time, until one knows the entity).
+    fn resolve(&self, env: &mut CellMsg) -> Vec<Assignment> {
+        let mut up = env.to.parent();
+        while let Some(p) = up {
+            if let Some(a) = self.registry.get(p) {
+                return vec![a];
+            }
+            up = p.parent();
+        }
+        let leaves: Vec<(CellId, Assignment)> = self
+            .registry
+            .iter()
+            .filter(|(c, _)| env.to.contains_cell(*c) && *c != env.to)
+            .collect();
+        if leaves.is_empty() {
+            return Vec::new();
+        }
+        let layout = self.registry.layout();
+        let by_pos = |p: tessera_cells::Vec2| layout.leaf_at(p).and_then(|c| self.registry.get(c));
+        match &mut env.msg {
+            CellMessage::Join { pos, .. } => by_pos(*pos).into_iter().collect(),
+            CellMessage::Transfer(t) => by_pos(t.entity.pos).into_iter().collect(),
+            CellMessage::Ghost(_) => {
+                let mut owners: Vec<Assignment> = Vec::new();
+                for (_, a) in &leaves {
+                    if !owners.iter().any(|o| o.owner == a.owner) {
+                        owners.push(*a);
+                    }
+                }
+                owners
+            }
+            CellMessage::Input { hops, .. }
+            | CellMessage::Ack { hops, .. }
+            | CellMessage::Leave { hops, .. }
+            | CellMessage::Intent { hops, .. } => {
+                if *hops > 8 {
+                    return Vec::new();
+                }
+                let pick = leaves[usize::from(*hops) % leaves.len()].1;
+                *hops += 1;
+                vec![pick]
+            }
+        }
+    }
+
     /// Sends a message to the shard owning its cell.
-    pub fn send_cell(&mut self, cx: &mut ShardContext<NodeMsg>, env: CellMsg) {
-        let Some(a) = self.registry.get(env.to) else {
-            self.counters.cell_unknown += 1;
-            tracing::warn!(shard = %cx.shard(), cell = %env.to, kind = env.msg.kind(), "message for a cell no shard owns dropped");
-            return;
+    pub fn send_cell(&mut self, cx: &mut ShardContext<NodeMsg>, mut env: CellMsg) {
+        let a = match self.registry.get(env.to) {
+            Some(a) => a,
+            None => {
+                let targets = self.resolve(&mut env);
+                if targets.is_empty() {
+                    self.counters.cell_unknown += 1;
+                    tracing::warn!(shard = %cx.shard(), cell = %env.to, kind = env.msg.kind(), "message for a cell no shard owns dropped");
+                    return;
+                }
+                // Several owners only for ghost updates to a split cell.
+                for extra in &targets[1..] {
+                    let copy = CellMsg {
+                        to: env.to,
+                        from: env.from,
+                        msg: env.msg.clone(),
+                    };
+                    self.send_to(cx, *extra, copy);
+                }
+                targets[0]
+            }
         };
+        self.send_to(cx, a, env);
+    }
+
+    fn send_to(&mut self, cx: &mut ShardContext<NodeMsg>, a: Assignment, env: CellMsg) {
         let to = StageAddr::new(ShardId(a.owner.shard), StageId(a.stage));
         match cx.send(to, NodeMsg::Cell(env)) {
             Ok(()) => self.counters.cell_sent += 1,
@@ -99,6 +167,15 @@ impl Router {
                         epoch = a.epoch, "cell message refused by the destination mailbox: dropped");
                 }
             }
+        }
+    }
+
+    /// Sends a control message (handover step, split, merge) to a shard.
+    pub fn send_control(&mut self, cx: &mut ShardContext<NodeMsg>, shard: u16, msg: ControlMsg) {
+        let to = StageAddr::new(ShardId(shard), StageId(0));
+        if let Err(e) = cx.send(to, NodeMsg::Control(msg)) {
+            tracing::error!(shard = %cx.shard(), to = %to, "control message refused by the destination mailbox");
+            drop(e);
         }
     }
 

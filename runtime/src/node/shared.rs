@@ -5,9 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use hdrhistogram::Histogram;
 use tessera_cells::world::WorldTotals;
 use tessera_cells::CellId;
-use tessera_coord::Registry;
+use tessera_coord::{CoordinatorCounters, HandoverRecord, Registry};
 use tessera_net::driver::SocketStats;
 use tessera_net::EndpointStats;
 use tessera_schema::FrameErrorCounts;
@@ -36,6 +37,35 @@ pub struct NodeShardStats {
     pub world: WorldTotals,
     /// (cell, entities, ghosts, players) for every cell owned.
     pub cells: Vec<(CellId, usize, usize, usize)>,
+    /// This shard's side of handovers.
+    pub handover: tessera_cells::handover::HandoverCounters,
+}
+
+/// What the coordinator did, for metrics, admin and benchmarks.
+#[derive(Clone, Debug)]
+pub struct CoordinatorStats {
+    /// Its counters.
+    pub counters: CoordinatorCounters,
+    /// The last finished handovers (most recent last), bounded.
+    pub recent: std::collections::VecDeque<HandoverRecord>,
+    /// Freeze durations of committed handovers, microseconds.
+    pub freeze_us: Histogram<u64>,
+    /// Decision-to-commit durations, microseconds.
+    pub commit_us: Histogram<u64>,
+    /// The last load score of every cell.
+    pub scores: Vec<(CellId, f64)>,
+}
+
+impl Default for CoordinatorStats {
+    fn default() -> Self {
+        Self {
+            counters: CoordinatorCounters::default(),
+            recent: std::collections::VecDeque::new(),
+            freeze_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+            commit_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
+            scores: Vec::new(),
+        }
+    }
 }
 
 /// Shared by the shards and the helper threads of one node.
@@ -43,6 +73,7 @@ pub struct NodeShared {
     registry: Mutex<Arc<Registry>>,
     registry_version: AtomicU64,
     stats: Mutex<Vec<Option<NodeShardStats>>>,
+    coordinator: Mutex<CoordinatorStats>,
     started: Instant,
     /// Ticks per second.
     pub tick_hz: u32,
@@ -55,6 +86,7 @@ impl NodeShared {
             registry_version: AtomicU64::new(registry.version()),
             registry: Mutex::new(Arc::new(registry)),
             stats: Mutex::new(vec![None; shards]),
+            coordinator: Mutex::new(CoordinatorStats::default()),
             started: Instant::now(),
             tick_hz,
         }
@@ -95,6 +127,48 @@ impl NodeShared {
     /// The last statistics of every shard.
     pub fn stats(&self) -> Vec<Option<NodeShardStats>> {
         self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The coordinator reports finished handovers and its counters.
+    pub fn record(
+        &self,
+        records: Vec<HandoverRecord>,
+        counters: CoordinatorCounters,
+        scores: Vec<(CellId, f64)>,
+    ) {
+        let mut c = self.coordinator.lock().unwrap_or_else(|e| e.into_inner());
+        for r in records {
+            if r.committed {
+                if let Some(f) = r.freeze {
+                    let _ = c.freeze_us.record((f.as_micros() as u64).max(1));
+                }
+                let _ = c
+                    .commit_us
+                    .record((r.decision_to_commit.as_micros() as u64).max(1));
+            }
+            c.recent.push_back(r);
+            while c.recent.len() > 1000 {
+                c.recent.pop_front();
+            }
+        }
+        c.counters = counters;
+        c.scores = scores;
+    }
+
+    /// The coordinator's counters.
+    pub fn coordinator_counters(&self) -> CoordinatorCounters {
+        self.coordinator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .counters
+    }
+
+    /// What the coordinator did.
+    pub fn coordinator_stats(&self) -> CoordinatorStats {
+        self.coordinator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Seconds since the node started.

@@ -1,0 +1,165 @@
+//! The embedded coordinator: a helper thread that owns the decision logic
+//! ([`tessera_coord::Coordinator`]), takes shard reports and operator
+//! commands from a channel, publishes the registry and sends orders to the
+//! shards' mailboxes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use tessera_cells::handover::HandoverMsg;
+use tessera_cells::CellId;
+use tessera_coord::{Coordinator, Order, ShardEvent};
+
+use crate::ids::{Origin, StageId};
+use crate::mailbox::{Envelope, MailboxSender};
+use crate::runtime::spawn_helper;
+
+use super::msg::{ControlMsg, NodeMsg};
+use super::shared::NodeShared;
+
+/// An operator command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminCommand {
+    /// Hand a cell to a shard.
+    Move {
+        /// The cell.
+        cell: CellId,
+        /// The shard.
+        shard: u16,
+    },
+    /// Split a cell into its four children.
+    Split {
+        /// The cell.
+        cell: CellId,
+    },
+    /// Merge four siblings into their parent.
+    Merge {
+        /// The parent.
+        cell: CellId,
+    },
+}
+
+/// What reaches the coordinator thread.
+pub enum CoordInput {
+    /// A shard reports.
+    Event {
+        /// The shard.
+        shard: u16,
+        /// What happened.
+        event: ShardEvent,
+    },
+    /// An operator asks; the answer goes back on `reply`.
+    Admin {
+        /// The command.
+        command: AdminCommand,
+        /// Where the answer goes.
+        reply: Sender<Result<String, String>>,
+    },
+}
+
+/// The coordinator's sending side, cloned into every shard and the admin port.
+pub type CoordSender = Sender<CoordInput>;
+
+fn to_control(order: Order) -> ControlMsg {
+    match order {
+        Order::Begin {
+            id,
+            cell,
+            to,
+            epoch,
+        } => ControlMsg::Handover(HandoverMsg::Begin {
+            id,
+            cell,
+            to,
+            epoch,
+        }),
+        Order::Commit { id, cell, epoch } => {
+            ControlMsg::Handover(HandoverMsg::Commit { id, cell, epoch })
+        }
+        Order::Abort { id, cell, reason } => {
+            ControlMsg::Handover(HandoverMsg::Abort { id, cell, reason })
+        }
+        Order::Split { op, cell } => ControlMsg::Split { op, cell },
+        Order::Merge { op, parent } => ControlMsg::Merge { op, parent },
+    }
+}
+
+/// Starts the coordinator thread.
+pub fn spawn(
+    mut coord: Coordinator,
+    rx: Receiver<CoordInput>,
+    senders: Vec<MailboxSender<NodeMsg>>,
+    shared: Arc<NodeShared>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<JoinHandle<()>> {
+    spawn_helper("tessera-coord", None, move || {
+        let mut published = coord.registry().version();
+        let mut next_tick = Instant::now();
+        while !stop.load(Ordering::Acquire) {
+            let now = Instant::now();
+            match rx.recv_timeout(
+                next_tick
+                    .saturating_duration_since(now)
+                    .max(Duration::from_millis(1)),
+            ) {
+                Ok(CoordInput::Event { shard, event }) => {
+                    coord.handle_event(Instant::now(), shard, event)
+                }
+                Ok(CoordInput::Admin { command, reply }) => {
+                    let now = Instant::now();
+                    let result = match &command {
+                        AdminCommand::Move { cell, shard } => coord
+                            .command_move(now, *cell, *shard)
+                            .map(|id| format!("handover {} of {cell} to shard {shard} started", id.0)),
+                        AdminCommand::Split { cell } => coord.command_split(now, *cell).map(|op| format!("split {op} of {cell} started")),
+                        AdminCommand::Merge { cell } => coord.command_merge(now, *cell).map(|op| {
+                            if op == 0 {
+                                format!("gathering the children of {cell} first; repeat the merge when they are on one shard")
+                            } else {
+                                format!("merge {op} into {cell} started")
+                            }
+                        }),
+                    };
+                    tracing::warn!(command = ?command, result = ?result, "operator command");
+                    let _ = reply.send(result.map_err(|e| e.to_string()));
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                coord.tick(now);
+                next_tick = now + Duration::from_millis(100);
+            }
+            // Publish the registry before sending orders: a commit must find
+            // the new route in place.
+            if coord.registry().version() != published {
+                published = coord.registry().version();
+                shared.set_registry(coord.registry().clone());
+            }
+            while let Some((shard, order)) = coord.poll_order() {
+                let Some(tx) = senders.get(usize::from(shard)) else {
+                    continue;
+                };
+                let env = Envelope::new(
+                    StageId(0),
+                    Origin::External(0xC00D),
+                    NodeMsg::Control(to_control(order)),
+                );
+                if tx.send_timeout(env, Duration::from_secs(1)).is_err() {
+                    tracing::error!(shard, "order refused by the shard's mailbox");
+                }
+            }
+            for line in coord.take_log() {
+                tracing::info!(target: "tessera::coord", "{line}");
+            }
+            let records = coord.take_records();
+            if !records.is_empty() || coord.counters() != shared.coordinator_counters() {
+                shared.record(records, coord.counters(), coord.scores());
+            }
+        }
+    })
+}
