@@ -9,6 +9,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod handover;
 mod mailbox;
 mod report;
 mod rudp;
@@ -32,6 +33,8 @@ enum Suite {
     Rudp(rudp::Args),
     /// World engine tick cost, snapshot sizes, AOI vs brute force.
     World(world::Args),
+    /// Live cell handover: freeze and commit times, entities and inputs lost.
+    Handover(handover::Args),
 }
 
 fn main() {
@@ -40,6 +43,7 @@ fn main() {
         Suite::Mailbox(args) => mailbox::run(args),
         Suite::Rudp(args) => rudp::run(args),
         Suite::World(args) => world::run(args),
+        Suite::Handover(args) => handover::run(args),
     };
     if let Err(e) = result {
         eprintln!("tessera-bench: {e}");

@@ -736,13 +736,35 @@ impl<G: GameLogic> Cell<G> {
     }
 
     /// Step 5b: every player's view and snapshot.
-    pub fn view_round(&mut self, config: &WorldConfig, tick: TickId) {
+    ///
+    /// `departing` are avatars that left this cell this tick for a cell that
+    /// will only take them at its next tick (another shard, or a frozen
+    /// cell): their snapshot of this tick is built here, from this cell's
+    /// entities and ghosts, so that their clients see no extra gap while the
+    /// entity is in flight. Their view state travels on with the transfer.
+    pub fn view_round(
+        &mut self,
+        config: &WorldConfig,
+        tick: TickId,
+        departing: &mut [Transfer<G>],
+    ) {
         let view: &ViewConfig = &config.view;
-        if !self.entities.iter().any(|e| e.view.is_some()) {
+        if !self.entities.iter().any(|e| e.view.is_some())
+            && !departing.iter().any(|t| t.entity.view.is_some())
+        {
             return;
         }
         self.aoi.clear();
         for e in self.entities.iter() {
+            self.aoi.push(e.id, QState::of(e, G::stats(&e.game)), e.pos);
+        }
+        // A departing entity still close to this cell left a ghost of
+        // itself here (the same state): index it once.
+        for t in departing
+            .iter()
+            .filter(|t| self.ghosts.get(t.entity.id).is_none())
+        {
+            let e = &t.entity;
             self.aoi.push(e.id, QState::of(e, G::stats(&e.game)), e.pos);
         }
         for (id, g) in self.ghosts.iter() {
@@ -750,7 +772,8 @@ impl<G: GameLogic> Cell<G> {
         }
         self.aoi
             .build(self.bounds.expand(view.leave_radius()), config.bucket);
-        for e in self.entities.iter_mut() {
+        let departing = departing.iter_mut().map(|t| &mut t.entity);
+        for e in self.entities.iter_mut().chain(departing) {
             let Some(v) = e.view.as_mut() else { continue };
             self.accepted.clear();
             self.aoi

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use crate::cell::{Cell, CellCounters, Envelope, Msg, Out};
+use crate::cell::{Cell, CellCounters, Envelope, Msg, Out, Transfer};
 use crate::entity::Entity;
 use crate::game::{GameCounters, GameLogic};
 use crate::geometry::{CellId, Layout};
@@ -467,18 +467,13 @@ impl<G: GameLogic> ShardWorld<G> {
             let moved = cell.simulate(&mut self.game, &self.config, &layout, tick, &mut self.ids);
             transfers.extend(moved.into_iter().map(|(to, t)| (from, to, t)));
         }
+        // Entities whose new cell takes them only at its next tick: sent
+        // after the view round, which builds their snapshot of this tick.
+        let mut in_flight: BTreeMap<CellId, Vec<(CellId, Transfer<G>)>> = BTreeMap::new();
         for (from, to, t) in transfers {
             match self.cells.get_mut(&to) {
-                // A frozen cell buffers: its handover carries the message on.
-                Some(cell) if self.frozen.contains(&to) => {
-                    cell.push_input(CellMessage::Transfer(Box::new(t)))
-                }
-                Some(cell) => cell.accept_transfer(t),
-                None => self.outbox.push(Output::Cell(CellEnvelope {
-                    to,
-                    from,
-                    msg: CellMessage::Transfer(Box::new(t)),
-                })),
+                Some(cell) if !self.frozen.contains(&to) => cell.accept_transfer(t),
+                _ => in_flight.entry(from).or_default().push((to, t)),
             }
         }
 
@@ -521,15 +516,37 @@ impl<G: GameLogic> ShardWorld<G> {
             }
         }
         let frozen = &self.frozen;
+        let mut departing = Vec::new();
         for cell in self
             .cells
             .values_mut()
             .filter(|c| !frozen.contains(&c.id()))
         {
-            cell.view_round(&self.config, tick);
+            let (to, mut leaving): (Vec<CellId>, Vec<Transfer<G>>) = in_flight
+                .remove(&cell.id())
+                .unwrap_or_default()
+                .into_iter()
+                .unzip();
+            cell.view_round(&self.config, tick, &mut leaving);
             cell.take_outputs(&mut produced);
+            departing.extend(
+                to.into_iter()
+                    .zip(leaving)
+                    .map(|(to, t)| (cell.id(), to, t)),
+            );
         }
         self.route(produced);
+        for (from, to, t) in departing {
+            match self.cells.get_mut(&to) {
+                // A frozen cell buffers: its handover carries the message on.
+                Some(cell) => cell.push_input(CellMessage::Transfer(Box::new(t))),
+                None => self.outbox.push(Output::Cell(CellEnvelope {
+                    to,
+                    from,
+                    msg: CellMessage::Transfer(Box::new(t)),
+                })),
+            }
+        }
     }
 
     /// Takes what this tick produced for other shards and for clients.

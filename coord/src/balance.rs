@@ -45,8 +45,12 @@ pub struct Policy {
     pub max_depth: u8,
     /// Tick p99 / budget above which a shard sheds a cell.
     pub shard_busy_ratio: f64,
-    /// How long a shard must stay busy before it sheds.
+    /// How long a shard must stay busy (or the node unbalanced) before it
+    /// sheds.
     pub move_sustain: Duration,
+    /// Difference of summed cell scores between the most and the least
+    /// loaded shard above which a cell moves, even under the tick budget.
+    pub imbalance: f64,
     /// No new operation on a cell for this long after one.
     pub cooldown: Duration,
     /// A handover step that takes longer is aborted.
@@ -71,6 +75,7 @@ impl Policy {
             max_depth: 3,
             shard_busy_ratio: n / (n + 1.0),
             move_sustain: Duration::from_secs(2),
+            imbalance: 1.5,
             cooldown: Duration::from_secs(5),
             step_timeout: Duration::from_secs(2),
             automatic: true,
@@ -334,6 +339,8 @@ pub struct Coordinator {
     heat: BTreeMap<CellId, Heat>,
     shard_busy_since: BTreeMap<u16, Instant>,
     shard_ratio: BTreeMap<u16, f64>,
+    shard_score: BTreeMap<u16, f64>,
+    unbalanced_since: Option<Instant>,
     cooldown: BTreeMap<CellId, Instant>,
     orders: VecDeque<(u16, Order)>,
     records: VecDeque<HandoverRecord>,
@@ -357,6 +364,8 @@ impl Coordinator {
             heat: BTreeMap::new(),
             shard_busy_since: BTreeMap::new(),
             shard_ratio: BTreeMap::new(),
+            shard_score: BTreeMap::new(),
+            unbalanced_since: None,
             cooldown: BTreeMap::new(),
             orders: VecDeque::new(),
             records: VecDeque::new(),
@@ -948,6 +957,28 @@ impl Coordinator {
         // Forget cells that no longer exist.
         let registry = &self.registry;
         self.heat.retain(|c, _| registry.get(*c).is_some());
+        let total: f64 = r
+            .cells
+            .iter()
+            .filter_map(|c| self.heat.get(&c.cell))
+            .map(|h| h.score)
+            .sum();
+        self.shard_score.insert(r.shard, total);
+        let (lo, hi) = self.score_extremes();
+        if hi - lo > self.policy.imbalance {
+            self.unbalanced_since.get_or_insert(now);
+        } else {
+            self.unbalanced_since = None;
+        }
+    }
+
+    fn score_extremes(&self) -> (f64, f64) {
+        let scores: Vec<f64> = (0..self.policy.shards)
+            .map(|s| self.shard_score.get(&s).copied().unwrap_or(0.0))
+            .collect();
+        let lo = scores.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (lo, hi)
     }
 
     fn cooling(&self, cell: CellId, now: Instant) -> bool {
@@ -1029,6 +1060,30 @@ impl Coordinator {
                 return;
             }
         }
+        // 2b. Or the node is unbalanced: the most loaded shard gives a cell
+        // to the least loaded one, if that narrows the gap.
+        if self
+            .unbalanced_since
+            .is_some_and(|t| now.duration_since(t) >= self.policy.move_sustain)
+        {
+            let from = (0..self.policy.shards).max_by(|a, b| {
+                self.shard_score
+                    .get(a)
+                    .unwrap_or(&0.0)
+                    .total_cmp(self.shard_score.get(b).unwrap_or(&0.0))
+            });
+            if let Some(from) = from {
+                if let Some((cell, a, to)) = self.pick_move(now, from) {
+                    let (lo, hi) = self.score_extremes();
+                    let s = self.heat.get(&cell).map_or(0.0, |h| h.score);
+                    if (hi - s - (lo + s)).abs() < hi - lo {
+                        self.start_move(now, cell, a, to, "policy");
+                        self.unbalanced_since = None;
+                        return;
+                    }
+                }
+            }
+        }
         // 3. Merge four cold siblings.
         let mut parents: BTreeSet<CellId> = BTreeSet::new();
         for (c, h) in &self.heat {
@@ -1089,8 +1144,9 @@ impl Coordinator {
             let mut near = Vec::new();
             layout.leaves_near(b.center(), b.width() * 0.75, &mut near);
             let borders = near.iter().any(|n| target_cells.contains(n));
-            // Prefer bordering cells; among them the hottest.
-            let value = score + if borders { 10.0 } else { 0.0 };
+            // The hottest, with a bonus for bordering the target's cells
+            // (fewer ghosts cross shards).
+            let value = score * if borders { 1.5 } else { 1.0 };
             if best.as_ref().is_none_or(|(v, _, _)| value > *v) {
                 best = Some((value, cell, a));
             }

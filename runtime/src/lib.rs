@@ -51,6 +51,7 @@ mod signals;
 mod stage;
 mod stats;
 mod tick;
+mod watchdog;
 
 pub use bundle::Bundler;
 pub use ids::{Origin, ShardId, StageAddr, StageId};

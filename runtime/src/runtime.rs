@@ -12,6 +12,7 @@ use crate::ids::ShardId;
 use crate::mailbox::{mailbox, MailboxSender};
 use crate::shard::{run_shard, ShardHandler, ShardParts};
 use crate::stats::{ShardReport, ShardStats, StatsBoard};
+use crate::watchdog::{self, Watchdog};
 
 /// Why the runtime could not start or did not stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -267,6 +268,9 @@ impl RuntimeBuilder {
         let board = Arc::new(StatsBoard::new(n));
         let factory = Arc::new(factory);
         let mut handles = Vec::with_capacity(n);
+        // One origin for every shard's tick clock: tick ids agree across
+        // shards.
+        let origin = std::time::Instant::now();
         for (i, mb) in mailboxes.into_iter().enumerate() {
             let shard = ShardId(i as u16);
             let cpu = plan[i];
@@ -275,6 +279,7 @@ impl RuntimeBuilder {
                 None => Placement::Unbound,
             };
             let parts = ShardParts {
+                origin,
                 shard,
                 cpu,
                 mailbox: mb,
@@ -307,6 +312,14 @@ impl RuntimeBuilder {
                 }
             }
         }
+        let dog = shared.watchdog.clone();
+        let watchdog = match spawn_helper("tessera-watchdog", None, move || watchdog::run(dog)) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(error = %e, "no park watchdog: a lost wake-up would stall a shard");
+                None
+            }
+        };
         for (i, cpu) in plan.iter().enumerate() {
             match cpu {
                 Some(c) => tracing::info!(shard = i, cpu = c, "shard pinned"),
@@ -319,6 +332,7 @@ impl RuntimeBuilder {
             shared,
             board,
             plan,
+            watchdog,
         })
     }
 }
@@ -332,6 +346,7 @@ pub(crate) struct RuntimeShared {
     wakers: Vec<Box<dyn Fn() + Send + Sync>>,
     quiet: Vec<AtomicBool>,
     activity: AtomicU64,
+    pub(crate) watchdog: Arc<Watchdog>,
 }
 
 impl RuntimeShared {
@@ -343,6 +358,7 @@ impl RuntimeShared {
             wakers,
             quiet: (0..shards).map(|_| AtomicBool::new(false)).collect(),
             activity: AtomicU64::new(0),
+            watchdog: Arc::new(Watchdog::new(shards)),
         }
     }
 
@@ -431,6 +447,7 @@ pub struct Runtime<M> {
     shared: Arc<RuntimeShared>,
     board: Arc<StatsBoard>,
     plan: Vec<Option<usize>>,
+    watchdog: Option<JoinHandle<()>>,
 }
 
 impl<M: Send + 'static> Runtime<M> {
@@ -488,6 +505,10 @@ impl<M: Send + 'static> Runtime<M> {
                     failure.get_or_insert(RuntimeError::ShardPanicked(ShardId(i as u16)));
                 }
             }
+        }
+        self.shared.watchdog.finish();
+        if let Some(h) = self.watchdog {
+            let _ = h.join();
         }
         match failure {
             Some(e) => Err(e),

@@ -32,6 +32,7 @@ use crate::runtime::{RuntimeShared, ShardConfig};
 use crate::stage::{Stage, StageTable};
 use crate::stats::{ShardStats, StatsBoard};
 use crate::tick::{Tick, TickClock};
+use crate::watchdog::LoopState;
 
 /// The code a shard runs: owns the shard's state besides its stages.
 pub trait ShardHandler: 'static {
@@ -249,6 +250,9 @@ impl<M: Send + 'static> ShardContext<M> {
 
 /// Everything one shard needs, moved onto its thread.
 pub(crate) struct ShardParts<M> {
+    /// Deadline 0 of every shard's tick clock: the same for all shards, so
+    /// that tick ids agree across shards (a cell handed over keeps counting).
+    pub origin: Instant,
     pub shard: ShardId,
     pub cpu: Option<usize>,
     pub mailbox: Mailbox<M>,
@@ -278,6 +282,7 @@ pub(crate) async fn run_shard<H: ShardHandler>(
     parts: ShardParts<H::Message>,
 ) -> ShardStats {
     let ShardParts {
+        origin,
         shard,
         cpu,
         mut mailbox,
@@ -317,18 +322,21 @@ pub(crate) async fn run_shard<H: ShardHandler>(
         stages: StageTable::new(),
         bundler: Bundler::new(),
         mailbox,
-        clock: TickClock::new(now, config.tick_period),
+        clock: TickClock::new(origin, config.tick_period),
         stats: ShardStats::new(shard, cpu),
         board,
         config,
         bell,
         stray: Vec::new(),
     };
+    l.cx.shared.watchdog.register(shard.index());
     tracing::info!(%shard, cpu = ?cpu, "shard started");
     l.handler.on_start(&mut l.cx, &mut l.stages);
     let mut next_publish = now + l.config.publish_interval;
 
+    let me = shard.index();
     while !l.cx.shared.stop_requested() {
+        l.cx.shared.watchdog.state(me, LoopState::Turn);
         let work = l.turn(true);
         if l.cx.now >= next_publish {
             l.publish();
@@ -345,11 +353,17 @@ pub(crate) async fn run_shard<H: ShardHandler>(
                 deadline = deadline.min(Instant::now() + Duration::from_micros(200));
             }
             l.park(deadline).await;
-        } else {
+        } else if l.stages.busy_count() > 0 || l.stats.turns % 16 == 0 {
+            // Yield only when other tasks may need the thread (awaiting
+            // stage handlers), and now and then for the executor's own
+            // tasks: each yield risks a lost self-wake-up in glommio 0.9
+            // (the watchdog catches those).
+            l.cx.shared.watchdog.state(me, LoopState::Yielded);
             future::yield_now().await;
         }
     }
 
+    l.cx.shared.watchdog.state(me, LoopState::Stopping);
     tracing::info!(%shard, "stop requested; quiescing");
     l.handler.on_stop(&mut l.cx, &mut l.stages);
     l.quiesce().await;
@@ -359,6 +373,7 @@ pub(crate) async fn run_shard<H: ShardHandler>(
         hook();
     }
     l.cx.local.outbox.borrow_mut().flush();
+    l.cx.shared.watchdog.unregister(shard.index());
     l.publish();
     tracing::info!(%shard, ticks = l.stats.ticks, "shard stopped");
     l.stats
@@ -370,7 +385,9 @@ impl<H: ShardHandler> Loop<H> {
         let now = Instant::now();
         self.cx.now = now;
         self.stats.turns += 1;
-        let mut work = 0;
+        // What arrived before the tick is part of it: take the mailbox first.
+        let mut work = self.dispatch_mailbox();
+        work += self.resume_ready();
         if ticking {
             if let Some(start) = self.clock.poll(now) {
                 let tick = start.tick;
@@ -476,11 +493,15 @@ impl<H: ShardHandler> Loop<H> {
                 None => future::pending::<()>().await,
             }
         };
+        let watchdog = &self.cx.shared.watchdog;
+        let me = self.cx.shard.index();
+        watchdog.parking(me, deadline);
         future::or(
             ring,
             future::or(notify.wait(), glommio::timer::sleep(timeout)),
         )
         .await;
+        watchdog.awake(me);
         self.mailbox.end_park();
     }
 
@@ -568,6 +589,7 @@ impl<H: ShardHandler> Loop<H> {
         self.stats.outbox_lost_closed = out.lost_closed;
         self.stats.undeliverable = self.cx.undeliverable;
         self.stats.continuations = self.cx.continuations;
+        self.stats.park_kicks = self.cx.shared.watchdog.kicks(self.cx.shard.index());
         self.stats.mailbox_depth = self.mailbox.depth();
         self.stats.mailbox_rejected_full = self
             .mailbox

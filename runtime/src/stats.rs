@@ -58,6 +58,8 @@ pub struct ShardStats {
     pub mailbox_rejected_full: u64,
     /// Stage continuations (awaiting handlers) started.
     pub continuations: u64,
+    /// Parks the watchdog had to interrupt (lost wake-ups).
+    pub park_kicks: u64,
 }
 
 impl ShardStats {
@@ -82,6 +84,7 @@ impl ShardStats {
             mailbox_depth: 0,
             mailbox_rejected_full: 0,
             continuations: 0,
+            park_kicks: 0,
         }
     }
 

@@ -94,6 +94,40 @@ pub struct WorldSection {
     pub view_max_entities: Option<usize>,
 }
 
+/// The `[balance]` section: when cells split, move and merge.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalanceSection {
+    /// Actors that make a cell full (score 0.5).
+    pub actors_ref: Option<f64>,
+    /// Inputs per second that make a cell busy (score 0.3).
+    pub pps_ref: Option<f64>,
+    /// Score above which a cell splits.
+    pub split_score: Option<f64>,
+    /// Seconds a cell stays hot before it splits.
+    pub split_after_s: Option<f64>,
+    /// Score below which siblings merge.
+    pub merge_score: Option<f64>,
+    /// Seconds siblings stay cold before they merge.
+    pub merge_after_s: Option<f64>,
+    /// Seconds a shard stays busy or the node unbalanced before a move.
+    pub move_after_s: Option<f64>,
+    /// Shard score gap that triggers a move.
+    pub imbalance: Option<f64>,
+    /// Seconds without a new operation on a cell after one.
+    pub cooldown_s: Option<f64>,
+}
+
+/// The `[demo]` section: the demo game's tunables.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemoSection {
+    /// Player top speed, m/s.
+    pub player_speed: Option<f32>,
+    /// NPC speed, m/s.
+    pub npc_speed: Option<f32>,
+}
+
 /// One `[[shard]]` of a static mapping.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -132,6 +166,10 @@ pub struct FileConfig {
     pub max_depth: Option<u8>,
     /// World shape and AOI.
     pub world: Option<WorldSection>,
+    /// Balancing.
+    pub balance: Option<BalanceSection>,
+    /// Demo game.
+    pub demo: Option<DemoSection>,
     /// Static cell mapping.
     pub shard: Option<Vec<ShardSection>>,
 }
@@ -221,6 +259,68 @@ pub fn node_config(args: &ServeArgs) -> Result<NodeConfig, String> {
             Some(m)
         }
     };
+    let secs = |v: f64, what: &str| -> Result<std::time::Duration, String> {
+        if v.is_finite() && (0.0..=3600.0).contains(&v) {
+            Ok(std::time::Duration::from_secs_f64(v))
+        } else {
+            Err(format!("balance.{what} must be between 0 and 3600 seconds"))
+        }
+    };
+    let policy = match file.balance {
+        None => None,
+        Some(b) => {
+            let mut p = tessera_coord::Policy::new(args.shards.or(file.shards).unwrap_or(1) as u16);
+            if let Some(v) = b.actors_ref {
+                p.actors_ref = v.max(1.0);
+            }
+            if let Some(v) = b.pps_ref {
+                p.pps_ref = v.max(1.0);
+            }
+            if let Some(v) = b.split_score {
+                p.split_score = v;
+            }
+            if let Some(v) = b.merge_score {
+                p.merge_score = v;
+            }
+            if p.merge_score >= p.split_score {
+                return Err(format!(
+                    "balance.merge_score {} must be below split_score {} (hysteresis)",
+                    p.merge_score, p.split_score
+                ));
+            }
+            if let Some(v) = b.split_after_s {
+                p.split_sustain = secs(v, "split_after_s")?;
+            }
+            if let Some(v) = b.merge_after_s {
+                p.merge_after = secs(v, "merge_after_s")?;
+            }
+            if let Some(v) = b.move_after_s {
+                p.move_sustain = secs(v, "move_after_s")?;
+            }
+            if let Some(v) = b.cooldown_s {
+                p.cooldown = secs(v, "cooldown_s")?;
+            }
+            if let Some(v) = b.imbalance {
+                p.imbalance = v;
+            }
+            Some(p)
+        }
+    };
+    let mut demo = d.demo.clone();
+    if let Some(dm) = file.demo {
+        if let Some(v) = dm.player_speed {
+            if !(v.is_finite() && v > 0.0 && v <= 200.0) {
+                return Err(format!("demo.player_speed {v} must be in (0, 200] m/s"));
+            }
+            demo.player_speed = v;
+        }
+        if let Some(v) = dm.npc_speed {
+            if !(v.is_finite() && (0.0..=200.0).contains(&v)) {
+                return Err(format!("demo.npc_speed {v} must be in [0, 200] m/s"));
+            }
+            demo.npc_speed = v;
+        }
+    }
     let tick_hz = args.tick_hz.or(file.tick_hz).unwrap_or(d.tick_hz);
     if !(10..=60).contains(&tick_hz) {
         return Err(format!("tick_hz {tick_hz} is outside 10..=60"));
@@ -248,7 +348,7 @@ pub fn node_config(args: &ServeArgs) -> Result<NodeConfig, String> {
         npcs: args.npcs.or(file.npcs).unwrap_or(d.npcs),
         geometry: Geometry::new(0, cell_size, columns, rows),
         world: wc,
-        demo: d.demo.clone(),
+        demo,
         mapping,
         sessions_per_shard: d.sessions_per_shard,
         seed: args.seed.or(file.seed).unwrap_or(d.seed),
@@ -259,6 +359,7 @@ pub fn node_config(args: &ServeArgs) -> Result<NodeConfig, String> {
             .or(file.max_depth)
             .unwrap_or(d.max_depth)
             .min(8),
+        policy,
     })
 }
 

@@ -38,7 +38,7 @@ use tessera_schema::wire;
 pub enum Pattern {
     /// Wander in random directions.
     RandomWalk,
-    /// Everyone packs around three rally points a cell apart (a huge battle).
+    /// Everyone packs around four rally points in cell (1,1) (a huge battle).
     Crowd,
     /// Long diagonal legs back and forth: many cell and shard crossings.
     Commute,
@@ -101,6 +101,10 @@ pub struct SimArgs {
     /// Print a line per second.
     #[arg(long)]
     pub progress: bool,
+    /// With --pattern crowd: seconds of play after which the crowd
+    /// disperses (random walk), to watch cells merge back.
+    #[arg(long)]
+    pub crowd_seconds: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -357,9 +361,11 @@ pub fn run(args: SimArgs) -> Result<(), String> {
         }
         slots[idx] = bot;
     };
+    // Four rally points, one per quadrant of the cell (1,1): a crowd in one
+    // corner of the world that loads the cell's children alike.
     let rally = |cell_m: f32, k: usize| -> [f32; 2] {
-        let pts = [[1.5, 1.5], [2.5, 1.5], [1.5, 2.5]];
-        [pts[k % 3][0] * cell_m, pts[k % 3][1] * cell_m]
+        let pts = [[1.25, 1.25], [1.75, 1.25], [1.25, 1.75], [1.75, 1.75]];
+        [pts[k % 4][0] * cell_m, pts[k % 4][1] * cell_m]
     };
     let mut cell_m = 128.0f32;
 
@@ -469,6 +475,12 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                                                     && now >= measure_from
                                                 {
                                                     bot.gaps += 1;
+                                                    tracing::info!(
+                                                        bot = b,
+                                                        from = bot.last_tick,
+                                                        to = tick,
+                                                        "sim: snapshot gap"
+                                                    );
                                                 }
                                                 bot.last_tick = tick;
                                                 bot.ack = tick;
@@ -522,6 +534,9 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                                                 Ok(tessera_schema::server::ServerMessage::Snapshot(owned)) => {
                                                     if let Err(e) = mirror.apply(&owned) {
                                                         if !matches!(e, tessera_cells::view::MirrorError::Stale(_)) {
+                                                            if totals.verify_errors < 20 {
+                                                                tracing::warn!(bot = b, tick = owned.tick, error = %e, "sim: snapshot does not apply to the rebuilt view");
+                                                            }
                                                             totals.verify_errors += 1;
                                                         }
                                                     }
@@ -607,6 +622,21 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                     match args.pattern {
                         Pattern::RandomWalk => {
                             if bot.dir == [0.0, 0.0] || rng.chance(0.05) {
+                                let a = rng.unit() * std::f32::consts::TAU;
+                                bot.dir = [a.cos(), a.sin()];
+                            }
+                        }
+                        Pattern::Crowd
+                            if args
+                                .crowd_seconds
+                                .is_some_and(|c| now.duration_since(start).as_secs_f64() > c) =>
+                        {
+                            // The battle is over: everyone walks away.
+                            if bot.leg == 0 {
+                                bot.leg = 1;
+                                let a = rng.unit() * std::f32::consts::TAU;
+                                bot.dir = [a.cos(), a.sin()];
+                            } else if rng.chance(0.02) {
                                 let a = rng.unit() * std::f32::consts::TAU;
                                 bot.dir = [a.cos(), a.sin()];
                             }

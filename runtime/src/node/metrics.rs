@@ -170,7 +170,7 @@ pub fn render(shared: &NodeShared, board: &StatsBoard) -> String {
             let _ = writeln!(o, "{name}{{shard=\"{}\"}} {:.6}", s.shard.0, v as f64 / 1e6);
         }
     }
-    let counters: [Counter<crate::stats::ShardStats>; 6] = [
+    let counters: [Counter<crate::stats::ShardStats>; 7] = [
         ("tessera_ticks_total", "Ticks run.", |s| s.ticks),
         (
             "tessera_tick_overruns_total",
@@ -196,6 +196,11 @@ pub fn render(shared: &NodeShared, board: &StatsBoard) -> String {
             "tessera_undeliverable_total",
             "Messages for a stage that no longer exists (re-routed).",
             |s| s.undeliverable,
+        ),
+        (
+            "tessera_park_kicks_total",
+            "Parks the watchdog interrupted after a lost wake-up.",
+            |s| s.park_kicks,
         ),
     ];
     for (name, text, get) in counters {

@@ -75,6 +75,8 @@ pub struct NodeConfig {
     pub auto_balance: bool,
     /// Deepest split.
     pub max_depth: u8,
+    /// Balancing tunables (None: the defaults for the shard count).
+    pub policy: Option<tessera_coord::Policy>,
 }
 
 impl Default for NodeConfig {
@@ -97,6 +99,7 @@ impl Default for NodeConfig {
             conditioner: None,
             auto_balance: true,
             max_depth: 3,
+            policy: None,
         }
     }
 }
@@ -199,7 +202,11 @@ impl Node {
             None => contiguous_blocks(&layout, shards),
         };
         let registry = Registry::new(layout.clone(), &owners)?;
-        let mut policy = tessera_coord::Policy::new(shards as u16);
+        let mut policy = config
+            .policy
+            .clone()
+            .unwrap_or_else(|| tessera_coord::Policy::new(shards as u16));
+        policy.shards = shards as u16;
         policy.automatic = config.auto_balance;
         policy.max_depth = config.max_depth;
         let coordinator = tessera_coord::Coordinator::new(registry.clone(), policy);
