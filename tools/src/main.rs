@@ -72,6 +72,14 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if matches!(cli.command, Command::Admin(_) | Command::Client(_)) {
+        // Output commands behave like other Unix tools when piped into
+        // `head`: end quietly on a closed pipe instead of panicking.
+        // SAFETY: restoring a default signal disposition at start-up.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Client(args) => client::run(args),

@@ -190,7 +190,9 @@ fn a_node_serves_200_commuting_clients_and_stops_cleanly() {
         "{out}"
     );
 
-    // 200 bots commute diagonally across cells owned by both shards.
+    // 200 bots commute diagonally across cells owned by both shards. They
+    // use 16 sockets: SO_REUSEPORT spreads sessions by source address, so
+    // both shards host sessions (one socket would land on one shard).
     let report_path =
         std::env::temp_dir().join(format!("tessera-e2e-sim-{}.json", std::process::id()));
     let (ok, out) = server.tessera(&[
@@ -199,6 +201,8 @@ fn a_node_serves_200_commuting_clients_and_stops_cleanly() {
         &addr,
         "--clients",
         "200",
+        "--sockets",
+        "16",
         "--duration",
         "6",
         "--ramp",
