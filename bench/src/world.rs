@@ -160,6 +160,7 @@ impl Bench {
                     entity,
                     input,
                     hops: 0,
+                    after: TickId(0),
                 },
             });
             if c.last_snapshot > 0 {
@@ -171,6 +172,7 @@ impl Bench {
                         entity,
                         tick: TickId(c.last_snapshot),
                         hops: 0,
+                        after: TickId(0),
                     },
                 });
             }

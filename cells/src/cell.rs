@@ -54,6 +54,9 @@ pub struct CellCounters {
     /// Inputs, acks or leaves for an entity this cell never had or forgot
     /// (after waiting for it).
     pub unknown_entity: u64,
+    /// Forwarded messages held for an entity on its way back to this cell
+    /// (instead of bouncing between two forward pointers).
+    pub inputs_awaited: u64,
     /// Such messages held while their entity was expected.
     pub orphans_held: u64,
     /// Messages dropped after too many forwards.
@@ -303,6 +306,7 @@ impl<G: GameLogic> Cell<G> {
                     entity,
                     input,
                     hops,
+                    after,
                 } => {
                     if let Some(e) = self.entities.get_mut(entity) {
                         if e.client != Some(client) {
@@ -336,6 +340,7 @@ impl<G: GameLogic> Cell<G> {
                                 entity,
                                 input,
                                 hops: hops.saturating_add(1),
+                                after,
                             },
                         );
                     }
@@ -345,6 +350,7 @@ impl<G: GameLogic> Cell<G> {
                     entity,
                     tick: acked,
                     hops,
+                    after,
                 } => match self.entities.get_mut(entity) {
                     Some(e) if e.client == Some(client) => {
                         if let Some(v) = e.view.as_mut() {
@@ -360,6 +366,7 @@ impl<G: GameLogic> Cell<G> {
                             entity,
                             tick: acked,
                             hops: hops.saturating_add(1),
+                            after,
                         },
                     ),
                 },
@@ -419,7 +426,13 @@ impl<G: GameLogic> Cell<G> {
                     | CellMessage::Leave { entity, .. } => *entity,
                     _ => continue,
                 };
-                if self.entities.contains(entity) || self.forwards.contains_key(&entity) {
+                // Ready when the entity is here, or left here after the
+                // newest departure the message knows of.
+                let newer_pointer = self
+                    .forwards
+                    .get(&entity)
+                    .is_some_and(|&(_, until)| departure(until, config) > after_of(&msg));
+                if self.entities.contains(entity) || newer_pointer {
                     ready.push(msg);
                 } else if tick.0 > since.0 + config.orphan_ticks {
                     self.counters.unknown_entity += 1;
@@ -502,7 +515,7 @@ impl<G: GameLogic> Cell<G> {
         self.orphans.push((self.tick, msg));
     }
 
-    fn forward(&mut self, entity: EntityId, config: &WorldConfig, msg: Msg<G>) {
+    fn forward(&mut self, entity: EntityId, config: &WorldConfig, mut msg: Msg<G>) {
         let hops = match &msg {
             CellMessage::Input { hops, .. }
             | CellMessage::Ack { hops, .. }
@@ -511,9 +524,21 @@ impl<G: GameLogic> Cell<G> {
             _ => 0,
         };
         match self.forwards.get(&entity) {
-            Some(&(to, _)) if hops <= config.max_hops => {
+            // The message already followed a newer departure than ours: the
+            // entity left here, went there, and is on its way back (its
+            // transfer is still in flight). Wait for it here.
+            Some(&(_, until)) if departure(until, config) < after_of(&msg) => {
+                self.counters.inputs_awaited += 1;
+                self.hold_orphan(msg);
+            }
+            Some(&(to, until)) if hops <= config.max_hops => {
                 if matches!(msg, CellMessage::Input { .. }) {
                     self.counters.inputs_forwarded += 1;
+                }
+                let left = departure(until, config);
+                if let CellMessage::Input { after, .. } | CellMessage::Ack { after, .. } = &mut msg
+                {
+                    *after = (*after).max(left);
                 }
                 self.send(to, msg);
             }
@@ -741,16 +766,18 @@ impl<G: GameLogic> Cell<G> {
     /// will only take them at its next tick (another shard, or a frozen
     /// cell): their snapshot of this tick is built here, from this cell's
     /// entities and ghosts, so that their clients see no extra gap while the
-    /// entity is in flight. Their view state travels on with the transfer.
+    /// entity is in flight. Their view state travels on with the transfer,
+    /// and the snapshot names the destination cell (where the avatar now
+    /// lives), so that the client's inputs follow it there.
     pub fn view_round(
         &mut self,
         config: &WorldConfig,
         tick: TickId,
-        departing: &mut [Transfer<G>],
+        departing: &mut [(CellId, Transfer<G>)],
     ) {
         let view: &ViewConfig = &config.view;
         if !self.entities.iter().any(|e| e.view.is_some())
-            && !departing.iter().any(|t| t.entity.view.is_some())
+            && !departing.iter().any(|(_, t)| t.entity.view.is_some())
         {
             return;
         }
@@ -760,9 +787,9 @@ impl<G: GameLogic> Cell<G> {
         }
         // A departing entity still close to this cell left a ghost of
         // itself here (the same state): index it once.
-        for t in departing
+        for (_, t) in departing
             .iter()
-            .filter(|t| self.ghosts.get(t.entity.id).is_none())
+            .filter(|(_, t)| self.ghosts.get(t.entity.id).is_none())
         {
             let e = &t.entity;
             self.aoi.push(e.id, QState::of(e, G::stats(&e.game)), e.pos);
@@ -772,8 +799,9 @@ impl<G: GameLogic> Cell<G> {
         }
         self.aoi
             .build(self.bounds.expand(view.leave_radius()), config.bucket);
-        let departing = departing.iter_mut().map(|t| &mut t.entity);
-        for e in self.entities.iter_mut().chain(departing) {
+        let here = self.id;
+        let departing = departing.iter_mut().map(|(to, t)| (*to, &mut t.entity));
+        for (_, e) in self.entities.iter_mut().map(|e| (here, e)).chain(departing) {
             let Some(v) = e.view.as_mut() else { continue };
             self.accepted.clear();
             self.aoi
@@ -815,6 +843,19 @@ impl<G: GameLogic> Cell<G> {
     /// Schedules a job directly (tests).
     pub fn schedule(&mut self, job: Job) {
         self.jobs.schedule(job);
+    }
+}
+
+/// When an entity left a cell, from its forward pointer's expiry.
+fn departure(until: TickId, config: &WorldConfig) -> TickId {
+    TickId(until.0.saturating_sub(config.forward_ticks))
+}
+
+/// The newest departure a forwarded message followed (0: none).
+fn after_of<C, I>(msg: &CellMessage<C, I>) -> TickId {
+    match msg {
+        CellMessage::Input { after, .. } | CellMessage::Ack { after, .. } => *after,
+        _ => TickId(0),
     }
 }
 

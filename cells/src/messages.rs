@@ -33,6 +33,12 @@ pub enum CellMessage<C, I> {
         input: InputCmd,
         /// Times this input was forwarded after its entity moved.
         hops: u8,
+        /// Departure tick of the newest forward pointer this message
+        /// followed (0: none). A cell whose own pointer for the entity is
+        /// older knows the entity left it before it left the cell that
+        /// sent this: the entity is on its way back here, so the message
+        /// waits for it instead of bouncing between the two cells.
+        after: TickId,
     },
     /// The client applied the snapshot of `tick` (its view state lives with
     /// the avatar).
@@ -45,6 +51,8 @@ pub enum CellMessage<C, I> {
         tick: TickId,
         /// Times forwarded.
         hops: u8,
+        /// As for [`CellMessage::Input`].
+        after: TickId,
     },
     /// The client left: remove its avatar.
     Leave {

@@ -807,6 +807,7 @@ impl Harness {
                                             entity,
                                             tick: TickId(tick),
                                             hops: 0,
+                                            after: TickId(0),
                                         },
                                     },
                                 );
@@ -871,6 +872,7 @@ impl Harness {
                     entity,
                     input,
                     hops: 0,
+                    after: TickId(0),
                 },
             },
         );
@@ -1092,6 +1094,8 @@ impl Harness {
             a.inputs_gap_skipped += b.inputs_gap_skipped;
             a.inputs_wrong_client += b.inputs_wrong_client;
             a.unknown_entity += b.unknown_entity;
+            a.inputs_awaited += b.inputs_awaited;
+            a.orphans_held += b.orphans_held;
             a.hops_exceeded += b.hops_exceeded;
             a.transfers_in += b.transfers_in;
             a.transfers_out += b.transfers_out;

@@ -31,7 +31,10 @@ pub struct WorldConfig {
     /// Most inputs held back per entity.
     pub input_reorder_max: usize,
     /// How long a message about an entity a cell does not know waits for
-    /// the entity to arrive, in ticks.
+    /// the entity to arrive, in ticks. An entity sent to a cell that is
+    /// being handed over reaches it only when the old owner releases the
+    /// cell (up to the coordinator's step timeouts), while the client's
+    /// inputs reach the new owner at once: wait that long.
     pub orphan_ticks: u64,
     /// Seed of every generator.
     pub seed: u64,
@@ -47,7 +50,7 @@ impl Default for WorldConfig {
             max_hops: 8,
             input_reorder_ticks: 10,
             input_reorder_max: 32,
-            orphan_ticks: 20,
+            orphan_ticks: 100,
             seed: 1,
         }
     }
@@ -522,18 +525,10 @@ impl<G: GameLogic> ShardWorld<G> {
             .values_mut()
             .filter(|c| !frozen.contains(&c.id()))
         {
-            let (to, mut leaving): (Vec<CellId>, Vec<Transfer<G>>) = in_flight
-                .remove(&cell.id())
-                .unwrap_or_default()
-                .into_iter()
-                .unzip();
+            let mut leaving = in_flight.remove(&cell.id()).unwrap_or_default();
             cell.view_round(&self.config, tick, &mut leaving);
             cell.take_outputs(&mut produced);
-            departing.extend(
-                to.into_iter()
-                    .zip(leaving)
-                    .map(|(to, t)| (cell.id(), to, t)),
-            );
+            departing.extend(leaving.into_iter().map(|(to, t)| (cell.id(), to, t)));
         }
         self.route(produced);
         for (from, to, t) in departing {
@@ -589,6 +584,7 @@ fn add_counters(t: &mut CellCounters, c: &CellCounters) {
     t.inputs_gap_skipped += c.inputs_gap_skipped;
     t.inputs_wrong_client += c.inputs_wrong_client;
     t.unknown_entity += c.unknown_entity;
+    t.inputs_awaited += c.inputs_awaited;
     t.orphans_held += c.orphans_held;
     t.hops_exceeded += c.hops_exceeded;
     t.intents_applied += c.intents_applied;

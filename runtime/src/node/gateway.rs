@@ -320,6 +320,7 @@ impl Gateway {
                             entity,
                             input,
                             hops: 0,
+                            after: TickId(0),
                         },
                     );
                 }
@@ -337,6 +338,7 @@ impl Gateway {
                             entity,
                             tick: TickId(snapshot_tick),
                             hops: 0,
+                            after: TickId(0),
                         },
                     );
                 }
