@@ -84,6 +84,8 @@ pub(crate) struct Unit {
     pub part: u16,
     pub frame_len: usize,
     pub retransmit: bool,
+    /// The extra copy of a retransmission (`Config::retransmission_copies`).
+    pub echo: bool,
     /// The frame must be recorded in the sent packet (reliable, or an
     /// unfragmented message of a channel that reports acks).
     pub tracked: bool,
@@ -138,6 +140,11 @@ struct ReliableSend {
     unsent_id: u64,
     unsent_part: u16,
     retransmit: VecDeque<(u64, u16)>,
+    /// Second copies of retransmitted parts: `(id, part, seq of the first
+    /// copy)`, each sent in a later packet than its first copy.
+    echoes: VecDeque<(u64, u16, u64)>,
+    /// Copies of each retransmission (1 or 2).
+    copies: u8,
     window: u64,
 }
 
@@ -185,7 +192,7 @@ pub(crate) struct SendChannel {
 }
 
 impl SendChannel {
-    pub fn new(index: u8, config: &ChannelConfig, window: u16) -> Self {
+    pub fn new(index: u8, config: &ChannelConfig, window: u16, copies: u8) -> Self {
         let inner = if config.kind.is_reliable() {
             SendInner::Reliable(ReliableSend {
                 base: 0,
@@ -193,6 +200,8 @@ impl SendChannel {
                 unsent_id: 0,
                 unsent_part: 0,
                 retransmit: VecDeque::new(),
+                echoes: VecDeque::new(),
+                copies: copies.clamp(1, 2),
                 window: window as u64,
             })
         } else {
@@ -295,13 +304,14 @@ impl SendChannel {
             SendInner::Unreliable { queue, .. } => !queue.is_empty(),
             SendInner::Reliable(r) => {
                 !r.retransmit.is_empty()
+                    || !r.echoes.is_empty()
                     || (r.unsent_id < r.next_id() && r.unsent_id < r.base + r.window)
             }
         }
     }
 
-    /// The next frame to send, retransmissions first.
-    pub fn peek(&mut self) -> Option<Unit> {
+    /// The next frame to send in packet `seq`, retransmissions first.
+    pub fn peek(&mut self, seq: u64) -> Option<Unit> {
         let notify = self.notify;
         match &mut self.inner {
             SendInner::Unreliable {
@@ -313,6 +323,7 @@ impl SendChannel {
                     part: *front_part,
                     frame_len: message.frame_len(*front_part),
                     retransmit: false,
+                    echo: false,
                     tracked: notify && message.fragment_count == 0,
                 })
             }
@@ -325,11 +336,31 @@ impl SendChannel {
                                 part,
                                 frame_len: slot.message.frame_len(part),
                                 retransmit: true,
+                                echo: false,
                                 tracked: true,
                             });
                         }
                     }
                     r.retransmit.pop_front();
+                }
+                while let Some(&(id, part, first)) = r.echoes.front() {
+                    if first >= seq {
+                        // Not in the packet that carries the first copy.
+                        break;
+                    }
+                    if let Some(slot) = r.slot(id) {
+                        if slot.part(part).is_some_and(|p| !p.acked) {
+                            return Some(Unit {
+                                id,
+                                part,
+                                frame_len: slot.message.frame_len(part),
+                                retransmit: true,
+                                echo: true,
+                                tracked: true,
+                            });
+                        }
+                    }
+                    r.echoes.pop_front();
                 }
                 if r.unsent_id >= r.base + r.window {
                     return None;
@@ -340,6 +371,7 @@ impl SendChannel {
                     part: r.unsent_part,
                     frame_len: slot.message.frame_len(r.unsent_part),
                     retransmit: false,
+                    echo: false,
                     tracked: true,
                 })
             }
@@ -374,8 +406,13 @@ impl SendChannel {
                 if let Some(state) = slot.part_mut(unit.part) {
                     state.last_sent = seq;
                 }
-                if unit.retransmit {
+                if unit.echo {
+                    r.echoes.pop_front();
+                } else if unit.retransmit {
                     r.retransmit.pop_front();
+                    if r.copies > 1 {
+                        r.echoes.push_back((unit.id, unit.part, seq));
+                    }
                 } else {
                     r.unsent_part += 1;
                     if r.unsent_part >= parts {
@@ -467,6 +504,7 @@ impl SendChannel {
                     pool.put(slot.message.bytes);
                 }
                 r.retransmit.clear();
+                r.echoes.clear();
             }
         }
         self.queued_bytes = 0;

@@ -152,6 +152,13 @@ pub struct CongestionConfig {
     pub rtt_growth_slack: Duration,
     /// Bytes a connection may send back to back before pacing spaces them.
     pub pacing_burst_bytes: usize,
+    /// Loss rate (average over about the last 256 packets) below which a
+    /// loss is not taken as congestion: for links that lose packets at
+    /// random (radio), where AIMD would shrink the window to nothing.
+    /// Congestion still shows as RTT growth (`delay_beta`), as loss above
+    /// the tolerance, and as retransmission timeouts. 0 (the default): every
+    /// loss event backs off. Values are clamped to `[0, 0.5]`.
+    pub loss_tolerance: f64,
 }
 
 impl Default for CongestionConfig {
@@ -165,6 +172,7 @@ impl Default for CongestionConfig {
             rtt_growth_ratio: 1.5,
             rtt_growth_slack: Duration::from_millis(25),
             pacing_burst_bytes: 16 * 1200,
+            loss_tolerance: 0.0,
         }
     }
 }
@@ -232,6 +240,12 @@ pub struct Config {
     /// Packets one connection may add to a transmit batch before the next
     /// connection gets a turn.
     pub transmit_burst_packets: usize,
+    /// Copies of every retransmission of a reliable frame, each in its own
+    /// packet: 2 trades the retransmitted bytes (loss rate x traffic) for
+    /// tail latency on lossy links, as a lost retransmission no longer costs
+    /// another loss-detection round. 1 (the default) or 2; other values are
+    /// clamped.
+    pub retransmission_copies: u8,
     /// Message buffers kept for reuse.
     pub buffer_pool_max: usize,
 }
@@ -271,6 +285,7 @@ impl Default for Config {
             disconnect_copies: 3,
             disconnect_interval: Duration::from_millis(30),
             transmit_burst_packets: 8,
+            retransmission_copies: 1,
             buffer_pool_max: 4096,
         }
     }

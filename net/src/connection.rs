@@ -21,6 +21,10 @@ use crate::wire::{
 
 /// Packets remembered for duplicate suppression (a power of two).
 const RECEIVED_WINDOW: u64 = 1024;
+/// Packets one header acknowledges below its `ack` (the `ack_bits` field).
+const ACK_BITS: u64 = 64;
+/// Copies of each catch-up ack (see `Connection::acked_below`).
+const CATCH_UP_COPIES: u8 = 2;
 /// Packets declared lost once this many later packets were sent and the
 /// newest of them acknowledged ("three newer acks").
 const PACKET_THRESHOLD: usize = 3;
@@ -91,16 +95,36 @@ impl ReceivedPackets {
         self.set(seq, true);
     }
 
+    /// Whether packet `seq` arrived (false once out of the window).
+    fn contains(&self, seq: u64) -> bool {
+        self.largest
+            .is_some_and(|l| seq <= l && l - seq < RECEIVED_WINDOW && self.get(seq))
+    }
+
     /// `(ack, ack_bits)` for the next header.
     fn ack_fields(&self) -> Option<(u16, u64)> {
         let largest = self.largest?;
+        Some((largest as u16, self.bits_below(largest)))
+    }
+
+    /// Bit `i` set: packet `top - 1 - i` arrived (within the window).
+    fn bits_below(&self, top: u64) -> u64 {
+        let Some(largest) = self.largest else {
+            return 0;
+        };
         let mut bits = 0u64;
-        for i in 0..64u64 {
-            if largest > i && self.get(largest - 1 - i) {
+        for i in 0..ACK_BITS {
+            let Some(seq) = top.checked_sub(1 + i) else {
+                break;
+            };
+            if largest - seq >= RECEIVED_WINDOW {
+                break;
+            }
+            if self.get(seq) {
                 bits |= 1 << i;
             }
         }
-        Some((largest as u16, bits))
+        bits
     }
 }
 
@@ -218,7 +242,8 @@ pub struct ConnectionStats {
     pub packets_lost: u64,
     /// `packets_lost / (packets_acked + packets_lost)`.
     pub loss_ratio: f64,
-    /// Packets declared lost by the three-newer-acks rule.
+    /// Packets declared lost by the packet or time threshold (three later
+    /// packets sent, or 9/8 RTT passed, and a later packet acknowledged).
     pub lost_by_threshold: u64,
     /// Retransmission timer expiries.
     pub timeouts: u64,
@@ -246,6 +271,9 @@ pub struct ConnectionStats {
     pub refused_packets: u64,
     /// Window reductions on loss, on RTT growth, on timeout.
     pub backoffs: [u64; 3],
+    /// Losses below `CongestionConfig::loss_tolerance`, not taken as
+    /// congestion.
+    pub losses_tolerated: u64,
     /// Messages waiting or unacknowledged, all channels.
     pub send_queue_messages: usize,
     /// Bytes of those messages.
@@ -292,6 +320,15 @@ pub(crate) struct Connection {
     ack_count: u32,
     ack_deadline: Option<Instant>,
     ack_now: bool,
+    /// Every packet received below this was covered by an ack we sent (or
+    /// fell out of the window): more than 65 packets can arrive between two
+    /// transmits (one receive batch), and one header only covers 65.
+    acked_below: u64,
+    /// The oldest ack-eliciting packet at or above `acked_below`, if any:
+    /// where catch-up acks start (packets that elicit nothing need none).
+    eliciting_since: Option<u64>,
+    /// A catch-up ack (its `ack`) still to send, and how many times.
+    catch_up_repeat: Option<(u64, u8)>,
     last_recv: Instant,
     receive_bytes: usize,
     recv_stats: RecvStats,
@@ -346,7 +383,7 @@ impl Connection {
                 .channels
                 .iter()
                 .enumerate()
-                .map(|(i, c)| SendChannel::new(i as u8, c, window))
+                .map(|(i, c)| SendChannel::new(i as u8, c, window, config.retransmission_copies))
                 .collect(),
             ping_pending: false,
             pacing_release: None,
@@ -361,6 +398,9 @@ impl Connection {
             ack_count: 0,
             ack_deadline: None,
             ack_now: false,
+            acked_below: 0,
+            eliciting_since: None,
+            catch_up_repeat: None,
             last_recv: now,
             receive_bytes: 0,
             recv_stats: RecvStats::default(),
@@ -574,6 +614,9 @@ impl Connection {
         self.received.insert(seq);
         self.stats.packets_received += 1;
         if ack_eliciting {
+            if seq >= self.acked_below && self.eliciting_since.is_none_or(|s| seq < s) {
+                self.eliciting_since = Some(seq);
+            }
             self.ack_count += 1;
             if self.ack_deadline.is_none() {
                 self.ack_deadline = Some(now + cx.config.ack_delay);
@@ -628,7 +671,9 @@ impl Connection {
             }
             let acked = seq == largest || (bits >> (largest - 1 - seq)) & 1 == 1;
             if acked && self.sent[i].state != SentState::Acked {
-                if seq == largest {
+                // A catch-up ack for older packets says nothing about the
+                // current RTT: sample only a newly newest acknowledgement.
+                if seq == largest && self.largest_acked.is_none_or(|l| largest > l) {
                     let sample = now.saturating_duration_since(self.sent[i].sent_at);
                     self.rtt.update(sample, now);
                     self.congestion.on_rtt(&self.rtt, seq, self.next_seq);
@@ -641,7 +686,7 @@ impl Connection {
         if newly_acked {
             self.largest_acked = Some(self.largest_acked.map_or(largest, |l| l.max(largest)));
             self.rto_backoff = 0;
-            self.detect_lost_by_threshold(cx);
+            self.detect_lost(now);
             self.pop_resolved();
         }
     }
@@ -697,20 +742,49 @@ impl Connection {
         }
     }
 
-    fn detect_lost_by_threshold(&mut self, _cx: &mut Context<'_>) {
+    /// RFC 9002's thresholds: an in-flight packet older than the newest
+    /// acknowledged one is lost once `PACKET_THRESHOLD` later packets were
+    /// sent, or once it was sent more than [`Connection::loss_delay`] ago
+    /// (the time rule catches the last packets of a burst, which have too few
+    /// successors for the packet rule, without waiting for the RTO).
+    fn detect_lost(&mut self, now: Instant) {
         let Some(largest) = self.largest_acked else {
             return;
         };
         let position = self.sent.partition_point(|p| p.seq < largest);
-        if position < PACKET_THRESHOLD {
-            return;
-        }
-        for i in 0..=position - PACKET_THRESHOLD {
-            if self.sent[i].state == SentState::InFlight {
-                self.stats.lost_by_threshold += 1;
-                self.mark_lost(i, false);
+        let loss_delay = self.loss_delay();
+        for i in 0..position {
+            let packet = &self.sent[i];
+            if packet.state != SentState::InFlight {
+                continue;
             }
+            let by_count = i + PACKET_THRESHOLD <= position;
+            let by_time = now.saturating_duration_since(packet.sent_at) >= loss_delay;
+            if !by_count && !by_time {
+                // Later packets are younger and have fewer successors.
+                break;
+            }
+            self.stats.lost_by_threshold += 1;
+            self.mark_lost(i, false);
         }
+    }
+
+    /// How long after its sending a packet with an acknowledged successor is
+    /// declared lost: 9/8 of the larger of the smoothed and latest RTT.
+    fn loss_delay(&self) -> Duration {
+        let rtt = self.rtt.smoothed().max(self.rtt.latest());
+        (rtt + rtt / 8).max(Duration::from_millis(1))
+    }
+
+    /// When the oldest in-flight packet below the newest acknowledged one
+    /// crosses the time threshold.
+    fn loss_deadline(&self) -> Option<Instant> {
+        let largest = self.largest_acked?;
+        let oldest = self
+            .sent
+            .front()
+            .filter(|p| p.state == SentState::InFlight && p.seq < largest)?;
+        Some(oldest.sent_at + self.loss_delay())
     }
 
     fn pop_resolved(&mut self) {
@@ -729,6 +803,10 @@ impl Connection {
 
     fn current_rto(&self) -> Duration {
         let base = self.rtt.rto(self.rto_min, self.ack_delay);
+        if self.rto_backoff == 0 {
+            // The common case, on every deadline refresh: no float math.
+            return base.min(self.rto_max);
+        }
         let backed_off = base.mul_f64(1.5f64.powi(self.rto_backoff.min(30)));
         backed_off.min(self.rto_max)
     }
@@ -780,6 +858,10 @@ impl Connection {
                 }
                 if self.pacing_release.is_some_and(|d| now >= d) {
                     self.pacing_release = None;
+                }
+                if self.loss_deadline().is_some_and(|d| now >= d) {
+                    self.detect_lost(now);
+                    self.pop_resolved();
                 }
                 if self.rto_deadline().is_some_and(|d| now >= d) {
                     let rto = self.current_rto();
@@ -841,6 +923,7 @@ impl Connection {
                     (!self.ping_pending).then_some(self.last_send + config.keepalive_interval),
                 );
                 consider(self.pacing_release);
+                consider(self.loss_deadline());
                 consider(self.rto_deadline());
             }
         }
@@ -861,6 +944,8 @@ impl Connection {
                 self.accept_pending
                     || self.ack_now
                     || self.ack_count >= config.ack_frequency
+                    || self.catch_up_repeat.is_some()
+                    || self.catch_up_ack().is_some()
                     || self.ping_pending
                     || (self.pacing_release.is_none()
                         && self.congestion.window_open(self.in_flight)
@@ -950,6 +1035,37 @@ impl Connection {
             self.on_datagram_sent(now, out.len() - start);
             return true;
         }
+        while self.catch_up_repeat.is_none() {
+            let Some(end) = self.catch_up_ack() else {
+                break;
+            };
+            // Acknowledge what the next header cannot reach, oldest first.
+            // `ack` must name a packet that arrived: the newest of the range.
+            let largest = self.received.largest.unwrap_or(0);
+            self.acked_below = end + 1;
+            self.eliciting_since = (largest > end).then_some(end + 1);
+            if let Some(top) = (end - ACK_BITS..=end)
+                .rev()
+                .find(|&seq| self.received.contains(seq))
+            {
+                self.catch_up_repeat = Some((top, CATCH_UP_COPIES));
+            }
+        }
+        if let Some((top, copies)) = self.catch_up_repeat {
+            // No later ack covers this range: each goes out more than once,
+            // or one lost ack would make the peer resend 65 packets.
+            self.catch_up_repeat = (copies > 1).then_some((top, copies - 1));
+            Header {
+                packet_type: PacketType::Data,
+                connection_id: self.peer_id,
+                seq: self.next_seq as u16,
+                ack: Some((top as u16, self.received.bits_below(top))),
+            }
+            .encode(out);
+            self.next_seq += 1;
+            self.on_datagram_sent(now, out.len() - start);
+            return true;
+        }
         let srtt = self.rtt.smoothed();
         self.congestion.refill(now, srtt);
         let has_data = self.has_data();
@@ -1000,8 +1116,26 @@ impl Connection {
         self.ack_now = false;
         self.ack_count = 0;
         self.ack_deadline = None;
+        if let Some(largest) = self.received.largest {
+            if largest.saturating_sub(ACK_BITS) <= self.acked_below {
+                self.acked_below = self.acked_below.max(largest + 1);
+                self.eliciting_since = None;
+            }
+        }
         self.on_datagram_sent(now, size);
         true
+    }
+
+    /// The end of the range `[end - 64, end]` a catch-up ack-only packet
+    /// must cover, when packets arrived that the next regular header (the
+    /// newest and the 64 below it) would not acknowledge.
+    fn catch_up_ack(&self) -> Option<u64> {
+        let largest = self.received.largest?;
+        let oldest = self
+            .eliciting_since?
+            .max(largest.saturating_sub(RECEIVED_WINDOW - 1));
+        let end = oldest + ACK_BITS;
+        (end < largest).then_some(end)
     }
 
     fn on_datagram_sent(&mut self, now: Instant, size: usize) {
@@ -1029,7 +1163,7 @@ impl Connection {
                     usize::MAX
                 };
                 let mut used = 0usize;
-                while let Some(unit) = channel.peek() {
+                while let Some(unit) = channel.peek(seq) {
                     let room = end.saturating_sub(out.len());
                     if unit.frame_len > room || used.saturating_add(unit.frame_len) > budget {
                         break;
@@ -1074,6 +1208,7 @@ impl Connection {
             self.congestion.backoffs_delay,
             self.congestion.backoffs_timeout,
         ];
+        s.losses_tolerated = self.congestion.losses_tolerated;
         s.messages_received = self.recv_stats.messages;
         s.duplicate_messages = self.recv_stats.duplicates;
         s.stale_messages = self.recv_stats.stale;

@@ -115,6 +115,13 @@ pub struct BatchSocket {
     /// (source, offset, length) of the datagrams of the last receive.
     received: Vec<(SocketAddr, usize, usize)>,
     send_addrs: Vec<libc::sockaddr_storage>,
+    /// Message headers and iovecs of `recvmmsg`/`sendmmsg`, kept between
+    /// calls so a call does not clear kilobytes of arrays first (the
+    /// pointers inside are rewritten before every call).
+    recv_headers: Vec<libc::mmsghdr>,
+    recv_iovecs: Vec<libc::iovec>,
+    send_headers: Vec<libc::mmsghdr>,
+    send_iovecs: Vec<libc::iovec>,
     conditioner: Option<LinkConditioner>,
     stats: SocketStats,
 }
@@ -122,6 +129,18 @@ pub struct BatchSocket {
 fn zeroed_storage() -> libc::sockaddr_storage {
     // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
     unsafe { mem::zeroed() }
+}
+
+fn zeroed_header() -> libc::mmsghdr {
+    // SAFETY: mmsghdr is plain old data; all-zero is a valid value.
+    unsafe { mem::zeroed() }
+}
+
+fn zeroed_iovec() -> libc::iovec {
+    libc::iovec {
+        iov_base: ptr::null_mut(),
+        iov_len: 0,
+    }
 }
 
 fn write_sockaddr(addr: &SocketAddr, storage: &mut libc::sockaddr_storage) -> libc::socklen_t {
@@ -216,6 +235,10 @@ impl BatchSocket {
             recv_addrs: vec![zeroed_storage(); batch],
             received: Vec::with_capacity(batch),
             send_addrs: vec![zeroed_storage(); BATCH_MAX],
+            recv_headers: vec![zeroed_header(); batch],
+            recv_iovecs: vec![zeroed_iovec(); batch],
+            send_headers: vec![zeroed_header(); BATCH_MAX],
+            send_iovecs: vec![zeroed_iovec(); BATCH_MAX],
             conditioner: None,
             stats: SocketStats::default(),
         })
@@ -267,28 +290,27 @@ impl BatchSocket {
 
     fn recv_mmsg(&mut self) -> io::Result<usize> {
         let n = self.batch;
-        // SAFETY: iovec and mmsghdr are plain C structs; zero is valid.
-        let mut iovecs: [libc::iovec; BATCH_MAX] = unsafe { mem::zeroed() };
-        let mut messages: [libc::mmsghdr; BATCH_MAX] = unsafe { mem::zeroed() };
         let base = self.recv_data.as_mut_ptr();
         for i in 0..n {
-            iovecs[i] = libc::iovec {
+            self.recv_iovecs[i] = libc::iovec {
                 // SAFETY: i * datagram_max + datagram_max <= recv_data.len().
                 iov_base: unsafe { base.add(i * self.datagram_max) } as *mut libc::c_void,
                 iov_len: self.datagram_max,
             };
-            let header = &mut messages[i].msg_hdr;
+            let header = &mut self.recv_headers[i].msg_hdr;
             header.msg_name = &mut self.recv_addrs[i] as *mut _ as *mut libc::c_void;
             header.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            header.msg_iov = &mut iovecs[i];
+            header.msg_iov = &mut self.recv_iovecs[i];
             header.msg_iovlen = 1;
+            header.msg_flags = 0;
         }
-        // SAFETY: every pointer in `messages` points into buffers that live
-        // until the call returns; the kernel writes at most the given sizes.
+        // SAFETY: every pointer in the headers points into buffers owned by
+        // `self` that live (unmoved) until the call returns; the kernel
+        // writes at most the given sizes.
         let count = unsafe {
             libc::recvmmsg(
                 self.socket.as_raw_fd(),
-                messages.as_mut_ptr(),
+                self.recv_headers.as_mut_ptr(),
                 n as libc::c_uint,
                 libc::MSG_DONTWAIT,
                 ptr::null_mut(),
@@ -304,7 +326,7 @@ impl BatchSocket {
         }
         let count = count as usize;
         self.stats.recv_calls += 1;
-        for (i, message) in messages.iter().enumerate().take(count) {
+        for (i, message) in self.recv_headers.iter().enumerate().take(count) {
             if message.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
                 self.stats.recv_truncated += 1;
                 continue;
@@ -397,28 +419,25 @@ impl BatchSocket {
         let mut next = 0;
         while next < total {
             let n = (total - next).min(BATCH_MAX);
-            // SAFETY: plain C structs; zero is valid.
-            let mut iovecs: [libc::iovec; BATCH_MAX] = unsafe { mem::zeroed() };
-            let mut messages: [libc::mmsghdr; BATCH_MAX] = unsafe { mem::zeroed() };
             for i in 0..n {
                 let Some(t) = batch.get(next + i) else { break };
                 let name_len = write_sockaddr(&t.destination, &mut self.send_addrs[i]);
-                iovecs[i] = libc::iovec {
+                self.send_iovecs[i] = libc::iovec {
                     // The kernel only reads through this pointer.
                     iov_base: t.payload.as_ptr() as *mut libc::c_void,
                     iov_len: t.payload.len(),
                 };
-                let header = &mut messages[i].msg_hdr;
+                let header = &mut self.send_headers[i].msg_hdr;
                 header.msg_name = &mut self.send_addrs[i] as *mut _ as *mut libc::c_void;
                 header.msg_namelen = name_len;
-                header.msg_iov = &mut iovecs[i];
+                header.msg_iov = &mut self.send_iovecs[i];
                 header.msg_iovlen = 1;
             }
             // SAFETY: every pointer refers to memory alive for the call.
             let result = unsafe {
                 libc::sendmmsg(
                     self.socket.as_raw_fd(),
-                    messages.as_mut_ptr(),
+                    self.send_headers.as_mut_ptr(),
                     n as libc::c_uint,
                     libc::MSG_DONTWAIT,
                 )
@@ -475,6 +494,11 @@ impl BatchSocket {
         Ok(Readiness { socket })
     }
 }
+
+// SAFETY: the raw pointers in the kept message headers point into buffers
+// the socket owns and are rewritten before every call that reads them; no
+// pointer is ever used across threads or after a move.
+unsafe impl Send for BatchSocket {}
 
 impl AsRawFd for BatchSocket {
     fn as_raw_fd(&self) -> RawFd {

@@ -421,9 +421,6 @@ impl Endpoint {
         }
         due.clear();
         self.due_scratch = due;
-        if self.timers.len() > 4 * self.live + 64 {
-            self.compact_timers();
-        }
     }
 
     // ----- outputs -----
@@ -633,16 +630,23 @@ impl Endpoint {
             return;
         }
         let deadline = connection.next_deadline(&self.config);
+        let mut pushed = false;
         if deadline != slot.deadline {
             slot.deadline = deadline;
             if let Some(deadline) = deadline {
                 self.timers
                     .push(Reverse((deadline, index, slot.generation)));
+                pushed = true;
             }
         }
         if may_queue && !slot.dirty && connection.wants_transmit(&self.config) {
             slot.dirty = true;
             self.dirty.push_back(index);
+        }
+        // Bounded at all times, not only when a timer fires: busy
+        // connections re-register on every packet. Amortized O(1).
+        if pushed && self.timers.len() > 4 * self.live + 64 {
+            self.compact_timers();
         }
     }
 

@@ -77,6 +77,12 @@ impl RttEstimator {
     }
 }
 
+/// Weight of one packet's outcome (acknowledged or lost) in the loss-rate
+/// average: about the last 256 packets count, enough that 10% random loss
+/// does not wander past a 20% tolerance by chance, while a queue dropping
+/// half of a flow's packets crosses it within a hundred packets.
+const LOSS_RATE_GAIN: f64 = 1.0 / 256.0;
+
 /// AIMD send window (slow start, loss and delay back-off once per round
 /// trip) with a token-bucket pacer.
 #[derive(Debug, Clone)]
@@ -93,6 +99,10 @@ pub(crate) struct Congestion {
     refilled_at: Option<Instant>,
     mtu: usize,
     config: CongestionConfig,
+    /// Average of packet outcomes, 1 for lost, 0 for acknowledged.
+    loss_rate: f64,
+    /// Losses not taken as congestion (`loss_tolerance`).
+    pub losses_tolerated: u64,
     pub backoffs_loss: u64,
     pub backoffs_delay: u64,
     pub backoffs_timeout: u64,
@@ -114,7 +124,12 @@ impl Congestion {
             burst,
             refilled_at: None,
             mtu,
-            config: config.clone(),
+            config: CongestionConfig {
+                loss_tolerance: config.loss_tolerance.clamp(0.0, 0.5),
+                ..config.clone()
+            },
+            loss_rate: 0.0,
+            losses_tolerated: 0,
             backoffs_loss: 0,
             backoffs_delay: 0,
             backoffs_timeout: 0,
@@ -131,6 +146,7 @@ impl Congestion {
     }
 
     pub fn on_ack(&mut self, bytes: usize) {
+        self.loss_rate -= self.loss_rate * LOSS_RATE_GAIN;
         if self.window < self.ssthresh {
             self.window += bytes;
         } else {
@@ -146,8 +162,14 @@ impl Congestion {
         self.recovery_until = next_seq;
     }
 
-    /// A packet `seq` was declared lost.
+    /// A packet `seq` was declared lost. Below `loss_tolerance` (recent
+    /// loss rate) it is taken for a lossy link, not congestion.
     pub fn on_loss(&mut self, seq: u64, next_seq: u64) {
+        self.loss_rate += (1.0 - self.loss_rate) * LOSS_RATE_GAIN;
+        if self.loss_rate < self.config.loss_tolerance {
+            self.losses_tolerated += 1;
+            return;
+        }
         if seq >= self.recovery_until {
             self.backoffs_loss += 1;
             self.reduce(self.config.loss_beta, next_seq);
@@ -231,6 +253,38 @@ mod tests {
             Duration::from_millis(50)
         );
         assert_eq!(rtt.min(), Some(Duration::from_millis(40)));
+    }
+
+    #[test]
+    fn loss_below_the_tolerance_is_not_congestion() {
+        let config = CongestionConfig {
+            loss_tolerance: 0.2,
+            ..CongestionConfig::default()
+        };
+        let mut c = Congestion::new(&config, 1000);
+        let start = c.window();
+        // 5% random loss: tolerated, the window keeps growing.
+        for seq in 0..2000u64 {
+            if seq % 20 == 0 {
+                c.on_loss(seq, seq + 1);
+            } else {
+                c.on_ack(1000);
+            }
+        }
+        assert!(c.window() > start);
+        assert_eq!(c.backoffs_loss, 0);
+        assert_eq!(c.losses_tolerated, 100);
+        // A burst of losses (a queue overflowing) is congestion again.
+        let before = c.window();
+        for seq in 2000..2100u64 {
+            c.on_loss(seq, 3000);
+        }
+        assert!(c.backoffs_loss > 0);
+        assert!(c.window() < before);
+        // Without a tolerance every loss event backs off.
+        let mut strict = Congestion::new(&CongestionConfig::default(), 1000);
+        strict.on_loss(0, 1);
+        assert_eq!(strict.backoffs_loss, 1);
     }
 
     #[test]

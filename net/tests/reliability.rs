@@ -259,6 +259,98 @@ fn fast_retransmit_recovers_a_single_loss() {
     assert_eq!(c.retransmits, 1, "{c:?}");
 }
 
+/// More packets than one header acknowledges (65) arrive between two
+/// transmits, as in one large receive batch: catch-up acks cover the older
+/// ones, so a clean path loses and resends nothing; on a lossy path no packet
+/// that did not arrive is ever acknowledged (every message gets through).
+#[test]
+fn large_receive_batches_are_fully_acknowledged() {
+    let burst = |loss: f64, seed: u64| {
+        let mut client_config = Config::client();
+        // One burst of 300 packets, all arriving at the same instant.
+        client_config.congestion.initial_window_packets = 400;
+        client_config.congestion.pacing_burst_bytes = 400 * 1200;
+        let link = ConditionerConfig {
+            loss: if loss > 0.0 {
+                Loss::Random(loss)
+            } else {
+                Loss::None
+            },
+            ..ConditionerConfig::latency(Duration::from_millis(10))
+        };
+        let mut pair = Pair::new(Config::server(), client_config, link, seed);
+        let (client, server) = pair.connect_and_wait();
+        for i in 0..300u32 {
+            pair.client
+                .send(
+                    client,
+                    ChannelId::RELIABLE_ORDERED,
+                    &make_message(1, i, 1100),
+                )
+                .unwrap();
+        }
+        pair.run_for(Duration::from_secs(10));
+        assert_eq!(
+            received(&pair.server_events, server, ChannelId::RELIABLE_ORDERED),
+            (0..300).collect::<Vec<_>>(),
+            "seed {seed}"
+        );
+        pair.client.connection_stats(client).unwrap()
+    };
+    let clean = burst(0.0, 21);
+    assert!(clean.packets_acked >= 300, "{clean:?}");
+    assert_eq!(clean.packets_lost, 0, "{clean:?}");
+    assert_eq!(clean.retransmits, 0, "{clean:?}");
+    for seed in 22..30 {
+        burst(0.1, seed);
+    }
+}
+
+/// Two copies of every retransmission (`retransmission_copies = 2`) on a
+/// harsh link: still exactly once and in order, and each lost frame is sent
+/// again twice.
+#[test]
+fn doubled_retransmissions_keep_delivery_exact() {
+    let mut checked = 0;
+    for seed in 40..44 {
+        let mut client_config = Config::client();
+        client_config.retransmission_copies = 2;
+        let mut server_config = Config::server();
+        server_config.retransmission_copies = 2;
+        let mut pair = Pair::new(
+            server_config,
+            client_config,
+            ConditionerConfig::harsh(),
+            seed,
+        );
+        let Some((client, server)) = pair.try_connect() else {
+            continue;
+        };
+        for i in 0..300u32 {
+            pair.client
+                .send(
+                    client,
+                    ChannelId::RELIABLE_ORDERED,
+                    &make_message(1, i, 40 + (i as usize % 7) * 100),
+                )
+                .unwrap();
+            pair.run_for(Duration::from_millis(5));
+        }
+        pair.run_for(Duration::from_secs(20));
+        assert_eq!(
+            received(&pair.server_events, server, ChannelId::RELIABLE_ORDERED),
+            (0..300).collect::<Vec<_>>(),
+            "seed {seed}"
+        );
+        let c = pair.client.connection_stats(client).unwrap();
+        assert!(c.packets_lost > 0, "{c:?}");
+        // Echoes are counted as retransmissions too.
+        assert!(c.retransmits > c.packets_lost, "{c:?}");
+        checked += 1;
+    }
+    assert!(checked >= 2, "only {checked} handshakes survived the link");
+}
+
 /// With the path cut, retransmission intervals grow by 1.5x each time.
 #[test]
 fn retransmission_timeout_backs_off() {
