@@ -147,11 +147,16 @@ pub fn render(shared: &NodeShared, board: &StatsBoard) -> String {
             h.len()
         );
     }
-    let gauges: [(&str, &str, &str); 2] = [
+    let gauges: [(&str, &str, &str); 3] = [
         (
             "tessera_tick_duration_p99_seconds",
             "gauge",
-            "99th percentile tick duration, per shard.",
+            "99th percentile tick duration since start, per shard.",
+        ),
+        (
+            "tessera_tick_duration_recent_p99_seconds",
+            "gauge",
+            "99th percentile tick duration over the last publication interval (1 s), per shard.",
         ),
         (
             "tessera_tick_lateness_p99_seconds",
@@ -162,10 +167,10 @@ pub fn render(shared: &NodeShared, board: &StatsBoard) -> String {
     for (i, (name, kind, text)) in gauges.iter().enumerate() {
         help(&mut o, name, kind, text);
         for s in runtime.iter().flatten() {
-            let v = if i == 0 {
-                s.tick_us(0.99)
-            } else {
-                s.lateness_us(0.99)
+            let v = match i {
+                0 => s.tick_us(0.99),
+                1 => s.tick_duration_us_recent.value_at_quantile(0.99),
+                _ => s.lateness_us(0.99),
             };
             let _ = writeln!(o, "{name}{{shard=\"{}\"}} {:.6}", s.shard.0, v as f64 / 1e6);
         }
@@ -449,6 +454,7 @@ mod tests {
         shared.publish(1, NodeShardStats::default());
         let text = render(&shared, &board);
         assert!(text.contains("tessera_sessions{shard=\"1\"} 0"));
+        assert!(text.contains("# TYPE tessera_tick_duration_recent_p99_seconds gauge"));
         assert!(text.contains("tessera_drops_total{shard=\"1\",reason=\"frame_invalid\"} 0"));
         // Every sample line is "name{labels} value" or "name value".
         for line in text.lines().filter(|l| !l.starts_with('#')) {
