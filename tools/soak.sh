@@ -54,10 +54,16 @@ if [ $flame = 1 ]; then
   ( sleep $((ramp + hold / 3)); tools/flamegraph.sh --pid $server --seconds 10 --out "$out/flamegraph.svg" >&2 ) &
 fi
 
+# The tick histogram at the start of the hold; the verdict uses the ticks
+# of the hold only (the end snapshot minus this one).
+scrape() { python3 -c 'import sys,urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "http://127.0.0.1:$mport/metrics"; }
+( sleep $((ramp + 2)); scrape > "$out/metrics-hold-start.txt" 2>/dev/null || true ) &
+
 taskset -c 1 "$bin" sim --addr 127.0.0.1:$port --clients "$clients" --ramp "$ramp" --duration "$hold" \
   --pattern "$pattern" --soak --server-pid $server --metrics-addr 127.0.0.1:$mport \
   --samples "$out/samples.csv" --out "$out/sim.json" 2> "$out/sim.log" | tee "$out/sim.txt"
 
+scrape > "$out/metrics-hold-end.txt" 2>/dev/null || true
 kill -TERM $server
 wait $server || true
 trap - EXIT
@@ -71,18 +77,38 @@ rows = [r for r in csv.DictReader(open(f"{out}/samples.csv")) if float(r["t_s"])
 def col(name):
     return [float(r[name]) for r in rows if r[name] not in ("", None)]
 ticks = sorted(col("server_tick_p99_ms"))
-tick_p99 = ticks[int(0.99 * (len(ticks) - 1))] if ticks else float("nan")
+worst_second = ticks[-1] if ticks else float("nan")
+def buckets(path):
+    b = {}
+    try:
+        for line in open(path):
+            if line.startswith("tessera_tick_duration_seconds_bucket{"):
+                le = float(line.split('le="')[1].split('"')[0])
+                b[le] = b.get(le, 0) + float(line.split()[-1])
+            elif line.startswith("tessera_tick_duration_seconds_count{"):
+                b["count"] = b.get("count", 0) + float(line.split()[-1])
+    except OSError:
+        pass
+    return b
+b0, b1 = buckets(f"{out}/metrics-hold-start.txt"), buckets(f"{out}/metrics-hold-end.txt")
+hold = {k: b1[k] - b0.get(k, 0) for k in b1}
+n = hold.get("count", 0)
+# p99 <= 50 ms  <=>  at least 99% of the hold's ticks took <= 50 ms.
+within = hold.get(0.05, 0) / n * 100 if n else float("nan")
+tick_p99 = next((le * 1000 for le in sorted(k for k in hold if k != "count")
+                 if n and hold[le] >= 0.99 * n), float("nan"))
 rss = max(col("server_rss_mb") or [float("nan")])
 cpu = col("server_cpu_pct")
 delivered = sim["snapshots_delivered_pct"]
 visible = sim["input_to_visible_ms_p99"]
 checks = [
     ("snapshots delivered >= 95%", delivered, delivered >= 95),
-    ("server tick p99 <= 50 ms (p99 of per-second p99s, hold)", tick_p99, tick_p99 <= 50),
+    ("server tick p99 <= 50 ms (hold; value = histogram bucket bound holding 99% of ticks)", tick_p99, within >= 99),
     ("input -> visible p99 <= 150 ms", visible, visible <= 150),
     ("server RSS <= 4096 MB", rss, rss <= 4096),
 ]
 lines = [f"clients joined {sim['clients_joined']:.0f}, failed {sim['clients_failed']:.0f}, gaps > 2 ticks {sim['gaps_over_2_ticks']:.0f}",
+         f"hold: {n:.0f} ticks, {within:.2f}% within 50 ms; worst per-second tick p99 {worst_second:.1f} ms",
          f"server CPU median {sorted(cpu)[len(cpu)//2] if cpu else float('nan'):.0f}% of one core, rtt p99 {sim['rtt_ms_p99']:.1f} ms, bytes/client/s {sim['bytes_per_client_s']:.0f}"]
 for name, value, ok in checks:
     lines.append(f"{'PASS' if ok else 'FAIL'} {name}: {value:.1f}")
