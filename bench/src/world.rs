@@ -308,6 +308,14 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             None,
         ),
     ];
+    // The soak's world (tools/soak.sh): 8 x 8 cells, 2,000 NPCs, 1,000 players.
+    cases.push((
+        "clients=1000,npcs=2000,cells=64".into(),
+        2_000,
+        1_000,
+        8,
+        None,
+    ));
     if !args.quick {
         cases.insert(2, ("entities=100000".into(), 90_000, 10_000, 4, None));
     }

@@ -177,6 +177,9 @@ impl Default for CongestionConfig {
     }
 }
 
+/// Largest `reliable_window`: half the 16-bit message id space.
+pub const RELIABLE_WINDOW_MAX: u16 = 32_768;
+
 /// Configuration of an [`crate::Endpoint`] and of its connections.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -190,7 +193,9 @@ pub struct Config {
     /// Largest message `send` accepts (fragmented above one packet).
     pub message_bytes_max: usize,
     /// Reliable messages of one channel that may be in flight at once (span
-    /// of message ids). The receiver buffers at most this many out of order.
+    /// of message ids, at most [`RELIABLE_WINDOW_MAX`]). The receiver
+    /// buffers at most this many out of order. A bulk transfer needs about
+    /// messages/s x (RTT + loss recovery time) to keep the link busy.
     pub reliable_window: u16,
     /// Bytes a connection may hold in reassembly and reorder buffers (the
     /// next in-order message is always admitted on top of this).
@@ -304,7 +309,7 @@ pub enum ConfigError {
     #[error("message_bytes_max {0} is too large (fragment count or wire limit)")]
     MessageBytesMax(usize),
     /// Reliable window out of range.
-    #[error("reliable_window must be between 1 and 16384, got {0}")]
+    #[error("reliable_window must be between 1 and 32768, got {0}")]
     ReliableWindow(u16),
     /// Receive buffer cannot hold one message.
     #[error("receive_buffer_bytes_max must be at least message_bytes_max")]
@@ -355,7 +360,13 @@ impl Config {
         if self.message_bytes_max > FRAGMENTED_LEN_MAX as usize || fragments > u16::MAX as usize {
             return Err(ConfigError::MessageBytesMax(self.message_bytes_max));
         }
-        if self.reliable_window == 0 || self.reliable_window > 16_384 {
+        // Message ids travel as 16 bits. A conforming sender only (re)sends
+        // ids in [its base, base + window) and its base trails the
+        // receiver's next by at most a window, so the receiver sees ids in
+        // [next - window, next + window): inside the +-32768 `unwrap_u16`
+        // resolves. Older copies come only in packets older than the
+        // received window, which are dropped before their frames are read.
+        if self.reliable_window == 0 || self.reliable_window > RELIABLE_WINDOW_MAX {
             return Err(ConfigError::ReliableWindow(self.reliable_window));
         }
         if self.receive_buffer_bytes_max < self.message_bytes_max {
@@ -466,6 +477,13 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(c.validate(), Err(ConfigError::ReceiveBuffer));
+        for (window, ok) in [(0, false), (1, true), (32_768, true), (32_769, false)] {
+            let c = Config {
+                reliable_window: window,
+                ..Config::default()
+            };
+            assert_eq!(c.validate().is_ok(), ok, "reliable_window {window}");
+        }
     }
 
     #[test]

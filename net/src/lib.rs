@@ -21,7 +21,10 @@ pub mod rng;
 mod types;
 pub mod wire;
 
-pub use config::{ChannelConfig, ChannelId, ChannelKind, Config, ConfigError, CongestionConfig};
+pub use config::{
+    ChannelConfig, ChannelId, ChannelKind, Config, ConfigError, CongestionConfig,
+    RELIABLE_WINDOW_MAX,
+};
 pub use connection::ConnectionStats;
 pub use endpoint::{Endpoint, EndpointStats, Footprint, Transmit, TransmitBatch};
 pub use types::{

@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use tessera_net::conditioner::{ConditionerConfig, Loss};
 use tessera_net::pair::Pair;
 use tessera_net::rng::Rng;
-use tessera_net::{ChannelConfig, ChannelId, Config, ConnectionHandle, Event};
+use tessera_net::{ChannelConfig, ChannelId, Config, ConnectionHandle, Event, RELIABLE_WINDOW_MAX};
 use util::{make_message, received};
 
 const TICK: Duration = Duration::from_millis(50);
@@ -481,4 +481,69 @@ fn acks_are_reported() {
         "{}",
         snapshots.len()
     );
+}
+
+/// The largest reliable window on a lossy, duplicating, reordering link:
+/// more than 16,384 messages in flight at once while the 16-bit message ids
+/// wrap twice, and every message still arrives exactly once, in order.
+#[test]
+fn full_reliable_window_wraps_ids_exactly_once() {
+    let config = |mut c: Config| {
+        c.reliable_window = RELIABLE_WINDOW_MAX;
+        c.receive_buffer_bytes_max = 8 << 20;
+        c.buffer_pool_max = 1 << 16;
+        c.congestion.loss_tolerance = 0.2;
+        c.channels[ChannelId::RELIABLE_ORDERED.0 as usize] =
+            ChannelConfig::reliable_ordered().queue_max(1 << 16, 8 << 20);
+        c
+    };
+    let link = ConditionerConfig {
+        loss: Loss::Random(0.05),
+        duplicate: 0.02,
+        reorder: 0.05,
+        reorder_delay: Duration::from_millis(5),
+        latency: Duration::from_millis(20),
+        jitter: Duration::from_millis(2),
+        ..ConditionerConfig::default()
+    };
+    let mut pair = Pair::new(config(Config::server()), config(Config::client()), link, 11);
+    let (client, server) = pair.connect_and_wait();
+    const TOTAL: u32 = 140_000;
+    let mut next = 0u32;
+    let mut widest = 0usize;
+    let end = pair.now + Duration::from_secs(60);
+    while pair.now < end {
+        while next < TOTAL
+            && pair
+                .client
+                .send(
+                    client,
+                    ChannelId::RELIABLE_ORDERED,
+                    &make_message(3, next, 9),
+                )
+                .is_ok()
+        {
+            next += 1;
+        }
+        pair.run_for(Duration::from_millis(2));
+        let s = pair.server.connection_stats(server).unwrap();
+        // Messages held behind a lost one: only a window wider than 16384
+        // lets more than 16384 wait.
+        widest = widest.max(s.reorder_buffered_messages);
+        if s.messages_received >= TOTAL as u64 {
+            break;
+        }
+    }
+    let got = received(&pair.server_events, server, ChannelId::RELIABLE_ORDERED);
+    assert_eq!(got.len(), TOTAL as usize);
+    assert!(
+        got.iter().copied().eq(0..TOTAL),
+        "out of order or duplicated"
+    );
+    assert!(
+        widest > 16_384,
+        "the window was never wider than 16384: {widest}"
+    );
+    let s = pair.client.connection_stats(client).unwrap();
+    assert!(s.packets_lost > 0, "{s:?}");
 }

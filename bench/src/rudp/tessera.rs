@@ -16,7 +16,7 @@ use tessera_net::{
 
 use super::{loopback, FanoutClients, FanoutEvent, FanoutServer, Role, Side, Workload};
 
-pub(crate) const DESCRIPTION: &str = "tessera-net, one Endpoint per side on one BatchSocket (recvmmsg/sendmmsg, batch 64, 4 MiB buffers), every waiting batch read, then timers, events, sends and one transmit drain per loop turn, as a shard runs it; ping and clients=N: the default Config (as the game server's protocol.rs uses: ack_delay 10 ms, RTO floor 50 ms, AIMD window with pacing); reliable-100B: its lossy-link settings, congestion.loss_tolerance 0.2 (random loss below 20% is not congestion) and retransmission_copies 2 (each retransmission sent twice, in two packets), with reliable_window 16384, a 32768-message queue, 4 MiB receive buffer and 65536 pooled buffers for the bulk transfer; reliable messages on the reliable-ordered channel, updates on the unreliable-sequenced channel (newest wins)";
+pub(crate) const DESCRIPTION: &str = "tessera-net, one Endpoint per side on one BatchSocket (recvmmsg/sendmmsg, batch 64, 4 MiB buffers), every waiting batch read, then timers, events, sends and one transmit drain per loop turn, as a shard runs it; ping and clients=N: the default Config (as the game server's protocol.rs uses: ack_delay 10 ms, RTO floor 50 ms, AIMD window with pacing); reliable-100B: its lossy-link settings, congestion.loss_tolerance 0.2 (random loss below 20% is not congestion) and retransmission_copies 2 (each retransmission sent twice, in two packets), with reliable_window 32768 (the largest), a 65536-message queue, 8 MiB receive buffer and 65536 pooled buffers for the bulk transfer; reliable messages on the reliable-ordered channel, updates on the unreliable-sequenced channel (newest wins)";
 
 /// The configuration for a workload (both ends must agree).
 fn config(workload: Workload, server: bool) -> Config {
@@ -26,14 +26,14 @@ fn config(workload: Workload, server: bool) -> Config {
         Config::client()
     };
     if workload == Workload::Stream {
-        config.reliable_window = 16_384;
-        config.receive_buffer_bytes_max = 4 << 20;
+        config.reliable_window = tessera_net::RELIABLE_WINDOW_MAX;
+        config.receive_buffer_bytes_max = 8 << 20;
         config.congestion.loss_tolerance = 0.2;
         config.retransmission_copies = 2;
         // Tens of thousands of messages in flight: keep their buffers.
         config.buffer_pool_max = 1 << 16;
         config.channels[ChannelId::RELIABLE_ORDERED.0 as usize] =
-            ChannelConfig::reliable_ordered().queue_max(32_768, 8 << 20);
+            ChannelConfig::reliable_ordered().queue_max(1 << 16, 16 << 20);
     }
     config
 }
