@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-clients=1500 crowd=50 duration=90 out=target/crowd
+clients=800 crowd=50 duration=90 out=target/crowd
 while [ $# -gt 0 ]; do
   case "$1" in
     --clients) clients=$2; shift 2 ;;
