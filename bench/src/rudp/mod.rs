@@ -565,8 +565,10 @@ fn connect_side(side: &mut dyn Side) -> Result<(), String> {
 
 pub(crate) const STREAM_BYTES: usize = 100;
 /// Messages sent but not yet delivered at most (the same application-level
-/// bound for every system, on top of each system's own backpressure).
-pub(crate) const OUTSTANDING_MAX: u64 = 32_768;
+/// bound for every system, on top of each system's own backpressure). At
+/// 32,768 this bound, not quinn's flow control, limited quinn at 5% loss
+/// (541k vs 749k msg/s); at 131,072 quinn gains nothing more (774k).
+pub(crate) const OUTSTANDING_MAX: u64 = 65_536;
 /// Messages per send burst of a saturating sender before it polls again.
 pub(crate) const SEND_BURST: usize = 256;
 /// Rate of the latency phase.
