@@ -85,10 +85,7 @@ impl SpatialHash {
             return;
         }
         let r2 = radius * radius;
-        let min = self.key(Vec2::new(center.x - radius, center.y - radius)) as usize;
-        let max = self.key(Vec2::new(center.x + radius, center.y + radius)) as usize;
-        let (x0, y0) = (min % self.columns, min / self.columns);
-        let (x1, y1) = (max % self.columns, max / self.columns);
+        let (x0, x1, y0, y1) = self.square(center, radius);
         for by in y0..=y1 {
             let row = by * self.columns;
             // Buckets of one row are adjacent in `order`: scan them as one slice.
@@ -107,11 +104,38 @@ impl SpatialHash {
         }
     }
 
+    /// The bucket columns and rows `(x0, x1, y0, y1)` covering the square
+    /// around the circle.
+    fn square(&self, center: Vec2, radius: f32) -> (usize, usize, usize, usize) {
+        let min = self.key(Vec2::new(center.x - radius, center.y - radius)) as usize;
+        let max = self.key(Vec2::new(center.x + radius, center.y + radius)) as usize;
+        (
+            min % self.columns,
+            max % self.columns,
+            min / self.columns,
+            max / self.columns,
+        )
+    }
+
+    /// Items in the buckets covering the square around the circle: one
+    /// subtraction per row thanks to the prefix sums in `starts`.
+    fn count_in_square(&self, center: Vec2, radius: f32) -> usize {
+        let (x0, x1, y0, y1) = self.square(center, radius);
+        (y0..=y1)
+            .map(|by| {
+                let row = by * self.columns;
+                (self.starts[row + x1 + 1] - self.starts[row + x0]) as usize
+            })
+            .sum()
+    }
+
     /// Like [`for_each_within`](Self::for_each_within), visiting buckets in
     /// rings of growing distance, and stopping early once `enough` accepted
     /// items (those for which `f` returns true) lie closer than anything not
     /// visited yet: the `enough` nearest accepted items are then among those
-    /// seen. In a crowd this visits a few buckets instead of the whole radius.
+    /// seen. In a crowd this visits a few buckets instead of the whole radius;
+    /// with at most `2 * enough` items under the circle's square it scans
+    /// those rows like `for_each_within` (all items within `radius`).
     /// `scratch` is a reusable buffer.
     pub fn for_each_nearest(
         &self,
@@ -123,6 +147,14 @@ impl SpatialHash {
     ) {
         scratch.clear();
         if self.order.is_empty() {
+            return;
+        }
+        // Few items around: the walk could not stop much before the end, and
+        // a scan of contiguous rows costs less than the walk bucket by bucket.
+        if self.count_in_square(center, radius) <= 2 * enough {
+            self.for_each_within(center, radius, |i, d2| {
+                f(i, d2);
+            });
             return;
         }
         let r2 = radius * radius;
