@@ -14,7 +14,10 @@
 //! 3. `clients=N`: N connections to one server endpoint; each client sends a
 //!    32 B reliable message 20 times/s and the server sends each client a
 //!    300 B unreliable update 20 times/s (staggered over 1 ms buckets). Server
-//!    thread CPU per connection and delivered packets/s vs `raw-udp`.
+//!    thread CPU per connection and delivered packets/s vs `raw-udp`. Here
+//!    `tessera-single-syscall` runs the same tessera server with one syscall
+//!    per datagram (recvfrom/sendto, as glommio's UDP socket does) instead
+//!    of recvmmsg/sendmmsg: what batching buys.
 //!
 //! Systems are alternated within each repetition; medians of the repetitions
 //! are reported (latency percentiles come from each repetition's
@@ -35,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use tessera_net::conditioner::{ConditionerConfig, Loss};
+use tessera_net::driver::IoMode;
 
 use crate::report::{median, Report};
 
@@ -84,6 +88,9 @@ pub struct Args {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum System {
     Tessera,
+    /// tessera-net with one syscall per datagram (`IoMode::Single`): the
+    /// measure of what recvmmsg/sendmmsg batching buys (clients=N only).
+    TesseraSingle,
     RawUdp,
     #[cfg(feature = "peers")]
     Enet,
@@ -99,6 +106,7 @@ impl System {
     fn name(self) -> &'static str {
         match self {
             System::Tessera => "tessera",
+            System::TesseraSingle => "tessera-single-syscall",
             System::RawUdp => "raw-udp",
             #[cfg(feature = "peers")]
             System::Enet => "rusty_enet",
@@ -116,6 +124,7 @@ impl System {
         {
             vec![
                 System::Tessera,
+                System::TesseraSingle,
                 System::RawUdp,
                 System::Enet,
                 System::Kcp,
@@ -125,7 +134,7 @@ impl System {
         }
         #[cfg(not(feature = "peers"))]
         {
-            vec![System::Tessera, System::RawUdp]
+            vec![System::Tessera, System::TesseraSingle, System::RawUdp]
         }
     }
 
@@ -189,6 +198,11 @@ pub(crate) trait Side {
 fn make_side(system: System, workload: Workload, role: Role) -> io::Result<Box<dyn Side>> {
     Ok(match system {
         System::Tessera => Box::new(tessera::TesseraSide::new(workload, role)?),
+        System::TesseraSingle => {
+            return Err(io::Error::other(
+                "tessera-single-syscall runs clients=N only",
+            ))
+        }
         System::RawUdp => Box::new(raw::RawSide::new(role)?),
         #[cfg(feature = "peers")]
         System::Enet => Box::new(peer_enet::EnetSide::new(workload, role)?),
@@ -253,7 +267,10 @@ pub(crate) trait FanoutClients {
 
 fn make_fanout_server(system: System, clients: usize) -> io::Result<Box<dyn FanoutServer>> {
     Ok(match system {
-        System::Tessera => Box::new(tessera::TesseraFanoutServer::new(clients)?),
+        System::Tessera => Box::new(tessera::TesseraFanoutServer::new(clients, IoMode::Batched)?),
+        System::TesseraSingle => {
+            Box::new(tessera::TesseraFanoutServer::new(clients, IoMode::Single)?)
+        }
         System::RawUdp => Box::new(raw::RawFanoutServer::new(clients)?),
         #[cfg(feature = "peers")]
         System::Enet => Box::new(peer_enet::EnetFanoutServer::new(clients)?),
@@ -272,7 +289,11 @@ fn make_fanout_clients(
     clients: usize,
 ) -> io::Result<Box<dyn FanoutClients>> {
     Ok(match system {
-        System::Tessera => Box::new(tessera::TesseraFanoutClients::new(server, clients)?),
+        // The same batched load generator for both tessera servers: only the
+        // server's IO mode differs.
+        System::Tessera | System::TesseraSingle => {
+            Box::new(tessera::TesseraFanoutClients::new(server, clients)?)
+        }
         System::RawUdp => Box::new(raw::RawFanoutClients::new(server, clients)?),
         #[cfg(feature = "peers")]
         System::Enet => Box::new(peer_enet::EnetFanoutClients::new(server, clients)?),
@@ -1239,11 +1260,32 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut failures: Vec<(System, String)> = Vec::new();
 
+    // The IO-mode variant only matters where one socket carries thousands
+    // of connections.
+    let one_connection: Vec<System> = systems
+        .iter()
+        .copied()
+        .filter(|s| *s != System::TesseraSingle)
+        .collect();
     if wants(&args, "ping") {
-        ping_case(&args, &systems, cores, reps, &mut report, &mut failures);
+        ping_case(
+            &args,
+            &one_connection,
+            cores,
+            reps,
+            &mut report,
+            &mut failures,
+        );
     }
     if wants(&args, "stream") {
-        stream_case(&args, &systems, cores, reps, &mut report, &mut failures);
+        stream_case(
+            &args,
+            &one_connection,
+            cores,
+            reps,
+            &mut report,
+            &mut failures,
+        );
     }
     if wants(&args, "clients") {
         fanout_case(&args, &systems, cores, reps, &mut report, &mut failures);
@@ -1257,7 +1299,12 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // is reported, not fatal; tessera or the raw ceiling failing is a bug.
     let ours = failures
         .iter()
-        .filter(|(system, _)| matches!(system, System::Tessera | System::RawUdp))
+        .filter(|(system, _)| {
+            matches!(
+                system,
+                System::Tessera | System::TesseraSingle | System::RawUdp
+            )
+        })
         .count();
     if ours == 0 {
         Ok(())
@@ -1532,6 +1579,7 @@ fn describe_systems(systems: &[System], report: &mut Report) {
     for system in systems {
         let text = match system {
             System::Tessera => tessera::DESCRIPTION,
+            System::TesseraSingle => tessera::SINGLE_DESCRIPTION,
             System::RawUdp => raw::DESCRIPTION,
             #[cfg(feature = "peers")]
             System::Enet => peer_enet::DESCRIPTION,

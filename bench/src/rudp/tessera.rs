@@ -9,7 +9,7 @@ use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Instant;
 
-use tessera_net::driver::{BatchSocket, SocketConfig};
+use tessera_net::driver::{BatchSocket, IoMode, SocketConfig};
 use tessera_net::{
     ChannelConfig, ChannelId, Config, ConnectionHandle, Endpoint, Event, SendError, TransmitBatch,
 };
@@ -38,8 +38,20 @@ fn config(workload: Workload, server: bool) -> Config {
     config
 }
 
+pub(crate) const SINGLE_DESCRIPTION: &str = "tessera-net exactly as `tessera` (same Endpoint, Config and loop) but its server socket in IoMode::Single: recvfrom/sendto, one syscall per datagram, as glommio's UDP socket does; the load generator stays batched; clients=N only";
+
 fn bind() -> io::Result<BatchSocket> {
-    BatchSocket::bind(loopback(), &SocketConfig::default())
+    bind_with(IoMode::Batched)
+}
+
+fn bind_with(mode: IoMode) -> io::Result<BatchSocket> {
+    BatchSocket::bind(
+        loopback(),
+        &SocketConfig {
+            mode,
+            ..SocketConfig::default()
+        },
+    )
 }
 
 fn endpoint(config: Config, seed: u64) -> io::Result<Endpoint> {
@@ -185,8 +197,8 @@ pub(crate) struct TesseraFanoutServer {
 }
 
 impl TesseraFanoutServer {
-    pub(crate) fn new(clients: usize) -> io::Result<Self> {
-        let socket = bind()?;
+    pub(crate) fn new(clients: usize, mode: IoMode) -> io::Result<Self> {
+        let socket = bind_with(mode)?;
         Ok(Self {
             endpoint: endpoint(Config::server(), 3)?,
             batch: TransmitBatch::new(socket.batch_size()),
