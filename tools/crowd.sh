@@ -3,7 +3,10 @@
 # there --crowd-seconds, then scatter. Run twice, with automatic balancing
 # off and on, sampling the worst shard's tick p99 every second.
 #
-#   tools/crowd.sh [--clients N] [--crowd-seconds S] [--duration S] [--out DIR]
+#   tools/crowd.sh [--clients N] [--crowd-seconds S] [--duration S] [--pinned] [--out DIR]
+#
+# --pinned pins the two shards to CPUs 0 and 1 (default: unpinned, the
+# scheduler spreads shards and simulator over the cores).
 #
 # Writes DIR/{no-balance,balance}/{samples.csv,sim.json,handovers.json,server.log}
 # and DIR/summary.txt: tick p99 while crowded (median of the per-second
@@ -13,14 +16,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-clients=800 crowd=50 duration=90 out=target/crowd
+clients=800 crowd=50 duration=90 out=target/crowd pin=--unpinned
 while [ $# -gt 0 ]; do
   case "$1" in
     --clients) clients=$2; shift 2 ;;
     --crowd-seconds) crowd=$2; shift 2 ;;
     --duration) duration=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --pinned) pin=""; shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "crowd.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -48,7 +52,7 @@ run() {
   mkdir -p "$dir"
   local port mport aport
   port=$(free_port udp); mport=$(free_port tcp); aport=$(free_port tcp)
-  "$bin" serve --config "$out/node.toml" --unpinned --bind 127.0.0.1 --port "$port" \
+  "$bin" serve --config "$out/node.toml" $pin --bind 127.0.0.1 --port "$port" \
     --metrics-addr 127.0.0.1:$mport --admin-addr 127.0.0.1:$aport --duration $((duration + 40)) "$@" \
     > "$dir/server.log" 2>&1 &
   local server=$!

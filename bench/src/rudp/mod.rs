@@ -1262,30 +1262,16 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     // The IO-mode variant only matters where one socket carries thousands
     // of connections.
-    let one_connection: Vec<System> = systems
+    let solo: Vec<System> = systems
         .iter()
         .copied()
         .filter(|s| *s != System::TesseraSingle)
         .collect();
     if wants(&args, "ping") {
-        ping_case(
-            &args,
-            &one_connection,
-            cores,
-            reps,
-            &mut report,
-            &mut failures,
-        );
+        ping_case(&args, &solo, cores, reps, &mut report, &mut failures);
     }
     if wants(&args, "stream") {
-        stream_case(
-            &args,
-            &one_connection,
-            cores,
-            reps,
-            &mut report,
-            &mut failures,
-        );
+        stream_case(&args, &solo, cores, reps, &mut report, &mut failures);
     }
     if wants(&args, "clients") {
         fanout_case(&args, &systems, cores, reps, &mut report, &mut failures);
