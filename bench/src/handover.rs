@@ -91,17 +91,7 @@ fn drive_clients(
     let give_up = Instant::now() + Duration::from_secs(120);
     loop {
         let now = Instant::now();
-        while let Ok(k) = socket.recv_batch() {
-            for (from, bytes) in socket.received() {
-                endpoint.handle_datagram(now, from, bytes);
-            }
-            if k < socket.batch_size() {
-                break;
-            }
-        }
-        if endpoint.poll_timeout().is_some_and(|t| t <= now) {
-            endpoint.handle_timeout(now);
-        }
+        let _ = socket.receive_into(&mut endpoint, now, usize::MAX);
         while let Some(ev) = endpoint.poll_event() {
             match ev {
                 Event::Connected { connection, .. } => {
@@ -166,17 +156,7 @@ fn drive_clients(
                 }
             }
         }
-        loop {
-            batch.clear();
-            let k = endpoint.poll_transmit(now, &mut batch);
-            if k == 0 {
-                break;
-            }
-            let _ = socket.send_batch(now, &batch);
-            if k < batch.capacity() {
-                break;
-            }
-        }
+        let _ = socket.transmit_from(&mut endpoint, &mut batch, now);
         if quiet_until.is_some_and(|q| now >= q) || now > give_up {
             break;
         }

@@ -534,6 +534,67 @@ pub fn executor() -> io::Result<glommio::LocalExecutor> {
         .map_err(io::Error::from)
 }
 
+impl BatchSocket {
+    /// Reads waiting batches into `endpoint` (at most `max_batches`, so a
+    /// flood cannot starve the caller), then runs the endpoint's due timers.
+    /// Draining the socket before transmitting keeps an overloaded loop from
+    /// letting the kernel drop datagrams, acks among them. Returns the
+    /// datagrams read and whether the socket was left empty.
+    pub fn receive_into(
+        &mut self,
+        endpoint: &mut Endpoint,
+        now: Instant,
+        max_batches: usize,
+    ) -> io::Result<(usize, bool)> {
+        let mut read = 0;
+        let mut drained = Ok(false);
+        for _ in 0..max_batches {
+            match self.recv_batch() {
+                Ok(n) => {
+                    for (from, bytes) in self.received() {
+                        endpoint.handle_datagram(now, from, bytes);
+                    }
+                    read += n;
+                    if n < self.batch_size() {
+                        drained = Ok(true);
+                        break;
+                    }
+                }
+                Err(e) => {
+                    drained = Err(e);
+                    break;
+                }
+            }
+        }
+        // Timers run even after a failed read: they do not depend on it.
+        if endpoint.poll_timeout().is_some_and(|t| t <= now) {
+            endpoint.handle_timeout(now);
+        }
+        drained.map(|d| (read, d))
+    }
+
+    /// Hands everything `endpoint` has to send to the kernel, `batch` at a
+    /// time. Returns the datagrams sent.
+    pub fn transmit_from(
+        &mut self,
+        endpoint: &mut Endpoint,
+        batch: &mut TransmitBatch,
+        now: Instant,
+    ) -> io::Result<usize> {
+        let mut sent = 0;
+        loop {
+            batch.clear();
+            let n = endpoint.poll_transmit(now, batch);
+            if n > 0 {
+                sent += self.send_batch(now, batch)?;
+            }
+            if n < batch.capacity() {
+                return Ok(sent);
+            }
+        }
+    }
+}
+
 /// Runs `endpoint` on `socket` until `on_turn` breaks. Each turn: read every
 /// waiting datagram, run due timers, call `on_turn` (drain events, send),
 /// flush transmits; then sleep until traffic, the endpoint's next deadline,
@@ -552,27 +613,9 @@ where
     let mut batch = TransmitBatch::new(socket.batch_size());
     loop {
         let now = Instant::now();
-        loop {
-            let n = socket.recv_batch()?;
-            for (from, bytes) in socket.received() {
-                endpoint.handle_datagram(now, from, bytes);
-            }
-            if n < socket.batch_size() {
-                break;
-            }
-        }
-        if endpoint.poll_timeout().is_some_and(|t| t <= now) {
-            endpoint.handle_timeout(now);
-        }
+        socket.receive_into(endpoint, now, usize::MAX)?;
         let flow = on_turn(endpoint, now);
-        loop {
-            batch.clear();
-            let n = endpoint.poll_transmit(now, &mut batch);
-            socket.send_batch(now, &batch)?;
-            if n < batch.capacity() {
-                break;
-            }
-        }
+        socket.transmit_from(endpoint, &mut batch, now)?;
         socket.flush_conditioner(now)?;
         if flow.is_break() {
             return Ok(());

@@ -174,17 +174,9 @@ impl GameClient {
             .map_or(wait, |t| t.saturating_duration_since(now).min(wait));
         wait_readable(&self.socket, until);
         let now = Instant::now();
-        while let Ok(n) = self.socket.recv_batch() {
-            for (from, bytes) in self.socket.received() {
-                self.endpoint.handle_datagram(now, from, bytes);
-            }
-            if n < self.socket.batch_size() {
-                break;
-            }
-        }
-        if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
-            self.endpoint.handle_timeout(now);
-        }
+        let _ = self
+            .socket
+            .receive_into(&mut self.endpoint, now, usize::MAX);
         let mut connected = false;
         let mut out = Vec::new();
         while let Some(ev) = self.endpoint.poll_event() {
@@ -226,17 +218,9 @@ impl GameClient {
     }
 
     fn flush(&mut self, now: Instant) {
-        loop {
-            self.batch.clear();
-            let n = self.endpoint.poll_transmit(now, &mut self.batch);
-            if n == 0 {
-                break;
-            }
-            let _ = self.socket.send_batch(now, &self.batch);
-            if n < self.batch.capacity() {
-                break;
-            }
-        }
+        let _ = self
+            .socket
+            .transmit_from(&mut self.endpoint, &mut self.batch, now);
     }
 
     /// Sends a message on the channel its kind needs.

@@ -376,17 +376,7 @@ pub fn run(args: SimArgs) -> Result<(), String> {
         }
         // 1. Network in.
         for (e, net) in nets.iter_mut().enumerate() {
-            while let Ok(n) = net.socket.recv_batch() {
-                for (from, bytes) in net.socket.received() {
-                    net.endpoint.handle_datagram(now, from, bytes);
-                }
-                if n < net.socket.batch_size() {
-                    break;
-                }
-            }
-            if net.endpoint.poll_timeout().is_some_and(|t| t <= now) {
-                net.endpoint.handle_timeout(now);
-            }
+            let _ = net.socket.receive_into(&mut net.endpoint, now, usize::MAX);
             while let Some(ev) = net.endpoint.poll_event() {
                 let bot_of = |h: ConnectionHandle| {
                     net.bots
@@ -713,17 +703,7 @@ pub fn run(args: SimArgs) -> Result<(), String> {
         }
         // 3. Network out.
         for net in nets.iter_mut() {
-            loop {
-                batch.clear();
-                let n = net.endpoint.poll_transmit(now, &mut batch);
-                if n == 0 {
-                    break;
-                }
-                let _ = net.socket.send_batch(now, &batch);
-                if n < batch.capacity() {
-                    break;
-                }
-            }
+            let _ = net.socket.transmit_from(&mut net.endpoint, &mut batch, now);
         }
         // 4. Once a second: samples and progress.
         if now >= next_sample {

@@ -58,45 +58,6 @@ fn endpoint(config: Config, seed: u64) -> io::Result<Endpoint> {
     Endpoint::new(config, seed).map_err(io::Error::other)
 }
 
-/// Reads every waiting batch into the endpoint and runs due timers. Draining
-/// the socket before anything else keeps an overloaded loop from dropping
-/// datagrams in the kernel (acks among them); more than 65 packets of one
-/// connection between two transmits are covered by catch-up acks.
-fn receive(endpoint: &mut Endpoint, socket: &mut BatchSocket, now: Instant) -> io::Result<()> {
-    loop {
-        let n = socket.recv_batch()?;
-        for (from, bytes) in socket.received() {
-            endpoint.handle_datagram(now, from, bytes);
-        }
-        if n < socket.batch_size() {
-            break;
-        }
-    }
-    if endpoint.poll_timeout().is_some_and(|t| t <= now) {
-        endpoint.handle_timeout(now);
-    }
-    Ok(())
-}
-
-/// Drains `poll_transmit` into the socket.
-fn transmit(
-    endpoint: &mut Endpoint,
-    socket: &mut BatchSocket,
-    batch: &mut TransmitBatch,
-    now: Instant,
-) -> io::Result<()> {
-    loop {
-        batch.clear();
-        let n = endpoint.poll_transmit(now, batch);
-        if n > 0 {
-            socket.send_batch(now, batch)?;
-        }
-        if n < batch.capacity() {
-            return Ok(());
-        }
-    }
-}
-
 // ---------------------------------------------------- one connection
 
 pub(crate) struct TesseraSide {
@@ -153,7 +114,8 @@ impl Side for TesseraSide {
     }
 
     fn poll(&mut self, now: Instant, on_message: &mut dyn FnMut(&[u8])) -> io::Result<()> {
-        receive(&mut self.endpoint, &mut self.socket, now)?;
+        self.socket
+            .receive_into(&mut self.endpoint, now, usize::MAX)?;
         while let Some(event) = self.endpoint.poll_event() {
             match event {
                 Event::Connected { connection, .. } => {
@@ -174,7 +136,9 @@ impl Side for TesseraSide {
     }
 
     fn flush(&mut self, now: Instant) -> io::Result<()> {
-        transmit(&mut self.endpoint, &mut self.socket, &mut self.batch, now)
+        self.socket
+            .transmit_from(&mut self.endpoint, &mut self.batch, now)
+            .map(drop)
     }
 
     fn deadline(&mut self) -> Option<Instant> {
@@ -214,7 +178,8 @@ impl FanoutServer for TesseraFanoutServer {
     }
 
     fn poll(&mut self, now: Instant, on_event: &mut dyn FnMut(FanoutEvent)) -> io::Result<()> {
-        receive(&mut self.endpoint, &mut self.socket, now)?;
+        self.socket
+            .receive_into(&mut self.endpoint, now, usize::MAX)?;
         while let Some(event) = self.endpoint.poll_event() {
             match event {
                 Event::Connected { connection, .. } => {
@@ -252,7 +217,9 @@ impl FanoutServer for TesseraFanoutServer {
     }
 
     fn flush(&mut self, now: Instant) -> io::Result<()> {
-        transmit(&mut self.endpoint, &mut self.socket, &mut self.batch, now)
+        self.socket
+            .transmit_from(&mut self.endpoint, &mut self.batch, now)
+            .map(drop)
     }
 
     fn deadline(&mut self) -> Option<Instant> {
@@ -305,7 +272,8 @@ impl FanoutClients for TesseraFanoutClients {
     }
 
     fn poll(&mut self, now: Instant) -> io::Result<u64> {
-        receive(&mut self.endpoint, &mut self.socket, now)?;
+        self.socket
+            .receive_into(&mut self.endpoint, now, usize::MAX)?;
         let mut updates = 0;
         while let Some(event) = self.endpoint.poll_event() {
             match event {
@@ -334,7 +302,9 @@ impl FanoutClients for TesseraFanoutClients {
     }
 
     fn flush(&mut self, now: Instant) -> io::Result<()> {
-        transmit(&mut self.endpoint, &mut self.socket, &mut self.batch, now)
+        self.socket
+            .transmit_from(&mut self.endpoint, &mut self.batch, now)
+            .map(drop)
     }
 
     fn deadline(&mut self) -> Option<Instant> {

@@ -161,32 +161,14 @@ impl Gateway {
     /// event. Returns the amount of work and whether the socket was drained;
     /// cell messages to route are appended to `out`.
     pub fn poll(&mut self, now: Instant, out: &mut Vec<CellMsg>) -> (usize, bool) {
-        let mut work = 0;
-        let mut drained = false;
         // Bounded: a flood cannot keep the shard from ticking.
-        for _ in 0..64 {
-            match self.socket.recv_batch() {
-                Ok(n) => {
-                    for (from, bytes) in self.socket.received() {
-                        self.endpoint.handle_datagram(now, from, bytes);
-                    }
-                    work += n;
-                    if n < self.socket.batch_size() {
-                        drained = true;
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(shard = %self.shard, error = %e, "socket receive failed");
-                    drained = true;
-                    break;
-                }
+        let (mut work, drained) = match self.socket.receive_into(&mut self.endpoint, now, 64) {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::warn!(shard = %self.shard, error = %e, "socket receive failed");
+                (0, true)
             }
-        }
-        if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
-            self.endpoint.handle_timeout(now);
-            work += 1;
-        }
+        };
         while let Some(event) = self.endpoint.poll_event() {
             work += 1;
             self.handle_event(now, event);
@@ -404,24 +386,13 @@ impl Gateway {
 
     /// Hands every waiting datagram to the kernel. Returns how many.
     pub fn flush(&mut self, now: Instant) -> usize {
-        let mut sent = 0;
-        loop {
-            self.batch.clear();
-            let n = self.endpoint.poll_transmit(now, &mut self.batch);
-            if n == 0 {
-                break;
-            }
-            match self.socket.send_batch(now, &self.batch) {
-                Ok(k) => sent += k,
-                Err(e) => {
-                    tracing::warn!(shard = %self.shard, error = %e, "socket send failed");
-                    break;
-                }
-            }
-            if n < self.batch.capacity() {
-                break;
-            }
-        }
+        let sent = self
+            .socket
+            .transmit_from(&mut self.endpoint, &mut self.batch, now)
+            .unwrap_or_else(|e| {
+                tracing::warn!(shard = %self.shard, error = %e, "socket send failed");
+                0
+            });
         let _ = self.socket.flush_conditioner(now);
         sent
     }
