@@ -18,12 +18,12 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use tessera_cells::{CellId, Geometry};
 use tessera_net::driver::{BatchSocket, SocketConfig};
-use tessera_net::{ConnectionHandle, Endpoint, Event, TransmitBatch};
+use tessera_net::{ChannelId, ConnectionHandle, Endpoint, Event, TransmitBatch};
 use tessera_runtime::node::coordinator::AdminCommand;
-use tessera_runtime::node::protocol::{client_config, CHANNEL_RELIABLE, CHANNEL_SNAPSHOTS};
 use tessera_runtime::node::{Node, NodeConfig};
 use tessera_schema::client::{self, ClientMessage, InputCmd};
 use tessera_schema::flatbuffers::FlatBufferBuilder;
+use tessera_schema::protocol::Channel;
 
 use crate::report::Report;
 
@@ -71,7 +71,8 @@ fn drive_clients(
         },
     )
     .expect("client socket");
-    let mut endpoint = Endpoint::new(client_config(n + 1), 5).expect("client config");
+    let mut endpoint =
+        Endpoint::new(tessera_net::Config::game_client(n + 1), 5).expect("client config");
     let mut fbb = FlatBufferBuilder::with_capacity(256);
     let mut batch = TransmitBatch::new(64);
     let now = Instant::now();
@@ -102,7 +103,7 @@ fn drive_clients(
                             token: Vec::new(),
                         },
                     );
-                    let _ = endpoint.send(connection, CHANNEL_RELIABLE, bytes);
+                    let _ = endpoint.send(connection, ChannelId(Channel::Reliable.id()), bytes);
                 }
                 Event::Message {
                     connection, bytes, ..
@@ -141,11 +142,15 @@ fn drive_clients(
                     movement: [0.3, -0.2],
                     ..InputCmd::default()
                 });
-                let _ = endpoint.send(h, CHANNEL_RELIABLE, client::encode(&mut fbb, &input));
+                let _ = endpoint.send(
+                    h,
+                    ChannelId(Channel::Reliable.id()),
+                    client::encode(&mut fbb, &input),
+                );
                 if b.ack > 0 {
                     let _ = endpoint.send(
                         h,
-                        CHANNEL_SNAPSHOTS,
+                        ChannelId(Channel::Snapshots.id()),
                         client::encode(
                             &mut fbb,
                             &ClientMessage::Ack {
@@ -243,7 +248,7 @@ fn run_case(entities: usize, clients: usize, moves: usize) -> Result<CaseResult,
         let finished_before = finished();
         node.command(AdminCommand::Move {
             cell,
-            shard: target,
+            shard: tessera_coord::ShardRef::local(target),
         })
         .map_err(|e| format!("move {k}: {e}"))?;
         wait_until(

@@ -3,7 +3,7 @@
 //! `PreCopy(state) -> Freeze -> Diff -> Commit(epoch + 1) -> route swap ->
 //! Unfreeze`, with `Abort` back to the old owner at any step before Commit.
 //!
-//! - The coordinator sends **Begin** to the source (old owner) with the
+//! - The coordinator sends [`Order::Begin`] to the source (old owner) with the
 //!   cell's current epoch; a stale epoch is refused.
 //! - The source sends a **PreCopy** of the cell's state to the target and
 //!   keeps simulating.
@@ -27,195 +27,21 @@
 
 use std::collections::BTreeMap;
 
-use crate::cell::{Cell, CellDiff, CellState, Msg};
+use crate::cell::{Cell, CellState, Msg};
+pub use crate::control::{AbortReason, HandoverId};
+use crate::control::{Order, PeerMsg, Report};
 use crate::game::GameLogic;
 use crate::geometry::CellId;
 use crate::ids::TickId;
+use crate::registry::ShardRef;
 use crate::world::ShardWorld;
-
-/// Identifies one handover (chosen by the coordinator).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct HandoverId(pub u64);
-
-/// Why a handover was refused or aborted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AbortReason {
-    /// The target refused (it already has the cell, or is busy).
-    Refused,
-    /// A step did not happen in time.
-    Timeout,
-    /// The target is overloaded.
-    Overloaded,
-    /// The order named an epoch that is no longer current, or a cell the
-    /// source does not own.
-    Stale,
-    /// An operator or a newer decision replaced it.
-    Superseded,
-}
-
-/// A handover message between the coordinator, the source and the target.
-pub enum HandoverMsg<G: GameLogic> {
-    /// Coordinator -> source: hand `cell`, held at `epoch`, to shard `to`.
-    Begin {
-        /// The handover.
-        id: HandoverId,
-        /// The cell.
-        cell: CellId,
-        /// The target shard.
-        to: u16,
-        /// The cell's current epoch.
-        epoch: u32,
-    },
-    /// Source -> target: the cell's state, taken while it keeps running.
-    PreCopy {
-        /// The handover.
-        id: HandoverId,
-        /// The cell.
-        cell: CellId,
-        /// The source shard.
-        from: u16,
-        /// The cell's epoch.
-        epoch: u32,
-        /// The state.
-        state: Box<CellState<G>>,
-    },
-    /// Target -> source: shadow built, freeze when you like.
-    Ready {
-        /// The handover.
-        id: HandoverId,
-        /// The cell.
-        cell: CellId,
-    },
-    /// Target -> source: will not take the cell.
-    Refuse {
-        /// The handover.
-        id: HandoverId,
-        /// The cell.
-        cell: CellId,
-        /// Why.
-        reason: AbortReason,
-    },
-    /// Source -> target: what changed since the pre-copy, taken frozen.
-    Diff {
-        /// The handover.
-        id: HandoverId,
-        /// The cell.
-        cell: CellId,
-        /// The changes.
-        diff: Box<CellDiff<G>>,
-    },
-    /// Coordinator -> source and target: the registry now names the target,
-    /// at `epoch`.
-    Commit {
-        /// The handover.
-        id: HandoverId,
-        /// The cell.
-        cell: CellId,
-        /// The new epoch.
-        epoch: u32,
-    },
-    /// Coordinator (or source) -> source and target: roll back.
-    Abort {
-        /// The handover.
-        id: HandoverId,
-        /// The cell.
-        cell: CellId,
-        /// Why.
-        reason: AbortReason,
-    },
-}
-
-impl<G: GameLogic> HandoverMsg<G> {
-    /// A short name for logs.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            HandoverMsg::Begin { .. } => "begin",
-            HandoverMsg::PreCopy { .. } => "precopy",
-            HandoverMsg::Ready { .. } => "ready",
-            HandoverMsg::Refuse { .. } => "refuse",
-            HandoverMsg::Diff { .. } => "diff",
-            HandoverMsg::Commit { .. } => "commit",
-            HandoverMsg::Abort { .. } => "abort",
-        }
-    }
-
-    /// The cell concerned.
-    pub fn cell(&self) -> CellId {
-        match self {
-            HandoverMsg::Begin { cell, .. }
-            | HandoverMsg::PreCopy { cell, .. }
-            | HandoverMsg::Ready { cell, .. }
-            | HandoverMsg::Refuse { cell, .. }
-            | HandoverMsg::Diff { cell, .. }
-            | HandoverMsg::Commit { cell, .. }
-            | HandoverMsg::Abort { cell, .. } => *cell,
-        }
-    }
-}
-
-/// What a shard tells the coordinator.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum HandoverReport {
-    /// The source froze the cell at the end of `tick` (repeated while it
-    /// waits for the outcome, so that a coordinator that lost track of the
-    /// handover settles it from the registry).
-    Frozen {
-        /// The handover.
-        id: HandoverId,
-        /// The cell.
-        cell: CellId,
-        /// The epoch the source holds the cell at.
-        epoch: u32,
-        /// The tick.
-        tick: TickId,
-        /// Entities in the cell.
-        entities: usize,
-        /// False for the first report, true for the repeats.
-        repeat: bool,
-    },
-    /// The target holds the whole frozen state: ready to commit (repeated
-    /// while it waits).
-    Prepared {
-        /// The handover.
-        id: HandoverId,
-        /// The cell.
-        cell: CellId,
-        /// False for the first report, true for the repeats.
-        repeat: bool,
-    },
-    /// The target took over after the commit.
-    Activated {
-        /// The handover.
-        id: HandoverId,
-        /// The cell.
-        cell: CellId,
-    },
-    /// The source dropped its copy after the commit.
-    Released {
-        /// The handover.
-        id: HandoverId,
-        /// The cell.
-        cell: CellId,
-        /// Messages that arrived after the diff, passed on to the target.
-        forwarded: usize,
-    },
-    /// The handover will not happen (on this side).
-    Aborted {
-        /// The handover.
-        id: HandoverId,
-        /// The cell.
-        cell: CellId,
-        /// Why.
-        reason: AbortReason,
-    },
-}
 
 /// What the agent asks its shard to do.
 pub enum AgentOutput<G: GameLogic> {
     /// Send to another shard.
-    ToShard(u16, HandoverMsg<G>),
+    ToShard(ShardRef, PeerMsg<G>),
     /// Tell the coordinator.
-    ToCoordinator(HandoverReport),
+    Report(Report),
     /// Route these messages to the cell's (new) owner.
     Forward(CellId, Vec<Msg<G>>),
 }
@@ -254,7 +80,7 @@ enum SourceState<G: GameLogic> {
 
 struct SourceOp<G: GameLogic> {
     id: HandoverId,
-    to: u16,
+    to: ShardRef,
     epoch: u32,
     state: SourceState<G>,
 }
@@ -266,14 +92,14 @@ enum TargetState<G: GameLogic> {
 
 struct TargetOp<G: GameLogic> {
     id: HandoverId,
-    from: u16,
+    from: ShardRef,
     state: TargetState<G>,
     since: TickId,
 }
 
 /// One shard's side of every handover it takes part in.
 pub struct HandoverAgent<G: GameLogic> {
-    shard: u16,
+    shard: ShardRef,
     sources: BTreeMap<CellId, SourceOp<G>>,
     targets: BTreeMap<CellId, TargetOp<G>>,
     counters: HandoverCounters,
@@ -285,7 +111,7 @@ pub struct HandoverAgent<G: GameLogic> {
 
 impl<G: GameLogic> HandoverAgent<G> {
     /// The agent of shard `shard`.
-    pub fn new(shard: u16) -> Self {
+    pub fn new(shard: ShardRef) -> Self {
         Self {
             shard,
             sources: BTreeMap::new(),
@@ -351,223 +177,272 @@ impl<G: GameLogic> HandoverAgent<G> {
 
     fn stale(&mut self, what: &str, cell: CellId) {
         self.counters.stale_ignored += 1;
-        tracing::debug!(shard = self.shard, %cell, what, "stale handover message ignored");
+        tracing::debug!(shard = %self.shard, %cell, what, "stale handover message ignored");
     }
 
-    /// Handles a message addressed to this shard.
-    pub fn handle(
+    /// Handles a coordinator order about a handover (Begin, Commit, Abort).
+    /// Split and merge orders are the node core's, not the agent's: they
+    /// are refused here as stale.
+    pub fn handle_order(
         &mut self,
         world: &mut ShardWorld<G>,
-        msg: HandoverMsg<G>,
+        order: Order,
         tick: TickId,
     ) -> Vec<AgentOutput<G>> {
         let mut out = Vec::new();
-        match msg {
-            HandoverMsg::Begin {
+        match order {
+            Order::Begin {
                 id,
                 cell,
                 to,
                 epoch,
-            } => {
-                let current = world.epoch(cell);
-                if current != Some(epoch)
-                    || world.is_frozen(cell)
-                    || self.busy(cell)
-                    || to == self.shard
-                {
-                    self.stale("begin", cell);
-                    out.push(AgentOutput::ToCoordinator(HandoverReport::Aborted {
-                        id,
-                        cell,
-                        reason: AbortReason::Stale,
-                    }));
-                    return out;
-                }
-                let state = world.cell(cell).expect("owned: it has an epoch").state();
-                self.counters.begun += 1;
-                self.sources.insert(
-                    cell,
-                    SourceOp {
-                        id,
-                        to,
-                        epoch,
-                        state: SourceState::PreCopied {
-                            base: Box::new(state.clone()),
-                            since: tick,
-                        },
-                    },
-                );
-                tracing::info!(shard = self.shard, %cell, to, epoch, handover = id.0, entities = state.entity_count(), "handover: pre-copy");
-                out.push(AgentOutput::ToShard(
-                    to,
-                    HandoverMsg::PreCopy {
-                        id,
-                        cell,
-                        from: self.shard,
-                        epoch,
-                        state: Box::new(state),
-                    },
-                ));
-            }
-            HandoverMsg::PreCopy {
-                id,
-                cell,
-                from,
-                epoch,
-                state,
-            } => {
-                if world.owns(cell) || self.busy(cell) {
-                    self.counters.refused += 1;
-                    out.push(AgentOutput::ToShard(
-                        from,
-                        HandoverMsg::Refuse {
-                            id,
-                            cell,
-                            reason: AbortReason::Refused,
-                        },
-                    ));
-                    return out;
-                }
-                if self.targets.len() >= self.shadows_max {
-                    self.counters.refused += 1;
-                    out.push(AgentOutput::ToShard(
-                        from,
-                        HandoverMsg::Refuse {
-                            id,
-                            cell,
-                            reason: AbortReason::Overloaded,
-                        },
-                    ));
-                    return out;
-                }
-                let _ = epoch;
-                self.targets.insert(
-                    cell,
-                    TargetOp {
-                        id,
-                        from,
-                        state: TargetState::Shadow(state),
-                        since: tick,
-                    },
-                );
-                out.push(AgentOutput::ToShard(from, HandoverMsg::Ready { id, cell }));
-            }
-            HandoverMsg::Ready { id, cell } => match self.sources.get_mut(&cell) {
-                Some(op) if op.id == id => {
-                    match std::mem::replace(
-                        &mut op.state,
-                        SourceState::Frozen {
-                            moved: Vec::new(),
-                            since: tick,
-                            entities: 0,
-                        },
-                    ) {
-                        SourceState::PreCopied { base, .. } => {
-                            op.state = SourceState::Ready { base }
-                        }
-                        other => {
-                            op.state = other;
-                            self.stale("ready", cell);
-                        }
-                    }
-                }
-                _ => self.stale("ready", cell),
-            },
-            HandoverMsg::Refuse { id, cell, reason } => match self.sources.get(&cell) {
-                Some(op) if op.id == id => {
-                    self.abort_source(world, cell, reason, &mut out);
-                }
-                _ => self.stale("refuse", cell),
-            },
-            HandoverMsg::Diff { id, cell, diff } => match self.targets.get_mut(&cell) {
-                Some(op) if op.id == id => {
-                    if let TargetState::Shadow(mut state) = std::mem::replace(
-                        &mut op.state,
-                        TargetState::Prepared(Box::new(empty_state(cell))),
-                    ) {
-                        state.apply(*diff);
-                        op.state = TargetState::Prepared(state);
-                        op.since = tick;
-                        out.push(AgentOutput::ToCoordinator(HandoverReport::Prepared {
-                            id,
-                            cell,
-                            repeat: false,
-                        }));
-                    } else {
-                        self.stale("diff", cell);
-                    }
-                }
-                _ => self.stale("diff", cell),
-            },
-            HandoverMsg::Commit { id, cell, epoch } => {
-                let mut known = false;
-                if self.targets.get(&cell).is_some_and(|op| op.id == id) {
-                    known = true;
-                    let op = self.targets.remove(&cell).expect("checked");
-                    match op.state {
-                        TargetState::Prepared(state) => {
-                            let layout = world.layout().clone();
-                            world.insert_cell(Cell::from_state(*state, &layout));
-                            world.set_epoch(cell, epoch);
-                            self.counters.activated += 1;
-                            tracing::info!(shard = self.shard, %cell, epoch, handover = id.0, "handover: target took over");
-                            out.push(AgentOutput::ToCoordinator(HandoverReport::Activated {
-                                id,
-                                cell,
-                            }));
-                        }
-                        TargetState::Shadow(_) => {
-                            // Committed without our diff: impossible with a
-                            // sound coordinator; keep nothing, say so loudly.
-                            tracing::error!(shard = self.shard, %cell, handover = id.0, "commit before the diff: shadow dropped");
-                        }
-                    }
-                }
-                if self.sources.get(&cell).is_some_and(|op| op.id == id) {
-                    known = true;
-                    self.sources.remove(&cell);
-                    let mut forwarded = 0;
-                    if let Some(mut c) = world.take_cell(cell) {
-                        let late = c.take_inputs();
-                        forwarded = late.len();
-                        if !late.is_empty() {
-                            out.push(AgentOutput::Forward(cell, late));
-                        }
-                    }
-                    self.counters.released += 1;
-                    tracing::info!(shard = self.shard, %cell, epoch, handover = id.0, forwarded, "handover: source released the cell");
-                    out.push(AgentOutput::ToCoordinator(HandoverReport::Released {
-                        id,
-                        cell,
-                        forwarded,
-                    }));
-                }
-                if !known {
-                    self.stale("commit", cell);
-                }
-            }
-            HandoverMsg::Abort { id, cell, reason } => {
-                let mut known = false;
-                if self.targets.get(&cell).is_some_and(|op| op.id == id) {
-                    known = true;
-                    self.targets.remove(&cell);
-                    self.counters.aborted += 1;
-                    out.push(AgentOutput::ToCoordinator(HandoverReport::Aborted {
-                        id,
-                        cell,
-                        reason,
-                    }));
-                }
-                if self.sources.get(&cell).is_some_and(|op| op.id == id) {
-                    known = true;
-                    self.abort_source(world, cell, reason, &mut out);
-                }
-                if !known {
-                    self.stale("abort", cell);
-                }
+            } => self.on_begin(world, id, cell, to, epoch, tick, &mut out),
+            Order::Commit { id, cell, epoch } => self.on_commit(world, id, cell, epoch, &mut out),
+            Order::Abort { id, cell, reason } => self.on_abort(world, id, cell, reason, &mut out),
+            Order::Split { cell, .. } | Order::Merge { parent: cell, .. } => {
+                self.stale("reshape order", cell)
             }
         }
         out
+    }
+
+    /// Handles a message from the other side of a handover.
+    pub fn handle_peer(
+        &mut self,
+        world: &mut ShardWorld<G>,
+        msg: PeerMsg<G>,
+        tick: TickId,
+    ) -> Vec<AgentOutput<G>> {
+        let mut out = Vec::new();
+        match msg {
+            PeerMsg::PreCopy {
+                id,
+                cell,
+                from,
+                epoch: _,
+                state,
+            } => self.on_precopy(world, id, cell, from, state, tick, &mut out),
+            PeerMsg::Ready { id, cell } => self.on_ready(id, cell, tick),
+            PeerMsg::Refuse { id, cell, reason } => match self.sources.get(&cell) {
+                Some(op) if op.id == id => self.abort_source(world, cell, reason, &mut out),
+                _ => self.stale("refuse", cell),
+            },
+            PeerMsg::Diff { id, cell, diff } => self.on_diff(id, cell, *diff, tick, &mut out),
+            PeerMsg::Abort { id, cell, reason } => self.on_abort(world, id, cell, reason, &mut out),
+        }
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_begin(
+        &mut self,
+        world: &mut ShardWorld<G>,
+        id: HandoverId,
+        cell: CellId,
+        to: ShardRef,
+        epoch: u32,
+        tick: TickId,
+        out: &mut Vec<AgentOutput<G>>,
+    ) {
+        let current = world.epoch(cell);
+        if current != Some(epoch) || world.is_frozen(cell) || self.busy(cell) || to == self.shard {
+            self.stale("begin", cell);
+            out.push(AgentOutput::Report(Report::Aborted {
+                id,
+                cell,
+                reason: AbortReason::Stale,
+            }));
+            return;
+        }
+        let state = world.cell(cell).expect("owned: it has an epoch").state();
+        self.counters.begun += 1;
+        self.sources.insert(
+            cell,
+            SourceOp {
+                id,
+                to,
+                epoch,
+                state: SourceState::PreCopied {
+                    base: Box::new(state.clone()),
+                    since: tick,
+                },
+            },
+        );
+        tracing::info!(shard = %self.shard, %cell, %to, epoch, handover = id.0, entities = state.entity_count(), "handover: pre-copy");
+        out.push(AgentOutput::ToShard(
+            to,
+            PeerMsg::PreCopy {
+                id,
+                cell,
+                from: self.shard,
+                epoch,
+                state: Box::new(state),
+            },
+        ));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_precopy(
+        &mut self,
+        world: &ShardWorld<G>,
+        id: HandoverId,
+        cell: CellId,
+        from: ShardRef,
+        state: Box<CellState<G>>,
+        tick: TickId,
+        out: &mut Vec<AgentOutput<G>>,
+    ) {
+        let refusal = if world.owns(cell) || self.busy(cell) {
+            Some(AbortReason::Refused)
+        } else if self.targets.len() >= self.shadows_max {
+            Some(AbortReason::Overloaded)
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            self.counters.refused += 1;
+            out.push(AgentOutput::ToShard(
+                from,
+                PeerMsg::Refuse { id, cell, reason },
+            ));
+            return;
+        }
+        self.targets.insert(
+            cell,
+            TargetOp {
+                id,
+                from,
+                state: TargetState::Shadow(state),
+                since: tick,
+            },
+        );
+        out.push(AgentOutput::ToShard(from, PeerMsg::Ready { id, cell }));
+    }
+
+    fn on_ready(&mut self, id: HandoverId, cell: CellId, tick: TickId) {
+        let Some(op) = self.sources.get_mut(&cell).filter(|op| op.id == id) else {
+            self.stale("ready", cell);
+            return;
+        };
+        let placeholder = SourceState::Frozen {
+            moved: Vec::new(),
+            since: tick,
+            entities: 0,
+        };
+        match std::mem::replace(&mut op.state, placeholder) {
+            SourceState::PreCopied { base, .. } => op.state = SourceState::Ready { base },
+            other => {
+                op.state = other;
+                self.stale("ready", cell);
+            }
+        }
+    }
+
+    fn on_diff(
+        &mut self,
+        id: HandoverId,
+        cell: CellId,
+        diff: crate::cell::CellDiff<G>,
+        tick: TickId,
+        out: &mut Vec<AgentOutput<G>>,
+    ) {
+        let Some(op) = self.targets.get_mut(&cell).filter(|op| op.id == id) else {
+            self.stale("diff", cell);
+            return;
+        };
+        let placeholder = TargetState::Prepared(Box::new(empty_state(cell)));
+        match std::mem::replace(&mut op.state, placeholder) {
+            TargetState::Shadow(mut state) => {
+                state.apply(diff);
+                op.state = TargetState::Prepared(state);
+                op.since = tick;
+                out.push(AgentOutput::Report(Report::Prepared {
+                    id,
+                    cell,
+                    repeat: false,
+                }));
+            }
+            prepared @ TargetState::Prepared(_) => {
+                op.state = prepared;
+                self.stale("diff", cell);
+            }
+        }
+    }
+
+    fn on_commit(
+        &mut self,
+        world: &mut ShardWorld<G>,
+        id: HandoverId,
+        cell: CellId,
+        epoch: u32,
+        out: &mut Vec<AgentOutput<G>>,
+    ) {
+        let mut known = false;
+        if self.targets.get(&cell).is_some_and(|op| op.id == id) {
+            known = true;
+            let op = self.targets.remove(&cell).expect("checked");
+            match op.state {
+                TargetState::Prepared(state) => {
+                    let layout = world.layout().clone();
+                    world.insert_cell(Cell::from_state(*state, &layout));
+                    world.set_epoch(cell, epoch);
+                    self.counters.activated += 1;
+                    tracing::info!(shard = %self.shard, %cell, epoch, handover = id.0, "handover: target took over");
+                    out.push(AgentOutput::Report(Report::Activated { id, cell }));
+                }
+                TargetState::Shadow(_) => {
+                    // Committed without our diff: impossible with a sound
+                    // coordinator; keep nothing, say so loudly.
+                    tracing::error!(shard = %self.shard, %cell, handover = id.0, "commit before the diff: shadow dropped");
+                }
+            }
+        }
+        if self.sources.get(&cell).is_some_and(|op| op.id == id) {
+            known = true;
+            self.sources.remove(&cell);
+            let mut forwarded = 0;
+            if let Some(mut c) = world.take_cell(cell) {
+                let late = c.take_inputs();
+                forwarded = late.len();
+                if !late.is_empty() {
+                    out.push(AgentOutput::Forward(cell, late));
+                }
+            }
+            self.counters.released += 1;
+            tracing::info!(shard = %self.shard, %cell, epoch, handover = id.0, forwarded, "handover: source released the cell");
+            out.push(AgentOutput::Report(Report::Released {
+                id,
+                cell,
+                forwarded,
+            }));
+        }
+        if !known {
+            self.stale("commit", cell);
+        }
+    }
+
+    fn on_abort(
+        &mut self,
+        world: &mut ShardWorld<G>,
+        id: HandoverId,
+        cell: CellId,
+        reason: AbortReason,
+        out: &mut Vec<AgentOutput<G>>,
+    ) {
+        let mut known = false;
+        if self.targets.get(&cell).is_some_and(|op| op.id == id) {
+            known = true;
+            self.targets.remove(&cell);
+            self.counters.aborted += 1;
+            out.push(AgentOutput::Report(Report::Aborted { id, cell, reason }));
+        }
+        if self.sources.get(&cell).is_some_and(|op| op.id == id) {
+            known = true;
+            self.abort_source(world, cell, reason, out);
+        }
+        if !known {
+            self.stale("abort", cell);
+        }
     }
 
     fn abort_source(
@@ -587,16 +462,16 @@ impl<G: GameLogic> HandoverAgent<G> {
             world.unfreeze(cell);
         }
         self.counters.aborted += 1;
-        tracing::warn!(shard = self.shard, %cell, reason = ?reason, handover = op.id.0, "handover aborted: the source keeps the cell");
+        tracing::warn!(shard = %self.shard, %cell, reason = ?reason, handover = op.id.0, "handover aborted: the source keeps the cell");
         out.push(AgentOutput::ToShard(
             op.to,
-            HandoverMsg::Abort {
+            PeerMsg::Abort {
                 id: op.id,
                 cell,
                 reason,
             },
         ));
-        out.push(AgentOutput::ToCoordinator(HandoverReport::Aborted {
+        out.push(AgentOutput::Report(Report::Aborted {
             id: op.id,
             cell,
             reason,
@@ -629,7 +504,7 @@ impl<G: GameLogic> HandoverAgent<G> {
                 let id = op.id;
                 self.stale("freeze of a cell not owned", cell);
                 self.sources.remove(&cell);
-                out.push(AgentOutput::ToCoordinator(HandoverReport::Aborted {
+                out.push(AgentOutput::Report(Report::Aborted {
                     id,
                     cell,
                     reason: AbortReason::Stale,
@@ -649,13 +524,13 @@ impl<G: GameLogic> HandoverAgent<G> {
             let (id, to, epoch) = (op.id, op.to, op.epoch);
             out.push(AgentOutput::ToShard(
                 to,
-                HandoverMsg::Diff {
+                PeerMsg::Diff {
                     id,
                     cell,
                     diff: Box::new(diff),
                 },
             ));
-            out.push(AgentOutput::ToCoordinator(HandoverReport::Frozen {
+            out.push(AgentOutput::Report(Report::Frozen {
                 id,
                 cell,
                 epoch,
@@ -674,7 +549,7 @@ impl<G: GameLogic> HandoverAgent<G> {
             {
                 if tick.0 >= since.0 + every {
                     *since = tick;
-                    out.push(AgentOutput::ToCoordinator(HandoverReport::Frozen {
+                    out.push(AgentOutput::Report(Report::Frozen {
                         id: op.id,
                         cell: *cell,
                         epoch: op.epoch,
@@ -688,7 +563,7 @@ impl<G: GameLogic> HandoverAgent<G> {
         for (cell, op) in self.targets.iter_mut() {
             if matches!(op.state, TargetState::Prepared(_)) && tick.0 >= op.since.0 + every {
                 op.since = tick;
-                out.push(AgentOutput::ToCoordinator(HandoverReport::Prepared {
+                out.push(AgentOutput::Report(Report::Prepared {
                     id: op.id,
                     cell: *cell,
                     repeat: true,
@@ -718,12 +593,21 @@ impl<G: GameLogic> HandoverAgent<G> {
             // coordinator, which commits or aborts).
             let op = self.targets.remove(&cell).expect("listed");
             self.counters.aborted += 1;
-            out.push(AgentOutput::ToCoordinator(HandoverReport::Aborted {
+            out.push(AgentOutput::Report(Report::Aborted {
                 id: op.id,
                 cell,
                 reason: AbortReason::Timeout,
             }));
-            let _ = op.from;
+            // The source may still wait for our Ready: let it go now rather
+            // than at its own timeout.
+            out.push(AgentOutput::ToShard(
+                op.from,
+                PeerMsg::Refuse {
+                    id: op.id,
+                    cell,
+                    reason: AbortReason::Timeout,
+                },
+            ));
         }
         out
     }

@@ -9,8 +9,14 @@
 //! sent as snapshot deltas against the view it last acknowledged ([`view`]);
 //! an entity crossing a border is **transferred** to the new cell with its
 //! view state, and whatever arrives for it at the old cell is forwarded. A
-//! game plugs in through [`GameLogic`]; [`demo`] is the demo game, and
-//! [`sim`] is the deterministic multi-shard harness used by the tests.
+//! game plugs in through [`GameLogic`]; [`demo`] is the demo game.
+//!
+//! [`node::NodeCore`] is everything one shard of a node does (its world, its
+//! client sessions, routing by the [`registry`], its side of handovers),
+//! without IO: the runtime drives it over sockets and mailboxes, and the
+//! deterministic simulator (`sim`, behind the `testing` feature) drives the
+//! same code over a seeded network. [`control`] is the one vocabulary of
+//! ownership changes shared with the coordinator.
 //!
 //! This crate never touches a socket, a thread or the wall clock: time is
 //! the tick number, randomness comes from seeded generators, and the same
@@ -18,6 +24,7 @@
 #![warn(missing_docs)]
 
 pub mod cell;
+pub mod control;
 pub mod demo;
 pub mod entity;
 pub mod game;
@@ -26,7 +33,10 @@ pub mod ghost;
 pub mod handover;
 pub mod ids;
 pub mod messages;
+pub mod node;
+pub mod registry;
 pub mod rng;
+#[cfg(any(test, feature = "testing"))]
 pub mod sim;
 pub mod spatial;
 pub mod view;
@@ -38,4 +48,6 @@ pub use game::{GameContext, GameLogic};
 pub use geometry::{CellId, Geometry, Layout, Rect, Vec2};
 pub use ids::{ClientId, EntityId, TickId};
 pub use messages::{CellEnvelope, CellMessage, ClientOutput, EntityTransfer, Output};
+pub use node::{NodeCore, NodeOutput, ShardMsg};
+pub use registry::{Assignment, Registry, RegistryError, ShardRef};
 pub use world::{ShardWorld, WorldConfig};

@@ -91,6 +91,81 @@ impl<C, I> CellMessage<C, I> {
     }
 }
 
+/// Which part of a split cell a message concerns, when it is addressed to a
+/// cell that is no longer a leaf. Shared by every place that redirects such
+/// messages (a shard's world, the node core's router).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Locator {
+    /// The child containing this point (joins, transfers).
+    Position(Vec2),
+    /// The child owning this entity (inputs, acks, leaves, intents).
+    Entity(EntityId),
+    /// Every child (ghost updates: each child inherited the parent's ghosts).
+    Every,
+}
+
+impl<C, I> CellMessage<C, I> {
+    /// Which child of a split destination the message is for;
+    /// `intent_target` names the entity an intent is about.
+    pub fn locator(&self, intent_target: impl Fn(&I) -> EntityId) -> Locator {
+        match self {
+            CellMessage::Join { pos, .. } => Locator::Position(*pos),
+            CellMessage::Transfer(t) => Locator::Position(t.entity.pos),
+            CellMessage::Input { entity, .. }
+            | CellMessage::Ack { entity, .. }
+            | CellMessage::Leave { entity, .. } => Locator::Entity(*entity),
+            CellMessage::Intent { intent, .. } => Locator::Entity(intent_target(intent)),
+            CellMessage::Ghost(_) => Locator::Every,
+        }
+    }
+
+    /// Counts one more forward of an entity-addressed message; None for the
+    /// kinds that carry no hop count.
+    pub fn hops_mut(&mut self) -> Option<&mut u8> {
+        match self {
+            CellMessage::Input { hops, .. }
+            | CellMessage::Ack { hops, .. }
+            | CellMessage::Leave { hops, .. }
+            | CellMessage::Intent { hops, .. } => Some(hops),
+            _ => None,
+        }
+    }
+}
+
+/// Where a message for `to` goes when `to` is not a cell of `cells`: the
+/// nearest ancestor in `cells` (`to` was merged into it), else the cells of
+/// `cells` inside `to` (it was split), else nowhere.
+pub fn redirect(
+    to: CellId,
+    contains: impl Fn(CellId) -> bool,
+    cells: impl Iterator<Item = CellId>,
+) -> Redirect {
+    let mut up = to.parent();
+    while let Some(p) = up {
+        if contains(p) {
+            return Redirect::Ancestor(p);
+        }
+        up = p.parent();
+    }
+    let inside: Vec<CellId> = cells.filter(|c| to.contains_cell(*c) && *c != to).collect();
+    if inside.is_empty() {
+        Redirect::Nowhere
+    } else {
+        Redirect::Descendants(inside)
+    }
+}
+
+/// The answer of [`redirect`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Redirect {
+    /// The cell the destination was merged into.
+    Ancestor(CellId),
+    /// The cells the destination was split into (some of them).
+    Descendants(Vec<CellId>),
+    /// Neither.
+    Nowhere,
+}
+
 /// An entity handed from one cell to another: it is owned by this message
 /// while in flight, by exactly one cell otherwise.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,31 +1,40 @@
-//! The deterministic multi-shard harness.
+//! The deterministic multi-shard simulator (behind the `testing` feature).
 //!
-//! N [`ShardWorld`]s of the demo game run in one process on virtual ticks.
-//! Messages between shards cross a seeded network ([`SimNet`]) that drops,
-//! duplicates, delays and reorders transmissions; a reliable-ordered
-//! sublayer (sequence numbers, retransmission, deduplication, reordering
-//! buffer) turns that into what the real transport gives: every message
-//! once, in order per link, after a random delay. Simulated clients join,
-//! walk, ack and rebuild their views from the snapshots they receive (some
-//! dropped). After every tick, checkers assert the invariants; a violation
-//! is recorded with the seed and tick, so a failure reproduces from its seed.
+//! N production [`NodeCore`]s of the demo game run in one process on
+//! virtual ticks: the same code a node's shards run, sessions included.
+//! Whatever a core addresses to a shard (itself included) or to the
+//! coordinator crosses a seeded network ([`SimNet`]) that drops, duplicates,
+//! delays and reorders transmissions; a reliable-ordered sublayer (sequence
+//! numbers, retransmission, deduplication, reordering buffer) turns that into
+//! what the real transport gives: every message once, in order per link,
+//! after a random delay. Simulated clients speak encoded client frames to
+//! their gateway core, walk, ack and rebuild their views from the snapshot
+//! frames they receive (some dropped). The coordinator is not here (this
+//! crate is below it): a test above drives one with [`Harness::take_reports`],
+//! [`Harness::set_registry`] and [`Harness::send_order`]. After every tick,
+//! checkers assert the invariants; a violation is recorded with the seed and
+//! tick, so a failure reproduces from its seed.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::sync::Arc;
 
-use tessera_schema::client::InputCmd;
+use tessera_schema::client::{self, ClientMessage, InputCmd};
+use tessera_schema::flatbuffers::FlatBufferBuilder;
+use tessera_schema::protocol::Channel;
 use tessera_schema::quant::{dequantize, quantize};
 use tessera_schema::server::{self, ServerMessage};
 
-use crate::cell::{Envelope, Msg};
+use crate::control::{Order, Report};
 use crate::demo::{DemoConfig, DemoGame};
 use crate::entity::QState;
 use crate::game::GameLogic;
 use crate::geometry::{CellId, Geometry, Layout, Vec2};
-use crate::handover::{AgentOutput, HandoverAgent, HandoverMsg, HandoverReport};
+use crate::handover::HandoverAgent;
 use crate::ids::{ClientId, EntityId, TickId};
-use crate::messages::{CellEnvelope, CellMessage, ClientOutput, ClientOutputKind, Output};
+use crate::messages::{CellEnvelope, CellMessage};
+use crate::node::{ConnectionKey, NodeCore, NodeOutput, ShardMsg};
+use crate::registry::{Registry, ShardRef};
 use crate::rng::Rng;
 use crate::view::{ClientMirror, SentView};
 use crate::world::{ShardWorld, WorldConfig};
@@ -205,7 +214,7 @@ impl<T> SimNet<T> {
 /// How a simulated client moves.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Behavior {
-    /// Changes direction now and then; attacks nearby entities sometimes.
+    /// Changes direction now and then.
     RandomWalk,
     /// Sends nothing.
     Idle,
@@ -233,21 +242,22 @@ pub struct ClientStats {
 /// A simulated client.
 #[derive(Clone, Debug)]
 pub struct SimClient {
-    /// Its session id.
+    /// Its session id (given by its gateway).
     pub id: ClientId,
     /// The shard hosting its session.
     pub gateway: usize,
+    /// Its connection, as the gateway knows it.
+    pub connection: ConnectionKey,
     /// Its avatar, once welcomed.
     pub entity: Option<EntityId>,
-    /// Where its inputs go.
-    pub route: Option<CellId>,
-    route_tick: u64,
     /// Its rebuilt views.
     pub mirror: ClientMirror,
     /// How it moves.
     pub behavior: Behavior,
     /// Where it spawns (None: the game chooses).
     pub spawn: Option<Vec2>,
+    /// True once its session was closed.
+    pub gone: bool,
     input_seq: u32,
     direction: Vec2,
     /// The server's sent views by tick, to compare with the mirror.
@@ -306,38 +316,37 @@ impl HarnessConfig {
     }
 }
 
-/// What travels between simulated shards (and the coordinator, whose node
-/// index is the number of shards).
+/// What travels on the simulated network (the coordinator's node index is
+/// the number of shards).
 pub enum Wire {
-    /// A message for a cell.
-    Cell(Envelope<DemoGame>),
-    /// A frame for a client whose session another shard hosts.
-    Client(ClientOutput),
-    /// A handover message for a shard's agent.
-    Handover(HandoverMsg<DemoGame>),
+    /// For a shard's core.
+    Shard(ShardMsg<DemoGame>),
     /// A shard's report to the coordinator.
-    Report(u16, HandoverReport),
+    Report(ShardRef, Report),
 }
 
 /// The harness.
 pub struct Harness {
     config: HarnessConfig,
-    layout: Arc<Layout>,
-    shards: Vec<ShardWorld<DemoGame>>,
-    owner: BTreeMap<CellId, usize>,
+    registry: Arc<Registry>,
+    cores: Vec<NodeCore<DemoGame>>,
     net: SimNet<Wire>,
     to_clients: BinaryHeap<Reverse<(u64, u64, usize)>>,
-    client_frames: BTreeMap<u64, ClientOutput>,
+    client_frames: BTreeMap<u64, Vec<u8>>,
     frame_serial: u64,
     clients: Vec<SimClient>,
+    by_id: BTreeMap<ClientId, usize>,
     brute: BTreeMap<ClientId, BTreeSet<EntityId>>,
     known: BTreeSet<EntityId>,
     rng: Rng,
     tick: u64,
     violations: Vec<String>,
-    agents: Vec<HandoverAgent<DemoGame>>,
-    epochs: BTreeMap<CellId, u32>,
-    reports: Vec<(u16, HandoverReport)>,
+    reports: Vec<(ShardRef, Report)>,
+    fbb: FlatBufferBuilder<'static>,
+}
+
+fn shard_ref(i: usize) -> ShardRef {
+    ShardRef::local(i as u16)
 }
 
 impl Harness {
@@ -348,50 +357,50 @@ impl Harness {
         let layout = Arc::new(Layout::new(config.geometry.clone()));
         let n = config.shards.max(1);
         let columns = config.geometry.columns;
-        let mut owner = BTreeMap::new();
-        for cell in layout.leaves() {
-            let shard = ((cell.cx as i64 * n as i64) / i64::from(columns)) as usize;
-            owner.insert(cell, shard.min(n - 1));
-        }
+        let owners: BTreeMap<CellId, ShardRef> = layout
+            .leaves()
+            .into_iter()
+            .map(|cell| {
+                let shard = ((cell.cx as i64 * n as i64) / i64::from(columns)) as usize;
+                (cell, shard_ref(shard.min(n - 1)))
+            })
+            .collect();
+        let registry = Arc::new(Registry::new(layout.clone(), &owners).expect("every leaf owned"));
         let mut rng = Rng::derive(config.seed, 0xA11);
-        let mut shards: Vec<ShardWorld<DemoGame>> = (0..n)
+        let mut known = BTreeSet::new();
+        let cores: Vec<NodeCore<DemoGame>> = (0..n)
             .map(|s| {
-                ShardWorld::new(
+                let world = ShardWorld::new(
                     DemoGame::new(config.demo.clone()),
                     layout.clone(),
                     config.world.clone(),
                     s as u16 + 1,
-                )
+                );
+                let mut core = NodeCore::new(shard_ref(s), world, registry.clone());
+                let count = config.npcs / n + usize::from(s < config.npcs % n);
+                DemoGame::spawn_npcs(core.world_mut(), count, &mut rng);
+                for c in core.world().cells() {
+                    known.extend(c.entities().iter().map(|e| e.id));
+                }
+                core
             })
             .collect();
-        for (cell, s) in &owner {
-            shards[*s].add_cell(*cell);
-        }
-        let mut known = BTreeSet::new();
-        for (s, world) in shards.iter_mut().enumerate() {
-            let count = config.npcs / n + usize::from(s < config.npcs % n);
-            DemoGame::spawn_npcs(world, count, &mut rng);
-            for c in world.cells() {
-                known.extend(c.entities().iter().map(|e| e.id));
-            }
-        }
         let mut h = Self {
             net: SimNet::new(config.faults, config.seed ^ 0x5EED),
-            layout,
-            shards,
-            owner,
+            registry,
+            cores,
             to_clients: BinaryHeap::new(),
             client_frames: BTreeMap::new(),
             frame_serial: 0,
             clients: Vec::new(),
+            by_id: BTreeMap::new(),
             brute: BTreeMap::new(),
             known,
             rng,
             tick: 0,
             violations: Vec::new(),
-            agents: (0..n).map(|s| HandoverAgent::new(s as u16)).collect(),
-            epochs: BTreeMap::new(),
             reports: Vec::new(),
+            fbb: FlatBufferBuilder::with_capacity(256),
             config,
         };
         for _ in 0..h.config.clients {
@@ -400,60 +409,115 @@ impl Harness {
         h
     }
 
-    /// Adds a client; it joins at the next step. Returns its index.
+    /// Adds a client: its session opens on a gateway shard and it joins (at
+    /// the game's spawn point, or at `spawn`). Returns its index.
     pub fn add_client(&mut self, behavior: Behavior, spawn: Option<Vec2>) -> usize {
         let i = self.clients.len();
-        let gateway = i % self.shards.len();
-        let id = ClientId(i as u64 + 1);
-        let world = self.layout.geometry().world_rect();
-        let pos = spawn.unwrap_or_else(|| {
-            self.shards[gateway]
-                .game()
-                .spawn_point("bot", i as u64, world)
-        });
-        let cell = self
-            .layout
-            .leaf_at(pos)
-            .expect("spawn point inside the world");
-        let env = CellEnvelope {
-            to: cell,
-            from: cell,
-            msg: CellMessage::Join {
-                client: id,
-                name: format!("bot{i}"),
-                pos,
-            },
-        };
-        self.send_from_gateway(gateway, env);
+        let gateway = i % self.cores.len();
+        let connection = ConnectionKey(i as u64 + 1);
+        let id = self.cores[gateway].handle_connected(connection);
+        self.by_id.insert(id, i);
         self.clients.push(SimClient {
             id,
             gateway,
+            connection,
             entity: None,
-            route: None,
-            route_tick: 0,
             mirror: ClientMirror::new(64),
             behavior,
             spawn,
+            gone: false,
             input_seq: 0,
             direction: Vec2::default(),
             truth: BTreeMap::new(),
             stats: ClientStats::default(),
         });
+        let name = format!("bot{i}");
+        match spawn {
+            None => self.client_send(
+                i,
+                &ClientMessage::Join {
+                    name,
+                    token: Vec::new(),
+                },
+            ),
+            Some(pos) => {
+                // A join the session did not choose the place of: hand it to
+                // the gateway core as if it came from another shard.
+                let cell = self
+                    .registry
+                    .layout()
+                    .leaf_at(pos)
+                    .expect("spawn point inside the world");
+                let join = CellMessage::Join {
+                    client: id,
+                    name,
+                    pos,
+                };
+                let env = CellEnvelope {
+                    to: cell,
+                    from: cell,
+                    msg: join,
+                };
+                self.cores[gateway].handle_message(ShardMsg::Cell(env));
+                self.process_outputs(gateway);
+            }
+        }
         i
     }
 
-    fn send_from_gateway(&mut self, gateway: usize, env: Envelope<DemoGame>) {
-        let Some(&to) = self.owner.get(&env.to) else {
-            self.violations.push(format!(
-                "tick {}: message for unknown cell {}",
-                self.tick, env.to
-            ));
+    /// A frame from client `i` to its gateway.
+    fn client_send(&mut self, i: usize, msg: &ClientMessage) {
+        let (gateway, connection) = (self.clients[i].gateway, self.clients[i].connection);
+        let bytes = client::encode(&mut self.fbb, msg).to_vec();
+        self.cores[gateway].handle_client_frame(connection, &bytes);
+        self.process_outputs(gateway);
+    }
+
+    /// Client `i` leaves (its connection closes).
+    pub fn remove_client(&mut self, i: usize) {
+        if self.clients[i].gone {
             return;
-        };
-        if to == gateway {
-            self.deliver_cell(to, env);
-        } else {
-            self.net.send(gateway, to, Wire::Cell(env), self.tick);
+        }
+        self.client_send(i, &ClientMessage::Leave { reason: 0 });
+        let (gateway, connection) = (self.clients[i].gateway, self.clients[i].connection);
+        self.cores[gateway].handle_disconnected(connection);
+        self.process_outputs(gateway);
+        self.clients[i].gone = true;
+        if let Some(e) = self.clients[i].entity {
+            self.known.remove(&e);
+        }
+    }
+
+    /// Carries out what core `s` asked for.
+    fn process_outputs(&mut self, s: usize) {
+        let now = self.tick;
+        while let Some(out) = self.cores[s].poll_output() {
+            match out {
+                NodeOutput::Client {
+                    connection,
+                    channel,
+                    bytes,
+                } => {
+                    let i = connection.0 as usize - 1;
+                    if channel == Channel::Snapshots && self.rng.chance(self.config.snapshot_drop) {
+                        self.clients[i].stats.dropped += 1;
+                        continue;
+                    }
+                    self.frame_serial += 1;
+                    self.client_frames.insert(self.frame_serial, bytes);
+                    self.to_clients
+                        .push(Reverse((now + 1, self.frame_serial, i)));
+                }
+                NodeOutput::Disconnect { .. } => {}
+                NodeOutput::Shard { to, msg } => {
+                    self.net
+                        .send(s, usize::from(to.shard), Wire::Shard(msg), now)
+                }
+                NodeOutput::Coordinator(report) => {
+                    let n = self.cores.len();
+                    self.net.send(s, n, Wire::Report(shard_ref(s), report), now)
+                }
+            }
         }
     }
 
@@ -462,9 +526,56 @@ impl Harness {
         &self.clients
     }
 
-    /// The shards.
-    pub fn shards(&self) -> &[ShardWorld<DemoGame>] {
-        &self.shards
+    /// The shards' cores.
+    pub fn cores(&self) -> &[NodeCore<DemoGame>] {
+        &self.cores
+    }
+
+    /// The world of shard `s`.
+    pub fn world(&self, s: usize) -> &ShardWorld<DemoGame> {
+        self.cores[s].world()
+    }
+
+    /// A shard's handover agent.
+    pub fn agent(&self, s: usize) -> &HandoverAgent<DemoGame> {
+        self.cores[s].agent()
+    }
+
+    /// A shard's handover agent restarts: shadows and pending steps are lost
+    /// (its cells and sessions are not).
+    pub fn restart_agent(&mut self, s: usize) {
+        self.cores[s].restart_agent();
+    }
+
+    /// The registry the cores route by.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The coordinator publishes a registry: every core takes it at once
+    /// (as a node's shards do; orders travel the network and arrive later).
+    pub fn set_registry(&mut self, registry: Arc<Registry>) {
+        for core in &mut self.cores {
+            core.handle_registry(registry.clone());
+        }
+        self.registry = registry;
+    }
+
+    /// Sends an order from the coordinator to a shard.
+    pub fn send_order(&mut self, to: ShardRef, order: Order) {
+        let now = self.tick;
+        let from = self.cores.len();
+        self.net.send(
+            from,
+            usize::from(to.shard),
+            Wire::Shard(ShardMsg::Order(order)),
+            now,
+        );
+    }
+
+    /// Reports that reached the coordinator since the last call.
+    pub fn take_reports(&mut self) -> Vec<(ShardRef, Report)> {
+        std::mem::take(&mut self.reports)
     }
 
     /// The current tick.
@@ -510,25 +621,25 @@ impl Harness {
             let inputs_in_flight = self.net.in_flight().any(|m| {
                 matches!(
                     m,
-                    Wire::Cell(CellEnvelope {
+                    Wire::Shard(ShardMsg::Cell(CellEnvelope {
                         msg: CellMessage::Input { .. } | CellMessage::Transfer(_),
                         ..
-                    })
+                    }))
                 )
             });
             let held = self
-                .shards
+                .cores
                 .iter()
-                .flat_map(|s| s.cells())
+                .flat_map(|c| c.world().cells())
                 .any(|c| c.entities().iter().any(|e| !e.pending_inputs.is_empty()));
             let avatars_owned = self
                 .clients
                 .iter()
-                .all(|c| c.entity.is_none_or(|id| self.find(id).is_some()));
+                .all(|c| c.gone || c.entity.is_none_or(|id| self.find(id).is_some()));
             if !inputs_in_flight
                 && !held
                 && avatars_owned
-                && self.shards.iter().all(|s| s.pending_local() == 0)
+                && self.cores.iter().all(|c| c.world().pending_local() == 0)
             {
                 break;
             }
@@ -536,17 +647,15 @@ impl Harness {
     }
 
     /// One tick: deliver the network, let clients act, tick every shard,
-    /// route their outputs, check the invariants.
+    /// carry out their outputs, check the invariants.
     pub fn step(&mut self) {
         self.tick += 1;
         let now = self.tick;
         for (to, msg) in self.net.deliver(now) {
             match msg {
-                Wire::Cell(env) => self.deliver_cell(to, env),
-                Wire::Client(out) => self.queue_for_client(out, now),
-                Wire::Handover(m) => {
-                    let outputs = self.agents[to].handle(&mut self.shards[to], m, TickId(now));
-                    self.agent_outputs(to, outputs);
+                Wire::Shard(msg) => {
+                    self.cores[to].handle_message(msg);
+                    self.process_outputs(to);
                 }
                 Wire::Report(from, report) => self.reports.push((from, report)),
             }
@@ -556,43 +665,19 @@ impl Harness {
                 break;
             }
             self.to_clients.pop();
-            if let Some(out) = self.client_frames.remove(&serial) {
-                self.client_receive(i, out);
+            if let Some(bytes) = self.client_frames.remove(&serial) {
+                self.client_receive(i, &bytes);
             }
         }
         for i in 0..self.clients.len() {
             self.client_act(i);
         }
-        for s in 0..self.shards.len() {
-            self.shards[s].tick(TickId(now));
-            let handover = self.agents[s].after_tick(&mut self.shards[s], TickId(now));
-            self.agent_outputs(s, handover);
-            let outputs: Vec<_> = self.shards[s].drain_outbox().collect();
-            for o in outputs {
-                match o {
-                    Output::Cell(env) => match self.owner.get(&env.to).copied() {
-                        Some(to) if to != s => self.net.send(s, to, Wire::Cell(env), now),
-                        // Ours by the registry, not yet active here: the
-                        // prepared shadow takes it.
-                        Some(_) => self.deliver_cell(s, env),
-                        None => self.violation(format!("message for unknown cell {}", env.to)),
-                    },
-                    Output::Client(out) => {
-                        let gateway = self
-                            .client_index(out.client)
-                            .map(|i| self.clients[i].gateway);
-                        match gateway {
-                            Some(g) if g == s => self.queue_for_client(out, now),
-                            Some(g) => self.net.send(s, g, Wire::Client(out), now),
-                            None => {
-                                self.violation(format!("frame for unknown client {}", out.client))
-                            }
-                        }
-                    }
-                }
-            }
+        for s in 0..self.cores.len() {
+            self.cores[s].tick(TickId(now));
+            self.process_outputs(s);
             self.record_truth(s);
         }
+        self.check_live_copies();
         if self.config.check_ownership {
             self.check_ownership();
         }
@@ -601,134 +686,8 @@ impl Harness {
         }
     }
 
-    fn client_index(&self, c: ClientId) -> Option<usize> {
-        let i = c.0.checked_sub(1)? as usize;
-        (i < self.clients.len()).then_some(i)
-    }
-
-    fn agent_outputs(&mut self, s: usize, outputs: Vec<AgentOutput<DemoGame>>) {
-        let now = self.tick;
-        for o in outputs {
-            match o {
-                AgentOutput::ToShard(to, m) => {
-                    self.net.send(s, to as usize, Wire::Handover(m), now)
-                }
-                AgentOutput::ToCoordinator(r) => {
-                    self.net
-                        .send(s, self.shards.len(), Wire::Report(s as u16, r), now)
-                }
-                AgentOutput::Forward(cell, msgs) => {
-                    for msg in msgs {
-                        let env = CellEnvelope {
-                            to: cell,
-                            from: cell,
-                            msg,
-                        };
-                        match self.owner.get(&cell).copied() {
-                            Some(o) if o != s => self.net.send(s, o, Wire::Cell(env), now),
-                            _ => self.deliver_cell(s, env),
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Sends a handover message from the coordinator to a shard.
-    pub fn send_from_coordinator(&mut self, to: u16, msg: HandoverMsg<DemoGame>) {
-        let now = self.tick;
-        self.net
-            .send(self.shards.len(), to as usize, Wire::Handover(msg), now);
-    }
-
-    /// Reports that reached the coordinator since the last call.
-    pub fn take_reports(&mut self) -> Vec<(u16, HandoverReport)> {
-        std::mem::take(&mut self.reports)
-    }
-
-    /// The registry moved a cell: route to its new owner from now on.
-    pub fn set_owner(&mut self, cell: CellId, shard: u16, epoch: u32) {
-        self.owner.insert(cell, shard as usize);
-        self.epochs.insert(cell, epoch);
-    }
-
-    /// The owner of every cell.
-    pub fn owners(&self) -> &BTreeMap<CellId, usize> {
-        &self.owner
-    }
-
-    /// A shard's handover agent restarts: shadows and pending steps are lost
-    /// (its cells and sessions are not).
-    pub fn restart_agent(&mut self, shard: usize) {
-        self.agents[shard] = HandoverAgent::new(shard as u16);
-    }
-
-    /// A shard's handover agent.
-    pub fn agent(&self, shard: usize) -> &HandoverAgent<DemoGame> {
-        &self.agents[shard]
-    }
-
-    fn deliver_cell(&mut self, to: usize, env: Envelope<DemoGame>) {
-        let Err(env) = self.shards[to].deliver(env) else {
-            return;
-        };
-        // A cell this shard holds as a prepared shadow keeps what comes in.
-        let CellEnvelope {
-            to: cell,
-            from,
-            msg,
-        } = env;
-        let Err(msg) = self.agents[to].deliver_to_shadow(cell, msg) else {
-            return;
-        };
-        let env = CellEnvelope {
-            to: cell,
-            from,
-            msg,
-        };
-        // The cell moved to another shard meanwhile: pass it on.
-        match self.owner.get(&env.to).copied() {
-            Some(owner) if owner != to => self.net.send(to, owner, Wire::Cell(env), self.tick),
-            owner => {
-                let holders: Vec<String> = (0..self.shards.len())
-                    .map(|s| {
-                        format!(
-                            "s{s}:owns={} frozen={} busy={}",
-                            self.shards[s].owns(env.to),
-                            self.shards[s].is_frozen(env.to),
-                            self.agents[s].busy(env.to)
-                        )
-                    })
-                    .collect();
-                let what = format!(
-                    "undeliverable {} for {} at shard {to}: registry owner {owner:?} epoch {:?}; {}",
-                    env.msg.kind(),
-                    env.to,
-                    self.epochs.get(&env.to),
-                    holders.join(" ")
-                );
-                self.violation(what)
-            }
-        }
-    }
-
-    fn queue_for_client(&mut self, out: ClientOutput, now: u64) {
-        let Some(i) = self.client_index(out.client) else {
-            return;
-        };
-        // Welcome frames are reliable; snapshots may be lost.
-        if out.kind == ClientOutputKind::Snapshot && self.rng.chance(self.config.snapshot_drop) {
-            self.clients[i].stats.dropped += 1;
-            return;
-        }
-        self.frame_serial += 1;
-        self.client_frames.insert(self.frame_serial, out);
-        self.to_clients
-            .push(Reverse((now + 1, self.frame_serial, i)));
-    }
-
     fn record_truth(&mut self, s: usize) {
-        for cell in self.shards[s].cells() {
+        for cell in self.cores[s].world().cells() {
             for e in cell.entities().iter() {
                 let (Some(v), Some(client)) = (e.view.as_ref(), e.client) else {
                     continue;
@@ -736,8 +695,7 @@ impl Harness {
                 let Some(sent) = v.latest_sent() else {
                     continue;
                 };
-                let i = client.0 as usize - 1;
-                if let Some(c) = self.clients.get_mut(i) {
+                if let Some(c) = self.by_id.get(&client).map(|i| &mut self.clients[*i]) {
                     c.truth.insert(sent.tick.0, sent.clone());
                     while c.truth.len() > 64 {
                         c.truth.pop_first();
@@ -747,92 +705,70 @@ impl Harness {
         }
     }
 
-    fn client_receive(&mut self, i: usize, out: ClientOutput) {
-        let msg = match server::decode(&out.bytes) {
+    fn client_receive(&mut self, i: usize, bytes: &[u8]) {
+        let msg = match server::decode(bytes) {
             Ok(m) => m,
             Err(e) => {
-                self.violation(format!(
-                    "client {} got an undecodable frame: {e}",
-                    out.client
-                ));
+                let client = self.clients[i].id;
+                self.violation(format!("client {client} got an undecodable frame: {e}"));
                 return;
             }
         };
-        let c = &mut self.clients[i];
-        if out.tick.0 >= c.route_tick {
-            c.route = Some(out.cell);
-            c.route_tick = out.tick.0;
-        }
         match msg {
             ServerMessage::Welcome(w) => {
-                c.entity = Some(EntityId(w.entity));
+                self.clients[i].entity = Some(EntityId(w.entity));
                 self.known.insert(EntityId(w.entity));
             }
-            ServerMessage::Snapshot(snap) => {
-                c.stats.received += 1;
-                let tick = snap.tick;
-                match c.mirror.apply(&snap) {
-                    Ok(view) => {
-                        c.stats.applied += 1;
-                        let view = view.clone();
-                        let mut dup = false;
-                        for w in view.entries.windows(2) {
-                            dup |= w[0].0 == w[1].0;
-                        }
-                        let truth = c.truth.get(&tick).cloned();
-                        let (client, entity, route) = (c.id, c.entity, c.route);
-                        if dup {
-                            self.violation(format!(
-                                "client {client} view {tick} holds an entity twice"
-                            ));
-                        }
-                        match truth {
-                            Some(t) if t != view => self.violation(format!(
-                                "client {client} rebuilt view {tick} differs from the server's ({} vs {} entities)",
-                                view.entries.len(),
-                                t.entries.len()
-                            )),
-                            _ => {}
-                        }
-                        if !self.rng.chance(self.config.ack_drop) {
-                            if let (Some(entity), Some(route)) = (entity, route) {
-                                let gateway = self.clients[i].gateway;
-                                self.send_from_gateway(
-                                    gateway,
-                                    CellEnvelope {
-                                        to: route,
-                                        from: route,
-                                        msg: CellMessage::Ack {
-                                            client,
-                                            entity,
-                                            tick: TickId(tick),
-                                            hops: 0,
-                                            after: TickId(0),
-                                        },
-                                    },
-                                );
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        c.stats.refused += 1;
-                        if !matches!(e, crate::view::MirrorError::Stale(_)) {
-                            let client = c.id;
-                            self.violation(format!("client {client}: {e}"));
-                        }
-                    }
+            ServerMessage::Snapshot(snap) => self.client_snapshot(i, &snap),
+            _ => {}
+        }
+    }
+
+    fn client_snapshot(&mut self, i: usize, snap: &server::Snapshot) {
+        let c = &mut self.clients[i];
+        c.stats.received += 1;
+        let tick = snap.tick;
+        let view = match c.mirror.apply(snap) {
+            Ok(view) => view.clone(),
+            Err(e) => {
+                c.stats.refused += 1;
+                if !matches!(e, crate::view::MirrorError::Stale(_)) {
+                    let client = c.id;
+                    self.violation(format!("client {client}: {e}"));
                 }
+                return;
+            }
+        };
+        c.stats.applied += 1;
+        let client = c.id;
+        if view.entries.windows(2).any(|w| w[0].0 == w[1].0) {
+            self.violation(format!("client {client} view {tick} holds an entity twice"));
+        }
+        match self.clients[i].truth.get(&tick) {
+            Some(t) if *t != view => {
+                let (got, want) = (view.entries.len(), t.entries.len());
+                self.violation(format!(
+                    "client {client} rebuilt view {tick} differs from the server's ({got} vs {want} entities)"
+                ))
             }
             _ => {}
+        }
+        if !self.rng.chance(self.config.ack_drop) {
+            self.client_send(
+                i,
+                &ClientMessage::Ack {
+                    snapshot_tick: tick,
+                },
+            );
         }
     }
 
     fn client_act(&mut self, i: usize) {
         let now = self.tick;
         let c = &mut self.clients[i];
-        let (Some(entity), Some(route)) = (c.entity, c.route) else {
+        if c.gone || c.entity.is_none() {
             return;
-        };
+        }
         let movement = match &c.behavior {
             Behavior::Idle => return,
             Behavior::Stop => {
@@ -861,21 +797,66 @@ impl Harness {
             heading: movement.y.atan2(movement.x),
             actions: Vec::new(),
         };
-        let (client, gateway) = (c.id, c.gateway);
-        self.send_from_gateway(
-            gateway,
-            CellEnvelope {
-                to: route,
-                from: route,
-                msg: CellMessage::Input {
-                    client,
-                    entity,
-                    input,
-                    hops: 0,
-                    after: TickId(0),
-                },
-            },
-        );
+        self.client_send(i, &ClientMessage::Input(input));
+    }
+
+    /// True if shard `s` may write `cell` now: the registry names it for the
+    /// cell at the epoch it holds, or the cell comes from a split or merge
+    /// this shard did and the registry has not caught up with yet (the
+    /// registry then names this shard for the cell's ancestor or for cells
+    /// inside it).
+    fn authoritative(&self, s: usize, cell: CellId) -> bool {
+        let me = shard_ref(s);
+        let world = self.cores[s].world();
+        match self.registry.get(cell) {
+            Some(a) => a.owner == me && world.epoch(cell) == Some(a.epoch),
+            None => {
+                let mut up = cell.parent();
+                while let Some(p) = up {
+                    if let Some(a) = self.registry.get(p) {
+                        return a.owner == me;
+                    }
+                    up = p.parent();
+                }
+                self.registry
+                    .iter()
+                    .filter(|(c, _)| cell.contains_cell(*c))
+                    .all(|(_, a)| a.owner == me)
+            }
+        }
+    }
+
+    /// At most one running (not frozen) copy of any piece of the world: no
+    /// cell runs on two shards, and no running cell overlaps another running
+    /// cell (a parent and its child on different shards).
+    fn check_live_copies(&mut self) {
+        let mut live: BTreeMap<CellId, usize> = BTreeMap::new();
+        let mut problems = Vec::new();
+        for (s, core) in self.cores.iter().enumerate() {
+            let world = core.world();
+            for cell in world.cells().map(|c| c.id()) {
+                if world.is_frozen(cell) {
+                    continue;
+                }
+                if let Some(other) = live.insert(cell, s) {
+                    problems.push(format!("{cell} runs on shards {other} and {s}"));
+                }
+            }
+        }
+        for (cell, s) in &live {
+            let mut up = cell.parent();
+            while let Some(p) = up {
+                if let Some(other) = live.get(&p) {
+                    problems.push(format!(
+                        "{cell} on shard {s} overlaps {p} running on shard {other}"
+                    ));
+                }
+                up = p.parent();
+            }
+        }
+        for p in problems {
+            self.violation(p);
+        }
     }
 
     /// Every known entity is owned by exactly one cell, counting transfers
@@ -884,12 +865,18 @@ impl Harness {
     fn check_ownership(&mut self) {
         let mut count: BTreeMap<EntityId, u32> = BTreeMap::new();
         let mut problems = Vec::new();
-        for (si, s) in self.shards.iter().enumerate() {
-            for cell in s.cells() {
-                // Authoritative: the registry names this shard, at this epoch.
-                let current = self.epochs.get(&cell.id()).copied().unwrap_or(1);
-                let owner = self.owner.get(&cell.id()).copied();
-                if owner != Some(si) || s.epoch(cell.id()) != Some(current) {
+        for (s, core) in self.cores.iter().enumerate() {
+            let world = core.world();
+            for cell in world.cells() {
+                let authoritative = self.authoritative(s, cell.id());
+                if !authoritative {
+                    // A frozen source that lost authority keeps what arrived
+                    // after its diff until it releases the cell.
+                    if world.is_frozen(cell.id()) {
+                        for id in cell.queued_transfers() {
+                            *count.entry(id).or_default() += 1;
+                        }
+                    }
                     continue;
                 }
                 for id in cell.queued_transfers() {
@@ -909,11 +896,13 @@ impl Harness {
                     }
                 }
             }
-        }
-        // Committed but not yet activated: the target's shadow holds them.
-        for (si, agent) in self.agents.iter().enumerate() {
-            for (cell, state) in agent.prepared() {
-                if self.owner.get(&cell) == Some(&si) && !self.shards[si].owns(cell) {
+            // Committed but not yet activated: the target's shadow holds them.
+            for (cell, state) in core.agent().prepared() {
+                let named = self
+                    .registry
+                    .get(cell)
+                    .is_some_and(|a| a.owner == shard_ref(s));
+                if named && !world.owns(cell) {
                     for e in state.entities.iter() {
                         *count.entry(e.id).or_default() += 1;
                     }
@@ -923,25 +912,11 @@ impl Harness {
                 }
             }
         }
-        // A frozen source that lost authority keeps what arrived after its
-        // diff until it releases the cell.
-        for (si, s) in self.shards.iter().enumerate() {
-            for cell in s.cells() {
-                let current = self.epochs.get(&cell.id()).copied().unwrap_or(1);
-                let authoritative =
-                    self.owner.get(&cell.id()) == Some(&si) && s.epoch(cell.id()) == Some(current);
-                if !authoritative && s.is_frozen(cell.id()) {
-                    for id in cell.queued_transfers() {
-                        *count.entry(id).or_default() += 1;
-                    }
-                }
-            }
-        }
         for msg in self.net.in_flight() {
-            if let Wire::Cell(CellEnvelope {
+            if let Wire::Shard(ShardMsg::Cell(CellEnvelope {
                 msg: CellMessage::Transfer(t),
                 ..
-            }) = msg
+            })) = msg
             {
                 *count.entry(t.entity.id).or_default() += 1;
             }
@@ -965,14 +940,14 @@ impl Harness {
         let l2 = view.leave_radius() * view.leave_radius();
         // Every entity: (id, exact position, owning cell).
         let mut all: Vec<(EntityId, Vec2, CellId)> = Vec::new();
-        for s in &self.shards {
-            for cell in s.cells() {
+        for core in &self.cores {
+            for cell in core.world().cells() {
                 all.extend(cell.entities().iter().map(|e| (e.id, e.pos, cell.id())));
             }
         }
         let mut problems = Vec::new();
-        for s in &self.shards {
-            for cell in s.cells() {
+        for core in &self.cores {
+            for cell in core.world().cells() {
                 for e in cell.entities().iter() {
                     let (Some(v), Some(client)) = (e.view.as_ref(), e.client) else {
                         continue;
@@ -1016,8 +991,8 @@ impl Harness {
         // (id, x, y, vx, vy, heading as bits; health, dead)
         type Item = (u64, [u32; 5], u16, bool);
         let mut items: Vec<Item> = Vec::new();
-        for s in &self.shards {
-            for cell in s.cells() {
+        for core in &self.cores {
+            for cell in core.world().cells() {
                 for e in cell.entities().iter() {
                     let bits = [e.pos.x, e.pos.y, e.vel.x, e.vel.y, e.heading].map(f32::to_bits);
                     items.push((e.id.0, bits, e.game.health, e.game.dead));
@@ -1051,8 +1026,8 @@ impl Harness {
         CellId,
         &crate::entity::Entity<crate::demo::DemoComponents>,
     )> {
-        for (s, w) in self.shards.iter().enumerate() {
-            for c in w.cells() {
+        for (s, core) in self.cores.iter().enumerate() {
+            for c in core.world().cells() {
                 if let Some(e) = c.entities().get(id) {
                     return Some((s, c.id(), e));
                 }
@@ -1061,49 +1036,26 @@ impl Harness {
         None
     }
 
-    /// Sends a message as a client's gateway would (tests).
-    pub fn send_as_gateway(&mut self, client: usize, msg: Msg<DemoGame>) {
-        let Some(route) = self.clients[client].route else {
-            return;
-        };
-        let gateway = self.clients[client].gateway;
-        self.send_from_gateway(
-            gateway,
-            CellEnvelope {
-                to: route,
-                from: route,
-                msg,
-            },
-        );
+    /// Entities the harness knows of (NPCs, avatars of clients still
+    /// connected) that no cell owns.
+    pub fn missing(&self) -> Vec<EntityId> {
+        self.known
+            .iter()
+            .copied()
+            .filter(|id| self.find(*id).is_none())
+            .collect()
     }
 
     /// Totals over all shards.
     pub fn totals(&self) -> crate::world::WorldTotals {
         let mut t = crate::world::WorldTotals::default();
-        for s in &self.shards {
-            let x = s.totals();
+        for core in &self.cores {
+            let x = core.world().totals();
             t.cells += x.cells;
             t.entities += x.entities;
             t.ghosts += x.ghosts;
             t.players += x.players;
-            let (a, b) = (&mut t.counters, x.counters);
-            a.inputs += b.inputs;
-            a.inputs_forwarded += b.inputs_forwarded;
-            a.inputs_duplicate += b.inputs_duplicate;
-            a.inputs_held += b.inputs_held;
-            a.inputs_gap_skipped += b.inputs_gap_skipped;
-            a.inputs_wrong_client += b.inputs_wrong_client;
-            a.unknown_entity += b.unknown_entity;
-            a.inputs_awaited += b.inputs_awaited;
-            a.orphans_held += b.orphans_held;
-            a.hops_exceeded += b.hops_exceeded;
-            a.transfers_in += b.transfers_in;
-            a.transfers_out += b.transfers_out;
-            a.transfers_duplicate += b.transfers_duplicate;
-            a.snapshots += b.snapshots;
-            a.intents_routed += b.intents_routed;
-            a.intents_applied += b.intents_applied;
-            a.intents_dropped += b.intents_dropped;
+            crate::world::add_counters(&mut t.counters, &x.counters);
         }
         t
     }

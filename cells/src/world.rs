@@ -9,7 +9,7 @@ use crate::game::{GameCounters, GameLogic};
 use crate::geometry::{CellId, Layout};
 use crate::ghost::GhostUpdate;
 use crate::ids::{IdAllocator, TickId};
-use crate::messages::{CellEnvelope, CellMessage, Output};
+use crate::messages::{redirect, CellEnvelope, CellMessage, Locator, Output, Redirect};
 use crate::view::ViewConfig;
 
 /// Settings of the world engine.
@@ -361,38 +361,34 @@ impl<G: GameLogic> ShardWorld<G> {
             cell.push_input(env.msg);
             return Ok(());
         }
-        let mut up = env.to.parent();
-        while let Some(p) = up {
-            if let Some(cell) = self.cells.get_mut(&p) {
-                cell.push_input(env.msg);
+        let descendants = match redirect(
+            env.to,
+            |c| self.cells.contains_key(&c),
+            self.cells.keys().copied(),
+        ) {
+            Redirect::Ancestor(p) => {
+                self.cells.get_mut(&p).expect("found").push_input(env.msg);
                 return Ok(());
             }
-            up = p.parent();
-        }
-        let descendants: Vec<CellId> = self
-            .cells
-            .keys()
-            .filter(|c| env.to.contains_cell(**c) && **c != env.to)
-            .copied()
-            .collect();
-        if descendants.is_empty() {
-            return Err(env);
-        }
-        let by_entity = |cells: &BTreeMap<CellId, Cell<G>>, id: crate::ids::EntityId| {
-            descendants
+            Redirect::Descendants(d) => d,
+            Redirect::Nowhere => return Err(env),
+        };
+        let target = match env.msg.locator(G::intent_target) {
+            Locator::Position(p) => self.layout.leaf_at(p),
+            Locator::Entity(id) => descendants
                 .iter()
                 .copied()
-                .find(|c| cells[c].entities().contains(id))
-                .or_else(|| descendants.iter().copied().find(|c| cells[c].knows(id)))
-        };
-        let target = match &env.msg {
-            CellMessage::Join { pos, .. } => self.layout.leaf_at(*pos),
-            CellMessage::Transfer(t) => self.layout.leaf_at(t.entity.pos),
-            CellMessage::Input { entity, .. }
-            | CellMessage::Ack { entity, .. }
-            | CellMessage::Leave { entity, .. } => by_entity(&self.cells, *entity),
-            CellMessage::Intent { intent, .. } => by_entity(&self.cells, G::intent_target(intent)),
-            CellMessage::Ghost(update) => {
+                .find(|c| self.cells[c].entities().contains(id))
+                .or_else(|| {
+                    descendants
+                        .iter()
+                        .copied()
+                        .find(|c| self.cells[c].knows(id))
+                }),
+            Locator::Every => {
+                let CellMessage::Ghost(update) = env.msg else {
+                    unreachable!("only ghost updates go to every child")
+                };
                 for c in &descendants {
                     let cell = self.cells.get_mut(c).expect("owned");
                     cell.push_input(CellMessage::Ghost(update.clone()));
@@ -576,7 +572,7 @@ impl<G: GameLogic> ShardWorld<G> {
     }
 }
 
-fn add_counters(t: &mut CellCounters, c: &CellCounters) {
+pub(crate) fn add_counters(t: &mut CellCounters, c: &CellCounters) {
     t.inputs += c.inputs;
     t.inputs_forwarded += c.inputs_forwarded;
     t.inputs_duplicate += c.inputs_duplicate;

@@ -55,7 +55,7 @@ fn crowded_views_are_capped_and_still_consistent() {
     let mut h = Harness::new(c);
     h.run(80);
     assert!(h.violations().is_empty(), "{:#?}", h.violations());
-    let t = h.shards()[0].totals();
+    let t = h.world(0).totals();
     assert!(
         t.counters.snapshot_deferred > 0,
         "the byte cap was exercised"

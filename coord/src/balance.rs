@@ -1,8 +1,9 @@
 //! The coordinator: orchestrates handovers, splits and merges, and decides
 //! them from load reports.
 //!
-//! Pure: time is an argument, orders come out of [`Coordinator::poll_order`],
-//! and the registry it owns changes only here (route swaps at commit, new
+//! Pure: time is an argument (a report is stamped with the `now` it is
+//! handled at), orders come out of [`Coordinator::poll_order`], and the
+//! registry it owns changes only here (route swaps at commit, new
 //! layouts after splits and merges).
 //!
 //! Load score of a cell (DESIGN.md section 7):
@@ -19,10 +20,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tessera_cells::handover::{AbortReason, HandoverId};
+use tessera_cells::control::{AbortReason, HandoverId, LoadReport, Order, Report};
+use tessera_cells::registry::{Assignment, Registry, ShardRef};
 use tessera_cells::CellId;
-
-use crate::registry::{Assignment, Registry, ShardRef};
 
 /// Tunables of the balancing policy.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,158 +83,6 @@ impl Policy {
     }
 }
 
-/// A cell's load as a shard measured it over the last second.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct CellLoad {
-    /// The cell.
-    pub cell: CellId,
-    /// Entities owned.
-    pub actors: u32,
-    /// Players among them.
-    pub players: u32,
-    /// Client inputs applied per second.
-    pub pps: f64,
-}
-
-/// What a shard reports every second.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LoadReport {
-    /// The shard.
-    pub shard: u16,
-    /// Its tick p99 over the last second, microseconds.
-    pub tick_us_p99: u64,
-    /// Its tick budget (the period), microseconds.
-    pub budget_us: u64,
-    /// Its cells.
-    pub cells: Vec<CellLoad>,
-}
-
-/// What a shard tells the coordinator about an operation.
-#[derive(Clone, Debug, PartialEq)]
-pub enum ShardEvent {
-    /// Source froze the cell (or, with `repeat`, is still waiting).
-    Frozen {
-        /// The handover.
-        id: HandoverId,
-        /// The cell.
-        cell: CellId,
-        /// The epoch the source holds it at.
-        epoch: u32,
-        /// When.
-        at: Instant,
-        /// Entities in the cell.
-        entities: usize,
-        /// A repeat of an earlier report.
-        repeat: bool,
-    },
-    /// Target holds the frozen state and has a stage for it (or, with
-    /// `repeat`, is still waiting).
-    Prepared {
-        /// The handover.
-        id: HandoverId,
-        /// The cell.
-        cell: CellId,
-        /// The stage the cell will use on the target.
-        stage: u32,
-        /// A repeat of an earlier report.
-        repeat: bool,
-    },
-    /// Target simulates the cell.
-    Activated {
-        /// The handover.
-        id: HandoverId,
-        /// When.
-        at: Instant,
-    },
-    /// Source dropped its copy.
-    Released {
-        /// The handover.
-        id: HandoverId,
-    },
-    /// One side gave up.
-    Aborted {
-        /// The handover.
-        id: HandoverId,
-        /// Why.
-        reason: AbortReason,
-    },
-    /// A split was done: children and their stages on the same shard.
-    Split {
-        /// The operation.
-        op: u64,
-        /// The parent.
-        parent: CellId,
-        /// (child, stage).
-        children: Vec<(CellId, u32)>,
-    },
-    /// A merge was done.
-    Merged {
-        /// The operation.
-        op: u64,
-        /// The parent.
-        parent: CellId,
-        /// Its stage.
-        stage: u32,
-    },
-    /// A split or merge was refused by the shard.
-    Refused {
-        /// The operation.
-        op: u64,
-        /// Why, for the log.
-        reason: String,
-    },
-    /// Load of the last second.
-    Load(LoadReport),
-}
-
-/// An order for a shard.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Order {
-    /// Start handing `cell` (held at `epoch`) to shard `to`.
-    Begin {
-        /// The handover.
-        id: HandoverId,
-        /// The cell.
-        cell: CellId,
-        /// Target shard.
-        to: u16,
-        /// Current epoch.
-        epoch: u32,
-    },
-    /// The registry moved: finish.
-    Commit {
-        /// The handover.
-        id: HandoverId,
-        /// The cell.
-        cell: CellId,
-        /// New epoch.
-        epoch: u32,
-    },
-    /// Roll back.
-    Abort {
-        /// The handover.
-        id: HandoverId,
-        /// The cell.
-        cell: CellId,
-        /// Why.
-        reason: AbortReason,
-    },
-    /// Split `cell` into its children.
-    Split {
-        /// The operation.
-        op: u64,
-        /// The cell.
-        cell: CellId,
-    },
-    /// Merge the children of `parent` into it.
-    Merge {
-        /// The operation.
-        op: u64,
-        /// The parent.
-        parent: CellId,
-    },
-}
-
 /// One finished handover, for logs, metrics and benchmarks.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HandoverRecord {
@@ -243,9 +91,9 @@ pub struct HandoverRecord {
     /// The cell.
     pub cell: CellId,
     /// From shard.
-    pub from: u16,
+    pub from: ShardRef,
     /// To shard.
-    pub to: u16,
+    pub to: ShardRef,
     /// New epoch (if committed).
     pub epoch: u32,
     /// Entities moved.
@@ -265,8 +113,8 @@ pub struct HandoverRecord {
 #[derive(Clone, Debug)]
 struct MoveOp {
     cell: CellId,
-    from: u16,
-    to: u16,
+    from: ShardRef,
+    to: ShardRef,
     epoch: u32,
     decided: Instant,
     deadline: Instant,
@@ -279,7 +127,7 @@ struct MoveOp {
 
 #[derive(Clone, Debug)]
 struct ReshapeOp {
-    shard: u16,
+    shard: ShardRef,
     cell: CellId,
     split: bool,
     deadline: Instant,
@@ -315,7 +163,7 @@ pub enum CommandError {
     UnknownCell(CellId),
     /// Unknown shard.
     #[error("shard {0} does not exist")]
-    UnknownShard(u16),
+    UnknownShard(ShardRef),
     /// Already there, or in an operation.
     #[error("cell {cell} {why}")]
     Busy {
@@ -337,12 +185,12 @@ pub struct Coordinator {
     reshapes: BTreeMap<u64, ReshapeOp>,
     next_id: u64,
     heat: BTreeMap<CellId, Heat>,
-    shard_busy_since: BTreeMap<u16, Instant>,
-    shard_ratio: BTreeMap<u16, f64>,
-    shard_score: BTreeMap<u16, f64>,
+    shard_busy_since: BTreeMap<ShardRef, Instant>,
+    shard_ratio: BTreeMap<ShardRef, f64>,
+    shard_score: BTreeMap<ShardRef, f64>,
     unbalanced_since: Option<Instant>,
     cooldown: BTreeMap<CellId, Instant>,
-    orders: VecDeque<(u16, Order)>,
+    orders: VecDeque<(ShardRef, Order)>,
     records: VecDeque<HandoverRecord>,
     log: VecDeque<String>,
     counters: CoordinatorCounters,
@@ -391,7 +239,7 @@ impl Coordinator {
 
     /// The next order to send, and to which shard.
     #[must_use]
-    pub fn poll_order(&mut self) -> Option<(u16, Order)> {
+    pub fn poll_order(&mut self) -> Option<(ShardRef, Order)> {
         self.orders.pop_front()
     }
 
@@ -429,7 +277,12 @@ impl Coordinator {
                 .any(|r| r.cell == cell || r.cell.contains_cell(cell) || cell.contains_cell(r.cell))
     }
 
-    fn shard_busy(&self, shard: u16) -> bool {
+    /// The shards balancing may use.
+    fn shards(&self) -> impl Iterator<Item = ShardRef> {
+        (0..self.policy.shards).map(ShardRef::local)
+    }
+
+    fn shard_busy(&self, shard: ShardRef) -> bool {
         self.moves
             .values()
             .any(|m| m.from == shard || m.to == shard)
@@ -441,16 +294,16 @@ impl Coordinator {
         &mut self,
         now: Instant,
         cell: CellId,
-        to: u16,
+        to: ShardRef,
     ) -> Result<HandoverId, CommandError> {
         let a = self
             .registry
             .get(cell)
             .ok_or(CommandError::UnknownCell(cell))?;
-        if to >= self.policy.shards {
+        if !self.shards().any(|s| s == to) {
             return Err(CommandError::UnknownShard(to));
         }
-        if a.owner.shard == to {
+        if a.owner == to {
             return Err(CommandError::Busy {
                 cell,
                 why: "is already on that shard",
@@ -483,7 +336,7 @@ impl Coordinator {
                 why: "is in an operation",
             });
         }
-        Ok(self.start_split(now, cell, a.owner.shard, "operator"))
+        Ok(self.start_split(now, cell, a.owner, "operator"))
     }
 
     /// Operator: merge the four children of `parent` (gathering them on one
@@ -497,7 +350,7 @@ impl Coordinator {
         now: Instant,
         cell: CellId,
         a: Assignment,
-        to: u16,
+        to: ShardRef,
         cause: &'static str,
     ) -> HandoverId {
         let id = HandoverId(self.next_id);
@@ -506,7 +359,7 @@ impl Coordinator {
             id,
             MoveOp {
                 cell,
-                from: a.owner.shard,
+                from: a.owner,
                 to,
                 epoch: a.epoch,
                 decided: now,
@@ -520,11 +373,11 @@ impl Coordinator {
         );
         self.cooldown.insert(cell, now + self.policy.cooldown);
         self.note(format!(
-            "decision: move {cell} shard {} -> {to} (epoch {}, {cause}, handover {})",
-            a.owner.shard, a.epoch, id.0
+            "decision: move {cell} {} -> {to} (epoch {}, {cause}, handover {})",
+            a.owner, a.epoch, id.0
         ));
         self.orders.push_back((
-            a.owner.shard,
+            a.owner,
             Order::Begin {
                 id,
                 cell,
@@ -535,7 +388,13 @@ impl Coordinator {
         id
     }
 
-    fn start_split(&mut self, now: Instant, cell: CellId, shard: u16, cause: &'static str) -> u64 {
+    fn start_split(
+        &mut self,
+        now: Instant,
+        cell: CellId,
+        shard: ShardRef,
+        cause: &'static str,
+    ) -> u64 {
         let op = self.next_id;
         self.next_id += 1;
         self.reshapes.insert(
@@ -549,7 +408,7 @@ impl Coordinator {
         );
         self.cooldown.insert(cell, now + self.policy.cooldown);
         self.note(format!(
-            "decision: split {cell} on shard {shard} ({cause}, op {op})"
+            "decision: split {cell} on {shard} ({cause}, op {op})"
         ));
         self.orders.push_back((shard, Order::Split { op, cell }));
         op
@@ -578,9 +437,9 @@ impl Coordinator {
             owners.push(a);
         }
         // Gather on the shard that owns most of them.
-        let mut count: BTreeMap<u16, usize> = BTreeMap::new();
+        let mut count: BTreeMap<ShardRef, usize> = BTreeMap::new();
         for a in &owners {
-            *count.entry(a.owner.shard).or_default() += 1;
+            *count.entry(a.owner).or_default() += 1;
         }
         let (&home, _) = count
             .iter()
@@ -588,13 +447,15 @@ impl Coordinator {
             .expect("four children");
         let mut gathering = false;
         for (c, a) in children.iter().zip(&owners) {
-            if a.owner.shard != home {
+            if a.owner != home {
                 gathering = true;
                 self.start_move(now, *c, *a, home, cause);
             }
         }
         if gathering {
-            self.note(format!("decision: gather the children of {parent} on shard {home} before merging ({cause})"));
+            self.note(format!(
+                "decision: gather the children of {parent} on {home} before merging ({cause})"
+            ));
             return Ok(0);
         }
         let op = self.next_id;
@@ -612,245 +473,45 @@ impl Coordinator {
             self.cooldown.insert(c, now + self.policy.cooldown);
         }
         self.note(format!(
-            "decision: merge into {parent} on shard {home} ({cause}, op {op})"
+            "decision: merge into {parent} on {home} ({cause}, op {op})"
         ));
         self.orders.push_back((home, Order::Merge { op, parent }));
         Ok(op)
     }
 
-    /// Takes in what a shard reports.
-    pub fn handle_event(&mut self, now: Instant, shard: u16, event: ShardEvent) {
-        match event {
-            ShardEvent::Load(report) => self.take_load(now, report),
-            ShardEvent::Frozen {
+    /// Takes in what a shard reports; `now` stamps it (freeze and commit
+    /// durations are measured between the reports' arrivals).
+    pub fn handle_report(&mut self, now: Instant, shard: ShardRef, report: Report) {
+        match report {
+            Report::Load(load) => self.take_load(now, shard, load),
+            Report::Frozen {
                 id,
                 cell,
                 epoch,
-                at,
                 entities,
                 repeat,
-            } => match self.moves.get_mut(&id).filter(|m| m.cell == cell) {
-                Some(m) => {
-                    if !repeat {
-                        m.frozen = Some(at);
-                        m.entities = entities;
-                    }
-                    if let (Some((_, new_epoch)), true) = (m.committed, m.activated) {
-                        // The release may have been lost: say it again.
-                        self.orders.push_back((
-                            shard,
-                            Order::Commit {
-                                id,
-                                cell,
-                                epoch: new_epoch,
-                            },
-                        ));
-                    }
-                }
-                None => self.settle_unknown(shard, id, cell, epoch),
-            },
-            ShardEvent::Prepared {
-                id,
-                cell,
-                stage,
-                repeat,
-            } => {
-                let Some(m) = self.moves.get_mut(&id).filter(|m| m.cell == cell) else {
-                    // A handover this coordinator does not know (it took over
-                    // from one that crashed): the registry decides.
-                    let current = self.registry.get(cell);
-                    match current {
-                        Some(a) if a.owner.shard == shard => self.orders.push_back((
-                            shard,
-                            Order::Commit {
-                                id,
-                                cell,
-                                epoch: a.epoch,
-                            },
-                        )),
-                        _ => self.orders.push_back((
-                            shard,
-                            Order::Abort {
-                                id,
-                                cell,
-                                reason: AbortReason::Superseded,
-                            },
-                        )),
-                    }
-                    self.counters.stale_events += 1;
-                    return;
-                };
-                if let Some((_, epoch)) = m.committed {
-                    if repeat {
-                        self.orders
-                            .push_back((shard, Order::Commit { id, cell, epoch }));
-                    }
-                    return;
-                }
-                if shard != m.to {
-                    self.counters.stale_events += 1;
-                    return;
-                }
-                let epoch = m.epoch + 1;
-                let (cell, to, from) = (m.cell, m.to, m.from);
-                match self
-                    .registry
-                    .reassign(cell, ShardRef::local(to), stage, epoch)
-                {
-                    Ok(()) => {
-                        // The target first: the source lets go of its frozen
-                        // copy only once the target runs the cell.
-                        m.committed = Some((now, epoch));
-                        self.orders
-                            .push_back((to, Order::Commit { id, cell, epoch }));
-                        let _ = from;
-                    }
-                    Err(e) => {
-                        self.note(format!(
-                            "handover {} of {cell}: registry refused the swap: {e}; aborting",
-                            id.0
-                        ));
-                        self.abort(now, id, AbortReason::Stale);
-                    }
-                }
-            }
-            ShardEvent::Activated { id, at } => {
-                let Some(m) = self.moves.get_mut(&id) else {
-                    self.counters.stale_events += 1;
-                    return;
-                };
-                if m.activated {
-                    return;
-                }
-                m.activated = true;
-                let (cell, from, epoch) = (m.cell, m.from, m.committed.map_or(m.epoch, |c| c.1));
-                self.orders
-                    .push_back((from, Order::Commit { id, cell, epoch }));
-                let m = m.clone();
-                let (commit_at, epoch) = m.committed.unwrap_or((now, m.epoch));
-                let record = HandoverRecord {
-                    id,
-                    cell: m.cell,
-                    from: m.from,
-                    to: m.to,
-                    epoch,
-                    entities: m.entities,
-                    decision_to_commit: commit_at.saturating_duration_since(m.decided),
-                    freeze: m.frozen.map(|f| at.saturating_duration_since(f)),
-                    committed: true,
-                    abort: None,
-                    cause: m.cause,
-                };
-                self.counters.handovers += 1;
-                self.note(format!(
-                    "handover {}: {} shard {} -> {} committed at epoch {epoch}: {} entities, decision to commit {:.2} ms, freeze {:.2} ms",
-                    id.0,
-                    m.cell,
-                    m.from,
-                    m.to,
-                    m.entities,
-                    record.decision_to_commit.as_secs_f64() * 1e3,
-                    record.freeze.map_or(0.0, |f| f.as_secs_f64() * 1e3)
-                ));
-                self.records.push_back(record);
-            }
-            ShardEvent::Released { id } => {
+                ..
+            } => self.on_frozen(now, shard, id, cell, epoch, entities, repeat),
+            Report::Prepared { id, cell, repeat } => self.on_prepared(now, shard, id, cell, repeat),
+            Report::Activated { id, .. } => self.on_activated(now, id),
+            Report::Released { id, .. } => {
                 if self.moves.get(&id).is_some_and(|m| m.activated) {
                     self.moves.remove(&id);
-                    self.try_pending_merges(now);
                 }
             }
-            ShardEvent::Aborted { id, reason } => {
+            Report::Aborted { id, reason, .. } => {
                 if self.moves.get(&id).is_some_and(|m| m.committed.is_none()) {
                     self.abort(now, id, reason);
                 } else {
                     self.counters.stale_events += 1;
                 }
             }
-            ShardEvent::Split {
-                op,
-                parent,
-                children,
-            } => {
-                let Some(r) = self.reshapes.remove(&op) else {
-                    self.counters.stale_events += 1;
-                    return;
-                };
-                let epoch = self.registry.get(parent).map_or(1, |a| a.epoch) + 1;
-                let mut layout = (**self.registry.layout()).clone();
-                if layout.split(parent).is_err() {
-                    self.note(format!("split {op} of {parent}: the layout refused it"));
-                    return;
-                }
-                let added: Vec<(CellId, Assignment)> = children
-                    .iter()
-                    .map(|(c, stage)| {
-                        (
-                            *c,
-                            Assignment {
-                                owner: ShardRef::local(r.shard),
-                                epoch,
-                                stage: *stage,
-                            },
-                        )
-                    })
-                    .collect();
-                if let Err(e) = self.registry.relayout(Arc::new(layout), &[parent], &added) {
-                    self.note(format!("split {op} of {parent}: registry refused it: {e}"));
-                    return;
-                }
-                for (c, _) in &children {
-                    self.cooldown.insert(*c, now + self.policy.cooldown);
-                }
-                self.counters.splits += 1;
-                self.note(format!(
-                    "split {op}: {parent} -> 4 children on shard {} (epoch {epoch})",
-                    r.shard
-                ));
-            }
-            ShardEvent::Merged { op, parent, stage } => {
-                let Some(r) = self.reshapes.remove(&op) else {
-                    self.counters.stale_events += 1;
-                    return;
-                };
-                let children = parent.children().expect("merged");
-                let epoch = children
-                    .iter()
-                    .filter_map(|c| self.registry.get(*c))
-                    .map(|a| a.epoch)
-                    .max()
-                    .unwrap_or(1)
-                    + 1;
-                let mut layout = (**self.registry.layout()).clone();
-                if layout.merge(parent).is_err() {
-                    self.note(format!("merge {op} into {parent}: the layout refused it"));
-                    return;
-                }
-                let added = [(
-                    parent,
-                    Assignment {
-                        owner: ShardRef::local(r.shard),
-                        epoch,
-                        stage,
-                    },
-                )];
-                if let Err(e) = self.registry.relayout(Arc::new(layout), &children, &added) {
-                    self.note(format!(
-                        "merge {op} into {parent}: registry refused it: {e}"
-                    ));
-                    return;
-                }
-                self.cooldown.insert(parent, now + self.policy.cooldown);
-                self.counters.merges += 1;
-                self.note(format!(
-                    "merge {op}: 4 children -> {parent} on shard {} (epoch {epoch})",
-                    r.shard
-                ));
-            }
-            ShardEvent::Refused { op, reason } => {
+            Report::Split { op, parent } => self.on_split(now, shard, op, parent),
+            Report::Merged { op, parent } => self.on_merged(now, shard, op, parent),
+            Report::Refused { op, reason } => {
                 if let Some(r) = self.reshapes.remove(&op) {
                     self.note(format!(
-                        "{} of {} refused by shard {}: {reason}",
+                        "{} of {} refused by {}: {reason}",
                         if r.split { "split" } else { "merge" },
                         r.cell,
                         r.shard
@@ -860,13 +521,220 @@ impl Coordinator {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn on_frozen(
+        &mut self,
+        now: Instant,
+        shard: ShardRef,
+        id: HandoverId,
+        cell: CellId,
+        epoch: u32,
+        entities: usize,
+        repeat: bool,
+    ) {
+        let Some(m) = self.moves.get_mut(&id).filter(|m| m.cell == cell) else {
+            self.settle_unknown(shard, id, cell, epoch);
+            return;
+        };
+        if !repeat {
+            m.frozen = Some(now);
+            m.entities = entities;
+        }
+        if let (Some((_, new_epoch)), true) = (m.committed, m.activated) {
+            // The release may have been lost: say it again.
+            let commit = Order::Commit {
+                id,
+                cell,
+                epoch: new_epoch,
+            };
+            self.orders.push_back((shard, commit));
+        }
+    }
+
+    fn on_prepared(
+        &mut self,
+        now: Instant,
+        shard: ShardRef,
+        id: HandoverId,
+        cell: CellId,
+        repeat: bool,
+    ) {
+        let Some(m) = self.moves.get_mut(&id).filter(|m| m.cell == cell) else {
+            // A handover this coordinator does not know (it took over from
+            // one that crashed): the registry decides.
+            let order = match self.registry.get(cell) {
+                Some(a) if a.owner == shard => Order::Commit {
+                    id,
+                    cell,
+                    epoch: a.epoch,
+                },
+                _ => Order::Abort {
+                    id,
+                    cell,
+                    reason: AbortReason::Superseded,
+                },
+            };
+            self.orders.push_back((shard, order));
+            self.counters.stale_events += 1;
+            return;
+        };
+        if let Some((_, epoch)) = m.committed {
+            if repeat {
+                self.orders
+                    .push_back((shard, Order::Commit { id, cell, epoch }));
+            }
+            return;
+        }
+        if shard != m.to {
+            self.counters.stale_events += 1;
+            return;
+        }
+        let epoch = m.epoch + 1;
+        let to = m.to;
+        match self.registry.reassign(cell, to, epoch) {
+            Ok(()) => {
+                // The target first: the source lets go of its frozen copy
+                // only once the target runs the cell.
+                m.committed = Some((now, epoch));
+                self.orders
+                    .push_back((to, Order::Commit { id, cell, epoch }));
+            }
+            Err(e) => {
+                self.note(format!(
+                    "handover {} of {cell}: registry refused the swap: {e}; aborting",
+                    id.0
+                ));
+                self.abort(now, id, AbortReason::Stale);
+            }
+        }
+    }
+
+    fn on_activated(&mut self, now: Instant, id: HandoverId) {
+        let Some(m) = self.moves.get_mut(&id) else {
+            self.counters.stale_events += 1;
+            return;
+        };
+        if m.activated {
+            return;
+        }
+        m.activated = true;
+        let (commit_at, epoch) = m.committed.unwrap_or((now, m.epoch));
+        let m = m.clone();
+        let commit = Order::Commit {
+            id,
+            cell: m.cell,
+            epoch,
+        };
+        self.orders.push_back((m.from, commit));
+        let record = HandoverRecord {
+            id,
+            cell: m.cell,
+            from: m.from,
+            to: m.to,
+            epoch,
+            entities: m.entities,
+            decision_to_commit: commit_at.saturating_duration_since(m.decided),
+            freeze: m.frozen.map(|f| now.saturating_duration_since(f)),
+            committed: true,
+            abort: None,
+            cause: m.cause,
+        };
+        self.counters.handovers += 1;
+        self.note(format!(
+            "handover {}: {} {} -> {} committed at epoch {epoch}: {} entities, decision to commit {:.2} ms, freeze {:.2} ms",
+            id.0,
+            m.cell,
+            m.from,
+            m.to,
+            m.entities,
+            record.decision_to_commit.as_secs_f64() * 1e3,
+            record.freeze.map_or(0.0, |f| f.as_secs_f64() * 1e3)
+        ));
+        self.records.push_back(record);
+    }
+
+    /// A reshape report names what its shard did: an unknown one (ordered by
+    /// a coordinator that crashed since) still counts if the registry gives
+    /// the reporting shard every cell involved.
+    fn reshape_owner(&mut self, op: u64, shard: ShardRef, cells: &[CellId]) -> Option<ShardRef> {
+        if let Some(r) = self.reshapes.remove(&op) {
+            return Some(r.shard);
+        }
+        self.counters.stale_events += 1;
+        cells
+            .iter()
+            .all(|c| self.registry.get(*c).is_some_and(|a| a.owner == shard))
+            .then_some(shard)
+    }
+
+    fn on_split(&mut self, now: Instant, shard: ShardRef, op: u64, parent: CellId) {
+        let Some(owner) = self.reshape_owner(op, shard, &[parent]) else {
+            return;
+        };
+        let epoch = self.registry.get(parent).map_or(1, |a| a.epoch) + 1;
+        let mut layout = (**self.registry.layout()).clone();
+        let Ok(children) = layout.split(parent) else {
+            self.note(format!("split {op} of {parent}: the layout refused it"));
+            return;
+        };
+        let added: Vec<(CellId, Assignment)> = children
+            .iter()
+            .map(|c| (*c, Assignment { owner, epoch }))
+            .collect();
+        if let Err(e) = self.registry.relayout(Arc::new(layout), &[parent], &added) {
+            self.note(format!("split {op} of {parent}: registry refused it: {e}"));
+            return;
+        }
+        for c in children {
+            self.cooldown.insert(c, now + self.policy.cooldown);
+        }
+        self.counters.splits += 1;
+        self.note(format!(
+            "split {op}: {parent} -> 4 children on {owner} (epoch {epoch})"
+        ));
+    }
+
+    fn on_merged(&mut self, now: Instant, shard: ShardRef, op: u64, parent: CellId) {
+        let Some(children) = parent.children() else {
+            self.note(format!("merge {op} into {parent}: it has no children"));
+            return;
+        };
+        let Some(owner) = self.reshape_owner(op, shard, &children) else {
+            return;
+        };
+        let epoch = children
+            .iter()
+            .filter_map(|c| self.registry.get(*c))
+            .map(|a| a.epoch)
+            .max()
+            .unwrap_or(1)
+            + 1;
+        let mut layout = (**self.registry.layout()).clone();
+        if layout.merge(parent).is_err() {
+            self.note(format!("merge {op} into {parent}: the layout refused it"));
+            return;
+        }
+        let added = [(parent, Assignment { owner, epoch })];
+        if let Err(e) = self.registry.relayout(Arc::new(layout), &children, &added) {
+            self.note(format!(
+                "merge {op} into {parent}: registry refused it: {e}"
+            ));
+            return;
+        }
+        self.cooldown.insert(parent, now + self.policy.cooldown);
+        self.counters.merges += 1;
+        self.note(format!(
+            "merge {op}: 4 children -> {parent} on {owner} (epoch {epoch})"
+        ));
+    }
+
     /// A source reports a handover this coordinator does not know: if the
     /// registry already moved the cell past the source's epoch, the source
     /// missed its commit; otherwise nothing was committed and it aborts.
-    fn settle_unknown(&mut self, shard: u16, id: HandoverId, cell: CellId, epoch: u32) {
+    fn settle_unknown(&mut self, shard: ShardRef, id: HandoverId, cell: CellId, epoch: u32) {
         self.counters.stale_events += 1;
         match self.registry.get(cell) {
-            Some(a) if a.epoch > epoch && a.owner.shard != shard => {
+            Some(a) if a.epoch > epoch && a.owner != shard => {
                 self.orders.push_back((
                     shard,
                     Order::Commit {
@@ -927,13 +795,13 @@ impl Coordinator {
         });
     }
 
-    fn take_load(&mut self, now: Instant, r: LoadReport) {
+    fn take_load(&mut self, now: Instant, shard: ShardRef, r: LoadReport) {
         let ratio = r.tick_us_p99 as f64 / r.budget_us.max(1) as f64;
-        self.shard_ratio.insert(r.shard, ratio);
+        self.shard_ratio.insert(shard, ratio);
         if ratio > self.policy.shard_busy_ratio {
-            self.shard_busy_since.entry(r.shard).or_insert(now);
+            self.shard_busy_since.entry(shard).or_insert(now);
         } else {
-            self.shard_busy_since.remove(&r.shard);
+            self.shard_busy_since.remove(&shard);
         }
         let actors: u32 = r.cells.iter().map(|c| c.actors).sum::<u32>().max(1);
         for c in &r.cells {
@@ -963,7 +831,7 @@ impl Coordinator {
             .filter_map(|c| self.heat.get(&c.cell))
             .map(|h| h.score)
             .sum();
-        self.shard_score.insert(r.shard, total);
+        self.shard_score.insert(shard, total);
         let (lo, hi) = self.score_extremes();
         if hi - lo > self.policy.imbalance {
             self.unbalanced_since.get_or_insert(now);
@@ -973,7 +841,8 @@ impl Coordinator {
     }
 
     fn score_extremes(&self) -> (f64, f64) {
-        let scores: Vec<f64> = (0..self.policy.shards)
+        let scores: Vec<f64> = self
+            .shards()
             .map(|s| self.shard_score.get(&s).copied().unwrap_or(0.0))
             .collect();
         let lo = scores.iter().copied().fold(f64::INFINITY, f64::min);
@@ -983,11 +852,6 @@ impl Coordinator {
 
     fn cooling(&self, cell: CellId, now: Instant) -> bool {
         self.cooldown.get(&cell).is_some_and(|t| *t > now)
-    }
-
-    fn try_pending_merges(&mut self, _now: Instant) {
-        // Merges wait for their gathering moves through cooldown-free
-        // re-decisions in `decide`; nothing to do eagerly.
     }
 
     /// Timeouts, then (if automatic) one decision.
@@ -1010,7 +874,7 @@ impl Coordinator {
         for op in late {
             if let Some(r) = self.reshapes.remove(&op) {
                 self.note(format!(
-                    "{} of {} timed out on shard {}",
+                    "{} of {} timed out on {}",
                     if r.split { "split" } else { "merge" },
                     r.cell,
                     r.shard
@@ -1037,7 +901,7 @@ impl Coordinator {
             .map(|(c, _)| *c);
         if let Some(cell) = hot {
             if let Some(a) = self.registry.get(cell) {
-                self.start_split(now, cell, a.owner.shard, "policy");
+                self.start_split(now, cell, a.owner, "policy");
                 return;
             }
         }
@@ -1066,7 +930,7 @@ impl Coordinator {
             .unbalanced_since
             .is_some_and(|t| now.duration_since(t) >= self.policy.move_sustain)
         {
-            let from = (0..self.policy.shards).max_by(|a, b| {
+            let from = self.shards().max_by(|a, b| {
                 self.shard_score
                     .get(a)
                     .unwrap_or(&0.0)
@@ -1112,8 +976,9 @@ impl Coordinator {
     /// The cell of `from` worth moving, and where: the coolest other shard,
     /// if moving the cell does not make that shard the busiest; among the
     /// candidates, the hottest cell that borders the target's cells.
-    fn pick_move(&self, now: Instant, from: u16) -> Option<(CellId, Assignment, u16)> {
-        let to = (0..self.policy.shards)
+    fn pick_move(&self, now: Instant, from: ShardRef) -> Option<(CellId, Assignment, ShardRef)> {
+        let to = self
+            .shards()
             .filter(|s| *s != from && !self.shard_busy(*s))
             .min_by(|a, b| {
                 self.shard_ratio
@@ -1126,13 +991,13 @@ impl Coordinator {
         }
         let target_cells: BTreeSet<CellId> = self
             .registry
-            .cells_of(ShardRef::local(to))
+            .cells_of(to)
             .into_iter()
             .map(|(c, _)| c)
             .collect();
         let layout = self.registry.layout().clone();
         let mut best: Option<(f64, CellId, Assignment)> = None;
-        for (cell, a) in self.registry.cells_of(ShardRef::local(from)) {
+        for (cell, a) in self.registry.cells_of(from) {
             if self.cooling(cell, now) || self.busy(cell) {
                 continue;
             }

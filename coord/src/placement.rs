@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use tessera_cells::{CellId, Layout};
 
-use crate::registry::ShardRef;
+use tessera_cells::registry::ShardRef;
 
 /// The depth-0 grid in snake order (row by row, every other row reversed),
 /// cut into `shards` runs of nearly equal length: every shard gets one

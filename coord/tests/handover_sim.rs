@@ -7,15 +7,14 @@
 //! owned by exactly one authoritative cell copy (or one message in flight).
 //! Checked at the end: no input lost, stale messages counted.
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera_cells::geometry::Geometry;
-use tessera_cells::handover::{HandoverMsg, HandoverReport};
 use tessera_cells::rng::Rng;
 use tessera_cells::sim::{Faults, Harness, HarnessConfig};
-use tessera_cells::{CellId, TickId};
-use tessera_coord::{Coordinator, Order, Policy, Registry, ShardEvent, ShardRef};
+use tessera_cells::CellId;
+use tessera_coord::{Coordinator, Order, Policy, ShardRef};
 
 struct Sim {
     h: Harness,
@@ -23,29 +22,10 @@ struct Sim {
     policy: Policy,
     t0: Instant,
     rng: Rng,
-    epochs: BTreeMap<CellId, u32>,
-    sent_orders: Vec<(u16, Order)>,
+    published: u64,
+    sent_orders: Vec<(ShardRef, Order)>,
     crashes: u32,
     restarts: u32,
-}
-
-fn to_msg(order: &Order) -> Option<HandoverMsg<tessera_cells::demo::DemoGame>> {
-    Some(match *order {
-        Order::Begin {
-            id,
-            cell,
-            to,
-            epoch,
-        } => HandoverMsg::Begin {
-            id,
-            cell,
-            to,
-            epoch,
-        },
-        Order::Commit { id, cell, epoch } => HandoverMsg::Commit { id, cell, epoch },
-        Order::Abort { id, cell, reason } => HandoverMsg::Abort { id, cell, reason },
-        Order::Split { .. } | Order::Merge { .. } => return None,
-    })
 }
 
 impl Sim {
@@ -60,23 +40,18 @@ impl Sim {
         // The harsh network's tail is long: let held inputs wait for it.
         c.world.input_reorder_ticks = 80;
         let h = Harness::new(c);
-        let layout = h.shards()[0].layout().clone();
-        let owners: BTreeMap<CellId, ShardRef> = h
-            .owners()
-            .iter()
-            .map(|(c, s)| (*c, ShardRef::local(*s as u16)))
-            .collect();
-        let registry = Registry::new(layout, &owners).unwrap();
+        let registry = (**h.registry()).clone();
         let mut policy = Policy::new(shards as u16);
         policy.automatic = false;
         policy.step_timeout = Duration::from_millis(1500);
+        policy.cooldown = Duration::ZERO;
         Sim {
             h,
             coord: Coordinator::new(registry, policy.clone()),
             policy,
             t0: Instant::now(),
             rng: Rng::new(seed ^ 0xC0),
-            epochs: BTreeMap::new(),
+            published: 0,
             sent_orders: Vec::new(),
             crashes: 0,
             restarts: 0,
@@ -87,62 +62,63 @@ impl Sim {
         self.t0 + Duration::from_millis(50 * self.h.tick())
     }
 
+    /// The coordinator's side of one tick: publish the registry (before any
+    /// order, as a node does), send the orders, run the shards, take in
+    /// their reports.
     fn step(&mut self) {
         let now = self.now();
+        self.publish();
         while let Some((shard, order)) = self.coord.poll_order() {
-            if let Some(msg) = to_msg(&order) {
-                self.h.send_from_coordinator(shard, msg);
-                self.sent_orders.push((shard, order));
-            }
+            self.h.send_order(shard, order.clone());
+            self.sent_orders.push((shard, order));
         }
         self.h.step();
-        for (shard, r) in self.h.take_reports() {
-            let ev = match r {
-                HandoverReport::Frozen {
-                    id,
-                    cell,
-                    epoch,
-                    entities,
-                    repeat,
-                    ..
-                } => ShardEvent::Frozen {
-                    id,
-                    cell,
-                    epoch,
-                    at: now,
-                    entities,
-                    repeat,
-                },
-                HandoverReport::Prepared { id, cell, repeat } => ShardEvent::Prepared {
-                    id,
-                    cell,
-                    stage: 0,
-                    repeat,
-                },
-                HandoverReport::Activated { id, .. } => ShardEvent::Activated { id, at: now },
-                HandoverReport::Released { id, .. } => ShardEvent::Released { id },
-                HandoverReport::Aborted { id, reason, .. } => ShardEvent::Aborted { id, reason },
-            };
-            self.coord.handle_event(now, shard, ev);
+        let now_after = now + Duration::from_millis(50);
+        for (shard, report) in self.h.take_reports() {
+            self.coord.handle_report(now_after, shard, report);
         }
-        for (cell, a) in self.coord.registry().iter() {
-            if self.epochs.get(&cell) != Some(&a.epoch) {
-                self.epochs.insert(cell, a.epoch);
-                self.h.set_owner(cell, a.owner.shard, a.epoch);
-            }
-        }
-        self.coord.tick(now);
+        self.publish();
+        self.coord.tick(now_after);
     }
 
-    /// Random moves, with crashes, restarts and replays of old orders.
-    fn chaos(&mut self, ticks: u64, crash_chance: f64, restart_chance: f64) {
-        let cells: Vec<CellId> = self.coord.registry().iter().map(|(c, _)| c).collect();
-        let shards = self.policy.shards;
+    fn publish(&mut self) {
+        if self.coord.registry().version() != self.published {
+            self.published = self.coord.registry().version();
+            self.h.set_registry(Arc::new(self.coord.registry().clone()));
+        }
+    }
+
+    fn shard(&mut self) -> ShardRef {
+        ShardRef::local(self.rng.below(u64::from(self.policy.shards)) as u16)
+    }
+
+    /// Random moves (and, with `reshape`, splits and merges; sessions that
+    /// join and leave), with coordinator crashes, target restarts and
+    /// replays of old orders.
+    fn chaos(&mut self, ticks: u64, crash_chance: f64, restart_chance: f64, reshape: bool) {
         for _ in 0..ticks {
+            let now = self.now();
+            let leaves: Vec<CellId> = self.coord.registry().iter().map(|(c, _)| c).collect();
+            let cell = leaves[self.rng.below(leaves.len() as u64) as usize];
             if self.rng.chance(0.15) {
-                let cell = cells[self.rng.below(cells.len() as u64) as usize];
-                let to = self.rng.below(u64::from(shards)) as u16;
-                let _ = self.coord.command_move(self.now(), cell, to);
+                let to = self.shard();
+                let _ = self.coord.command_move(now, cell, to);
+            }
+            if reshape && self.rng.chance(0.04) {
+                let _ = self.coord.command_split(now, cell);
+            }
+            if reshape && self.rng.chance(0.08) {
+                if let Some(parent) = cell.parent() {
+                    let _ = self.coord.command_merge(now, parent);
+                }
+            }
+            if reshape && self.rng.chance(0.02) {
+                self.h
+                    .add_client(tessera_cells::sim::Behavior::RandomWalk, None);
+            }
+            if reshape && self.rng.chance(0.01) {
+                let i = self.rng.below(self.h.clients().len() as u64) as usize;
+                self.h.remove_client(i);
             }
             if self.rng.chance(crash_chance) {
                 // The coordinator dies; a new one starts from the registry.
@@ -150,7 +126,7 @@ impl Sim {
                 self.crashes += 1;
             }
             if self.rng.chance(restart_chance) {
-                let s = self.rng.below(u64::from(shards)) as usize;
+                let s = self.rng.below(u64::from(self.policy.shards)) as usize;
                 // A target restarts, before anything was prepared there (a
                 // prepared shadow is the cell's only copy once the registry
                 // moves; a source's crash loses its cells with or without a
@@ -162,11 +138,10 @@ impl Sim {
                 }
             }
             if self.rng.chance(0.03) && !self.sent_orders.is_empty() {
-                // Replay an old order: its epoch is stale by now.
+                // Replay an old Begin: its epoch is stale by now.
                 let k = self.rng.below(self.sent_orders.len() as u64) as usize;
-                let (shard, order) = self.sent_orders[k].clone();
-                if let Some(msg @ HandoverMsg::Begin { .. }) = to_msg(&order) {
-                    self.h.send_from_coordinator(shard, msg);
+                if let (shard, order @ Order::Begin { .. }) = self.sent_orders[k].clone() {
+                    self.h.send_order(shard, order);
                 }
             }
             self.step();
@@ -193,7 +168,6 @@ fn check(sim: &Sim, seed: u64) {
         "seed {seed}: {:#?}",
         sim.h.violations()
     );
-    let c = sim.coord.counters();
     let t = sim.h.totals();
     assert_eq!(
         t.counters.unknown_entity, 0,
@@ -210,8 +184,11 @@ fn check(sim: &Sim, seed: u64) {
         "seed {seed}: an input never arrived: {:?}",
         t.counters
     );
-    for client in sim.h.clients() {
-        let id = client.entity.expect("joined");
+    let mut players = 0;
+    for client in sim.h.clients().iter().filter(|c| !c.gone) {
+        let id = client
+            .entity
+            .unwrap_or_else(|| panic!("seed {seed}: {} never joined", client.id));
         let (_, _, e) = sim
             .h
             .find(id)
@@ -221,14 +198,37 @@ fn check(sim: &Sim, seed: u64) {
             "seed {seed}: inputs of {} lost",
             client.id
         );
+        players += 1;
     }
-    let entities: usize = sim.h.shards().iter().map(|s| s.totals().entities).sum();
+    assert_eq!(sim.h.missing(), Vec::new(), "seed {seed}: entities lost");
     assert_eq!(
-        entities,
-        600 + 30,
+        t.entities,
+        600 + players,
         "seed {seed}: entities lost or duplicated"
     );
-    let _ = c;
+    for core in sim.h.cores() {
+        let r = core.router().counters();
+        assert_eq!(
+            r.cell_undeliverable,
+            0,
+            "seed {seed}: {} dropped a message the registry gave it: {r:?}",
+            core.me()
+        );
+    }
+    // The registry and the shards agree on who runs what.
+    for (cell, a) in sim.coord.registry().iter() {
+        let world = sim.h.world(usize::from(a.owner.shard));
+        assert!(
+            world.owns(cell),
+            "seed {seed}: {} does not run {cell}",
+            a.owner
+        );
+        assert_eq!(
+            world.epoch(cell),
+            Some(a.epoch),
+            "seed {seed}: epoch of {cell}"
+        );
+    }
 }
 
 #[test]
@@ -236,7 +236,7 @@ fn handovers_under_loss_and_reordering_keep_one_owner_and_every_input() {
     let mut committed = 0;
     for seed in 1..=8u64 {
         let mut sim = Sim::new(seed, 2, Faults::harsh());
-        sim.chaos(300, 0.0, 0.0);
+        sim.chaos(300, 0.0, 0.0, false);
         sim.settle();
         check(&sim, seed);
         committed += sim.coord.counters().handovers;
@@ -252,12 +252,15 @@ fn coordinator_crashes_and_target_restarts_at_every_step() {
     let mut stale = 0;
     for seed in 10..=24u64 {
         let mut sim = Sim::new(seed, 3, Faults::harsh());
-        sim.chaos(300, 0.02, 0.02);
+        sim.chaos(300, 0.02, 0.02, false);
         sim.settle();
         check(&sim, seed);
         crashes += sim.crashes;
         restarts += sim.restarts;
-        aborts += sim.coord.counters().aborts;
+        aborts += sim.coord.counters().aborts
+            + (0..3)
+                .map(|s| sim.h.agent(s).counters().aborted)
+                .sum::<u64>();
         stale += (0..3)
             .map(|s| sim.h.agent(s).counters().stale_ignored)
             .sum::<u64>();
@@ -267,62 +270,78 @@ fn coordinator_crashes_and_target_restarts_at_every_step() {
         "crashes {crashes}, restarts {restarts}"
     );
     assert!(stale > 0, "stale orders were replayed and must be counted");
-    let _ = aborts;
+    assert!(aborts > 0, "the abort path never ran");
+}
+
+/// Splits, moves of split children, merges (gathering children from other
+/// shards first), sessions joining and leaving, over a faulty network with
+/// coordinator crashes: every invariant holds every tick.
+///
+/// Ignored until fixed: it finds two bugs of split/merge against handovers
+/// (seed 104 without crashes: five entities end up owned by no cell while
+/// the per-tick ownership check never flags them; seed 101 with crashes: a
+/// split child runs on two shards). Run it with `--ignored`.
+#[test]
+#[ignore = "finds entity loss and a double-running child under split/move/merge (issue 10)"]
+fn splits_moves_and_merges_under_a_faulty_network() {
+    let (mut splits, mut merges, mut handovers) = (0, 0, 0);
+    let seeds: u64 = std::env::var("TESSERA_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
+    for seed in 100..100 + seeds {
+        let mut sim = Sim::new(seed, 3, Faults::harsh());
+        sim.chaos(400, 0.01, 0.0, true);
+        sim.settle();
+        check(&sim, seed);
+        let c = sim.coord.counters();
+        splits += c.splits;
+        merges += c.merges;
+        handovers += c.handovers;
+    }
+    assert!(
+        splits >= seeds && merges >= seeds / 2 && handovers >= seeds * 5,
+        "splits {splits}, merges {merges}, handovers {handovers}"
+    );
 }
 
 #[test]
 fn one_handover_step_by_step() {
     let mut sim = Sim::new(99, 2, Faults::none());
-    sim.chaos(20, 0.0, 0.0);
+    sim.chaos(20, 0.0, 0.0, false);
     sim.settle();
     let cell = CellId::root(0, 0, 0);
     let before = sim.coord.registry().get(cell).unwrap();
-    let id = sim
-        .coord
-        .command_move(sim.now(), cell, 1 - before.owner.shard)
-        .unwrap();
+    let target = ShardRef::local(1 - before.owner.shard);
+    let id = sim.coord.command_move(sim.now(), cell, target).unwrap();
     for _ in 0..40 {
         sim.step();
     }
     let after = sim.coord.registry().get(cell).unwrap();
-    assert_eq!(after.owner.shard, 1 - before.owner.shard);
+    assert_eq!(after.owner, target);
     assert_eq!(after.epoch, before.epoch + 1);
     let records = sim.coord.take_records();
     let r = records.iter().find(|r| r.id == id).expect("a record");
     assert!(r.committed && r.freeze.is_some(), "{r:?}");
     // Nobody simulates the cell twice: the source let it go.
-    assert!(!sim.h.shards()[before.owner.shard as usize].owns(cell));
-    assert!(sim.h.shards()[after.owner.shard as usize].owns(cell));
+    assert!(!sim.h.world(usize::from(before.owner.shard)).owns(cell));
+    assert!(sim.h.world(usize::from(after.owner.shard)).owns(cell));
     // A replayed Begin for the old epoch is refused and counted.
-    let stale_before = sim
-        .h
-        .agent(after.owner.shard as usize)
-        .counters()
-        .stale_ignored;
-    sim.h.send_from_coordinator(
-        after.owner.shard,
-        HandoverMsg::Begin {
-            id: tessera_cells::handover::HandoverId(999),
+    let target_index = usize::from(after.owner.shard);
+    let stale_before = sim.h.agent(target_index).counters().stale_ignored;
+    sim.h.send_order(
+        after.owner,
+        Order::Begin {
+            id: tessera_cells::control::HandoverId(999),
             cell,
-            to: before.owner.shard,
+            to: before.owner,
             epoch: before.epoch,
         },
     );
     for _ in 0..10 {
         sim.step();
     }
-    assert!(
-        sim.h
-            .agent(after.owner.shard as usize)
-            .counters()
-            .stale_ignored
-            > stale_before
-    );
+    assert!(sim.h.agent(target_index).counters().stale_ignored > stale_before);
     assert_eq!(sim.coord.registry().get(cell).unwrap().epoch, after.epoch);
-    check_no_violation(&sim);
-    let _ = TickId(0);
-}
-
-fn check_no_violation(sim: &Sim) {
     assert!(sim.h.violations().is_empty(), "{:#?}", sim.h.violations());
 }

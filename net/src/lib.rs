@@ -23,7 +23,7 @@ pub mod wire;
 
 pub use config::{
     ChannelConfig, ChannelId, ChannelKind, Config, ConfigError, CongestionConfig,
-    RELIABLE_WINDOW_MAX,
+    GAME_CLIENT_ACK_DELAY, RELIABLE_WINDOW_MAX,
 };
 pub use connection::ConnectionStats;
 pub use endpoint::{Endpoint, EndpointStats, Footprint, Transmit, TransmitBatch};

@@ -23,6 +23,21 @@ impl ConnectionHandle {
     pub fn generation(self) -> u32 {
         self.generation
     }
+
+    /// The handle as one number (generation in the high half), for callers
+    /// that keep connections in code that does not depend on this crate.
+    pub fn to_bits(self) -> u64 {
+        (u64::from(self.generation) << 32) | u64::from(self.index)
+    }
+
+    /// The handle [`Self::to_bits`] gave. A made-up value names no live
+    /// connection unless its generation matches: the endpoint checks.
+    pub fn from_bits(bits: u64) -> Self {
+        Self {
+            index: bits as u32,
+            generation: (bits >> 32) as u32,
+        }
+    }
 }
 
 /// Per-channel id of a message, as returned by `send` and reported by

@@ -73,7 +73,7 @@ pub trait ShardHandler: 'static {
 
     /// The handler's own next deadline (protocol timers...): the shard does
     /// not park beyond it.
-    fn next_deadline(&self) -> Option<Instant> {
+    fn next_deadline(&mut self) -> Option<Instant> {
         None
     }
 
@@ -96,6 +96,20 @@ pub trait ShardHandler: 'static {
         stages: &mut StageTable<Self::Stage, Self::Message>,
     ) {
         let _ = (cx, stages);
+    }
+
+    /// Called at every turn while the shard quiesces after [`Self::on_stop`],
+    /// after the mailbox was dispatched: finish the handler's own work (a
+    /// node pumps its sessions' disconnects). Returns true while that work
+    /// goes on; the shard does not call itself quiet before it returns false
+    /// (or the shutdown timeout passes).
+    fn on_stopping(
+        &mut self,
+        cx: &mut ShardContext<Self::Message>,
+        stages: &mut StageTable<Self::Stage, Self::Message>,
+    ) -> bool {
+        let _ = (cx, stages);
+        false
     }
 
     /// Last call, after the mailbox was closed and drained. Other shards may
@@ -525,10 +539,14 @@ impl<H: ShardHandler> Loop<H> {
             if !self.mailbox.is_empty() || !self.cx.local.ready.borrow().is_empty() {
                 shared.bump_activity();
                 work += self.turn(false);
-            } else {
-                work += self.turn_flush_only();
             }
-            if work == 0 && self.is_quiet() {
+            self.cx.now = Instant::now();
+            let lingering = self.handler.on_stopping(&mut self.cx, &mut self.stages);
+            if lingering {
+                shared.bump_activity();
+            }
+            work += self.turn_flush_only();
+            if work == 0 && !lingering && self.is_quiet() {
                 shared.set_quiet(me, true);
                 let senders_empty =
                     |s: &[MailboxSender<H::Message>]| s.iter().all(|s| s.depth() == 0);
@@ -542,7 +560,12 @@ impl<H: ShardHandler> Loop<H> {
                 break;
             }
             if work == 0 {
-                let d = Instant::now() + Duration::from_micros(500);
+                let mut d = Instant::now() + Duration::from_micros(500);
+                if lingering {
+                    if let Some(own) = self.handler.next_deadline() {
+                        d = d.min(own);
+                    }
+                }
                 self.park(d).await;
             } else {
                 future::yield_now().await;

@@ -30,6 +30,7 @@
 mod generated;
 
 pub mod client;
+pub mod protocol;
 pub mod quant;
 pub mod server;
 pub mod verify;

@@ -9,12 +9,10 @@ use std::time::{Duration, Instant};
 use tessera_cells::view::ClientMirror;
 use tessera_cells::EntityId;
 use tessera_net::driver::{BatchSocket, SocketConfig};
-use tessera_net::{ConnectionHandle, Endpoint, Event, TransmitBatch};
-use tessera_runtime::node::protocol::{
-    client_config, CHANNEL_RELIABLE, CHANNEL_SNAPSHOTS, CHANNEL_UNRELIABLE,
-};
+use tessera_net::{ChannelId, ConnectionHandle, Endpoint, Event, TransmitBatch};
 use tessera_schema::client::{self, ActionCmd, ClientMessage, InputCmd};
 use tessera_schema::flatbuffers::FlatBufferBuilder;
+use tessera_schema::protocol::Channel;
 use tessera_schema::quant::dequantize;
 use tessera_schema::server::{self, ServerMessage, Welcome};
 
@@ -126,7 +124,8 @@ impl GameClient {
         )
         .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
         let seed = tessera_net::driver::os_seed().unwrap_or(7);
-        let mut endpoint = Endpoint::new(client_config(1), seed).map_err(|e| e.to_string())?;
+        let mut endpoint =
+            Endpoint::new(tessera_net::Config::game_client(1), seed).map_err(|e| e.to_string())?;
         let connection = endpoint
             .connect(Instant::now(), server)
             .map_err(|e| e.to_string())?;
@@ -226,9 +225,9 @@ impl GameClient {
     /// Sends a message on the channel its kind needs.
     pub fn send(&mut self, msg: &ClientMessage) {
         let channel = match msg {
-            ClientMessage::Ack { .. } => CHANNEL_SNAPSHOTS,
-            ClientMessage::Ping { .. } => CHANNEL_UNRELIABLE,
-            _ => CHANNEL_RELIABLE,
+            ClientMessage::Ack { .. } => ChannelId(Channel::Snapshots.id()),
+            ClientMessage::Ping { .. } => ChannelId(Channel::Unreliable.id()),
+            _ => ChannelId(Channel::Reliable.id()),
         };
         let bytes = client::encode(&mut self.fbb, msg);
         let _ = self.endpoint.send(self.connection, channel, bytes);

@@ -24,12 +24,10 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tessera_cells::view::ClientMirror;
 use tessera_net::driver::{BatchSocket, SocketConfig};
-use tessera_net::{ConnectionHandle, Endpoint, Event, TransmitBatch};
-use tessera_runtime::node::protocol::{
-    client_config, CHANNEL_RELIABLE, CHANNEL_SNAPSHOTS, CHANNEL_UNRELIABLE,
-};
+use tessera_net::{ChannelId, ConnectionHandle, Endpoint, Event, TransmitBatch};
 use tessera_schema::client::{self, ActionCmd, ClientMessage, InputCmd};
 use tessera_schema::flatbuffers::FlatBufferBuilder;
+use tessera_schema::protocol::Channel;
 use tessera_schema::quant::dequantize;
 use tessera_schema::wire;
 
@@ -292,7 +290,7 @@ pub fn run(args: SimArgs) -> Result<(), String> {
             },
         )
         .map_err(|e| format!("cannot open UDP socket {i}: {e}"))?;
-        let mut config = client_config(per + 1);
+        let mut config = tessera_net::Config::game_client(per + 1);
         config.events_max = config.events_max.max(per * 64);
         let endpoint = Endpoint::new(config, args.seed.wrapping_mul(1000) + i as u64)
             .map_err(|e| e.to_string())?;
@@ -399,7 +397,7 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                         };
                         let _ = net.endpoint.send(
                             connection,
-                            CHANNEL_RELIABLE,
+                            ChannelId(Channel::Reliable.id()),
                             client::encode(&mut fbb, &join),
                         );
                     }
@@ -597,7 +595,7 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                         };
                         let _ = nets[e].endpoint.send(
                             h,
-                            CHANNEL_UNRELIABLE,
+                            ChannelId(Channel::Unreliable.id()),
                             client::encode(&mut fbb, &ping),
                         );
                     }
@@ -674,7 +672,11 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                     });
                     if nets[e]
                         .endpoint
-                        .send(h, CHANNEL_RELIABLE, client::encode(&mut fbb, &input))
+                        .send(
+                            h,
+                            ChannelId(Channel::Reliable.id()),
+                            client::encode(&mut fbb, &input),
+                        )
                         .is_ok()
                     {
                         totals.inputs += 1;
@@ -689,7 +691,7 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                         };
                         let _ = nets[e].endpoint.send(
                             h,
-                            CHANNEL_SNAPSHOTS,
+                            ChannelId(Channel::Snapshots.id()),
                             client::encode(&mut fbb, &ack),
                         );
                     }
@@ -777,7 +779,7 @@ pub fn run(args: SimArgs) -> Result<(), String> {
             let net = &mut nets[bot.endpoint as usize];
             let _ = net.endpoint.send(
                 h,
-                CHANNEL_RELIABLE,
+                ChannelId(Channel::Reliable.id()),
                 client::encode(&mut fbb, &ClientMessage::Leave { reason: 0 }),
             );
         }

@@ -9,7 +9,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tessera_net::{Endpoint, Event};
-use tessera_runtime::node::protocol::client_config;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tessera");
 
@@ -258,7 +257,7 @@ fn a_node_serves_200_commuting_clients_and_stops_cleanly() {
     assert!(ok, "server stopped answering after garbage: {out}");
 
     // A connected client hears the shutdown; the server exits 0.
-    let mut endpoint = Endpoint::new(client_config(1), 99).unwrap();
+    let mut endpoint = Endpoint::new(tessera_net::Config::game_client(1), 99).unwrap();
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     socket
         .set_read_timeout(Some(Duration::from_millis(20)))
@@ -307,7 +306,7 @@ fn a_node_serves_200_commuting_clients_and_stops_cleanly() {
         format!(
             "{:?}",
             tessera_net::DisconnectReason::Remote(
-                tessera_runtime::node::protocol::disconnect::SHUTTING_DOWN
+                tessera_schema::protocol::disconnect::SHUTTING_DOWN
             )
         ),
         "connection {connection:?}"

@@ -116,8 +116,9 @@ pub fn status(shared: &NodeShared, board: &StatsBoard) -> Status {
             .get(a.owner.shard as usize)
             .cloned()
             .flatten()
-            .and_then(|n| n.cells.iter().find(|c| c.0 == cell).copied());
-        let (entities, ghosts, players) = counts.map_or((0, 0, 0), |c| (c.1, c.2, c.3));
+            .and_then(|n| n.cells.iter().find(|c| c.cell == cell).copied());
+        let (entities, ghosts, players) =
+            counts.map_or((0, 0, 0), |c| (c.entities, c.ghosts, c.players));
         cells.push(CellStatus {
             cell: cell.to_string(),
             owner: a.owner.shard,
@@ -206,7 +207,7 @@ fn answer(
     let reply = match words.next() {
         Some("status") | Some("cells") => serde_json::to_string(&status(shared, board)).map_err(io::Error::other)?,
         Some("move") => match (parse_cell(words.next()), words.next().map(str::parse::<u16>)) {
-            (Ok(cell), Some(Ok(shard))) => command(coord, AdminCommand::Move { cell, shard }),
+            (Ok(cell), Some(Ok(shard))) => command(coord, AdminCommand::Move { cell, shard: tessera_coord::ShardRef::local(shard) }),
             (Err(e), _) => serde_json::json!({ "error": e }).to_string(),
             _ => serde_json::json!({ "error": "usage: move CELL SHARD" }).to_string(),
         },
@@ -227,7 +228,7 @@ fn answer(
                 .take(50)
                 .map(|r| {
                     serde_json::json!({
-                        "handover": r.id.0, "cell": r.cell.to_string(), "from": r.from, "to": r.to, "epoch": r.epoch,
+                        "handover": r.id.0, "cell": r.cell.to_string(), "from": r.from.shard, "to": r.to.shard, "epoch": r.epoch,
                         "entities": r.entities, "committed": r.committed, "abort": r.abort.map(|a| format!("{a:?}")),
                         "decision_to_commit_ms": r.decision_to_commit.as_secs_f64() * 1e3,
                         "freeze_ms": r.freeze.map(|f| f.as_secs_f64() * 1e3), "cause": r.cause,

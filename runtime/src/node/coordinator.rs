@@ -9,15 +9,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use tessera_cells::handover::HandoverMsg;
-use tessera_cells::CellId;
-use tessera_coord::{Coordinator, Order, ShardEvent};
+use tessera_cells::node::ShardMsg;
+use tessera_cells::{CellId, GameLogic};
+use tessera_coord::{Coordinator, Report, ShardRef};
 
 use crate::ids::{Origin, StageId};
 use crate::mailbox::{Envelope, MailboxSender};
 use crate::runtime::spawn_helper;
 
-use super::msg::{ControlMsg, NodeMsg};
 use super::shared::NodeShared;
 
 /// An operator command.
@@ -28,7 +27,7 @@ pub enum AdminCommand {
         /// The cell.
         cell: CellId,
         /// The shard.
-        shard: u16,
+        shard: ShardRef,
     },
     /// Split a cell into its four children.
     Split {
@@ -45,11 +44,11 @@ pub enum AdminCommand {
 /// What reaches the coordinator thread.
 pub enum CoordInput {
     /// A shard reports.
-    Event {
-        /// The shard.
-        shard: u16,
-        /// What happened.
-        event: ShardEvent,
+    Report {
+        /// The reporting shard.
+        shard: ShardRef,
+        /// What it says.
+        report: Report,
     },
     /// An operator asks; the answer goes back on `reply`.
     Admin {
@@ -63,35 +62,11 @@ pub enum CoordInput {
 /// The coordinator's sending side, cloned into every shard and the admin port.
 pub type CoordSender = Sender<CoordInput>;
 
-fn to_control(order: Order) -> ControlMsg {
-    match order {
-        Order::Begin {
-            id,
-            cell,
-            to,
-            epoch,
-        } => ControlMsg::Handover(HandoverMsg::Begin {
-            id,
-            cell,
-            to,
-            epoch,
-        }),
-        Order::Commit { id, cell, epoch } => {
-            ControlMsg::Handover(HandoverMsg::Commit { id, cell, epoch })
-        }
-        Order::Abort { id, cell, reason } => {
-            ControlMsg::Handover(HandoverMsg::Abort { id, cell, reason })
-        }
-        Order::Split { op, cell } => ControlMsg::Split { op, cell },
-        Order::Merge { op, parent } => ControlMsg::Merge { op, parent },
-    }
-}
-
 /// Starts the coordinator thread.
-pub fn spawn(
+pub fn spawn<G: GameLogic>(
     mut coord: Coordinator,
     rx: Receiver<CoordInput>,
-    senders: Vec<MailboxSender<NodeMsg>>,
+    senders: Vec<MailboxSender<ShardMsg<G>>>,
     shared: Arc<NodeShared>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<JoinHandle<()>> {
@@ -105,15 +80,15 @@ pub fn spawn(
                     .saturating_duration_since(now)
                     .max(Duration::from_millis(1)),
             ) {
-                Ok(CoordInput::Event { shard, event }) => {
-                    coord.handle_event(Instant::now(), shard, event)
+                Ok(CoordInput::Report { shard, report }) => {
+                    coord.handle_report(Instant::now(), shard, report)
                 }
                 Ok(CoordInput::Admin { command, reply }) => {
                     let now = Instant::now();
                     let result = match &command {
                         AdminCommand::Move { cell, shard } => coord
                             .command_move(now, *cell, *shard)
-                            .map(|id| format!("handover {} of {cell} to shard {shard} started", id.0)),
+                            .map(|id| format!("handover {} of {cell} to {shard} started", id.0)),
                         AdminCommand::Split { cell } => coord.command_split(now, *cell).map(|op| format!("split {op} of {cell} started")),
                         AdminCommand::Merge { cell } => coord.command_merge(now, *cell).map(|op| {
                             if op == 0 {
@@ -141,16 +116,14 @@ pub fn spawn(
                 shared.set_registry(coord.registry().clone());
             }
             while let Some((shard, order)) = coord.poll_order() {
-                let Some(tx) = senders.get(usize::from(shard)) else {
+                let Some(tx) = senders.get(usize::from(shard.shard)) else {
+                    tracing::error!(%shard, order = ?order, "order for a shard this node does not run");
                     continue;
                 };
-                let env = Envelope::new(
-                    StageId(0),
-                    Origin::External(0xC00D),
-                    NodeMsg::Control(to_control(order)),
-                );
+                let env =
+                    Envelope::new(StageId(0), Origin::External(0xC00D), ShardMsg::Order(order));
                 if tx.send_timeout(env, Duration::from_secs(1)).is_err() {
-                    tracing::error!(shard, "order refused by the shard's mailbox");
+                    tracing::error!(%shard, "order refused by the shard's mailbox");
                 }
             }
             for line in coord.take_log() {

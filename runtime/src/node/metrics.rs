@@ -302,13 +302,12 @@ pub fn render(shared: &NodeShared, board: &StatsBoard) -> String {
             ("connection_cap", e.rejected_full),
             ("socket_truncated", s.socket.recv_truncated),
             ("socket_send_would_block", s.socket.send_would_block),
-            ("send_queue_full", s.gateway.send_refused),
+            ("send_queue_full", s.driver.send_refused),
             ("not_joined", s.gateway.not_joined),
             ("router_unknown_cell", s.router.cell_unknown),
-            (
-                "router_mailbox_full",
-                s.router.cell_full + s.router.client_full,
-            ),
+            ("router_mailbox_full", s.driver.mailbox_refused),
+            ("router_undeliverable", s.router.cell_undeliverable),
+            ("remote_unreachable", s.driver.remote_unreachable),
             ("input_duplicate", s.world.counters.inputs_duplicate),
             ("input_unknown_entity", s.world.counters.unknown_entity),
             ("input_rejected", s.world.game.inputs_rejected),
@@ -425,8 +424,9 @@ pub fn render(shared: &NodeShared, board: &StatsBoard) -> String {
         help(&mut o, name, "gauge", text);
         for (i, s) in node.iter().enumerate() {
             let Some(s) = s else { continue };
-            for (cell, entities, ghosts, players) in &s.cells {
-                let v = [entities, ghosts, players][idx];
+            for c in &s.cells {
+                let v = [c.entities, c.ghosts, c.players][idx];
+                let cell = c.cell;
                 let _ = writeln!(o, "{name}{{shard=\"{i}\",cell=\"{cell}\"}} {v}");
             }
         }

@@ -1,19 +1,17 @@
 //! A Tessera node: shards that own cells and host client sessions.
 //!
-//! [`Node::start`] binds one UDP socket per shard on the same port
+//! [`Node::start`] (the demo game) or [`Node::start_game`] (any
+//! [`GameLogic`]) binds one UDP socket per shard on the same port
 //! (SO_REUSEPORT: the kernel spreads clients over the shards), builds the
 //! registry of cell owners (contiguous blocks of the grid per shard, or a
-//! validated static mapping), starts the shards, the metrics endpoint and
-//! the admin port. Each shard runs the world of its cells and the sessions
-//! of its clients ([`shard::NodeShard`]).
+//! validated static mapping), starts the shards, the embedded coordinator,
+//! the metrics endpoint and the admin port. Each shard drives one
+//! [`NodeCore`] (its world, sessions, routing and handovers, from
+//! `tessera-cells`) with [`shard::NodeShard`]; this module only wires IO.
 
 pub mod admin;
 pub mod coordinator;
-pub mod gateway;
 pub mod metrics;
-pub mod msg;
-pub mod protocol;
-pub mod router;
 pub mod shard;
 pub mod shared;
 
@@ -25,16 +23,17 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tessera_cells::demo::{DemoConfig, DemoGame};
-use tessera_cells::{Geometry, Layout, ShardWorld, WorldConfig};
+use tessera_cells::node::{NodeCore, ShardMsg};
+use tessera_cells::rng::Rng;
+use tessera_cells::{GameLogic, Geometry, Layout, ShardRef, ShardWorld, WorldConfig};
 use tessera_coord::{contiguous_blocks, MappingError, Registry, RegistryError, StaticMapping};
 use tessera_net::conditioner::ConditionerConfig;
 use tessera_net::driver::{BatchSocket, SocketConfig};
-use tessera_net::Endpoint;
+use tessera_net::{Config as EndpointConfig, Endpoint};
 
 use crate::runtime::{Runtime, RuntimeBuilder, RuntimeError, ShardConfig, StopHandle};
 use crate::stats::ShardReport;
 
-pub use msg::NodeMsg;
 pub use shared::{NodeShardStats, NodeShared};
 
 /// Everything a node is started with.
@@ -148,9 +147,46 @@ pub enum NodeError {
     Io(#[from] io::Error),
 }
 
+/// A shard's part of the world when it starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardShare {
+    /// The shard.
+    pub shard: ShardRef,
+    /// Cells it owns.
+    pub cells: usize,
+    /// Cells of the whole world.
+    pub cells_total: usize,
+}
+
+/// Fills a shard's world once its cells are in place (NPCs, props...).
+pub type Populate<G> = Box<dyn Fn(&mut ShardWorld<G>, ShardShare) + Send + Sync>;
+
+/// How a node builds and fills each shard's game.
+pub struct GameSetup<G: GameLogic> {
+    /// The game instance of one shard (called on that shard's thread).
+    pub new_game: Box<dyn Fn(ShardRef) -> G + Send + Sync>,
+    /// Fills a shard's world once its cells are in place (NPCs, props...).
+    pub populate: Populate<G>,
+}
+
+impl GameSetup<DemoGame> {
+    /// The demo game: `npcs` wandering NPCs spread over the shards in
+    /// proportion to their cells, seeded per shard.
+    pub fn demo(demo: DemoConfig, npcs: usize, seed: u64) -> Self {
+        Self {
+            new_game: Box::new(move |_| DemoGame::new(demo.clone())),
+            populate: Box::new(move |world, share| {
+                let mut rng = Rng::derive(seed, 0x4E9C ^ u64::from(share.shard.shard));
+                let n = npcs * share.cells / share.cells_total.max(1);
+                DemoGame::spawn_npcs(world, n, &mut rng);
+            }),
+        }
+    }
+}
+
 /// A running node.
-pub struct Node {
-    runtime: Runtime<NodeMsg>,
+pub struct Node<G: GameLogic = DemoGame> {
+    runtime: Runtime<ShardMsg<G>>,
     coord_tx: coordinator::CoordSender,
     shared: Arc<NodeShared>,
     helpers: Vec<JoinHandle<()>>,
@@ -171,9 +207,18 @@ fn bind_helper(
     })
 }
 
-impl Node {
-    /// Starts a node.
-    pub fn start(config: NodeConfig) -> Result<Node, NodeError> {
+impl Node<DemoGame> {
+    /// Starts a node of the demo game.
+    pub fn start(config: NodeConfig) -> Result<Self, NodeError> {
+        let setup = GameSetup::demo(config.demo.clone(), config.npcs, config.seed);
+        Self::start_game(config, setup)
+    }
+}
+
+impl<G: GameLogic> Node<G> {
+    /// Starts a node of any game (`config.npcs` and `config.demo` are the
+    /// demo's: `setup` decides what a shard's world holds).
+    pub fn start_game(config: NodeConfig, setup: GameSetup<G>) -> Result<Self, NodeError> {
         if !(10..=60).contains(&config.tick_hz) {
             return Err(NodeError::Invalid(format!(
                 "tick rate {} Hz is outside 10..=60",
@@ -237,48 +282,39 @@ impl Node {
             seed: config.seed,
             ..config.world.clone()
         };
-        let npcs_total = config.npcs;
-        let total_cells = layout.leaves().len().max(1);
-        let (sh, demo, sessions, seed) = (
-            shared.clone(),
-            config.demo.clone(),
-            config.sessions_per_shard,
-            config.seed,
-        );
+        let total_cells = layout.leaves().len();
+        let (sh, sessions, seed) = (shared.clone(), config.sessions_per_shard, config.seed);
+        let setup = Arc::new(setup);
         let shard_coord_tx = coord_tx.clone();
         let runtime = builder.start(move |shard| {
             let socket = sockets.lock().unwrap_or_else(|e| e.into_inner())[shard.index()]
                 .take()
                 .expect("one socket per shard");
+            let me = ShardRef::local(shard.0);
             let registry = sh.registry();
-            let mine = registry
-                .cells_of(tessera_coord::ShardRef::local(shard.0))
-                .len();
-            let npcs = npcs_total * mine / total_cells;
+            let share = ShardShare {
+                shard: me,
+                cells: registry.cells_of(me).len(),
+                cells_total: total_cells,
+            };
             let world = ShardWorld::new(
-                DemoGame::new(demo.clone()),
+                (setup.new_game)(me),
                 registry.layout().clone(),
                 world_config.clone(),
                 shard.0 + 1,
             );
+            let mut core = NodeCore::new(me, world, registry);
+            (setup.populate)(core.world_mut(), share);
             let endpoint_seed = tessera_net::driver::os_seed().unwrap_or(seed) ^ u64::from(shard.0);
-            let endpoint = Endpoint::new(protocol::server_config(sessions), endpoint_seed)
+            let endpoint = Endpoint::new(EndpointConfig::game_server(sessions), endpoint_seed)
                 .expect("valid server configuration");
-            let gateway = gateway::Gateway::new(
-                shard,
-                endpoint,
-                socket,
-                registry.layout().clone(),
-                DemoGame::new(demo.clone()),
-            );
             shard::NodeShard::new(
                 shard,
                 sh.clone(),
-                world,
-                gateway,
+                core,
+                endpoint,
+                socket,
                 shard_coord_tx.clone(),
-                npcs,
-                seed,
             )
         })?;
 

@@ -1,10 +1,11 @@
-//! The shard handler of a node: one world (the cells this shard owns), one
-//! gateway (the sessions whose handshake reached this shard), the stages
-//! that carry messages to them, this shard's side of handovers, and the tick
-//! that runs it all.
+//! The driver of one shard of a node: it owns the shard's RUDP endpoint and
+//! socket, the clock and the mailbox plumbing, and feeds a
+//! [`NodeCore`] (the shard's world, sessions, routing and handovers, all
+//! in `tessera-cells`). It decides nothing about the game or about routes:
+//! it turns socket events, mailbox messages and tick deadlines into the
+//! core's `handle_*` calls, and the core's outputs into sends.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -12,23 +13,25 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use tessera_cells::demo::DemoGame;
-use tessera_cells::handover::{AgentOutput, HandoverAgent, HandoverReport};
-use tessera_cells::rng::Rng;
-use tessera_cells::{CellId, Output, ShardWorld, TickId};
-use tessera_coord::{CellLoad, LoadReport, ShardEvent, ShardRef};
+use tessera_cells::node::{ConnectionKey, NodeCore, NodeOutput, ShardMsg};
+use tessera_cells::{GameLogic, ShardRef, TickId};
+use tessera_net::driver::BatchSocket;
+use tessera_net::{ChannelId, ConnectionHandle, Endpoint, Event, TransmitBatch};
+use tessera_schema::protocol::disconnect;
 
-use crate::ids::{ShardId, StageId};
-use crate::mailbox::Envelope;
+use crate::ids::{ShardId, StageAddr, StageId};
+use crate::mailbox::{Envelope, SendError};
 use crate::shard::{ShardContext, ShardHandler};
-use crate::stage::StageTable;
+use crate::stage::{Handled, Stage, StageContext, StageTable};
 use crate::tick::Tick;
 
 use super::coordinator::{CoordInput, CoordSender};
-use super::gateway::Gateway;
-use super::msg::{deliver_cell, CellMsg, ControlMsg, NodeMsg, NodeStage, ShardParts};
-use super::router::Router;
-use super::shared::{NodeShardStats, NodeShared};
+use super::shared::{DriverCounters, NodeShardStats, NodeShared};
+
+/// How long a stopping shard keeps pumping its sessions' disconnects (the
+/// endpoint repeats them a few times, milliseconds apart, so that a client
+/// hears one even if a copy is lost).
+const DISCONNECT_LINGER: Duration = Duration::from_millis(100);
 
 /// Lets the socket watcher wait for the loop to drain the socket before it
 /// watches again (a readable socket stays readable until drained).
@@ -59,345 +62,207 @@ impl Rearm {
     }
 }
 
-/// One shard of a node.
-pub struct NodeShard {
-    shard: ShardId,
+/// The one stage of a node's shard: every message goes to the core, which
+/// sorts it by cell itself.
+pub struct CoreStage<G: GameLogic> {
+    core: Rc<RefCell<NodeCore<G>>>,
     shared: Arc<NodeShared>,
-    parts: ShardParts,
-    coord: CoordSender,
-    rearm: Rc<Rearm>,
-    npcs: usize,
-    seed: u64,
-    to_route: Vec<CellMsg>,
-    ticks: u64,
-    cell_stages: BTreeMap<CellId, StageId>,
-    tick_us: Histogram<u64>,
-    inputs_seen: BTreeMap<CellId, u64>,
-    budget_us: u64,
 }
 
-impl NodeShard {
-    /// A shard of a node; its cells come from the registry in `shared`.
+impl<G: GameLogic> Stage<ShardMsg<G>> for CoreStage<G> {
+    fn handle(
+        &mut self,
+        _cx: &mut StageContext<'_, ShardMsg<G>>,
+        envelope: Envelope<ShardMsg<G>>,
+    ) -> Handled {
+        let mut core = self.core.borrow_mut();
+        if matches!(envelope.msg, ShardMsg::Order(_)) {
+            // The coordinator publishes the registry before it sends an
+            // order: a commit must find the new route in place.
+            core.handle_registry(self.shared.registry());
+        }
+        core.handle_message(envelope.msg);
+        Handled::Done
+    }
+}
+
+/// One shard of a node.
+pub struct NodeShard<G: GameLogic> {
+    shard: ShardId,
+    me: ShardRef,
+    shared: Arc<NodeShared>,
+    core: Rc<RefCell<NodeCore<G>>>,
+    endpoint: Endpoint,
+    socket: BatchSocket,
+    batch: TransmitBatch,
+    coord: CoordSender,
+    rearm: Rc<Rearm>,
+    ticks: u64,
+    tick_us: Histogram<u64>,
+    budget_us: u64,
+    counters: DriverCounters,
+    linger_until: Option<Instant>,
+}
+
+fn handle(connection: ConnectionKey) -> ConnectionHandle {
+    ConnectionHandle::from_bits(connection.0)
+}
+
+fn key(connection: ConnectionHandle) -> ConnectionKey {
+    ConnectionKey(connection.to_bits())
+}
+
+impl<G: GameLogic> NodeShard<G> {
+    /// The driver of `core` over a server endpoint and its bound socket.
     pub fn new(
         shard: ShardId,
         shared: Arc<NodeShared>,
-        world: ShardWorld<DemoGame>,
-        gateway: Gateway,
+        core: NodeCore<G>,
+        endpoint: Endpoint,
+        socket: BatchSocket,
         coord: CoordSender,
-        npcs: usize,
-        seed: u64,
     ) -> Self {
-        let router = Rc::new(RefCell::new(Router::new(shared.clone())));
         let budget_us = 1_000_000 / u64::from(shared.tick_hz.max(1));
+        let batch = TransmitBatch::new(socket.batch_size());
         Self {
             shard,
-            parts: ShardParts {
-                world: Rc::new(RefCell::new(world)),
-                gateway: Rc::new(RefCell::new(gateway)),
-                router,
-                agent: Rc::new(RefCell::new(HandoverAgent::new(shard.0))),
-                control: Rc::new(RefCell::new(VecDeque::new())),
-            },
+            me: core.me(),
             shared,
+            core: Rc::new(RefCell::new(core)),
+            endpoint,
+            socket,
+            batch,
             coord,
             rearm: Rc::new(Rearm::default()),
-            npcs,
-            seed,
-            to_route: Vec::new(),
             ticks: 0,
-            cell_stages: BTreeMap::new(),
             tick_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"),
-            inputs_seen: BTreeMap::new(),
             budget_us,
+            counters: DriverCounters::default(),
+            linger_until: None,
         }
     }
 
-    fn report(&self, event: ShardEvent) {
-        let _ = self.coord.send(CoordInput::Event {
-            shard: self.shard.0,
-            event,
-        });
-    }
-
     fn publish(&self) {
-        let gateway = self.parts.gateway.borrow();
-        let world = self.parts.world.borrow();
-        let cells = world
-            .cells()
-            .map(|c| {
-                let players = c.entities().iter().filter(|e| e.client.is_some()).count();
-                (c.id(), c.entities().len(), c.ghosts().len(), players)
-            })
-            .collect();
-        let agent = self.parts.agent.borrow().counters();
+        let core = self.core.borrow();
         self.shared.publish(
             self.shard.index(),
             NodeShardStats {
-                tick: world.tick_id().0,
-                sessions: gateway.sessions(),
-                gateway: gateway.counters(),
-                frames_refused: gateway.refused(),
-                endpoint: gateway.endpoint().stats().clone(),
-                socket: gateway.socket().stats(),
-                router: self.parts.router.borrow().counters(),
-                world: world.totals(),
-                cells,
-                handover: agent,
+                tick: core.world().tick_id().0,
+                sessions: core.sessions().len(),
+                gateway: core.sessions().counters(),
+                frames_refused: core.sessions().refused(),
+                endpoint: self.endpoint.stats().clone(),
+                socket: self.socket.stats(),
+                router: core.router().counters(),
+                driver: self.counters,
+                world: core.world().totals(),
+                cells: core.cell_summaries(),
+                handover: core.agent().counters(),
             },
         );
     }
 
-    /// Once a second: the load of every cell, for the coordinator.
-    fn report_load(&mut self) {
-        let world = self.parts.world.borrow();
-        let mut cells = Vec::new();
-        for c in world.cells() {
-            let inputs = c.counters().inputs;
-            let before = self.inputs_seen.insert(c.id(), inputs).unwrap_or(inputs);
-            cells.push(CellLoad {
-                cell: c.id(),
-                actors: c.entities().len() as u32,
-                players: c.entities().iter().filter(|e| e.client.is_some()).count() as u32,
-                pps: inputs.saturating_sub(before) as f64,
-            });
+    /// Carries out what the core asked for.
+    fn drain_outputs(&mut self, cx: &mut ShardContext<ShardMsg<G>>, now: Instant) {
+        let core = self.core.clone();
+        let mut core = core.borrow_mut();
+        while let Some(out) = core.poll_output() {
+            match out {
+                NodeOutput::Client {
+                    connection,
+                    channel,
+                    bytes,
+                } => {
+                    let channel = ChannelId(channel.id());
+                    if self
+                        .endpoint
+                        .send(handle(connection), channel, &bytes)
+                        .is_err()
+                    {
+                        self.counters.send_refused += 1;
+                    }
+                }
+                NodeOutput::Disconnect { connection, code } => {
+                    let _ = self.endpoint.disconnect(now, handle(connection), code);
+                }
+                NodeOutput::Shard { to, msg } => self.send_shard(cx, to, msg),
+                NodeOutput::Coordinator(report) => {
+                    let shard = self.me;
+                    let _ = self.coord.send(CoordInput::Report { shard, report });
+                }
+            }
         }
-        let live: std::collections::BTreeSet<CellId> = world.cells().map(|c| c.id()).collect();
-        self.inputs_seen.retain(|c, _| live.contains(c));
-        drop(world);
-        let report = LoadReport {
-            shard: self.shard.0,
-            tick_us_p99: self.tick_us.value_at_quantile(0.99),
-            budget_us: self.budget_us,
-            cells,
+    }
+
+    fn send_shard(&mut self, cx: &mut ShardContext<ShardMsg<G>>, to: ShardRef, msg: ShardMsg<G>) {
+        if to.node != self.me.node {
+            self.counters.remote_unreachable += 1;
+            tracing::error!(shard = %self.shard, %to, msg = ?msg, "no link to another node: message dropped");
+            return;
+        }
+        let address = StageAddr::new(ShardId(to.shard), StageId(0));
+        if let Err(e) = cx.send(address, msg) {
+            self.counters.mailbox_refused += 1;
+            let full = matches!(e, SendError::Full(_));
+            let msg = e.into_inner();
+            if !matches!(msg, ShardMsg::Client(_)) {
+                // Snapshots are unreliable; anything else lost is worth a line.
+                tracing::error!(shard = %self.shard, %to, msg = ?msg, full, "message refused by the destination mailbox: dropped");
+            }
+        }
+    }
+
+    /// Reads the socket (bounded: a flood cannot keep the shard from
+    /// ticking), hands every endpoint event to the core, carries out its
+    /// outputs and sends what the endpoint has. Returns the work done.
+    fn pump(&mut self, cx: &mut ShardContext<ShardMsg<G>>, now: Instant) -> usize {
+        let (mut work, drained) = match self.socket.receive_into(&mut self.endpoint, now, 64) {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::warn!(shard = %self.shard, error = %e, "socket receive failed");
+                (0, true)
+            }
         };
-        self.tick_us.reset();
-        self.report(ShardEvent::Load(report));
-    }
-
-    fn route_pending(&mut self, cx: &mut ShardContext<NodeMsg>) {
-        let mut router = self.parts.router.borrow_mut();
-        for env in self.to_route.drain(..) {
-            router.send_cell(cx, env);
-        }
-    }
-
-    fn add_stage(&mut self, stages: &mut StageTable<NodeStage, NodeMsg>, cell: CellId) -> StageId {
-        let id = stages.insert(NodeStage::Cell {
-            cell,
-            parts: self.parts.clone(),
-        });
-        self.cell_stages.insert(cell, id);
-        id
-    }
-
-    fn remove_stage(
-        &mut self,
-        cx: &mut ShardContext<NodeMsg>,
-        stages: &mut StageTable<NodeStage, NodeMsg>,
-        cell: CellId,
-    ) {
-        if let Some(id) = self.cell_stages.remove(&cell) {
-            if let Some((_, backlog)) = stages.remove(id) {
-                for e in backlog {
-                    if let NodeMsg::Cell(env) = e.msg {
-                        deliver_cell(&self.parts, cx, env);
-                    }
-                }
-            }
-        }
-    }
-
-    fn agent_outputs(
-        &mut self,
-        cx: &mut ShardContext<NodeMsg>,
-        stages: &mut StageTable<NodeStage, NodeMsg>,
-        outputs: Vec<AgentOutput<DemoGame>>,
-    ) {
-        for o in outputs {
-            match o {
-                AgentOutput::ToShard(to, m) => {
-                    self.parts
-                        .router
-                        .borrow_mut()
-                        .send_control(cx, to, ControlMsg::Handover(m))
-                }
-                AgentOutput::Forward(cell, msgs) => {
-                    let mut router = self.parts.router.borrow_mut();
-                    for msg in msgs {
-                        router.send_cell(
-                            cx,
-                            CellMsg {
-                                to: cell,
-                                from: cell,
-                                msg,
-                            },
-                        );
-                    }
-                }
-                AgentOutput::ToCoordinator(r) => {
-                    let now = Instant::now();
-                    let event = match r {
-                        HandoverReport::Frozen {
-                            id,
-                            cell,
-                            epoch,
-                            entities,
-                            repeat,
-                            tick,
-                        } => {
-                            if !repeat {
-                                tracing::info!(shard = %self.shard, %cell, epoch, tick = tick.0, entities, handover = id.0, "handover: frozen");
-                            }
-                            ShardEvent::Frozen {
-                                id,
-                                cell,
-                                epoch,
-                                at: now,
-                                entities,
-                                repeat,
-                            }
-                        }
-                        HandoverReport::Prepared { id, cell, repeat } => {
-                            // The stage exists before the route points here.
-                            let stage = match self.cell_stages.get(&cell) {
-                                Some(s) => *s,
-                                None => self.add_stage(stages, cell),
-                            };
-                            ShardEvent::Prepared {
-                                id,
-                                cell,
-                                stage: stage.0,
-                                repeat,
-                            }
-                        }
-                        HandoverReport::Activated { id, .. } => {
-                            ShardEvent::Activated { id, at: now }
-                        }
-                        HandoverReport::Released { id, cell, .. } => {
-                            self.remove_stage(cx, stages, cell);
-                            ShardEvent::Released { id }
-                        }
-                        HandoverReport::Aborted { id, cell, reason } => {
-                            // A shadow's stage goes with the shadow.
-                            if !self.parts.world.borrow().owns(cell) {
-                                self.remove_stage(cx, stages, cell);
-                            }
-                            ShardEvent::Aborted { id, reason }
-                        }
-                    };
-                    self.report(event);
-                }
-            }
-        }
-    }
-
-    fn handle_control(
-        &mut self,
-        cx: &mut ShardContext<NodeMsg>,
-        stages: &mut StageTable<NodeStage, NodeMsg>,
-    ) -> usize {
-        let mut n = 0;
-        loop {
-            let Some(msg) = self.parts.control.borrow_mut().pop_front() else {
-                break;
-            };
-            n += 1;
-            let tick = self.parts.world.borrow().tick_id();
-            match msg {
-                ControlMsg::Handover(m) => {
-                    let outputs = {
-                        let mut world = self.parts.world.borrow_mut();
-                        self.parts.agent.borrow_mut().handle(&mut world, m, tick)
-                    };
-                    self.agent_outputs(cx, stages, outputs);
-                }
-                ControlMsg::Split { op, cell } => {
-                    let result = self.parts.world.borrow_mut().split(cell);
-                    match result {
-                        Ok(children) => {
-                            self.remove_stage(cx, stages, cell);
-                            let children: Vec<(CellId, u32)> = children
-                                .iter()
-                                .map(|c| (*c, self.add_stage(stages, *c).0))
-                                .collect();
-                            let layout = self.parts.world.borrow().layout().clone();
-                            self.parts.gateway.borrow_mut().set_layout(layout);
-                            tracing::info!(shard = %self.shard, %cell, op, tick = tick.0, "split");
-                            self.report(ShardEvent::Split {
-                                op,
-                                parent: cell,
-                                children,
-                            });
-                        }
-                        Err(e) => self.report(ShardEvent::Refused {
-                            op,
-                            reason: e.to_string(),
-                        }),
-                    }
-                }
-                ControlMsg::Merge { op, parent } => {
-                    let result = self.parts.world.borrow_mut().merge(parent);
-                    match result {
-                        Ok(()) => {
-                            for c in parent.children().into_iter().flatten() {
-                                self.remove_stage(cx, stages, c);
-                            }
-                            let stage = self.add_stage(stages, parent);
-                            let layout = self.parts.world.borrow().layout().clone();
-                            self.parts.gateway.borrow_mut().set_layout(layout);
-                            tracing::info!(shard = %self.shard, cell = %parent, op, tick = tick.0, "merge");
-                            self.report(ShardEvent::Merged {
-                                op,
-                                parent,
-                                stage: stage.0,
-                            });
-                        }
-                        Err(e) => self.report(ShardEvent::Refused {
-                            op,
-                            reason: e.to_string(),
-                        }),
-                    }
-                }
-            }
-        }
-        n
-    }
-}
-
-impl ShardHandler for NodeShard {
-    type Message = NodeMsg;
-    type Stage = NodeStage;
-
-    fn on_start(
-        &mut self,
-        cx: &mut ShardContext<NodeMsg>,
-        stages: &mut StageTable<NodeStage, NodeMsg>,
-    ) {
-        let me = ShardRef::local(self.shard.0);
-        let registry = self.parts.router.borrow().registry().clone();
-        let gateway_stage = stages.insert(NodeStage::Gateway(self.parts.clone()));
-        debug_assert_eq!(gateway_stage.0, 0);
-        for (cell, a) in registry.cells_of(me) {
-            {
-                let mut world = self.parts.world.borrow_mut();
-                world.add_cell(cell);
-                world.set_epoch(cell, a.epoch);
-            }
-            let stage = self.add_stage(stages, cell);
-            // The registry numbers a shard's stages in cell order from 1.
-            assert_eq!(
-                stage.0, a.stage,
-                "stage numbering differs from the registry's"
-            );
-        }
         {
-            let mut world = self.parts.world.borrow_mut();
-            let mut rng = Rng::derive(self.seed, 0x4E9C ^ u64::from(self.shard.0));
-            let placed = DemoGame::spawn_npcs(&mut world, self.npcs, &mut rng);
-            tracing::info!(shard = %self.shard, cells = world.cell_ids().len(), npcs = placed, "world ready");
+            let mut core = self.core.borrow_mut();
+            while let Some(event) = self.endpoint.poll_event() {
+                work += 1;
+                match event {
+                    Event::Connected { connection, addr } => {
+                        let client = core.handle_connected(key(connection));
+                        tracing::debug!(shard = %self.shard, %client, %addr, "session opened");
+                    }
+                    Event::Message {
+                        connection, bytes, ..
+                    } => {
+                        core.handle_client_frame(key(connection), &bytes);
+                        self.endpoint.recycle(bytes);
+                    }
+                    Event::Disconnected { connection, reason } => {
+                        tracing::debug!(shard = %self.shard, reason = ?reason, "connection closed");
+                        core.handle_disconnected(key(connection));
+                    }
+                    Event::Acked { .. } => {}
+                }
+            }
         }
-        // Watch the socket so that a parked shard wakes on traffic.
-        match self.parts.gateway.borrow().socket().readiness() {
+        self.drain_outputs(cx, now);
+        let sent = self
+            .socket
+            .transmit_from(&mut self.endpoint, &mut self.batch, now)
+            .unwrap_or_else(|e| {
+                tracing::warn!(shard = %self.shard, error = %e, "socket send failed");
+                0
+            });
+        let _ = self.socket.flush_conditioner(now);
+        if drained {
+            self.rearm.arm();
+        }
+        work + sent
+    }
+
+    fn watch_socket(&self, cx: &mut ShardContext<ShardMsg<G>>) {
+        match self.socket.readiness() {
             Ok(readiness) => {
                 let handle = cx.local_handle();
                 let rearm = self.rearm.clone();
@@ -417,115 +282,99 @@ impl ShardHandler for NodeShard {
                 tracing::warn!(shard = %self.shard, error = %e, "no socket watcher: traffic is read at every tick only")
             }
         }
+    }
+}
+
+impl<G: GameLogic> ShardHandler for NodeShard<G> {
+    type Message = ShardMsg<G>;
+    type Stage = CoreStage<G>;
+
+    fn on_start(
+        &mut self,
+        cx: &mut ShardContext<ShardMsg<G>>,
+        stages: &mut StageTable<CoreStage<G>, ShardMsg<G>>,
+    ) {
+        let stage = stages.insert(CoreStage {
+            core: self.core.clone(),
+            shared: self.shared.clone(),
+        });
+        assert_eq!(stage, StageId(0), "the core is the shard's only stage");
+        {
+            let core = self.core.borrow();
+            let world = core.world();
+            tracing::info!(shard = %self.shard, cells = world.cell_ids().len(), entities = world.totals().entities, "world ready");
+        }
+        // Watch the socket so that a parked shard wakes on traffic.
+        self.watch_socket(cx);
         self.publish();
     }
 
     fn on_tick(
         &mut self,
-        cx: &mut ShardContext<NodeMsg>,
-        stages: &mut StageTable<NodeStage, NodeMsg>,
+        cx: &mut ShardContext<ShardMsg<G>>,
+        _stages: &mut StageTable<CoreStage<G>, ShardMsg<G>>,
         tick: Tick,
     ) {
-        if self.parts.router.borrow_mut().refresh() {
-            let layout = self.parts.router.borrow().registry().layout().clone();
-            self.parts.world.borrow_mut().set_layout(layout.clone());
-            self.parts.gateway.borrow_mut().set_layout(layout);
-        }
-        self.handle_control(cx, stages);
+        let registry = self.shared.registry();
         // Tick 0 would read as "no baseline" in snapshots: start at 1.
         let id = TickId(tick.id + 1);
-        self.parts.gateway.borrow_mut().set_tick(id.0);
         let started = Instant::now();
-        let mut outputs = Vec::new();
         {
-            let mut world = self.parts.world.borrow_mut();
-            world.tick(id);
-            outputs.extend(world.drain_outbox());
+            let mut core = self.core.borrow_mut();
+            core.handle_registry(registry);
+            core.tick(id);
         }
         let _ = self
             .tick_us
             .record((started.elapsed().as_micros() as u64).max(1));
-        {
-            let mut router = self.parts.router.borrow_mut();
-            for out in outputs {
-                match out {
-                    Output::Cell(env) => router.send_cell(cx, env),
-                    Output::Client(o) => router.send_client(cx, o),
-                }
-            }
-        }
-        // Freezes happen here, right after a tick: the target can run the
-        // cell from the next one.
-        let handover = {
-            let mut world = self.parts.world.borrow_mut();
-            self.parts.agent.borrow_mut().after_tick(&mut world, id)
-        };
-        self.agent_outputs(cx, stages, handover);
         self.ticks += 1;
         if self.ticks % u64::from(self.shared.tick_hz.max(1)) == 0 {
             self.publish();
-            self.report_load();
+            let p99 = self.tick_us.value_at_quantile(0.99);
+            self.tick_us.reset();
+            self.core.borrow_mut().report_load(p99, self.budget_us);
         }
+        self.drain_outputs(cx, started);
     }
 
     fn on_turn(
         &mut self,
-        cx: &mut ShardContext<NodeMsg>,
-        stages: &mut StageTable<NodeStage, NodeMsg>,
+        cx: &mut ShardContext<ShardMsg<G>>,
+        _stages: &mut StageTable<CoreStage<G>, ShardMsg<G>>,
     ) -> usize {
-        let control = self.handle_control(cx, stages);
-        let now = Instant::now();
-        let (work, drained) = self
-            .parts
-            .gateway
-            .borrow_mut()
-            .poll(now, &mut self.to_route);
-        self.route_pending(cx);
-        let sent = self.parts.gateway.borrow_mut().flush(now);
-        if drained {
-            self.rearm.arm();
-        }
-        work + sent + control
+        self.pump(cx, Instant::now())
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
-        self.parts.gateway.borrow_mut().next_deadline()
-    }
-
-    fn on_undeliverable(&mut self, cx: &mut ShardContext<NodeMsg>, envelope: Envelope<NodeMsg>) {
-        // A stage that is gone: the cell moved; route by cell id again.
-        match envelope.msg {
-            NodeMsg::Cell(env) => deliver_cell(&self.parts, cx, env),
-            NodeMsg::ToClient(out) => self.parts.gateway.borrow_mut().to_client(out),
-            NodeMsg::Control(c) => self.parts.control.borrow_mut().push_back(c),
-        }
+    fn next_deadline(&mut self) -> Option<Instant> {
+        self.endpoint.poll_timeout()
     }
 
     fn on_stop(
         &mut self,
-        _cx: &mut ShardContext<NodeMsg>,
-        _stages: &mut StageTable<NodeStage, NodeMsg>,
+        _cx: &mut ShardContext<ShardMsg<G>>,
+        _stages: &mut StageTable<CoreStage<G>, ShardMsg<G>>,
     ) {
-        let mut gateway = self.parts.gateway.borrow_mut();
-        let sessions = gateway.sessions();
-        gateway.disconnect_all(Instant::now());
-        // The endpoint repeats disconnects a few times, milliseconds apart:
-        // pump it briefly so that clients hear it even if one copy is lost.
-        let until = Instant::now() + Duration::from_millis(60);
-        while Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(5));
-            let now = Instant::now();
-            let mut ignored = Vec::new();
-            gateway.poll(now, &mut ignored);
-            gateway.flush(now);
-        }
+        let now = Instant::now();
+        let sessions = self.core.borrow().sessions().len();
+        self.endpoint.disconnect_all(now, disconnect::SHUTTING_DOWN);
+        self.linger_until = Some(now + DISCONNECT_LINGER);
         tracing::info!(shard = %self.shard, sessions, "sessions told the server is stopping");
+    }
+
+    fn on_stopping(
+        &mut self,
+        cx: &mut ShardContext<ShardMsg<G>>,
+        _stages: &mut StageTable<CoreStage<G>, ShardMsg<G>>,
+    ) -> bool {
+        let now = Instant::now();
+        self.pump(cx, now);
+        self.endpoint.connection_count() > 0 && self.linger_until.is_some_and(|t| now < t)
     }
 
     fn on_shutdown(
         &mut self,
-        _cx: &mut ShardContext<NodeMsg>,
-        _stages: &mut StageTable<NodeStage, NodeMsg>,
+        _cx: &mut ShardContext<ShardMsg<G>>,
+        _stages: &mut StageTable<CoreStage<G>, ShardMsg<G>>,
     ) {
         self.publish();
     }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
+use tessera_cells::node::{CellSummary, RouterCounters, SessionCounters};
 use tessera_cells::world::WorldTotals;
 use tessera_cells::CellId;
 use tessera_coord::{CoordinatorCounters, HandoverRecord, Registry};
@@ -13,8 +14,16 @@ use tessera_net::driver::SocketStats;
 use tessera_net::EndpointStats;
 use tessera_schema::FrameErrorCounts;
 
-use super::gateway::GatewayCounters;
-use super::router::RouterCounters;
+/// What a shard's driver counted (the core counts the rest).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DriverCounters {
+    /// Frames for clients the RUDP endpoint refused (queue full or closing).
+    pub send_refused: u64,
+    /// Messages for shards refused by their mailbox (full or closed).
+    pub mailbox_refused: u64,
+    /// Messages for a shard of another node (no cluster links yet).
+    pub remote_unreachable: u64,
+}
 
 /// What one shard of a node publishes every second.
 #[derive(Clone, Debug, Default)]
@@ -23,8 +32,8 @@ pub struct NodeShardStats {
     pub tick: u64,
     /// Sessions hosted.
     pub sessions: usize,
-    /// The gateway's counters.
-    pub gateway: GatewayCounters,
+    /// The sessions' counters (the gateway role).
+    pub gateway: SessionCounters,
     /// Client frames refused, by reason.
     pub frames_refused: FrameErrorCounts,
     /// The RUDP endpoint's counters.
@@ -33,10 +42,12 @@ pub struct NodeShardStats {
     pub socket: SocketStats,
     /// The router's counters.
     pub router: RouterCounters,
+    /// The driver's counters.
+    pub driver: DriverCounters,
     /// Totals of the shard's world.
     pub world: WorldTotals,
-    /// (cell, entities, ghosts, players) for every cell owned.
-    pub cells: Vec<(CellId, usize, usize, usize)>,
+    /// Every cell owned.
+    pub cells: Vec<CellSummary>,
     /// This shard's side of handovers.
     pub handover: tessera_cells::handover::HandoverCounters,
 }

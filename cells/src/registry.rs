@@ -1,10 +1,12 @@
-//! The `cell -> owner` registry.
+//! The `cell -> owner` registry: which shard of which node writes each leaf
+//! cell, under which epoch. The coordinator (`tessera-coord`) is the only
+//! writer; node cores read a shared copy to route messages.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use tessera_cells::{CellId, Layout};
+use crate::geometry::{CellId, Layout};
 
 /// A shard of a node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -28,7 +30,7 @@ impl fmt::Display for ShardRef {
     }
 }
 
-/// Who owns a cell, under which epoch, and where messages for it go.
+/// Who owns a cell, and under which epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Assignment {
     /// The owning shard.
@@ -36,8 +38,6 @@ pub struct Assignment {
     /// The cell's epoch: bumped at every change of owner. A message about
     /// the cell with an older epoch is stale.
     pub epoch: u32,
-    /// The runtime stage hosting the cell on its shard.
-    pub stage: u32,
 }
 
 /// Why a registry change was refused.
@@ -74,26 +74,15 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// A registry of `layout` with these owners (stages numbered from 1 per
-    /// shard, in cell order: stage 0 of a shard is its gateway).
+    /// A registry of `layout` with these owners, every cell at epoch 1.
     pub fn new(
         layout: Arc<Layout>,
         owners: &BTreeMap<CellId, ShardRef>,
     ) -> Result<Self, RegistryError> {
-        let mut next_stage: BTreeMap<ShardRef, u32> = BTreeMap::new();
         let mut cells = BTreeMap::new();
         for leaf in layout.leaves() {
             let owner = *owners.get(&leaf).ok_or(RegistryError::Unassigned(leaf))?;
-            let stage = next_stage.entry(owner).or_insert(1);
-            cells.insert(
-                leaf,
-                Assignment {
-                    owner,
-                    epoch: 1,
-                    stage: *stage,
-                },
-            );
-            *stage += 1;
+            cells.insert(leaf, Assignment { owner, epoch: 1 });
         }
         for cell in owners.keys() {
             if !layout.is_leaf(*cell) {
@@ -156,13 +145,12 @@ impl Registry {
         self.cluster_epoch
     }
 
-    /// Moves a cell to a new owner and stage with epoch `epoch`, which must
-    /// be newer than the cell's (or [`ADMIN_EPOCH`]).
+    /// Moves a cell to a new owner with epoch `epoch`, which must be newer
+    /// than the cell's (or [`ADMIN_EPOCH`]).
     pub fn reassign(
         &mut self,
         cell: CellId,
         owner: ShardRef,
-        stage: u32,
         epoch: u32,
     ) -> Result<(), RegistryError> {
         let a = self
@@ -176,11 +164,7 @@ impl Registry {
                 current: a.epoch,
             });
         }
-        *a = Assignment {
-            owner,
-            epoch,
-            stage,
-        };
+        *a = Assignment { owner, epoch };
         self.version += 1;
         Ok(())
     }
@@ -211,10 +195,10 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_cells::Geometry;
+    use crate::geometry::Geometry;
 
     #[test]
-    fn stages_are_numbered_per_shard_and_epochs_only_grow() {
+    fn epochs_only_grow() {
         let layout = Arc::new(Layout::new(Geometry::new(0, 128.0, 2, 2)));
         let owners: BTreeMap<_, _> = layout
             .leaves()
@@ -222,22 +206,17 @@ mod tests {
             .map(|c| (c, ShardRef::local((c.cx % 2) as u16)))
             .collect();
         let mut r = Registry::new(layout.clone(), &owners).unwrap();
-        let s0: Vec<u32> = r
-            .cells_of(ShardRef::local(0))
-            .iter()
-            .map(|(_, a)| a.stage)
-            .collect();
-        assert_eq!(s0, vec![1, 2]);
+        assert_eq!(r.cells_of(ShardRef::local(0)).len(), 2);
         let c = CellId::root(0, 0, 0);
         let v = r.version();
         assert!(matches!(
-            r.reassign(c, ShardRef::local(1), 3, 1),
+            r.reassign(c, ShardRef::local(1), 1),
             Err(RegistryError::StaleEpoch { .. })
         ));
-        r.reassign(c, ShardRef::local(1), 3, 2).unwrap();
+        r.reassign(c, ShardRef::local(1), 2).unwrap();
         assert_eq!(r.get(c).unwrap().owner, ShardRef::local(1));
         assert!(r.version() > v);
-        r.reassign(c, ShardRef::local(0), 1, ADMIN_EPOCH).unwrap();
+        r.reassign(c, ShardRef::local(0), ADMIN_EPOCH).unwrap();
     }
 
     #[test]

@@ -1,0 +1,465 @@
+//! The node core: everything one shard of a node does, without its IO.
+//!
+//! A [`NodeCore`] holds one shard's world (the cells it owns), the client
+//! sessions whose handshake reached it (the gateway role), its view of the
+//! registry (routing), its side of every handover, and the glue between
+//! them. It is generic over the game ([`GameLogic`]) and deterministic: it
+//! never reads a clock, opens a socket or starts a thread. Time is the
+//! [`TickId`] the driver passes to [`NodeCore::tick`]; measured durations
+//! (the tick's p99 for load reports) are arguments too.
+//!
+//! Inputs, in the `handle_*` style: a session opened, a client frame, a
+//! session closed, a message from another shard or an order from the
+//! coordinator ([`ShardMsg`]), a newer registry, a tick. Outputs come out of
+//! [`NodeCore::poll_output`], each addressed to a client connection, a shard
+//! (this node's or another's: the core does not know which, and a message to
+//! itself goes out and comes back like any other) or the coordinator.
+//!
+//! The runtime drives one core per shard over glommio, its sockets and
+//! mailboxes; the deterministic simulator drives the same cores over a
+//! seeded network.
+
+mod route;
+mod session;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use tessera_schema::protocol::Channel;
+
+pub use route::{client_id, gateway_of, Router, RouterCounters, CLIENT_SERIAL_BITS};
+pub use session::{SessionCounters, Sessions};
+
+use crate::cell::Envelope;
+use crate::control::{CellLoad, LoadReport, Order, PeerMsg, Report};
+use crate::game::GameLogic;
+use crate::geometry::CellId;
+use crate::handover::{AgentOutput, HandoverAgent};
+use crate::ids::{ClientId, TickId};
+use crate::messages::{CellEnvelope, ClientOutput, Output};
+use crate::registry::{Registry, ShardRef};
+use crate::world::ShardWorld;
+use session::SessionSink;
+
+/// A client connection as the driver names it (the RUDP endpoint's handle,
+/// as a number): the core only keys sessions by it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionKey(pub u64);
+
+/// What reaches a shard from outside its own sessions.
+pub enum ShardMsg<G: GameLogic> {
+    /// For one of its cells (inputs, ghosts, transfers, intents...).
+    Cell(Envelope<G>),
+    /// A frame for a client whose session this shard hosts.
+    Client(ClientOutput),
+    /// A handover step from the other side.
+    Peer(PeerMsg<G>),
+    /// An order from the coordinator.
+    Order(Order),
+}
+
+impl<G: GameLogic> std::fmt::Debug for ShardMsg<G> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ShardMsg::Cell(env) => write!(f, "Cell({} for {})", env.msg.kind(), env.to),
+            ShardMsg::Client(out) => write!(f, "Client({:?} for {})", out.kind, out.client),
+            ShardMsg::Peer(m) => write!(f, "{m:?}"),
+            ShardMsg::Order(o) => write!(f, "Order({o:?})"),
+        }
+    }
+}
+
+/// What a core asks its driver to do.
+pub enum NodeOutput<G: GameLogic> {
+    /// Send an encoded server frame on a session's connection.
+    Client {
+        /// The session's connection.
+        connection: ConnectionKey,
+        /// The channel it goes on.
+        channel: Channel,
+        /// The frame.
+        bytes: Vec<u8>,
+    },
+    /// Close a session's connection with this code
+    /// (`tessera_schema::protocol::disconnect`).
+    Disconnect {
+        /// The session's connection.
+        connection: ConnectionKey,
+        /// Why.
+        code: u16,
+    },
+    /// Deliver to a shard (maybe this one) with [`NodeCore::handle_message`].
+    Shard {
+        /// The destination.
+        to: ShardRef,
+        /// The message.
+        msg: ShardMsg<G>,
+    },
+    /// Tell the coordinator.
+    Coordinator(Report),
+}
+
+/// One cell as the core sums it up for operators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CellSummary {
+    /// The cell.
+    pub cell: CellId,
+    /// Entities owned.
+    pub entities: usize,
+    /// Ghosts held.
+    pub ghosts: usize,
+    /// Players among the entities.
+    pub players: usize,
+}
+
+/// One shard's world, sessions, routing and handovers.
+pub struct NodeCore<G: GameLogic> {
+    me: ShardRef,
+    world: ShardWorld<G>,
+    agent: HandoverAgent<G>,
+    sessions: Sessions,
+    router: Router,
+    outputs: VecDeque<NodeOutput<G>>,
+    to_route: Vec<Envelope<G>>,
+    inputs_seen: BTreeMap<CellId, u64>,
+}
+
+impl<G: GameLogic> NodeCore<G> {
+    /// The core of shard `me`: it takes the cells `registry` gives it (empty,
+    /// at their epochs) into `world`.
+    pub fn new(me: ShardRef, mut world: ShardWorld<G>, registry: Arc<Registry>) -> Self {
+        for (cell, a) in registry.cells_of(me) {
+            world.add_cell(cell);
+            world.set_epoch(cell, a.epoch);
+        }
+        Self {
+            me,
+            world,
+            agent: HandoverAgent::new(me),
+            sessions: Sessions::new(me),
+            router: Router::new(registry),
+            outputs: VecDeque::new(),
+            to_route: Vec::new(),
+            inputs_seen: BTreeMap::new(),
+        }
+    }
+
+    // ----- getters -----
+
+    /// This shard.
+    pub fn me(&self) -> ShardRef {
+        self.me
+    }
+
+    /// The cells this shard owns.
+    pub fn world(&self) -> &ShardWorld<G> {
+        &self.world
+    }
+
+    /// The world, mutably (populating it at start, tests).
+    pub fn world_mut(&mut self) -> &mut ShardWorld<G> {
+        &mut self.world
+    }
+
+    /// This shard's side of handovers.
+    pub fn agent(&self) -> &HandoverAgent<G> {
+        &self.agent
+    }
+
+    /// The sessions hosted here.
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+
+    /// The routing view.
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Every owned cell, summed up.
+    pub fn cell_summaries(&self) -> Vec<CellSummary> {
+        self.world
+            .cells()
+            .map(|c| CellSummary {
+                cell: c.id(),
+                entities: c.entities().len(),
+                ghosts: c.ghosts().len(),
+                players: c.entities().iter().filter(|e| e.client.is_some()).count(),
+            })
+            .collect()
+    }
+
+    /// Forgets every handover in progress on this shard (a restart of its
+    /// agent: shadows and pending steps are lost; cells and sessions stay).
+    pub fn restart_agent(&mut self) {
+        self.agent = HandoverAgent::new(self.me);
+    }
+
+    // ----- inputs -----
+
+    /// A client's handshake completed on this shard: a session opens.
+    pub fn handle_connected(&mut self, connection: ConnectionKey) -> ClientId {
+        self.sessions.open(connection)
+    }
+
+    /// A frame from a session's client.
+    pub fn handle_client_frame(&mut self, connection: ConnectionKey, bytes: &[u8]) {
+        let mut sink = SessionSink {
+            cells: &mut self.to_route,
+            outputs: &mut self.outputs,
+        };
+        let tick = self.world.tick_id();
+        let (game, layout) = (self.world.game(), self.world.layout().clone());
+        self.sessions
+            .handle_frame(&mut sink, connection, bytes, tick, game, &layout);
+        self.route_pending();
+    }
+
+    /// A session's connection closed (either side, or a timeout): its avatar
+    /// leaves the world.
+    pub fn handle_disconnected(&mut self, connection: ConnectionKey) {
+        self.sessions.close::<G>(connection, &mut self.to_route);
+        self.route_pending();
+    }
+
+    /// A message from another shard (or this one) or the coordinator.
+    pub fn handle_message(&mut self, msg: ShardMsg<G>) {
+        match msg {
+            ShardMsg::Cell(env) => self.deliver_cell(env),
+            ShardMsg::Client(out) => self.for_session(out),
+            ShardMsg::Peer(m) => {
+                let tick = self.world.tick_id();
+                let outputs = self.agent.handle_peer(&mut self.world, m, tick);
+                self.agent_outputs(outputs);
+            }
+            ShardMsg::Order(order) => self.handle_order(order),
+        }
+    }
+
+    /// A registry version from the coordinator. Its layout is adopted unless
+    /// it is behind this shard's own reshapes (a split or merge done here and
+    /// not yet in the registry): every owned cell must be one of its leaves.
+    pub fn handle_registry(&mut self, registry: Arc<Registry>) {
+        if !self.router.replace(registry) {
+            return;
+        }
+        let layout = self.router.registry().layout().clone();
+        if self.world.cells().all(|c| layout.is_leaf(c.id())) {
+            self.world.set_layout(layout);
+        }
+    }
+
+    /// Runs one tick of the world and this shard's handover steps that follow
+    /// it (freezes happen right after a tick: the target can run the cell
+    /// from the next one).
+    pub fn tick(&mut self, id: TickId) {
+        self.world.tick(id);
+        let produced: Vec<_> = self.world.drain_outbox().collect();
+        for out in produced {
+            match out {
+                Output::Cell(env) => self.route_cell(env),
+                Output::Client(o) => self.send_client(o),
+            }
+        }
+        let handover = self.agent.after_tick(&mut self.world, id);
+        self.agent_outputs(handover);
+    }
+
+    /// The load of every cell since the last call, for the coordinator (the
+    /// driver calls it once a second with the tick duration it measured).
+    pub fn report_load(&mut self, tick_us_p99: u64, budget_us: u64) {
+        let mut cells = Vec::new();
+        for c in self.world.cells() {
+            let inputs = c.counters().inputs;
+            let before = self.inputs_seen.insert(c.id(), inputs).unwrap_or(inputs);
+            cells.push(CellLoad {
+                cell: c.id(),
+                actors: c.entities().len() as u32,
+                players: c.entities().iter().filter(|e| e.client.is_some()).count() as u32,
+                pps: inputs.saturating_sub(before) as f64,
+            });
+        }
+        let live: BTreeSet<CellId> = cells.iter().map(|c| c.cell).collect();
+        self.inputs_seen.retain(|c, _| live.contains(c));
+        self.outputs
+            .push_back(NodeOutput::Coordinator(Report::Load(LoadReport {
+                tick_us_p99,
+                budget_us,
+                cells,
+            })));
+    }
+
+    /// Closes every session with `code` (the node stops).
+    pub fn close_sessions(&mut self, code: u16) {
+        for connection in self.sessions.connections() {
+            self.outputs
+                .push_back(NodeOutput::Disconnect { connection, code });
+        }
+    }
+
+    // ----- outputs -----
+
+    /// The next thing to do, in the order the core decided it.
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<NodeOutput<G>> {
+        self.outputs.pop_front()
+    }
+
+    // ----- glue -----
+
+    fn handle_order(&mut self, order: Order) {
+        let tick = self.world.tick_id();
+        match order {
+            Order::Split { op, cell } => {
+                let report = match self.world.split(cell) {
+                    Ok(_) => {
+                        tracing::info!(shard = %self.me, %cell, op, tick = tick.0, "split");
+                        Report::Split { op, parent: cell }
+                    }
+                    Err(e) => Report::Refused {
+                        op,
+                        reason: e.to_string(),
+                    },
+                };
+                self.report(report);
+            }
+            Order::Merge { op, parent } => {
+                let report = match self.world.merge(parent) {
+                    Ok(()) => {
+                        tracing::info!(shard = %self.me, cell = %parent, op, tick = tick.0, "merge");
+                        Report::Merged { op, parent }
+                    }
+                    Err(e) => Report::Refused {
+                        op,
+                        reason: e.to_string(),
+                    },
+                };
+                self.report(report);
+            }
+            handover => {
+                let outputs = self.agent.handle_order(&mut self.world, handover, tick);
+                self.agent_outputs(outputs);
+            }
+        }
+    }
+
+    fn report(&mut self, report: Report) {
+        self.outputs.push_back(NodeOutput::Coordinator(report));
+    }
+
+    fn agent_outputs(&mut self, outputs: Vec<AgentOutput<G>>) {
+        for o in outputs {
+            match o {
+                AgentOutput::ToShard(to, m) => self.outputs.push_back(NodeOutput::Shard {
+                    to,
+                    msg: ShardMsg::Peer(m),
+                }),
+                AgentOutput::Report(r) => {
+                    if let Report::Frozen {
+                        id,
+                        cell,
+                        epoch,
+                        tick,
+                        entities,
+                        repeat: false,
+                    } = &r
+                    {
+                        tracing::info!(shard = %self.me, %cell, epoch, tick = tick.0, entities, handover = id.0, "handover: frozen");
+                    }
+                    self.report(r);
+                }
+                AgentOutput::Forward(cell, msgs) => {
+                    for msg in msgs {
+                        self.route_cell(CellEnvelope {
+                            to: cell,
+                            from: cell,
+                            msg,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn route_pending(&mut self) {
+        let pending = std::mem::take(&mut self.to_route);
+        for env in pending {
+            self.route_cell(env);
+        }
+    }
+
+    /// A cell message from elsewhere: the world takes it, or a handover
+    /// shadow (the registry may route to this shard before its commit
+    /// arrives), or it is routed on (the cell moved meanwhile).
+    fn deliver_cell(&mut self, env: Envelope<G>) {
+        let Err(env) = self.world.deliver(env) else {
+            return;
+        };
+        let CellEnvelope { to, from, msg } = env;
+        let Err(msg) = self.agent.deliver_to_shadow(to, msg) else {
+            return;
+        };
+        self.route_cell(CellEnvelope { to, from, msg });
+    }
+
+    /// Sends a cell message to the owner(s) the registry names; when that is
+    /// this shard, the world or a shadow must take it.
+    fn route_cell(&mut self, mut env: Envelope<G>) {
+        let owners = self.router.owners_of::<G>(&mut env);
+        let Some((&last, rest)) = owners.split_last() else {
+            tracing::warn!(shard = %self.me, cell = %env.to, kind = env.msg.kind(), "message for a cell no shard owns dropped");
+            return;
+        };
+        // Several owners only for ghost updates to a split cell.
+        for owner in rest {
+            let copy = CellEnvelope {
+                to: env.to,
+                from: env.from,
+                msg: env.msg.clone(),
+            };
+            self.send_cell_to(*owner, copy);
+        }
+        self.send_cell_to(last, env);
+    }
+
+    fn send_cell_to(&mut self, owner: ShardRef, env: Envelope<G>) {
+        if owner != self.me {
+            self.router.sent_cell();
+            self.outputs.push_back(NodeOutput::Shard {
+                to: owner,
+                msg: ShardMsg::Cell(env),
+            });
+            return;
+        }
+        let Err(env) = self.world.deliver(env) else {
+            return;
+        };
+        let CellEnvelope { to, from, msg } = env;
+        if let Err(msg) = self.agent.deliver_to_shadow(to, msg) {
+            self.router.counters_mut().cell_undeliverable += 1;
+            tracing::error!(shard = %self.me, cell = %to, from = %from, kind = msg.kind(),
+                "the registry names this shard but neither a cell nor a shadow takes the message: dropped");
+        }
+    }
+
+    fn send_client(&mut self, out: ClientOutput) {
+        let gateway = gateway_of(out.client);
+        if gateway == self.me {
+            self.for_session(out);
+        } else {
+            self.router.counters_mut().client_sent += 1;
+            self.outputs.push_back(NodeOutput::Shard {
+                to: gateway,
+                msg: ShardMsg::Client(out),
+            });
+        }
+    }
+
+    fn for_session(&mut self, out: ClientOutput) {
+        let mut sink = SessionSink {
+            cells: &mut self.to_route,
+            outputs: &mut self.outputs,
+        };
+        self.sessions.deliver_frame(&mut sink, out);
+    }
+}

@@ -1,0 +1,347 @@
+//! The gateway role of a shard: the client sessions whose handshake reached
+//! this shard, for their whole lifetime. A session forwards its client's
+//! inputs to the cell that owns the avatar and sends the client whatever that
+//! cell computes for it; when the avatar moves to a cell owned elsewhere only
+//! the route changes.
+
+use rustc_hash::FxHashMap;
+use tessera_schema::client::{self, ClientMessage};
+use tessera_schema::flatbuffers::FlatBufferBuilder;
+use tessera_schema::protocol::{disconnect, Channel};
+use tessera_schema::server::{self as srv, ErrorCode, ServerMessage};
+use tessera_schema::FrameErrorCounts;
+
+use crate::cell::Envelope;
+use crate::game::GameLogic;
+use crate::geometry::{CellId, Layout};
+use crate::ids::{ClientId, EntityId, TickId};
+use crate::messages::{CellEnvelope, CellMessage, ClientOutput, ClientOutputKind};
+use crate::registry::ShardRef;
+
+use super::route::client_id;
+use super::{ConnectionKey, NodeOutput};
+
+/// What a shard's sessions counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionCounters {
+    /// Sessions opened (handshakes completed).
+    pub sessions_opened: u64,
+    /// Sessions closed (any reason).
+    pub sessions_closed: u64,
+    /// Join requests forwarded to a cell.
+    pub joins: u64,
+    /// Welcomes delivered.
+    pub welcomes: u64,
+    /// Leaves (explicit or by disconnect) forwarded.
+    pub leaves: u64,
+    /// Inputs forwarded.
+    pub inputs: u64,
+    /// Acks forwarded.
+    pub acks: u64,
+    /// Pings answered.
+    pub pings: u64,
+    /// Client frames refused (bad bytes), all reasons.
+    pub frames_refused: u64,
+    /// Inputs or acks before the join completed.
+    pub not_joined: u64,
+    /// A second join on one session.
+    pub already_joined: u64,
+    /// Snapshots sent.
+    pub snapshots_sent: u64,
+    /// Their bytes.
+    pub snapshot_bytes: u64,
+    /// Frames for a client whose session is gone.
+    pub frames_for_gone_clients: u64,
+}
+
+struct Session {
+    client: ClientId,
+    entity: Option<EntityId>,
+    route: Option<CellId>,
+    route_tick: u64,
+    join_requested: bool,
+}
+
+/// The sessions of one shard.
+pub struct Sessions {
+    me: ShardRef,
+    sessions: FxHashMap<ConnectionKey, Session>,
+    by_client: FxHashMap<ClientId, ConnectionKey>,
+    serial: u32,
+    fbb: FlatBufferBuilder<'static>,
+    counters: SessionCounters,
+    refused: FrameErrorCounts,
+}
+
+/// Where a session's work goes: cell messages to route, frames to send.
+pub(crate) struct SessionSink<'a, G: GameLogic> {
+    pub(crate) cells: &'a mut Vec<Envelope<G>>,
+    pub(crate) outputs: &'a mut std::collections::VecDeque<NodeOutput<G>>,
+}
+
+impl Sessions {
+    /// No sessions yet, on shard `me` (it names the gateway in client ids).
+    pub fn new(me: ShardRef) -> Self {
+        Self {
+            me,
+            sessions: FxHashMap::default(),
+            by_client: FxHashMap::default(),
+            serial: 0,
+            fbb: FlatBufferBuilder::with_capacity(256),
+            counters: SessionCounters::default(),
+            refused: FrameErrorCounts::default(),
+        }
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> SessionCounters {
+        self.counters
+    }
+
+    /// Client frames refused, by reason.
+    pub fn refused(&self) -> FrameErrorCounts {
+        self.refused
+    }
+
+    /// Sessions open.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// True if none.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// The client id of a connection's session.
+    pub fn client_of(&self, connection: ConnectionKey) -> Option<ClientId> {
+        self.sessions.get(&connection).map(|s| s.client)
+    }
+
+    /// Every open connection.
+    pub fn connections(&self) -> impl Iterator<Item = ConnectionKey> + '_ {
+        self.sessions.keys().copied()
+    }
+
+    pub(crate) fn open(&mut self, connection: ConnectionKey) -> ClientId {
+        self.serial = self.serial.wrapping_add(1);
+        let client = client_id(self.me, self.serial);
+        self.sessions.insert(
+            connection,
+            Session {
+                client,
+                entity: None,
+                route: None,
+                route_tick: 0,
+                join_requested: false,
+            },
+        );
+        self.by_client.insert(client, connection);
+        self.counters.sessions_opened += 1;
+        tracing::debug!(shard = %self.me, %client, connection = connection.0, "session opened");
+        client
+    }
+
+    pub(crate) fn close<G: GameLogic>(
+        &mut self,
+        connection: ConnectionKey,
+        cells: &mut Vec<Envelope<G>>,
+    ) {
+        let Some(s) = self.sessions.remove(&connection) else {
+            return;
+        };
+        self.by_client.remove(&s.client);
+        self.counters.sessions_closed += 1;
+        tracing::debug!(shard = %self.me, client = %s.client, "session closed");
+        if let (Some(entity), Some(route)) = (s.entity, s.route) {
+            self.counters.leaves += 1;
+            cells.push(leave(route, s.client, entity));
+        }
+    }
+
+    fn reply<G: GameLogic>(
+        &mut self,
+        sink: &mut SessionSink<'_, G>,
+        connection: ConnectionKey,
+        msg: &ServerMessage,
+        channel: Channel,
+    ) {
+        let bytes = srv::encode(&mut self.fbb, msg).to_vec();
+        sink.outputs.push_back(NodeOutput::Client {
+            connection,
+            channel,
+            bytes,
+        });
+    }
+
+    fn error<G: GameLogic>(
+        &mut self,
+        sink: &mut SessionSink<'_, G>,
+        connection: ConnectionKey,
+        code: ErrorCode,
+        message: &str,
+    ) {
+        let msg = ServerMessage::Error {
+            code,
+            message: message.to_string(),
+        };
+        self.reply(sink, connection, &msg, Channel::Reliable);
+    }
+
+    /// A frame from a client: decoded (bad bytes are counted by reason and
+    /// dropped), then turned into cell messages or answers.
+    pub(crate) fn handle_frame<G: GameLogic>(
+        &mut self,
+        sink: &mut SessionSink<'_, G>,
+        connection: ConnectionKey,
+        bytes: &[u8],
+        tick: TickId,
+        game: &G,
+        layout: &Layout,
+    ) {
+        let msg = match client::decode(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                self.refused.record(&e);
+                self.counters.frames_refused += 1;
+                tracing::debug!(shard = %self.me, reason = e.reason(), error = %e, "client frame refused");
+                return;
+            }
+        };
+        let Some(session) = self.sessions.get_mut(&connection) else {
+            return;
+        };
+        let client = session.client;
+        let joined = session.entity.zip(session.route);
+        match msg {
+            ClientMessage::Join { name, .. } => {
+                if session.join_requested {
+                    self.counters.already_joined += 1;
+                    self.error(sink, connection, ErrorCode::AlreadyJoined, "already joined");
+                    return;
+                }
+                let pos = game.spawn_point(&name, client.0, layout.geometry().world_rect());
+                let Some(cell) = layout.leaf_at(pos) else {
+                    self.error(
+                        sink,
+                        connection,
+                        ErrorCode::Unknown,
+                        "no cell at the spawn point",
+                    );
+                    return;
+                };
+                session.join_requested = true;
+                session.route = Some(cell);
+                self.counters.joins += 1;
+                tracing::info!(shard = %self.me, %client, %cell, name = %name, "join");
+                sink.cells
+                    .push(to_cell(cell, CellMessage::Join { client, name, pos }));
+            }
+            ClientMessage::Input(input) => match joined {
+                Some((entity, route)) => {
+                    self.counters.inputs += 1;
+                    let msg = CellMessage::Input {
+                        client,
+                        entity,
+                        input,
+                        hops: 0,
+                        after: TickId(0),
+                    };
+                    sink.cells.push(to_cell(route, msg));
+                }
+                None => self.counters.not_joined += 1,
+            },
+            ClientMessage::Ack { snapshot_tick } => match joined {
+                Some((entity, route)) => {
+                    self.counters.acks += 1;
+                    let msg = CellMessage::Ack {
+                        client,
+                        entity,
+                        tick: TickId(snapshot_tick),
+                        hops: 0,
+                        after: TickId(0),
+                    };
+                    sink.cells.push(to_cell(route, msg));
+                }
+                None => self.counters.not_joined += 1,
+            },
+            ClientMessage::Ping { client_time_us } => {
+                self.counters.pings += 1;
+                let pong = ServerMessage::Pong {
+                    client_time_us,
+                    server_tick: tick.0,
+                };
+                self.reply(sink, connection, &pong, Channel::Unreliable);
+            }
+            ClientMessage::Leave { .. } => {
+                if let Some((entity, route)) = joined {
+                    session.entity = None;
+                    self.counters.leaves += 1;
+                    sink.cells.push(leave(route, client, entity));
+                }
+                sink.outputs.push_back(NodeOutput::Disconnect {
+                    connection,
+                    code: disconnect::LEFT,
+                });
+            }
+        }
+    }
+
+    /// A frame a cell computed for one of this shard's clients: it also
+    /// tells where the avatar lives now, so the session's route follows.
+    pub(crate) fn deliver_frame<G: GameLogic>(
+        &mut self,
+        sink: &mut SessionSink<'_, G>,
+        out: ClientOutput,
+    ) {
+        let Some(&connection) = self.by_client.get(&out.client) else {
+            self.counters.frames_for_gone_clients += 1;
+            return;
+        };
+        let Some(s) = self.sessions.get_mut(&connection) else {
+            return;
+        };
+        if out.tick.0 >= s.route_tick {
+            // The cell that computed this owns the avatar now: inputs go there.
+            s.route = Some(out.cell);
+            s.route_tick = out.tick.0;
+        }
+        let channel = match out.kind {
+            ClientOutputKind::Welcome => {
+                s.entity = Some(out.entity);
+                self.counters.welcomes += 1;
+                tracing::info!(shard = %self.me, client = %out.client, entity = %out.entity, cell = %out.cell, tick = out.tick.0, "welcome");
+                Channel::Reliable
+            }
+            ClientOutputKind::Snapshot => {
+                self.counters.snapshots_sent += 1;
+                self.counters.snapshot_bytes += out.bytes.len() as u64;
+                Channel::Snapshots
+            }
+        };
+        sink.outputs.push_back(NodeOutput::Client {
+            connection,
+            channel,
+            bytes: out.bytes,
+        });
+    }
+}
+
+fn to_cell<C, I>(cell: CellId, msg: CellMessage<C, I>) -> CellEnvelope<C, I> {
+    CellEnvelope {
+        to: cell,
+        from: cell,
+        msg,
+    }
+}
+
+fn leave<C, I>(route: CellId, client: ClientId, entity: EntityId) -> CellEnvelope<C, I> {
+    to_cell(
+        route,
+        CellMessage::Leave {
+            client,
+            entity,
+            hops: 0,
+        },
+    )
+}
