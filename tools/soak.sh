@@ -34,8 +34,14 @@ ncpu=$(nproc)
 
 profile=release
 [ $flame = 1 ] && profile=profiling
-cargo build --profile $profile -p tessera >&2
-bin=target/$profile/tessera
+# TESSERA_BIN=path runs another build (e.g. a saved binary of an earlier
+# commit, for before/after comparisons on the same machine).
+if [ -n "${TESSERA_BIN:-}" ]; then
+  bin=$TESSERA_BIN
+else
+  cargo build --profile $profile -p tessera >&2
+  bin=target/$profile/tessera
+fi
 
 port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 mport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
