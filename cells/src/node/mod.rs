@@ -209,9 +209,9 @@ impl<G: GameLogic> NodeCore<G> {
             outputs: &mut self.outputs,
         };
         let tick = self.world.tick_id();
-        let (game, layout) = (self.world.game(), self.world.layout().clone());
+        let (game, layout) = (self.world.game(), self.world.layout());
         self.sessions
-            .handle_frame(&mut sink, connection, bytes, tick, game, &layout);
+            .handle_frame(&mut sink, connection, bytes, tick, game, layout);
         self.route_pending();
     }
 
@@ -405,6 +405,10 @@ impl<G: GameLogic> NodeCore<G> {
     /// Sends a cell message to the owner(s) the registry names; when that is
     /// this shard, the world or a shadow must take it.
     fn route_cell(&mut self, mut env: Envelope<G>) {
+        if let Some(owner) = self.router.owner_of(env.to) {
+            self.send_cell_to(owner, env);
+            return;
+        }
         let owners = self.router.owners_of::<G>(&mut env);
         let Some((&last, rest)) = owners.split_last() else {
             tracing::warn!(shard = %self.me, cell = %env.to, kind = env.msg.kind(), "message for a cell no shard owns dropped");

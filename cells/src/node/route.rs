@@ -90,8 +90,8 @@ impl Router {
         &mut self,
         env: &mut CellEnvelope<G::Components, G::Intent>,
     ) -> Vec<ShardRef> {
-        if let Some(a) = self.registry.get(env.to) {
-            return vec![a.owner];
+        if let Some(owner) = self.owner_of(env.to) {
+            return vec![owner];
         }
         let registry = &self.registry;
         let owner = |c: CellId| registry.get(c).map(|a| a.owner);
@@ -127,6 +127,11 @@ impl Router {
                 owners
             }
         }
+    }
+
+    /// The owner of a leaf cell (the common case, without allocating).
+    pub fn owner_of(&self, cell: CellId) -> Option<ShardRef> {
+        self.registry.get(cell).map(|a| a.owner)
     }
 
     /// Counts a cell message sent to another shard.

@@ -62,6 +62,14 @@ impl Rearm {
     }
 }
 
+/// Hands the core the published registry if it is another version (one
+/// atomic load when nothing changed: this runs every tick).
+fn refresh_registry<G: GameLogic>(core: &mut NodeCore<G>, shared: &NodeShared) {
+    if shared.registry_version() != core.router().registry().version() {
+        core.handle_registry(shared.registry());
+    }
+}
+
 /// The one stage of a node's shard: every message goes to the core, which
 /// sorts it by cell itself.
 pub struct CoreStage<G: GameLogic> {
@@ -79,7 +87,7 @@ impl<G: GameLogic> Stage<ShardMsg<G>> for CoreStage<G> {
         if matches!(envelope.msg, ShardMsg::Order(_)) {
             // The coordinator publishes the registry before it sends an
             // order: a commit must find the new route in place.
-            core.handle_registry(self.shared.registry());
+            refresh_registry(&mut core, &self.shared);
         }
         core.handle_message(envelope.msg);
         Handled::Done
@@ -315,13 +323,12 @@ impl<G: GameLogic> ShardHandler for NodeShard<G> {
         _stages: &mut StageTable<CoreStage<G>, ShardMsg<G>>,
         tick: Tick,
     ) {
-        let registry = self.shared.registry();
         // Tick 0 would read as "no baseline" in snapshots: start at 1.
         let id = TickId(tick.id + 1);
         let started = Instant::now();
         {
             let mut core = self.core.borrow_mut();
-            core.handle_registry(registry);
+            refresh_registry(&mut core, &self.shared);
             core.tick(id);
         }
         let _ = self
