@@ -374,6 +374,7 @@ impl<G: GameLogic> Cell<G> {
                     client,
                     entity,
                     hops,
+                    after,
                 } => match self.entities.get(entity) {
                     Some(e) if e.client == Some(client) => {
                         self.entities.remove(entity);
@@ -390,6 +391,7 @@ impl<G: GameLogic> Cell<G> {
                             client,
                             entity,
                             hops: hops.saturating_add(1),
+                            after,
                         },
                     ),
                 },
@@ -536,7 +538,9 @@ impl<G: GameLogic> Cell<G> {
                     self.counters.inputs_forwarded += 1;
                 }
                 let left = departure(until, config);
-                if let CellMessage::Input { after, .. } | CellMessage::Ack { after, .. } = &mut msg
+                if let CellMessage::Input { after, .. }
+                | CellMessage::Ack { after, .. }
+                | CellMessage::Leave { after, .. } = &mut msg
                 {
                     *after = (*after).max(left);
                 }
@@ -854,7 +858,9 @@ fn departure(until: TickId, config: &WorldConfig) -> TickId {
 /// The newest departure a forwarded message followed (0: none).
 fn after_of<C, I>(msg: &CellMessage<C, I>) -> TickId {
     match msg {
-        CellMessage::Input { after, .. } | CellMessage::Ack { after, .. } => *after,
+        CellMessage::Input { after, .. }
+        | CellMessage::Ack { after, .. }
+        | CellMessage::Leave { after, .. } => *after,
         _ => TickId(0),
     }
 }
@@ -1052,6 +1058,20 @@ impl<G: GameLogic> Cell<G> {
         self.entities.contains(entity) || self.forwards.contains_key(&entity)
     }
 
+    /// True if this cell remembers the entity leaving after the newest
+    /// departure `msg` already followed: forwarding it from here leads on,
+    /// not back (an older pointer means the entity is on its way back).
+    pub fn points_onward(&self, entity: EntityId, msg: &Msg<G>, config: &WorldConfig) -> bool {
+        self.forwards
+            .get(&entity)
+            .is_some_and(|&(_, until)| departure(until, config) >= after_of(msg))
+    }
+
+    /// True if the entity's transfer waits in this cell's InputQueue.
+    pub fn awaits(&self, entity: EntityId) -> bool {
+        self.queued_transfers().any(|e| e == entity)
+    }
+
     /// Splits this cell's state among `children` (leaves of `layout`):
     /// entities by position (their version bumped: the owner cell changes),
     /// what neighbours hold of them, their jobs; ghosts inherited
@@ -1130,7 +1150,20 @@ impl<G: GameLogic> Cell<G> {
             for job in jobs {
                 p.jobs.schedule(job);
             }
-            p.forwards.extend(s.forwards);
+            for (id, (to, until)) in s.forwards {
+                // A pointer from one child to a sibling would now point from
+                // the parent into itself: the entity is in the parent, or its
+                // transfer is on its way here (its messages wait as orphans).
+                if parent.contains_cell(to) || p.entities.contains(id) {
+                    continue;
+                }
+                // Two children may remember the same entity: the newest
+                // departure wins.
+                let newer = p.forwards.get(&id).is_none_or(|(_, u)| *u < until);
+                if newer {
+                    p.forwards.insert(id, (to, until));
+                }
+            }
             inputs.extend(s.input_queue);
             inputs.extend(s.orphans.into_iter().map(|(_, m)| m));
             intents.extend(s.intent_queue);

@@ -62,6 +62,9 @@ pub enum CellMessage<C, I> {
         entity: EntityId,
         /// Times forwarded.
         hops: u8,
+        /// As for [`CellMessage::Input`]: a leave must not bounce between
+        /// two cells while its entity is on its way back.
+        after: TickId,
     },
     /// Ghost changes from a neighbour.
     Ghost(GhostUpdate),

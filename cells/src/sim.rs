@@ -200,6 +200,32 @@ impl<T> SimNet<T> {
         self.pending.values().flat_map(|p| p.values())
     }
 
+    /// Messages sent and not yet delivered, with their link, sequence number
+    /// and the next sequence number the link delivers (for failure messages).
+    pub fn in_flight_detail(&self) -> impl Iterator<Item = ((usize, usize), u64, u64, &T)> {
+        self.pending.iter().flat_map(move |(link, p)| {
+            let expected = self.expected.get(link).copied().unwrap_or(0);
+            p.iter().map(move |(seq, m)| (*link, *seq, expected, m))
+        })
+    }
+
+    /// Where the next message of a link is: (on the wire at these arrival
+    /// ticks, arrived and buffered), for failure messages.
+    pub fn next_of(&self, link: (usize, usize)) -> (Vec<u64>, bool) {
+        let expected = self.expected.get(&link).copied().unwrap_or(0);
+        let wire = self
+            .wire
+            .iter()
+            .filter(|Reverse((_, _, l, s))| *l == link && *s == expected)
+            .map(|Reverse((a, ..))| *a)
+            .collect();
+        let buffered = self
+            .arrived
+            .get(&link)
+            .is_some_and(|b| b.contains(&expected));
+        (wire, buffered)
+    }
+
     /// True when nothing is in flight.
     pub fn is_idle(&self) -> bool {
         self.pending.values().all(|p| p.is_empty())
@@ -706,6 +732,10 @@ impl Harness {
     }
 
     fn client_receive(&mut self, i: usize, bytes: &[u8]) {
+        if self.clients[i].gone {
+            // Frames still on their way to a client that left.
+            return;
+        }
         let msg = match server::decode(bytes) {
             Ok(m) => m,
             Err(e) => {
@@ -924,6 +954,26 @@ impl Harness {
         for id in &self.known {
             match count.get(id).copied().unwrap_or(0) {
                 1 => {}
+                n if problems.len() < 3 => {
+                    let traces = self.traces(*id);
+                    let cells: Vec<String> = traces
+                        .iter()
+                        .filter_map(|t| t.strip_prefix("owned by "))
+                        .filter_map(|t| t.split(' ').next())
+                        .filter_map(|c| c.parse::<CellId>().ok())
+                        .map(|c| {
+                            format!(
+                                "{c}: registry {:?}, epochs {:?}",
+                                self.registry.get(c),
+                                self.cores
+                                    .iter()
+                                    .map(|k| k.world().epoch(c))
+                                    .collect::<Vec<_>>()
+                            )
+                        })
+                        .collect();
+                    problems.push(format!("{id} is owned {n} times: {traces:?}; {cells:?}"))
+                }
                 n => problems.push(format!("{id} is owned {n} times")),
             }
         }
@@ -1037,13 +1087,114 @@ impl Harness {
     }
 
     /// Entities the harness knows of (NPCs, avatars of clients still
-    /// connected) that no cell owns.
+    /// connected) that no cell owns and no transfer carries (on the network
+    /// or queued for a cell): wandering NPCs are always crossing somewhere.
     pub fn missing(&self) -> Vec<EntityId> {
+        let mut carried: BTreeSet<EntityId> = self
+            .net
+            .in_flight()
+            .filter_map(|m| match m {
+                Wire::Shard(ShardMsg::Cell(CellEnvelope {
+                    msg: CellMessage::Transfer(t),
+                    ..
+                })) => Some(t.entity.id),
+                _ => None,
+            })
+            .collect();
+        for core in &self.cores {
+            for c in core.world().cells() {
+                carried.extend(c.entities().iter().map(|e| e.id));
+                carried.extend(c.queued_transfers());
+            }
+        }
         self.known
             .iter()
             .copied()
-            .filter(|id| self.find(*id).is_none())
+            .filter(|id| !carried.contains(id))
             .collect()
+    }
+
+    /// Entities the harness knows of (NPCs, avatars of clients still
+    /// connected).
+    pub fn population(&self) -> usize {
+        self.known.len()
+    }
+
+    /// Every place the harness can see a trace of an entity (for failure
+    /// messages): owned, queued for a cell, in a handover shadow, on the
+    /// network, or as a ghost.
+    pub fn traces(&self, id: EntityId) -> Vec<String> {
+        let mut out = Vec::new();
+        for (s, core) in self.cores.iter().enumerate() {
+            let world = core.world();
+            for c in world.cells() {
+                if c.entities().contains(id) {
+                    out.push(format!("owned by {} on shard {s}", c.id()));
+                }
+                if c.queued_transfers().any(|e| e == id) {
+                    out.push(format!(
+                        "queued for {} on shard {s} (frozen {})",
+                        c.id(),
+                        world.is_frozen(c.id())
+                    ));
+                }
+                if c.ghosts().get(id).is_some() {
+                    out.push(format!("ghost in {} on shard {s}", c.id()));
+                }
+            }
+            for (cell, e) in core.agent().shadow_entities() {
+                if e == id {
+                    out.push(format!("in the shadow of {cell} on shard {s}"));
+                }
+            }
+        }
+        for msg in self.net.in_flight() {
+            match msg {
+                Wire::Shard(ShardMsg::Peer(crate::control::PeerMsg::Diff {
+                    cell, diff, ..
+                })) => {
+                    if diff.changed.iter().any(|e| e.id == id) {
+                        out.push(format!("changed in the diff of {cell} in flight"));
+                    }
+                    if crate::cell::queued_transfer_ids(&diff.rest.input_queue).any(|e| e == id) {
+                        out.push(format!("queued in the diff of {cell} in flight"));
+                    }
+                }
+                Wire::Shard(ShardMsg::Peer(crate::control::PeerMsg::PreCopy {
+                    cell,
+                    state,
+                    ..
+                })) if state.entities.iter().any(|e| e.id == id) => {
+                    out.push(format!("in the pre-copy of {cell} in flight"));
+                }
+                _ => {}
+            }
+        }
+        for (s, core) in self.cores.iter().enumerate() {
+            for (cell, state) in core.agent().prepared() {
+                if crate::cell::queued_transfer_ids(&state.input_queue).any(|e| e == id) {
+                    out.push(format!(
+                        "queued in the prepared shadow of {cell} on shard {s}"
+                    ));
+                }
+            }
+        }
+        for (link, seq, expected, msg) in self.net.in_flight_detail() {
+            if let Wire::Shard(ShardMsg::Cell(CellEnvelope {
+                to,
+                msg: CellMessage::Transfer(t),
+                ..
+            })) = msg
+            {
+                if t.entity.id == id {
+                    out.push(format!(
+                        "in flight to {to} on link {link:?}, seq {seq} (the link delivers {expected} next: {:?}; now {})",
+                        self.net.next_of(link), self.tick
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// Totals over all shards.

@@ -90,6 +90,9 @@ pub struct ShardWorld<G: GameLogic> {
     cells: BTreeMap<CellId, Cell<G>>,
     ids: IdAllocator,
     next_tick_local: Vec<Envelope<G>>,
+    /// Messages for an entity of a split cell that no child knows yet, with
+    /// the tick they arrived.
+    unplaced: Vec<(TickId, Envelope<G>)>,
     outbox: Vec<Out<G>>,
     tick: TickId,
     frozen: BTreeSet<CellId>,
@@ -124,6 +127,7 @@ impl<G: GameLogic> ShardWorld<G> {
             cells: BTreeMap::new(),
             ids: IdAllocator::new(id_prefix),
             next_tick_local: Vec::new(),
+            unplaced: Vec::new(),
             outbox: Vec::new(),
             tick: TickId(0),
             frozen: BTreeSet::new(),
@@ -375,16 +379,30 @@ impl<G: GameLogic> ShardWorld<G> {
         };
         let target = match env.msg.locator(G::intent_target) {
             Locator::Position(p) => self.layout.leaf_at(p),
-            Locator::Entity(id) => descendants
-                .iter()
-                .copied()
-                .find(|c| self.cells[c].entities().contains(id))
-                .or_else(|| {
-                    descendants
-                        .iter()
-                        .copied()
-                        .find(|c| self.cells[c].knows(id))
-                }),
+            Locator::Entity(id) => {
+                // The child that owns it, else the one its transfer waits
+                // in, else one that saw it leave after the message's newest
+                // departure (every child inherited the parent's forward
+                // pointers, stale ones too: an older one means the entity is
+                // on its way back into the split cell, child unknown yet).
+                let find = |test: &dyn Fn(&Cell<G>) -> bool| {
+                    descendants.iter().copied().find(|c| test(&self.cells[c]))
+                };
+                let config = &self.config;
+                let msg = &env.msg;
+                let child = find(&|c| c.entities().contains(id))
+                    .or_else(|| find(&|c| c.awaits(id)))
+                    .or_else(|| find(&|c| c.points_onward(id, msg, config)));
+                if child.is_none() && self.owns_all_of(env.to, descendants.len()) {
+                    // No child knows the entity yet, and every child is here:
+                    // its transfer is still on its way to the cell that was
+                    // split. Try again at the next ticks (as a cell holds an
+                    // orphan). With children elsewhere, the router tries them.
+                    self.unplaced.push((self.tick, env));
+                    return Ok(());
+                }
+                child
+            }
             Locator::Every => {
                 let CellMessage::Ghost(update) = env.msg else {
                     unreachable!("only ghost updates go to every child")
@@ -404,6 +422,52 @@ impl<G: GameLogic> ShardWorld<G> {
             Some(t) => Err(CellEnvelope { to: t, ..env }),
             None => Err(env),
         }
+    }
+
+    /// True if the `owned` local leaves inside `cell` are all of its leaves.
+    fn owns_all_of(&self, cell: CellId, owned: usize) -> bool {
+        let leaves = self
+            .layout
+            .leaves()
+            .into_iter()
+            .filter(|c| cell.contains_cell(*c))
+            .count();
+        leaves == owned
+    }
+
+    /// Messages no child of a split cell could take: again, now that the
+    /// last tick applied the transfers it had queued. After the orphan
+    /// timeout the first child that still covers the destination takes it
+    /// (and counts it as for an unknown entity).
+    fn retry_unplaced(&mut self, tick: TickId) {
+        for (since, env) in std::mem::take(&mut self.unplaced) {
+            if tick.0 <= since.0 + self.config.orphan_ticks {
+                let before = self.unplaced.len();
+                let result = self.deliver(env);
+                // Still unplaced: keep its first arrival tick.
+                if self.unplaced.len() > before {
+                    self.unplaced.last_mut().expect("pushed").0 = since;
+                }
+                if let Err(env) = result {
+                    self.outbox.push(Output::Cell(env));
+                }
+                continue;
+            }
+            let to = env.to;
+            match self.cells.keys().copied().find(|c| to.contains_cell(*c)) {
+                Some(child) => self
+                    .cells
+                    .get_mut(&child)
+                    .expect("owned")
+                    .push_input(env.msg),
+                None => self.outbox.push(Output::Cell(env)),
+            }
+        }
+    }
+
+    /// Messages waiting for a split cell's child to learn of their entity.
+    pub fn unplaced(&self) -> usize {
+        self.unplaced.len()
     }
 
     /// Queues a message to a cell, whoever owns it (sent with the outputs if
@@ -438,6 +502,7 @@ impl<G: GameLogic> ShardWorld<G> {
     pub fn tick(&mut self, tick: TickId) {
         self.tick = tick;
         let layout = self.layout.clone();
+        self.retry_unplaced(tick);
         for env in std::mem::take(&mut self.next_tick_local) {
             if let Err(env) = self.deliver(env) {
                 self.outbox.push(Output::Cell(env));
@@ -547,7 +612,7 @@ impl<G: GameLogic> ShardWorld<G> {
 
     /// Messages waiting for local cells at the next tick.
     pub fn pending_local(&self) -> usize {
-        self.next_tick_local.len()
+        self.next_tick_local.len() + self.unplaced.len()
     }
 
     /// Totals over the cells.

@@ -728,31 +728,45 @@ impl Coordinator {
         ));
     }
 
-    /// A source reports a handover this coordinator does not know: if the
-    /// registry already moved the cell past the source's epoch, the source
-    /// missed its commit; otherwise nothing was committed and it aborts.
+    /// A source reports a handover this coordinator does not know (its
+    /// predecessor ordered it). If the registry gives the cell, or any part
+    /// of the area it covered (it was split or merged since), to another
+    /// shard, the handover committed and the source lets go: it never runs
+    /// the cell again. Otherwise nothing was committed: it aborts and keeps
+    /// the cell.
     fn settle_unknown(&mut self, shard: ShardRef, id: HandoverId, cell: CellId, epoch: u32) {
         self.counters.stale_events += 1;
-        match self.registry.get(cell) {
-            Some(a) if a.epoch > epoch && a.owner != shard => {
-                self.orders.push_back((
-                    shard,
-                    Order::Commit {
-                        id,
-                        cell,
-                        epoch: a.epoch,
-                    },
-                ));
+        let order = match self.moved_on(cell, shard) {
+            Some(current) => Order::Commit {
+                id,
+                cell,
+                epoch: current.max(epoch + 1),
+            },
+            None => Order::Abort {
+                id,
+                cell,
+                reason: AbortReason::Superseded,
+            },
+        };
+        self.orders.push_back((shard, order));
+    }
+
+    /// The newest epoch at which the registry gives `cell`'s area (the cell,
+    /// the leaf it was merged into, or the leaves it was split into) to a
+    /// shard other than `shard`; None if it is all still `shard`'s.
+    fn moved_on(&self, cell: CellId, shard: ShardRef) -> Option<u32> {
+        let mut up = Some(cell);
+        while let Some(c) = up {
+            if let Some(a) = self.registry.get(c) {
+                return (a.owner != shard).then_some(a.epoch);
             }
-            _ => self.orders.push_back((
-                shard,
-                Order::Abort {
-                    id,
-                    cell,
-                    reason: AbortReason::Superseded,
-                },
-            )),
+            up = c.parent();
         }
+        self.registry
+            .iter()
+            .filter(|(c, a)| cell.contains_cell(*c) && a.owner != shard)
+            .map(|(_, a)| a.epoch)
+            .max()
     }
 
     fn abort(&mut self, now: Instant, id: HandoverId, reason: AbortReason) {

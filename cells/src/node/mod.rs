@@ -41,6 +41,10 @@ use crate::registry::{Registry, ShardRef};
 use crate::world::ShardWorld;
 use session::SessionSink;
 
+/// Most hops a message for a split cell may spend looking for its entity
+/// among the split cell's parts (the router gives up past it too).
+const MAX_REDIRECT_HOPS: u8 = 8;
+
 /// A client connection as the driver names it (the RUDP endpoint's handle,
 /// as a number): the core only keys sessions by it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -438,7 +442,30 @@ impl<G: GameLogic> NodeCore<G> {
         let Err(env) = self.world.deliver(env) else {
             return;
         };
-        let CellEnvelope { to, from, msg } = env;
+        let CellEnvelope { to, from, mut msg } = env;
+        if self.router.owner_of(to).is_none() {
+            match msg.hops_mut() {
+                Some(hops) if *hops < MAX_REDIRECT_HOPS => {
+                    // The router tried this shard's part of a split cell for
+                    // an entity none of our cells knows: on to the next part
+                    // (each try costs a hop, so this ends).
+                    *hops += 1;
+                    self.route_cell(CellEnvelope { to, from, msg });
+                }
+                Some(_) => {
+                    // No part of the split cell knows the entity: it left the
+                    // world (its client left) or is lost; counted, like a
+                    // cell's unknown entities.
+                    self.router.counters_mut().entity_not_found += 1;
+                    tracing::debug!(shard = %self.me, cell = %to, kind = msg.kind(), "no part of a split cell knows the entity: dropped");
+                }
+                None => {
+                    self.router.counters_mut().cell_undeliverable += 1;
+                    tracing::error!(shard = %self.me, cell = %to, kind = msg.kind(), "no part of a split cell takes the message: dropped");
+                }
+            }
+            return;
+        }
         if let Err(msg) = self.agent.deliver_to_shadow(to, msg) {
             self.router.counters_mut().cell_undeliverable += 1;
             tracing::error!(shard = %self.me, cell = %to, from = %from, kind = msg.kind(),

@@ -40,6 +40,10 @@ pub struct RouterCounters {
     /// Cell messages for a cell the registry gives to this shard that
     /// neither the world nor a handover shadow took (dropped, logged).
     pub cell_undeliverable: u64,
+    /// Entity-addressed messages for a split cell that no part of it knew
+    /// after every redirect hop (the entity left the world, usually: its
+    /// client's last inputs).
+    pub entity_not_found: u64,
     /// Client frames sent to another shard's gateway.
     pub client_sent: u64,
 }
@@ -112,8 +116,8 @@ impl Router {
             Locator::Position(p) => layout.leaf_at(p).and_then(owner).into_iter().collect(),
             Locator::Entity(_) => {
                 let hops = env.msg.hops_mut().expect("entity messages count hops");
-                if *hops > 8 {
-                    self.counters.cell_unknown += 1;
+                if *hops > super::MAX_REDIRECT_HOPS {
+                    self.counters.entity_not_found += 1;
                     return Vec::new();
                 }
                 let pick = children[usize::from(*hops) % children.len()];

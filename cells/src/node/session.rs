@@ -342,6 +342,7 @@ fn leave<C, I>(route: CellId, client: ClientId, entity: EntityId) -> CellEnvelop
             client,
             entity,
             hops: 0,
+            after: TickId(0),
         },
     )
 }

@@ -307,6 +307,7 @@ pub fn render(shared: &NodeShared, board: &StatsBoard) -> String {
             ("router_unknown_cell", s.router.cell_unknown),
             ("router_mailbox_full", s.driver.mailbox_refused),
             ("router_undeliverable", s.router.cell_undeliverable),
+            ("router_entity_not_found", s.router.entity_not_found),
             ("remote_unreachable", s.driver.remote_unreachable),
             ("input_duplicate", s.world.counters.inputs_duplicate),
             ("input_unknown_entity", s.world.counters.unknown_entity),
