@@ -465,11 +465,6 @@ impl<G: GameLogic> ShardWorld<G> {
         }
     }
 
-    /// Messages waiting for a split cell's child to learn of their entity.
-    pub fn unplaced(&self) -> usize {
-        self.unplaced.len()
-    }
-
     /// Queues a message to a cell, whoever owns it (sent with the outputs if
     /// not local).
     pub fn send(&mut self, to: CellId, from: CellId, msg: Msg<G>) {

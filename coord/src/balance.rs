@@ -183,6 +183,9 @@ pub struct Coordinator {
     policy: Policy,
     moves: BTreeMap<HandoverId, MoveOp>,
     reshapes: BTreeMap<u64, ReshapeOp>,
+    /// Merges waiting for their children to be gathered on one shard: the
+    /// cause, and when to give up.
+    gathering: BTreeMap<CellId, (&'static str, Instant)>,
     next_id: u64,
     heat: BTreeMap<CellId, Heat>,
     shard_busy_since: BTreeMap<ShardRef, Instant>,
@@ -208,6 +211,7 @@ impl Coordinator {
             policy,
             moves: BTreeMap::new(),
             reshapes: BTreeMap::new(),
+            gathering: BTreeMap::new(),
             next_id: (u64::from(incarnation) << 32) | 1,
             heat: BTreeMap::new(),
             shard_busy_since: BTreeMap::new(),
@@ -255,7 +259,7 @@ impl Coordinator {
 
     /// Operations in flight.
     pub fn in_flight(&self) -> usize {
-        self.moves.len() + self.reshapes.len()
+        self.moves.len() + self.reshapes.len() + self.gathering.len()
     }
 
     /// The last load score of each cell.
@@ -270,11 +274,11 @@ impl Coordinator {
     }
 
     fn busy(&self, cell: CellId) -> bool {
+        let overlaps =
+            |other: CellId| other == cell || other.contains_cell(cell) || cell.contains_cell(other);
         self.moves.values().any(|m| m.cell == cell)
-            || self
-                .reshapes
-                .values()
-                .any(|r| r.cell == cell || r.cell.contains_cell(cell) || cell.contains_cell(r.cell))
+            || self.reshapes.values().any(|r| overlaps(r.cell))
+            || self.gathering.keys().any(|p| overlaps(*p))
     }
 
     /// The shards balancing may use.
@@ -339,8 +343,9 @@ impl Coordinator {
         Ok(self.start_split(now, cell, a.owner, "operator"))
     }
 
-    /// Operator: merge the four children of `parent` (gathering them on one
-    /// shard first if needed: the merge then waits for those moves).
+    /// Operator: merge the four children of `parent`. Children on several
+    /// shards are first gathered on the shard that has most of them; the
+    /// merge follows by itself once they are there (0 is returned then).
     pub fn command_merge(&mut self, now: Instant, parent: CellId) -> Result<u64, CommandError> {
         self.start_merge(now, parent, "operator")
     }
@@ -453,6 +458,8 @@ impl Coordinator {
             }
         }
         if gathering {
+            let give_up = now + self.policy.step_timeout * 6;
+            self.gathering.insert(parent, (cause, give_up));
             self.note(format!(
                 "decision: gather the children of {parent} on {home} before merging ({cause})"
             ));
@@ -497,6 +504,7 @@ impl Coordinator {
             Report::Released { id, .. } => {
                 if self.moves.get(&id).is_some_and(|m| m.activated) {
                     self.moves.remove(&id);
+                    self.resume_merges(now);
                 }
             }
             Report::Aborted { id, reason, .. } => {
@@ -895,8 +903,42 @@ impl Coordinator {
                 ));
             }
         }
+        self.resume_merges(now);
         if self.policy.automatic && self.in_flight() == 0 {
             self.decide(now);
+        }
+    }
+
+    /// Merges whose children were being gathered: merge those now on one
+    /// shard; give up on those whose gathering failed (a move aborted, a
+    /// child split further) or took too long.
+    fn resume_merges(&mut self, now: Instant) {
+        let waiting: Vec<(CellId, &'static str, Instant)> = self
+            .gathering
+            .iter()
+            .map(|(p, (cause, until))| (*p, *cause, *until))
+            .collect();
+        for (parent, cause, give_up) in waiting {
+            let children = parent.children().expect("only parents gather");
+            let moving = self.moves.values().any(|m| children.contains(&m.cell));
+            if moving && now <= give_up {
+                continue;
+            }
+            self.gathering.remove(&parent);
+            let owners: Vec<Option<ShardRef>> = children
+                .iter()
+                .map(|c| self.registry.get(*c).map(|a| a.owner))
+                .collect();
+            let together = owners.iter().all(|o| o.is_some() && *o == owners[0]);
+            if !together || moving {
+                self.note(format!(
+                    "merge into {parent} given up: its children were not gathered on one shard"
+                ));
+                continue;
+            }
+            if let Err(e) = self.start_merge(now, parent, cause) {
+                self.note(format!("merge into {parent} given up: {e}"));
+            }
         }
     }
 
@@ -1031,5 +1073,223 @@ impl Coordinator {
             }
         }
         best.map(|(_, c, a)| (c, a, to))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_cells::{Geometry, Layout};
+
+    fn shard(s: u16) -> ShardRef {
+        ShardRef::local(s)
+    }
+
+    /// A 2x1 world on 2 shards (cell (0,0) on shard 0, (1,0) on shard 1),
+    /// with (0,0) split and its children `remote` on shard 1.
+    fn coordinator(split: bool, remote: &[usize]) -> (Coordinator, Instant) {
+        let mut layout = Layout::new(Geometry::new(0, 128.0, 2, 1));
+        let left = CellId::root(0, 0, 0);
+        let children = if split {
+            layout.split(left).unwrap().to_vec()
+        } else {
+            Vec::new()
+        };
+        let owners = layout
+            .leaves()
+            .into_iter()
+            .map(|c| {
+                let k = children.iter().position(|x| *x == c);
+                let on_one = c.cx == 1 || k.is_some_and(|k| remote.contains(&k));
+                (c, shard(u16::from(on_one)))
+            })
+            .collect();
+        let registry = Registry::new(Arc::new(layout), &owners).unwrap();
+        let mut policy = Policy::new(2);
+        policy.automatic = false;
+        policy.max_depth = 2;
+        (Coordinator::new(registry, policy), Instant::now())
+    }
+
+    fn orders(c: &mut Coordinator) -> Vec<(ShardRef, Order)> {
+        std::iter::from_fn(|| c.poll_order()).collect()
+    }
+
+    #[test]
+    fn moves_name_what_is_wrong() {
+        let (mut c, now) = coordinator(false, &[]);
+        let left = CellId::root(0, 0, 0);
+        let outside = CellId::root(0, 5, 5);
+        assert_eq!(
+            c.command_move(now, outside, shard(1)),
+            Err(CommandError::UnknownCell(outside))
+        );
+        assert_eq!(
+            c.command_move(now, left, shard(7)),
+            Err(CommandError::UnknownShard(shard(7)))
+        );
+        assert!(matches!(
+            c.command_move(now, left, shard(0)),
+            Err(CommandError::Busy {
+                why: "is already on that shard",
+                ..
+            })
+        ));
+        c.command_move(now, left, shard(1)).unwrap();
+        assert!(matches!(
+            c.command_move(now, left, shard(1)),
+            Err(CommandError::Busy {
+                why: "is in an operation",
+                ..
+            })
+        ));
+        assert!(matches!(
+            c.command_split(now, left),
+            Err(CommandError::Busy { .. })
+        ));
+        let sent = orders(&mut c);
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert!(matches!(sent[0], (s, Order::Begin { to, .. }) if s == shard(0) && to == shard(1)));
+    }
+
+    #[test]
+    fn splits_stop_at_the_maximum_depth() {
+        let (mut c, now) = coordinator(true, &[]);
+        let outside = CellId::root(0, 9, 0);
+        assert_eq!(
+            c.command_split(now, outside),
+            Err(CommandError::UnknownCell(outside))
+        );
+        let child = CellId::root(0, 0, 0).children().unwrap()[0];
+        let op = c.command_split(now, child).unwrap();
+        assert!(op > 0);
+        c.handle_report(now, shard(0), Report::Split { op, parent: child });
+        let grandchild = child.children().unwrap()[0];
+        assert_eq!(grandchild.depth, 2);
+        assert!(matches!(
+            c.command_split(now, grandchild),
+            Err(CommandError::Impossible(m)) if m.contains("maximum depth")
+        ));
+    }
+
+    #[test]
+    fn merges_refuse_cells_whose_children_are_not_leaves() {
+        let (mut c, now) = coordinator(true, &[]);
+        // (1,0) was never split: its children are not leaves.
+        assert!(matches!(
+            c.command_merge(now, CellId::root(0, 1, 0)),
+            Err(CommandError::Impossible(m)) if m.contains("is not a leaf")
+        ));
+        // A child split further: the parent cannot merge yet.
+        let left = CellId::root(0, 0, 0);
+        let child = left.children().unwrap()[0];
+        let op = c.command_split(now, child).unwrap();
+        c.handle_report(now, shard(0), Report::Split { op, parent: child });
+        assert!(matches!(
+            c.command_merge(now, left),
+            Err(CommandError::Impossible(_))
+        ));
+        // A reshape report for an operation nobody ordered from a shard
+        // that does not own the cell changes nothing.
+        let version = c.registry().version();
+        c.handle_report(
+            now,
+            shard(1),
+            Report::Merged {
+                op: 999,
+                parent: child,
+            },
+        );
+        assert_eq!(c.registry().version(), version);
+    }
+
+    #[test]
+    fn a_merge_across_shards_gathers_the_children_then_merges_by_itself() {
+        // Children 2 and 3 on shard 1: they move to shard 0, then it merges.
+        let (mut c, mut now) = coordinator(true, &[2, 3]);
+        let left = CellId::root(0, 0, 0);
+        assert_eq!(c.command_merge(now, left), Ok(0), "gathering first");
+        assert!(matches!(
+            c.command_merge(now, left),
+            Err(CommandError::Busy { .. })
+        ));
+        let moves = orders(&mut c);
+        assert_eq!(moves.len(), 2, "{moves:?}");
+        for (from, order) in moves {
+            let Order::Begin {
+                id,
+                cell,
+                to,
+                epoch,
+            } = order
+            else {
+                panic!("{order:?}");
+            };
+            assert_eq!((from, to), (shard(1), shard(0)));
+            now += Duration::from_millis(50);
+            let frozen = Report::Frozen {
+                id,
+                cell,
+                epoch,
+                tick: tessera_cells::TickId(1),
+                entities: 0,
+                repeat: false,
+            };
+            c.handle_report(now, from, frozen);
+            let prepared = Report::Prepared {
+                id,
+                cell,
+                repeat: false,
+            };
+            c.handle_report(now, to, prepared);
+            c.handle_report(now, to, Report::Activated { id, cell });
+            c.handle_report(
+                now,
+                from,
+                Report::Released {
+                    id,
+                    cell,
+                    forwarded: 0,
+                },
+            );
+        }
+        let merge = orders(&mut c)
+            .into_iter()
+            .find(|(_, o)| matches!(o, Order::Merge { .. }));
+        let Some((on, Order::Merge { op, parent })) = merge else {
+            panic!("no merge order after the gathering");
+        };
+        assert_eq!((on, parent), (shard(0), left));
+        c.handle_report(now, on, Report::Merged { op, parent });
+        assert_eq!(c.registry().get(left).map(|a| a.owner), Some(shard(0)));
+        assert_eq!(c.counters().merges, 1);
+        assert_eq!(c.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_gathering_that_fails_is_given_up() {
+        let (mut c, mut now) = coordinator(true, &[3]);
+        let left = CellId::root(0, 0, 0);
+        assert_eq!(c.command_merge(now, left), Ok(0));
+        let moves = orders(&mut c);
+        let (_, Order::Begin { id, cell, .. }) = moves[0].clone() else {
+            panic!("{moves:?}");
+        };
+        now += Duration::from_millis(50);
+        c.handle_report(
+            now,
+            shard(0),
+            Report::Aborted {
+                id,
+                cell,
+                reason: AbortReason::Refused,
+            },
+        );
+        c.tick(now);
+        assert_eq!(c.in_flight(), 0);
+        assert!(c.take_log().iter().any(|l| l.contains("given up")));
+        assert!(orders(&mut c)
+            .iter()
+            .all(|(_, o)| !matches!(o, Order::Merge { .. })));
     }
 }

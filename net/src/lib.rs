@@ -14,6 +14,7 @@ mod cookie;
 #[cfg(feature = "driver")]
 pub mod driver;
 mod endpoint;
+#[cfg(any(test, feature = "testing"))]
 pub mod pair;
 mod pool;
 mod recovery;

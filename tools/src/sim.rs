@@ -24,10 +24,10 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tessera_cells::view::ClientMirror;
 use tessera_net::driver::{BatchSocket, SocketConfig};
-use tessera_net::{ChannelId, ConnectionHandle, Endpoint, Event, TransmitBatch};
+use tessera_net::{ChannelId, ConnectionHandle, DisconnectReason, Endpoint, Event, TransmitBatch};
 use tessera_schema::client::{self, ActionCmd, ClientMessage, InputCmd};
 use tessera_schema::flatbuffers::FlatBufferBuilder;
-use tessera_schema::protocol::Channel;
+use tessera_schema::protocol::{disconnect, Channel};
 use tessera_schema::quant::dequantize;
 use tessera_schema::wire;
 
@@ -157,6 +157,8 @@ struct Totals {
     joined: u64,
     failed: u64,
     disconnected: u64,
+    /// Sessions the server closed because it stops.
+    told_shutdown: u64,
     errors_from_server: u64,
     bad_frames: u64,
     verify_errors: u64,
@@ -406,6 +408,9 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                             continue;
                         };
                         let bot = &mut bots[b as usize];
+                        if reason == DisconnectReason::Remote(disconnect::SHUTTING_DOWN) {
+                            totals.told_shutdown += 1;
+                        }
                         if bot.state != State::Failed {
                             if bot.state == State::Playing {
                                 totals.disconnected += 1;
@@ -872,6 +877,11 @@ fn report(
         (
             "clients_disconnected",
             totals.disconnected as f64,
+            "clients",
+        ),
+        (
+            "clients_told_shutdown",
+            totals.told_shutdown as f64,
             "clients",
         ),
         ("connect_ms_p50", ms(connect, 0.5), "ms"),

@@ -5,31 +5,11 @@
 //! shortened version of the crowd demonstration: thresholds are low, the
 //! bots run at 30 m/s.)
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+use std::time::Duration;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn value(report: &serde_json::Value, metric: &str) -> f64 {
-    report["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["metric"] == metric)
-        .unwrap_or_else(|| panic!("no {metric}"))["value"]
-        .as_f64()
-        .unwrap()
-}
+use common::{sim_value as value, Guarded, Server};
 
 #[test]
 fn a_crowd_splits_a_cell_spreads_it_over_both_shards_and_it_merges_back() {
@@ -43,93 +23,38 @@ fn a_crowd_splits_a_cell_spreads_it_over_both_shards_and_it_merges_back() {
          merge_after_s = 3\nmove_after_s = 1\ncooldown_s = 2\nimbalance = 0.8\n",
     )
     .unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut server = Command::new(BIN)
-        .args([
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--port",
-            "0",
-            "--bind",
-            "127.0.0.1",
-            "--unpinned",
-        ])
-        .args([
-            "--admin-addr",
-            &admin.to_string(),
-            "--metrics-addr",
-            &metrics.to_string(),
-            "--duration",
-            "120",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    let game = first
-        .split("udp://")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .unwrap()
-        .to_string();
-    std::thread::spawn(move || for _ in lines {});
+    let mut server = Server::start(&["--config", config.to_str().unwrap()]);
+    let game = server.game.to_string();
 
     let report_path = dir.join("sim.json");
-    let out = Command::new(BIN)
-        .args([
-            "sim",
-            "--addr",
-            &game,
-            "--clients",
-            "150",
-            "--pattern",
-            "crowd",
-            "--crowd-seconds",
-            "14",
-        ])
-        .args([
-            "--duration",
-            "30",
-            "--ramp",
-            "1",
-            "--verify-every",
-            "10",
-            "--out",
-            report_path.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let sim_text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let handovers = Command::new(BIN)
-        .args(["admin", "--addr", &admin.to_string(), "--json", "handovers"])
-        .output()
-        .unwrap();
-    let handovers: serde_json::Value =
-        serde_json::from_slice(&handovers.stdout).expect("handovers JSON");
+    let (sim_ok, sim_text) = Guarded::spawn(&[
+        "sim",
+        "--addr",
+        &game,
+        "--clients",
+        "150",
+        "--pattern",
+        "crowd",
+        "--crowd-seconds",
+        "14",
+        "--duration",
+        "30",
+        "--ramp",
+        "1",
+        "--verify-every",
+        "10",
+        "--out",
+        report_path.to_str().unwrap(),
+    ])
+    .finish(Duration::from_secs(90));
+    let (ok, handovers) = server.admin(&["--json", "handovers"]);
+    assert!(ok, "{handovers}");
+    let handovers: serde_json::Value = serde_json::from_str(&handovers).expect("handovers JSON");
 
     // Stop the node: SIGTERM, clean exit.
-    // SAFETY: signalling our own child.
-    unsafe {
-        libc::kill(server.id() as i32, libc::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = server.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = server.kill();
-            panic!("server did not stop within 30 s of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = server.terminate();
 
-    assert!(out.status.success(), "sim failed: {sim_text}");
+    assert!(sim_ok, "sim failed: {sim_text}");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
     let summary = format!(

@@ -3,140 +3,24 @@
 //! commands, garbage at the game port, and SIGTERM. Every process is started
 //! and stopped by the test; waits are bounded.
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::{SocketAddr, TcpListener, UdpSocket};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
+use common::{sim_value, Guarded, Server};
 use tessera_net::{Endpoint, Event};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tessera");
-
-fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Server {
-    child: Child,
-    game: SocketAddr,
-    metrics: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Server {
-    fn start(extra: &[&str]) -> Server {
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-        let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--port",
-                "0",
-                "--bind",
-                "127.0.0.1",
-                "--shards",
-                "2",
-                "--unpinned",
-                "--world",
-                "4x4",
-                "--npcs",
-                "300",
-            ])
-            .args([
-                "--metrics-addr",
-                &metrics.to_string(),
-                "--admin-addr",
-                &admin.to_string(),
-                "--duration",
-                "120",
-            ])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start tessera serve");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().expect("server printed nothing").unwrap();
-        let addr = first
-            .split("udp://")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .expect("address line");
-        let game: SocketAddr = addr.parse().unwrap();
-        // Keep draining stdout so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Server {
-            child,
-            game,
-            metrics,
-            admin,
-        }
-    }
-
-    fn tessera(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(BIN).args(args).output().expect("run tessera");
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
-    }
-
-    fn metric(&self, name_and_labels: &str) -> f64 {
-        let mut s = std::net::TcpStream::connect(self.metrics).unwrap();
-        use std::io::Write;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        body.lines()
-            .filter(|l| l.starts_with(name_and_labels))
-            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-            .sum()
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        // SAFETY: sending a signal to our own child process.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "server did not stop within 30 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn sim_value(report: &serde_json::Value, metric: &str) -> f64 {
-    report["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["metric"] == metric)
-        .unwrap_or_else(|| panic!("no {metric} in the report"))["value"]
-        .as_f64()
-        .unwrap()
+/// The node of these tests: 2 shards over a 4x4 world, 300 NPCs.
+fn node(extra: &[&str]) -> Server {
+    let mut args = vec!["--shards", "2", "--world", "4x4", "--npcs", "300"];
+    args.extend_from_slice(extra);
+    Server::start(&args)
 }
 
 #[test]
 fn a_node_serves_200_commuting_clients_and_stops_cleanly() {
-    let mut server = Server::start(&[]);
+    let mut server = node(&[]);
     let addr = server.game.to_string();
 
     // The client commands work.
@@ -183,11 +67,23 @@ fn a_node_serves_200_commuting_clients_and_stops_cleanly() {
         ok && out.contains("rtt") && out.contains("entities"),
         "{out}"
     );
-    let (ok, out) = server.tessera(&["admin", "--addr", &server.admin.to_string(), "status"]);
+    let (ok, out) = server.admin(&["status"]);
     assert!(
         ok && out.contains("cell") && out.contains("sessions"),
         "{out}"
     );
+    // The node's refusals reach the operator as one line and a failure exit.
+    for (args, why) in [
+        (&["move", "0:9,9", "1"][..], "not a leaf"),
+        (&["move", "0:0,0", "7"][..], "does not exist"),
+        (&["merge", "0:0,0"][..], "not a leaf"),
+    ] {
+        let (ok, out) = server.admin(args);
+        assert!(
+            !ok && out.contains("refused") && out.contains(why),
+            "{args:?}: {out}"
+        );
+    }
 
     // 200 bots commute diagonally across cells owned by both shards. They
     // use 16 sockets: SO_REUSEPORT spreads sessions by source address, so
@@ -230,28 +126,42 @@ fn a_node_serves_200_commuting_clients_and_stops_cleanly() {
     assert!(server.metric("tessera_snapshots_sent_total{shard=\"0\"}") > 0.0);
     assert!(server.metric("tessera_snapshots_sent_total{shard=\"1\"}") > 0.0);
 
-    // Garbage at the game port is counted and changes nothing.
-    let refused_before = server.metric("tessera_drops_total");
+    // Garbage at the game port is counted, each datagram once, and changes
+    // nothing. Sent in bursts small enough for the socket buffer; after each
+    // burst the counters must catch up (bounded wait).
+    let drops = |server: &Server| server.metric("tessera_drops_total");
+    let refused_before = drops(&server);
     let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut x = 0x1234_5678u64;
-    for i in 0..500 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let len = (x % 1400) as usize + 1;
-        let mut bytes: Vec<u8> = (0..len).map(|k| (x >> (k % 56)) as u8).collect();
-        if i % 3 == 0 && bytes.len() > 4 {
-            // Our protocol id with garbage after it.
-            bytes[0] = 0x54;
-            bytes[1] = 0x53;
+    let mut sent = 0.0;
+    for burst in 0..10 {
+        for i in 0..50 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 1400) as usize + 1;
+            let mut bytes: Vec<u8> = (0..len).map(|k| (x >> (k % 56)) as u8).collect();
+            if (burst * 50 + i) % 3 == 0 && bytes.len() > 4 {
+                // Our protocol id with garbage after it.
+                bytes[0] = 0x54;
+                bytes[1] = 0x53;
+            }
+            junk.send_to(&bytes, server.game).unwrap();
+            sent += 1.0;
         }
-        junk.send_to(&bytes, server.game).unwrap();
+        let counted = server.poll(Duration::from_secs(5), |s| {
+            drops(s) - refused_before >= sent
+        });
+        assert!(
+            counted,
+            "garbage not counted: {} of {sent}",
+            drops(&server) - refused_before
+        );
     }
-    std::thread::sleep(Duration::from_millis(1500));
-    let refused_after = server.metric("tessera_drops_total");
-    assert!(
-        refused_after - refused_before >= 400.0,
-        "garbage not counted: {refused_before} -> {refused_after}"
+    assert_eq!(
+        drops(&server) - refused_before,
+        sent,
+        "each datagram counted once"
     );
     let (ok, out) = server.tessera(&["client", "--addr", &addr, "ping", "--count", "2"]);
     assert!(ok, "server stopped answering after garbage: {out}");
@@ -313,70 +223,148 @@ fn a_node_serves_200_commuting_clients_and_stops_cleanly() {
     );
 }
 
+/// Runs `tessera args` that must fail fast (a mistake), never on the
+/// default ports, killed if it does not end.
+fn must_fail(args: &[&str]) -> String {
+    let mut all = args.to_vec();
+    all.extend_from_slice(&[
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--unpinned",
+        "--duration",
+        "5",
+    ]);
+    let (ok, out) = Guarded::spawn(&all).finish(Duration::from_secs(20));
+    assert!(!ok, "{args:?} succeeded: {out}");
+    assert!(
+        !out.contains("panicked") && !out.contains("backtrace"),
+        "{out}"
+    );
+    out
+}
+
 #[test]
 fn mistakes_give_one_clear_line_and_a_nonzero_exit() {
     // Port in use.
     let holder = UdpSocket::bind("127.0.0.1:0").unwrap();
     let port = holder.local_addr().unwrap().port().to_string();
-    let out = Command::new(BIN)
-        .args([
-            "serve",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port,
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--unpinned",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = must_fail(&["serve", "--bind", "127.0.0.1", "--port", &port]);
     assert!(
         err.contains("is in use") && err.lines().count() == 1,
         "{err}"
     );
     // Bad flag value.
-    let out = Command::new(BIN)
-        .args(["serve", "--tick-hz", "500"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.lines().count() == 1 && err.contains("tick-hz"),
-        "{err}"
-    );
+    let err = must_fail(&["serve", "--port", "0", "--tick-hz", "500"]);
+    assert!(err.lines().count() == 1 && err.contains("tick-hz"), "{err}");
     // Bad config file.
     let cfg = std::env::temp_dir().join(format!("tessera-bad-{}.toml", std::process::id()));
     std::fs::write(&cfg, "[[shard]]\nid = 0\ncells = [\"0:0,0\", \"0:0,0\"]\n").unwrap();
-    let out = Command::new(BIN)
-        .args([
-            "serve",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--world",
-            "1x1",
-            "--shards",
-            "1",
-            "--unpinned",
-            "--port",
-            "0",
-        ])
-        .args([
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = must_fail(&[
+        "serve",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--world",
+        "1x1",
+        "--shards",
+        "1",
+        "--port",
+        "0",
+    ]);
+    let _ = std::fs::remove_file(&cfg);
     assert!(
-        !out.status.success() && err.contains("assigned twice") && err.lines().count() == 1,
+        err.contains("assigned twice") && err.lines().count() == 1,
         "{err}"
     );
-    assert!(!err.contains("panicked") && !err.contains("backtrace"));
+}
+
+/// An operator stops the node while 200 clients play and a handover is in
+/// flight: every session hears the shutdown, the handover ends one way or
+/// the other, the node exits 0 and logs no error.
+#[test]
+fn shutdown_with_sessions_and_a_handover_in_flight() {
+    let mut server = node(&["--no-balance"]);
+    let addr = server.game.to_string();
+    let report = std::env::temp_dir().join(format!("tessera-e2e-stop-{}.json", std::process::id()));
+    let sim = Guarded::spawn(&[
+        "sim",
+        "--addr",
+        &addr,
+        "--clients",
+        "200",
+        "--sockets",
+        "16",
+        "--duration",
+        "15",
+        "--ramp",
+        "1",
+        "--out",
+        report.to_str().unwrap(),
+    ]);
+    let all_in = server.poll(Duration::from_secs(20), |s| {
+        s.metric("tessera_sessions") >= 200.0
+    });
+    assert!(all_in, "sessions: {}", server.metric("tessera_sessions"));
+    // A handover of a busy cell, and at once the shutdown.
+    let (ok, out) = server.admin(&["move", "0:0,0", "1"]);
+    assert!(ok, "{out}");
+    let (ok, out) = server.admin(&["shutdown"]);
+    assert!(ok, "{out}");
+    let status = server.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "server exit status {status:?}");
+    let (ok, out) = sim.finish(Duration::from_secs(40));
+    assert!(ok, "sim: {out}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(sim_value(&report, "clients_joined"), 200.0, "{out}");
+    assert_eq!(
+        sim_value(&report, "clients_told_shutdown"),
+        200.0,
+        "every session hears the shutdown: {out}"
+    );
+    let log = server.log_text();
+    assert!(
+        log.contains("shutdown requested on the admin port"),
+        "{log}"
+    );
+    for bad in ["ERROR", "panicked", "commit before the diff"] {
+        assert!(!log.contains(bad), "{bad} in the log:\n{log}");
+    }
+}
+
+/// A second signal while the node stops gracefully ends it at once.
+#[test]
+fn a_second_signal_exits_at_once() {
+    let mut server = node(&[]);
+    let sim = Guarded::spawn(&[
+        "sim",
+        "--addr",
+        &server.game.to_string(),
+        "--clients",
+        "50",
+        "--duration",
+        "10",
+        "--ramp",
+        "1",
+    ]);
+    let playing = server.poll(Duration::from_secs(20), |s| {
+        s.metric("tessera_sessions") >= 50.0
+    });
+    assert!(playing);
+    server.signal(libc::SIGTERM);
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(10));
+    // Either the graceful stop was over before the second signal (0), or
+    // the second signal cut it short (130, logged).
+    match status.code() {
+        Some(0) => {}
+        Some(130) => assert!(
+            server.log_text().contains("second signal"),
+            "{}",
+            server.log_text()
+        ),
+        other => panic!("exit {other:?}: {}", server.log_text()),
+    }
+    drop(sim);
 }

@@ -293,14 +293,6 @@ impl<G: GameLogic> NodeCore<G> {
             })));
     }
 
-    /// Closes every session with `code` (the node stops).
-    pub fn close_sessions(&mut self, code: u16) {
-        for connection in self.sessions.connections() {
-            self.outputs
-                .push_back(NodeOutput::Disconnect { connection, code });
-        }
-    }
-
     // ----- outputs -----
 
     /// The next thing to do, in the order the core decided it.

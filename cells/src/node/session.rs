@@ -113,16 +113,6 @@ impl Sessions {
         self.sessions.is_empty()
     }
 
-    /// The client id of a connection's session.
-    pub fn client_of(&self, connection: ConnectionKey) -> Option<ClientId> {
-        self.sessions.get(&connection).map(|s| s.client)
-    }
-
-    /// Every open connection.
-    pub fn connections(&self) -> impl Iterator<Item = ConnectionKey> + '_ {
-        self.sessions.keys().copied()
-    }
-
     pub(crate) fn open(&mut self, connection: ConnectionKey) -> ClientId {
         self.serial = self.serial.wrapping_add(1);
         let client = client_id(self.me, self.serial);

@@ -92,7 +92,7 @@ pub fn spawn<G: GameLogic>(
                         AdminCommand::Split { cell } => coord.command_split(now, *cell).map(|op| format!("split {op} of {cell} started")),
                         AdminCommand::Merge { cell } => coord.command_merge(now, *cell).map(|op| {
                             if op == 0 {
-                                format!("gathering the children of {cell} first; repeat the merge when they are on one shard")
+                                format!("gathering the children of {cell} on one shard first; the merge follows")
                             } else {
                                 format!("merge {op} into {cell} started")
                             }

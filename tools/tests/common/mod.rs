@@ -1,0 +1,234 @@
+//! What the end-to-end tests share: a `tessera serve` child process that is
+//! killed on every exit path (a guard), on free loopback ports only, with
+//! its log kept in a file; bounded waits.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tessera");
+
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running node; killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub game: SocketAddr,
+    pub metrics: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts `tessera serve` on free loopback ports with `args` (which set
+    /// the world, shards...), and waits for its address line.
+    pub fn start(args: &[&str]) -> Server {
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        let log = std::env::temp_dir().join(format!(
+            "tessera-e2e-{}-{}.log",
+            std::process::id(),
+            admin.port()
+        ));
+        let mut child = Command::new(BIN)
+            .args(["serve", "--port", "0", "--bind", "127.0.0.1", "--unpinned"])
+            .args(["--metrics-addr", &metrics.to_string()])
+            .args(["--admin-addr", &admin.to_string(), "--duration", "120"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start tessera serve");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let Some(Ok(first)) = lines.next() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the server printed nothing: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let game = first
+            .split("udp://")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok());
+        let Some(game) = game else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no address in the server's first line: {first}");
+        };
+        Server {
+            child,
+            game,
+            metrics,
+            admin,
+            log,
+        }
+    }
+
+    /// Runs a `tessera` command to its end: (success, stdout + stderr).
+    pub fn tessera(&self, args: &[&str]) -> (bool, String) {
+        run(args)
+    }
+
+    /// `tessera admin` against this node.
+    pub fn admin(&self, args: &[&str]) -> (bool, String) {
+        let addr = self.admin.to_string();
+        let mut all = vec!["admin", "--addr", &addr];
+        all.extend_from_slice(args);
+        run(&all)
+    }
+
+    /// The sum of the metric samples whose line starts with `name_and_labels`.
+    pub fn metric(&self, name_and_labels: &str) -> f64 {
+        let mut s = std::net::TcpStream::connect(self.metrics).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body.lines()
+            .filter(|l| l.starts_with(name_and_labels))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Waits (at most `limit`) for `done`; false if it never held.
+    pub fn poll(&self, limit: Duration, mut done: impl FnMut(&Server) -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if done(self) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        done(self)
+    }
+
+    /// Sends a signal to the server.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child process.
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+
+    /// Waits (at most `limit`) for the server to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not stop within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then the exit status (within 30 s).
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit(Duration::from_secs(30))
+    }
+
+    /// What the server logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        } else {
+            eprintln!("server log kept at {}", self.log.display());
+        }
+    }
+}
+
+/// Runs a `tessera` command to its end: (success, stdout + stderr).
+pub fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN).args(args).output().expect("run tessera");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// A `tessera` child process killed when dropped (a simulator run...); its
+/// output goes to a file, so that it never blocks on a pipe.
+pub struct Guarded(pub Child, PathBuf);
+
+impl Guarded {
+    /// Starts `tessera args`.
+    pub fn spawn(args: &[&str]) -> Guarded {
+        static SERIAL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "tessera-e2e-child-{}-{serial}.txt",
+            std::process::id()
+        ));
+        let out = std::fs::File::create(&path).unwrap();
+        let err = out.try_clone().unwrap();
+        let child = Command::new(BIN)
+            .args(args)
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start tessera");
+        Guarded(child, path)
+    }
+
+    /// Waits (at most `limit`) for its end: (success, its output).
+    pub fn finish(mut self, limit: Duration) -> (bool, String) {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tessera did not end within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let text = std::fs::read_to_string(&self.1).unwrap_or_default();
+        (status.success(), text)
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_file(&self.1);
+    }
+}
+
+/// A metric of a simulator report (`tessera sim --out`).
+pub fn sim_value(report: &serde_json::Value, metric: &str) -> f64 {
+    report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["metric"] == metric)
+        .unwrap_or_else(|| panic!("no {metric} in the report"))["value"]
+        .as_f64()
+        .unwrap()
+}
