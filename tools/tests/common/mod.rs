@@ -104,6 +104,24 @@ impl Server {
             .sum()
     }
 
+    /// The metric samples whose line starts with `prefix`, by the value of
+    /// their `reason` label.
+    pub fn by_reason(&self, prefix: &str) -> Vec<(String, f64)> {
+        let mut s = std::net::TcpStream::connect(self.metrics).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| {
+                let reason = l.split("reason=\"").nth(1)?.split('"').next()?;
+                let value = l.split_whitespace().nth(1)?.parse::<f64>().ok()?;
+                Some((reason.to_string(), value))
+            })
+            .collect()
+    }
+
     /// Waits (at most `limit`) for `done`; false if it never held.
     pub fn poll(&self, limit: Duration, mut done: impl FnMut(&Server) -> bool) -> bool {
         let deadline = Instant::now() + limit;
