@@ -874,16 +874,16 @@ pub struct CellState<G: GameLogic> {
     pub entities: EntityStore<G::Components>,
     /// Its ghosts.
     pub ghosts: GhostTable,
-    ghost_sender: GhostSender,
+    pub(crate) ghost_sender: GhostSender,
     /// Messages waiting (during a freeze: the buffered inputs).
     pub input_queue: Vec<Msg<G>>,
-    intent_queue: Vec<(G::Intent, u8)>,
-    jobs: SimulationQueue,
-    forwards: FxHashMap<EntityId, (CellId, TickId)>,
-    orphans: Vec<(TickId, Msg<G>)>,
-    rng: Rng,
-    counters: CellCounters,
-    game_counters: GameCounters,
+    pub(crate) intent_queue: Vec<(G::Intent, u8)>,
+    pub(crate) jobs: SimulationQueue,
+    pub(crate) forwards: FxHashMap<EntityId, (CellId, TickId)>,
+    pub(crate) orphans: Vec<(TickId, Msg<G>)>,
+    pub(crate) rng: Rng,
+    pub(crate) counters: CellCounters,
+    pub(crate) game_counters: GameCounters,
 }
 
 impl<G: GameLogic> Clone for CellState<G> {
@@ -902,6 +902,48 @@ impl<G: GameLogic> Clone for CellState<G> {
             counters: self.counters,
             game_counters: self.game_counters,
         }
+    }
+}
+
+/// Equal states: same entities (in any storage order: a diff re-inserts
+/// the ones it changed), same queues, same scheduled jobs (in any heap
+/// order), same ghosts, counters and generator.
+impl<G: GameLogic> PartialEq for CellState<G> {
+    fn eq(&self, o: &Self) -> bool {
+        let jobs = |q: &SimulationQueue| {
+            let mut v: Vec<Job> = q.heap.iter().copied().collect();
+            v.sort_by_key(|j| (j.due, j.entity, j.kind));
+            v
+        };
+        fn entities<C>(s: &EntityStore<C>) -> Vec<&Entity<C>> {
+            let mut v: Vec<_> = s.iter().collect();
+            v.sort_by_key(|e| e.id);
+            v
+        }
+        self.id == o.id
+            && entities(&self.entities) == entities(&o.entities)
+            && self.ghosts == o.ghosts
+            && self.ghost_sender == o.ghost_sender
+            && self.input_queue == o.input_queue
+            && self.intent_queue == o.intent_queue
+            && jobs(&self.jobs) == jobs(&o.jobs)
+            && self.forwards == o.forwards
+            && self.orphans == o.orphans
+            && self.rng == o.rng
+            && self.counters == o.counters
+            && self.game_counters == o.game_counters
+    }
+}
+
+impl<G: GameLogic> std::fmt::Debug for CellState<G> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CellState")
+            .field("id", &self.id)
+            .field("entities", &self.entities.len())
+            .field("ghosts", &self.ghosts.len())
+            .field("input_queue", &self.input_queue.len())
+            .field("orphans", &self.orphans.len())
+            .finish_non_exhaustive()
     }
 }
 

@@ -11,6 +11,7 @@ use crate::game::{GameContext, GameLogic};
 use crate::geometry::{Rect, Vec2};
 use crate::ids::EntityId;
 use crate::rng::Rng;
+use crate::wire::ByteReader;
 use crate::world::ShardWorld;
 
 /// Tunables of the demo game.
@@ -302,5 +303,72 @@ impl GameLogic for DemoGame {
 
     fn stats(c: &DemoComponents) -> (u16, u8) {
         (c.health, if c.dead { STATE_DEAD } else { 0 })
+    }
+
+    // Fixed layout, little-endian: health u16, dead u8, cooldown u64,
+    // wander flag u8 + x f32 + y f32, home x f32 + y f32, kills u32.
+    fn encode_components(c: &DemoComponents, out: &mut Vec<u8>) {
+        out.extend_from_slice(&c.health.to_le_bytes());
+        out.push(u8::from(c.dead));
+        out.extend_from_slice(&c.cooldown_until.to_le_bytes());
+        let wander = c.wander_to.unwrap_or_default();
+        out.push(u8::from(c.wander_to.is_some()));
+        out.extend_from_slice(&wander.x.to_le_bytes());
+        out.extend_from_slice(&wander.y.to_le_bytes());
+        out.extend_from_slice(&c.home.x.to_le_bytes());
+        out.extend_from_slice(&c.home.y.to_le_bytes());
+        out.extend_from_slice(&c.kills.to_le_bytes());
+    }
+
+    fn decode_components(bytes: &[u8]) -> Option<DemoComponents> {
+        let mut r = ByteReader::new(bytes);
+        let health = r.u16()?;
+        let dead = r.bool()?;
+        let cooldown_until = r.u64()?;
+        let has_wander = r.bool()?;
+        let wander = Vec2::new(r.f32()?, r.f32()?);
+        let home = Vec2::new(r.f32()?, r.f32()?);
+        let kills = r.u32()?;
+        r.is_empty().then_some(DemoComponents {
+            health,
+            dead,
+            cooldown_until,
+            wander_to: has_wander.then_some(wander),
+            home,
+            kills,
+        })
+    }
+
+    // Tag 1 (attack): attacker u64, attacker x f32, y f32, target u64, damage u16.
+    fn encode_intent(intent: &DemoIntent, out: &mut Vec<u8>) {
+        match intent {
+            DemoIntent::Attack {
+                attacker,
+                attacker_pos,
+                target,
+                damage,
+            } => {
+                out.push(1);
+                out.extend_from_slice(&attacker.0.to_le_bytes());
+                out.extend_from_slice(&attacker_pos.x.to_le_bytes());
+                out.extend_from_slice(&attacker_pos.y.to_le_bytes());
+                out.extend_from_slice(&target.0.to_le_bytes());
+                out.extend_from_slice(&damage.to_le_bytes());
+            }
+        }
+    }
+
+    fn decode_intent(bytes: &[u8]) -> Option<DemoIntent> {
+        let mut r = ByteReader::new(bytes);
+        let intent = match r.u8()? {
+            1 => DemoIntent::Attack {
+                attacker: EntityId(r.u64()?),
+                attacker_pos: Vec2::new(r.f32()?, r.f32()?),
+                target: EntityId(r.u64()?),
+                damage: r.u16()?,
+            },
+            _ => return None,
+        };
+        r.is_empty().then_some(intent)
     }
 }

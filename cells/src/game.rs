@@ -56,7 +56,7 @@ impl PartialOrd for Job {
 /// moves to another cell.
 #[derive(Clone, Debug, Default)]
 pub struct SimulationQueue {
-    heap: BinaryHeap<Job>,
+    pub(crate) heap: BinaryHeap<Job>,
 }
 
 impl SimulationQueue {
@@ -193,4 +193,19 @@ pub trait GameLogic: 'static {
 
     /// What viewers see of the game state: (health, state flags).
     fn stats(components: &Self::Components) -> (u16, u8);
+
+    /// Writes an entity's components for another node (entity transfers
+    /// and handovers between machines), in any encoding the game likes
+    /// ([`crate::wire::ByteReader`] reads fixed-size fields back).
+    fn encode_components(components: &Self::Components, out: &mut Vec<u8>);
+
+    /// Reads what [`GameLogic::encode_components`] wrote; None refuses the
+    /// frame that carried it (counted as a bad value, never trusted).
+    fn decode_components(bytes: &[u8]) -> Option<Self::Components>;
+
+    /// Writes an intent for another node.
+    fn encode_intent(intent: &Self::Intent, out: &mut Vec<u8>);
+
+    /// Reads what [`GameLogic::encode_intent`] wrote; None refuses the frame.
+    fn decode_intent(bytes: &[u8]) -> Option<Self::Intent>;
 }

@@ -518,6 +518,13 @@ impl Layout {
         }
     }
 
+    /// The cells that are split (not leaves), parents before children.
+    pub fn split_cells(&self) -> Vec<CellId> {
+        let mut v: Vec<CellId> = self.split.iter().copied().collect();
+        v.sort_by_key(|c| (c.depth, *c));
+        v
+    }
+
     /// Splits a leaf into its four children.
     pub fn split(&mut self, cell: CellId) -> Result<[CellId; 4], LayoutError> {
         if !self.geometry.is_in_world(cell) {

@@ -81,14 +81,14 @@ pub struct GhostCounters {
 pub const TOMBSTONE_TICKS: u64 = 1200;
 
 /// The ghosts a cell holds.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct GhostTable {
-    ghosts: FxHashMap<EntityId, Ghost>,
-    tombstones: FxHashMap<EntityId, (u32, TickId)>,
+    pub(crate) ghosts: FxHashMap<EntityId, Ghost>,
+    pub(crate) tombstones: FxHashMap<EntityId, (u32, TickId)>,
     /// Ghosts inherited from a split or merged cell, dropped at the given
     /// tick unless their owner confirms them (sends an enter or an update).
-    provisional: FxHashMap<EntityId, TickId>,
-    counters: GhostCounters,
+    pub(crate) provisional: FxHashMap<EntityId, TickId>,
+    pub(crate) counters: GhostCounters,
 }
 
 impl GhostTable {
@@ -275,21 +275,21 @@ impl GhostTable {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Sent {
-    version: u32,
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Sent {
+    pub(crate) version: u32,
     /// The owner the receiver holds this ghost under (a leave must name it).
-    owner: CellId,
-    state: QState,
-    stamp: u64,
+    pub(crate) owner: CellId,
+    pub(crate) state: QState,
+    pub(crate) stamp: u64,
 }
 
 /// What an owning cell has told each neighbour, to send only changes.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct GhostSender {
-    sent: BTreeMap<CellId, FxHashMap<EntityId, Sent>>,
-    stamp: u64,
-    pending: BTreeMap<CellId, Vec<GhostEntry>>,
+    pub(crate) sent: BTreeMap<CellId, FxHashMap<EntityId, Sent>>,
+    pub(crate) stamp: u64,
+    pub(crate) pending: BTreeMap<CellId, Vec<GhostEntry>>,
 }
 
 impl GhostSender {

@@ -40,6 +40,7 @@ pub mod rng;
 pub mod sim;
 pub mod spatial;
 pub mod view;
+pub mod wire;
 pub mod world;
 
 pub use cell::Cell;

@@ -65,7 +65,7 @@ pub enum RegistryError {
 pub const ADMIN_EPOCH: u32 = u32::MAX;
 
 /// The registry of cell owners.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Registry {
     layout: Arc<Layout>,
     cells: BTreeMap<CellId, Assignment>,
@@ -94,6 +94,32 @@ impl Registry {
             cells,
             version: 1,
             cluster_epoch: 1,
+        })
+    }
+
+    /// A registry as another process sent it: every leaf of `layout` must
+    /// have an assignment and every assignment must be a leaf.
+    pub fn from_parts(
+        layout: Arc<Layout>,
+        cells: BTreeMap<CellId, Assignment>,
+        version: u64,
+        cluster_epoch: u32,
+    ) -> Result<Self, RegistryError> {
+        for leaf in layout.leaves() {
+            if !cells.contains_key(&leaf) {
+                return Err(RegistryError::Unassigned(leaf));
+            }
+        }
+        for cell in cells.keys() {
+            if !layout.is_leaf(*cell) {
+                return Err(RegistryError::NotALeaf(*cell));
+            }
+        }
+        Ok(Self {
+            layout,
+            cells,
+            version,
+            cluster_epoch,
         })
     }
 

@@ -3,7 +3,7 @@
 
 /// SplitMix64: small, fast, and good enough for game randomness.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Rng(u64);
+pub struct Rng(pub(crate) u64);
 
 impl Rng {
     /// A generator seeded with `seed`.

@@ -71,10 +71,10 @@ pub struct SentView {
 pub struct ClientView {
     /// The client.
     pub client: ClientId,
-    members: Vec<EntityId>,
-    history: VecDeque<SentView>,
-    acked: Option<TickId>,
-    last_included: FxHashMap<EntityId, TickId>,
+    pub(crate) members: Vec<EntityId>,
+    pub(crate) history: VecDeque<SentView>,
+    pub(crate) acked: Option<TickId>,
+    pub(crate) last_included: FxHashMap<EntityId, TickId>,
 }
 
 /// One tick's index of what can be seen from a cell: its entities and

@@ -66,6 +66,22 @@ impl GameLogic for StepGame {
     fn stats(steps: &u32) -> (u16, u8) {
         ((*steps).min(u32::from(u16::MAX)) as u16, 0)
     }
+
+    fn encode_components(steps: &u32, out: &mut Vec<u8>) {
+        out.extend_from_slice(&steps.to_le_bytes());
+    }
+
+    fn decode_components(bytes: &[u8]) -> Option<u32> {
+        Some(u32::from_le_bytes(bytes.try_into().ok()?))
+    }
+
+    fn encode_intent(target: &EntityId, out: &mut Vec<u8>) {
+        out.extend_from_slice(&target.0.to_le_bytes());
+    }
+
+    fn decode_intent(bytes: &[u8]) -> Option<EntityId> {
+        Some(EntityId(u64::from_le_bytes(bytes.try_into().ok()?)))
+    }
 }
 
 /// Runs the core's outputs: messages to itself come back in, client frames

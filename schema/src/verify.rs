@@ -32,8 +32,9 @@ pub struct FrameLimits {
 
 impl FrameFamily {
     /// The limits for this family. Client frames are a few hundred bytes;
-    /// shard frames may hold a 2,000-entity handover chunk (one RUDP message
-    /// of at most 256 KiB).
+    /// a shard bundle may hold a whole cell's handover pre-copy (entities
+    /// with their players' view histories: megabytes for a crowded cell, up
+    /// to the RUDP message limit of 16 MiB).
     pub const fn limits(self) -> FrameLimits {
         match self {
             FrameFamily::Client => FrameLimits {
@@ -49,16 +50,16 @@ impl FrameFamily {
                 max_apparent_size: 256 << 10,
             },
             FrameFamily::Shard => FrameLimits {
-                max_bytes: 256 << 10,
-                max_depth: 8,
-                max_tables: 40_000,
-                max_apparent_size: 1 << 20,
+                max_bytes: 16 << 20,
+                max_depth: 16,
+                max_tables: 4 << 20,
+                max_apparent_size: 64 << 20,
             },
             FrameFamily::Control => FrameLimits {
-                max_bytes: 256 << 10,
+                max_bytes: 4 << 20,
                 max_depth: 6,
-                max_tables: 64,
-                max_apparent_size: 1 << 20,
+                max_tables: 1 << 16,
+                max_apparent_size: 16 << 20,
             },
         }
     }
@@ -265,13 +266,10 @@ pub fn server_frame(bytes: &[u8]) -> Result<wire::ServerFrame<'_>, FrameError> {
     check::<wire::ServerFrame>(FrameFamily::Server, bytes)
 }
 
-/// Verifies a shard frame; the header must be present.
-pub fn shard_frame(bytes: &[u8]) -> Result<wire::ShardFrame<'_>, FrameError> {
-    let frame = check::<wire::ShardFrame>(FrameFamily::Shard, bytes)?;
-    if frame.header().is_none() {
-        return Err(FrameError::MissingField("header"));
-    }
-    Ok(frame)
+/// Verifies a shard bundle (every frame's header is checked when it is
+/// decoded).
+pub fn shard_bundle(bytes: &[u8]) -> Result<wire::ShardBundle<'_>, FrameError> {
+    check::<wire::ShardBundle>(FrameFamily::Shard, bytes)
 }
 
 /// Verifies a control frame; the header must be present.

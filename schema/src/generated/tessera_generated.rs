@@ -583,15 +583,214 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ServerMsg {}
 pub struct ServerMsgUnionTableOffset {}
 
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MIN_ABORT_REASON: u8 = 0;
+pub const ENUM_MIN_GHOST_CHANGE_KIND: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ABORT_REASON: u8 = 3;
+pub const ENUM_MAX_GHOST_CHANGE_KIND: u8 = 2;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ABORT_REASON: [AbortReason; 4] = [
+pub const ENUM_VALUES_GHOST_CHANGE_KIND: [GhostChangeKind; 3] = [
+  GhostChangeKind::Enter,
+  GhostChangeKind::Update,
+  GhostChangeKind::Leave,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct GhostChangeKind(pub u8);
+#[allow(non_upper_case_globals)]
+impl GhostChangeKind {
+  pub const Enter: Self = Self(0);
+  pub const Update: Self = Self(1);
+  pub const Leave: Self = Self(2);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 2;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Enter,
+    Self::Update,
+    Self::Leave,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Enter => Some("Enter"),
+      Self::Update => Some("Update"),
+      Self::Leave => Some("Leave"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for GhostChangeKind {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for GhostChangeKind {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for GhostChangeKind {
+    type Output = GhostChangeKind;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for GhostChangeKind {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for GhostChangeKind {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for GhostChangeKind {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_CELL_MSG: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_CELL_MSG: u8 = 7;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_CELL_MSG: [CellMsg; 8] = [
+  CellMsg::NONE,
+  CellMsg::JoinMsg,
+  CellMsg::InputMsg,
+  CellMsg::AckMsg,
+  CellMsg::LeaveMsg,
+  CellMsg::GhostMsg,
+  CellMsg::TransferMsg,
+  CellMsg::IntentMsg,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct CellMsg(pub u8);
+#[allow(non_upper_case_globals)]
+impl CellMsg {
+  pub const NONE: Self = Self(0);
+  pub const JoinMsg: Self = Self(1);
+  pub const InputMsg: Self = Self(2);
+  pub const AckMsg: Self = Self(3);
+  pub const LeaveMsg: Self = Self(4);
+  pub const GhostMsg: Self = Self(5);
+  pub const TransferMsg: Self = Self(6);
+  pub const IntentMsg: Self = Self(7);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 7;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::NONE,
+    Self::JoinMsg,
+    Self::InputMsg,
+    Self::AckMsg,
+    Self::LeaveMsg,
+    Self::GhostMsg,
+    Self::TransferMsg,
+    Self::IntentMsg,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::NONE => Some("NONE"),
+      Self::JoinMsg => Some("JoinMsg"),
+      Self::InputMsg => Some("InputMsg"),
+      Self::AckMsg => Some("AckMsg"),
+      Self::LeaveMsg => Some("LeaveMsg"),
+      Self::GhostMsg => Some("GhostMsg"),
+      Self::TransferMsg => Some("TransferMsg"),
+      Self::IntentMsg => Some("IntentMsg"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for CellMsg {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for CellMsg {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for CellMsg {
+    type Output = CellMsg;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for CellMsg {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for CellMsg {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for CellMsg {}
+pub struct CellMsgUnionTableOffset {}
+
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_ABORT_REASON: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_ABORT_REASON: u8 = 4;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_ABORT_REASON: [AbortReason; 5] = [
   AbortReason::Refused,
   AbortReason::Timeout,
   AbortReason::Overloaded,
+  AbortReason::Stale,
   AbortReason::Superseded,
 ];
 
@@ -603,14 +802,16 @@ impl AbortReason {
   pub const Refused: Self = Self(0);
   pub const Timeout: Self = Self(1);
   pub const Overloaded: Self = Self(2);
-  pub const Superseded: Self = Self(3);
+  pub const Stale: Self = Self(3);
+  pub const Superseded: Self = Self(4);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 3;
+  pub const ENUM_MAX: u8 = 4;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Refused,
     Self::Timeout,
     Self::Overloaded,
+    Self::Stale,
     Self::Superseded,
   ];
   /// Returns the variant's name or "" if unknown.
@@ -619,6 +820,7 @@ impl AbortReason {
       Self::Refused => Some("Refused"),
       Self::Timeout => Some("Timeout"),
       Self::Overloaded => Some("Overloaded"),
+      Self::Stale => Some("Stale"),
       Self::Superseded => Some("Superseded"),
       _ => None,
     }
@@ -677,21 +879,18 @@ impl ::flatbuffers::SimpleToVerifyInSlice for AbortReason {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_SHARD_MSG: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_SHARD_MSG: u8 = 10;
+pub const ENUM_MAX_SHARD_MSG: u8 = 7;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_SHARD_MSG: [ShardMsg; 11] = [
+pub const ENUM_VALUES_SHARD_MSG: [ShardMsg; 8] = [
   ShardMsg::NONE,
-  ShardMsg::GhostUpdate,
-  ShardMsg::EntityTransfer,
-  ShardMsg::ForwardedInput,
-  ShardMsg::ClientDelta,
-  ShardMsg::PreCopy,
-  ShardMsg::Freeze,
-  ShardMsg::Diff,
-  ShardMsg::Commit,
-  ShardMsg::Abort,
-  ShardMsg::IntentRecord,
+  ShardMsg::CellEnvelopeRec,
+  ShardMsg::ClientOutputRec,
+  ShardMsg::PreCopyMsg,
+  ShardMsg::ReadyMsg,
+  ShardMsg::RefuseMsg,
+  ShardMsg::DiffMsg,
+  ShardMsg::PeerAbortMsg,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -700,46 +899,37 @@ pub struct ShardMsg(pub u8);
 #[allow(non_upper_case_globals)]
 impl ShardMsg {
   pub const NONE: Self = Self(0);
-  pub const GhostUpdate: Self = Self(1);
-  pub const EntityTransfer: Self = Self(2);
-  pub const ForwardedInput: Self = Self(3);
-  pub const ClientDelta: Self = Self(4);
-  pub const PreCopy: Self = Self(5);
-  pub const Freeze: Self = Self(6);
-  pub const Diff: Self = Self(7);
-  pub const Commit: Self = Self(8);
-  pub const Abort: Self = Self(9);
-  pub const IntentRecord: Self = Self(10);
+  pub const CellEnvelopeRec: Self = Self(1);
+  pub const ClientOutputRec: Self = Self(2);
+  pub const PreCopyMsg: Self = Self(3);
+  pub const ReadyMsg: Self = Self(4);
+  pub const RefuseMsg: Self = Self(5);
+  pub const DiffMsg: Self = Self(6);
+  pub const PeerAbortMsg: Self = Self(7);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 10;
+  pub const ENUM_MAX: u8 = 7;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
-    Self::GhostUpdate,
-    Self::EntityTransfer,
-    Self::ForwardedInput,
-    Self::ClientDelta,
-    Self::PreCopy,
-    Self::Freeze,
-    Self::Diff,
-    Self::Commit,
-    Self::Abort,
-    Self::IntentRecord,
+    Self::CellEnvelopeRec,
+    Self::ClientOutputRec,
+    Self::PreCopyMsg,
+    Self::ReadyMsg,
+    Self::RefuseMsg,
+    Self::DiffMsg,
+    Self::PeerAbortMsg,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
     match self {
       Self::NONE => Some("NONE"),
-      Self::GhostUpdate => Some("GhostUpdate"),
-      Self::EntityTransfer => Some("EntityTransfer"),
-      Self::ForwardedInput => Some("ForwardedInput"),
-      Self::ClientDelta => Some("ClientDelta"),
-      Self::PreCopy => Some("PreCopy"),
-      Self::Freeze => Some("Freeze"),
-      Self::Diff => Some("Diff"),
-      Self::Commit => Some("Commit"),
-      Self::Abort => Some("Abort"),
-      Self::IntentRecord => Some("IntentRecord"),
+      Self::CellEnvelopeRec => Some("CellEnvelopeRec"),
+      Self::ClientOutputRec => Some("ClientOutputRec"),
+      Self::PreCopyMsg => Some("PreCopyMsg"),
+      Self::ReadyMsg => Some("ReadyMsg"),
+      Self::RefuseMsg => Some("RefuseMsg"),
+      Self::DiffMsg => Some("DiffMsg"),
+      Self::PeerAbortMsg => Some("PeerAbortMsg"),
       _ => None,
     }
   }
@@ -797,16 +987,120 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ShardMsg {}
 pub struct ShardMsgUnionTableOffset {}
 
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MIN_CONTROL_MSG: u8 = 0;
+pub const ENUM_MIN_NODE_ROLE: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_CONTROL_MSG: u8 = 3;
+pub const ENUM_MAX_NODE_ROLE: u8 = 2;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_CONTROL_MSG: [ControlMsg; 4] = [
+pub const ENUM_VALUES_NODE_ROLE: [NodeRole; 3] = [
+  NodeRole::Both,
+  NodeRole::Compute,
+  NodeRole::Gateway,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct NodeRole(pub u8);
+#[allow(non_upper_case_globals)]
+impl NodeRole {
+  pub const Both: Self = Self(0);
+  pub const Compute: Self = Self(1);
+  pub const Gateway: Self = Self(2);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 2;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Both,
+    Self::Compute,
+    Self::Gateway,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Both => Some("Both"),
+      Self::Compute => Some("Compute"),
+      Self::Gateway => Some("Gateway"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for NodeRole {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for NodeRole {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for NodeRole {
+    type Output = NodeRole;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for NodeRole {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for NodeRole {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for NodeRole {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_CONTROL_MSG: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_CONTROL_MSG: u8 = 19;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_CONTROL_MSG: [ControlMsg; 20] = [
   ControlMsg::NONE,
-  ControlMsg::AssignCells,
-  ControlMsg::Heartbeat,
+  ControlMsg::Register,
+  ControlMsg::CoordWelcome,
+  ControlMsg::Directory,
+  ControlMsg::RegistryRec,
+  ControlMsg::BeginOrder,
+  ControlMsg::CommitOrder,
+  ControlMsg::AbortOrder,
+  ControlMsg::SplitOrder,
+  ControlMsg::MergeOrder,
+  ControlMsg::FrozenReport,
+  ControlMsg::PreparedReport,
+  ControlMsg::ActivatedReport,
+  ControlMsg::ReleasedReport,
+  ControlMsg::AbortedReport,
+  ControlMsg::SplitReport,
+  ControlMsg::MergedReport,
+  ControlMsg::RefusedReport,
   ControlMsg::LoadReport,
+  ControlMsg::Heartbeat,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -815,25 +1109,73 @@ pub struct ControlMsg(pub u8);
 #[allow(non_upper_case_globals)]
 impl ControlMsg {
   pub const NONE: Self = Self(0);
-  pub const AssignCells: Self = Self(1);
-  pub const Heartbeat: Self = Self(2);
-  pub const LoadReport: Self = Self(3);
+  pub const Register: Self = Self(1);
+  pub const CoordWelcome: Self = Self(2);
+  pub const Directory: Self = Self(3);
+  pub const RegistryRec: Self = Self(4);
+  pub const BeginOrder: Self = Self(5);
+  pub const CommitOrder: Self = Self(6);
+  pub const AbortOrder: Self = Self(7);
+  pub const SplitOrder: Self = Self(8);
+  pub const MergeOrder: Self = Self(9);
+  pub const FrozenReport: Self = Self(10);
+  pub const PreparedReport: Self = Self(11);
+  pub const ActivatedReport: Self = Self(12);
+  pub const ReleasedReport: Self = Self(13);
+  pub const AbortedReport: Self = Self(14);
+  pub const SplitReport: Self = Self(15);
+  pub const MergedReport: Self = Self(16);
+  pub const RefusedReport: Self = Self(17);
+  pub const LoadReport: Self = Self(18);
+  pub const Heartbeat: Self = Self(19);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 3;
+  pub const ENUM_MAX: u8 = 19;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
-    Self::AssignCells,
-    Self::Heartbeat,
+    Self::Register,
+    Self::CoordWelcome,
+    Self::Directory,
+    Self::RegistryRec,
+    Self::BeginOrder,
+    Self::CommitOrder,
+    Self::AbortOrder,
+    Self::SplitOrder,
+    Self::MergeOrder,
+    Self::FrozenReport,
+    Self::PreparedReport,
+    Self::ActivatedReport,
+    Self::ReleasedReport,
+    Self::AbortedReport,
+    Self::SplitReport,
+    Self::MergedReport,
+    Self::RefusedReport,
     Self::LoadReport,
+    Self::Heartbeat,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
     match self {
       Self::NONE => Some("NONE"),
-      Self::AssignCells => Some("AssignCells"),
-      Self::Heartbeat => Some("Heartbeat"),
+      Self::Register => Some("Register"),
+      Self::CoordWelcome => Some("CoordWelcome"),
+      Self::Directory => Some("Directory"),
+      Self::RegistryRec => Some("RegistryRec"),
+      Self::BeginOrder => Some("BeginOrder"),
+      Self::CommitOrder => Some("CommitOrder"),
+      Self::AbortOrder => Some("AbortOrder"),
+      Self::SplitOrder => Some("SplitOrder"),
+      Self::MergeOrder => Some("MergeOrder"),
+      Self::FrozenReport => Some("FrozenReport"),
+      Self::PreparedReport => Some("PreparedReport"),
+      Self::ActivatedReport => Some("ActivatedReport"),
+      Self::ReleasedReport => Some("ReleasedReport"),
+      Self::AbortedReport => Some("AbortedReport"),
+      Self::SplitReport => Some("SplitReport"),
+      Self::MergedReport => Some("MergedReport"),
+      Self::RefusedReport => Some("RefusedReport"),
       Self::LoadReport => Some("LoadReport"),
+      Self::Heartbeat => Some("Heartbeat"),
       _ => None,
     }
   }
@@ -2707,55 +3049,54 @@ impl<'a> Action {
 
 }
 
-/// Ghost changes from the owning cell (`header.cell`) to a neighbour.
-/// `version` is the entity's ownership version: higher wins, a leave tombstones.
-// struct GhostKey, aligned to 8
+/// A position or velocity in metres (exact: the owner simulates with it).
+// struct Vec2f, aligned to 4
 #[repr(transparent)]
 #[derive(Clone, Copy, PartialEq)]
-pub struct GhostKey(pub [u8; 16]);
-impl Default for GhostKey { 
+pub struct Vec2f(pub [u8; 8]);
+impl Default for Vec2f { 
   fn default() -> Self { 
-    Self([0; 16])
+    Self([0; 8])
   }
 }
-impl ::core::fmt::Debug for GhostKey {
+impl ::core::fmt::Debug for Vec2f {
   fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
-    f.debug_struct("GhostKey")
-      .field("id", &self.id())
-      .field("version", &self.version())
+    f.debug_struct("Vec2f")
+      .field("x", &self.x())
+      .field("y", &self.y())
       .finish()
   }
 }
 
-impl ::flatbuffers::SimpleToVerifyInSlice for GhostKey {}
-impl<'a> ::flatbuffers::Follow<'a> for GhostKey {
-  type Inner = &'a GhostKey;
+impl ::flatbuffers::SimpleToVerifyInSlice for Vec2f {}
+impl<'a> ::flatbuffers::Follow<'a> for Vec2f {
+  type Inner = &'a Vec2f;
   #[inline]
   unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
-    unsafe { <&'a GhostKey>::follow(buf, loc) }
+    unsafe { <&'a Vec2f>::follow(buf, loc) }
   }
 }
-impl<'a> ::flatbuffers::Follow<'a> for &'a GhostKey {
-  type Inner = &'a GhostKey;
+impl<'a> ::flatbuffers::Follow<'a> for &'a Vec2f {
+  type Inner = &'a Vec2f;
   #[inline]
   unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
-    unsafe { ::flatbuffers::follow_cast_ref::<GhostKey>(buf, loc) }
+    unsafe { ::flatbuffers::follow_cast_ref::<Vec2f>(buf, loc) }
   }
 }
-impl<'b> ::flatbuffers::Push for GhostKey {
-    type Output = GhostKey;
+impl<'b> ::flatbuffers::Push for Vec2f {
+    type Output = Vec2f;
     #[inline]
     unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
-        let src = unsafe { ::core::slice::from_raw_parts(self as *const GhostKey as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const Vec2f as *const u8, <Self as ::flatbuffers::Push>::size()) };
         dst.copy_from_slice(src);
     }
     #[inline]
     fn alignment() -> ::flatbuffers::PushAlignment {
-        ::flatbuffers::PushAlignment::new(8)
+        ::flatbuffers::PushAlignment::new(4)
     }
 }
 
-impl<'a> ::flatbuffers::Verifiable for GhostKey {
+impl<'a> ::flatbuffers::Verifiable for Vec2f {
   #[inline]
   fn run_verifier(
     v: &mut ::flatbuffers::Verifier, pos: usize
@@ -2764,15 +3105,776 @@ impl<'a> ::flatbuffers::Verifiable for GhostKey {
   }
 }
 
-impl<'a> GhostKey {
+impl<'a> Vec2f {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    x: f32,
+    y: f32,
+  ) -> Self {
+    let mut s = Self([0; 8]);
+    s.set_x(x);
+    s.set_y(y);
+    s
+  }
+
+  pub fn x(&self) -> f32 {
+    let mut mem = ::core::mem::MaybeUninit::<<f32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[0..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<f32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_x(&mut self, x: f32) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[0..].as_mut_ptr(),
+        ::core::mem::size_of::<<f32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn y(&self) -> f32 {
+    let mut mem = ::core::mem::MaybeUninit::<<f32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[4..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<f32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_y(&mut self, x: f32) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[4..].as_mut_ptr(),
+        ::core::mem::size_of::<<f32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
+/// An entity as viewers see it: quantised (the engine's QState).
+// struct QStateRec, aligned to 4
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct QStateRec(pub [u8; 24]);
+impl Default for QStateRec { 
+  fn default() -> Self { 
+    Self([0; 24])
+  }
+}
+impl ::core::fmt::Debug for QStateRec {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("QStateRec")
+      .field("pos", &self.pos())
+      .field("vel", &self.vel())
+      .field("heading", &self.heading())
+      .field("health", &self.health())
+      .field("kind", &self.kind())
+      .field("state", &self.state())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for QStateRec {}
+impl<'a> ::flatbuffers::Follow<'a> for QStateRec {
+  type Inner = &'a QStateRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a QStateRec>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a QStateRec {
+  type Inner = &'a QStateRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<QStateRec>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for QStateRec {
+    type Output = QStateRec;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const QStateRec as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(4)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for QStateRec {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> QStateRec {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    pos: &QVec2,
+    vel: &QVec2,
+    heading: i16,
+    health: u16,
+    kind: u8,
+    state: u8,
+  ) -> Self {
+    let mut s = Self([0; 24]);
+    s.set_pos(pos);
+    s.set_vel(vel);
+    s.set_heading(heading);
+    s.set_health(health);
+    s.set_kind(kind);
+    s.set_state(state);
+    s
+  }
+
+  pub fn pos(&self) -> &QVec2 {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[0..].as_ptr() as *const QVec2) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_pos(&mut self, x: &QVec2) {
+    self.0[0..0 + 8].copy_from_slice(&x.0)
+  }
+
+  pub fn vel(&self) -> &QVec2 {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[8..].as_ptr() as *const QVec2) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_vel(&mut self, x: &QVec2) {
+    self.0[8..8 + 8].copy_from_slice(&x.0)
+  }
+
+  pub fn heading(&self) -> i16 {
+    let mut mem = ::core::mem::MaybeUninit::<<i16 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[16..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<i16 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_heading(&mut self, x: i16) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[16..].as_mut_ptr(),
+        ::core::mem::size_of::<<i16 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn health(&self) -> u16 {
+    let mut mem = ::core::mem::MaybeUninit::<<u16 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[18..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u16 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_health(&mut self, x: u16) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[18..].as_mut_ptr(),
+        ::core::mem::size_of::<<u16 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn kind(&self) -> u8 {
+    let mut mem = ::core::mem::MaybeUninit::<<u8 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[20..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_kind(&mut self, x: u8) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[20..].as_mut_ptr(),
+        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn state(&self) -> u8 {
+    let mut mem = ::core::mem::MaybeUninit::<<u8 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[21..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_state(&mut self, x: u8) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[21..].as_mut_ptr(),
+        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
+// struct ViewEntry, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct ViewEntry(pub [u8; 32]);
+impl Default for ViewEntry { 
+  fn default() -> Self { 
+    Self([0; 32])
+  }
+}
+impl ::core::fmt::Debug for ViewEntry {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("ViewEntry")
+      .field("id", &self.id())
+      .field("state", &self.state())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for ViewEntry {}
+impl<'a> ::flatbuffers::Follow<'a> for ViewEntry {
+  type Inner = &'a ViewEntry;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a ViewEntry>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a ViewEntry {
+  type Inner = &'a ViewEntry;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<ViewEntry>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for ViewEntry {
+    type Output = ViewEntry;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const ViewEntry as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for ViewEntry {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> ViewEntry {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    id: u64,
+    state: &QStateRec,
+  ) -> Self {
+    let mut s = Self([0; 32]);
+    s.set_id(id);
+    s.set_state(state);
+    s
+  }
+
+  pub fn id(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[0..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_id(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[0..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn state(&self) -> &QStateRec {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[8..].as_ptr() as *const QStateRec) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_state(&mut self, x: &QStateRec) {
+    self.0[8..8 + 24].copy_from_slice(&x.0)
+  }
+
+}
+
+/// An entity id with a tick (when it was last put in a snapshot).
+// struct TickStamp, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct TickStamp(pub [u8; 16]);
+impl Default for TickStamp { 
+  fn default() -> Self { 
+    Self([0; 16])
+  }
+}
+impl ::core::fmt::Debug for TickStamp {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("TickStamp")
+      .field("id", &self.id())
+      .field("tick", &self.tick())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for TickStamp {}
+impl<'a> ::flatbuffers::Follow<'a> for TickStamp {
+  type Inner = &'a TickStamp;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a TickStamp>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a TickStamp {
+  type Inner = &'a TickStamp;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<TickStamp>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for TickStamp {
+    type Output = TickStamp;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const TickStamp as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for TickStamp {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> TickStamp {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    id: u64,
+    tick: u64,
+  ) -> Self {
+    let mut s = Self([0; 16]);
+    s.set_id(id);
+    s.set_tick(tick);
+    s
+  }
+
+  pub fn id(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[0..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_id(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[0..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn tick(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[8..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_tick(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[8..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
+/// A job the game scheduled.
+// struct JobRec, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct JobRec(pub [u8; 24]);
+impl Default for JobRec { 
+  fn default() -> Self { 
+    Self([0; 24])
+  }
+}
+impl ::core::fmt::Debug for JobRec {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("JobRec")
+      .field("due", &self.due())
+      .field("entity", &self.entity())
+      .field("kind", &self.kind())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for JobRec {}
+impl<'a> ::flatbuffers::Follow<'a> for JobRec {
+  type Inner = &'a JobRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a JobRec>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a JobRec {
+  type Inner = &'a JobRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<JobRec>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for JobRec {
+    type Output = JobRec;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const JobRec as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for JobRec {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> JobRec {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    due: u64,
+    entity: u64,
+    kind: u32,
+  ) -> Self {
+    let mut s = Self([0; 24]);
+    s.set_due(due);
+    s.set_entity(entity);
+    s.set_kind(kind);
+    s
+  }
+
+  pub fn due(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[0..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_due(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[0..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn entity(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[8..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_entity(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[8..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn kind(&self) -> u32 {
+    let mut mem = ::core::mem::MaybeUninit::<<u32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[16..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_kind(&mut self, x: u32) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[16..].as_mut_ptr(),
+        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
+/// Ghost entry flags for an update: which parts of `state` are meaningful.
+/// bit 0: position and velocity, bit 1: heading, bit 2: health and state.
+// struct GhostEntryRec, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct GhostEntryRec(pub [u8; 56]);
+impl Default for GhostEntryRec { 
+  fn default() -> Self { 
+    Self([0; 56])
+  }
+}
+impl ::core::fmt::Debug for GhostEntryRec {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("GhostEntryRec")
+      .field("id", &self.id())
+      .field("version", &self.version())
+      .field("owner", &self.owner())
+      .field("change", &self.change())
+      .field("fields", &self.fields())
+      .field("state", &self.state())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for GhostEntryRec {}
+impl<'a> ::flatbuffers::Follow<'a> for GhostEntryRec {
+  type Inner = &'a GhostEntryRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a GhostEntryRec>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a GhostEntryRec {
+  type Inner = &'a GhostEntryRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<GhostEntryRec>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for GhostEntryRec {
+    type Output = GhostEntryRec;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const GhostEntryRec as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for GhostEntryRec {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> GhostEntryRec {
   #[allow(clippy::too_many_arguments)]
   pub fn new(
     id: u64,
     version: u32,
+    owner: &CellId,
+    change: GhostChangeKind,
+    fields: u8,
+    state: &QStateRec,
   ) -> Self {
-    let mut s = Self([0; 16]);
+    let mut s = Self([0; 56]);
     s.set_id(id);
     s.set_version(version);
+    s.set_owner(owner);
+    s.set_change(change);
+    s.set_fields(fields);
+    s.set_state(state);
     s
   }
 
@@ -2830,6 +3932,1901 @@ impl<'a> GhostKey {
         &x_le as *const _ as *const u8,
         self.0[8..].as_mut_ptr(),
         ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn owner(&self) -> &CellId {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[12..].as_ptr() as *const CellId) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_owner(&mut self, x: &CellId) {
+    self.0[12..12 + 16].copy_from_slice(&x.0)
+  }
+
+  pub fn change(&self) -> GhostChangeKind {
+    let mut mem = ::core::mem::MaybeUninit::<<GhostChangeKind as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[28..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<GhostChangeKind as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_change(&mut self, x: GhostChangeKind) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[28..].as_mut_ptr(),
+        ::core::mem::size_of::<<GhostChangeKind as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn fields(&self) -> u8 {
+    let mut mem = ::core::mem::MaybeUninit::<<u8 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[29..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_fields(&mut self, x: u8) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[29..].as_mut_ptr(),
+        ::core::mem::size_of::<<u8 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn state(&self) -> &QStateRec {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[32..].as_ptr() as *const QStateRec) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_state(&mut self, x: &QStateRec) {
+    self.0[32..32 + 24].copy_from_slice(&x.0)
+  }
+
+}
+
+// struct GhostRec, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct GhostRec(pub [u8; 56]);
+impl Default for GhostRec { 
+  fn default() -> Self { 
+    Self([0; 56])
+  }
+}
+impl ::core::fmt::Debug for GhostRec {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("GhostRec")
+      .field("id", &self.id())
+      .field("owner", &self.owner())
+      .field("version", &self.version())
+      .field("state", &self.state())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for GhostRec {}
+impl<'a> ::flatbuffers::Follow<'a> for GhostRec {
+  type Inner = &'a GhostRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a GhostRec>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a GhostRec {
+  type Inner = &'a GhostRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<GhostRec>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for GhostRec {
+    type Output = GhostRec;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const GhostRec as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for GhostRec {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> GhostRec {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    id: u64,
+    owner: &CellId,
+    version: u32,
+    state: &QStateRec,
+  ) -> Self {
+    let mut s = Self([0; 56]);
+    s.set_id(id);
+    s.set_owner(owner);
+    s.set_version(version);
+    s.set_state(state);
+    s
+  }
+
+  pub fn id(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[0..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_id(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[0..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn owner(&self) -> &CellId {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[8..].as_ptr() as *const CellId) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_owner(&mut self, x: &CellId) {
+    self.0[8..8 + 16].copy_from_slice(&x.0)
+  }
+
+  pub fn version(&self) -> u32 {
+    let mut mem = ::core::mem::MaybeUninit::<<u32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[24..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_version(&mut self, x: u32) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[24..].as_mut_ptr(),
+        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn state(&self) -> &QStateRec {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[28..].as_ptr() as *const QStateRec) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_state(&mut self, x: &QStateRec) {
+    self.0[28..28 + 24].copy_from_slice(&x.0)
+  }
+
+}
+
+// struct TombstoneRec, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct TombstoneRec(pub [u8; 24]);
+impl Default for TombstoneRec { 
+  fn default() -> Self { 
+    Self([0; 24])
+  }
+}
+impl ::core::fmt::Debug for TombstoneRec {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("TombstoneRec")
+      .field("id", &self.id())
+      .field("version", &self.version())
+      .field("tick", &self.tick())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for TombstoneRec {}
+impl<'a> ::flatbuffers::Follow<'a> for TombstoneRec {
+  type Inner = &'a TombstoneRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a TombstoneRec>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a TombstoneRec {
+  type Inner = &'a TombstoneRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<TombstoneRec>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for TombstoneRec {
+    type Output = TombstoneRec;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const TombstoneRec as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for TombstoneRec {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> TombstoneRec {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    id: u64,
+    version: u32,
+    tick: u64,
+  ) -> Self {
+    let mut s = Self([0; 24]);
+    s.set_id(id);
+    s.set_version(version);
+    s.set_tick(tick);
+    s
+  }
+
+  pub fn id(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[0..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_id(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[0..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn version(&self) -> u32 {
+    let mut mem = ::core::mem::MaybeUninit::<<u32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[8..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_version(&mut self, x: u32) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[8..].as_mut_ptr(),
+        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn tick(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[16..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_tick(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[16..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
+/// What an owner told one neighbour about one entity.
+// struct SentGhostRec, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct SentGhostRec(pub [u8; 80]);
+impl Default for SentGhostRec { 
+  fn default() -> Self { 
+    Self([0; 80])
+  }
+}
+impl ::core::fmt::Debug for SentGhostRec {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("SentGhostRec")
+      .field("neighbour", &self.neighbour())
+      .field("id", &self.id())
+      .field("version", &self.version())
+      .field("owner", &self.owner())
+      .field("state", &self.state())
+      .field("stamp", &self.stamp())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for SentGhostRec {}
+impl<'a> ::flatbuffers::Follow<'a> for SentGhostRec {
+  type Inner = &'a SentGhostRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a SentGhostRec>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a SentGhostRec {
+  type Inner = &'a SentGhostRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<SentGhostRec>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for SentGhostRec {
+    type Output = SentGhostRec;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const SentGhostRec as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for SentGhostRec {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> SentGhostRec {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    neighbour: &CellId,
+    id: u64,
+    version: u32,
+    owner: &CellId,
+    state: &QStateRec,
+    stamp: u64,
+  ) -> Self {
+    let mut s = Self([0; 80]);
+    s.set_neighbour(neighbour);
+    s.set_id(id);
+    s.set_version(version);
+    s.set_owner(owner);
+    s.set_state(state);
+    s.set_stamp(stamp);
+    s
+  }
+
+  pub fn neighbour(&self) -> &CellId {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[0..].as_ptr() as *const CellId) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_neighbour(&mut self, x: &CellId) {
+    self.0[0..0 + 16].copy_from_slice(&x.0)
+  }
+
+  pub fn id(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[16..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_id(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[16..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn version(&self) -> u32 {
+    let mut mem = ::core::mem::MaybeUninit::<<u32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[24..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_version(&mut self, x: u32) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[24..].as_mut_ptr(),
+        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn owner(&self) -> &CellId {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[28..].as_ptr() as *const CellId) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_owner(&mut self, x: &CellId) {
+    self.0[28..28 + 16].copy_from_slice(&x.0)
+  }
+
+  pub fn state(&self) -> &QStateRec {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[44..].as_ptr() as *const QStateRec) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_state(&mut self, x: &QStateRec) {
+    self.0[44..44 + 24].copy_from_slice(&x.0)
+  }
+
+  pub fn stamp(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[72..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_stamp(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[72..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
+/// Where an entity went, and when (forward pointer).
+// struct ForwardRec, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct ForwardRec(pub [u8; 32]);
+impl Default for ForwardRec { 
+  fn default() -> Self { 
+    Self([0; 32])
+  }
+}
+impl ::core::fmt::Debug for ForwardRec {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("ForwardRec")
+      .field("entity", &self.entity())
+      .field("cell", &self.cell())
+      .field("tick", &self.tick())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for ForwardRec {}
+impl<'a> ::flatbuffers::Follow<'a> for ForwardRec {
+  type Inner = &'a ForwardRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a ForwardRec>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a ForwardRec {
+  type Inner = &'a ForwardRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<ForwardRec>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for ForwardRec {
+    type Output = ForwardRec;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const ForwardRec as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for ForwardRec {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> ForwardRec {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    entity: u64,
+    cell: &CellId,
+    tick: u64,
+  ) -> Self {
+    let mut s = Self([0; 32]);
+    s.set_entity(entity);
+    s.set_cell(cell);
+    s.set_tick(tick);
+    s
+  }
+
+  pub fn entity(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[0..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_entity(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[0..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn cell(&self) -> &CellId {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[8..].as_ptr() as *const CellId) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_cell(&mut self, x: &CellId) {
+    self.0[8..8 + 16].copy_from_slice(&x.0)
+  }
+
+  pub fn tick(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[24..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_tick(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[24..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
+// struct CellCountersRec, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct CellCountersRec(pub [u8; 176]);
+impl Default for CellCountersRec { 
+  fn default() -> Self { 
+    Self([0; 176])
+  }
+}
+impl ::core::fmt::Debug for CellCountersRec {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("CellCountersRec")
+      .field("inputs", &self.inputs())
+      .field("inputs_forwarded", &self.inputs_forwarded())
+      .field("inputs_duplicate", &self.inputs_duplicate())
+      .field("inputs_held", &self.inputs_held())
+      .field("inputs_gap_skipped", &self.inputs_gap_skipped())
+      .field("inputs_wrong_client", &self.inputs_wrong_client())
+      .field("unknown_entity", &self.unknown_entity())
+      .field("inputs_awaited", &self.inputs_awaited())
+      .field("orphans_held", &self.orphans_held())
+      .field("hops_exceeded", &self.hops_exceeded())
+      .field("intents_applied", &self.intents_applied())
+      .field("intents_routed", &self.intents_routed())
+      .field("intents_dropped", &self.intents_dropped())
+      .field("transfers_out", &self.transfers_out())
+      .field("transfers_in", &self.transfers_in())
+      .field("transfers_duplicate", &self.transfers_duplicate())
+      .field("joins", &self.joins())
+      .field("leaves", &self.leaves())
+      .field("snapshots", &self.snapshots())
+      .field("snapshot_bytes", &self.snapshot_bytes())
+      .field("snapshot_deferred", &self.snapshot_deferred())
+      .field("ghost_updates", &self.ghost_updates())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for CellCountersRec {}
+impl<'a> ::flatbuffers::Follow<'a> for CellCountersRec {
+  type Inner = &'a CellCountersRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a CellCountersRec>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a CellCountersRec {
+  type Inner = &'a CellCountersRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<CellCountersRec>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for CellCountersRec {
+    type Output = CellCountersRec;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const CellCountersRec as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for CellCountersRec {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> CellCountersRec {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    inputs: u64,
+    inputs_forwarded: u64,
+    inputs_duplicate: u64,
+    inputs_held: u64,
+    inputs_gap_skipped: u64,
+    inputs_wrong_client: u64,
+    unknown_entity: u64,
+    inputs_awaited: u64,
+    orphans_held: u64,
+    hops_exceeded: u64,
+    intents_applied: u64,
+    intents_routed: u64,
+    intents_dropped: u64,
+    transfers_out: u64,
+    transfers_in: u64,
+    transfers_duplicate: u64,
+    joins: u64,
+    leaves: u64,
+    snapshots: u64,
+    snapshot_bytes: u64,
+    snapshot_deferred: u64,
+    ghost_updates: u64,
+  ) -> Self {
+    let mut s = Self([0; 176]);
+    s.set_inputs(inputs);
+    s.set_inputs_forwarded(inputs_forwarded);
+    s.set_inputs_duplicate(inputs_duplicate);
+    s.set_inputs_held(inputs_held);
+    s.set_inputs_gap_skipped(inputs_gap_skipped);
+    s.set_inputs_wrong_client(inputs_wrong_client);
+    s.set_unknown_entity(unknown_entity);
+    s.set_inputs_awaited(inputs_awaited);
+    s.set_orphans_held(orphans_held);
+    s.set_hops_exceeded(hops_exceeded);
+    s.set_intents_applied(intents_applied);
+    s.set_intents_routed(intents_routed);
+    s.set_intents_dropped(intents_dropped);
+    s.set_transfers_out(transfers_out);
+    s.set_transfers_in(transfers_in);
+    s.set_transfers_duplicate(transfers_duplicate);
+    s.set_joins(joins);
+    s.set_leaves(leaves);
+    s.set_snapshots(snapshots);
+    s.set_snapshot_bytes(snapshot_bytes);
+    s.set_snapshot_deferred(snapshot_deferred);
+    s.set_ghost_updates(ghost_updates);
+    s
+  }
+
+  pub fn inputs(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[0..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_inputs(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[0..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn inputs_forwarded(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[8..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_inputs_forwarded(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[8..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn inputs_duplicate(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[16..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_inputs_duplicate(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[16..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn inputs_held(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[24..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_inputs_held(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[24..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn inputs_gap_skipped(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[32..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_inputs_gap_skipped(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[32..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn inputs_wrong_client(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[40..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_inputs_wrong_client(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[40..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn unknown_entity(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[48..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_unknown_entity(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[48..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn inputs_awaited(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[56..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_inputs_awaited(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[56..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn orphans_held(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[64..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_orphans_held(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[64..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn hops_exceeded(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[72..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_hops_exceeded(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[72..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn intents_applied(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[80..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_intents_applied(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[80..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn intents_routed(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[88..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_intents_routed(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[88..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn intents_dropped(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[96..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_intents_dropped(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[96..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn transfers_out(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[104..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_transfers_out(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[104..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn transfers_in(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[112..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_transfers_in(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[112..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn transfers_duplicate(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[120..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_transfers_duplicate(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[120..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn joins(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[128..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_joins(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[128..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn leaves(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[136..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_leaves(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[136..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn snapshots(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[144..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_snapshots(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[144..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn snapshot_bytes(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[152..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_snapshot_bytes(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[152..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn snapshot_deferred(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[160..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_snapshot_deferred(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[160..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn ghost_updates(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[168..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_ghost_updates(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[168..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
+// struct GameCountersRec, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct GameCountersRec(pub [u8; 32]);
+impl Default for GameCountersRec { 
+  fn default() -> Self { 
+    Self([0; 32])
+  }
+}
+impl ::core::fmt::Debug for GameCountersRec {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("GameCountersRec")
+      .field("inputs_rejected", &self.inputs_rejected())
+      .field("inputs_clamped", &self.inputs_clamped())
+      .field("actions_rejected", &self.actions_rejected())
+      .field("intents_applied", &self.intents_applied())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for GameCountersRec {}
+impl<'a> ::flatbuffers::Follow<'a> for GameCountersRec {
+  type Inner = &'a GameCountersRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a GameCountersRec>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a GameCountersRec {
+  type Inner = &'a GameCountersRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<GameCountersRec>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for GameCountersRec {
+    type Output = GameCountersRec;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const GameCountersRec as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for GameCountersRec {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> GameCountersRec {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    inputs_rejected: u64,
+    inputs_clamped: u64,
+    actions_rejected: u64,
+    intents_applied: u64,
+  ) -> Self {
+    let mut s = Self([0; 32]);
+    s.set_inputs_rejected(inputs_rejected);
+    s.set_inputs_clamped(inputs_clamped);
+    s.set_actions_rejected(actions_rejected);
+    s.set_intents_applied(intents_applied);
+    s
+  }
+
+  pub fn inputs_rejected(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[0..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_inputs_rejected(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[0..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn inputs_clamped(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[8..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_inputs_clamped(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[8..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn actions_rejected(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[16..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_actions_rejected(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[16..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn intents_applied(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[24..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_intents_applied(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[24..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
+// struct GeometryRec, aligned to 4
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct GeometryRec(pub [u8; 16]);
+impl Default for GeometryRec { 
+  fn default() -> Self { 
+    Self([0; 16])
+  }
+}
+impl ::core::fmt::Debug for GeometryRec {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("GeometryRec")
+      .field("world", &self.world())
+      .field("cell_size", &self.cell_size())
+      .field("columns", &self.columns())
+      .field("rows", &self.rows())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for GeometryRec {}
+impl<'a> ::flatbuffers::Follow<'a> for GeometryRec {
+  type Inner = &'a GeometryRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a GeometryRec>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a GeometryRec {
+  type Inner = &'a GeometryRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<GeometryRec>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for GeometryRec {
+    type Output = GeometryRec;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const GeometryRec as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(4)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for GeometryRec {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> GeometryRec {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    world: u16,
+    cell_size: f32,
+    columns: i32,
+    rows: i32,
+  ) -> Self {
+    let mut s = Self([0; 16]);
+    s.set_world(world);
+    s.set_cell_size(cell_size);
+    s.set_columns(columns);
+    s.set_rows(rows);
+    s
+  }
+
+  pub fn world(&self) -> u16 {
+    let mut mem = ::core::mem::MaybeUninit::<<u16 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[0..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u16 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_world(&mut self, x: u16) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[0..].as_mut_ptr(),
+        ::core::mem::size_of::<<u16 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn cell_size(&self) -> f32 {
+    let mut mem = ::core::mem::MaybeUninit::<<f32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[4..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<f32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_cell_size(&mut self, x: f32) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[4..].as_mut_ptr(),
+        ::core::mem::size_of::<<f32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn columns(&self) -> i32 {
+    let mut mem = ::core::mem::MaybeUninit::<<i32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[8..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<i32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_columns(&mut self, x: i32) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[8..].as_mut_ptr(),
+        ::core::mem::size_of::<<i32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn rows(&self) -> i32 {
+    let mut mem = ::core::mem::MaybeUninit::<<i32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[12..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<i32 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_rows(&mut self, x: i32) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[12..].as_mut_ptr(),
+        ::core::mem::size_of::<<i32 as ::flatbuffers::EndianScalar>::Scalar>(),
       );
     }
   }
@@ -2961,56 +5958,55 @@ impl<'a> CellAssignment {
 
 }
 
-// struct CellLoad, aligned to 4
+// struct CellLoadRec, aligned to 8
 #[repr(transparent)]
 #[derive(Clone, Copy, PartialEq)]
-pub struct CellLoad(pub [u8; 32]);
-impl Default for CellLoad { 
+pub struct CellLoadRec(pub [u8; 32]);
+impl Default for CellLoadRec { 
   fn default() -> Self { 
     Self([0; 32])
   }
 }
-impl ::core::fmt::Debug for CellLoad {
+impl ::core::fmt::Debug for CellLoadRec {
   fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
-    f.debug_struct("CellLoad")
+    f.debug_struct("CellLoadRec")
       .field("cell", &self.cell())
       .field("actors", &self.actors())
+      .field("players", &self.players())
       .field("pps", &self.pps())
-      .field("tick_us_p99", &self.tick_us_p99())
-      .field("budget_us", &self.budget_us())
       .finish()
   }
 }
 
-impl ::flatbuffers::SimpleToVerifyInSlice for CellLoad {}
-impl<'a> ::flatbuffers::Follow<'a> for CellLoad {
-  type Inner = &'a CellLoad;
+impl ::flatbuffers::SimpleToVerifyInSlice for CellLoadRec {}
+impl<'a> ::flatbuffers::Follow<'a> for CellLoadRec {
+  type Inner = &'a CellLoadRec;
   #[inline]
   unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
-    unsafe { <&'a CellLoad>::follow(buf, loc) }
+    unsafe { <&'a CellLoadRec>::follow(buf, loc) }
   }
 }
-impl<'a> ::flatbuffers::Follow<'a> for &'a CellLoad {
-  type Inner = &'a CellLoad;
+impl<'a> ::flatbuffers::Follow<'a> for &'a CellLoadRec {
+  type Inner = &'a CellLoadRec;
   #[inline]
   unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
-    unsafe { ::flatbuffers::follow_cast_ref::<CellLoad>(buf, loc) }
+    unsafe { ::flatbuffers::follow_cast_ref::<CellLoadRec>(buf, loc) }
   }
 }
-impl<'b> ::flatbuffers::Push for CellLoad {
-    type Output = CellLoad;
+impl<'b> ::flatbuffers::Push for CellLoadRec {
+    type Output = CellLoadRec;
     #[inline]
     unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
-        let src = unsafe { ::core::slice::from_raw_parts(self as *const CellLoad as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const CellLoadRec as *const u8, <Self as ::flatbuffers::Push>::size()) };
         dst.copy_from_slice(src);
     }
     #[inline]
     fn alignment() -> ::flatbuffers::PushAlignment {
-        ::flatbuffers::PushAlignment::new(4)
+        ::flatbuffers::PushAlignment::new(8)
     }
 }
 
-impl<'a> ::flatbuffers::Verifiable for CellLoad {
+impl<'a> ::flatbuffers::Verifiable for CellLoadRec {
   #[inline]
   fn run_verifier(
     v: &mut ::flatbuffers::Verifier, pos: usize
@@ -3019,21 +6015,19 @@ impl<'a> ::flatbuffers::Verifiable for CellLoad {
   }
 }
 
-impl<'a> CellLoad {
+impl<'a> CellLoadRec {
   #[allow(clippy::too_many_arguments)]
   pub fn new(
     cell: &CellId,
     actors: u32,
-    pps: u32,
-    tick_us_p99: u32,
-    budget_us: u32,
+    players: u32,
+    pps: f64,
   ) -> Self {
     let mut s = Self([0; 32]);
     s.set_cell(cell);
     s.set_actors(actors);
+    s.set_players(players);
     s.set_pps(pps);
-    s.set_tick_us_p99(tick_us_p99);
-    s.set_budget_us(budget_us);
     s
   }
 
@@ -3078,7 +6072,7 @@ impl<'a> CellLoad {
     }
   }
 
-  pub fn pps(&self) -> u32 {
+  pub fn players(&self) -> u32 {
     let mut mem = ::core::mem::MaybeUninit::<<u32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
     // Safety:
     // Created from a valid Table for this object
@@ -3093,7 +6087,7 @@ impl<'a> CellLoad {
     })
   }
 
-  pub fn set_pps(&mut self, x: u32) {
+  pub fn set_players(&mut self, x: u32) {
     let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
     // Safety:
     // Created from a valid Table for this object
@@ -3107,8 +6101,8 @@ impl<'a> CellLoad {
     }
   }
 
-  pub fn tick_us_p99(&self) -> u32 {
-    let mut mem = ::core::mem::MaybeUninit::<<u32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+  pub fn pps(&self) -> f64 {
+    let mut mem = ::core::mem::MaybeUninit::<<f64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
     // Safety:
     // Created from a valid Table for this object
     // Which contains a valid value in this slot
@@ -3116,13 +6110,13 @@ impl<'a> CellLoad {
       ::core::ptr::copy_nonoverlapping(
         self.0[24..].as_ptr(),
         mem.as_mut_ptr() as *mut u8,
-        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+        ::core::mem::size_of::<<f64 as ::flatbuffers::EndianScalar>::Scalar>(),
       );
       mem.assume_init()
     })
   }
 
-  pub fn set_tick_us_p99(&mut self, x: u32) {
+  pub fn set_pps(&mut self, x: f64) {
     let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
     // Safety:
     // Created from a valid Table for this object
@@ -3131,36 +6125,7 @@ impl<'a> CellLoad {
       ::core::ptr::copy_nonoverlapping(
         &x_le as *const _ as *const u8,
         self.0[24..].as_mut_ptr(),
-        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
-      );
-    }
-  }
-
-  pub fn budget_us(&self) -> u32 {
-    let mut mem = ::core::mem::MaybeUninit::<<u32 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
-    // Safety:
-    // Created from a valid Table for this object
-    // Which contains a valid value in this slot
-    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
-      ::core::ptr::copy_nonoverlapping(
-        self.0[28..].as_ptr(),
-        mem.as_mut_ptr() as *mut u8,
-        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
-      );
-      mem.assume_init()
-    })
-  }
-
-  pub fn set_budget_us(&mut self, x: u32) {
-    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
-    // Safety:
-    // Created from a valid Table for this object
-    // Which contains a valid value in this slot
-    unsafe {
-      ::core::ptr::copy_nonoverlapping(
-        &x_le as *const _ as *const u8,
-        self.0[28..].as_mut_ptr(),
-        ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
+        ::core::mem::size_of::<<f64 as ::flatbuffers::EndianScalar>::Scalar>(),
       );
     }
   }
@@ -4976,242 +7941,319 @@ impl ::core::fmt::Debug for ServerFrame<'_> {
       ds.finish()
   }
 }
-pub enum GhostUpdateOffset {}
+pub enum SentViewRecOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-pub struct GhostUpdate<'a> {
+/// A snapshot a client may hold, for delta encoding.
+pub struct SentViewRec<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
 
-impl<'a> ::flatbuffers::Follow<'a> for GhostUpdate<'a> {
-  type Inner = GhostUpdate<'a>;
+impl<'a> ::flatbuffers::Follow<'a> for SentViewRec<'a> {
+  type Inner = SentViewRec<'a>;
   #[inline]
   unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
     Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
   }
 }
 
-impl<'a> GhostUpdate<'a> {
-  pub const VT_TO_CELL: ::flatbuffers::VOffsetT = 4;
-  pub const VT_ENTERED: ::flatbuffers::VOffsetT = 6;
-  pub const VT_VERSIONS: ::flatbuffers::VOffsetT = 8;
-  pub const VT_MOVED: ::flatbuffers::VOffsetT = 10;
-  pub const VT_TURNED: ::flatbuffers::VOffsetT = 12;
-  pub const VT_STATS: ::flatbuffers::VOffsetT = 14;
-  pub const VT_LEFT: ::flatbuffers::VOffsetT = 16;
+impl<'a> SentViewRec<'a> {
+  pub const VT_TICK: ::flatbuffers::VOffsetT = 4;
+  pub const VT_ENTRIES: ::flatbuffers::VOffsetT = 6;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
-    GhostUpdate { _tab: table }
+    SentViewRec { _tab: table }
   }
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args GhostUpdateArgs<'args>
-  ) -> ::flatbuffers::WIPOffset<GhostUpdate<'bldr>> {
-    let mut builder = GhostUpdateBuilder::new(_fbb);
-    if let Some(x) = args.left { builder.add_left(x); }
-    if let Some(x) = args.stats { builder.add_stats(x); }
-    if let Some(x) = args.turned { builder.add_turned(x); }
-    if let Some(x) = args.moved { builder.add_moved(x); }
-    if let Some(x) = args.versions { builder.add_versions(x); }
-    if let Some(x) = args.entered { builder.add_entered(x); }
-    if let Some(x) = args.to_cell { builder.add_to_cell(x); }
+    args: &'args SentViewRecArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SentViewRec<'bldr>> {
+    let mut builder = SentViewRecBuilder::new(_fbb);
+    builder.add_tick(args.tick);
+    if let Some(x) = args.entries { builder.add_entries(x); }
     builder.finish()
   }
 
 
   #[inline]
-  pub fn to_cell(&self) -> Option<&'a CellId> {
+  pub fn tick(&self) -> u64 {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<CellId>(GhostUpdate::VT_TO_CELL, None)}
+    unsafe { self._tab.get::<u64>(SentViewRec::VT_TICK, Some(0)).unwrap()}
   }
   #[inline]
-  pub fn entered(&self) -> Option<::flatbuffers::Vector<'a, EntityFull>> {
+  pub fn entries(&self) -> Option<::flatbuffers::Vector<'a, ViewEntry>> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, EntityFull>>>(GhostUpdate::VT_ENTERED, None)}
-  }
-  #[inline]
-  pub fn versions(&self) -> Option<::flatbuffers::Vector<'a, u32>> {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(GhostUpdate::VT_VERSIONS, None)}
-  }
-  #[inline]
-  pub fn moved(&self) -> Option<::flatbuffers::Vector<'a, PosUpdate>> {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, PosUpdate>>>(GhostUpdate::VT_MOVED, None)}
-  }
-  #[inline]
-  pub fn turned(&self) -> Option<::flatbuffers::Vector<'a, HeadingUpdate>> {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, HeadingUpdate>>>(GhostUpdate::VT_TURNED, None)}
-  }
-  #[inline]
-  pub fn stats(&self) -> Option<::flatbuffers::Vector<'a, StatUpdate>> {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, StatUpdate>>>(GhostUpdate::VT_STATS, None)}
-  }
-  #[inline]
-  pub fn left(&self) -> Option<::flatbuffers::Vector<'a, GhostKey>> {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, GhostKey>>>(GhostUpdate::VT_LEFT, None)}
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ViewEntry>>>(SentViewRec::VT_ENTRIES, None)}
   }
 }
 
-impl ::flatbuffers::Verifiable for GhostUpdate<'_> {
+impl ::flatbuffers::Verifiable for SentViewRec<'_> {
   #[inline]
   fn run_verifier(
     v: &mut ::flatbuffers::Verifier, pos: usize
   ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
     v.visit_table(pos)?
-     .visit_field::<CellId>("to_cell", Self::VT_TO_CELL, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, EntityFull>>>("entered", Self::VT_ENTERED, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("versions", Self::VT_VERSIONS, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, PosUpdate>>>("moved", Self::VT_MOVED, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, HeadingUpdate>>>("turned", Self::VT_TURNED, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, StatUpdate>>>("stats", Self::VT_STATS, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, GhostKey>>>("left", Self::VT_LEFT, false)?
+     .visit_field::<u64>("tick", Self::VT_TICK, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ViewEntry>>>("entries", Self::VT_ENTRIES, false)?
      .finish();
     Ok(())
   }
 }
-pub struct GhostUpdateArgs<'a> {
-    pub to_cell: Option<&'a CellId>,
-    pub entered: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, EntityFull>>>,
-    pub versions: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
-    pub moved: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, PosUpdate>>>,
-    pub turned: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, HeadingUpdate>>>,
-    pub stats: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, StatUpdate>>>,
-    pub left: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, GhostKey>>>,
+pub struct SentViewRecArgs<'a> {
+    pub tick: u64,
+    pub entries: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ViewEntry>>>,
 }
-impl<'a> Default for GhostUpdateArgs<'a> {
+impl<'a> Default for SentViewRecArgs<'a> {
   #[inline]
   fn default() -> Self {
-    GhostUpdateArgs {
-      to_cell: None,
-      entered: None,
-      versions: None,
-      moved: None,
-      turned: None,
-      stats: None,
-      left: None,
+    SentViewRecArgs {
+      tick: 0,
+      entries: None,
     }
   }
 }
 
-pub struct GhostUpdateBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+pub struct SentViewRecBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
   fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
   start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
 }
-impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GhostUpdateBuilder<'a, 'b, A> {
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SentViewRecBuilder<'a, 'b, A> {
   #[inline]
-  pub fn add_to_cell(&mut self, to_cell: &CellId) {
-    self.fbb_.push_slot_always::<&CellId>(GhostUpdate::VT_TO_CELL, to_cell);
+  pub fn add_tick(&mut self, tick: u64) {
+    self.fbb_.push_slot::<u64>(SentViewRec::VT_TICK, tick, 0);
   }
   #[inline]
-  pub fn add_entered(&mut self, entered: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , EntityFull>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GhostUpdate::VT_ENTERED, entered);
+  pub fn add_entries(&mut self, entries: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ViewEntry>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SentViewRec::VT_ENTRIES, entries);
   }
   #[inline]
-  pub fn add_versions(&mut self, versions: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u32>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GhostUpdate::VT_VERSIONS, versions);
-  }
-  #[inline]
-  pub fn add_moved(&mut self, moved: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , PosUpdate>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GhostUpdate::VT_MOVED, moved);
-  }
-  #[inline]
-  pub fn add_turned(&mut self, turned: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , HeadingUpdate>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GhostUpdate::VT_TURNED, turned);
-  }
-  #[inline]
-  pub fn add_stats(&mut self, stats: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , StatUpdate>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GhostUpdate::VT_STATS, stats);
-  }
-  #[inline]
-  pub fn add_left(&mut self, left: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , GhostKey>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GhostUpdate::VT_LEFT, left);
-  }
-  #[inline]
-  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GhostUpdateBuilder<'a, 'b, A> {
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SentViewRecBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
-    GhostUpdateBuilder {
+    SentViewRecBuilder {
       fbb_: _fbb,
       start_: start,
     }
   }
   #[inline]
-  pub fn finish(self) -> ::flatbuffers::WIPOffset<GhostUpdate<'a>> {
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SentViewRec<'a>> {
     let o = self.fbb_.end_table(self.start_);
     ::flatbuffers::WIPOffset::new(o.value())
   }
 }
 
-impl ::core::fmt::Debug for GhostUpdate<'_> {
+impl ::core::fmt::Debug for SentViewRec<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
-    let mut ds = f.debug_struct("GhostUpdate");
-      ds.field("to_cell", &self.to_cell());
-      ds.field("entered", &self.entered());
-      ds.field("versions", &self.versions());
-      ds.field("moved", &self.moved());
-      ds.field("turned", &self.turned());
-      ds.field("stats", &self.stats());
-      ds.field("left", &self.left());
+    let mut ds = f.debug_struct("SentViewRec");
+      ds.field("tick", &self.tick());
+      ds.field("entries", &self.entries());
       ds.finish()
   }
 }
-pub enum InputRecordOffset {}
+pub enum ClientViewRecOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-/// A buffered or forwarded client input.
-pub struct InputRecord<'a> {
+/// A player's view state; it travels with the avatar.
+pub struct ClientViewRec<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
 
-impl<'a> ::flatbuffers::Follow<'a> for InputRecord<'a> {
-  type Inner = InputRecord<'a>;
+impl<'a> ::flatbuffers::Follow<'a> for ClientViewRec<'a> {
+  type Inner = ClientViewRec<'a>;
   #[inline]
   unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
     Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
   }
 }
 
-impl<'a> InputRecord<'a> {
+impl<'a> ClientViewRec<'a> {
   pub const VT_CLIENT: ::flatbuffers::VOffsetT = 4;
-  pub const VT_ENTITY: ::flatbuffers::VOffsetT = 6;
-  pub const VT_INPUT_SEQ: ::flatbuffers::VOffsetT = 8;
-  pub const VT_CLIENT_TICK: ::flatbuffers::VOffsetT = 10;
-  pub const VT_MOVEMENT: ::flatbuffers::VOffsetT = 12;
-  pub const VT_HEADING: ::flatbuffers::VOffsetT = 14;
-  pub const VT_ACTIONS: ::flatbuffers::VOffsetT = 16;
+  pub const VT_MEMBERS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_HISTORY: ::flatbuffers::VOffsetT = 8;
+  pub const VT_ACKED: ::flatbuffers::VOffsetT = 10;
+  pub const VT_LAST_INCLUDED: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
-    InputRecord { _tab: table }
+    ClientViewRec { _tab: table }
   }
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args InputRecordArgs<'args>
-  ) -> ::flatbuffers::WIPOffset<InputRecord<'bldr>> {
-    let mut builder = InputRecordBuilder::new(_fbb);
-    builder.add_client_tick(args.client_tick);
-    builder.add_entity(args.entity);
+    args: &'args ClientViewRecArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ClientViewRec<'bldr>> {
+    let mut builder = ClientViewRecBuilder::new(_fbb);
+    if let Some(x) = args.acked { builder.add_acked(x); }
     builder.add_client(args.client);
+    if let Some(x) = args.last_included { builder.add_last_included(x); }
+    if let Some(x) = args.history { builder.add_history(x); }
+    if let Some(x) = args.members { builder.add_members(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn client(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ClientViewRec::VT_CLIENT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn members(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(ClientViewRec::VT_MEMBERS, None)}
+  }
+  #[inline]
+  pub fn history(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<SentViewRec<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<SentViewRec>>>>(ClientViewRec::VT_HISTORY, None)}
+  }
+  #[inline]
+  pub fn acked(&self) -> Option<u64> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ClientViewRec::VT_ACKED, None)}
+  }
+  #[inline]
+  pub fn last_included(&self) -> Option<::flatbuffers::Vector<'a, TickStamp>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, TickStamp>>>(ClientViewRec::VT_LAST_INCLUDED, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ClientViewRec<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("client", Self::VT_CLIENT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("members", Self::VT_MEMBERS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<SentViewRec>>>>("history", Self::VT_HISTORY, false)?
+     .visit_field::<u64>("acked", Self::VT_ACKED, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, TickStamp>>>("last_included", Self::VT_LAST_INCLUDED, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ClientViewRecArgs<'a> {
+    pub client: u64,
+    pub members: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub history: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<SentViewRec<'a>>>>>,
+    pub acked: Option<u64>,
+    pub last_included: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, TickStamp>>>,
+}
+impl<'a> Default for ClientViewRecArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ClientViewRecArgs {
+      client: 0,
+      members: None,
+      history: None,
+      acked: None,
+      last_included: None,
+    }
+  }
+}
+
+pub struct ClientViewRecBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ClientViewRecBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_client(&mut self, client: u64) {
+    self.fbb_.push_slot::<u64>(ClientViewRec::VT_CLIENT, client, 0);
+  }
+  #[inline]
+  pub fn add_members(&mut self, members: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ClientViewRec::VT_MEMBERS, members);
+  }
+  #[inline]
+  pub fn add_history(&mut self, history: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<SentViewRec<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ClientViewRec::VT_HISTORY, history);
+  }
+  #[inline]
+  pub fn add_acked(&mut self, acked: u64) {
+    self.fbb_.push_slot_always::<u64>(ClientViewRec::VT_ACKED, acked);
+  }
+  #[inline]
+  pub fn add_last_included(&mut self, last_included: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , TickStamp>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ClientViewRec::VT_LAST_INCLUDED, last_included);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ClientViewRecBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ClientViewRecBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ClientViewRec<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ClientViewRec<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ClientViewRec");
+      ds.field("client", &self.client());
+      ds.field("members", &self.members());
+      ds.field("history", &self.history());
+      ds.field("acked", &self.acked());
+      ds.field("last_included", &self.last_included());
+      ds.finish()
+  }
+}
+pub enum InputCmdRecOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// A client input (the engine's InputCmd).
+pub struct InputCmdRec<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for InputCmdRec<'a> {
+  type Inner = InputCmdRec<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> InputCmdRec<'a> {
+  pub const VT_INPUT_SEQ: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CLIENT_TICK: ::flatbuffers::VOffsetT = 6;
+  pub const VT_MOVEMENT: ::flatbuffers::VOffsetT = 8;
+  pub const VT_HEADING: ::flatbuffers::VOffsetT = 10;
+  pub const VT_ACTIONS: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    InputCmdRec { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args InputCmdRecArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<InputCmdRec<'bldr>> {
+    let mut builder = InputCmdRecBuilder::new(_fbb);
+    builder.add_client_tick(args.client_tick);
     if let Some(x) = args.actions { builder.add_actions(x); }
     builder.add_heading(args.heading);
     if let Some(x) = args.movement { builder.add_movement(x); }
@@ -5221,64 +8263,48 @@ impl<'a> InputRecord<'a> {
 
 
   #[inline]
-  pub fn client(&self) -> u64 {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<u64>(InputRecord::VT_CLIENT, Some(0)).unwrap()}
-  }
-  #[inline]
-  pub fn entity(&self) -> u64 {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<u64>(InputRecord::VT_ENTITY, Some(0)).unwrap()}
-  }
-  #[inline]
   pub fn input_seq(&self) -> u32 {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<u32>(InputRecord::VT_INPUT_SEQ, Some(0)).unwrap()}
+    unsafe { self._tab.get::<u32>(InputCmdRec::VT_INPUT_SEQ, Some(0)).unwrap()}
   }
   #[inline]
   pub fn client_tick(&self) -> u64 {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<u64>(InputRecord::VT_CLIENT_TICK, Some(0)).unwrap()}
+    unsafe { self._tab.get::<u64>(InputCmdRec::VT_CLIENT_TICK, Some(0)).unwrap()}
   }
   #[inline]
   pub fn movement(&self) -> Option<&'a MoveInput> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<MoveInput>(InputRecord::VT_MOVEMENT, None)}
+    unsafe { self._tab.get::<MoveInput>(InputCmdRec::VT_MOVEMENT, None)}
   }
   #[inline]
   pub fn heading(&self) -> f32 {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<f32>(InputRecord::VT_HEADING, Some(0.0)).unwrap()}
+    unsafe { self._tab.get::<f32>(InputCmdRec::VT_HEADING, Some(0.0)).unwrap()}
   }
   #[inline]
   pub fn actions(&self) -> Option<::flatbuffers::Vector<'a, Action>> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, Action>>>(InputRecord::VT_ACTIONS, None)}
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, Action>>>(InputCmdRec::VT_ACTIONS, None)}
   }
 }
 
-impl ::flatbuffers::Verifiable for InputRecord<'_> {
+impl ::flatbuffers::Verifiable for InputCmdRec<'_> {
   #[inline]
   fn run_verifier(
     v: &mut ::flatbuffers::Verifier, pos: usize
   ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
     v.visit_table(pos)?
-     .visit_field::<u64>("client", Self::VT_CLIENT, false)?
-     .visit_field::<u64>("entity", Self::VT_ENTITY, false)?
      .visit_field::<u32>("input_seq", Self::VT_INPUT_SEQ, false)?
      .visit_field::<u64>("client_tick", Self::VT_CLIENT_TICK, false)?
      .visit_field::<MoveInput>("movement", Self::VT_MOVEMENT, false)?
@@ -5288,21 +8314,17 @@ impl ::flatbuffers::Verifiable for InputRecord<'_> {
     Ok(())
   }
 }
-pub struct InputRecordArgs<'a> {
-    pub client: u64,
-    pub entity: u64,
+pub struct InputCmdRecArgs<'a> {
     pub input_seq: u32,
     pub client_tick: u64,
     pub movement: Option<&'a MoveInput>,
     pub heading: f32,
     pub actions: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, Action>>>,
 }
-impl<'a> Default for InputRecordArgs<'a> {
+impl<'a> Default for InputCmdRecArgs<'a> {
   #[inline]
   fn default() -> Self {
-    InputRecordArgs {
-      client: 0,
-      entity: 0,
+    InputCmdRecArgs {
       input_seq: 0,
       client_tick: 0,
       movement: None,
@@ -5312,59 +8334,49 @@ impl<'a> Default for InputRecordArgs<'a> {
   }
 }
 
-pub struct InputRecordBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+pub struct InputCmdRecBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
   fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
   start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
 }
-impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> InputRecordBuilder<'a, 'b, A> {
-  #[inline]
-  pub fn add_client(&mut self, client: u64) {
-    self.fbb_.push_slot::<u64>(InputRecord::VT_CLIENT, client, 0);
-  }
-  #[inline]
-  pub fn add_entity(&mut self, entity: u64) {
-    self.fbb_.push_slot::<u64>(InputRecord::VT_ENTITY, entity, 0);
-  }
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> InputCmdRecBuilder<'a, 'b, A> {
   #[inline]
   pub fn add_input_seq(&mut self, input_seq: u32) {
-    self.fbb_.push_slot::<u32>(InputRecord::VT_INPUT_SEQ, input_seq, 0);
+    self.fbb_.push_slot::<u32>(InputCmdRec::VT_INPUT_SEQ, input_seq, 0);
   }
   #[inline]
   pub fn add_client_tick(&mut self, client_tick: u64) {
-    self.fbb_.push_slot::<u64>(InputRecord::VT_CLIENT_TICK, client_tick, 0);
+    self.fbb_.push_slot::<u64>(InputCmdRec::VT_CLIENT_TICK, client_tick, 0);
   }
   #[inline]
   pub fn add_movement(&mut self, movement: &MoveInput) {
-    self.fbb_.push_slot_always::<&MoveInput>(InputRecord::VT_MOVEMENT, movement);
+    self.fbb_.push_slot_always::<&MoveInput>(InputCmdRec::VT_MOVEMENT, movement);
   }
   #[inline]
   pub fn add_heading(&mut self, heading: f32) {
-    self.fbb_.push_slot::<f32>(InputRecord::VT_HEADING, heading, 0.0);
+    self.fbb_.push_slot::<f32>(InputCmdRec::VT_HEADING, heading, 0.0);
   }
   #[inline]
   pub fn add_actions(&mut self, actions: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , Action>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(InputRecord::VT_ACTIONS, actions);
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(InputCmdRec::VT_ACTIONS, actions);
   }
   #[inline]
-  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> InputRecordBuilder<'a, 'b, A> {
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> InputCmdRecBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
-    InputRecordBuilder {
+    InputCmdRecBuilder {
       fbb_: _fbb,
       start_: start,
     }
   }
   #[inline]
-  pub fn finish(self) -> ::flatbuffers::WIPOffset<InputRecord<'a>> {
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<InputCmdRec<'a>> {
     let o = self.fbb_.end_table(self.start_);
     ::flatbuffers::WIPOffset::new(o.value())
   }
 }
 
-impl ::core::fmt::Debug for InputRecord<'_> {
+impl ::core::fmt::Debug for InputCmdRec<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
-    let mut ds = f.debug_struct("InputRecord");
-      ds.field("client", &self.client());
-      ds.field("entity", &self.entity());
+    let mut ds = f.debug_struct("InputCmdRec");
       ds.field("input_seq", &self.input_seq());
       ds.field("client_tick", &self.client_tick());
       ds.field("movement", &self.movement());
@@ -5373,499 +8385,438 @@ impl ::core::fmt::Debug for InputRecord<'_> {
       ds.finish()
   }
 }
-pub enum EntityRecordOffset {}
+pub enum PendingInputRecOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-/// An entity with its whole state, for transfers and handovers.
-pub struct EntityRecord<'a> {
+/// An input held back until the one before it arrives.
+pub struct PendingInputRec<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
 
-impl<'a> ::flatbuffers::Follow<'a> for EntityRecord<'a> {
-  type Inner = EntityRecord<'a>;
+impl<'a> ::flatbuffers::Follow<'a> for PendingInputRec<'a> {
+  type Inner = PendingInputRec<'a>;
   #[inline]
   unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
     Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
   }
 }
 
-impl<'a> EntityRecord<'a> {
-  pub const VT_STATE: ::flatbuffers::VOffsetT = 4;
-  pub const VT_VERSION: ::flatbuffers::VOffsetT = 6;
-  pub const VT_POS_EXACT: ::flatbuffers::VOffsetT = 8;
-  pub const VT_CLIENT: ::flatbuffers::VOffsetT = 10;
-  pub const VT_LAST_INPUT_SEQ: ::flatbuffers::VOffsetT = 12;
-  pub const VT_GAME: ::flatbuffers::VOffsetT = 14;
-  pub const VT_VIEW: ::flatbuffers::VOffsetT = 16;
+impl<'a> PendingInputRec<'a> {
+  pub const VT_SEQ: ::flatbuffers::VOffsetT = 4;
+  pub const VT_TICK: ::flatbuffers::VOffsetT = 6;
+  pub const VT_INPUT: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
-    EntityRecord { _tab: table }
+    PendingInputRec { _tab: table }
   }
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args EntityRecordArgs<'args>
-  ) -> ::flatbuffers::WIPOffset<EntityRecord<'bldr>> {
-    let mut builder = EntityRecordBuilder::new(_fbb);
-    builder.add_client(args.client);
-    if let Some(x) = args.view { builder.add_view(x); }
-    if let Some(x) = args.game { builder.add_game(x); }
-    builder.add_last_input_seq(args.last_input_seq);
-    if let Some(x) = args.pos_exact { builder.add_pos_exact(x); }
-    builder.add_version(args.version);
-    if let Some(x) = args.state { builder.add_state(x); }
+    args: &'args PendingInputRecArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<PendingInputRec<'bldr>> {
+    let mut builder = PendingInputRecBuilder::new(_fbb);
+    builder.add_tick(args.tick);
+    if let Some(x) = args.input { builder.add_input(x); }
+    builder.add_seq(args.seq);
     builder.finish()
   }
 
 
   #[inline]
-  pub fn state(&self) -> Option<&'a EntityFull> {
+  pub fn seq(&self) -> u32 {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<EntityFull>(EntityRecord::VT_STATE, None)}
+    unsafe { self._tab.get::<u32>(PendingInputRec::VT_SEQ, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn tick(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PendingInputRec::VT_TICK, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn input(&self) -> Option<InputCmdRec<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<InputCmdRec>>(PendingInputRec::VT_INPUT, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for PendingInputRec<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("seq", Self::VT_SEQ, false)?
+     .visit_field::<u64>("tick", Self::VT_TICK, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<InputCmdRec>>("input", Self::VT_INPUT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PendingInputRecArgs<'a> {
+    pub seq: u32,
+    pub tick: u64,
+    pub input: Option<::flatbuffers::WIPOffset<InputCmdRec<'a>>>,
+}
+impl<'a> Default for PendingInputRecArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PendingInputRecArgs {
+      seq: 0,
+      tick: 0,
+      input: None,
+    }
+  }
+}
+
+pub struct PendingInputRecBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PendingInputRecBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_seq(&mut self, seq: u32) {
+    self.fbb_.push_slot::<u32>(PendingInputRec::VT_SEQ, seq, 0);
+  }
+  #[inline]
+  pub fn add_tick(&mut self, tick: u64) {
+    self.fbb_.push_slot::<u64>(PendingInputRec::VT_TICK, tick, 0);
+  }
+  #[inline]
+  pub fn add_input(&mut self, input: ::flatbuffers::WIPOffset<InputCmdRec<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<InputCmdRec>>(PendingInputRec::VT_INPUT, input);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PendingInputRecBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PendingInputRecBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<PendingInputRec<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for PendingInputRec<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("PendingInputRec");
+      ds.field("seq", &self.seq());
+      ds.field("tick", &self.tick());
+      ds.field("input", &self.input());
+      ds.finish()
+  }
+}
+pub enum EntityRecOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// An entity with its whole state, for transfers and handovers; `game` is
+/// the game's own encoding of its components.
+pub struct EntityRec<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for EntityRec<'a> {
+  type Inner = EntityRec<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> EntityRec<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_KIND: ::flatbuffers::VOffsetT = 6;
+  pub const VT_POS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_VEL: ::flatbuffers::VOffsetT = 10;
+  pub const VT_HEADING: ::flatbuffers::VOffsetT = 12;
+  pub const VT_VERSION: ::flatbuffers::VOffsetT = 14;
+  pub const VT_CLIENT: ::flatbuffers::VOffsetT = 16;
+  pub const VT_LAST_INPUT_SEQ: ::flatbuffers::VOffsetT = 18;
+  pub const VT_PENDING: ::flatbuffers::VOffsetT = 20;
+  pub const VT_GAME: ::flatbuffers::VOffsetT = 22;
+  pub const VT_VIEW: ::flatbuffers::VOffsetT = 24;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    EntityRec { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args EntityRecArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<EntityRec<'bldr>> {
+    let mut builder = EntityRecBuilder::new(_fbb);
+    if let Some(x) = args.client { builder.add_client(x); }
+    builder.add_id(args.id);
+    if let Some(x) = args.view { builder.add_view(x); }
+    if let Some(x) = args.game { builder.add_game(x); }
+    if let Some(x) = args.pending { builder.add_pending(x); }
+    builder.add_last_input_seq(args.last_input_seq);
+    builder.add_version(args.version);
+    builder.add_heading(args.heading);
+    if let Some(x) = args.vel { builder.add_vel(x); }
+    if let Some(x) = args.pos { builder.add_pos(x); }
+    builder.add_kind(args.kind);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(EntityRec::VT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn kind(&self) -> u8 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u8>(EntityRec::VT_KIND, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn pos(&self) -> Option<&'a Vec2f> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Vec2f>(EntityRec::VT_POS, None)}
+  }
+  #[inline]
+  pub fn vel(&self) -> Option<&'a Vec2f> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Vec2f>(EntityRec::VT_VEL, None)}
+  }
+  #[inline]
+  pub fn heading(&self) -> f32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<f32>(EntityRec::VT_HEADING, Some(0.0)).unwrap()}
   }
   #[inline]
   pub fn version(&self) -> u32 {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<u32>(EntityRecord::VT_VERSION, Some(0)).unwrap()}
+    unsafe { self._tab.get::<u32>(EntityRec::VT_VERSION, Some(0)).unwrap()}
   }
   #[inline]
-  pub fn pos_exact(&self) -> Option<::flatbuffers::Vector<'a, f32>> {
+  pub fn client(&self) -> Option<u64> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, f32>>>(EntityRecord::VT_POS_EXACT, None)}
-  }
-  #[inline]
-  pub fn client(&self) -> u64 {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<u64>(EntityRecord::VT_CLIENT, Some(0)).unwrap()}
+    unsafe { self._tab.get::<u64>(EntityRec::VT_CLIENT, None)}
   }
   #[inline]
   pub fn last_input_seq(&self) -> u32 {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<u32>(EntityRecord::VT_LAST_INPUT_SEQ, Some(0)).unwrap()}
+    unsafe { self._tab.get::<u32>(EntityRec::VT_LAST_INPUT_SEQ, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn pending(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PendingInputRec<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PendingInputRec>>>>(EntityRec::VT_PENDING, None)}
   }
   #[inline]
   pub fn game(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(EntityRecord::VT_GAME, None)}
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(EntityRec::VT_GAME, None)}
   }
   #[inline]
-  pub fn view(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+  pub fn view(&self) -> Option<ClientViewRec<'a>> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(EntityRecord::VT_VIEW, None)}
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<ClientViewRec>>(EntityRec::VT_VIEW, None)}
   }
 }
 
-impl ::flatbuffers::Verifiable for EntityRecord<'_> {
+impl ::flatbuffers::Verifiable for EntityRec<'_> {
   #[inline]
   fn run_verifier(
     v: &mut ::flatbuffers::Verifier, pos: usize
   ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
     v.visit_table(pos)?
-     .visit_field::<EntityFull>("state", Self::VT_STATE, false)?
+     .visit_field::<u64>("id", Self::VT_ID, false)?
+     .visit_field::<u8>("kind", Self::VT_KIND, false)?
+     .visit_field::<Vec2f>("pos", Self::VT_POS, false)?
+     .visit_field::<Vec2f>("vel", Self::VT_VEL, false)?
+     .visit_field::<f32>("heading", Self::VT_HEADING, false)?
      .visit_field::<u32>("version", Self::VT_VERSION, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, f32>>>("pos_exact", Self::VT_POS_EXACT, false)?
      .visit_field::<u64>("client", Self::VT_CLIENT, false)?
      .visit_field::<u32>("last_input_seq", Self::VT_LAST_INPUT_SEQ, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<PendingInputRec>>>>("pending", Self::VT_PENDING, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("game", Self::VT_GAME, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("view", Self::VT_VIEW, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<ClientViewRec>>("view", Self::VT_VIEW, false)?
      .finish();
     Ok(())
   }
 }
-pub struct EntityRecordArgs<'a> {
-    pub state: Option<&'a EntityFull>,
+pub struct EntityRecArgs<'a> {
+    pub id: u64,
+    pub kind: u8,
+    pub pos: Option<&'a Vec2f>,
+    pub vel: Option<&'a Vec2f>,
+    pub heading: f32,
     pub version: u32,
-    pub pos_exact: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, f32>>>,
-    pub client: u64,
+    pub client: Option<u64>,
     pub last_input_seq: u32,
+    pub pending: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PendingInputRec<'a>>>>>,
     pub game: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
-    pub view: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub view: Option<::flatbuffers::WIPOffset<ClientViewRec<'a>>>,
 }
-impl<'a> Default for EntityRecordArgs<'a> {
+impl<'a> Default for EntityRecArgs<'a> {
   #[inline]
   fn default() -> Self {
-    EntityRecordArgs {
-      state: None,
+    EntityRecArgs {
+      id: 0,
+      kind: 0,
+      pos: None,
+      vel: None,
+      heading: 0.0,
       version: 0,
-      pos_exact: None,
-      client: 0,
+      client: None,
       last_input_seq: 0,
+      pending: None,
       game: None,
       view: None,
     }
   }
 }
 
-pub struct EntityRecordBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+pub struct EntityRecBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
   fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
   start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
 }
-impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> EntityRecordBuilder<'a, 'b, A> {
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> EntityRecBuilder<'a, 'b, A> {
   #[inline]
-  pub fn add_state(&mut self, state: &EntityFull) {
-    self.fbb_.push_slot_always::<&EntityFull>(EntityRecord::VT_STATE, state);
+  pub fn add_id(&mut self, id: u64) {
+    self.fbb_.push_slot::<u64>(EntityRec::VT_ID, id, 0);
+  }
+  #[inline]
+  pub fn add_kind(&mut self, kind: u8) {
+    self.fbb_.push_slot::<u8>(EntityRec::VT_KIND, kind, 0);
+  }
+  #[inline]
+  pub fn add_pos(&mut self, pos: &Vec2f) {
+    self.fbb_.push_slot_always::<&Vec2f>(EntityRec::VT_POS, pos);
+  }
+  #[inline]
+  pub fn add_vel(&mut self, vel: &Vec2f) {
+    self.fbb_.push_slot_always::<&Vec2f>(EntityRec::VT_VEL, vel);
+  }
+  #[inline]
+  pub fn add_heading(&mut self, heading: f32) {
+    self.fbb_.push_slot::<f32>(EntityRec::VT_HEADING, heading, 0.0);
   }
   #[inline]
   pub fn add_version(&mut self, version: u32) {
-    self.fbb_.push_slot::<u32>(EntityRecord::VT_VERSION, version, 0);
-  }
-  #[inline]
-  pub fn add_pos_exact(&mut self, pos_exact: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , f32>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(EntityRecord::VT_POS_EXACT, pos_exact);
+    self.fbb_.push_slot::<u32>(EntityRec::VT_VERSION, version, 0);
   }
   #[inline]
   pub fn add_client(&mut self, client: u64) {
-    self.fbb_.push_slot::<u64>(EntityRecord::VT_CLIENT, client, 0);
+    self.fbb_.push_slot_always::<u64>(EntityRec::VT_CLIENT, client);
   }
   #[inline]
   pub fn add_last_input_seq(&mut self, last_input_seq: u32) {
-    self.fbb_.push_slot::<u32>(EntityRecord::VT_LAST_INPUT_SEQ, last_input_seq, 0);
+    self.fbb_.push_slot::<u32>(EntityRec::VT_LAST_INPUT_SEQ, last_input_seq, 0);
+  }
+  #[inline]
+  pub fn add_pending(&mut self, pending: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<PendingInputRec<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(EntityRec::VT_PENDING, pending);
   }
   #[inline]
   pub fn add_game(&mut self, game: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(EntityRecord::VT_GAME, game);
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(EntityRec::VT_GAME, game);
   }
   #[inline]
-  pub fn add_view(&mut self, view: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(EntityRecord::VT_VIEW, view);
+  pub fn add_view(&mut self, view: ::flatbuffers::WIPOffset<ClientViewRec<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<ClientViewRec>>(EntityRec::VT_VIEW, view);
   }
   #[inline]
-  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> EntityRecordBuilder<'a, 'b, A> {
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> EntityRecBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
-    EntityRecordBuilder {
+    EntityRecBuilder {
       fbb_: _fbb,
       start_: start,
     }
   }
   #[inline]
-  pub fn finish(self) -> ::flatbuffers::WIPOffset<EntityRecord<'a>> {
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<EntityRec<'a>> {
     let o = self.fbb_.end_table(self.start_);
     ::flatbuffers::WIPOffset::new(o.value())
   }
 }
 
-impl ::core::fmt::Debug for EntityRecord<'_> {
+impl ::core::fmt::Debug for EntityRec<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
-    let mut ds = f.debug_struct("EntityRecord");
-      ds.field("state", &self.state());
+    let mut ds = f.debug_struct("EntityRec");
+      ds.field("id", &self.id());
+      ds.field("kind", &self.kind());
+      ds.field("pos", &self.pos());
+      ds.field("vel", &self.vel());
+      ds.field("heading", &self.heading());
       ds.field("version", &self.version());
-      ds.field("pos_exact", &self.pos_exact());
       ds.field("client", &self.client());
       ds.field("last_input_seq", &self.last_input_seq());
+      ds.field("pending", &self.pending());
       ds.field("game", &self.game());
       ds.field("view", &self.view());
       ds.finish()
   }
 }
-pub enum EntityTransferOffset {}
+pub enum JoinMsgOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-pub struct EntityTransfer<'a> {
+pub struct JoinMsg<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
 
-impl<'a> ::flatbuffers::Follow<'a> for EntityTransfer<'a> {
-  type Inner = EntityTransfer<'a>;
+impl<'a> ::flatbuffers::Follow<'a> for JoinMsg<'a> {
+  type Inner = JoinMsg<'a>;
   #[inline]
   unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
     Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
   }
 }
 
-impl<'a> EntityTransfer<'a> {
-  pub const VT_TO_CELL: ::flatbuffers::VOffsetT = 4;
-  pub const VT_ENTITY: ::flatbuffers::VOffsetT = 6;
-  pub const VT_INPUTS: ::flatbuffers::VOffsetT = 8;
-  pub const VT_GHOST_HOLDERS: ::flatbuffers::VOffsetT = 10;
-
-  #[inline]
-  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
-    EntityTransfer { _tab: table }
-  }
-  #[allow(unused_mut)]
-  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
-    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args EntityTransferArgs<'args>
-  ) -> ::flatbuffers::WIPOffset<EntityTransfer<'bldr>> {
-    let mut builder = EntityTransferBuilder::new(_fbb);
-    if let Some(x) = args.ghost_holders { builder.add_ghost_holders(x); }
-    if let Some(x) = args.inputs { builder.add_inputs(x); }
-    if let Some(x) = args.entity { builder.add_entity(x); }
-    if let Some(x) = args.to_cell { builder.add_to_cell(x); }
-    builder.finish()
-  }
-
-
-  #[inline]
-  pub fn to_cell(&self) -> Option<&'a CellId> {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<CellId>(EntityTransfer::VT_TO_CELL, None)}
-  }
-  #[inline]
-  pub fn entity(&self) -> Option<EntityRecord<'a>> {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<EntityRecord>>(EntityTransfer::VT_ENTITY, None)}
-  }
-  #[inline]
-  pub fn inputs(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<InputRecord<'a>>>> {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<InputRecord>>>>(EntityTransfer::VT_INPUTS, None)}
-  }
-  #[inline]
-  pub fn ghost_holders(&self) -> Option<::flatbuffers::Vector<'a, CellId>> {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, CellId>>>(EntityTransfer::VT_GHOST_HOLDERS, None)}
-  }
-}
-
-impl ::flatbuffers::Verifiable for EntityTransfer<'_> {
-  #[inline]
-  fn run_verifier(
-    v: &mut ::flatbuffers::Verifier, pos: usize
-  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
-    v.visit_table(pos)?
-     .visit_field::<CellId>("to_cell", Self::VT_TO_CELL, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<EntityRecord>>("entity", Self::VT_ENTITY, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<InputRecord>>>>("inputs", Self::VT_INPUTS, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellId>>>("ghost_holders", Self::VT_GHOST_HOLDERS, false)?
-     .finish();
-    Ok(())
-  }
-}
-pub struct EntityTransferArgs<'a> {
-    pub to_cell: Option<&'a CellId>,
-    pub entity: Option<::flatbuffers::WIPOffset<EntityRecord<'a>>>,
-    pub inputs: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<InputRecord<'a>>>>>,
-    pub ghost_holders: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellId>>>,
-}
-impl<'a> Default for EntityTransferArgs<'a> {
-  #[inline]
-  fn default() -> Self {
-    EntityTransferArgs {
-      to_cell: None,
-      entity: None,
-      inputs: None,
-      ghost_holders: None,
-    }
-  }
-}
-
-pub struct EntityTransferBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
-  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
-  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
-}
-impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> EntityTransferBuilder<'a, 'b, A> {
-  #[inline]
-  pub fn add_to_cell(&mut self, to_cell: &CellId) {
-    self.fbb_.push_slot_always::<&CellId>(EntityTransfer::VT_TO_CELL, to_cell);
-  }
-  #[inline]
-  pub fn add_entity(&mut self, entity: ::flatbuffers::WIPOffset<EntityRecord<'b >>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<EntityRecord>>(EntityTransfer::VT_ENTITY, entity);
-  }
-  #[inline]
-  pub fn add_inputs(&mut self, inputs: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<InputRecord<'b >>>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(EntityTransfer::VT_INPUTS, inputs);
-  }
-  #[inline]
-  pub fn add_ghost_holders(&mut self, ghost_holders: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , CellId>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(EntityTransfer::VT_GHOST_HOLDERS, ghost_holders);
-  }
-  #[inline]
-  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> EntityTransferBuilder<'a, 'b, A> {
-    let start = _fbb.start_table();
-    EntityTransferBuilder {
-      fbb_: _fbb,
-      start_: start,
-    }
-  }
-  #[inline]
-  pub fn finish(self) -> ::flatbuffers::WIPOffset<EntityTransfer<'a>> {
-    let o = self.fbb_.end_table(self.start_);
-    ::flatbuffers::WIPOffset::new(o.value())
-  }
-}
-
-impl ::core::fmt::Debug for EntityTransfer<'_> {
-  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
-    let mut ds = f.debug_struct("EntityTransfer");
-      ds.field("to_cell", &self.to_cell());
-      ds.field("entity", &self.entity());
-      ds.field("inputs", &self.inputs());
-      ds.field("ghost_holders", &self.ghost_holders());
-      ds.finish()
-  }
-}
-pub enum ForwardedInputOffset {}
-#[derive(Copy, Clone, PartialEq)]
-
-pub struct ForwardedInput<'a> {
-  pub _tab: ::flatbuffers::Table<'a>,
-}
-
-impl<'a> ::flatbuffers::Follow<'a> for ForwardedInput<'a> {
-  type Inner = ForwardedInput<'a>;
-  #[inline]
-  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
-    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
-  }
-}
-
-impl<'a> ForwardedInput<'a> {
-  pub const VT_TO_CELL: ::flatbuffers::VOffsetT = 4;
-  pub const VT_INPUT: ::flatbuffers::VOffsetT = 6;
-
-  #[inline]
-  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
-    ForwardedInput { _tab: table }
-  }
-  #[allow(unused_mut)]
-  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
-    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args ForwardedInputArgs<'args>
-  ) -> ::flatbuffers::WIPOffset<ForwardedInput<'bldr>> {
-    let mut builder = ForwardedInputBuilder::new(_fbb);
-    if let Some(x) = args.input { builder.add_input(x); }
-    if let Some(x) = args.to_cell { builder.add_to_cell(x); }
-    builder.finish()
-  }
-
-
-  #[inline]
-  pub fn to_cell(&self) -> Option<&'a CellId> {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<CellId>(ForwardedInput::VT_TO_CELL, None)}
-  }
-  #[inline]
-  pub fn input(&self) -> Option<InputRecord<'a>> {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<InputRecord>>(ForwardedInput::VT_INPUT, None)}
-  }
-}
-
-impl ::flatbuffers::Verifiable for ForwardedInput<'_> {
-  #[inline]
-  fn run_verifier(
-    v: &mut ::flatbuffers::Verifier, pos: usize
-  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
-    v.visit_table(pos)?
-     .visit_field::<CellId>("to_cell", Self::VT_TO_CELL, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<InputRecord>>("input", Self::VT_INPUT, false)?
-     .finish();
-    Ok(())
-  }
-}
-pub struct ForwardedInputArgs<'a> {
-    pub to_cell: Option<&'a CellId>,
-    pub input: Option<::flatbuffers::WIPOffset<InputRecord<'a>>>,
-}
-impl<'a> Default for ForwardedInputArgs<'a> {
-  #[inline]
-  fn default() -> Self {
-    ForwardedInputArgs {
-      to_cell: None,
-      input: None,
-    }
-  }
-}
-
-pub struct ForwardedInputBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
-  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
-  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
-}
-impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ForwardedInputBuilder<'a, 'b, A> {
-  #[inline]
-  pub fn add_to_cell(&mut self, to_cell: &CellId) {
-    self.fbb_.push_slot_always::<&CellId>(ForwardedInput::VT_TO_CELL, to_cell);
-  }
-  #[inline]
-  pub fn add_input(&mut self, input: ::flatbuffers::WIPOffset<InputRecord<'b >>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<InputRecord>>(ForwardedInput::VT_INPUT, input);
-  }
-  #[inline]
-  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ForwardedInputBuilder<'a, 'b, A> {
-    let start = _fbb.start_table();
-    ForwardedInputBuilder {
-      fbb_: _fbb,
-      start_: start,
-    }
-  }
-  #[inline]
-  pub fn finish(self) -> ::flatbuffers::WIPOffset<ForwardedInput<'a>> {
-    let o = self.fbb_.end_table(self.start_);
-    ::flatbuffers::WIPOffset::new(o.value())
-  }
-}
-
-impl ::core::fmt::Debug for ForwardedInput<'_> {
-  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
-    let mut ds = f.debug_struct("ForwardedInput");
-      ds.field("to_cell", &self.to_cell());
-      ds.field("input", &self.input());
-      ds.finish()
-  }
-}
-pub enum ClientDeltaOffset {}
-#[derive(Copy, Clone, PartialEq)]
-
-/// A snapshot computed by the owning shard for a session hosted elsewhere.
-pub struct ClientDelta<'a> {
-  pub _tab: ::flatbuffers::Table<'a>,
-}
-
-impl<'a> ::flatbuffers::Follow<'a> for ClientDelta<'a> {
-  type Inner = ClientDelta<'a>;
-  #[inline]
-  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
-    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
-  }
-}
-
-impl<'a> ClientDelta<'a> {
+impl<'a> JoinMsg<'a> {
   pub const VT_CLIENT: ::flatbuffers::VOffsetT = 4;
-  pub const VT_ENTITY: ::flatbuffers::VOffsetT = 6;
-  pub const VT_PAYLOAD: ::flatbuffers::VOffsetT = 8;
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 6;
+  pub const VT_POS: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
-    ClientDelta { _tab: table }
+    JoinMsg { _tab: table }
   }
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args ClientDeltaArgs<'args>
-  ) -> ::flatbuffers::WIPOffset<ClientDelta<'bldr>> {
-    let mut builder = ClientDeltaBuilder::new(_fbb);
-    builder.add_entity(args.entity);
+    args: &'args JoinMsgArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<JoinMsg<'bldr>> {
+    let mut builder = JoinMsgBuilder::new(_fbb);
     builder.add_client(args.client);
-    if let Some(x) = args.payload { builder.add_payload(x); }
+    if let Some(x) = args.pos { builder.add_pos(x); }
+    if let Some(x) = args.name { builder.add_name(x); }
     builder.finish()
   }
 
@@ -5875,25 +8826,174 @@ impl<'a> ClientDelta<'a> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<u64>(ClientDelta::VT_CLIENT, Some(0)).unwrap()}
+    unsafe { self._tab.get::<u64>(JoinMsg::VT_CLIENT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn name(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(JoinMsg::VT_NAME, None).unwrap()}
+  }
+  #[inline]
+  pub fn pos(&self) -> Option<&'a Vec2f> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Vec2f>(JoinMsg::VT_POS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for JoinMsg<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("client", Self::VT_CLIENT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, true)?
+     .visit_field::<Vec2f>("pos", Self::VT_POS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct JoinMsgArgs<'a> {
+    pub client: u64,
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub pos: Option<&'a Vec2f>,
+}
+impl<'a> Default for JoinMsgArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    JoinMsgArgs {
+      client: 0,
+      name: None, // required field
+      pos: None,
+    }
+  }
+}
+
+pub struct JoinMsgBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> JoinMsgBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_client(&mut self, client: u64) {
+    self.fbb_.push_slot::<u64>(JoinMsg::VT_CLIENT, client, 0);
+  }
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(JoinMsg::VT_NAME, name);
+  }
+  #[inline]
+  pub fn add_pos(&mut self, pos: &Vec2f) {
+    self.fbb_.push_slot_always::<&Vec2f>(JoinMsg::VT_POS, pos);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> JoinMsgBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    JoinMsgBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<JoinMsg<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, JoinMsg::VT_NAME,"name");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for JoinMsg<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("JoinMsg");
+      ds.field("client", &self.client());
+      ds.field("name", &self.name());
+      ds.field("pos", &self.pos());
+      ds.finish()
+  }
+}
+pub enum InputMsgOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct InputMsg<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for InputMsg<'a> {
+  type Inner = InputMsg<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> InputMsg<'a> {
+  pub const VT_CLIENT: ::flatbuffers::VOffsetT = 4;
+  pub const VT_ENTITY: ::flatbuffers::VOffsetT = 6;
+  pub const VT_INPUT: ::flatbuffers::VOffsetT = 8;
+  pub const VT_HOPS: ::flatbuffers::VOffsetT = 10;
+  pub const VT_AFTER: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    InputMsg { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args InputMsgArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<InputMsg<'bldr>> {
+    let mut builder = InputMsgBuilder::new(_fbb);
+    builder.add_after(args.after);
+    builder.add_entity(args.entity);
+    builder.add_client(args.client);
+    if let Some(x) = args.input { builder.add_input(x); }
+    builder.add_hops(args.hops);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn client(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(InputMsg::VT_CLIENT, Some(0)).unwrap()}
   }
   #[inline]
   pub fn entity(&self) -> u64 {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<u64>(ClientDelta::VT_ENTITY, Some(0)).unwrap()}
+    unsafe { self._tab.get::<u64>(InputMsg::VT_ENTITY, Some(0)).unwrap()}
   }
   #[inline]
-  pub fn payload(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+  pub fn input(&self) -> InputCmdRec<'a> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(ClientDelta::VT_PAYLOAD, None)}
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<InputCmdRec>>(InputMsg::VT_INPUT, None).unwrap()}
+  }
+  #[inline]
+  pub fn hops(&self) -> u8 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u8>(InputMsg::VT_HOPS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn after(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(InputMsg::VT_AFTER, Some(0)).unwrap()}
   }
 }
 
-impl ::flatbuffers::Verifiable for ClientDelta<'_> {
+impl ::flatbuffers::Verifiable for InputMsg<'_> {
   #[inline]
   fn run_verifier(
     v: &mut ::flatbuffers::Verifier, pos: usize
@@ -5901,750 +9001,2961 @@ impl ::flatbuffers::Verifiable for ClientDelta<'_> {
     v.visit_table(pos)?
      .visit_field::<u64>("client", Self::VT_CLIENT, false)?
      .visit_field::<u64>("entity", Self::VT_ENTITY, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("payload", Self::VT_PAYLOAD, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<InputCmdRec>>("input", Self::VT_INPUT, true)?
+     .visit_field::<u8>("hops", Self::VT_HOPS, false)?
+     .visit_field::<u64>("after", Self::VT_AFTER, false)?
      .finish();
     Ok(())
   }
 }
-pub struct ClientDeltaArgs<'a> {
+pub struct InputMsgArgs<'a> {
     pub client: u64,
     pub entity: u64,
-    pub payload: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub input: Option<::flatbuffers::WIPOffset<InputCmdRec<'a>>>,
+    pub hops: u8,
+    pub after: u64,
 }
-impl<'a> Default for ClientDeltaArgs<'a> {
+impl<'a> Default for InputMsgArgs<'a> {
   #[inline]
   fn default() -> Self {
-    ClientDeltaArgs {
+    InputMsgArgs {
       client: 0,
       entity: 0,
-      payload: None,
+      input: None, // required field
+      hops: 0,
+      after: 0,
     }
   }
 }
 
-pub struct ClientDeltaBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+pub struct InputMsgBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
   fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
   start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
 }
-impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ClientDeltaBuilder<'a, 'b, A> {
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> InputMsgBuilder<'a, 'b, A> {
   #[inline]
   pub fn add_client(&mut self, client: u64) {
-    self.fbb_.push_slot::<u64>(ClientDelta::VT_CLIENT, client, 0);
+    self.fbb_.push_slot::<u64>(InputMsg::VT_CLIENT, client, 0);
   }
   #[inline]
   pub fn add_entity(&mut self, entity: u64) {
-    self.fbb_.push_slot::<u64>(ClientDelta::VT_ENTITY, entity, 0);
+    self.fbb_.push_slot::<u64>(InputMsg::VT_ENTITY, entity, 0);
   }
   #[inline]
-  pub fn add_payload(&mut self, payload: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ClientDelta::VT_PAYLOAD, payload);
+  pub fn add_input(&mut self, input: ::flatbuffers::WIPOffset<InputCmdRec<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<InputCmdRec>>(InputMsg::VT_INPUT, input);
   }
   #[inline]
-  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ClientDeltaBuilder<'a, 'b, A> {
+  pub fn add_hops(&mut self, hops: u8) {
+    self.fbb_.push_slot::<u8>(InputMsg::VT_HOPS, hops, 0);
+  }
+  #[inline]
+  pub fn add_after(&mut self, after: u64) {
+    self.fbb_.push_slot::<u64>(InputMsg::VT_AFTER, after, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> InputMsgBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
-    ClientDeltaBuilder {
+    InputMsgBuilder {
       fbb_: _fbb,
       start_: start,
     }
   }
   #[inline]
-  pub fn finish(self) -> ::flatbuffers::WIPOffset<ClientDelta<'a>> {
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<InputMsg<'a>> {
     let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, InputMsg::VT_INPUT,"input");
     ::flatbuffers::WIPOffset::new(o.value())
   }
 }
 
-impl ::core::fmt::Debug for ClientDelta<'_> {
+impl ::core::fmt::Debug for InputMsg<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
-    let mut ds = f.debug_struct("ClientDelta");
+    let mut ds = f.debug_struct("InputMsg");
       ds.field("client", &self.client());
       ds.field("entity", &self.entity());
+      ds.field("input", &self.input());
+      ds.field("hops", &self.hops());
+      ds.field("after", &self.after());
+      ds.finish()
+  }
+}
+pub enum AckMsgOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct AckMsg<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for AckMsg<'a> {
+  type Inner = AckMsg<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> AckMsg<'a> {
+  pub const VT_CLIENT: ::flatbuffers::VOffsetT = 4;
+  pub const VT_ENTITY: ::flatbuffers::VOffsetT = 6;
+  pub const VT_TICK: ::flatbuffers::VOffsetT = 8;
+  pub const VT_HOPS: ::flatbuffers::VOffsetT = 10;
+  pub const VT_AFTER: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    AckMsg { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args AckMsgArgs
+  ) -> ::flatbuffers::WIPOffset<AckMsg<'bldr>> {
+    let mut builder = AckMsgBuilder::new(_fbb);
+    builder.add_after(args.after);
+    builder.add_tick(args.tick);
+    builder.add_entity(args.entity);
+    builder.add_client(args.client);
+    builder.add_hops(args.hops);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn client(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(AckMsg::VT_CLIENT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn entity(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(AckMsg::VT_ENTITY, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn tick(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(AckMsg::VT_TICK, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn hops(&self) -> u8 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u8>(AckMsg::VT_HOPS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn after(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(AckMsg::VT_AFTER, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for AckMsg<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("client", Self::VT_CLIENT, false)?
+     .visit_field::<u64>("entity", Self::VT_ENTITY, false)?
+     .visit_field::<u64>("tick", Self::VT_TICK, false)?
+     .visit_field::<u8>("hops", Self::VT_HOPS, false)?
+     .visit_field::<u64>("after", Self::VT_AFTER, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct AckMsgArgs {
+    pub client: u64,
+    pub entity: u64,
+    pub tick: u64,
+    pub hops: u8,
+    pub after: u64,
+}
+impl<'a> Default for AckMsgArgs {
+  #[inline]
+  fn default() -> Self {
+    AckMsgArgs {
+      client: 0,
+      entity: 0,
+      tick: 0,
+      hops: 0,
+      after: 0,
+    }
+  }
+}
+
+pub struct AckMsgBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AckMsgBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_client(&mut self, client: u64) {
+    self.fbb_.push_slot::<u64>(AckMsg::VT_CLIENT, client, 0);
+  }
+  #[inline]
+  pub fn add_entity(&mut self, entity: u64) {
+    self.fbb_.push_slot::<u64>(AckMsg::VT_ENTITY, entity, 0);
+  }
+  #[inline]
+  pub fn add_tick(&mut self, tick: u64) {
+    self.fbb_.push_slot::<u64>(AckMsg::VT_TICK, tick, 0);
+  }
+  #[inline]
+  pub fn add_hops(&mut self, hops: u8) {
+    self.fbb_.push_slot::<u8>(AckMsg::VT_HOPS, hops, 0);
+  }
+  #[inline]
+  pub fn add_after(&mut self, after: u64) {
+    self.fbb_.push_slot::<u64>(AckMsg::VT_AFTER, after, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AckMsgBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    AckMsgBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<AckMsg<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for AckMsg<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("AckMsg");
+      ds.field("client", &self.client());
+      ds.field("entity", &self.entity());
+      ds.field("tick", &self.tick());
+      ds.field("hops", &self.hops());
+      ds.field("after", &self.after());
+      ds.finish()
+  }
+}
+pub enum LeaveMsgOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct LeaveMsg<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for LeaveMsg<'a> {
+  type Inner = LeaveMsg<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> LeaveMsg<'a> {
+  pub const VT_CLIENT: ::flatbuffers::VOffsetT = 4;
+  pub const VT_ENTITY: ::flatbuffers::VOffsetT = 6;
+  pub const VT_HOPS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_AFTER: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    LeaveMsg { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args LeaveMsgArgs
+  ) -> ::flatbuffers::WIPOffset<LeaveMsg<'bldr>> {
+    let mut builder = LeaveMsgBuilder::new(_fbb);
+    builder.add_after(args.after);
+    builder.add_entity(args.entity);
+    builder.add_client(args.client);
+    builder.add_hops(args.hops);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn client(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(LeaveMsg::VT_CLIENT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn entity(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(LeaveMsg::VT_ENTITY, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn hops(&self) -> u8 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u8>(LeaveMsg::VT_HOPS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn after(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(LeaveMsg::VT_AFTER, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for LeaveMsg<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("client", Self::VT_CLIENT, false)?
+     .visit_field::<u64>("entity", Self::VT_ENTITY, false)?
+     .visit_field::<u8>("hops", Self::VT_HOPS, false)?
+     .visit_field::<u64>("after", Self::VT_AFTER, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct LeaveMsgArgs {
+    pub client: u64,
+    pub entity: u64,
+    pub hops: u8,
+    pub after: u64,
+}
+impl<'a> Default for LeaveMsgArgs {
+  #[inline]
+  fn default() -> Self {
+    LeaveMsgArgs {
+      client: 0,
+      entity: 0,
+      hops: 0,
+      after: 0,
+    }
+  }
+}
+
+pub struct LeaveMsgBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> LeaveMsgBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_client(&mut self, client: u64) {
+    self.fbb_.push_slot::<u64>(LeaveMsg::VT_CLIENT, client, 0);
+  }
+  #[inline]
+  pub fn add_entity(&mut self, entity: u64) {
+    self.fbb_.push_slot::<u64>(LeaveMsg::VT_ENTITY, entity, 0);
+  }
+  #[inline]
+  pub fn add_hops(&mut self, hops: u8) {
+    self.fbb_.push_slot::<u8>(LeaveMsg::VT_HOPS, hops, 0);
+  }
+  #[inline]
+  pub fn add_after(&mut self, after: u64) {
+    self.fbb_.push_slot::<u64>(LeaveMsg::VT_AFTER, after, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> LeaveMsgBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    LeaveMsgBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<LeaveMsg<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for LeaveMsg<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("LeaveMsg");
+      ds.field("client", &self.client());
+      ds.field("entity", &self.entity());
+      ds.field("hops", &self.hops());
+      ds.field("after", &self.after());
+      ds.finish()
+  }
+}
+pub enum GhostMsgOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct GhostMsg<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GhostMsg<'a> {
+  type Inner = GhostMsg<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GhostMsg<'a> {
+  pub const VT_ENTRIES: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GhostMsg { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GhostMsgArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<GhostMsg<'bldr>> {
+    let mut builder = GhostMsgBuilder::new(_fbb);
+    if let Some(x) = args.entries { builder.add_entries(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn entries(&self) -> Option<::flatbuffers::Vector<'a, GhostEntryRec>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, GhostEntryRec>>>(GhostMsg::VT_ENTRIES, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GhostMsg<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, GhostEntryRec>>>("entries", Self::VT_ENTRIES, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GhostMsgArgs<'a> {
+    pub entries: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, GhostEntryRec>>>,
+}
+impl<'a> Default for GhostMsgArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    GhostMsgArgs {
+      entries: None,
+    }
+  }
+}
+
+pub struct GhostMsgBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GhostMsgBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_entries(&mut self, entries: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , GhostEntryRec>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GhostMsg::VT_ENTRIES, entries);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GhostMsgBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GhostMsgBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GhostMsg<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GhostMsg<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GhostMsg");
+      ds.field("entries", &self.entries());
+      ds.finish()
+  }
+}
+pub enum TransferMsgOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct TransferMsg<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for TransferMsg<'a> {
+  type Inner = TransferMsg<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> TransferMsg<'a> {
+  pub const VT_ENTITY: ::flatbuffers::VOffsetT = 4;
+  pub const VT_JOBS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_GHOST_HOLDERS: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    TransferMsg { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args TransferMsgArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<TransferMsg<'bldr>> {
+    let mut builder = TransferMsgBuilder::new(_fbb);
+    if let Some(x) = args.ghost_holders { builder.add_ghost_holders(x); }
+    if let Some(x) = args.jobs { builder.add_jobs(x); }
+    if let Some(x) = args.entity { builder.add_entity(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn entity(&self) -> EntityRec<'a> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<EntityRec>>(TransferMsg::VT_ENTITY, None).unwrap()}
+  }
+  #[inline]
+  pub fn jobs(&self) -> Option<::flatbuffers::Vector<'a, JobRec>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, JobRec>>>(TransferMsg::VT_JOBS, None)}
+  }
+  #[inline]
+  pub fn ghost_holders(&self) -> Option<::flatbuffers::Vector<'a, CellId>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, CellId>>>(TransferMsg::VT_GHOST_HOLDERS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for TransferMsg<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<EntityRec>>("entity", Self::VT_ENTITY, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, JobRec>>>("jobs", Self::VT_JOBS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellId>>>("ghost_holders", Self::VT_GHOST_HOLDERS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct TransferMsgArgs<'a> {
+    pub entity: Option<::flatbuffers::WIPOffset<EntityRec<'a>>>,
+    pub jobs: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, JobRec>>>,
+    pub ghost_holders: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellId>>>,
+}
+impl<'a> Default for TransferMsgArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    TransferMsgArgs {
+      entity: None, // required field
+      jobs: None,
+      ghost_holders: None,
+    }
+  }
+}
+
+pub struct TransferMsgBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TransferMsgBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_entity(&mut self, entity: ::flatbuffers::WIPOffset<EntityRec<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<EntityRec>>(TransferMsg::VT_ENTITY, entity);
+  }
+  #[inline]
+  pub fn add_jobs(&mut self, jobs: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , JobRec>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(TransferMsg::VT_JOBS, jobs);
+  }
+  #[inline]
+  pub fn add_ghost_holders(&mut self, ghost_holders: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , CellId>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(TransferMsg::VT_GHOST_HOLDERS, ghost_holders);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TransferMsgBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    TransferMsgBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<TransferMsg<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, TransferMsg::VT_ENTITY,"entity");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for TransferMsg<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("TransferMsg");
+      ds.field("entity", &self.entity());
+      ds.field("jobs", &self.jobs());
+      ds.field("ghost_holders", &self.ghost_holders());
+      ds.finish()
+  }
+}
+pub enum IntentMsgOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// A game intent: `payload` is the game's own encoding.
+pub struct IntentMsg<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for IntentMsg<'a> {
+  type Inner = IntentMsg<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> IntentMsg<'a> {
+  pub const VT_PAYLOAD: ::flatbuffers::VOffsetT = 4;
+  pub const VT_HOPS: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    IntentMsg { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args IntentMsgArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<IntentMsg<'bldr>> {
+    let mut builder = IntentMsgBuilder::new(_fbb);
+    if let Some(x) = args.payload { builder.add_payload(x); }
+    builder.add_hops(args.hops);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn payload(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(IntentMsg::VT_PAYLOAD, None)}
+  }
+  #[inline]
+  pub fn hops(&self) -> u8 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u8>(IntentMsg::VT_HOPS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for IntentMsg<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("payload", Self::VT_PAYLOAD, false)?
+     .visit_field::<u8>("hops", Self::VT_HOPS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct IntentMsgArgs<'a> {
+    pub payload: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub hops: u8,
+}
+impl<'a> Default for IntentMsgArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    IntentMsgArgs {
+      payload: None,
+      hops: 0,
+    }
+  }
+}
+
+pub struct IntentMsgBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> IntentMsgBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_payload(&mut self, payload: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(IntentMsg::VT_PAYLOAD, payload);
+  }
+  #[inline]
+  pub fn add_hops(&mut self, hops: u8) {
+    self.fbb_.push_slot::<u8>(IntentMsg::VT_HOPS, hops, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> IntentMsgBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    IntentMsgBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<IntentMsg<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for IntentMsg<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("IntentMsg");
       ds.field("payload", &self.payload());
+      ds.field("hops", &self.hops());
       ds.finish()
   }
 }
-pub enum PreCopyOffset {}
+pub enum CellEnvelopeRecOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-pub struct PreCopy<'a> {
+pub struct CellEnvelopeRec<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
 
-impl<'a> ::flatbuffers::Follow<'a> for PreCopy<'a> {
-  type Inner = PreCopy<'a>;
+impl<'a> ::flatbuffers::Follow<'a> for CellEnvelopeRec<'a> {
+  type Inner = CellEnvelopeRec<'a>;
   #[inline]
   unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
     Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
   }
 }
 
-impl<'a> PreCopy<'a> {
-  pub const VT_SNAPSHOT_SEQ: ::flatbuffers::VOffsetT = 4;
+impl<'a> CellEnvelopeRec<'a> {
+  pub const VT_TO: ::flatbuffers::VOffsetT = 4;
+  pub const VT_FROM: ::flatbuffers::VOffsetT = 6;
+  pub const VT_MSG_TYPE: ::flatbuffers::VOffsetT = 8;
+  pub const VT_MSG: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CellEnvelopeRec { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CellEnvelopeRecArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CellEnvelopeRec<'bldr>> {
+    let mut builder = CellEnvelopeRecBuilder::new(_fbb);
+    if let Some(x) = args.msg { builder.add_msg(x); }
+    if let Some(x) = args.from { builder.add_from(x); }
+    if let Some(x) = args.to { builder.add_to(x); }
+    builder.add_msg_type(args.msg_type);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn to(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(CellEnvelopeRec::VT_TO, None)}
+  }
+  #[inline]
+  pub fn from(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(CellEnvelopeRec::VT_FROM, None)}
+  }
+  #[inline]
+  pub fn msg_type(&self) -> CellMsg {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellMsg>(CellEnvelopeRec::VT_MSG_TYPE, Some(CellMsg::NONE)).unwrap()}
+  }
+  #[inline]
+  pub fn msg(&self) -> ::flatbuffers::Table<'a> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Table<'a>>>(CellEnvelopeRec::VT_MSG, None).unwrap()}
+  }
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_join_msg(&self) -> Option<JoinMsg<'a>> {
+    if self.msg_type() == CellMsg::JoinMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { JoinMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_input_msg(&self) -> Option<InputMsg<'a>> {
+    if self.msg_type() == CellMsg::InputMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { InputMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_ack_msg(&self) -> Option<AckMsg<'a>> {
+    if self.msg_type() == CellMsg::AckMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { AckMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_leave_msg(&self) -> Option<LeaveMsg<'a>> {
+    if self.msg_type() == CellMsg::LeaveMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { LeaveMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_ghost_msg(&self) -> Option<GhostMsg<'a>> {
+    if self.msg_type() == CellMsg::GhostMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { GhostMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_transfer_msg(&self) -> Option<TransferMsg<'a>> {
+    if self.msg_type() == CellMsg::TransferMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { TransferMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_intent_msg(&self) -> Option<IntentMsg<'a>> {
+    if self.msg_type() == CellMsg::IntentMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { IntentMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+}
+
+impl ::flatbuffers::Verifiable for CellEnvelopeRec<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<CellId>("to", Self::VT_TO, false)?
+     .visit_field::<CellId>("from", Self::VT_FROM, false)?
+     .visit_union::<CellMsg, _>("msg_type", Self::VT_MSG_TYPE, "msg", Self::VT_MSG, true, |key, v, pos| {
+        match key {
+          CellMsg::JoinMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<JoinMsg>>("CellMsg::JoinMsg", pos),
+          CellMsg::InputMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<InputMsg>>("CellMsg::InputMsg", pos),
+          CellMsg::AckMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<AckMsg>>("CellMsg::AckMsg", pos),
+          CellMsg::LeaveMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<LeaveMsg>>("CellMsg::LeaveMsg", pos),
+          CellMsg::GhostMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GhostMsg>>("CellMsg::GhostMsg", pos),
+          CellMsg::TransferMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<TransferMsg>>("CellMsg::TransferMsg", pos),
+          CellMsg::IntentMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<IntentMsg>>("CellMsg::IntentMsg", pos),
+          _ => Ok(()),
+        }
+     })?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CellEnvelopeRecArgs<'a> {
+    pub to: Option<&'a CellId>,
+    pub from: Option<&'a CellId>,
+    pub msg_type: CellMsg,
+    pub msg: Option<::flatbuffers::WIPOffset<::flatbuffers::UnionWIPOffset>>,
+}
+impl<'a> Default for CellEnvelopeRecArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CellEnvelopeRecArgs {
+      to: None,
+      from: None,
+      msg_type: CellMsg::NONE,
+      msg: None, // required field
+    }
+  }
+}
+
+pub struct CellEnvelopeRecBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CellEnvelopeRecBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_to(&mut self, to: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(CellEnvelopeRec::VT_TO, to);
+  }
+  #[inline]
+  pub fn add_from(&mut self, from: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(CellEnvelopeRec::VT_FROM, from);
+  }
+  #[inline]
+  pub fn add_msg_type(&mut self, msg_type: CellMsg) {
+    self.fbb_.push_slot::<CellMsg>(CellEnvelopeRec::VT_MSG_TYPE, msg_type, CellMsg::NONE);
+  }
+  #[inline]
+  pub fn add_msg(&mut self, msg: ::flatbuffers::WIPOffset<::flatbuffers::UnionWIPOffset>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CellEnvelopeRec::VT_MSG, msg);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CellEnvelopeRecBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CellEnvelopeRecBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CellEnvelopeRec<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, CellEnvelopeRec::VT_MSG,"msg");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CellEnvelopeRec<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CellEnvelopeRec");
+      ds.field("to", &self.to());
+      ds.field("from", &self.from());
+      ds.field("msg_type", &self.msg_type());
+      match self.msg_type() {
+        CellMsg::JoinMsg => {
+          if let Some(x) = self.msg_as_join_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        CellMsg::InputMsg => {
+          if let Some(x) = self.msg_as_input_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        CellMsg::AckMsg => {
+          if let Some(x) = self.msg_as_ack_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        CellMsg::LeaveMsg => {
+          if let Some(x) = self.msg_as_leave_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        CellMsg::GhostMsg => {
+          if let Some(x) = self.msg_as_ghost_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        CellMsg::TransferMsg => {
+          if let Some(x) = self.msg_as_transfer_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        CellMsg::IntentMsg => {
+          if let Some(x) = self.msg_as_intent_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        _ => {
+          let x: Option<()> = None;
+          ds.field("msg", &x)
+        },
+      };
+      ds.finish()
+  }
+}
+pub enum ClientOutputRecOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// A server frame computed by the owner of a client's avatar, for the
+/// shard that hosts the client's session.
+pub struct ClientOutputRec<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ClientOutputRec<'a> {
+  type Inner = ClientOutputRec<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ClientOutputRec<'a> {
+  pub const VT_CLIENT: ::flatbuffers::VOffsetT = 4;
+  pub const VT_ENTITY: ::flatbuffers::VOffsetT = 6;
+  pub const VT_CELL: ::flatbuffers::VOffsetT = 8;
+  pub const VT_TICK: ::flatbuffers::VOffsetT = 10;
+  pub const VT_KIND: ::flatbuffers::VOffsetT = 12;
+  pub const VT_BYTES: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ClientOutputRec { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ClientOutputRecArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ClientOutputRec<'bldr>> {
+    let mut builder = ClientOutputRecBuilder::new(_fbb);
+    builder.add_tick(args.tick);
+    builder.add_entity(args.entity);
+    builder.add_client(args.client);
+    if let Some(x) = args.bytes { builder.add_bytes(x); }
+    if let Some(x) = args.cell { builder.add_cell(x); }
+    builder.add_kind(args.kind);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn client(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ClientOutputRec::VT_CLIENT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn entity(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ClientOutputRec::VT_ENTITY, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn cell(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(ClientOutputRec::VT_CELL, None)}
+  }
+  #[inline]
+  pub fn tick(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ClientOutputRec::VT_TICK, Some(0)).unwrap()}
+  }
+  /// 0: welcome, 1: snapshot.
+  #[inline]
+  pub fn kind(&self) -> u8 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u8>(ClientOutputRec::VT_KIND, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn bytes(&self) -> ::flatbuffers::Vector<'a, u8> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(ClientOutputRec::VT_BYTES, None).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ClientOutputRec<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("client", Self::VT_CLIENT, false)?
+     .visit_field::<u64>("entity", Self::VT_ENTITY, false)?
+     .visit_field::<CellId>("cell", Self::VT_CELL, false)?
+     .visit_field::<u64>("tick", Self::VT_TICK, false)?
+     .visit_field::<u8>("kind", Self::VT_KIND, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("bytes", Self::VT_BYTES, true)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ClientOutputRecArgs<'a> {
+    pub client: u64,
+    pub entity: u64,
+    pub cell: Option<&'a CellId>,
+    pub tick: u64,
+    pub kind: u8,
+    pub bytes: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+}
+impl<'a> Default for ClientOutputRecArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ClientOutputRecArgs {
+      client: 0,
+      entity: 0,
+      cell: None,
+      tick: 0,
+      kind: 0,
+      bytes: None, // required field
+    }
+  }
+}
+
+pub struct ClientOutputRecBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ClientOutputRecBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_client(&mut self, client: u64) {
+    self.fbb_.push_slot::<u64>(ClientOutputRec::VT_CLIENT, client, 0);
+  }
+  #[inline]
+  pub fn add_entity(&mut self, entity: u64) {
+    self.fbb_.push_slot::<u64>(ClientOutputRec::VT_ENTITY, entity, 0);
+  }
+  #[inline]
+  pub fn add_cell(&mut self, cell: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(ClientOutputRec::VT_CELL, cell);
+  }
+  #[inline]
+  pub fn add_tick(&mut self, tick: u64) {
+    self.fbb_.push_slot::<u64>(ClientOutputRec::VT_TICK, tick, 0);
+  }
+  #[inline]
+  pub fn add_kind(&mut self, kind: u8) {
+    self.fbb_.push_slot::<u8>(ClientOutputRec::VT_KIND, kind, 0);
+  }
+  #[inline]
+  pub fn add_bytes(&mut self, bytes: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ClientOutputRec::VT_BYTES, bytes);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ClientOutputRecBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ClientOutputRecBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ClientOutputRec<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, ClientOutputRec::VT_BYTES,"bytes");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ClientOutputRec<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ClientOutputRec");
+      ds.field("client", &self.client());
+      ds.field("entity", &self.entity());
+      ds.field("cell", &self.cell());
+      ds.field("tick", &self.tick());
+      ds.field("kind", &self.kind());
+      ds.field("bytes", &self.bytes());
+      ds.finish()
+  }
+}
+pub enum GhostTableRecOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct GhostTableRec<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GhostTableRec<'a> {
+  type Inner = GhostTableRec<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GhostTableRec<'a> {
+  pub const VT_GHOSTS: ::flatbuffers::VOffsetT = 4;
+  pub const VT_TOMBSTONES: ::flatbuffers::VOffsetT = 6;
+  pub const VT_PROVISIONAL: ::flatbuffers::VOffsetT = 8;
+  pub const VT_STALE_IGNORED: ::flatbuffers::VOffsetT = 10;
+  pub const VT_ORPHAN_UPDATES: ::flatbuffers::VOffsetT = 12;
+  pub const VT_OWNED_IGNORED: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GhostTableRec { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GhostTableRecArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<GhostTableRec<'bldr>> {
+    let mut builder = GhostTableRecBuilder::new(_fbb);
+    builder.add_owned_ignored(args.owned_ignored);
+    builder.add_orphan_updates(args.orphan_updates);
+    builder.add_stale_ignored(args.stale_ignored);
+    if let Some(x) = args.provisional { builder.add_provisional(x); }
+    if let Some(x) = args.tombstones { builder.add_tombstones(x); }
+    if let Some(x) = args.ghosts { builder.add_ghosts(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn ghosts(&self) -> Option<::flatbuffers::Vector<'a, GhostRec>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, GhostRec>>>(GhostTableRec::VT_GHOSTS, None)}
+  }
+  #[inline]
+  pub fn tombstones(&self) -> Option<::flatbuffers::Vector<'a, TombstoneRec>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, TombstoneRec>>>(GhostTableRec::VT_TOMBSTONES, None)}
+  }
+  #[inline]
+  pub fn provisional(&self) -> Option<::flatbuffers::Vector<'a, TickStamp>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, TickStamp>>>(GhostTableRec::VT_PROVISIONAL, None)}
+  }
+  #[inline]
+  pub fn stale_ignored(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GhostTableRec::VT_STALE_IGNORED, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn orphan_updates(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GhostTableRec::VT_ORPHAN_UPDATES, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn owned_ignored(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GhostTableRec::VT_OWNED_IGNORED, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GhostTableRec<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, GhostRec>>>("ghosts", Self::VT_GHOSTS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, TombstoneRec>>>("tombstones", Self::VT_TOMBSTONES, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, TickStamp>>>("provisional", Self::VT_PROVISIONAL, false)?
+     .visit_field::<u64>("stale_ignored", Self::VT_STALE_IGNORED, false)?
+     .visit_field::<u64>("orphan_updates", Self::VT_ORPHAN_UPDATES, false)?
+     .visit_field::<u64>("owned_ignored", Self::VT_OWNED_IGNORED, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GhostTableRecArgs<'a> {
+    pub ghosts: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, GhostRec>>>,
+    pub tombstones: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, TombstoneRec>>>,
+    pub provisional: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, TickStamp>>>,
+    pub stale_ignored: u64,
+    pub orphan_updates: u64,
+    pub owned_ignored: u64,
+}
+impl<'a> Default for GhostTableRecArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    GhostTableRecArgs {
+      ghosts: None,
+      tombstones: None,
+      provisional: None,
+      stale_ignored: 0,
+      orphan_updates: 0,
+      owned_ignored: 0,
+    }
+  }
+}
+
+pub struct GhostTableRecBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GhostTableRecBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_ghosts(&mut self, ghosts: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , GhostRec>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GhostTableRec::VT_GHOSTS, ghosts);
+  }
+  #[inline]
+  pub fn add_tombstones(&mut self, tombstones: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , TombstoneRec>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GhostTableRec::VT_TOMBSTONES, tombstones);
+  }
+  #[inline]
+  pub fn add_provisional(&mut self, provisional: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , TickStamp>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GhostTableRec::VT_PROVISIONAL, provisional);
+  }
+  #[inline]
+  pub fn add_stale_ignored(&mut self, stale_ignored: u64) {
+    self.fbb_.push_slot::<u64>(GhostTableRec::VT_STALE_IGNORED, stale_ignored, 0);
+  }
+  #[inline]
+  pub fn add_orphan_updates(&mut self, orphan_updates: u64) {
+    self.fbb_.push_slot::<u64>(GhostTableRec::VT_ORPHAN_UPDATES, orphan_updates, 0);
+  }
+  #[inline]
+  pub fn add_owned_ignored(&mut self, owned_ignored: u64) {
+    self.fbb_.push_slot::<u64>(GhostTableRec::VT_OWNED_IGNORED, owned_ignored, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GhostTableRecBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GhostTableRecBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GhostTableRec<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GhostTableRec<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GhostTableRec");
+      ds.field("ghosts", &self.ghosts());
+      ds.field("tombstones", &self.tombstones());
+      ds.field("provisional", &self.provisional());
+      ds.field("stale_ignored", &self.stale_ignored());
+      ds.field("orphan_updates", &self.orphan_updates());
+      ds.field("owned_ignored", &self.owned_ignored());
+      ds.finish()
+  }
+}
+pub enum PendingGhostsRecOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct PendingGhostsRec<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for PendingGhostsRec<'a> {
+  type Inner = PendingGhostsRec<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> PendingGhostsRec<'a> {
+  pub const VT_TO: ::flatbuffers::VOffsetT = 4;
+  pub const VT_ENTRIES: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    PendingGhostsRec { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PendingGhostsRecArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<PendingGhostsRec<'bldr>> {
+    let mut builder = PendingGhostsRecBuilder::new(_fbb);
+    if let Some(x) = args.entries { builder.add_entries(x); }
+    if let Some(x) = args.to { builder.add_to(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn to(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(PendingGhostsRec::VT_TO, None)}
+  }
+  #[inline]
+  pub fn entries(&self) -> Option<::flatbuffers::Vector<'a, GhostEntryRec>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, GhostEntryRec>>>(PendingGhostsRec::VT_ENTRIES, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for PendingGhostsRec<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<CellId>("to", Self::VT_TO, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, GhostEntryRec>>>("entries", Self::VT_ENTRIES, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PendingGhostsRecArgs<'a> {
+    pub to: Option<&'a CellId>,
+    pub entries: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, GhostEntryRec>>>,
+}
+impl<'a> Default for PendingGhostsRecArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PendingGhostsRecArgs {
+      to: None,
+      entries: None,
+    }
+  }
+}
+
+pub struct PendingGhostsRecBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PendingGhostsRecBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_to(&mut self, to: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(PendingGhostsRec::VT_TO, to);
+  }
+  #[inline]
+  pub fn add_entries(&mut self, entries: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , GhostEntryRec>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PendingGhostsRec::VT_ENTRIES, entries);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PendingGhostsRecBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PendingGhostsRecBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<PendingGhostsRec<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for PendingGhostsRec<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("PendingGhostsRec");
+      ds.field("to", &self.to());
+      ds.field("entries", &self.entries());
+      ds.finish()
+  }
+}
+pub enum GhostSenderRecOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct GhostSenderRec<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GhostSenderRec<'a> {
+  type Inner = GhostSenderRec<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GhostSenderRec<'a> {
+  pub const VT_NEIGHBOURS: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SENT: ::flatbuffers::VOffsetT = 6;
+  pub const VT_STAMP: ::flatbuffers::VOffsetT = 8;
+  pub const VT_PENDING: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GhostSenderRec { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GhostSenderRecArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<GhostSenderRec<'bldr>> {
+    let mut builder = GhostSenderRecBuilder::new(_fbb);
+    builder.add_stamp(args.stamp);
+    if let Some(x) = args.pending { builder.add_pending(x); }
+    if let Some(x) = args.sent { builder.add_sent(x); }
+    if let Some(x) = args.neighbours { builder.add_neighbours(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn neighbours(&self) -> Option<::flatbuffers::Vector<'a, CellId>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, CellId>>>(GhostSenderRec::VT_NEIGHBOURS, None)}
+  }
+  #[inline]
+  pub fn sent(&self) -> Option<::flatbuffers::Vector<'a, SentGhostRec>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, SentGhostRec>>>(GhostSenderRec::VT_SENT, None)}
+  }
+  #[inline]
+  pub fn stamp(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GhostSenderRec::VT_STAMP, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn pending(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PendingGhostsRec<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PendingGhostsRec>>>>(GhostSenderRec::VT_PENDING, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GhostSenderRec<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellId>>>("neighbours", Self::VT_NEIGHBOURS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, SentGhostRec>>>("sent", Self::VT_SENT, false)?
+     .visit_field::<u64>("stamp", Self::VT_STAMP, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<PendingGhostsRec>>>>("pending", Self::VT_PENDING, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GhostSenderRecArgs<'a> {
+    pub neighbours: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellId>>>,
+    pub sent: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, SentGhostRec>>>,
+    pub stamp: u64,
+    pub pending: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PendingGhostsRec<'a>>>>>,
+}
+impl<'a> Default for GhostSenderRecArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    GhostSenderRecArgs {
+      neighbours: None,
+      sent: None,
+      stamp: 0,
+      pending: None,
+    }
+  }
+}
+
+pub struct GhostSenderRecBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GhostSenderRecBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_neighbours(&mut self, neighbours: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , CellId>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GhostSenderRec::VT_NEIGHBOURS, neighbours);
+  }
+  #[inline]
+  pub fn add_sent(&mut self, sent: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , SentGhostRec>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GhostSenderRec::VT_SENT, sent);
+  }
+  #[inline]
+  pub fn add_stamp(&mut self, stamp: u64) {
+    self.fbb_.push_slot::<u64>(GhostSenderRec::VT_STAMP, stamp, 0);
+  }
+  #[inline]
+  pub fn add_pending(&mut self, pending: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<PendingGhostsRec<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GhostSenderRec::VT_PENDING, pending);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GhostSenderRecBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GhostSenderRecBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GhostSenderRec<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GhostSenderRec<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GhostSenderRec");
+      ds.field("neighbours", &self.neighbours());
+      ds.field("sent", &self.sent());
+      ds.field("stamp", &self.stamp());
+      ds.field("pending", &self.pending());
+      ds.finish()
+  }
+}
+pub enum QueuedMsgOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// A cell message waiting in a queue (`tick`: when it was parked, for orphans).
+pub struct QueuedMsg<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for QueuedMsg<'a> {
+  type Inner = QueuedMsg<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> QueuedMsg<'a> {
+  pub const VT_TICK: ::flatbuffers::VOffsetT = 4;
+  pub const VT_MSG_TYPE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_MSG: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    QueuedMsg { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args QueuedMsgArgs
+  ) -> ::flatbuffers::WIPOffset<QueuedMsg<'bldr>> {
+    let mut builder = QueuedMsgBuilder::new(_fbb);
+    builder.add_tick(args.tick);
+    if let Some(x) = args.msg { builder.add_msg(x); }
+    builder.add_msg_type(args.msg_type);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn tick(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(QueuedMsg::VT_TICK, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn msg_type(&self) -> CellMsg {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellMsg>(QueuedMsg::VT_MSG_TYPE, Some(CellMsg::NONE)).unwrap()}
+  }
+  #[inline]
+  pub fn msg(&self) -> ::flatbuffers::Table<'a> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Table<'a>>>(QueuedMsg::VT_MSG, None).unwrap()}
+  }
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_join_msg(&self) -> Option<JoinMsg<'a>> {
+    if self.msg_type() == CellMsg::JoinMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { JoinMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_input_msg(&self) -> Option<InputMsg<'a>> {
+    if self.msg_type() == CellMsg::InputMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { InputMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_ack_msg(&self) -> Option<AckMsg<'a>> {
+    if self.msg_type() == CellMsg::AckMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { AckMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_leave_msg(&self) -> Option<LeaveMsg<'a>> {
+    if self.msg_type() == CellMsg::LeaveMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { LeaveMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_ghost_msg(&self) -> Option<GhostMsg<'a>> {
+    if self.msg_type() == CellMsg::GhostMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { GhostMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_transfer_msg(&self) -> Option<TransferMsg<'a>> {
+    if self.msg_type() == CellMsg::TransferMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { TransferMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_intent_msg(&self) -> Option<IntentMsg<'a>> {
+    if self.msg_type() == CellMsg::IntentMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { IntentMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+}
+
+impl ::flatbuffers::Verifiable for QueuedMsg<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("tick", Self::VT_TICK, false)?
+     .visit_union::<CellMsg, _>("msg_type", Self::VT_MSG_TYPE, "msg", Self::VT_MSG, true, |key, v, pos| {
+        match key {
+          CellMsg::JoinMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<JoinMsg>>("CellMsg::JoinMsg", pos),
+          CellMsg::InputMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<InputMsg>>("CellMsg::InputMsg", pos),
+          CellMsg::AckMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<AckMsg>>("CellMsg::AckMsg", pos),
+          CellMsg::LeaveMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<LeaveMsg>>("CellMsg::LeaveMsg", pos),
+          CellMsg::GhostMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GhostMsg>>("CellMsg::GhostMsg", pos),
+          CellMsg::TransferMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<TransferMsg>>("CellMsg::TransferMsg", pos),
+          CellMsg::IntentMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<IntentMsg>>("CellMsg::IntentMsg", pos),
+          _ => Ok(()),
+        }
+     })?
+     .finish();
+    Ok(())
+  }
+}
+pub struct QueuedMsgArgs {
+    pub tick: u64,
+    pub msg_type: CellMsg,
+    pub msg: Option<::flatbuffers::WIPOffset<::flatbuffers::UnionWIPOffset>>,
+}
+impl<'a> Default for QueuedMsgArgs {
+  #[inline]
+  fn default() -> Self {
+    QueuedMsgArgs {
+      tick: 0,
+      msg_type: CellMsg::NONE,
+      msg: None, // required field
+    }
+  }
+}
+
+pub struct QueuedMsgBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> QueuedMsgBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_tick(&mut self, tick: u64) {
+    self.fbb_.push_slot::<u64>(QueuedMsg::VT_TICK, tick, 0);
+  }
+  #[inline]
+  pub fn add_msg_type(&mut self, msg_type: CellMsg) {
+    self.fbb_.push_slot::<CellMsg>(QueuedMsg::VT_MSG_TYPE, msg_type, CellMsg::NONE);
+  }
+  #[inline]
+  pub fn add_msg(&mut self, msg: ::flatbuffers::WIPOffset<::flatbuffers::UnionWIPOffset>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(QueuedMsg::VT_MSG, msg);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> QueuedMsgBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    QueuedMsgBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<QueuedMsg<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, QueuedMsg::VT_MSG,"msg");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for QueuedMsg<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("QueuedMsg");
+      ds.field("tick", &self.tick());
+      ds.field("msg_type", &self.msg_type());
+      match self.msg_type() {
+        CellMsg::JoinMsg => {
+          if let Some(x) = self.msg_as_join_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        CellMsg::InputMsg => {
+          if let Some(x) = self.msg_as_input_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        CellMsg::AckMsg => {
+          if let Some(x) = self.msg_as_ack_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        CellMsg::LeaveMsg => {
+          if let Some(x) = self.msg_as_leave_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        CellMsg::GhostMsg => {
+          if let Some(x) = self.msg_as_ghost_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        CellMsg::TransferMsg => {
+          if let Some(x) = self.msg_as_transfer_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        CellMsg::IntentMsg => {
+          if let Some(x) = self.msg_as_intent_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        _ => {
+          let x: Option<()> = None;
+          ds.field("msg", &x)
+        },
+      };
+      ds.finish()
+  }
+}
+pub enum CellStateRecOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct CellStateRec<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CellStateRec<'a> {
+  type Inner = CellStateRec<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CellStateRec<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
   pub const VT_ENTITIES: ::flatbuffers::VOffsetT = 6;
+  pub const VT_GHOSTS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_GHOST_SENDER: ::flatbuffers::VOffsetT = 10;
+  pub const VT_INPUT_QUEUE: ::flatbuffers::VOffsetT = 12;
+  pub const VT_INTENT_QUEUE: ::flatbuffers::VOffsetT = 14;
+  pub const VT_JOBS: ::flatbuffers::VOffsetT = 16;
+  pub const VT_FORWARDS: ::flatbuffers::VOffsetT = 18;
+  pub const VT_ORPHANS: ::flatbuffers::VOffsetT = 20;
+  pub const VT_RNG: ::flatbuffers::VOffsetT = 22;
+  pub const VT_COUNTERS: ::flatbuffers::VOffsetT = 24;
+  pub const VT_GAME_COUNTERS: ::flatbuffers::VOffsetT = 26;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
-    PreCopy { _tab: table }
+    CellStateRec { _tab: table }
   }
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args PreCopyArgs<'args>
-  ) -> ::flatbuffers::WIPOffset<PreCopy<'bldr>> {
-    let mut builder = PreCopyBuilder::new(_fbb);
-    builder.add_snapshot_seq(args.snapshot_seq);
+    args: &'args CellStateRecArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CellStateRec<'bldr>> {
+    let mut builder = CellStateRecBuilder::new(_fbb);
+    builder.add_rng(args.rng);
+    if let Some(x) = args.game_counters { builder.add_game_counters(x); }
+    if let Some(x) = args.counters { builder.add_counters(x); }
+    if let Some(x) = args.orphans { builder.add_orphans(x); }
+    if let Some(x) = args.forwards { builder.add_forwards(x); }
+    if let Some(x) = args.jobs { builder.add_jobs(x); }
+    if let Some(x) = args.intent_queue { builder.add_intent_queue(x); }
+    if let Some(x) = args.input_queue { builder.add_input_queue(x); }
+    if let Some(x) = args.ghost_sender { builder.add_ghost_sender(x); }
+    if let Some(x) = args.ghosts { builder.add_ghosts(x); }
     if let Some(x) = args.entities { builder.add_entities(x); }
+    if let Some(x) = args.id { builder.add_id(x); }
     builder.finish()
   }
 
 
   #[inline]
-  pub fn snapshot_seq(&self) -> u64 {
+  pub fn id(&self) -> Option<&'a CellId> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<u64>(PreCopy::VT_SNAPSHOT_SEQ, Some(0)).unwrap()}
+    unsafe { self._tab.get::<CellId>(CellStateRec::VT_ID, None)}
   }
   #[inline]
-  pub fn entities(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<EntityRecord<'a>>>> {
+  pub fn entities(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<EntityRec<'a>>>> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<EntityRecord>>>>(PreCopy::VT_ENTITIES, None)}
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<EntityRec>>>>(CellStateRec::VT_ENTITIES, None)}
+  }
+  #[inline]
+  pub fn ghosts(&self) -> GhostTableRec<'a> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<GhostTableRec>>(CellStateRec::VT_GHOSTS, None).unwrap()}
+  }
+  #[inline]
+  pub fn ghost_sender(&self) -> GhostSenderRec<'a> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<GhostSenderRec>>(CellStateRec::VT_GHOST_SENDER, None).unwrap()}
+  }
+  #[inline]
+  pub fn input_queue(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<QueuedMsg<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<QueuedMsg>>>>(CellStateRec::VT_INPUT_QUEUE, None)}
+  }
+  #[inline]
+  pub fn intent_queue(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<IntentMsg<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<IntentMsg>>>>(CellStateRec::VT_INTENT_QUEUE, None)}
+  }
+  #[inline]
+  pub fn jobs(&self) -> Option<::flatbuffers::Vector<'a, JobRec>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, JobRec>>>(CellStateRec::VT_JOBS, None)}
+  }
+  #[inline]
+  pub fn forwards(&self) -> Option<::flatbuffers::Vector<'a, ForwardRec>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ForwardRec>>>(CellStateRec::VT_FORWARDS, None)}
+  }
+  #[inline]
+  pub fn orphans(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<QueuedMsg<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<QueuedMsg>>>>(CellStateRec::VT_ORPHANS, None)}
+  }
+  #[inline]
+  pub fn rng(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(CellStateRec::VT_RNG, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn counters(&self) -> Option<&'a CellCountersRec> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellCountersRec>(CellStateRec::VT_COUNTERS, None)}
+  }
+  #[inline]
+  pub fn game_counters(&self) -> Option<&'a GameCountersRec> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<GameCountersRec>(CellStateRec::VT_GAME_COUNTERS, None)}
   }
 }
 
-impl ::flatbuffers::Verifiable for PreCopy<'_> {
+impl ::flatbuffers::Verifiable for CellStateRec<'_> {
   #[inline]
   fn run_verifier(
     v: &mut ::flatbuffers::Verifier, pos: usize
   ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
     v.visit_table(pos)?
-     .visit_field::<u64>("snapshot_seq", Self::VT_SNAPSHOT_SEQ, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<EntityRecord>>>>("entities", Self::VT_ENTITIES, false)?
+     .visit_field::<CellId>("id", Self::VT_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<EntityRec>>>>("entities", Self::VT_ENTITIES, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<GhostTableRec>>("ghosts", Self::VT_GHOSTS, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<GhostSenderRec>>("ghost_sender", Self::VT_GHOST_SENDER, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<QueuedMsg>>>>("input_queue", Self::VT_INPUT_QUEUE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<IntentMsg>>>>("intent_queue", Self::VT_INTENT_QUEUE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, JobRec>>>("jobs", Self::VT_JOBS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ForwardRec>>>("forwards", Self::VT_FORWARDS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<QueuedMsg>>>>("orphans", Self::VT_ORPHANS, false)?
+     .visit_field::<u64>("rng", Self::VT_RNG, false)?
+     .visit_field::<CellCountersRec>("counters", Self::VT_COUNTERS, false)?
+     .visit_field::<GameCountersRec>("game_counters", Self::VT_GAME_COUNTERS, false)?
      .finish();
     Ok(())
   }
 }
-pub struct PreCopyArgs<'a> {
-    pub snapshot_seq: u64,
-    pub entities: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<EntityRecord<'a>>>>>,
+pub struct CellStateRecArgs<'a> {
+    pub id: Option<&'a CellId>,
+    pub entities: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<EntityRec<'a>>>>>,
+    pub ghosts: Option<::flatbuffers::WIPOffset<GhostTableRec<'a>>>,
+    pub ghost_sender: Option<::flatbuffers::WIPOffset<GhostSenderRec<'a>>>,
+    pub input_queue: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<QueuedMsg<'a>>>>>,
+    pub intent_queue: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<IntentMsg<'a>>>>>,
+    pub jobs: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, JobRec>>>,
+    pub forwards: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ForwardRec>>>,
+    pub orphans: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<QueuedMsg<'a>>>>>,
+    pub rng: u64,
+    pub counters: Option<&'a CellCountersRec>,
+    pub game_counters: Option<&'a GameCountersRec>,
 }
-impl<'a> Default for PreCopyArgs<'a> {
+impl<'a> Default for CellStateRecArgs<'a> {
   #[inline]
   fn default() -> Self {
-    PreCopyArgs {
-      snapshot_seq: 0,
+    CellStateRecArgs {
+      id: None,
       entities: None,
+      ghosts: None, // required field
+      ghost_sender: None, // required field
+      input_queue: None,
+      intent_queue: None,
+      jobs: None,
+      forwards: None,
+      orphans: None,
+      rng: 0,
+      counters: None,
+      game_counters: None,
     }
   }
 }
 
-pub struct PreCopyBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+pub struct CellStateRecBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
   fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
   start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
 }
-impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PreCopyBuilder<'a, 'b, A> {
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CellStateRecBuilder<'a, 'b, A> {
   #[inline]
-  pub fn add_snapshot_seq(&mut self, snapshot_seq: u64) {
-    self.fbb_.push_slot::<u64>(PreCopy::VT_SNAPSHOT_SEQ, snapshot_seq, 0);
+  pub fn add_id(&mut self, id: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(CellStateRec::VT_ID, id);
   }
   #[inline]
-  pub fn add_entities(&mut self, entities: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<EntityRecord<'b >>>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PreCopy::VT_ENTITIES, entities);
+  pub fn add_entities(&mut self, entities: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<EntityRec<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CellStateRec::VT_ENTITIES, entities);
   }
   #[inline]
-  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PreCopyBuilder<'a, 'b, A> {
+  pub fn add_ghosts(&mut self, ghosts: ::flatbuffers::WIPOffset<GhostTableRec<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<GhostTableRec>>(CellStateRec::VT_GHOSTS, ghosts);
+  }
+  #[inline]
+  pub fn add_ghost_sender(&mut self, ghost_sender: ::flatbuffers::WIPOffset<GhostSenderRec<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<GhostSenderRec>>(CellStateRec::VT_GHOST_SENDER, ghost_sender);
+  }
+  #[inline]
+  pub fn add_input_queue(&mut self, input_queue: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<QueuedMsg<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CellStateRec::VT_INPUT_QUEUE, input_queue);
+  }
+  #[inline]
+  pub fn add_intent_queue(&mut self, intent_queue: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<IntentMsg<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CellStateRec::VT_INTENT_QUEUE, intent_queue);
+  }
+  #[inline]
+  pub fn add_jobs(&mut self, jobs: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , JobRec>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CellStateRec::VT_JOBS, jobs);
+  }
+  #[inline]
+  pub fn add_forwards(&mut self, forwards: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ForwardRec>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CellStateRec::VT_FORWARDS, forwards);
+  }
+  #[inline]
+  pub fn add_orphans(&mut self, orphans: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<QueuedMsg<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CellStateRec::VT_ORPHANS, orphans);
+  }
+  #[inline]
+  pub fn add_rng(&mut self, rng: u64) {
+    self.fbb_.push_slot::<u64>(CellStateRec::VT_RNG, rng, 0);
+  }
+  #[inline]
+  pub fn add_counters(&mut self, counters: &CellCountersRec) {
+    self.fbb_.push_slot_always::<&CellCountersRec>(CellStateRec::VT_COUNTERS, counters);
+  }
+  #[inline]
+  pub fn add_game_counters(&mut self, game_counters: &GameCountersRec) {
+    self.fbb_.push_slot_always::<&GameCountersRec>(CellStateRec::VT_GAME_COUNTERS, game_counters);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CellStateRecBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
-    PreCopyBuilder {
+    CellStateRecBuilder {
       fbb_: _fbb,
       start_: start,
     }
   }
   #[inline]
-  pub fn finish(self) -> ::flatbuffers::WIPOffset<PreCopy<'a>> {
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CellStateRec<'a>> {
     let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, CellStateRec::VT_GHOSTS,"ghosts");
+    self.fbb_.required(o, CellStateRec::VT_GHOST_SENDER,"ghost_sender");
     ::flatbuffers::WIPOffset::new(o.value())
   }
 }
 
-impl ::core::fmt::Debug for PreCopy<'_> {
+impl ::core::fmt::Debug for CellStateRec<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
-    let mut ds = f.debug_struct("PreCopy");
-      ds.field("snapshot_seq", &self.snapshot_seq());
+    let mut ds = f.debug_struct("CellStateRec");
+      ds.field("id", &self.id());
       ds.field("entities", &self.entities());
+      ds.field("ghosts", &self.ghosts());
+      ds.field("ghost_sender", &self.ghost_sender());
+      ds.field("input_queue", &self.input_queue());
+      ds.field("intent_queue", &self.intent_queue());
+      ds.field("jobs", &self.jobs());
+      ds.field("forwards", &self.forwards());
+      ds.field("orphans", &self.orphans());
+      ds.field("rng", &self.rng());
+      ds.field("counters", &self.counters());
+      ds.field("game_counters", &self.game_counters());
       ds.finish()
   }
 }
-pub enum FreezeOffset {}
+pub enum PreCopyMsgOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-pub struct Freeze<'a> {
+pub struct PreCopyMsg<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
 
-impl<'a> ::flatbuffers::Follow<'a> for Freeze<'a> {
-  type Inner = Freeze<'a>;
+impl<'a> ::flatbuffers::Follow<'a> for PreCopyMsg<'a> {
+  type Inner = PreCopyMsg<'a>;
   #[inline]
   unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
     Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
   }
 }
 
-impl<'a> Freeze<'a> {
-  pub const VT_EPOCH: ::flatbuffers::VOffsetT = 4;
+impl<'a> PreCopyMsg<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CELL: ::flatbuffers::VOffsetT = 6;
+  pub const VT_FROM: ::flatbuffers::VOffsetT = 8;
+  pub const VT_EPOCH: ::flatbuffers::VOffsetT = 10;
+  pub const VT_STATE: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
-    Freeze { _tab: table }
+    PreCopyMsg { _tab: table }
   }
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args FreezeArgs
-  ) -> ::flatbuffers::WIPOffset<Freeze<'bldr>> {
-    let mut builder = FreezeBuilder::new(_fbb);
+    args: &'args PreCopyMsgArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<PreCopyMsg<'bldr>> {
+    let mut builder = PreCopyMsgBuilder::new(_fbb);
+    builder.add_id(args.id);
+    if let Some(x) = args.state { builder.add_state(x); }
     builder.add_epoch(args.epoch);
+    if let Some(x) = args.from { builder.add_from(x); }
+    if let Some(x) = args.cell { builder.add_cell(x); }
     builder.finish()
   }
 
 
   #[inline]
-  pub fn epoch(&self) -> u32 {
+  pub fn id(&self) -> u64 {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<u32>(Freeze::VT_EPOCH, Some(0)).unwrap()}
-  }
-}
-
-impl ::flatbuffers::Verifiable for Freeze<'_> {
-  #[inline]
-  fn run_verifier(
-    v: &mut ::flatbuffers::Verifier, pos: usize
-  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
-    v.visit_table(pos)?
-     .visit_field::<u32>("epoch", Self::VT_EPOCH, false)?
-     .finish();
-    Ok(())
-  }
-}
-pub struct FreezeArgs {
-    pub epoch: u32,
-}
-impl<'a> Default for FreezeArgs {
-  #[inline]
-  fn default() -> Self {
-    FreezeArgs {
-      epoch: 0,
-    }
-  }
-}
-
-pub struct FreezeBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
-  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
-  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
-}
-impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> FreezeBuilder<'a, 'b, A> {
-  #[inline]
-  pub fn add_epoch(&mut self, epoch: u32) {
-    self.fbb_.push_slot::<u32>(Freeze::VT_EPOCH, epoch, 0);
+    unsafe { self._tab.get::<u64>(PreCopyMsg::VT_ID, Some(0)).unwrap()}
   }
   #[inline]
-  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> FreezeBuilder<'a, 'b, A> {
-    let start = _fbb.start_table();
-    FreezeBuilder {
-      fbb_: _fbb,
-      start_: start,
-    }
-  }
-  #[inline]
-  pub fn finish(self) -> ::flatbuffers::WIPOffset<Freeze<'a>> {
-    let o = self.fbb_.end_table(self.start_);
-    ::flatbuffers::WIPOffset::new(o.value())
-  }
-}
-
-impl ::core::fmt::Debug for Freeze<'_> {
-  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
-    let mut ds = f.debug_struct("Freeze");
-      ds.field("epoch", &self.epoch());
-      ds.finish()
-  }
-}
-pub enum DiffOffset {}
-#[derive(Copy, Clone, PartialEq)]
-
-pub struct Diff<'a> {
-  pub _tab: ::flatbuffers::Table<'a>,
-}
-
-impl<'a> ::flatbuffers::Follow<'a> for Diff<'a> {
-  type Inner = Diff<'a>;
-  #[inline]
-  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
-    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
-  }
-}
-
-impl<'a> Diff<'a> {
-  pub const VT_FROM_SEQ: ::flatbuffers::VOffsetT = 4;
-  pub const VT_CHANGED: ::flatbuffers::VOffsetT = 6;
-  pub const VT_REMOVED: ::flatbuffers::VOffsetT = 8;
-  pub const VT_INPUTS: ::flatbuffers::VOffsetT = 10;
-
-  #[inline]
-  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
-    Diff { _tab: table }
-  }
-  #[allow(unused_mut)]
-  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
-    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args DiffArgs<'args>
-  ) -> ::flatbuffers::WIPOffset<Diff<'bldr>> {
-    let mut builder = DiffBuilder::new(_fbb);
-    builder.add_from_seq(args.from_seq);
-    if let Some(x) = args.inputs { builder.add_inputs(x); }
-    if let Some(x) = args.removed { builder.add_removed(x); }
-    if let Some(x) = args.changed { builder.add_changed(x); }
-    builder.finish()
-  }
-
-
-  #[inline]
-  pub fn from_seq(&self) -> u64 {
+  pub fn cell(&self) -> Option<&'a CellId> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<u64>(Diff::VT_FROM_SEQ, Some(0)).unwrap()}
+    unsafe { self._tab.get::<CellId>(PreCopyMsg::VT_CELL, None)}
   }
   #[inline]
-  pub fn changed(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<EntityRecord<'a>>>> {
+  pub fn from(&self) -> Option<&'a Sender> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<EntityRecord>>>>(Diff::VT_CHANGED, None)}
-  }
-  #[inline]
-  pub fn removed(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(Diff::VT_REMOVED, None)}
-  }
-  #[inline]
-  pub fn inputs(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<InputRecord<'a>>>> {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<InputRecord>>>>(Diff::VT_INPUTS, None)}
-  }
-}
-
-impl ::flatbuffers::Verifiable for Diff<'_> {
-  #[inline]
-  fn run_verifier(
-    v: &mut ::flatbuffers::Verifier, pos: usize
-  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
-    v.visit_table(pos)?
-     .visit_field::<u64>("from_seq", Self::VT_FROM_SEQ, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<EntityRecord>>>>("changed", Self::VT_CHANGED, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("removed", Self::VT_REMOVED, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<InputRecord>>>>("inputs", Self::VT_INPUTS, false)?
-     .finish();
-    Ok(())
-  }
-}
-pub struct DiffArgs<'a> {
-    pub from_seq: u64,
-    pub changed: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<EntityRecord<'a>>>>>,
-    pub removed: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
-    pub inputs: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<InputRecord<'a>>>>>,
-}
-impl<'a> Default for DiffArgs<'a> {
-  #[inline]
-  fn default() -> Self {
-    DiffArgs {
-      from_seq: 0,
-      changed: None,
-      removed: None,
-      inputs: None,
-    }
-  }
-}
-
-pub struct DiffBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
-  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
-  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
-}
-impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DiffBuilder<'a, 'b, A> {
-  #[inline]
-  pub fn add_from_seq(&mut self, from_seq: u64) {
-    self.fbb_.push_slot::<u64>(Diff::VT_FROM_SEQ, from_seq, 0);
-  }
-  #[inline]
-  pub fn add_changed(&mut self, changed: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<EntityRecord<'b >>>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Diff::VT_CHANGED, changed);
-  }
-  #[inline]
-  pub fn add_removed(&mut self, removed: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Diff::VT_REMOVED, removed);
-  }
-  #[inline]
-  pub fn add_inputs(&mut self, inputs: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<InputRecord<'b >>>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Diff::VT_INPUTS, inputs);
-  }
-  #[inline]
-  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DiffBuilder<'a, 'b, A> {
-    let start = _fbb.start_table();
-    DiffBuilder {
-      fbb_: _fbb,
-      start_: start,
-    }
-  }
-  #[inline]
-  pub fn finish(self) -> ::flatbuffers::WIPOffset<Diff<'a>> {
-    let o = self.fbb_.end_table(self.start_);
-    ::flatbuffers::WIPOffset::new(o.value())
-  }
-}
-
-impl ::core::fmt::Debug for Diff<'_> {
-  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
-    let mut ds = f.debug_struct("Diff");
-      ds.field("from_seq", &self.from_seq());
-      ds.field("changed", &self.changed());
-      ds.field("removed", &self.removed());
-      ds.field("inputs", &self.inputs());
-      ds.finish()
-  }
-}
-pub enum CommitOffset {}
-#[derive(Copy, Clone, PartialEq)]
-
-pub struct Commit<'a> {
-  pub _tab: ::flatbuffers::Table<'a>,
-}
-
-impl<'a> ::flatbuffers::Follow<'a> for Commit<'a> {
-  type Inner = Commit<'a>;
-  #[inline]
-  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
-    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
-  }
-}
-
-impl<'a> Commit<'a> {
-  pub const VT_NEW_OWNER: ::flatbuffers::VOffsetT = 4;
-  pub const VT_EPOCH: ::flatbuffers::VOffsetT = 6;
-
-  #[inline]
-  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
-    Commit { _tab: table }
-  }
-  #[allow(unused_mut)]
-  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
-    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args CommitArgs<'args>
-  ) -> ::flatbuffers::WIPOffset<Commit<'bldr>> {
-    let mut builder = CommitBuilder::new(_fbb);
-    builder.add_epoch(args.epoch);
-    if let Some(x) = args.new_owner { builder.add_new_owner(x); }
-    builder.finish()
-  }
-
-
-  #[inline]
-  pub fn new_owner(&self) -> Option<&'a Sender> {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<Sender>(Commit::VT_NEW_OWNER, None)}
+    unsafe { self._tab.get::<Sender>(PreCopyMsg::VT_FROM, None)}
   }
   #[inline]
   pub fn epoch(&self) -> u32 {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<u32>(Commit::VT_EPOCH, Some(0)).unwrap()}
+    unsafe { self._tab.get::<u32>(PreCopyMsg::VT_EPOCH, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn state(&self) -> CellStateRec<'a> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<CellStateRec>>(PreCopyMsg::VT_STATE, None).unwrap()}
   }
 }
 
-impl ::flatbuffers::Verifiable for Commit<'_> {
+impl ::flatbuffers::Verifiable for PreCopyMsg<'_> {
   #[inline]
   fn run_verifier(
     v: &mut ::flatbuffers::Verifier, pos: usize
   ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
     v.visit_table(pos)?
-     .visit_field::<Sender>("new_owner", Self::VT_NEW_OWNER, false)?
+     .visit_field::<u64>("id", Self::VT_ID, false)?
+     .visit_field::<CellId>("cell", Self::VT_CELL, false)?
+     .visit_field::<Sender>("from", Self::VT_FROM, false)?
      .visit_field::<u32>("epoch", Self::VT_EPOCH, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<CellStateRec>>("state", Self::VT_STATE, true)?
      .finish();
     Ok(())
   }
 }
-pub struct CommitArgs<'a> {
-    pub new_owner: Option<&'a Sender>,
+pub struct PreCopyMsgArgs<'a> {
+    pub id: u64,
+    pub cell: Option<&'a CellId>,
+    pub from: Option<&'a Sender>,
     pub epoch: u32,
+    pub state: Option<::flatbuffers::WIPOffset<CellStateRec<'a>>>,
 }
-impl<'a> Default for CommitArgs<'a> {
+impl<'a> Default for PreCopyMsgArgs<'a> {
   #[inline]
   fn default() -> Self {
-    CommitArgs {
-      new_owner: None,
+    PreCopyMsgArgs {
+      id: 0,
+      cell: None,
+      from: None,
       epoch: 0,
+      state: None, // required field
     }
   }
 }
 
-pub struct CommitBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+pub struct PreCopyMsgBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
   fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
   start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
 }
-impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CommitBuilder<'a, 'b, A> {
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PreCopyMsgBuilder<'a, 'b, A> {
   #[inline]
-  pub fn add_new_owner(&mut self, new_owner: &Sender) {
-    self.fbb_.push_slot_always::<&Sender>(Commit::VT_NEW_OWNER, new_owner);
+  pub fn add_id(&mut self, id: u64) {
+    self.fbb_.push_slot::<u64>(PreCopyMsg::VT_ID, id, 0);
+  }
+  #[inline]
+  pub fn add_cell(&mut self, cell: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(PreCopyMsg::VT_CELL, cell);
+  }
+  #[inline]
+  pub fn add_from(&mut self, from: &Sender) {
+    self.fbb_.push_slot_always::<&Sender>(PreCopyMsg::VT_FROM, from);
   }
   #[inline]
   pub fn add_epoch(&mut self, epoch: u32) {
-    self.fbb_.push_slot::<u32>(Commit::VT_EPOCH, epoch, 0);
+    self.fbb_.push_slot::<u32>(PreCopyMsg::VT_EPOCH, epoch, 0);
   }
   #[inline]
-  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CommitBuilder<'a, 'b, A> {
+  pub fn add_state(&mut self, state: ::flatbuffers::WIPOffset<CellStateRec<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<CellStateRec>>(PreCopyMsg::VT_STATE, state);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PreCopyMsgBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
-    CommitBuilder {
+    PreCopyMsgBuilder {
       fbb_: _fbb,
       start_: start,
     }
   }
   #[inline]
-  pub fn finish(self) -> ::flatbuffers::WIPOffset<Commit<'a>> {
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<PreCopyMsg<'a>> {
     let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, PreCopyMsg::VT_STATE,"state");
     ::flatbuffers::WIPOffset::new(o.value())
   }
 }
 
-impl ::core::fmt::Debug for Commit<'_> {
+impl ::core::fmt::Debug for PreCopyMsg<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
-    let mut ds = f.debug_struct("Commit");
-      ds.field("new_owner", &self.new_owner());
+    let mut ds = f.debug_struct("PreCopyMsg");
+      ds.field("id", &self.id());
+      ds.field("cell", &self.cell());
+      ds.field("from", &self.from());
       ds.field("epoch", &self.epoch());
+      ds.field("state", &self.state());
       ds.finish()
   }
 }
-pub enum AbortOffset {}
+pub enum ReadyMsgOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-pub struct Abort<'a> {
+pub struct ReadyMsg<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
 
-impl<'a> ::flatbuffers::Follow<'a> for Abort<'a> {
-  type Inner = Abort<'a>;
+impl<'a> ::flatbuffers::Follow<'a> for ReadyMsg<'a> {
+  type Inner = ReadyMsg<'a>;
   #[inline]
   unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
     Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
   }
 }
 
-impl<'a> Abort<'a> {
-  pub const VT_REASON: ::flatbuffers::VOffsetT = 4;
+impl<'a> ReadyMsg<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CELL: ::flatbuffers::VOffsetT = 6;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
-    Abort { _tab: table }
+    ReadyMsg { _tab: table }
   }
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args AbortArgs
-  ) -> ::flatbuffers::WIPOffset<Abort<'bldr>> {
-    let mut builder = AbortBuilder::new(_fbb);
+    args: &'args ReadyMsgArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ReadyMsg<'bldr>> {
+    let mut builder = ReadyMsgBuilder::new(_fbb);
+    builder.add_id(args.id);
+    if let Some(x) = args.cell { builder.add_cell(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReadyMsg::VT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn cell(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(ReadyMsg::VT_CELL, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ReadyMsg<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("id", Self::VT_ID, false)?
+     .visit_field::<CellId>("cell", Self::VT_CELL, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReadyMsgArgs<'a> {
+    pub id: u64,
+    pub cell: Option<&'a CellId>,
+}
+impl<'a> Default for ReadyMsgArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReadyMsgArgs {
+      id: 0,
+      cell: None,
+    }
+  }
+}
+
+pub struct ReadyMsgBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReadyMsgBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_id(&mut self, id: u64) {
+    self.fbb_.push_slot::<u64>(ReadyMsg::VT_ID, id, 0);
+  }
+  #[inline]
+  pub fn add_cell(&mut self, cell: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(ReadyMsg::VT_CELL, cell);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReadyMsgBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReadyMsgBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ReadyMsg<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ReadyMsg<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ReadyMsg");
+      ds.field("id", &self.id());
+      ds.field("cell", &self.cell());
+      ds.finish()
+  }
+}
+pub enum RefuseMsgOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct RefuseMsg<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for RefuseMsg<'a> {
+  type Inner = RefuseMsg<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> RefuseMsg<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CELL: ::flatbuffers::VOffsetT = 6;
+  pub const VT_REASON: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    RefuseMsg { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args RefuseMsgArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<RefuseMsg<'bldr>> {
+    let mut builder = RefuseMsgBuilder::new(_fbb);
+    builder.add_id(args.id);
+    if let Some(x) = args.cell { builder.add_cell(x); }
     builder.add_reason(args.reason);
     builder.finish()
   }
 
 
   #[inline]
+  pub fn id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(RefuseMsg::VT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn cell(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(RefuseMsg::VT_CELL, None)}
+  }
+  #[inline]
   pub fn reason(&self) -> AbortReason {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<AbortReason>(Abort::VT_REASON, Some(AbortReason::Refused)).unwrap()}
+    unsafe { self._tab.get::<AbortReason>(RefuseMsg::VT_REASON, Some(AbortReason::Refused)).unwrap()}
   }
 }
 
-impl ::flatbuffers::Verifiable for Abort<'_> {
+impl ::flatbuffers::Verifiable for RefuseMsg<'_> {
   #[inline]
   fn run_verifier(
     v: &mut ::flatbuffers::Verifier, pos: usize
   ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
     v.visit_table(pos)?
+     .visit_field::<u64>("id", Self::VT_ID, false)?
+     .visit_field::<CellId>("cell", Self::VT_CELL, false)?
      .visit_field::<AbortReason>("reason", Self::VT_REASON, false)?
      .finish();
     Ok(())
   }
 }
-pub struct AbortArgs {
+pub struct RefuseMsgArgs<'a> {
+    pub id: u64,
+    pub cell: Option<&'a CellId>,
     pub reason: AbortReason,
 }
-impl<'a> Default for AbortArgs {
+impl<'a> Default for RefuseMsgArgs<'a> {
   #[inline]
   fn default() -> Self {
-    AbortArgs {
+    RefuseMsgArgs {
+      id: 0,
+      cell: None,
       reason: AbortReason::Refused,
     }
   }
 }
 
-pub struct AbortBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+pub struct RefuseMsgBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
   fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
   start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
 }
-impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AbortBuilder<'a, 'b, A> {
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RefuseMsgBuilder<'a, 'b, A> {
   #[inline]
-  pub fn add_reason(&mut self, reason: AbortReason) {
-    self.fbb_.push_slot::<AbortReason>(Abort::VT_REASON, reason, AbortReason::Refused);
+  pub fn add_id(&mut self, id: u64) {
+    self.fbb_.push_slot::<u64>(RefuseMsg::VT_ID, id, 0);
   }
   #[inline]
-  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AbortBuilder<'a, 'b, A> {
+  pub fn add_cell(&mut self, cell: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(RefuseMsg::VT_CELL, cell);
+  }
+  #[inline]
+  pub fn add_reason(&mut self, reason: AbortReason) {
+    self.fbb_.push_slot::<AbortReason>(RefuseMsg::VT_REASON, reason, AbortReason::Refused);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RefuseMsgBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
-    AbortBuilder {
+    RefuseMsgBuilder {
       fbb_: _fbb,
       start_: start,
     }
   }
   #[inline]
-  pub fn finish(self) -> ::flatbuffers::WIPOffset<Abort<'a>> {
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<RefuseMsg<'a>> {
     let o = self.fbb_.end_table(self.start_);
     ::flatbuffers::WIPOffset::new(o.value())
   }
 }
 
-impl ::core::fmt::Debug for Abort<'_> {
+impl ::core::fmt::Debug for RefuseMsg<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
-    let mut ds = f.debug_struct("Abort");
+    let mut ds = f.debug_struct("RefuseMsg");
+      ds.field("id", &self.id());
+      ds.field("cell", &self.cell());
       ds.field("reason", &self.reason());
       ds.finish()
   }
 }
-pub enum IntentRecordOffset {}
+pub enum DiffMsgOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-/// A game intent routed to the cell owning its target.
-pub struct IntentRecord<'a> {
+pub struct DiffMsg<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
 
-impl<'a> ::flatbuffers::Follow<'a> for IntentRecord<'a> {
-  type Inner = IntentRecord<'a>;
+impl<'a> ::flatbuffers::Follow<'a> for DiffMsg<'a> {
+  type Inner = DiffMsg<'a>;
   #[inline]
   unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
     Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
   }
 }
 
-impl<'a> IntentRecord<'a> {
-  pub const VT_TARGET: ::flatbuffers::VOffsetT = 4;
-  pub const VT_PAYLOAD: ::flatbuffers::VOffsetT = 6;
+impl<'a> DiffMsg<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CELL: ::flatbuffers::VOffsetT = 6;
+  pub const VT_CHANGED: ::flatbuffers::VOffsetT = 8;
+  pub const VT_REMOVED: ::flatbuffers::VOffsetT = 10;
+  pub const VT_REST: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
-    IntentRecord { _tab: table }
+    DiffMsg { _tab: table }
   }
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args IntentRecordArgs<'args>
-  ) -> ::flatbuffers::WIPOffset<IntentRecord<'bldr>> {
-    let mut builder = IntentRecordBuilder::new(_fbb);
-    builder.add_target(args.target);
-    if let Some(x) = args.payload { builder.add_payload(x); }
+    args: &'args DiffMsgArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<DiffMsg<'bldr>> {
+    let mut builder = DiffMsgBuilder::new(_fbb);
+    builder.add_id(args.id);
+    if let Some(x) = args.rest { builder.add_rest(x); }
+    if let Some(x) = args.removed { builder.add_removed(x); }
+    if let Some(x) = args.changed { builder.add_changed(x); }
+    if let Some(x) = args.cell { builder.add_cell(x); }
     builder.finish()
   }
 
 
   #[inline]
-  pub fn target(&self) -> u64 {
+  pub fn id(&self) -> u64 {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<u64>(IntentRecord::VT_TARGET, Some(0)).unwrap()}
+    unsafe { self._tab.get::<u64>(DiffMsg::VT_ID, Some(0)).unwrap()}
   }
   #[inline]
-  pub fn payload(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+  pub fn cell(&self) -> Option<&'a CellId> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(IntentRecord::VT_PAYLOAD, None)}
+    unsafe { self._tab.get::<CellId>(DiffMsg::VT_CELL, None)}
+  }
+  #[inline]
+  pub fn changed(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<EntityRec<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<EntityRec>>>>(DiffMsg::VT_CHANGED, None)}
+  }
+  #[inline]
+  pub fn removed(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(DiffMsg::VT_REMOVED, None)}
+  }
+  #[inline]
+  pub fn rest(&self) -> CellStateRec<'a> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<CellStateRec>>(DiffMsg::VT_REST, None).unwrap()}
   }
 }
 
-impl ::flatbuffers::Verifiable for IntentRecord<'_> {
+impl ::flatbuffers::Verifiable for DiffMsg<'_> {
   #[inline]
   fn run_verifier(
     v: &mut ::flatbuffers::Verifier, pos: usize
   ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
     v.visit_table(pos)?
-     .visit_field::<u64>("target", Self::VT_TARGET, false)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("payload", Self::VT_PAYLOAD, false)?
+     .visit_field::<u64>("id", Self::VT_ID, false)?
+     .visit_field::<CellId>("cell", Self::VT_CELL, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<EntityRec>>>>("changed", Self::VT_CHANGED, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("removed", Self::VT_REMOVED, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<CellStateRec>>("rest", Self::VT_REST, true)?
      .finish();
     Ok(())
   }
 }
-pub struct IntentRecordArgs<'a> {
-    pub target: u64,
-    pub payload: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+pub struct DiffMsgArgs<'a> {
+    pub id: u64,
+    pub cell: Option<&'a CellId>,
+    pub changed: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<EntityRec<'a>>>>>,
+    pub removed: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub rest: Option<::flatbuffers::WIPOffset<CellStateRec<'a>>>,
 }
-impl<'a> Default for IntentRecordArgs<'a> {
+impl<'a> Default for DiffMsgArgs<'a> {
   #[inline]
   fn default() -> Self {
-    IntentRecordArgs {
-      target: 0,
-      payload: None,
+    DiffMsgArgs {
+      id: 0,
+      cell: None,
+      changed: None,
+      removed: None,
+      rest: None, // required field
     }
   }
 }
 
-pub struct IntentRecordBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+pub struct DiffMsgBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
   fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
   start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
 }
-impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> IntentRecordBuilder<'a, 'b, A> {
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DiffMsgBuilder<'a, 'b, A> {
   #[inline]
-  pub fn add_target(&mut self, target: u64) {
-    self.fbb_.push_slot::<u64>(IntentRecord::VT_TARGET, target, 0);
+  pub fn add_id(&mut self, id: u64) {
+    self.fbb_.push_slot::<u64>(DiffMsg::VT_ID, id, 0);
   }
   #[inline]
-  pub fn add_payload(&mut self, payload: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(IntentRecord::VT_PAYLOAD, payload);
+  pub fn add_cell(&mut self, cell: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(DiffMsg::VT_CELL, cell);
   }
   #[inline]
-  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> IntentRecordBuilder<'a, 'b, A> {
+  pub fn add_changed(&mut self, changed: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<EntityRec<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(DiffMsg::VT_CHANGED, changed);
+  }
+  #[inline]
+  pub fn add_removed(&mut self, removed: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(DiffMsg::VT_REMOVED, removed);
+  }
+  #[inline]
+  pub fn add_rest(&mut self, rest: ::flatbuffers::WIPOffset<CellStateRec<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<CellStateRec>>(DiffMsg::VT_REST, rest);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DiffMsgBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
-    IntentRecordBuilder {
+    DiffMsgBuilder {
       fbb_: _fbb,
       start_: start,
     }
   }
   #[inline]
-  pub fn finish(self) -> ::flatbuffers::WIPOffset<IntentRecord<'a>> {
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<DiffMsg<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, DiffMsg::VT_REST,"rest");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for DiffMsg<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("DiffMsg");
+      ds.field("id", &self.id());
+      ds.field("cell", &self.cell());
+      ds.field("changed", &self.changed());
+      ds.field("removed", &self.removed());
+      ds.field("rest", &self.rest());
+      ds.finish()
+  }
+}
+pub enum PeerAbortMsgOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct PeerAbortMsg<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for PeerAbortMsg<'a> {
+  type Inner = PeerAbortMsg<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> PeerAbortMsg<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CELL: ::flatbuffers::VOffsetT = 6;
+  pub const VT_REASON: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    PeerAbortMsg { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PeerAbortMsgArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<PeerAbortMsg<'bldr>> {
+    let mut builder = PeerAbortMsgBuilder::new(_fbb);
+    builder.add_id(args.id);
+    if let Some(x) = args.cell { builder.add_cell(x); }
+    builder.add_reason(args.reason);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PeerAbortMsg::VT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn cell(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(PeerAbortMsg::VT_CELL, None)}
+  }
+  #[inline]
+  pub fn reason(&self) -> AbortReason {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<AbortReason>(PeerAbortMsg::VT_REASON, Some(AbortReason::Refused)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for PeerAbortMsg<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("id", Self::VT_ID, false)?
+     .visit_field::<CellId>("cell", Self::VT_CELL, false)?
+     .visit_field::<AbortReason>("reason", Self::VT_REASON, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PeerAbortMsgArgs<'a> {
+    pub id: u64,
+    pub cell: Option<&'a CellId>,
+    pub reason: AbortReason,
+}
+impl<'a> Default for PeerAbortMsgArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PeerAbortMsgArgs {
+      id: 0,
+      cell: None,
+      reason: AbortReason::Refused,
+    }
+  }
+}
+
+pub struct PeerAbortMsgBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PeerAbortMsgBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_id(&mut self, id: u64) {
+    self.fbb_.push_slot::<u64>(PeerAbortMsg::VT_ID, id, 0);
+  }
+  #[inline]
+  pub fn add_cell(&mut self, cell: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(PeerAbortMsg::VT_CELL, cell);
+  }
+  #[inline]
+  pub fn add_reason(&mut self, reason: AbortReason) {
+    self.fbb_.push_slot::<AbortReason>(PeerAbortMsg::VT_REASON, reason, AbortReason::Refused);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PeerAbortMsgBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PeerAbortMsgBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<PeerAbortMsg<'a>> {
     let o = self.fbb_.end_table(self.start_);
     ::flatbuffers::WIPOffset::new(o.value())
   }
 }
 
-impl ::core::fmt::Debug for IntentRecord<'_> {
+impl ::core::fmt::Debug for PeerAbortMsg<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
-    let mut ds = f.debug_struct("IntentRecord");
-      ds.field("target", &self.target());
-      ds.field("payload", &self.payload());
+    let mut ds = f.debug_struct("PeerAbortMsg");
+      ds.field("id", &self.id());
+      ds.field("cell", &self.cell());
+      ds.field("reason", &self.reason());
       ds.finish()
   }
 }
 pub enum ShardFrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
+/// One message with the identities DESIGN.md section 3 asks for: the cell it
+/// concerns, the sender's epoch for that cell, the link's sequence number,
+/// the sending node/shard and tick.
 pub struct ShardFrame<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
@@ -6694,22 +12005,21 @@ impl<'a> ShardFrame<'a> {
     unsafe { self._tab.get::<ShardMsg>(ShardFrame::VT_MSG_TYPE, Some(ShardMsg::NONE)).unwrap()}
   }
   #[inline]
-  pub fn msg(&self) -> Option<::flatbuffers::Table<'a>> {
+  pub fn msg(&self) -> ::flatbuffers::Table<'a> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Table<'a>>>(ShardFrame::VT_MSG, None)}
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Table<'a>>>(ShardFrame::VT_MSG, None).unwrap()}
   }
   #[inline]
   #[allow(non_snake_case)]
-  pub fn msg_as_ghost_update(&self) -> Option<GhostUpdate<'a>> {
-    if self.msg_type() == ShardMsg::GhostUpdate {
-      self.msg().map(|t| {
-       // Safety:
-       // Created from a valid Table for this object
-       // Which contains a valid union in this slot
-       unsafe { GhostUpdate::init_from_table(t) }
-     })
+  pub fn msg_as_cell_envelope_rec(&self) -> Option<CellEnvelopeRec<'a>> {
+    if self.msg_type() == ShardMsg::CellEnvelopeRec {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { CellEnvelopeRec::init_from_table(u) })
     } else {
       None
     }
@@ -6717,14 +12027,13 @@ impl<'a> ShardFrame<'a> {
 
   #[inline]
   #[allow(non_snake_case)]
-  pub fn msg_as_entity_transfer(&self) -> Option<EntityTransfer<'a>> {
-    if self.msg_type() == ShardMsg::EntityTransfer {
-      self.msg().map(|t| {
-       // Safety:
-       // Created from a valid Table for this object
-       // Which contains a valid union in this slot
-       unsafe { EntityTransfer::init_from_table(t) }
-     })
+  pub fn msg_as_client_output_rec(&self) -> Option<ClientOutputRec<'a>> {
+    if self.msg_type() == ShardMsg::ClientOutputRec {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { ClientOutputRec::init_from_table(u) })
     } else {
       None
     }
@@ -6732,14 +12041,13 @@ impl<'a> ShardFrame<'a> {
 
   #[inline]
   #[allow(non_snake_case)]
-  pub fn msg_as_forwarded_input(&self) -> Option<ForwardedInput<'a>> {
-    if self.msg_type() == ShardMsg::ForwardedInput {
-      self.msg().map(|t| {
-       // Safety:
-       // Created from a valid Table for this object
-       // Which contains a valid union in this slot
-       unsafe { ForwardedInput::init_from_table(t) }
-     })
+  pub fn msg_as_pre_copy_msg(&self) -> Option<PreCopyMsg<'a>> {
+    if self.msg_type() == ShardMsg::PreCopyMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { PreCopyMsg::init_from_table(u) })
     } else {
       None
     }
@@ -6747,14 +12055,13 @@ impl<'a> ShardFrame<'a> {
 
   #[inline]
   #[allow(non_snake_case)]
-  pub fn msg_as_client_delta(&self) -> Option<ClientDelta<'a>> {
-    if self.msg_type() == ShardMsg::ClientDelta {
-      self.msg().map(|t| {
-       // Safety:
-       // Created from a valid Table for this object
-       // Which contains a valid union in this slot
-       unsafe { ClientDelta::init_from_table(t) }
-     })
+  pub fn msg_as_ready_msg(&self) -> Option<ReadyMsg<'a>> {
+    if self.msg_type() == ShardMsg::ReadyMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { ReadyMsg::init_from_table(u) })
     } else {
       None
     }
@@ -6762,14 +12069,13 @@ impl<'a> ShardFrame<'a> {
 
   #[inline]
   #[allow(non_snake_case)]
-  pub fn msg_as_pre_copy(&self) -> Option<PreCopy<'a>> {
-    if self.msg_type() == ShardMsg::PreCopy {
-      self.msg().map(|t| {
-       // Safety:
-       // Created from a valid Table for this object
-       // Which contains a valid union in this slot
-       unsafe { PreCopy::init_from_table(t) }
-     })
+  pub fn msg_as_refuse_msg(&self) -> Option<RefuseMsg<'a>> {
+    if self.msg_type() == ShardMsg::RefuseMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { RefuseMsg::init_from_table(u) })
     } else {
       None
     }
@@ -6777,14 +12083,13 @@ impl<'a> ShardFrame<'a> {
 
   #[inline]
   #[allow(non_snake_case)]
-  pub fn msg_as_freeze(&self) -> Option<Freeze<'a>> {
-    if self.msg_type() == ShardMsg::Freeze {
-      self.msg().map(|t| {
-       // Safety:
-       // Created from a valid Table for this object
-       // Which contains a valid union in this slot
-       unsafe { Freeze::init_from_table(t) }
-     })
+  pub fn msg_as_diff_msg(&self) -> Option<DiffMsg<'a>> {
+    if self.msg_type() == ShardMsg::DiffMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { DiffMsg::init_from_table(u) })
     } else {
       None
     }
@@ -6792,59 +12097,13 @@ impl<'a> ShardFrame<'a> {
 
   #[inline]
   #[allow(non_snake_case)]
-  pub fn msg_as_diff(&self) -> Option<Diff<'a>> {
-    if self.msg_type() == ShardMsg::Diff {
-      self.msg().map(|t| {
-       // Safety:
-       // Created from a valid Table for this object
-       // Which contains a valid union in this slot
-       unsafe { Diff::init_from_table(t) }
-     })
-    } else {
-      None
-    }
-  }
-
-  #[inline]
-  #[allow(non_snake_case)]
-  pub fn msg_as_commit(&self) -> Option<Commit<'a>> {
-    if self.msg_type() == ShardMsg::Commit {
-      self.msg().map(|t| {
-       // Safety:
-       // Created from a valid Table for this object
-       // Which contains a valid union in this slot
-       unsafe { Commit::init_from_table(t) }
-     })
-    } else {
-      None
-    }
-  }
-
-  #[inline]
-  #[allow(non_snake_case)]
-  pub fn msg_as_abort(&self) -> Option<Abort<'a>> {
-    if self.msg_type() == ShardMsg::Abort {
-      self.msg().map(|t| {
-       // Safety:
-       // Created from a valid Table for this object
-       // Which contains a valid union in this slot
-       unsafe { Abort::init_from_table(t) }
-     })
-    } else {
-      None
-    }
-  }
-
-  #[inline]
-  #[allow(non_snake_case)]
-  pub fn msg_as_intent_record(&self) -> Option<IntentRecord<'a>> {
-    if self.msg_type() == ShardMsg::IntentRecord {
-      self.msg().map(|t| {
-       // Safety:
-       // Created from a valid Table for this object
-       // Which contains a valid union in this slot
-       unsafe { IntentRecord::init_from_table(t) }
-     })
+  pub fn msg_as_peer_abort_msg(&self) -> Option<PeerAbortMsg<'a>> {
+    if self.msg_type() == ShardMsg::PeerAbortMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { PeerAbortMsg::init_from_table(u) })
     } else {
       None
     }
@@ -6859,18 +12118,15 @@ impl ::flatbuffers::Verifiable for ShardFrame<'_> {
   ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
     v.visit_table(pos)?
      .visit_field::<FrameHeader>("header", Self::VT_HEADER, false)?
-     .visit_union::<ShardMsg, _>("msg_type", Self::VT_MSG_TYPE, "msg", Self::VT_MSG, false, |key, v, pos| {
+     .visit_union::<ShardMsg, _>("msg_type", Self::VT_MSG_TYPE, "msg", Self::VT_MSG, true, |key, v, pos| {
         match key {
-          ShardMsg::GhostUpdate => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GhostUpdate>>("ShardMsg::GhostUpdate", pos),
-          ShardMsg::EntityTransfer => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<EntityTransfer>>("ShardMsg::EntityTransfer", pos),
-          ShardMsg::ForwardedInput => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ForwardedInput>>("ShardMsg::ForwardedInput", pos),
-          ShardMsg::ClientDelta => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ClientDelta>>("ShardMsg::ClientDelta", pos),
-          ShardMsg::PreCopy => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PreCopy>>("ShardMsg::PreCopy", pos),
-          ShardMsg::Freeze => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Freeze>>("ShardMsg::Freeze", pos),
-          ShardMsg::Diff => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Diff>>("ShardMsg::Diff", pos),
-          ShardMsg::Commit => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Commit>>("ShardMsg::Commit", pos),
-          ShardMsg::Abort => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Abort>>("ShardMsg::Abort", pos),
-          ShardMsg::IntentRecord => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<IntentRecord>>("ShardMsg::IntentRecord", pos),
+          ShardMsg::CellEnvelopeRec => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CellEnvelopeRec>>("ShardMsg::CellEnvelopeRec", pos),
+          ShardMsg::ClientOutputRec => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ClientOutputRec>>("ShardMsg::ClientOutputRec", pos),
+          ShardMsg::PreCopyMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PreCopyMsg>>("ShardMsg::PreCopyMsg", pos),
+          ShardMsg::ReadyMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ReadyMsg>>("ShardMsg::ReadyMsg", pos),
+          ShardMsg::RefuseMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<RefuseMsg>>("ShardMsg::RefuseMsg", pos),
+          ShardMsg::DiffMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DiffMsg>>("ShardMsg::DiffMsg", pos),
+          ShardMsg::PeerAbortMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PeerAbortMsg>>("ShardMsg::PeerAbortMsg", pos),
           _ => Ok(()),
         }
      })?
@@ -6889,7 +12145,7 @@ impl<'a> Default for ShardFrameArgs<'a> {
     ShardFrameArgs {
       header: None,
       msg_type: ShardMsg::NONE,
-      msg: None,
+      msg: None, // required field
     }
   }
 }
@@ -6922,6 +12178,7 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ShardFrameBuilder<'a, 'b, A> 
   #[inline]
   pub fn finish(self) -> ::flatbuffers::WIPOffset<ShardFrame<'a>> {
     let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, ShardFrame::VT_MSG,"msg");
     ::flatbuffers::WIPOffset::new(o.value())
   }
 }
@@ -6932,71 +12189,50 @@ impl ::core::fmt::Debug for ShardFrame<'_> {
       ds.field("header", &self.header());
       ds.field("msg_type", &self.msg_type());
       match self.msg_type() {
-        ShardMsg::GhostUpdate => {
-          if let Some(x) = self.msg_as_ghost_update() {
+        ShardMsg::CellEnvelopeRec => {
+          if let Some(x) = self.msg_as_cell_envelope_rec() {
             ds.field("msg", &x)
           } else {
             ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
           }
         },
-        ShardMsg::EntityTransfer => {
-          if let Some(x) = self.msg_as_entity_transfer() {
+        ShardMsg::ClientOutputRec => {
+          if let Some(x) = self.msg_as_client_output_rec() {
             ds.field("msg", &x)
           } else {
             ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
           }
         },
-        ShardMsg::ForwardedInput => {
-          if let Some(x) = self.msg_as_forwarded_input() {
+        ShardMsg::PreCopyMsg => {
+          if let Some(x) = self.msg_as_pre_copy_msg() {
             ds.field("msg", &x)
           } else {
             ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
           }
         },
-        ShardMsg::ClientDelta => {
-          if let Some(x) = self.msg_as_client_delta() {
+        ShardMsg::ReadyMsg => {
+          if let Some(x) = self.msg_as_ready_msg() {
             ds.field("msg", &x)
           } else {
             ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
           }
         },
-        ShardMsg::PreCopy => {
-          if let Some(x) = self.msg_as_pre_copy() {
+        ShardMsg::RefuseMsg => {
+          if let Some(x) = self.msg_as_refuse_msg() {
             ds.field("msg", &x)
           } else {
             ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
           }
         },
-        ShardMsg::Freeze => {
-          if let Some(x) = self.msg_as_freeze() {
+        ShardMsg::DiffMsg => {
+          if let Some(x) = self.msg_as_diff_msg() {
             ds.field("msg", &x)
           } else {
             ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
           }
         },
-        ShardMsg::Diff => {
-          if let Some(x) = self.msg_as_diff() {
-            ds.field("msg", &x)
-          } else {
-            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
-          }
-        },
-        ShardMsg::Commit => {
-          if let Some(x) = self.msg_as_commit() {
-            ds.field("msg", &x)
-          } else {
-            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
-          }
-        },
-        ShardMsg::Abort => {
-          if let Some(x) = self.msg_as_abort() {
-            ds.field("msg", &x)
-          } else {
-            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
-          }
-        },
-        ShardMsg::IntentRecord => {
-          if let Some(x) = self.msg_as_intent_record() {
+        ShardMsg::PeerAbortMsg => {
+          if let Some(x) = self.msg_as_peer_abort_msg() {
             ds.field("msg", &x)
           } else {
             ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -7010,105 +12246,2656 @@ impl ::core::fmt::Debug for ShardFrame<'_> {
       ds.finish()
   }
 }
-pub enum AssignCellsOffset {}
+pub enum ShardBundleOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-pub struct AssignCells<'a> {
+/// Everything one shard sent another in one loop turn.
+pub struct ShardBundle<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
 
-impl<'a> ::flatbuffers::Follow<'a> for AssignCells<'a> {
-  type Inner = AssignCells<'a>;
+impl<'a> ::flatbuffers::Follow<'a> for ShardBundle<'a> {
+  type Inner = ShardBundle<'a>;
   #[inline]
   unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
     Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
   }
 }
 
-impl<'a> AssignCells<'a> {
-  pub const VT_ASSIGNMENTS: ::flatbuffers::VOffsetT = 4;
+impl<'a> ShardBundle<'a> {
+  pub const VT_TO: ::flatbuffers::VOffsetT = 4;
+  pub const VT_FRAMES: ::flatbuffers::VOffsetT = 6;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
-    AssignCells { _tab: table }
+    ShardBundle { _tab: table }
   }
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args AssignCellsArgs<'args>
-  ) -> ::flatbuffers::WIPOffset<AssignCells<'bldr>> {
-    let mut builder = AssignCellsBuilder::new(_fbb);
-    if let Some(x) = args.assignments { builder.add_assignments(x); }
+    args: &'args ShardBundleArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ShardBundle<'bldr>> {
+    let mut builder = ShardBundleBuilder::new(_fbb);
+    if let Some(x) = args.frames { builder.add_frames(x); }
+    if let Some(x) = args.to { builder.add_to(x); }
     builder.finish()
   }
 
 
   #[inline]
-  pub fn assignments(&self) -> Option<::flatbuffers::Vector<'a, CellAssignment>> {
+  pub fn to(&self) -> Option<&'a Sender> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, CellAssignment>>>(AssignCells::VT_ASSIGNMENTS, None)}
+    unsafe { self._tab.get::<Sender>(ShardBundle::VT_TO, None)}
+  }
+  #[inline]
+  pub fn frames(&self) -> ::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ShardFrame<'a>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ShardFrame>>>>(ShardBundle::VT_FRAMES, None).unwrap()}
   }
 }
 
-impl ::flatbuffers::Verifiable for AssignCells<'_> {
+impl ::flatbuffers::Verifiable for ShardBundle<'_> {
   #[inline]
   fn run_verifier(
     v: &mut ::flatbuffers::Verifier, pos: usize
   ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
     v.visit_table(pos)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellAssignment>>>("assignments", Self::VT_ASSIGNMENTS, false)?
+     .visit_field::<Sender>("to", Self::VT_TO, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ShardFrame>>>>("frames", Self::VT_FRAMES, true)?
      .finish();
     Ok(())
   }
 }
-pub struct AssignCellsArgs<'a> {
-    pub assignments: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellAssignment>>>,
+pub struct ShardBundleArgs<'a> {
+    pub to: Option<&'a Sender>,
+    pub frames: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ShardFrame<'a>>>>>,
 }
-impl<'a> Default for AssignCellsArgs<'a> {
+impl<'a> Default for ShardBundleArgs<'a> {
   #[inline]
   fn default() -> Self {
-    AssignCellsArgs {
-      assignments: None,
+    ShardBundleArgs {
+      to: None,
+      frames: None, // required field
     }
   }
 }
 
-pub struct AssignCellsBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+pub struct ShardBundleBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
   fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
   start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
 }
-impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AssignCellsBuilder<'a, 'b, A> {
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ShardBundleBuilder<'a, 'b, A> {
   #[inline]
-  pub fn add_assignments(&mut self, assignments: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , CellAssignment>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(AssignCells::VT_ASSIGNMENTS, assignments);
+  pub fn add_to(&mut self, to: &Sender) {
+    self.fbb_.push_slot_always::<&Sender>(ShardBundle::VT_TO, to);
   }
   #[inline]
-  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AssignCellsBuilder<'a, 'b, A> {
+  pub fn add_frames(&mut self, frames: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<ShardFrame<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ShardBundle::VT_FRAMES, frames);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ShardBundleBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
-    AssignCellsBuilder {
+    ShardBundleBuilder {
       fbb_: _fbb,
       start_: start,
     }
   }
   #[inline]
-  pub fn finish(self) -> ::flatbuffers::WIPOffset<AssignCells<'a>> {
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ShardBundle<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, ShardBundle::VT_FRAMES,"frames");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ShardBundle<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ShardBundle");
+      ds.field("to", &self.to());
+      ds.field("frames", &self.frames());
+      ds.finish()
+  }
+}
+pub enum RegisterOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// A shard introduces itself (first message on its coordinator link, and
+/// again after the coordinator restarts). `incarnation` changes whenever
+/// the node process restarts.
+pub struct Register<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Register<'a> {
+  type Inner = Register<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Register<'a> {
+  pub const VT_NODE: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SHARD: ::flatbuffers::VOffsetT = 6;
+  pub const VT_SHARDS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_ROLE: ::flatbuffers::VOffsetT = 10;
+  pub const VT_INCARNATION: ::flatbuffers::VOffsetT = 12;
+  pub const VT_CLUSTER_ADDR: ::flatbuffers::VOffsetT = 14;
+  pub const VT_GAME_ADDR: ::flatbuffers::VOffsetT = 16;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Register { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args RegisterArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Register<'bldr>> {
+    let mut builder = RegisterBuilder::new(_fbb);
+    builder.add_incarnation(args.incarnation);
+    if let Some(x) = args.game_addr { builder.add_game_addr(x); }
+    if let Some(x) = args.cluster_addr { builder.add_cluster_addr(x); }
+    builder.add_shards(args.shards);
+    builder.add_shard(args.shard);
+    builder.add_node(args.node);
+    builder.add_role(args.role);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn node(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(Register::VT_NODE, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn shard(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(Register::VT_SHARD, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn shards(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(Register::VT_SHARDS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn role(&self) -> NodeRole {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<NodeRole>(Register::VT_ROLE, Some(NodeRole::Both)).unwrap()}
+  }
+  #[inline]
+  pub fn incarnation(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Register::VT_INCARNATION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn cluster_addr(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Register::VT_CLUSTER_ADDR, None).unwrap()}
+  }
+  #[inline]
+  pub fn game_addr(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Register::VT_GAME_ADDR, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Register<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u16>("node", Self::VT_NODE, false)?
+     .visit_field::<u16>("shard", Self::VT_SHARD, false)?
+     .visit_field::<u16>("shards", Self::VT_SHARDS, false)?
+     .visit_field::<NodeRole>("role", Self::VT_ROLE, false)?
+     .visit_field::<u64>("incarnation", Self::VT_INCARNATION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("cluster_addr", Self::VT_CLUSTER_ADDR, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("game_addr", Self::VT_GAME_ADDR, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct RegisterArgs<'a> {
+    pub node: u16,
+    pub shard: u16,
+    pub shards: u16,
+    pub role: NodeRole,
+    pub incarnation: u64,
+    pub cluster_addr: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub game_addr: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for RegisterArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    RegisterArgs {
+      node: 0,
+      shard: 0,
+      shards: 0,
+      role: NodeRole::Both,
+      incarnation: 0,
+      cluster_addr: None, // required field
+      game_addr: None,
+    }
+  }
+}
+
+pub struct RegisterBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RegisterBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_node(&mut self, node: u16) {
+    self.fbb_.push_slot::<u16>(Register::VT_NODE, node, 0);
+  }
+  #[inline]
+  pub fn add_shard(&mut self, shard: u16) {
+    self.fbb_.push_slot::<u16>(Register::VT_SHARD, shard, 0);
+  }
+  #[inline]
+  pub fn add_shards(&mut self, shards: u16) {
+    self.fbb_.push_slot::<u16>(Register::VT_SHARDS, shards, 0);
+  }
+  #[inline]
+  pub fn add_role(&mut self, role: NodeRole) {
+    self.fbb_.push_slot::<NodeRole>(Register::VT_ROLE, role, NodeRole::Both);
+  }
+  #[inline]
+  pub fn add_incarnation(&mut self, incarnation: u64) {
+    self.fbb_.push_slot::<u64>(Register::VT_INCARNATION, incarnation, 0);
+  }
+  #[inline]
+  pub fn add_cluster_addr(&mut self, cluster_addr: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Register::VT_CLUSTER_ADDR, cluster_addr);
+  }
+  #[inline]
+  pub fn add_game_addr(&mut self, game_addr: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Register::VT_GAME_ADDR, game_addr);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RegisterBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    RegisterBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Register<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, Register::VT_CLUSTER_ADDR,"cluster_addr");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Register<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Register");
+      ds.field("node", &self.node());
+      ds.field("shard", &self.shard());
+      ds.field("shards", &self.shards());
+      ds.field("role", &self.role());
+      ds.field("incarnation", &self.incarnation());
+      ds.field("cluster_addr", &self.cluster_addr());
+      ds.field("game_addr", &self.game_addr());
+      ds.finish()
+  }
+}
+pub enum CoordWelcomeOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// The coordinator's answer: the world's shape; the registry follows.
+pub struct CoordWelcome<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CoordWelcome<'a> {
+  type Inner = CoordWelcome<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CoordWelcome<'a> {
+  pub const VT_CLUSTER_EPOCH: ::flatbuffers::VOffsetT = 4;
+  pub const VT_TICK_HZ: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CoordWelcome { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CoordWelcomeArgs
+  ) -> ::flatbuffers::WIPOffset<CoordWelcome<'bldr>> {
+    let mut builder = CoordWelcomeBuilder::new(_fbb);
+    builder.add_tick_hz(args.tick_hz);
+    builder.add_cluster_epoch(args.cluster_epoch);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn cluster_epoch(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(CoordWelcome::VT_CLUSTER_EPOCH, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn tick_hz(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(CoordWelcome::VT_TICK_HZ, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CoordWelcome<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("cluster_epoch", Self::VT_CLUSTER_EPOCH, false)?
+     .visit_field::<u32>("tick_hz", Self::VT_TICK_HZ, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CoordWelcomeArgs {
+    pub cluster_epoch: u32,
+    pub tick_hz: u32,
+}
+impl<'a> Default for CoordWelcomeArgs {
+  #[inline]
+  fn default() -> Self {
+    CoordWelcomeArgs {
+      cluster_epoch: 0,
+      tick_hz: 0,
+    }
+  }
+}
+
+pub struct CoordWelcomeBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CoordWelcomeBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_cluster_epoch(&mut self, cluster_epoch: u32) {
+    self.fbb_.push_slot::<u32>(CoordWelcome::VT_CLUSTER_EPOCH, cluster_epoch, 0);
+  }
+  #[inline]
+  pub fn add_tick_hz(&mut self, tick_hz: u32) {
+    self.fbb_.push_slot::<u32>(CoordWelcome::VT_TICK_HZ, tick_hz, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CoordWelcomeBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CoordWelcomeBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CoordWelcome<'a>> {
     let o = self.fbb_.end_table(self.start_);
     ::flatbuffers::WIPOffset::new(o.value())
   }
 }
 
-impl ::core::fmt::Debug for AssignCells<'_> {
+impl ::core::fmt::Debug for CoordWelcome<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
-    let mut ds = f.debug_struct("AssignCells");
-      ds.field("assignments", &self.assignments());
+    let mut ds = f.debug_struct("CoordWelcome");
+      ds.field("cluster_epoch", &self.cluster_epoch());
+      ds.field("tick_hz", &self.tick_hz());
+      ds.finish()
+  }
+}
+pub enum NodeRecOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// A node as the directory lists it: where its shards' cluster links are
+/// (shard s listens on the cluster address's port + s).
+pub struct NodeRec<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for NodeRec<'a> {
+  type Inner = NodeRec<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> NodeRec<'a> {
+  pub const VT_NODE: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SHARDS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_ROLE: ::flatbuffers::VOffsetT = 8;
+  pub const VT_CLUSTER_ADDR: ::flatbuffers::VOffsetT = 10;
+  pub const VT_GAME_ADDR: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    NodeRec { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args NodeRecArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<NodeRec<'bldr>> {
+    let mut builder = NodeRecBuilder::new(_fbb);
+    if let Some(x) = args.game_addr { builder.add_game_addr(x); }
+    if let Some(x) = args.cluster_addr { builder.add_cluster_addr(x); }
+    builder.add_shards(args.shards);
+    builder.add_node(args.node);
+    builder.add_role(args.role);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn node(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(NodeRec::VT_NODE, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn shards(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(NodeRec::VT_SHARDS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn role(&self) -> NodeRole {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<NodeRole>(NodeRec::VT_ROLE, Some(NodeRole::Both)).unwrap()}
+  }
+  #[inline]
+  pub fn cluster_addr(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(NodeRec::VT_CLUSTER_ADDR, None).unwrap()}
+  }
+  #[inline]
+  pub fn game_addr(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(NodeRec::VT_GAME_ADDR, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for NodeRec<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u16>("node", Self::VT_NODE, false)?
+     .visit_field::<u16>("shards", Self::VT_SHARDS, false)?
+     .visit_field::<NodeRole>("role", Self::VT_ROLE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("cluster_addr", Self::VT_CLUSTER_ADDR, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("game_addr", Self::VT_GAME_ADDR, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct NodeRecArgs<'a> {
+    pub node: u16,
+    pub shards: u16,
+    pub role: NodeRole,
+    pub cluster_addr: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub game_addr: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for NodeRecArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    NodeRecArgs {
+      node: 0,
+      shards: 0,
+      role: NodeRole::Both,
+      cluster_addr: None, // required field
+      game_addr: None,
+    }
+  }
+}
+
+pub struct NodeRecBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> NodeRecBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_node(&mut self, node: u16) {
+    self.fbb_.push_slot::<u16>(NodeRec::VT_NODE, node, 0);
+  }
+  #[inline]
+  pub fn add_shards(&mut self, shards: u16) {
+    self.fbb_.push_slot::<u16>(NodeRec::VT_SHARDS, shards, 0);
+  }
+  #[inline]
+  pub fn add_role(&mut self, role: NodeRole) {
+    self.fbb_.push_slot::<NodeRole>(NodeRec::VT_ROLE, role, NodeRole::Both);
+  }
+  #[inline]
+  pub fn add_cluster_addr(&mut self, cluster_addr: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(NodeRec::VT_CLUSTER_ADDR, cluster_addr);
+  }
+  #[inline]
+  pub fn add_game_addr(&mut self, game_addr: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(NodeRec::VT_GAME_ADDR, game_addr);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> NodeRecBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    NodeRecBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<NodeRec<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, NodeRec::VT_CLUSTER_ADDR,"cluster_addr");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for NodeRec<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("NodeRec");
+      ds.field("node", &self.node());
+      ds.field("shards", &self.shards());
+      ds.field("role", &self.role());
+      ds.field("cluster_addr", &self.cluster_addr());
+      ds.field("game_addr", &self.game_addr());
+      ds.finish()
+  }
+}
+pub enum DirectoryOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct Directory<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Directory<'a> {
+  type Inner = Directory<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Directory<'a> {
+  pub const VT_NODES: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Directory { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args DirectoryArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Directory<'bldr>> {
+    let mut builder = DirectoryBuilder::new(_fbb);
+    if let Some(x) = args.nodes { builder.add_nodes(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn nodes(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<NodeRec<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<NodeRec>>>>(Directory::VT_NODES, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Directory<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<NodeRec>>>>("nodes", Self::VT_NODES, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct DirectoryArgs<'a> {
+    pub nodes: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<NodeRec<'a>>>>>,
+}
+impl<'a> Default for DirectoryArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    DirectoryArgs {
+      nodes: None,
+    }
+  }
+}
+
+pub struct DirectoryBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DirectoryBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_nodes(&mut self, nodes: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<NodeRec<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Directory::VT_NODES, nodes);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DirectoryBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    DirectoryBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Directory<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Directory<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Directory");
+      ds.field("nodes", &self.nodes());
+      ds.finish()
+  }
+}
+pub enum RegistryRecOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// The registry, whole: layout (split cells) and every leaf's owner.
+pub struct RegistryRec<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for RegistryRec<'a> {
+  type Inner = RegistryRec<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> RegistryRec<'a> {
+  pub const VT_VERSION: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CLUSTER_EPOCH: ::flatbuffers::VOffsetT = 6;
+  pub const VT_GEOMETRY: ::flatbuffers::VOffsetT = 8;
+  pub const VT_SPLIT: ::flatbuffers::VOffsetT = 10;
+  pub const VT_CELLS: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    RegistryRec { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args RegistryRecArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<RegistryRec<'bldr>> {
+    let mut builder = RegistryRecBuilder::new(_fbb);
+    builder.add_version(args.version);
+    if let Some(x) = args.cells { builder.add_cells(x); }
+    if let Some(x) = args.split { builder.add_split(x); }
+    if let Some(x) = args.geometry { builder.add_geometry(x); }
+    builder.add_cluster_epoch(args.cluster_epoch);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn version(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(RegistryRec::VT_VERSION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn cluster_epoch(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(RegistryRec::VT_CLUSTER_EPOCH, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn geometry(&self) -> Option<&'a GeometryRec> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<GeometryRec>(RegistryRec::VT_GEOMETRY, None)}
+  }
+  #[inline]
+  pub fn split(&self) -> Option<::flatbuffers::Vector<'a, CellId>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, CellId>>>(RegistryRec::VT_SPLIT, None)}
+  }
+  #[inline]
+  pub fn cells(&self) -> Option<::flatbuffers::Vector<'a, CellAssignment>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, CellAssignment>>>(RegistryRec::VT_CELLS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for RegistryRec<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("version", Self::VT_VERSION, false)?
+     .visit_field::<u32>("cluster_epoch", Self::VT_CLUSTER_EPOCH, false)?
+     .visit_field::<GeometryRec>("geometry", Self::VT_GEOMETRY, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellId>>>("split", Self::VT_SPLIT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellAssignment>>>("cells", Self::VT_CELLS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct RegistryRecArgs<'a> {
+    pub version: u64,
+    pub cluster_epoch: u32,
+    pub geometry: Option<&'a GeometryRec>,
+    pub split: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellId>>>,
+    pub cells: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellAssignment>>>,
+}
+impl<'a> Default for RegistryRecArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    RegistryRecArgs {
+      version: 0,
+      cluster_epoch: 0,
+      geometry: None,
+      split: None,
+      cells: None,
+    }
+  }
+}
+
+pub struct RegistryRecBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RegistryRecBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_version(&mut self, version: u64) {
+    self.fbb_.push_slot::<u64>(RegistryRec::VT_VERSION, version, 0);
+  }
+  #[inline]
+  pub fn add_cluster_epoch(&mut self, cluster_epoch: u32) {
+    self.fbb_.push_slot::<u32>(RegistryRec::VT_CLUSTER_EPOCH, cluster_epoch, 0);
+  }
+  #[inline]
+  pub fn add_geometry(&mut self, geometry: &GeometryRec) {
+    self.fbb_.push_slot_always::<&GeometryRec>(RegistryRec::VT_GEOMETRY, geometry);
+  }
+  #[inline]
+  pub fn add_split(&mut self, split: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , CellId>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(RegistryRec::VT_SPLIT, split);
+  }
+  #[inline]
+  pub fn add_cells(&mut self, cells: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , CellAssignment>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(RegistryRec::VT_CELLS, cells);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RegistryRecBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    RegistryRecBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<RegistryRec<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for RegistryRec<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("RegistryRec");
+      ds.field("version", &self.version());
+      ds.field("cluster_epoch", &self.cluster_epoch());
+      ds.field("geometry", &self.geometry());
+      ds.field("split", &self.split());
+      ds.field("cells", &self.cells());
+      ds.finish()
+  }
+}
+pub enum BeginOrderOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct BeginOrder<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for BeginOrder<'a> {
+  type Inner = BeginOrder<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> BeginOrder<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CELL: ::flatbuffers::VOffsetT = 6;
+  pub const VT_TO: ::flatbuffers::VOffsetT = 8;
+  pub const VT_EPOCH: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    BeginOrder { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args BeginOrderArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<BeginOrder<'bldr>> {
+    let mut builder = BeginOrderBuilder::new(_fbb);
+    builder.add_id(args.id);
+    builder.add_epoch(args.epoch);
+    if let Some(x) = args.to { builder.add_to(x); }
+    if let Some(x) = args.cell { builder.add_cell(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(BeginOrder::VT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn cell(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(BeginOrder::VT_CELL, None)}
+  }
+  #[inline]
+  pub fn to(&self) -> Option<&'a Sender> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Sender>(BeginOrder::VT_TO, None)}
+  }
+  #[inline]
+  pub fn epoch(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(BeginOrder::VT_EPOCH, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for BeginOrder<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("id", Self::VT_ID, false)?
+     .visit_field::<CellId>("cell", Self::VT_CELL, false)?
+     .visit_field::<Sender>("to", Self::VT_TO, false)?
+     .visit_field::<u32>("epoch", Self::VT_EPOCH, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct BeginOrderArgs<'a> {
+    pub id: u64,
+    pub cell: Option<&'a CellId>,
+    pub to: Option<&'a Sender>,
+    pub epoch: u32,
+}
+impl<'a> Default for BeginOrderArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    BeginOrderArgs {
+      id: 0,
+      cell: None,
+      to: None,
+      epoch: 0,
+    }
+  }
+}
+
+pub struct BeginOrderBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> BeginOrderBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_id(&mut self, id: u64) {
+    self.fbb_.push_slot::<u64>(BeginOrder::VT_ID, id, 0);
+  }
+  #[inline]
+  pub fn add_cell(&mut self, cell: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(BeginOrder::VT_CELL, cell);
+  }
+  #[inline]
+  pub fn add_to(&mut self, to: &Sender) {
+    self.fbb_.push_slot_always::<&Sender>(BeginOrder::VT_TO, to);
+  }
+  #[inline]
+  pub fn add_epoch(&mut self, epoch: u32) {
+    self.fbb_.push_slot::<u32>(BeginOrder::VT_EPOCH, epoch, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> BeginOrderBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    BeginOrderBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<BeginOrder<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for BeginOrder<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("BeginOrder");
+      ds.field("id", &self.id());
+      ds.field("cell", &self.cell());
+      ds.field("to", &self.to());
+      ds.field("epoch", &self.epoch());
+      ds.finish()
+  }
+}
+pub enum CommitOrderOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct CommitOrder<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CommitOrder<'a> {
+  type Inner = CommitOrder<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CommitOrder<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CELL: ::flatbuffers::VOffsetT = 6;
+  pub const VT_EPOCH: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CommitOrder { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CommitOrderArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CommitOrder<'bldr>> {
+    let mut builder = CommitOrderBuilder::new(_fbb);
+    builder.add_id(args.id);
+    builder.add_epoch(args.epoch);
+    if let Some(x) = args.cell { builder.add_cell(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(CommitOrder::VT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn cell(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(CommitOrder::VT_CELL, None)}
+  }
+  #[inline]
+  pub fn epoch(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(CommitOrder::VT_EPOCH, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CommitOrder<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("id", Self::VT_ID, false)?
+     .visit_field::<CellId>("cell", Self::VT_CELL, false)?
+     .visit_field::<u32>("epoch", Self::VT_EPOCH, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CommitOrderArgs<'a> {
+    pub id: u64,
+    pub cell: Option<&'a CellId>,
+    pub epoch: u32,
+}
+impl<'a> Default for CommitOrderArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CommitOrderArgs {
+      id: 0,
+      cell: None,
+      epoch: 0,
+    }
+  }
+}
+
+pub struct CommitOrderBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CommitOrderBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_id(&mut self, id: u64) {
+    self.fbb_.push_slot::<u64>(CommitOrder::VT_ID, id, 0);
+  }
+  #[inline]
+  pub fn add_cell(&mut self, cell: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(CommitOrder::VT_CELL, cell);
+  }
+  #[inline]
+  pub fn add_epoch(&mut self, epoch: u32) {
+    self.fbb_.push_slot::<u32>(CommitOrder::VT_EPOCH, epoch, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CommitOrderBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CommitOrderBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CommitOrder<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CommitOrder<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CommitOrder");
+      ds.field("id", &self.id());
+      ds.field("cell", &self.cell());
+      ds.field("epoch", &self.epoch());
+      ds.finish()
+  }
+}
+pub enum AbortOrderOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct AbortOrder<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for AbortOrder<'a> {
+  type Inner = AbortOrder<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> AbortOrder<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CELL: ::flatbuffers::VOffsetT = 6;
+  pub const VT_REASON: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    AbortOrder { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args AbortOrderArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<AbortOrder<'bldr>> {
+    let mut builder = AbortOrderBuilder::new(_fbb);
+    builder.add_id(args.id);
+    if let Some(x) = args.cell { builder.add_cell(x); }
+    builder.add_reason(args.reason);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(AbortOrder::VT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn cell(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(AbortOrder::VT_CELL, None)}
+  }
+  #[inline]
+  pub fn reason(&self) -> AbortReason {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<AbortReason>(AbortOrder::VT_REASON, Some(AbortReason::Refused)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for AbortOrder<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("id", Self::VT_ID, false)?
+     .visit_field::<CellId>("cell", Self::VT_CELL, false)?
+     .visit_field::<AbortReason>("reason", Self::VT_REASON, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct AbortOrderArgs<'a> {
+    pub id: u64,
+    pub cell: Option<&'a CellId>,
+    pub reason: AbortReason,
+}
+impl<'a> Default for AbortOrderArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    AbortOrderArgs {
+      id: 0,
+      cell: None,
+      reason: AbortReason::Refused,
+    }
+  }
+}
+
+pub struct AbortOrderBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AbortOrderBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_id(&mut self, id: u64) {
+    self.fbb_.push_slot::<u64>(AbortOrder::VT_ID, id, 0);
+  }
+  #[inline]
+  pub fn add_cell(&mut self, cell: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(AbortOrder::VT_CELL, cell);
+  }
+  #[inline]
+  pub fn add_reason(&mut self, reason: AbortReason) {
+    self.fbb_.push_slot::<AbortReason>(AbortOrder::VT_REASON, reason, AbortReason::Refused);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AbortOrderBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    AbortOrderBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<AbortOrder<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for AbortOrder<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("AbortOrder");
+      ds.field("id", &self.id());
+      ds.field("cell", &self.cell());
+      ds.field("reason", &self.reason());
+      ds.finish()
+  }
+}
+pub enum SplitOrderOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct SplitOrder<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SplitOrder<'a> {
+  type Inner = SplitOrder<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SplitOrder<'a> {
+  pub const VT_OP: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CELL: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SplitOrder { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SplitOrderArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SplitOrder<'bldr>> {
+    let mut builder = SplitOrderBuilder::new(_fbb);
+    builder.add_op(args.op);
+    if let Some(x) = args.cell { builder.add_cell(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn op(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SplitOrder::VT_OP, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn cell(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(SplitOrder::VT_CELL, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SplitOrder<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("op", Self::VT_OP, false)?
+     .visit_field::<CellId>("cell", Self::VT_CELL, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SplitOrderArgs<'a> {
+    pub op: u64,
+    pub cell: Option<&'a CellId>,
+}
+impl<'a> Default for SplitOrderArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SplitOrderArgs {
+      op: 0,
+      cell: None,
+    }
+  }
+}
+
+pub struct SplitOrderBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SplitOrderBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_op(&mut self, op: u64) {
+    self.fbb_.push_slot::<u64>(SplitOrder::VT_OP, op, 0);
+  }
+  #[inline]
+  pub fn add_cell(&mut self, cell: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(SplitOrder::VT_CELL, cell);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SplitOrderBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SplitOrderBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SplitOrder<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SplitOrder<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SplitOrder");
+      ds.field("op", &self.op());
+      ds.field("cell", &self.cell());
+      ds.finish()
+  }
+}
+pub enum MergeOrderOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct MergeOrder<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for MergeOrder<'a> {
+  type Inner = MergeOrder<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> MergeOrder<'a> {
+  pub const VT_OP: ::flatbuffers::VOffsetT = 4;
+  pub const VT_PARENT: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    MergeOrder { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args MergeOrderArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<MergeOrder<'bldr>> {
+    let mut builder = MergeOrderBuilder::new(_fbb);
+    builder.add_op(args.op);
+    if let Some(x) = args.parent { builder.add_parent(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn op(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(MergeOrder::VT_OP, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn parent(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(MergeOrder::VT_PARENT, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for MergeOrder<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("op", Self::VT_OP, false)?
+     .visit_field::<CellId>("parent", Self::VT_PARENT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct MergeOrderArgs<'a> {
+    pub op: u64,
+    pub parent: Option<&'a CellId>,
+}
+impl<'a> Default for MergeOrderArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    MergeOrderArgs {
+      op: 0,
+      parent: None,
+    }
+  }
+}
+
+pub struct MergeOrderBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MergeOrderBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_op(&mut self, op: u64) {
+    self.fbb_.push_slot::<u64>(MergeOrder::VT_OP, op, 0);
+  }
+  #[inline]
+  pub fn add_parent(&mut self, parent: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(MergeOrder::VT_PARENT, parent);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MergeOrderBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    MergeOrderBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<MergeOrder<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for MergeOrder<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("MergeOrder");
+      ds.field("op", &self.op());
+      ds.field("parent", &self.parent());
+      ds.finish()
+  }
+}
+pub enum FrozenReportOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct FrozenReport<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for FrozenReport<'a> {
+  type Inner = FrozenReport<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> FrozenReport<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CELL: ::flatbuffers::VOffsetT = 6;
+  pub const VT_EPOCH: ::flatbuffers::VOffsetT = 8;
+  pub const VT_TICK: ::flatbuffers::VOffsetT = 10;
+  pub const VT_ENTITIES: ::flatbuffers::VOffsetT = 12;
+  pub const VT_REPEAT: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    FrozenReport { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args FrozenReportArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<FrozenReport<'bldr>> {
+    let mut builder = FrozenReportBuilder::new(_fbb);
+    builder.add_entities(args.entities);
+    builder.add_tick(args.tick);
+    builder.add_id(args.id);
+    builder.add_epoch(args.epoch);
+    if let Some(x) = args.cell { builder.add_cell(x); }
+    builder.add_repeat(args.repeat);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(FrozenReport::VT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn cell(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(FrozenReport::VT_CELL, None)}
+  }
+  #[inline]
+  pub fn epoch(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(FrozenReport::VT_EPOCH, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn tick(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(FrozenReport::VT_TICK, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn entities(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(FrozenReport::VT_ENTITIES, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn repeat(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(FrozenReport::VT_REPEAT, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for FrozenReport<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("id", Self::VT_ID, false)?
+     .visit_field::<CellId>("cell", Self::VT_CELL, false)?
+     .visit_field::<u32>("epoch", Self::VT_EPOCH, false)?
+     .visit_field::<u64>("tick", Self::VT_TICK, false)?
+     .visit_field::<u64>("entities", Self::VT_ENTITIES, false)?
+     .visit_field::<bool>("repeat", Self::VT_REPEAT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct FrozenReportArgs<'a> {
+    pub id: u64,
+    pub cell: Option<&'a CellId>,
+    pub epoch: u32,
+    pub tick: u64,
+    pub entities: u64,
+    pub repeat: bool,
+}
+impl<'a> Default for FrozenReportArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    FrozenReportArgs {
+      id: 0,
+      cell: None,
+      epoch: 0,
+      tick: 0,
+      entities: 0,
+      repeat: false,
+    }
+  }
+}
+
+pub struct FrozenReportBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> FrozenReportBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_id(&mut self, id: u64) {
+    self.fbb_.push_slot::<u64>(FrozenReport::VT_ID, id, 0);
+  }
+  #[inline]
+  pub fn add_cell(&mut self, cell: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(FrozenReport::VT_CELL, cell);
+  }
+  #[inline]
+  pub fn add_epoch(&mut self, epoch: u32) {
+    self.fbb_.push_slot::<u32>(FrozenReport::VT_EPOCH, epoch, 0);
+  }
+  #[inline]
+  pub fn add_tick(&mut self, tick: u64) {
+    self.fbb_.push_slot::<u64>(FrozenReport::VT_TICK, tick, 0);
+  }
+  #[inline]
+  pub fn add_entities(&mut self, entities: u64) {
+    self.fbb_.push_slot::<u64>(FrozenReport::VT_ENTITIES, entities, 0);
+  }
+  #[inline]
+  pub fn add_repeat(&mut self, repeat: bool) {
+    self.fbb_.push_slot::<bool>(FrozenReport::VT_REPEAT, repeat, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> FrozenReportBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    FrozenReportBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<FrozenReport<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for FrozenReport<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("FrozenReport");
+      ds.field("id", &self.id());
+      ds.field("cell", &self.cell());
+      ds.field("epoch", &self.epoch());
+      ds.field("tick", &self.tick());
+      ds.field("entities", &self.entities());
+      ds.field("repeat", &self.repeat());
+      ds.finish()
+  }
+}
+pub enum PreparedReportOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct PreparedReport<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for PreparedReport<'a> {
+  type Inner = PreparedReport<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> PreparedReport<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CELL: ::flatbuffers::VOffsetT = 6;
+  pub const VT_REPEAT: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    PreparedReport { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PreparedReportArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<PreparedReport<'bldr>> {
+    let mut builder = PreparedReportBuilder::new(_fbb);
+    builder.add_id(args.id);
+    if let Some(x) = args.cell { builder.add_cell(x); }
+    builder.add_repeat(args.repeat);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PreparedReport::VT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn cell(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(PreparedReport::VT_CELL, None)}
+  }
+  #[inline]
+  pub fn repeat(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(PreparedReport::VT_REPEAT, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for PreparedReport<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("id", Self::VT_ID, false)?
+     .visit_field::<CellId>("cell", Self::VT_CELL, false)?
+     .visit_field::<bool>("repeat", Self::VT_REPEAT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PreparedReportArgs<'a> {
+    pub id: u64,
+    pub cell: Option<&'a CellId>,
+    pub repeat: bool,
+}
+impl<'a> Default for PreparedReportArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PreparedReportArgs {
+      id: 0,
+      cell: None,
+      repeat: false,
+    }
+  }
+}
+
+pub struct PreparedReportBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PreparedReportBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_id(&mut self, id: u64) {
+    self.fbb_.push_slot::<u64>(PreparedReport::VT_ID, id, 0);
+  }
+  #[inline]
+  pub fn add_cell(&mut self, cell: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(PreparedReport::VT_CELL, cell);
+  }
+  #[inline]
+  pub fn add_repeat(&mut self, repeat: bool) {
+    self.fbb_.push_slot::<bool>(PreparedReport::VT_REPEAT, repeat, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PreparedReportBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PreparedReportBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<PreparedReport<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for PreparedReport<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("PreparedReport");
+      ds.field("id", &self.id());
+      ds.field("cell", &self.cell());
+      ds.field("repeat", &self.repeat());
+      ds.finish()
+  }
+}
+pub enum ActivatedReportOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ActivatedReport<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ActivatedReport<'a> {
+  type Inner = ActivatedReport<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ActivatedReport<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CELL: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ActivatedReport { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ActivatedReportArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ActivatedReport<'bldr>> {
+    let mut builder = ActivatedReportBuilder::new(_fbb);
+    builder.add_id(args.id);
+    if let Some(x) = args.cell { builder.add_cell(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ActivatedReport::VT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn cell(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(ActivatedReport::VT_CELL, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ActivatedReport<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("id", Self::VT_ID, false)?
+     .visit_field::<CellId>("cell", Self::VT_CELL, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ActivatedReportArgs<'a> {
+    pub id: u64,
+    pub cell: Option<&'a CellId>,
+}
+impl<'a> Default for ActivatedReportArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ActivatedReportArgs {
+      id: 0,
+      cell: None,
+    }
+  }
+}
+
+pub struct ActivatedReportBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ActivatedReportBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_id(&mut self, id: u64) {
+    self.fbb_.push_slot::<u64>(ActivatedReport::VT_ID, id, 0);
+  }
+  #[inline]
+  pub fn add_cell(&mut self, cell: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(ActivatedReport::VT_CELL, cell);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ActivatedReportBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ActivatedReportBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ActivatedReport<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ActivatedReport<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ActivatedReport");
+      ds.field("id", &self.id());
+      ds.field("cell", &self.cell());
+      ds.finish()
+  }
+}
+pub enum ReleasedReportOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ReleasedReport<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ReleasedReport<'a> {
+  type Inner = ReleasedReport<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ReleasedReport<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CELL: ::flatbuffers::VOffsetT = 6;
+  pub const VT_FORWARDED: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ReleasedReport { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReleasedReportArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ReleasedReport<'bldr>> {
+    let mut builder = ReleasedReportBuilder::new(_fbb);
+    builder.add_forwarded(args.forwarded);
+    builder.add_id(args.id);
+    if let Some(x) = args.cell { builder.add_cell(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReleasedReport::VT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn cell(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(ReleasedReport::VT_CELL, None)}
+  }
+  #[inline]
+  pub fn forwarded(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReleasedReport::VT_FORWARDED, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ReleasedReport<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("id", Self::VT_ID, false)?
+     .visit_field::<CellId>("cell", Self::VT_CELL, false)?
+     .visit_field::<u64>("forwarded", Self::VT_FORWARDED, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReleasedReportArgs<'a> {
+    pub id: u64,
+    pub cell: Option<&'a CellId>,
+    pub forwarded: u64,
+}
+impl<'a> Default for ReleasedReportArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReleasedReportArgs {
+      id: 0,
+      cell: None,
+      forwarded: 0,
+    }
+  }
+}
+
+pub struct ReleasedReportBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReleasedReportBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_id(&mut self, id: u64) {
+    self.fbb_.push_slot::<u64>(ReleasedReport::VT_ID, id, 0);
+  }
+  #[inline]
+  pub fn add_cell(&mut self, cell: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(ReleasedReport::VT_CELL, cell);
+  }
+  #[inline]
+  pub fn add_forwarded(&mut self, forwarded: u64) {
+    self.fbb_.push_slot::<u64>(ReleasedReport::VT_FORWARDED, forwarded, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReleasedReportBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReleasedReportBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ReleasedReport<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ReleasedReport<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ReleasedReport");
+      ds.field("id", &self.id());
+      ds.field("cell", &self.cell());
+      ds.field("forwarded", &self.forwarded());
+      ds.finish()
+  }
+}
+pub enum AbortedReportOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct AbortedReport<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for AbortedReport<'a> {
+  type Inner = AbortedReport<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> AbortedReport<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CELL: ::flatbuffers::VOffsetT = 6;
+  pub const VT_REASON: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    AbortedReport { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args AbortedReportArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<AbortedReport<'bldr>> {
+    let mut builder = AbortedReportBuilder::new(_fbb);
+    builder.add_id(args.id);
+    if let Some(x) = args.cell { builder.add_cell(x); }
+    builder.add_reason(args.reason);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(AbortedReport::VT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn cell(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(AbortedReport::VT_CELL, None)}
+  }
+  #[inline]
+  pub fn reason(&self) -> AbortReason {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<AbortReason>(AbortedReport::VT_REASON, Some(AbortReason::Refused)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for AbortedReport<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("id", Self::VT_ID, false)?
+     .visit_field::<CellId>("cell", Self::VT_CELL, false)?
+     .visit_field::<AbortReason>("reason", Self::VT_REASON, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct AbortedReportArgs<'a> {
+    pub id: u64,
+    pub cell: Option<&'a CellId>,
+    pub reason: AbortReason,
+}
+impl<'a> Default for AbortedReportArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    AbortedReportArgs {
+      id: 0,
+      cell: None,
+      reason: AbortReason::Refused,
+    }
+  }
+}
+
+pub struct AbortedReportBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AbortedReportBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_id(&mut self, id: u64) {
+    self.fbb_.push_slot::<u64>(AbortedReport::VT_ID, id, 0);
+  }
+  #[inline]
+  pub fn add_cell(&mut self, cell: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(AbortedReport::VT_CELL, cell);
+  }
+  #[inline]
+  pub fn add_reason(&mut self, reason: AbortReason) {
+    self.fbb_.push_slot::<AbortReason>(AbortedReport::VT_REASON, reason, AbortReason::Refused);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AbortedReportBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    AbortedReportBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<AbortedReport<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for AbortedReport<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("AbortedReport");
+      ds.field("id", &self.id());
+      ds.field("cell", &self.cell());
+      ds.field("reason", &self.reason());
+      ds.finish()
+  }
+}
+pub enum SplitReportOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct SplitReport<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SplitReport<'a> {
+  type Inner = SplitReport<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SplitReport<'a> {
+  pub const VT_OP: ::flatbuffers::VOffsetT = 4;
+  pub const VT_PARENT: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SplitReport { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SplitReportArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SplitReport<'bldr>> {
+    let mut builder = SplitReportBuilder::new(_fbb);
+    builder.add_op(args.op);
+    if let Some(x) = args.parent { builder.add_parent(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn op(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SplitReport::VT_OP, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn parent(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(SplitReport::VT_PARENT, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SplitReport<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("op", Self::VT_OP, false)?
+     .visit_field::<CellId>("parent", Self::VT_PARENT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SplitReportArgs<'a> {
+    pub op: u64,
+    pub parent: Option<&'a CellId>,
+}
+impl<'a> Default for SplitReportArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SplitReportArgs {
+      op: 0,
+      parent: None,
+    }
+  }
+}
+
+pub struct SplitReportBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SplitReportBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_op(&mut self, op: u64) {
+    self.fbb_.push_slot::<u64>(SplitReport::VT_OP, op, 0);
+  }
+  #[inline]
+  pub fn add_parent(&mut self, parent: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(SplitReport::VT_PARENT, parent);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SplitReportBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SplitReportBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SplitReport<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SplitReport<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SplitReport");
+      ds.field("op", &self.op());
+      ds.field("parent", &self.parent());
+      ds.finish()
+  }
+}
+pub enum MergedReportOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct MergedReport<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for MergedReport<'a> {
+  type Inner = MergedReport<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> MergedReport<'a> {
+  pub const VT_OP: ::flatbuffers::VOffsetT = 4;
+  pub const VT_PARENT: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    MergedReport { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args MergedReportArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<MergedReport<'bldr>> {
+    let mut builder = MergedReportBuilder::new(_fbb);
+    builder.add_op(args.op);
+    if let Some(x) = args.parent { builder.add_parent(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn op(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(MergedReport::VT_OP, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn parent(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(MergedReport::VT_PARENT, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for MergedReport<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("op", Self::VT_OP, false)?
+     .visit_field::<CellId>("parent", Self::VT_PARENT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct MergedReportArgs<'a> {
+    pub op: u64,
+    pub parent: Option<&'a CellId>,
+}
+impl<'a> Default for MergedReportArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    MergedReportArgs {
+      op: 0,
+      parent: None,
+    }
+  }
+}
+
+pub struct MergedReportBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MergedReportBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_op(&mut self, op: u64) {
+    self.fbb_.push_slot::<u64>(MergedReport::VT_OP, op, 0);
+  }
+  #[inline]
+  pub fn add_parent(&mut self, parent: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(MergedReport::VT_PARENT, parent);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MergedReportBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    MergedReportBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<MergedReport<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for MergedReport<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("MergedReport");
+      ds.field("op", &self.op());
+      ds.field("parent", &self.parent());
+      ds.finish()
+  }
+}
+pub enum RefusedReportOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct RefusedReport<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for RefusedReport<'a> {
+  type Inner = RefusedReport<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> RefusedReport<'a> {
+  pub const VT_OP: ::flatbuffers::VOffsetT = 4;
+  pub const VT_REASON: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    RefusedReport { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args RefusedReportArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<RefusedReport<'bldr>> {
+    let mut builder = RefusedReportBuilder::new(_fbb);
+    builder.add_op(args.op);
+    if let Some(x) = args.reason { builder.add_reason(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn op(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(RefusedReport::VT_OP, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn reason(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(RefusedReport::VT_REASON, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for RefusedReport<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("op", Self::VT_OP, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("reason", Self::VT_REASON, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct RefusedReportArgs<'a> {
+    pub op: u64,
+    pub reason: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for RefusedReportArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    RefusedReportArgs {
+      op: 0,
+      reason: None,
+    }
+  }
+}
+
+pub struct RefusedReportBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RefusedReportBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_op(&mut self, op: u64) {
+    self.fbb_.push_slot::<u64>(RefusedReport::VT_OP, op, 0);
+  }
+  #[inline]
+  pub fn add_reason(&mut self, reason: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(RefusedReport::VT_REASON, reason);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RefusedReportBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    RefusedReportBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<RefusedReport<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for RefusedReport<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("RefusedReport");
+      ds.field("op", &self.op());
+      ds.field("reason", &self.reason());
+      ds.finish()
+  }
+}
+pub enum LoadReportOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct LoadReport<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for LoadReport<'a> {
+  type Inner = LoadReport<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> LoadReport<'a> {
+  pub const VT_TICK_US_P99: ::flatbuffers::VOffsetT = 4;
+  pub const VT_BUDGET_US: ::flatbuffers::VOffsetT = 6;
+  pub const VT_CELLS: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    LoadReport { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args LoadReportArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<LoadReport<'bldr>> {
+    let mut builder = LoadReportBuilder::new(_fbb);
+    builder.add_budget_us(args.budget_us);
+    builder.add_tick_us_p99(args.tick_us_p99);
+    if let Some(x) = args.cells { builder.add_cells(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn tick_us_p99(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(LoadReport::VT_TICK_US_P99, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn budget_us(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(LoadReport::VT_BUDGET_US, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn cells(&self) -> Option<::flatbuffers::Vector<'a, CellLoadRec>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, CellLoadRec>>>(LoadReport::VT_CELLS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for LoadReport<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("tick_us_p99", Self::VT_TICK_US_P99, false)?
+     .visit_field::<u64>("budget_us", Self::VT_BUDGET_US, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellLoadRec>>>("cells", Self::VT_CELLS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct LoadReportArgs<'a> {
+    pub tick_us_p99: u64,
+    pub budget_us: u64,
+    pub cells: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellLoadRec>>>,
+}
+impl<'a> Default for LoadReportArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    LoadReportArgs {
+      tick_us_p99: 0,
+      budget_us: 0,
+      cells: None,
+    }
+  }
+}
+
+pub struct LoadReportBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> LoadReportBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_tick_us_p99(&mut self, tick_us_p99: u64) {
+    self.fbb_.push_slot::<u64>(LoadReport::VT_TICK_US_P99, tick_us_p99, 0);
+  }
+  #[inline]
+  pub fn add_budget_us(&mut self, budget_us: u64) {
+    self.fbb_.push_slot::<u64>(LoadReport::VT_BUDGET_US, budget_us, 0);
+  }
+  #[inline]
+  pub fn add_cells(&mut self, cells: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , CellLoadRec>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(LoadReport::VT_CELLS, cells);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> LoadReportBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    LoadReportBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<LoadReport<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for LoadReport<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("LoadReport");
+      ds.field("tick_us_p99", &self.tick_us_p99());
+      ds.field("budget_us", &self.budget_us());
+      ds.field("cells", &self.cells());
       ds.finish()
   }
 }
 pub enum HeartbeatOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
+/// Liveness and a little state, every half second (the RUDP keepalive
+/// proves the link; this proves the shard's loop runs).
 pub struct Heartbeat<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
@@ -7122,7 +14909,7 @@ impl<'a> ::flatbuffers::Follow<'a> for Heartbeat<'a> {
 }
 
 impl<'a> Heartbeat<'a> {
-  pub const VT_TIME_MS: ::flatbuffers::VOffsetT = 4;
+  pub const VT_TICK: ::flatbuffers::VOffsetT = 4;
   pub const VT_SESSIONS: ::flatbuffers::VOffsetT = 6;
   pub const VT_ENTITIES: ::flatbuffers::VOffsetT = 8;
 
@@ -7136,7 +14923,7 @@ impl<'a> Heartbeat<'a> {
     args: &'args HeartbeatArgs
   ) -> ::flatbuffers::WIPOffset<Heartbeat<'bldr>> {
     let mut builder = HeartbeatBuilder::new(_fbb);
-    builder.add_time_ms(args.time_ms);
+    builder.add_tick(args.tick);
     builder.add_entities(args.entities);
     builder.add_sessions(args.sessions);
     builder.finish()
@@ -7144,11 +14931,11 @@ impl<'a> Heartbeat<'a> {
 
 
   #[inline]
-  pub fn time_ms(&self) -> u64 {
+  pub fn tick(&self) -> u64 {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<u64>(Heartbeat::VT_TIME_MS, Some(0)).unwrap()}
+    unsafe { self._tab.get::<u64>(Heartbeat::VT_TICK, Some(0)).unwrap()}
   }
   #[inline]
   pub fn sessions(&self) -> u32 {
@@ -7172,7 +14959,7 @@ impl ::flatbuffers::Verifiable for Heartbeat<'_> {
     v: &mut ::flatbuffers::Verifier, pos: usize
   ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
     v.visit_table(pos)?
-     .visit_field::<u64>("time_ms", Self::VT_TIME_MS, false)?
+     .visit_field::<u64>("tick", Self::VT_TICK, false)?
      .visit_field::<u32>("sessions", Self::VT_SESSIONS, false)?
      .visit_field::<u32>("entities", Self::VT_ENTITIES, false)?
      .finish();
@@ -7180,7 +14967,7 @@ impl ::flatbuffers::Verifiable for Heartbeat<'_> {
   }
 }
 pub struct HeartbeatArgs {
-    pub time_ms: u64,
+    pub tick: u64,
     pub sessions: u32,
     pub entities: u32,
 }
@@ -7188,7 +14975,7 @@ impl<'a> Default for HeartbeatArgs {
   #[inline]
   fn default() -> Self {
     HeartbeatArgs {
-      time_ms: 0,
+      tick: 0,
       sessions: 0,
       entities: 0,
     }
@@ -7201,8 +14988,8 @@ pub struct HeartbeatBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
 }
 impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> HeartbeatBuilder<'a, 'b, A> {
   #[inline]
-  pub fn add_time_ms(&mut self, time_ms: u64) {
-    self.fbb_.push_slot::<u64>(Heartbeat::VT_TIME_MS, time_ms, 0);
+  pub fn add_tick(&mut self, tick: u64) {
+    self.fbb_.push_slot::<u64>(Heartbeat::VT_TICK, tick, 0);
   }
   #[inline]
   pub fn add_sessions(&mut self, sessions: u32) {
@@ -7230,105 +15017,9 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> HeartbeatBuilder<'a, 'b, A> {
 impl ::core::fmt::Debug for Heartbeat<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
     let mut ds = f.debug_struct("Heartbeat");
-      ds.field("time_ms", &self.time_ms());
+      ds.field("tick", &self.tick());
       ds.field("sessions", &self.sessions());
       ds.field("entities", &self.entities());
-      ds.finish()
-  }
-}
-pub enum LoadReportOffset {}
-#[derive(Copy, Clone, PartialEq)]
-
-pub struct LoadReport<'a> {
-  pub _tab: ::flatbuffers::Table<'a>,
-}
-
-impl<'a> ::flatbuffers::Follow<'a> for LoadReport<'a> {
-  type Inner = LoadReport<'a>;
-  #[inline]
-  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
-    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
-  }
-}
-
-impl<'a> LoadReport<'a> {
-  pub const VT_CELLS: ::flatbuffers::VOffsetT = 4;
-
-  #[inline]
-  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
-    LoadReport { _tab: table }
-  }
-  #[allow(unused_mut)]
-  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
-    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args LoadReportArgs<'args>
-  ) -> ::flatbuffers::WIPOffset<LoadReport<'bldr>> {
-    let mut builder = LoadReportBuilder::new(_fbb);
-    if let Some(x) = args.cells { builder.add_cells(x); }
-    builder.finish()
-  }
-
-
-  #[inline]
-  pub fn cells(&self) -> Option<::flatbuffers::Vector<'a, CellLoad>> {
-    // Safety:
-    // Created from valid Table for this object
-    // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, CellLoad>>>(LoadReport::VT_CELLS, None)}
-  }
-}
-
-impl ::flatbuffers::Verifiable for LoadReport<'_> {
-  #[inline]
-  fn run_verifier(
-    v: &mut ::flatbuffers::Verifier, pos: usize
-  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
-    v.visit_table(pos)?
-     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellLoad>>>("cells", Self::VT_CELLS, false)?
-     .finish();
-    Ok(())
-  }
-}
-pub struct LoadReportArgs<'a> {
-    pub cells: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellLoad>>>,
-}
-impl<'a> Default for LoadReportArgs<'a> {
-  #[inline]
-  fn default() -> Self {
-    LoadReportArgs {
-      cells: None,
-    }
-  }
-}
-
-pub struct LoadReportBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
-  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
-  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
-}
-impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> LoadReportBuilder<'a, 'b, A> {
-  #[inline]
-  pub fn add_cells(&mut self, cells: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , CellLoad>>) {
-    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(LoadReport::VT_CELLS, cells);
-  }
-  #[inline]
-  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> LoadReportBuilder<'a, 'b, A> {
-    let start = _fbb.start_table();
-    LoadReportBuilder {
-      fbb_: _fbb,
-      start_: start,
-    }
-  }
-  #[inline]
-  pub fn finish(self) -> ::flatbuffers::WIPOffset<LoadReport<'a>> {
-    let o = self.fbb_.end_table(self.start_);
-    ::flatbuffers::WIPOffset::new(o.value())
-  }
-}
-
-impl ::core::fmt::Debug for LoadReport<'_> {
-  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
-    let mut ds = f.debug_struct("LoadReport");
-      ds.field("cells", &self.cells());
       ds.finish()
   }
 }
@@ -7384,22 +15075,21 @@ impl<'a> ControlFrame<'a> {
     unsafe { self._tab.get::<ControlMsg>(ControlFrame::VT_MSG_TYPE, Some(ControlMsg::NONE)).unwrap()}
   }
   #[inline]
-  pub fn msg(&self) -> Option<::flatbuffers::Table<'a>> {
+  pub fn msg(&self) -> ::flatbuffers::Table<'a> {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Table<'a>>>(ControlFrame::VT_MSG, None)}
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Table<'a>>>(ControlFrame::VT_MSG, None).unwrap()}
   }
   #[inline]
   #[allow(non_snake_case)]
-  pub fn msg_as_assign_cells(&self) -> Option<AssignCells<'a>> {
-    if self.msg_type() == ControlMsg::AssignCells {
-      self.msg().map(|t| {
-       // Safety:
-       // Created from a valid Table for this object
-       // Which contains a valid union in this slot
-       unsafe { AssignCells::init_from_table(t) }
-     })
+  pub fn msg_as_register(&self) -> Option<Register<'a>> {
+    if self.msg_type() == ControlMsg::Register {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { Register::init_from_table(u) })
     } else {
       None
     }
@@ -7407,14 +15097,223 @@ impl<'a> ControlFrame<'a> {
 
   #[inline]
   #[allow(non_snake_case)]
-  pub fn msg_as_heartbeat(&self) -> Option<Heartbeat<'a>> {
-    if self.msg_type() == ControlMsg::Heartbeat {
-      self.msg().map(|t| {
-       // Safety:
-       // Created from a valid Table for this object
-       // Which contains a valid union in this slot
-       unsafe { Heartbeat::init_from_table(t) }
-     })
+  pub fn msg_as_coord_welcome(&self) -> Option<CoordWelcome<'a>> {
+    if self.msg_type() == ControlMsg::CoordWelcome {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { CoordWelcome::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_directory(&self) -> Option<Directory<'a>> {
+    if self.msg_type() == ControlMsg::Directory {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { Directory::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_registry_rec(&self) -> Option<RegistryRec<'a>> {
+    if self.msg_type() == ControlMsg::RegistryRec {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { RegistryRec::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_begin_order(&self) -> Option<BeginOrder<'a>> {
+    if self.msg_type() == ControlMsg::BeginOrder {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { BeginOrder::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_commit_order(&self) -> Option<CommitOrder<'a>> {
+    if self.msg_type() == ControlMsg::CommitOrder {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { CommitOrder::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_abort_order(&self) -> Option<AbortOrder<'a>> {
+    if self.msg_type() == ControlMsg::AbortOrder {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { AbortOrder::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_split_order(&self) -> Option<SplitOrder<'a>> {
+    if self.msg_type() == ControlMsg::SplitOrder {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { SplitOrder::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_merge_order(&self) -> Option<MergeOrder<'a>> {
+    if self.msg_type() == ControlMsg::MergeOrder {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { MergeOrder::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_frozen_report(&self) -> Option<FrozenReport<'a>> {
+    if self.msg_type() == ControlMsg::FrozenReport {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { FrozenReport::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_prepared_report(&self) -> Option<PreparedReport<'a>> {
+    if self.msg_type() == ControlMsg::PreparedReport {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { PreparedReport::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_activated_report(&self) -> Option<ActivatedReport<'a>> {
+    if self.msg_type() == ControlMsg::ActivatedReport {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { ActivatedReport::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_released_report(&self) -> Option<ReleasedReport<'a>> {
+    if self.msg_type() == ControlMsg::ReleasedReport {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { ReleasedReport::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_aborted_report(&self) -> Option<AbortedReport<'a>> {
+    if self.msg_type() == ControlMsg::AbortedReport {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { AbortedReport::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_split_report(&self) -> Option<SplitReport<'a>> {
+    if self.msg_type() == ControlMsg::SplitReport {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { SplitReport::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_merged_report(&self) -> Option<MergedReport<'a>> {
+    if self.msg_type() == ControlMsg::MergedReport {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { MergedReport::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_refused_report(&self) -> Option<RefusedReport<'a>> {
+    if self.msg_type() == ControlMsg::RefusedReport {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { RefusedReport::init_from_table(u) })
     } else {
       None
     }
@@ -7424,12 +15323,25 @@ impl<'a> ControlFrame<'a> {
   #[allow(non_snake_case)]
   pub fn msg_as_load_report(&self) -> Option<LoadReport<'a>> {
     if self.msg_type() == ControlMsg::LoadReport {
-      self.msg().map(|t| {
-       // Safety:
-       // Created from a valid Table for this object
-       // Which contains a valid union in this slot
-       unsafe { LoadReport::init_from_table(t) }
-     })
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { LoadReport::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_heartbeat(&self) -> Option<Heartbeat<'a>> {
+    if self.msg_type() == ControlMsg::Heartbeat {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { Heartbeat::init_from_table(u) })
     } else {
       None
     }
@@ -7444,11 +15356,27 @@ impl ::flatbuffers::Verifiable for ControlFrame<'_> {
   ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
     v.visit_table(pos)?
      .visit_field::<FrameHeader>("header", Self::VT_HEADER, false)?
-     .visit_union::<ControlMsg, _>("msg_type", Self::VT_MSG_TYPE, "msg", Self::VT_MSG, false, |key, v, pos| {
+     .visit_union::<ControlMsg, _>("msg_type", Self::VT_MSG_TYPE, "msg", Self::VT_MSG, true, |key, v, pos| {
         match key {
-          ControlMsg::AssignCells => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<AssignCells>>("ControlMsg::AssignCells", pos),
-          ControlMsg::Heartbeat => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Heartbeat>>("ControlMsg::Heartbeat", pos),
+          ControlMsg::Register => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Register>>("ControlMsg::Register", pos),
+          ControlMsg::CoordWelcome => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CoordWelcome>>("ControlMsg::CoordWelcome", pos),
+          ControlMsg::Directory => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Directory>>("ControlMsg::Directory", pos),
+          ControlMsg::RegistryRec => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<RegistryRec>>("ControlMsg::RegistryRec", pos),
+          ControlMsg::BeginOrder => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<BeginOrder>>("ControlMsg::BeginOrder", pos),
+          ControlMsg::CommitOrder => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CommitOrder>>("ControlMsg::CommitOrder", pos),
+          ControlMsg::AbortOrder => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<AbortOrder>>("ControlMsg::AbortOrder", pos),
+          ControlMsg::SplitOrder => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SplitOrder>>("ControlMsg::SplitOrder", pos),
+          ControlMsg::MergeOrder => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<MergeOrder>>("ControlMsg::MergeOrder", pos),
+          ControlMsg::FrozenReport => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<FrozenReport>>("ControlMsg::FrozenReport", pos),
+          ControlMsg::PreparedReport => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PreparedReport>>("ControlMsg::PreparedReport", pos),
+          ControlMsg::ActivatedReport => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ActivatedReport>>("ControlMsg::ActivatedReport", pos),
+          ControlMsg::ReleasedReport => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ReleasedReport>>("ControlMsg::ReleasedReport", pos),
+          ControlMsg::AbortedReport => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<AbortedReport>>("ControlMsg::AbortedReport", pos),
+          ControlMsg::SplitReport => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SplitReport>>("ControlMsg::SplitReport", pos),
+          ControlMsg::MergedReport => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<MergedReport>>("ControlMsg::MergedReport", pos),
+          ControlMsg::RefusedReport => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<RefusedReport>>("ControlMsg::RefusedReport", pos),
           ControlMsg::LoadReport => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<LoadReport>>("ControlMsg::LoadReport", pos),
+          ControlMsg::Heartbeat => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Heartbeat>>("ControlMsg::Heartbeat", pos),
           _ => Ok(()),
         }
      })?
@@ -7467,7 +15395,7 @@ impl<'a> Default for ControlFrameArgs<'a> {
     ControlFrameArgs {
       header: None,
       msg_type: ControlMsg::NONE,
-      msg: None,
+      msg: None, // required field
     }
   }
 }
@@ -7500,6 +15428,7 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ControlFrameBuilder<'a, 'b, A
   #[inline]
   pub fn finish(self) -> ::flatbuffers::WIPOffset<ControlFrame<'a>> {
     let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, ControlFrame::VT_MSG,"msg");
     ::flatbuffers::WIPOffset::new(o.value())
   }
 }
@@ -7510,15 +15439,120 @@ impl ::core::fmt::Debug for ControlFrame<'_> {
       ds.field("header", &self.header());
       ds.field("msg_type", &self.msg_type());
       match self.msg_type() {
-        ControlMsg::AssignCells => {
-          if let Some(x) = self.msg_as_assign_cells() {
+        ControlMsg::Register => {
+          if let Some(x) = self.msg_as_register() {
             ds.field("msg", &x)
           } else {
             ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
           }
         },
-        ControlMsg::Heartbeat => {
-          if let Some(x) = self.msg_as_heartbeat() {
+        ControlMsg::CoordWelcome => {
+          if let Some(x) = self.msg_as_coord_welcome() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::Directory => {
+          if let Some(x) = self.msg_as_directory() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::RegistryRec => {
+          if let Some(x) = self.msg_as_registry_rec() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::BeginOrder => {
+          if let Some(x) = self.msg_as_begin_order() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::CommitOrder => {
+          if let Some(x) = self.msg_as_commit_order() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::AbortOrder => {
+          if let Some(x) = self.msg_as_abort_order() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::SplitOrder => {
+          if let Some(x) = self.msg_as_split_order() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::MergeOrder => {
+          if let Some(x) = self.msg_as_merge_order() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::FrozenReport => {
+          if let Some(x) = self.msg_as_frozen_report() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::PreparedReport => {
+          if let Some(x) = self.msg_as_prepared_report() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::ActivatedReport => {
+          if let Some(x) = self.msg_as_activated_report() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::ReleasedReport => {
+          if let Some(x) = self.msg_as_released_report() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::AbortedReport => {
+          if let Some(x) = self.msg_as_aborted_report() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::SplitReport => {
+          if let Some(x) = self.msg_as_split_report() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::MergedReport => {
+          if let Some(x) = self.msg_as_merged_report() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::RefusedReport => {
+          if let Some(x) = self.msg_as_refused_report() {
             ds.field("msg", &x)
           } else {
             ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -7526,6 +15560,13 @@ impl ::core::fmt::Debug for ControlFrame<'_> {
         },
         ControlMsg::LoadReport => {
           if let Some(x) = self.msg_as_load_report() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::Heartbeat => {
+          if let Some(x) = self.msg_as_heartbeat() {
             ds.field("msg", &x)
           } else {
             ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")

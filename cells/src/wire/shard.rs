@@ -1,0 +1,409 @@
+//! Shard bundles: what one shard sends another node's shard in one turn.
+
+use tessera_schema::flatbuffers::{FlatBufferBuilder, WIPOffset};
+use tessera_schema::verify::{self, FrameError, FrameFamily};
+use tessera_schema::wire;
+
+use super::state::{self, cell_msg_parts};
+use super::{cell_in, cell_out, need, shard_in, shard_out};
+use crate::control::{AbortReason, HandoverId, PeerMsg};
+use crate::game::GameLogic;
+use crate::geometry::CellId;
+use crate::ids::{ClientId, EntityId, TickId};
+use crate::messages::{CellEnvelope, ClientOutput, ClientOutputKind};
+use crate::node::ShardMsg;
+use crate::registry::{Registry, ShardRef};
+
+/// The identities every frame between shards carries (DESIGN.md section 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardHeader {
+    /// The cell the message concerns (a cell message's destination, a
+    /// handover's cell, a client frame's source cell).
+    pub cell: CellId,
+    /// The sender's epoch for that cell when it sent.
+    pub epoch: u32,
+    /// The link's sequence number (per sender and destination, from 1).
+    pub seq: u64,
+    /// The sending shard.
+    pub sender: ShardRef,
+    /// The sender's tick.
+    pub tick: TickId,
+}
+
+impl ShardHeader {
+    /// The header of `msg` sent by `sender` at `tick`, with `registry` as the
+    /// sender knows it; `seq` is filled in by the [`BundleWriter`].
+    pub fn for_msg<G: GameLogic>(
+        msg: &ShardMsg<G>,
+        sender: ShardRef,
+        tick: TickId,
+        registry: &Registry,
+    ) -> Self {
+        let (cell, epoch) = match msg {
+            ShardMsg::Cell(env) => (env.to, None),
+            ShardMsg::Client(out) => (out.cell, None),
+            ShardMsg::Peer(PeerMsg::PreCopy { cell, epoch, .. }) => (*cell, Some(*epoch)),
+            ShardMsg::Peer(m) => (m.cell(), None),
+            ShardMsg::Order(_) => (CellId::root(0, 0, 0), None),
+        };
+        let epoch = epoch.unwrap_or_else(|| registry.get(cell).map_or(0, |a| a.epoch));
+        Self {
+            cell,
+            epoch,
+            seq: 0,
+            sender,
+            tick,
+        }
+    }
+
+    /// True for a handover step whose epoch is older than the receiver's
+    /// registry says the cell is at: it belongs to an ownership that has
+    /// since changed (DESIGN.md's epoch rule), so it is ignored and counted.
+    /// Cell messages and client frames are never stale by epoch: a message
+    /// sent under the previous owner is routed on, not lost.
+    pub fn is_stale<G: GameLogic>(&self, msg: &ShardMsg<G>, registry: &Registry) -> bool {
+        matches!(msg, ShardMsg::Peer(_))
+            && registry
+                .get(self.cell)
+                .is_some_and(|a| a.epoch > self.epoch && a.epoch != crate::registry::ADMIN_EPOCH)
+    }
+}
+
+/// Why a message cannot go into a bundle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// Orders come from the coordinator on its own link, never between shards.
+    #[error("coordinator orders do not travel between shards")]
+    Order,
+}
+
+/// Builds one bundle for one destination shard, frame by frame; numbers the
+/// frames of its link.
+pub struct BundleWriter {
+    to: ShardRef,
+    fbb: FlatBufferBuilder<'static>,
+    frames: Vec<WIPOffset<wire::ShardFrame<'static>>>,
+    next_seq: u64,
+    scratch: Vec<u8>,
+}
+
+impl BundleWriter {
+    /// A writer for the link to `to`.
+    pub fn new(to: ShardRef) -> Self {
+        Self {
+            to,
+            fbb: FlatBufferBuilder::with_capacity(4096),
+            frames: Vec::new(),
+            next_seq: 1,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The destination.
+    pub fn to(&self) -> ShardRef {
+        self.to
+    }
+
+    /// Frames waiting.
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// True if no frame waits.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Bytes written so far (the bundle will be a little larger).
+    pub fn bytes(&self) -> usize {
+        self.fbb.unfinished_data().len()
+    }
+
+    /// Adds a message; its header's `seq` is the link's next number.
+    pub fn push<G: GameLogic>(
+        &mut self,
+        mut header: ShardHeader,
+        msg: &ShardMsg<G>,
+    ) -> Result<u64, EncodeError> {
+        header.seq = self.next_seq;
+        let fbb = &mut self.fbb;
+        let scratch = &mut self.scratch;
+        let (tag, table) = match msg {
+            ShardMsg::Cell(env) => {
+                let (mtag, m) = state::cell_msg_out::<G>(fbb, &env.msg, scratch);
+                let t = wire::CellEnvelopeRec::create(
+                    fbb,
+                    &wire::CellEnvelopeRecArgs {
+                        to: Some(&cell_out(env.to)),
+                        from: Some(&cell_out(env.from)),
+                        msg_type: mtag,
+                        msg: Some(m),
+                    },
+                );
+                (wire::ShardMsg::CellEnvelopeRec, t.as_union_value())
+            }
+            ShardMsg::Client(out) => {
+                let bytes = fbb.create_vector(&out.bytes);
+                let t = wire::ClientOutputRec::create(
+                    fbb,
+                    &wire::ClientOutputRecArgs {
+                        client: out.client.0,
+                        entity: out.entity.0,
+                        cell: Some(&cell_out(out.cell)),
+                        tick: out.tick.0,
+                        kind: match out.kind {
+                            ClientOutputKind::Welcome => 0,
+                            ClientOutputKind::Snapshot => 1,
+                        },
+                        bytes: Some(bytes),
+                    },
+                );
+                (wire::ShardMsg::ClientOutputRec, t.as_union_value())
+            }
+            ShardMsg::Peer(p) => peer_out::<G>(fbb, p, scratch),
+            ShardMsg::Order(_) => return Err(EncodeError::Order),
+        };
+        let h = wire::FrameHeader::new(
+            &cell_out(header.cell),
+            header.epoch,
+            header.seq,
+            &shard_out(header.sender),
+            header.tick.0,
+        );
+        let frame = wire::ShardFrame::create(
+            fbb,
+            &wire::ShardFrameArgs {
+                header: Some(&h),
+                msg_type: tag,
+                msg: Some(table),
+            },
+        );
+        self.frames.push(frame);
+        self.next_seq += 1;
+        Ok(header.seq)
+    }
+
+    /// Finishes the bundle and hands its bytes to `send`; the writer is
+    /// empty afterwards (and keeps its buffers).
+    pub fn finish<R>(&mut self, send: impl FnOnce(&[u8]) -> R) -> R {
+        let frames = self.fbb.create_vector(&self.frames);
+        let bundle = wire::ShardBundle::create(
+            &mut self.fbb,
+            &wire::ShardBundleArgs {
+                to: Some(&shard_out(self.to)),
+                frames: Some(frames),
+            },
+        );
+        self.fbb.finish(bundle, None);
+        let r = send(self.fbb.finished_data());
+        self.fbb.reset();
+        self.frames.clear();
+        r
+    }
+}
+
+fn reason_out(r: AbortReason) -> wire::AbortReason {
+    match r {
+        AbortReason::Refused => wire::AbortReason::Refused,
+        AbortReason::Timeout => wire::AbortReason::Timeout,
+        AbortReason::Overloaded => wire::AbortReason::Overloaded,
+        AbortReason::Stale => wire::AbortReason::Stale,
+        AbortReason::Superseded => wire::AbortReason::Superseded,
+    }
+}
+
+pub(crate) fn reason_in(r: wire::AbortReason) -> Result<AbortReason, FrameError> {
+    Ok(match r {
+        wire::AbortReason::Refused => AbortReason::Refused,
+        wire::AbortReason::Timeout => AbortReason::Timeout,
+        wire::AbortReason::Overloaded => AbortReason::Overloaded,
+        wire::AbortReason::Stale => AbortReason::Stale,
+        wire::AbortReason::Superseded => AbortReason::Superseded,
+        _ => return Err(FrameError::BadValue("reason")),
+    })
+}
+
+pub(crate) fn reason_wire(r: AbortReason) -> wire::AbortReason {
+    reason_out(r)
+}
+
+fn peer_out<'a, G: GameLogic>(
+    fbb: &mut FlatBufferBuilder<'a>,
+    p: &PeerMsg<G>,
+    scratch: &mut Vec<u8>,
+) -> (
+    wire::ShardMsg,
+    WIPOffset<tessera_schema::flatbuffers::UnionWIPOffset>,
+) {
+    match p {
+        PeerMsg::PreCopy {
+            id,
+            cell,
+            from,
+            epoch,
+            state,
+        } => {
+            let state = state::state_out::<G>(fbb, state, scratch);
+            let t = wire::PreCopyMsg::create(
+                fbb,
+                &wire::PreCopyMsgArgs {
+                    id: id.0,
+                    cell: Some(&cell_out(*cell)),
+                    from: Some(&shard_out(*from)),
+                    epoch: *epoch,
+                    state: Some(state),
+                },
+            );
+            (wire::ShardMsg::PreCopyMsg, t.as_union_value())
+        }
+        PeerMsg::Ready { id, cell } => {
+            let t = wire::ReadyMsg::create(
+                fbb,
+                &wire::ReadyMsgArgs {
+                    id: id.0,
+                    cell: Some(&cell_out(*cell)),
+                },
+            );
+            (wire::ShardMsg::ReadyMsg, t.as_union_value())
+        }
+        PeerMsg::Refuse { id, cell, reason } => {
+            let t = wire::RefuseMsg::create(
+                fbb,
+                &wire::RefuseMsgArgs {
+                    id: id.0,
+                    cell: Some(&cell_out(*cell)),
+                    reason: reason_out(*reason),
+                },
+            );
+            (wire::ShardMsg::RefuseMsg, t.as_union_value())
+        }
+        PeerMsg::Diff { id, cell, diff } => {
+            let changed = state::changed_out::<G>(fbb, &diff.changed, scratch);
+            let removed: Vec<u64> = diff.removed.iter().map(|e| e.0).collect();
+            let removed = fbb.create_vector(&removed);
+            let rest = state::state_out::<G>(fbb, &diff.rest, scratch);
+            let t = wire::DiffMsg::create(
+                fbb,
+                &wire::DiffMsgArgs {
+                    id: id.0,
+                    cell: Some(&cell_out(*cell)),
+                    changed: Some(changed),
+                    removed: Some(removed),
+                    rest: Some(rest),
+                },
+            );
+            (wire::ShardMsg::DiffMsg, t.as_union_value())
+        }
+        PeerMsg::Abort { id, cell, reason } => {
+            let t = wire::PeerAbortMsg::create(
+                fbb,
+                &wire::PeerAbortMsgArgs {
+                    id: id.0,
+                    cell: Some(&cell_out(*cell)),
+                    reason: reason_out(*reason),
+                },
+            );
+            (wire::ShardMsg::PeerAbortMsg, t.as_union_value())
+        }
+    }
+}
+
+fn frame_in<G: GameLogic>(
+    f: &wire::ShardFrame<'_>,
+) -> Result<(ShardHeader, ShardMsg<G>), FrameError> {
+    let h = need(f.header(), "header")?;
+    let header = ShardHeader {
+        cell: cell_in(h.cell(), "header.cell")?,
+        epoch: h.epoch(),
+        seq: h.seq(),
+        sender: shard_in(h.sender()),
+        tick: TickId(h.tick()),
+    };
+    let cell = |c: Option<&wire::CellId>, field| cell_in(need(c, field)?, field);
+    let msg = if let Some(m) = f.msg_as_cell_envelope_rec() {
+        ShardMsg::Cell(CellEnvelope {
+            to: cell(m.to(), "envelope.to")?,
+            from: cell(m.from(), "envelope.from")?,
+            msg: state::cell_msg_in::<G>(cell_msg_parts!(m))?,
+        })
+    } else if let Some(m) = f.msg_as_client_output_rec() {
+        ShardMsg::Client(ClientOutput {
+            client: ClientId(m.client()),
+            entity: EntityId(m.entity()),
+            cell: cell(m.cell(), "client.cell")?,
+            tick: TickId(m.tick()),
+            kind: match m.kind() {
+                0 => ClientOutputKind::Welcome,
+                1 => ClientOutputKind::Snapshot,
+                _ => return Err(FrameError::BadValue("client.kind")),
+            },
+            bytes: m.bytes().bytes().to_vec(),
+        })
+    } else if let Some(m) = f.msg_as_pre_copy_msg() {
+        ShardMsg::Peer(PeerMsg::PreCopy {
+            id: HandoverId(m.id()),
+            cell: cell(m.cell(), "precopy.cell")?,
+            from: shard_in(need(m.from(), "precopy.from")?),
+            epoch: m.epoch(),
+            state: Box::new(state::state_in::<G>(&m.state())?),
+        })
+    } else if let Some(m) = f.msg_as_ready_msg() {
+        ShardMsg::Peer(PeerMsg::Ready {
+            id: HandoverId(m.id()),
+            cell: cell(m.cell(), "ready.cell")?,
+        })
+    } else if let Some(m) = f.msg_as_refuse_msg() {
+        ShardMsg::Peer(PeerMsg::Refuse {
+            id: HandoverId(m.id()),
+            cell: cell(m.cell(), "refuse.cell")?,
+            reason: reason_in(m.reason())?,
+        })
+    } else if let Some(m) = f.msg_as_diff_msg() {
+        let removed = m
+            .removed()
+            .map(|r| r.iter().map(EntityId).collect())
+            .unwrap_or_default();
+        ShardMsg::Peer(PeerMsg::Diff {
+            id: HandoverId(m.id()),
+            cell: cell(m.cell(), "diff.cell")?,
+            diff: Box::new(crate::cell::CellDiff {
+                changed: state::changed_in::<G>(m.changed())?,
+                removed,
+                rest: state::state_in::<G>(&m.rest())?,
+            }),
+        })
+    } else if let Some(m) = f.msg_as_peer_abort_msg() {
+        ShardMsg::Peer(PeerMsg::Abort {
+            id: HandoverId(m.id()),
+            cell: cell(m.cell(), "abort.cell")?,
+            reason: reason_in(m.reason())?,
+        })
+    } else {
+        return Err(FrameError::UnknownMessage {
+            family: FrameFamily::Shard,
+            tag: f.msg_type().0,
+        });
+    };
+    Ok((header, msg))
+}
+
+/// Verifies and decodes a bundle into `out`, all or nothing: on an error
+/// nothing is appended. Returns the shard the bundle was addressed to.
+pub fn decode_bundle<G: GameLogic>(
+    bytes: &[u8],
+    out: &mut Vec<(ShardHeader, ShardMsg<G>)>,
+) -> Result<ShardRef, FrameError> {
+    let bundle = verify::shard_bundle(bytes)?;
+    let to = shard_in(need(bundle.to(), "to")?);
+    let start = out.len();
+    for f in bundle.frames().iter() {
+        match frame_in::<G>(&f) {
+            Ok(m) => out.push(m),
+            Err(e) => {
+                out.truncate(start);
+                return Err(e);
+            }
+        }
+    }
+    Ok(to)
+}

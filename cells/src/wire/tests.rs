@@ -1,0 +1,513 @@
+//! Round trips of every message through its frame, on states a real demo
+//! world produced, and refusal (never a panic) of damaged frames.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use tessera_schema::client::{ActionCmd, InputCmd};
+
+use super::*;
+use crate::cell::{CellState, Envelope};
+use crate::control::{AbortReason, CellLoad, HandoverId, LoadReport, Order, PeerMsg, Report};
+use crate::demo::{DemoConfig, DemoGame};
+use crate::geometry::{CellId, Geometry, Layout, Vec2};
+use crate::ids::{ClientId, EntityId, TickId};
+use crate::messages::{CellEnvelope, CellMessage, Output};
+use crate::node::ShardMsg;
+use crate::registry::{Registry, ShardRef};
+use crate::rng::Rng;
+use crate::world::{ShardWorld, WorldConfig};
+
+const A: ShardRef = ShardRef { node: 1, shard: 0 };
+const B: ShardRef = ShardRef { node: 2, shard: 1 };
+
+fn layout() -> Arc<Layout> {
+    Arc::new(Layout::new(Geometry::new(0, 128.0, 2, 2)))
+}
+
+/// A demo world owning the left column of a 2x2 grid, with NPCs and
+/// fighting players walking around, after `ticks` ticks; returns it and
+/// every message it sent to the right column meanwhile.
+fn busy_world(ticks: u64, seed: u64) -> (ShardWorld<DemoGame>, Vec<Envelope<DemoGame>>) {
+    let mut world = ShardWorld::new(
+        DemoGame::new(DemoConfig::default()),
+        layout(),
+        WorldConfig::default(),
+        1,
+    );
+    world.add_cell(CellId::root(0, 0, 0));
+    world.add_cell(CellId::root(0, 0, 1));
+    let mut rng = Rng::new(seed);
+    DemoGame::spawn_npcs(&mut world, 120, &mut rng);
+    for i in 0..16u64 {
+        let pos = Vec2::new(100.0 + (i % 4) as f32 * 8.0, 100.0 + (i / 4) as f32 * 20.0);
+        let to = world.layout().leaf_at(pos).unwrap();
+        let _ = world.deliver(CellEnvelope {
+            to,
+            from: to,
+            msg: CellMessage::Join {
+                client: ClientId(i + 1),
+                name: format!("p{i}"),
+                pos,
+            },
+        });
+    }
+    let mut sent = Vec::new();
+    for t in 1..=ticks {
+        let players: Vec<(CellId, EntityId, ClientId)> = world
+            .cells()
+            .flat_map(|c| {
+                c.entities()
+                    .iter()
+                    .filter_map(move |e| e.client.map(|cl| (c.id(), e.id, cl)))
+            })
+            .collect();
+        for (k, (cell, entity, client)) in players.iter().enumerate() {
+            let actions = if t % 7 == 0 {
+                vec![ActionCmd::Attack {
+                    target: entity.0 ^ 1,
+                }]
+            } else {
+                Vec::new()
+            };
+            let _ = world.deliver(CellEnvelope {
+                to: *cell,
+                from: *cell,
+                msg: CellMessage::Input {
+                    client: *client,
+                    entity: *entity,
+                    input: InputCmd {
+                        input_seq: t as u32,
+                        client_tick: t,
+                        movement: [1.0, if k % 2 == 0 { 0.3 } else { -0.3 }],
+                        heading: 0.5,
+                        actions,
+                    },
+                    hops: 0,
+                    after: TickId(0),
+                },
+            });
+        }
+        world.tick(TickId(t));
+        for out in world.drain_outbox() {
+            if let Output::Cell(env) = out {
+                sent.push(env);
+            }
+        }
+    }
+    (world, sent)
+}
+
+fn round_trip(msgs: Vec<ShardMsg<DemoGame>>) -> Vec<(ShardHeader, ShardMsg<DemoGame>)> {
+    let registry = test_registry();
+    let mut w = BundleWriter::new(B);
+    for m in &msgs {
+        let h = ShardHeader::for_msg(m, A, TickId(9), &registry);
+        w.push(h, m).unwrap();
+    }
+    let bytes = w.finish(|b| b.to_vec());
+    let mut out = Vec::new();
+    assert_eq!(decode_bundle::<DemoGame>(&bytes, &mut out), Ok(B));
+    assert_eq!(out.len(), msgs.len());
+    for (i, (h, _)) in out.iter().enumerate() {
+        assert_eq!(h.seq, i as u64 + 1);
+        assert_eq!(h.sender, A);
+        assert_eq!(h.tick, TickId(9));
+    }
+    out
+}
+
+fn test_registry() -> Registry {
+    let owners: BTreeMap<CellId, ShardRef> = layout()
+        .leaves()
+        .into_iter()
+        .map(|c| (c, if c.cx == 0 { A } else { B }))
+        .collect();
+    Registry::new(layout(), &owners).unwrap()
+}
+
+#[test]
+fn cell_messages_of_a_busy_world_cross_unchanged() {
+    let (_, sent) = busy_world(80, 3);
+    let kinds: std::collections::BTreeSet<&str> = sent.iter().map(|e| e.msg.kind()).collect();
+    assert!(
+        kinds.contains("ghost") && kinds.contains("transfer"),
+        "{kinds:?}"
+    );
+    let msgs: Vec<ShardMsg<DemoGame>> = sent.iter().cloned().map(ShardMsg::Cell).collect();
+    for ((h, got), want) in round_trip(msgs).into_iter().zip(sent) {
+        assert_eq!(h.cell, want.to);
+        match got {
+            ShardMsg::Cell(env) => assert_eq!(env, want),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn whole_cell_states_and_diffs_cross_unchanged() {
+    let (mut world, _) = busy_world(60, 5);
+    let id = CellId::root(0, 0, 0);
+    let base = world.cell(id).unwrap().state();
+    assert!(base.entity_count() > 10);
+    assert!(base.entities.iter().any(|e| e.view.is_some()));
+    world.tick(TickId(61));
+    world.tick(TickId(62));
+    let diff = world.cell(id).unwrap().diff(&base);
+    let full = world.cell(id).unwrap().state();
+    let msgs = vec![
+        ShardMsg::Peer(PeerMsg::PreCopy {
+            id: HandoverId(7),
+            cell: id,
+            from: A,
+            epoch: 3,
+            state: Box::new(base.clone()),
+        }),
+        ShardMsg::Peer(PeerMsg::Diff {
+            id: HandoverId(7),
+            cell: id,
+            diff: Box::new(diff),
+        }),
+    ];
+    let out = round_trip(msgs);
+    let mut rebuilt: CellState<DemoGame> = match &out[0].1 {
+        ShardMsg::Peer(PeerMsg::PreCopy {
+            state, epoch, from, ..
+        }) => {
+            assert_eq!((*epoch, *from, out[0].0.epoch), (3, A, 3));
+            assert_eq!(**state, base);
+            (**state).clone()
+        }
+        other => panic!("{other:?}"),
+    };
+    let (_, diff) = out.into_iter().nth(1).unwrap();
+    match diff {
+        ShardMsg::Peer(PeerMsg::Diff { diff, .. }) => rebuilt.apply(*diff),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        rebuilt, full,
+        "pre-copy + diff across the wire rebuild the cell"
+    );
+}
+
+#[test]
+fn small_peer_messages_and_client_frames_cross() {
+    let cell = CellId::root(0, 1, 1).child(2).unwrap();
+    let out = round_trip(vec![
+        ShardMsg::Peer(PeerMsg::Ready {
+            id: HandoverId(1),
+            cell,
+        }),
+        ShardMsg::Peer(PeerMsg::Refuse {
+            id: HandoverId(2),
+            cell,
+            reason: AbortReason::Overloaded,
+        }),
+        ShardMsg::Peer(PeerMsg::Abort {
+            id: HandoverId(3),
+            cell,
+            reason: AbortReason::Stale,
+        }),
+        ShardMsg::Client(crate::messages::ClientOutput {
+            client: ClientId(5),
+            entity: EntityId(6),
+            cell,
+            tick: TickId(7),
+            kind: crate::messages::ClientOutputKind::Snapshot,
+            bytes: vec![1, 2, 3],
+        }),
+    ]);
+    assert!(
+        matches!(out[0].1, ShardMsg::Peer(PeerMsg::Ready { id: HandoverId(1), cell: c }) if c == cell)
+    );
+    assert!(matches!(
+        out[1].1,
+        ShardMsg::Peer(PeerMsg::Refuse {
+            reason: AbortReason::Overloaded,
+            ..
+        })
+    ));
+    assert!(matches!(
+        out[2].1,
+        ShardMsg::Peer(PeerMsg::Abort {
+            reason: AbortReason::Stale,
+            ..
+        })
+    ));
+    match &out[3].1 {
+        ShardMsg::Client(o) => assert_eq!(o.bytes, vec![1, 2, 3]),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn orders_never_travel_between_shards() {
+    let mut w = BundleWriter::new(B);
+    let order: ShardMsg<DemoGame> = ShardMsg::Order(Order::Split {
+        op: 1,
+        cell: CellId::root(0, 0, 0),
+    });
+    let h = ShardHeader::for_msg(&order, A, TickId(1), &test_registry());
+    assert_eq!(w.push(h, &order), Err(EncodeError::Order));
+    assert!(w.is_empty());
+}
+
+#[test]
+fn a_handover_step_from_an_older_epoch_is_stale() {
+    let mut registry = test_registry();
+    let cell = CellId::root(0, 0, 0);
+    let msg: ShardMsg<DemoGame> = ShardMsg::Peer(PeerMsg::Ready {
+        id: HandoverId(1),
+        cell,
+    });
+    let h = ShardHeader::for_msg(&msg, A, TickId(1), &registry);
+    assert!(!h.is_stale(&msg, &registry));
+    registry.reassign(cell, B, 2).unwrap();
+    assert!(h.is_stale(&msg, &registry));
+    // A cell message is routed on, never dropped for its epoch.
+    let cell_msg: ShardMsg<DemoGame> = ShardMsg::Cell(CellEnvelope {
+        to: cell,
+        from: cell,
+        msg: CellMessage::Leave {
+            client: ClientId(1),
+            entity: EntityId(1),
+            hops: 0,
+            after: TickId(0),
+        },
+    });
+    assert!(!h.is_stale(&cell_msg, &registry));
+}
+
+fn control_round_trip(msg: ControlMsg) {
+    let header = ShardHeader {
+        cell: CellId::root(0, 1, 0),
+        epoch: 4,
+        seq: 11,
+        sender: A,
+        tick: TickId(12),
+    };
+    let bytes = encode_control(&header, &msg);
+    assert_eq!(decode_control(&bytes), Ok((header, msg)));
+}
+
+#[test]
+fn control_messages_cross_unchanged() {
+    let cell = CellId::root(0, 1, 0);
+    let mut registry = test_registry();
+    let mut l = (**registry.layout()).clone();
+    let kids = l.split(cell).unwrap();
+    l.split(kids[3]).unwrap();
+    let grand = kids[3].children().unwrap();
+    let added: Vec<_> = kids[..3]
+        .iter()
+        .chain(grand.iter())
+        .map(|c| (*c, crate::registry::Assignment { owner: B, epoch: 5 }))
+        .collect();
+    registry.relayout(Arc::new(l), &[cell], &added).unwrap();
+    let addr = "127.0.0.2:7000".parse().unwrap();
+    for msg in [
+        ControlMsg::Register(Registration {
+            node: 3,
+            shard: 1,
+            shards: 2,
+            role: NodeRole::Compute,
+            incarnation: 99,
+            cluster_addr: addr,
+            game_addr: None,
+        }),
+        ControlMsg::Welcome {
+            cluster_epoch: 2,
+            tick_hz: 20,
+        },
+        ControlMsg::Directory(vec![NodeInfo {
+            node: 3,
+            shards: 2,
+            role: NodeRole::Gateway,
+            cluster_addr: addr,
+            game_addr: Some("127.0.0.3:7777".parse().unwrap()),
+        }]),
+        ControlMsg::Registry(Arc::new(registry)),
+        ControlMsg::Order(Order::Begin {
+            id: HandoverId(1 << 40),
+            cell,
+            to: B,
+            epoch: 3,
+        }),
+        ControlMsg::Order(Order::Commit {
+            id: HandoverId(2),
+            cell,
+            epoch: 4,
+        }),
+        ControlMsg::Order(Order::Abort {
+            id: HandoverId(2),
+            cell,
+            reason: AbortReason::Timeout,
+        }),
+        ControlMsg::Order(Order::Split { op: 5, cell }),
+        ControlMsg::Order(Order::Merge {
+            op: 6,
+            parent: cell,
+        }),
+        ControlMsg::Report(Report::Frozen {
+            id: HandoverId(2),
+            cell,
+            epoch: 3,
+            tick: TickId(100),
+            entities: 42,
+            repeat: true,
+        }),
+        ControlMsg::Report(Report::Prepared {
+            id: HandoverId(2),
+            cell,
+            repeat: false,
+        }),
+        ControlMsg::Report(Report::Activated {
+            id: HandoverId(2),
+            cell,
+        }),
+        ControlMsg::Report(Report::Released {
+            id: HandoverId(2),
+            cell,
+            forwarded: 3,
+        }),
+        ControlMsg::Report(Report::Aborted {
+            id: HandoverId(2),
+            cell,
+            reason: AbortReason::Superseded,
+        }),
+        ControlMsg::Report(Report::Split {
+            op: 5,
+            parent: cell,
+        }),
+        ControlMsg::Report(Report::Merged {
+            op: 6,
+            parent: cell,
+        }),
+        ControlMsg::Report(Report::Refused {
+            op: 7,
+            reason: "not a leaf".into(),
+        }),
+        ControlMsg::Report(Report::Load(LoadReport {
+            tick_us_p99: 1234,
+            budget_us: 50_000,
+            cells: vec![CellLoad {
+                cell,
+                actors: 10,
+                players: 3,
+                pps: 60.0,
+            }],
+        })),
+        ControlMsg::Heartbeat {
+            tick: TickId(5),
+            sessions: 6,
+            entities: 7,
+        },
+    ] {
+        control_round_trip(msg);
+    }
+}
+
+/// A valid bundle of every kind of message, to damage.
+fn sample_bundle() -> Vec<u8> {
+    let (world, sent) = busy_world(30, 9);
+    let id = CellId::root(0, 0, 0);
+    let mut msgs: Vec<ShardMsg<DemoGame>> = sent.into_iter().take(40).map(ShardMsg::Cell).collect();
+    msgs.push(ShardMsg::Peer(PeerMsg::PreCopy {
+        id: HandoverId(1),
+        cell: id,
+        from: A,
+        epoch: 1,
+        state: Box::new(world.cell(id).unwrap().state()),
+    }));
+    let registry = test_registry();
+    let mut w = BundleWriter::new(B);
+    for m in &msgs {
+        w.push(ShardHeader::for_msg(m, A, TickId(1), &registry), m)
+            .unwrap();
+    }
+    w.finish(|b| b.to_vec())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn damaged_bundles_are_refused_or_decoded_never_panic(
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        cut in any::<prop::sample::Index>(),
+        truncate in any::<bool>(),
+    ) {
+        thread_local!(static SAMPLE: Vec<u8> = sample_bundle());
+        let mut bytes = SAMPLE.with(|s| s.clone());
+        for (i, b) in flips {
+            let i = i.index(bytes.len());
+            bytes[i] ^= b | 1;
+        }
+        if truncate {
+            bytes.truncate(cut.index(bytes.len()));
+        }
+        let mut out = Vec::new();
+        if decode_bundle::<DemoGame>(&bytes, &mut out).is_err() {
+            prop_assert!(out.is_empty(), "all or nothing");
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let mut out = Vec::new();
+        let _ = decode_bundle::<DemoGame>(&bytes, &mut out);
+        let _ = decode_control(&bytes);
+    }
+
+    #[test]
+    fn damaged_control_frames_never_panic(
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+    ) {
+        let registry = test_registry();
+        let header = ShardHeader { cell: CellId::root(0, 0, 0), epoch: 1, seq: 1, sender: A, tick: TickId(1) };
+        let mut bytes = encode_control(&header, &ControlMsg::Registry(Arc::new(registry)));
+        for (i, b) in flips {
+            let i = i.index(bytes.len());
+            bytes[i] ^= b | 1;
+        }
+        if let Ok((_, ControlMsg::Registry(r))) = decode_control(&bytes) {
+            // Whatever survives is a consistent registry.
+            for leaf in r.layout().leaves() {
+                prop_assert!(r.get(leaf).is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn demo_components_and_intents_round_trip(
+        health in any::<u16>(), dead in any::<bool>(), cooldown in any::<u64>(),
+        wander in proptest::option::of((-1e6f32..1e6, -1e6f32..1e6)),
+        home in (-1e6f32..1e6, -1e6f32..1e6), kills in any::<u32>(),
+        attacker in any::<u64>(), target in any::<u64>(), damage in any::<u16>(),
+    ) {
+        use crate::demo::{DemoComponents, DemoIntent};
+        use crate::GameLogic;
+        let c = DemoComponents {
+            health, dead, cooldown_until: cooldown,
+            wander_to: wander.map(|(x, y)| Vec2::new(x, y)),
+            home: Vec2::new(home.0, home.1), kills,
+        };
+        let mut bytes = Vec::new();
+        DemoGame::encode_components(&c, &mut bytes);
+        prop_assert_eq!(DemoGame::decode_components(&bytes), Some(c));
+        prop_assert_eq!(DemoGame::decode_components(&bytes[..bytes.len() - 1]), None);
+        let i = DemoIntent::Attack {
+            attacker: EntityId(attacker),
+            attacker_pos: Vec2::new(home.0, home.1),
+            target: EntityId(target),
+            damage,
+        };
+        bytes.clear();
+        DemoGame::encode_intent(&i, &mut bytes);
+        prop_assert_eq!(DemoGame::decode_intent(&bytes), Some(i));
+        bytes.push(0);
+        prop_assert_eq!(DemoGame::decode_intent(&bytes), None);
+    }
+}
