@@ -37,6 +37,7 @@ use crate::node::{ConnectionKey, NodeCore, NodeOutput, ShardMsg};
 use crate::registry::{Registry, ShardRef};
 use crate::rng::Rng;
 use crate::view::{ClientMirror, SentView};
+use crate::wire::{BundleWriter, ControlMsg, ShardHeader};
 use crate::world::{ShardWorld, WorldConfig};
 
 /// What the network between shards does to each transmission.
@@ -297,8 +298,12 @@ pub struct SimClient {
 pub struct HarnessConfig {
     /// The seed of everything.
     pub seed: u64,
-    /// Number of shards.
+    /// Number of shards (over all nodes).
     pub shards: usize,
+    /// Nodes the shards are spread over (`shards / nodes` each, node ids
+    /// from 0): messages between nodes cross as encoded bundles, reports and
+    /// orders as encoded control frames, through the production codec.
+    pub nodes: usize,
     /// The world's shape.
     pub geometry: Geometry,
     /// Engine settings (its seed is replaced by `seed`).
@@ -328,6 +333,7 @@ impl HarnessConfig {
         Self {
             seed,
             shards: 1,
+            nodes: 1,
             geometry: Geometry::new(0, 128.0, 4, 4),
             world: WorldConfig::default(),
             demo: DemoConfig::default(),
@@ -345,10 +351,41 @@ impl HarnessConfig {
 /// What travels on the simulated network (the coordinator's node index is
 /// the number of shards).
 pub enum Wire {
-    /// For a shard's core.
+    /// For a shard's core, from a shard of the same node (a Rust value, as
+    /// in a node's mailboxes) or from the coordinator.
     Shard(ShardMsg<DemoGame>),
+    /// For a shard's core, from another node: it was encoded into a bundle
+    /// and decoded again by the production codec when it was sent (so the
+    /// checkers can still see it in flight); its header is checked on
+    /// arrival like a real link does.
+    Remote(ShardHeader, ShardMsg<DemoGame>),
     /// A shard's report to the coordinator.
     Report(ShardRef, Report),
+}
+
+impl Wire {
+    /// The shard message inside, if any.
+    pub fn shard(&self) -> Option<&ShardMsg<DemoGame>> {
+        match self {
+            Wire::Shard(m) | Wire::Remote(_, m) => Some(m),
+            Wire::Report(..) => None,
+        }
+    }
+}
+
+/// What crossed between nodes in the simulation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClusterCounters {
+    /// Bundles encoded and decoded.
+    pub bundles: u64,
+    /// Bytes of those bundles.
+    pub bundle_bytes: u64,
+    /// Messages in them.
+    pub frames: u64,
+    /// Handover steps ignored on arrival for a stale epoch.
+    pub stale: u64,
+    /// Control frames (reports and orders) encoded and decoded.
+    pub control_frames: u64,
 }
 
 /// The harness.
@@ -369,10 +406,18 @@ pub struct Harness {
     violations: Vec<String>,
     reports: Vec<(ShardRef, Report)>,
     fbb: FlatBufferBuilder<'static>,
+    per_node: usize,
+    writers: BTreeMap<(usize, usize), BundleWriter>,
+    cluster: ClusterCounters,
+    control_seq: u64,
 }
 
-fn shard_ref(i: usize) -> ShardRef {
-    ShardRef::local(i as u16)
+/// The shard of core `i` when each node runs `per_node` shards.
+fn shard_ref_of(i: usize, per_node: usize) -> ShardRef {
+    ShardRef {
+        node: (i / per_node) as u16,
+        shard: (i % per_node) as u16,
+    }
 }
 
 impl Harness {
@@ -382,6 +427,10 @@ impl Harness {
         config.world.seed = config.seed;
         let layout = Arc::new(Layout::new(config.geometry.clone()));
         let n = config.shards.max(1);
+        let nodes = config.nodes.clamp(1, n);
+        assert_eq!(n % nodes, 0, "shards must spread evenly over the nodes");
+        let per_node = n / nodes;
+        let shard_ref = |i: usize| shard_ref_of(i, per_node);
         let columns = config.geometry.columns;
         let owners: BTreeMap<CellId, ShardRef> = layout
             .leaves()
@@ -427,6 +476,10 @@ impl Harness {
             violations: Vec::new(),
             reports: Vec::new(),
             fbb: FlatBufferBuilder::with_capacity(256),
+            per_node,
+            writers: BTreeMap::new(),
+            cluster: ClusterCounters::default(),
+            control_seq: 0,
             config,
         };
         for _ in 0..h.config.clients {
@@ -536,15 +589,115 @@ impl Harness {
                 }
                 NodeOutput::Disconnect { .. } => {}
                 NodeOutput::Shard { to, msg } => {
-                    self.net
-                        .send(s, usize::from(to.shard), Wire::Shard(msg), now)
+                    let dest = self.index_of(to);
+                    let me = self.shard_ref(s);
+                    if to.node == me.node {
+                        self.net.send(s, dest, Wire::Shard(msg), now);
+                    } else {
+                        self.flush_bundle_to(s, dest, now, Some(msg));
+                    }
                 }
                 NodeOutput::Coordinator(report) => {
                     let n = self.cores.len();
-                    self.net.send(s, n, Wire::Report(shard_ref(s), report), now)
+                    let me = self.shard_ref(s);
+                    let report = self.through_control(me, ControlMsg::Report(report));
+                    if let Some(ControlMsg::Report(report)) = report {
+                        self.net.send(s, n, Wire::Report(me, report), now);
+                    }
                 }
             }
         }
+        let dests: Vec<usize> = self
+            .writers
+            .range((s, 0)..(s + 1, 0))
+            .map(|((_, d), _)| *d)
+            .collect();
+        for dest in dests {
+            self.flush_bundle_to(s, dest, now, None);
+        }
+    }
+
+    /// Adds `msg` (if any) to the bundle from core `s` to core `dest`, or,
+    /// without a message, encodes the bundle, decodes it again with the
+    /// production codec and puts its messages on the link in order.
+    fn flush_bundle_to(&mut self, s: usize, dest: usize, now: u64, msg: Option<ShardMsg<DemoGame>>) {
+        let to = self.shard_ref(dest);
+        let me = self.shard_ref(s);
+        let tick = self.cores[s].world().tick_id();
+        let writer = self
+            .writers
+            .entry((s, dest))
+            .or_insert_with(|| BundleWriter::new(to));
+        if let Some(msg) = msg {
+            let header = ShardHeader::for_msg(&msg, me, tick, self.cores[s].router().registry());
+            writer.push(header, &msg).expect("no orders between shards");
+            return;
+        }
+        if writer.is_empty() {
+            return;
+        }
+        let bytes = writer.finish(|b| b.to_vec());
+        let mut decoded = Vec::new();
+        match crate::wire::decode_bundle::<DemoGame>(&bytes, &mut decoded) {
+            Ok(addressed) if addressed == to => {}
+            other => {
+                self.violation(format!("bundle from {me} to {to} did not decode: {other:?}"));
+                return;
+            }
+        }
+        self.cluster.bundles += 1;
+        self.cluster.bundle_bytes += bytes.len() as u64;
+        self.cluster.frames += decoded.len() as u64;
+        for (header, msg) in decoded {
+            self.net.send(s, dest, Wire::Remote(header, msg), now);
+        }
+    }
+
+    /// A control message through the production codec (a cluster has a
+    /// standalone coordinator); unchanged on one node.
+    fn through_control(&mut self, sender: ShardRef, msg: ControlMsg) -> Option<ControlMsg> {
+        if self.per_node == self.cores.len() {
+            return Some(msg);
+        }
+        self.control_seq += 1;
+        let header = ShardHeader {
+            cell: CellId::root(0, 0, 0),
+            epoch: self.registry.cluster_epoch(),
+            seq: self.control_seq,
+            sender,
+            tick: TickId(self.tick),
+        };
+        let bytes = crate::wire::encode_control(&header, &msg);
+        match crate::wire::decode_control(&bytes) {
+            Ok((h, decoded)) if h == header => {
+                self.cluster.control_frames += 1;
+                Some(decoded)
+            }
+            other => {
+                self.violation(format!("control frame {} did not decode: {other:?}", msg.kind()));
+                None
+            }
+        }
+    }
+
+    /// The shard core `i` is.
+    pub fn shard_ref(&self, i: usize) -> ShardRef {
+        shard_ref_of(i, self.per_node)
+    }
+
+    /// The core index of a shard.
+    pub fn index_of(&self, shard: ShardRef) -> usize {
+        usize::from(shard.node) * self.per_node + usize::from(shard.shard)
+    }
+
+    /// Every shard, in core order.
+    pub fn shard_refs(&self) -> Vec<ShardRef> {
+        (0..self.cores.len()).map(|i| self.shard_ref(i)).collect()
+    }
+
+    /// What crossed between nodes.
+    pub fn cluster_counters(&self) -> ClusterCounters {
+        self.cluster
     }
 
     /// The clients.
@@ -591,12 +744,16 @@ impl Harness {
     pub fn send_order(&mut self, to: ShardRef, order: Order) {
         let now = self.tick;
         let from = self.cores.len();
-        self.net.send(
-            from,
-            usize::from(to.shard),
-            Wire::Shard(ShardMsg::Order(order)),
-            now,
-        );
+        let coordinator = ShardRef {
+            node: u16::MAX,
+            shard: 0,
+        };
+        let Some(ControlMsg::Order(order)) = self.through_control(coordinator, ControlMsg::Order(order)) else {
+            return;
+        };
+        let dest = self.index_of(to);
+        self.net
+            .send(from, dest, Wire::Shard(ShardMsg::Order(order)), now);
     }
 
     /// Reports that reached the coordinator since the last call.
@@ -646,8 +803,8 @@ impl Harness {
             self.step();
             let inputs_in_flight = self.net.in_flight().any(|m| {
                 matches!(
-                    m,
-                    Wire::Shard(ShardMsg::Cell(CellEnvelope {
+                    m.shard(),
+                    Some(ShardMsg::Cell(CellEnvelope {
                         msg: CellMessage::Input { .. } | CellMessage::Transfer(_),
                         ..
                     }))
@@ -680,6 +837,14 @@ impl Harness {
         for (to, msg) in self.net.deliver(now) {
             match msg {
                 Wire::Shard(msg) => {
+                    self.cores[to].handle_message(msg);
+                    self.process_outputs(to);
+                }
+                Wire::Remote(header, msg) => {
+                    if header.is_stale(&msg, self.cores[to].router().registry()) {
+                        self.cluster.stale += 1;
+                        continue;
+                    }
                     self.cores[to].handle_message(msg);
                     self.process_outputs(to);
                 }
@@ -836,7 +1001,7 @@ impl Harness {
     /// registry then names this shard for the cell's ancestor or for cells
     /// inside it).
     fn authoritative(&self, s: usize, cell: CellId) -> bool {
-        let me = shard_ref(s);
+        let me = self.shard_ref(s);
         let world = self.cores[s].world();
         match self.registry.get(cell) {
             Some(a) => a.owner == me && world.epoch(cell) == Some(a.epoch),
@@ -931,7 +1096,7 @@ impl Harness {
                 let named = self
                     .registry
                     .get(cell)
-                    .is_some_and(|a| a.owner == shard_ref(s));
+                    .is_some_and(|a| a.owner == self.shard_ref(s));
                 if named && !world.owns(cell) {
                     for e in state.entities.iter() {
                         *count.entry(e.id).or_default() += 1;
@@ -943,10 +1108,10 @@ impl Harness {
             }
         }
         for msg in self.net.in_flight() {
-            if let Wire::Shard(ShardMsg::Cell(CellEnvelope {
+            if let Some(ShardMsg::Cell(CellEnvelope {
                 msg: CellMessage::Transfer(t),
                 ..
-            })) = msg
+            })) = msg.shard()
             {
                 *count.entry(t.entity.id).or_default() += 1;
             }
@@ -1093,8 +1258,8 @@ impl Harness {
         let mut carried: BTreeSet<EntityId> = self
             .net
             .in_flight()
-            .filter_map(|m| match m {
-                Wire::Shard(ShardMsg::Cell(CellEnvelope {
+            .filter_map(|m| match m.shard() {
+                Some(ShardMsg::Cell(CellEnvelope {
                     msg: CellMessage::Transfer(t),
                     ..
                 })) => Some(t.entity.id),
@@ -1149,8 +1314,8 @@ impl Harness {
             }
         }
         for msg in self.net.in_flight() {
-            match msg {
-                Wire::Shard(ShardMsg::Peer(crate::control::PeerMsg::Diff {
+            match msg.shard() {
+                Some(ShardMsg::Peer(crate::control::PeerMsg::Diff {
                     cell, diff, ..
                 })) => {
                     if diff.changed.iter().any(|e| e.id == id) {
@@ -1160,7 +1325,7 @@ impl Harness {
                         out.push(format!("queued in the diff of {cell} in flight"));
                     }
                 }
-                Wire::Shard(ShardMsg::Peer(crate::control::PeerMsg::PreCopy {
+                Some(ShardMsg::Peer(crate::control::PeerMsg::PreCopy {
                     cell,
                     state,
                     ..
@@ -1180,11 +1345,11 @@ impl Harness {
             }
         }
         for (link, seq, expected, msg) in self.net.in_flight_detail() {
-            if let Wire::Shard(ShardMsg::Cell(CellEnvelope {
+            if let Some(ShardMsg::Cell(CellEnvelope {
                 to,
                 msg: CellMessage::Transfer(t),
                 ..
-            })) = msg
+            })) = msg.shard()
             {
                 if t.entity.id == id {
                     out.push(format!(

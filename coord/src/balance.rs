@@ -27,7 +27,9 @@ use tessera_cells::CellId;
 /// Tunables of the balancing policy.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Policy {
-    /// Shards of the node.
+    /// Shards balancing may use (on one node: shards 0..N of node 0; a
+    /// cluster's coordinator sets its members with
+    /// [`Coordinator::set_members`]).
     pub shards: u16,
     /// Actors that make a cell "full" (score 0.5 from actors alone).
     pub actors_ref: f64,
@@ -197,6 +199,7 @@ pub struct Coordinator {
     records: VecDeque<HandoverRecord>,
     log: VecDeque<String>,
     counters: CoordinatorCounters,
+    members: Vec<ShardRef>,
 }
 
 impl Coordinator {
@@ -206,6 +209,7 @@ impl Coordinator {
     /// mistaken for one of ours.
     pub fn new(mut registry: Registry, policy: Policy) -> Self {
         let incarnation = registry.bump_cluster_epoch();
+        let policy_shards = policy.shards;
         Self {
             registry,
             policy,
@@ -223,7 +227,26 @@ impl Coordinator {
             records: VecDeque::new(),
             log: VecDeque::new(),
             counters: CoordinatorCounters::default(),
+            members: (0..policy_shards).map(ShardRef::local).collect(),
         }
+    }
+
+    /// The shards balancing may use (a cluster's compute shards, as they
+    /// register). The busy threshold becomes N/(N+1) of the tick budget for
+    /// the new count (seed 002's headroom: the cluster keeps room to absorb
+    /// one shard's load).
+    pub fn set_members(&mut self, mut members: Vec<ShardRef>) {
+        members.sort_unstable();
+        members.dedup();
+        let n = members.len().max(1) as f64;
+        self.policy.shards = members.len() as u16;
+        self.policy.shard_busy_ratio = n / (n + 1.0);
+        self.members = members;
+    }
+
+    /// The shards balancing may use.
+    pub fn members(&self) -> &[ShardRef] {
+        &self.members
     }
 
     /// The registry (publish it when its version changes).
@@ -282,8 +305,8 @@ impl Coordinator {
     }
 
     /// The shards balancing may use.
-    fn shards(&self) -> impl Iterator<Item = ShardRef> {
-        (0..self.policy.shards).map(ShardRef::local)
+    fn shards(&self) -> impl Iterator<Item = ShardRef> + '_ {
+        self.members.iter().copied()
     }
 
     fn shard_busy(&self, shard: ShardRef) -> bool {

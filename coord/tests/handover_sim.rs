@@ -30,9 +30,18 @@ struct Sim {
 
 impl Sim {
     fn new(seed: u64, shards: usize, faults: Faults) -> Sim {
+        Self::cluster(seed, shards, 1, faults)
+    }
+
+    /// `shards` spread over `nodes` nodes: messages between nodes cross as
+    /// encoded frames.
+    fn cluster(seed: u64, shards: usize, nodes: usize, faults: Faults) -> Sim {
         let mut c = HarnessConfig::new(seed);
         c.shards = shards;
-        c.geometry = Geometry::new(0, 128.0, 4, 2);
+        c.nodes = nodes;
+        // At least a column of cells per shard (each shard spawns NPCs in
+        // its own cells).
+        c.geometry = Geometry::new(0, 128.0, (shards as i32).max(4), 2);
         c.npcs = 600;
         c.clients = 30;
         c.faults = faults;
@@ -45,9 +54,11 @@ impl Sim {
         policy.automatic = false;
         policy.step_timeout = Duration::from_millis(1500);
         policy.cooldown = Duration::ZERO;
+        let mut coord = Coordinator::new(registry, policy.clone());
+        coord.set_members(h.shard_refs());
         Sim {
             h,
-            coord: Coordinator::new(registry, policy.clone()),
+            coord,
             policy,
             t0: Instant::now(),
             rng: Rng::new(seed ^ 0xC0),
@@ -89,7 +100,8 @@ impl Sim {
     }
 
     fn shard(&mut self) -> ShardRef {
-        ShardRef::local(self.rng.below(u64::from(self.policy.shards)) as u16)
+        let all = self.h.shard_refs();
+        all[self.rng.below(all.len() as u64) as usize]
     }
 
     /// Random moves (and, with `reshape`, splits and merges; sessions that
@@ -123,10 +135,11 @@ impl Sim {
             if self.rng.chance(crash_chance) {
                 // The coordinator dies; a new one starts from the registry.
                 self.coord = Coordinator::new(self.coord.registry().clone(), self.policy.clone());
+                self.coord.set_members(self.h.shard_refs());
                 self.crashes += 1;
             }
             if self.rng.chance(restart_chance) {
-                let s = self.rng.below(u64::from(self.policy.shards)) as usize;
+                let s = self.rng.below(self.h.cores().len() as u64) as usize;
                 // A target restarts, before anything was prepared there (a
                 // prepared shadow is the cell's only copy once the registry
                 // moves; a source's crash loses its cells with or without a
@@ -153,7 +166,7 @@ impl Sim {
         for _ in 0..600 {
             self.step();
             if self.coord.in_flight() == 0
-                && (0..self.policy.shards as usize).all(|s| self.h.agent(s).in_progress() == 0)
+                && (0..self.h.cores().len()).all(|s| self.h.agent(s).in_progress() == 0)
             {
                 break;
             }
@@ -244,7 +257,7 @@ fn check(sim: &Sim, seed: u64) {
     }
     // The registry and the shards agree on who runs what.
     for (cell, a) in sim.coord.registry().iter() {
-        let world = sim.h.world(usize::from(a.owner.shard));
+        let world = sim.h.world(sim.h.index_of(a.owner));
         assert!(
             world.owns(cell),
             "seed {seed}: {} does not run {cell}",
@@ -376,4 +389,48 @@ fn one_handover_step_by_step() {
     assert!(sim.h.agent(target_index).counters().stale_ignored > stale_before);
     assert_eq!(sim.coord.registry().get(cell).unwrap().epoch, after.epoch);
     assert!(sim.h.violations().is_empty(), "{:#?}", sim.h.violations());
+}
+
+/// The same chaos on three nodes of two shards each: every message between
+/// nodes is encoded into a bundle and decoded by the production codec,
+/// every report and order crosses as a control frame, handover steps from
+/// a stale epoch are dropped on arrival. `TESSERA_CLUSTER_SEEDS` (default 6)
+/// and `TESSERA_SIM_FIRST` choose the seeds.
+#[test]
+fn three_nodes_split_move_and_merge_over_encoded_links() {
+    let seeds: u64 = std::env::var("TESSERA_CLUSTER_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6);
+    let first: u64 = std::env::var("TESSERA_SIM_FIRST")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(500);
+    let (mut handovers, mut splits, mut bundles, mut frames, mut control) = (0, 0, 0, 0, 0);
+    let mut cross_node = 0;
+    for seed in first..first + seeds {
+        let mut sim = Sim::cluster(seed, 6, 3, Faults::harsh());
+        sim.chaos(400, 0.01, 0.0, true);
+        sim.settle();
+        check(&sim, seed);
+        let c = sim.coord.counters();
+        handovers += c.handovers;
+        splits += c.splits;
+        let net = sim.h.cluster_counters();
+        bundles += net.bundles;
+        frames += net.frames;
+        control += net.control_frames;
+        cross_node += sim
+            .coord
+            .take_records()
+            .iter()
+            .filter(|r| r.committed && r.from.node != r.to.node)
+            .count() as u64;
+        assert!(sim.h.violations().is_empty(), "{:#?}", sim.h.violations());
+    }
+    assert!(
+        handovers >= seeds * 5 && splits >= seeds && cross_node >= seeds,
+        "handovers {handovers} (across nodes {cross_node}), splits {splits}"
+    );
+    assert!(bundles > 100 && frames > bundles && control > 100, "bundles {bundles}, frames {frames}, control frames {control}");
 }
