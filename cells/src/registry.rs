@@ -30,6 +30,32 @@ impl fmt::Display for ShardRef {
     }
 }
 
+/// Why a shard name could not be read.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid shard {0:?}: expected SHARD (this node), NODE/SHARD or node-N/shard-S")]
+pub struct ParseShardError(pub String);
+
+impl std::str::FromStr for ShardRef {
+    type Err = ParseShardError;
+
+    /// `3` (shard 3 of node 0), `2/1` or `node-2/shard-1` (the Display form).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ParseShardError(s.to_string());
+        let t = s.trim();
+        let (node, shard) = match t.split_once('/') {
+            Some((n, sh)) => (
+                n.strip_prefix("node-").unwrap_or(n),
+                sh.strip_prefix("shard-").unwrap_or(sh),
+            ),
+            None => ("0", t),
+        };
+        Ok(ShardRef {
+            node: node.parse().map_err(|_| bad())?,
+            shard: shard.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
 /// Who owns a cell, and under which epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Assignment {

@@ -620,7 +620,13 @@ impl Harness {
     /// Adds `msg` (if any) to the bundle from core `s` to core `dest`, or,
     /// without a message, encodes the bundle, decodes it again with the
     /// production codec and puts its messages on the link in order.
-    fn flush_bundle_to(&mut self, s: usize, dest: usize, now: u64, msg: Option<ShardMsg<DemoGame>>) {
+    fn flush_bundle_to(
+        &mut self,
+        s: usize,
+        dest: usize,
+        now: u64,
+        msg: Option<ShardMsg<DemoGame>>,
+    ) {
         let to = self.shard_ref(dest);
         let me = self.shard_ref(s);
         let tick = self.cores[s].world().tick_id();
@@ -641,7 +647,9 @@ impl Harness {
         match crate::wire::decode_bundle::<DemoGame>(&bytes, &mut decoded) {
             Ok(addressed) if addressed == to => {}
             other => {
-                self.violation(format!("bundle from {me} to {to} did not decode: {other:?}"));
+                self.violation(format!(
+                    "bundle from {me} to {to} did not decode: {other:?}"
+                ));
                 return;
             }
         }
@@ -674,7 +682,10 @@ impl Harness {
                 Some(decoded)
             }
             other => {
-                self.violation(format!("control frame {} did not decode: {other:?}", msg.kind()));
+                self.violation(format!(
+                    "control frame {} did not decode: {other:?}",
+                    msg.kind()
+                ));
                 None
             }
         }
@@ -748,7 +759,9 @@ impl Harness {
             node: u16::MAX,
             shard: 0,
         };
-        let Some(ControlMsg::Order(order)) = self.through_control(coordinator, ControlMsg::Order(order)) else {
+        let Some(ControlMsg::Order(order)) =
+            self.through_control(coordinator, ControlMsg::Order(order))
+        else {
             return;
         };
         let dest = self.index_of(to);
@@ -1315,9 +1328,7 @@ impl Harness {
         }
         for msg in self.net.in_flight() {
             match msg.shard() {
-                Some(ShardMsg::Peer(crate::control::PeerMsg::Diff {
-                    cell, diff, ..
-                })) => {
+                Some(ShardMsg::Peer(crate::control::PeerMsg::Diff { cell, diff, .. })) => {
                     if diff.changed.iter().any(|e| e.id == id) {
                         out.push(format!("changed in the diff of {cell} in flight"));
                     }
@@ -1325,11 +1336,9 @@ impl Harness {
                         out.push(format!("queued in the diff of {cell} in flight"));
                     }
                 }
-                Some(ShardMsg::Peer(crate::control::PeerMsg::PreCopy {
-                    cell,
-                    state,
-                    ..
-                })) if state.entities.iter().any(|e| e.id == id) => {
+                Some(ShardMsg::Peer(crate::control::PeerMsg::PreCopy { cell, state, .. }))
+                    if state.entities.iter().any(|e| e.id == id) =>
+                {
                     out.push(format!("in the pre-copy of {cell} in flight"));
                 }
                 _ => {}

@@ -432,5 +432,8 @@ fn three_nodes_split_move_and_merge_over_encoded_links() {
         handovers >= seeds * 5 && splits >= seeds && cross_node >= seeds,
         "handovers {handovers} (across nodes {cross_node}), splits {splits}"
     );
-    assert!(bundles > 100 && frames > bundles && control > 100, "bundles {bundles}, frames {frames}, control frames {control}");
+    assert!(
+        bundles > 100 && frames > bundles && control > 100,
+        "bundles {bundles}, frames {frames}, control frames {control}"
+    );
 }

@@ -372,6 +372,23 @@ impl Config {
         c
     }
 
+    /// A cluster link endpoint (shard to shard between nodes, shard to
+    /// coordinator): accepts incoming links, carries messages up to the
+    /// wire's 16 MiB (a crowded cell's handover pre-copy), keeps a wide
+    /// reliable window and roomy reassembly buffers, acknowledges quickly
+    /// (a handover step waits on it).
+    pub fn cluster(links: usize) -> Self {
+        let mut c = Self::server();
+        c.connections_max = links.max(1);
+        c.message_bytes_max = 16 << 20;
+        c.reliable_window = 8192;
+        c.receive_buffer_bytes_max = 64 << 20;
+        c.endpoint_receive_buffer_bytes_max = 512 << 20;
+        c.ack_delay = Duration::from_millis(2);
+        c.mtu = 1400;
+        c
+    }
+
     /// Checks the configuration.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.channels.is_empty() || self.channels.len() > 255 {

@@ -40,6 +40,7 @@
 #![warn(missing_docs)]
 
 mod bundle;
+pub mod cluster;
 mod ids;
 mod mailbox;
 pub mod node;

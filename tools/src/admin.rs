@@ -2,7 +2,64 @@
 
 use std::net::SocketAddr;
 
+use tessera_runtime::cluster::service::ClusterStatus;
 use tessera_runtime::node::admin::{request, Status};
+
+/// Prints a coordinator's view of the cluster.
+fn print_cluster(st: &ClusterStatus, with_shards: bool) {
+    if with_shards {
+        println!(
+            "coordinator: uptime {:.0} s, cluster epoch {}, registry v{}, {} operation(s) in flight, {} handovers, {} aborts, {} splits, {} merges{}",
+            st.uptime_s,
+            st.cluster_epoch,
+            st.registry_version,
+            st.in_flight,
+            st.handovers,
+            st.aborts,
+            st.splits,
+            st.merges,
+            if st.awaiting_compute_nodes > 0 {
+                format!(" (waiting for {} more compute node(s))", st.awaiting_compute_nodes)
+            } else {
+                String::new()
+            }
+        );
+        println!(
+            "{:>6} {:>8} {:>7} {:>22} {:>22}",
+            "node", "role", "shards", "cluster", "game"
+        );
+        for n in &st.nodes {
+            println!(
+                "{:>6} {:>8} {:>7} {:>22} {:>22}",
+                n.node,
+                n.role,
+                n.shards,
+                n.cluster_addr,
+                n.game_addr.as_deref().unwrap_or("-")
+            );
+        }
+        println!(
+            "{:>20} {:>8} {:>7} {:>8} {:>9} {:>9} {:>6} {:>9}",
+            "shard", "role", "linked", "tick", "sessions", "entities", "cells", "heard_ms"
+        );
+        for s in &st.shards {
+            println!(
+                "{:>20} {:>8} {:>7} {:>8} {:>9} {:>9} {:>6} {:>9}",
+                s.shard, s.role, s.linked, s.tick, s.sessions, s.entities, s.cells, s.heard_ms_ago
+            );
+        }
+    }
+    println!(
+        "{:>14} {:>20} {:>6} {:>6}",
+        "cell", "owner", "epoch", "score"
+    );
+    for c in &st.cells {
+        println!(
+            "{:>14} {:>20} {:>6} {:>6.2}",
+            c.cell, c.owner, c.epoch, c.score
+        );
+    }
+}
 
 /// Options of `tessera admin`.
 #[derive(clap::Args, Debug)]
@@ -30,8 +87,9 @@ pub enum AdminCommand {
     Move {
         /// The cell, e.g. 0:2,3 (or 0:2,3/12 below a split).
         cell: String,
-        /// The shard.
-        shard: u16,
+        /// The shard: SHARD on a node's admin port, NODE/SHARD on a
+        /// coordinator's (e.g. 2/0).
+        shard: String,
     },
     /// Split a cell into its four children.
     Split {
@@ -70,7 +128,12 @@ pub fn run(args: AdminArgs) -> Result<(), String> {
         AdminCommand::Status => "status".to_string(),
         AdminCommand::Cells => "cells".to_string(),
         AdminCommand::Handovers => "handovers".to_string(),
-        AdminCommand::Move { cell, shard } => format!("move {} {shard}", check(cell)?),
+        AdminCommand::Move { cell, shard } => {
+            shard
+                .parse::<tessera_cells::ShardRef>()
+                .map_err(|e| e.to_string())?;
+            format!("move {} {shard}", check(cell)?)
+        }
         AdminCommand::Split { cell } => format!("split {}", check(cell)?),
         AdminCommand::Merge { cell } => format!("merge {}", check(cell)?),
         AdminCommand::Shutdown => "shutdown".to_string(),
@@ -88,6 +151,12 @@ pub fn run(args: AdminArgs) -> Result<(), String> {
             _ => println!("{}", answer.trim()),
         }
         return Ok(());
+    }
+    if let Ok(cluster) = serde_json::from_str::<ClusterStatus>(&answer) {
+        if !cluster.nodes.is_empty() || answer.contains("\"awaiting_compute_nodes\"") {
+            print_cluster(&cluster, matches!(args.command, AdminCommand::Status));
+            return Ok(());
+        }
     }
     let status: Status = serde_json::from_str(&answer)
         .map_err(|e| format!("unexpected answer from the node: {e}"))?;

@@ -56,9 +56,25 @@ pub struct ServeArgs {
     /// Stop by itself after this many seconds.
     #[arg(long)]
     pub duration: Option<f64>,
+    /// Join the cluster whose coordinator listens here (`tessera coord`);
+    /// without it the node runs alone with its embedded coordinator.
+    #[arg(long, env = "TESSERA_COORD", requires_all = ["node_id", "cluster_addr"])]
+    pub coord: Option<SocketAddr>,
+    /// This node's id in the cluster (unique, 0..65534).
+    #[arg(long, env = "TESSERA_NODE_ID", value_parser = clap::value_parser!(u16).range(0..65535))]
+    pub node_id: Option<u16>,
+    /// UDP address of this node's cluster links: shard 0 listens on it,
+    /// shard s on its port + s. Other nodes reach it there: use the node's
+    /// own address, not 0.0.0.0.
+    #[arg(long, env = "TESSERA_CLUSTER_ADDR")]
+    pub cluster_addr: Option<SocketAddr>,
+    /// What the node does in a cluster: both (owns cells and hosts
+    /// sessions), compute (owns cells) or gateway (hosts sessions only).
+    #[arg(long, env = "TESSERA_ROLE", default_value = "both")]
+    pub role: tessera_cells::wire::NodeRole,
 }
 
-fn parse_world_size(s: &str) -> Result<(i32, i32), String> {
+pub fn parse_world_size(s: &str) -> Result<(i32, i32), String> {
     let (c, r) = s
         .split_once(['x', 'X'])
         .ok_or_else(|| format!("{s:?} is not COLUMNSxROWS (e.g. 8x8)"))?;
@@ -360,7 +376,37 @@ pub fn node_config(args: &ServeArgs) -> Result<NodeConfig, String> {
             .unwrap_or(d.max_depth)
             .min(8),
         policy,
+        cluster: cluster_config(args)?,
     })
+}
+
+fn cluster_config(
+    args: &ServeArgs,
+) -> Result<Option<tessera_runtime::cluster::ClusterConfig>, String> {
+    let Some(coord) = args.coord else {
+        if args.role != tessera_cells::wire::NodeRole::Both {
+            return Err(format!(
+                "--role {} needs a cluster: pass --coord, --node-id and --cluster-addr",
+                args.role
+            ));
+        }
+        return Ok(None);
+    };
+    let (Some(node), Some(cluster_addr)) = (args.node_id, args.cluster_addr) else {
+        return Err("--coord needs --node-id and --cluster-addr".into());
+    };
+    if cluster_addr.ip().is_unspecified() || cluster_addr.port() == 0 {
+        return Err(format!(
+            "--cluster-addr {cluster_addr} must be this node's own address and a port (other nodes dial it)"
+        ));
+    }
+    Ok(Some(tessera_runtime::cluster::ClusterConfig {
+        coord,
+        node,
+        cluster_addr,
+        role: args.role,
+        join_timeout: std::time::Duration::from_secs(60),
+    }))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod admin;
 mod client;
 mod config;
+mod coord;
 mod demo;
 mod serve;
 mod sim;
@@ -28,8 +29,11 @@ enum Command {
     Client(client::ClientArgs),
     /// Load simulator: bots that join, move, attack, ack and measure.
     Sim(sim::SimArgs),
-    /// Talk to a running node's admin port.
+    /// Talk to a running node's (or coordinator's) admin port.
     Admin(admin::AdminArgs),
+    /// Run the standalone coordinator of a cluster (nodes join with
+    /// `serve --coord`).
+    Coord(coord::CoordArgs),
     /// Start the runtime alone (shards, ticks, messages) and print stats.
     RuntimeDemo(demo::DemoArgs),
 }
@@ -85,6 +89,7 @@ fn main() {
         Command::Client(args) => client::run(args),
         Command::Sim(args) => sim::run(args),
         Command::Admin(args) => admin::run(args),
+        Command::Coord(args) => coord::run(args),
         Command::RuntimeDemo(args) => demo::run(args),
     };
     if let Err(e) = result {

@@ -56,6 +56,9 @@ pub struct CellStatus {
     pub cell: String,
     /// Owning shard.
     pub owner: u16,
+    /// Its node (0 outside a cluster).
+    #[serde(default)]
+    pub node: u16,
     /// The cell's epoch.
     pub epoch: u32,
     /// Entities owned.
@@ -105,16 +108,20 @@ pub fn status(shared: &NodeShared, board: &StatsBoard) -> Status {
             sessions: n.as_ref().map_or(0, |n| n.sessions),
             entities: n.as_ref().map_or(0, |n| n.world.entities),
             cells: registry
-                .cells_of(tessera_coord::ShardRef::local(i as u16))
+                .cells_of(tessera_coord::ShardRef {
+                    node: shared.node,
+                    shard: i as u16,
+                })
                 .len(),
             mailbox_depth: r.as_ref().map_or(0, |r| r.mailbox_depth),
         });
     }
     let mut cells = Vec::new();
     for (cell, a) in registry.iter() {
-        let counts = node
-            .get(a.owner.shard as usize)
-            .cloned()
+        // Counts are known for this node's cells only (a cluster's
+        // coordinator has the whole picture).
+        let counts = (a.owner.node == shared.node)
+            .then(|| node.get(a.owner.shard as usize).cloned().flatten())
             .flatten()
             .and_then(|n| n.cells.iter().find(|c| c.cell == cell).copied());
         let (entities, ghosts, players) =
@@ -122,6 +129,7 @@ pub fn status(shared: &NodeShared, board: &StatsBoard) -> Status {
         cells.push(CellStatus {
             cell: cell.to_string(),
             owner: a.owner.shard,
+            node: a.owner.node,
             epoch: a.epoch,
             entities,
             players,
@@ -204,10 +212,17 @@ fn answer(
     let mut line = String::new();
     BufReader::new((&stream).take(LINE_MAX)).read_line(&mut line)?;
     let mut words = line.split_whitespace();
-    let reply = match words.next() {
+    let first = words.next();
+    if shared.clustered && matches!(first, Some("move" | "split" | "merge")) {
+        let reply = serde_json::json!({ "error": "this node is part of a cluster: send move, split and merge to the coordinator's admin port (tessera admin --addr COORD_ADMIN ...)" }).to_string();
+        let mut stream = stream;
+        stream.write_all(reply.as_bytes())?;
+        return stream.write_all(b"\n");
+    }
+    let reply = match first {
         Some("status") | Some("cells") => serde_json::to_string(&status(shared, board)).map_err(io::Error::other)?,
         Some("move") => match (parse_cell(words.next()), words.next().map(str::parse::<u16>)) {
-            (Ok(cell), Some(Ok(shard))) => command(coord, AdminCommand::Move { cell, shard: tessera_coord::ShardRef::local(shard) }),
+            (Ok(cell), Some(Ok(shard))) => command(coord, AdminCommand::Move { cell, shard: tessera_coord::ShardRef { node: shared.node, shard } }),
             (Err(e), _) => serde_json::json!({ "error": e }).to_string(),
             _ => serde_json::json!({ "error": "usage: move CELL SHARD" }).to_string(),
         },

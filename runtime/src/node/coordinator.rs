@@ -62,6 +62,30 @@ pub enum CoordInput {
 /// The coordinator's sending side, cloned into every shard and the admin port.
 pub type CoordSender = Sender<CoordInput>;
 
+/// Carries out an operator command; the answer is a line for the operator.
+pub fn run_command(
+    coord: &mut Coordinator,
+    command: &AdminCommand,
+    now: Instant,
+) -> Result<String, String> {
+    match command {
+        AdminCommand::Move { cell, shard } => coord
+            .command_move(now, *cell, *shard)
+            .map(|id| format!("handover {} of {cell} to {shard} started", id.0)),
+        AdminCommand::Split { cell } => coord
+            .command_split(now, *cell)
+            .map(|op| format!("split {op} of {cell} started")),
+        AdminCommand::Merge { cell } => coord.command_merge(now, *cell).map(|op| {
+            if op == 0 {
+                format!("gathering the children of {cell} on one shard first; the merge follows")
+            } else {
+                format!("merge {op} into {cell} started")
+            }
+        }),
+    }
+    .map_err(|e| e.to_string())
+}
+
 /// Starts the coordinator thread.
 pub fn spawn<G: GameLogic>(
     mut coord: Coordinator,
@@ -84,22 +108,9 @@ pub fn spawn<G: GameLogic>(
                     coord.handle_report(Instant::now(), shard, report)
                 }
                 Ok(CoordInput::Admin { command, reply }) => {
-                    let now = Instant::now();
-                    let result = match &command {
-                        AdminCommand::Move { cell, shard } => coord
-                            .command_move(now, *cell, *shard)
-                            .map(|id| format!("handover {} of {cell} to {shard} started", id.0)),
-                        AdminCommand::Split { cell } => coord.command_split(now, *cell).map(|op| format!("split {op} of {cell} started")),
-                        AdminCommand::Merge { cell } => coord.command_merge(now, *cell).map(|op| {
-                            if op == 0 {
-                                format!("gathering the children of {cell} on one shard first; the merge follows")
-                            } else {
-                                format!("merge {op} into {cell} started")
-                            }
-                        }),
-                    };
+                    let result = run_command(&mut coord, &command, Instant::now());
                     tracing::warn!(command = ?command, result = ?result, "operator command");
-                    let _ = reply.send(result.map_err(|e| e.to_string()));
+                    let _ = reply.send(result);
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,

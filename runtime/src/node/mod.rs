@@ -31,8 +31,11 @@ use tessera_net::conditioner::ConditionerConfig;
 use tessera_net::driver::{BatchSocket, SocketConfig};
 use tessera_net::{Config as EndpointConfig, Endpoint};
 
+use crate::cluster::shard::ClusterSide;
+use crate::cluster::{ClusterConfig, Joined};
 use crate::runtime::{Runtime, RuntimeBuilder, RuntimeError, ShardConfig, StopHandle};
 use crate::stats::ShardReport;
+use tessera_cells::wire::{NodeRole, Registration};
 
 pub use shared::{NodeShardStats, NodeShared};
 
@@ -76,6 +79,9 @@ pub struct NodeConfig {
     pub max_depth: u8,
     /// Balancing tunables (None: the defaults for the shard count).
     pub policy: Option<tessera_coord::Policy>,
+    /// Join a cluster (a standalone coordinator owns the registry); None:
+    /// a single node with its embedded coordinator.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for NodeConfig {
@@ -99,6 +105,7 @@ impl Default for NodeConfig {
             auto_balance: true,
             max_depth: 3,
             policy: None,
+            cluster: None,
         }
     }
 }
@@ -145,6 +152,9 @@ pub enum NodeError {
     /// Another I/O failure.
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
+    /// The cluster could not be joined.
+    #[error(transparent)]
+    Join(#[from] crate::cluster::JoinError),
 }
 
 /// A shard's part of the world when it starts.
@@ -241,27 +251,6 @@ impl<G: GameLogic> Node<G> {
         let plan = builder.plan()?;
         let shards = plan.len();
 
-        let layout = Arc::new(Layout::new(config.geometry.clone()));
-        let owners = match &config.mapping {
-            Some(m) => m.validate(&layout, shards)?,
-            None => contiguous_blocks(&layout, shards),
-        };
-        let registry = Registry::new(layout.clone(), &owners)?;
-        let mut policy = config
-            .policy
-            .clone()
-            .unwrap_or_else(|| tessera_coord::Policy::new(shards as u16));
-        policy.shards = shards as u16;
-        policy.automatic = config.auto_balance;
-        policy.max_depth = config.max_depth;
-        let coordinator = tessera_coord::Coordinator::new(registry.clone(), policy);
-        let shared = Arc::new(NodeShared::new(
-            coordinator.registry().clone(),
-            shards,
-            config.tick_hz,
-        ));
-        let (coord_tx, coord_rx) = crossbeam_channel::unbounded();
-
         // Helper ports first: a clash there must not leave shards running.
         let metrics = config
             .metrics_addr
@@ -271,11 +260,80 @@ impl<G: GameLogic> Node<G> {
             .admin_addr
             .map(|a| bind_helper(a, "admin", "--admin-addr"))
             .transpose()?;
-
-        let sockets = Self::bind_game_sockets(&config, shards)?;
+        // A compute node hosts no sessions: its game port is a private one.
+        let sockets = match &config.cluster {
+            Some(cc) if cc.role == NodeRole::Compute => Self::bind_game_sockets(
+                &NodeConfig {
+                    port: 0,
+                    ..config.clone()
+                },
+                shards,
+            )?,
+            _ => Self::bind_game_sockets(&config, shards)?,
+        };
         let game_addr = sockets[0].local_addr();
+
+        // In a cluster, the coordinator owns the registry: bind the cluster
+        // ports, register, wait for it.
+        let incarnation = tessera_net::driver::os_seed().unwrap_or(config.seed);
+        let mut cluster_sockets = Vec::new();
+        let mut joined: Option<Joined> = None;
+        if let Some(cc) = &config.cluster {
+            cluster_sockets = Self::bind_cluster_sockets(cc, shards)?;
+            let advertised = (cc.role != NodeRole::Compute).then_some(game_addr);
+            let j =
+                crate::cluster::join(cc, shards as u16, advertised, incarnation, config.tick_hz)?;
+            tracing::info!(node = cc.node, coord = %cc.coord, cells = j.registry.len(), nodes = j.directory.len(), "joined the cluster");
+            joined = Some(j);
+        }
+        let layout = match &joined {
+            Some(j) => j.registry.layout().clone(),
+            None => Arc::new(Layout::new(config.geometry.clone())),
+        };
+        let registry = match &joined {
+            Some(j) => j.registry.clone(),
+            None => {
+                let owners = match &config.mapping {
+                    Some(m) => m.validate(&layout, shards)?,
+                    None => contiguous_blocks(&layout, shards),
+                };
+                Registry::new(layout.clone(), &owners)?
+            }
+        };
+        let mut policy = config
+            .policy
+            .clone()
+            .unwrap_or_else(|| tessera_coord::Policy::new(shards as u16));
+        policy.shards = shards as u16;
+        policy.automatic = config.auto_balance;
+        policy.max_depth = config.max_depth;
+        let (coordinator, shared) = match &joined {
+            Some(_) => (
+                None,
+                Arc::new(NodeShared::clustered(
+                    registry.clone(),
+                    config.cluster.as_ref().map_or(0, |c| c.node),
+                    shards,
+                    config.tick_hz,
+                )),
+            ),
+            None => {
+                let c = tessera_coord::Coordinator::new(registry.clone(), policy);
+                let shared = Arc::new(NodeShared::new(
+                    c.registry().clone(),
+                    shards,
+                    config.tick_hz,
+                ));
+                (Some(c), shared)
+            }
+        };
+        let (coord_tx, coord_rx) = crossbeam_channel::unbounded();
         let sockets: Arc<Mutex<Vec<Option<BatchSocket>>>> =
             Arc::new(Mutex::new(sockets.into_iter().map(Some).collect()));
+        let cluster_sockets: Arc<Mutex<Vec<Option<BatchSocket>>>> =
+            Arc::new(Mutex::new(cluster_sockets.into_iter().map(Some).collect()));
+        let cluster_setup = config.cluster.clone().zip(joined.map(|j| j.directory));
+        let node_id = config.cluster.as_ref().map_or(0, |c| c.node);
 
         let world_config = WorldConfig {
             tick_hz: config.tick_hz,
@@ -284,13 +342,17 @@ impl<G: GameLogic> Node<G> {
         };
         let total_cells = layout.leaves().len();
         let (sh, sessions, seed) = (shared.clone(), config.sessions_per_shard, config.seed);
+        let total_shards = shards;
         let setup = Arc::new(setup);
         let shard_coord_tx = coord_tx.clone();
         let runtime = builder.start(move |shard| {
             let socket = sockets.lock().unwrap_or_else(|e| e.into_inner())[shard.index()]
                 .take()
                 .expect("one socket per shard");
-            let me = ShardRef::local(shard.0);
+            let me = ShardRef {
+                node: node_id,
+                shard: shard.0,
+            };
             let registry = sh.registry();
             let share = ShardShare {
                 shard: me,
@@ -308,14 +370,43 @@ impl<G: GameLogic> Node<G> {
             let endpoint_seed = tessera_net::driver::os_seed().unwrap_or(seed) ^ u64::from(shard.0);
             let endpoint = Endpoint::new(EndpointConfig::game_server(sessions), endpoint_seed)
                 .expect("valid server configuration");
-            shard::NodeShard::new(
+            let driver = shard::NodeShard::new(
                 shard,
                 sh.clone(),
                 core,
                 endpoint,
                 socket,
                 shard_coord_tx.clone(),
-            )
+            );
+            match &cluster_setup {
+                None => driver,
+                Some((cc, directory)) => {
+                    let socket = cluster_sockets.lock().unwrap_or_else(|e| e.into_inner())
+                        [shard.index()]
+                    .take()
+                    .expect("one cluster socket per shard");
+                    let endpoint =
+                        Endpoint::new(EndpointConfig::cluster(1024), endpoint_seed ^ 0xC1A5)
+                            .expect("valid cluster configuration");
+                    let registration = Registration {
+                        node: cc.node,
+                        shard: shard.0,
+                        shards: total_shards as u16,
+                        role: cc.role,
+                        incarnation,
+                        cluster_addr: cc.cluster_addr,
+                        game_addr: (cc.role != NodeRole::Compute).then_some(game_addr),
+                    };
+                    driver.with_cluster(ClusterSide::new(
+                        me,
+                        endpoint,
+                        socket,
+                        cc.coord,
+                        registration,
+                        directory.clone(),
+                    ))
+                }
+            }
         })?;
 
         let helpers_stop = Arc::new(AtomicBool::new(false));
@@ -330,13 +421,15 @@ impl<G: GameLogic> Node<G> {
                 helpers_stop.clone(),
             )?);
         }
-        helpers.push(coordinator::spawn(
-            coordinator,
-            coord_rx,
-            runtime.senders().to_vec(),
-            shared.clone(),
-            helpers_stop.clone(),
-        )?);
+        if let Some(coordinator) = coordinator {
+            helpers.push(coordinator::spawn(
+                coordinator,
+                coord_rx,
+                runtime.senders().to_vec(),
+                shared.clone(),
+                helpers_stop.clone(),
+            )?);
+        }
         if let Some(listener) = admin {
             helpers.push(admin::serve(
                 listener,
@@ -358,6 +451,47 @@ impl<G: GameLogic> Node<G> {
             metrics_addr,
             admin_addr,
         })
+    }
+
+    /// One UDP port per shard: the cluster address's port + shard index
+    /// (other nodes compute it from the directory).
+    fn bind_cluster_sockets(
+        cc: &ClusterConfig,
+        shards: usize,
+    ) -> Result<Vec<BatchSocket>, NodeError> {
+        let config = SocketConfig {
+            reuse_port: false,
+            ..SocketConfig::default()
+        };
+        let mut out = Vec::with_capacity(shards);
+        for s in 0..shards {
+            let mut addr = cc.cluster_addr;
+            addr.set_port(
+                cc.cluster_addr
+                    .port()
+                    .checked_add(s as u16)
+                    .ok_or_else(|| {
+                        NodeError::Invalid(format!(
+                            "cluster port {} + {s} overflows",
+                            cc.cluster_addr.port()
+                        ))
+                    })?,
+            );
+            if cc.cluster_addr.port() == 0 {
+                return Err(NodeError::Invalid(
+                    "--cluster-addr needs a port (shard s listens on port + s)".into(),
+                ));
+            }
+            out.push(
+                BatchSocket::bind(addr, &config).map_err(|e| match e.kind() {
+                    io::ErrorKind::AddrInUse => NodeError::Invalid(format!(
+                        "cluster port {addr} (shard {s}) is in use: pick another --cluster-addr"
+                    )),
+                    _ => NodeError::Bind { addr, source: e },
+                })?,
+            );
+        }
+        Ok(out)
     }
 
     fn bind_game_sockets(

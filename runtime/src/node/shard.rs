@@ -14,11 +14,13 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use tessera_cells::node::{ConnectionKey, NodeCore, NodeOutput, ShardMsg};
+use tessera_cells::wire::ControlMsg;
 use tessera_cells::{GameLogic, ShardRef, TickId};
 use tessera_net::driver::BatchSocket;
 use tessera_net::{ChannelId, ConnectionHandle, Endpoint, Event, TransmitBatch};
 use tessera_schema::protocol::disconnect;
 
+use crate::cluster::shard::{ClusterSide, FromCoordinator};
 use crate::ids::{ShardId, StageAddr, StageId};
 use crate::mailbox::{Envelope, SendError};
 use crate::shard::{ShardContext, ShardHandler};
@@ -63,9 +65,10 @@ impl Rearm {
 }
 
 /// Hands the core the published registry if it is another version (one
-/// atomic load when nothing changed: this runs every tick).
+/// atomic load when nothing changed: this runs every tick). A clustered
+/// node's shards take theirs from their coordinator link instead.
 fn refresh_registry<G: GameLogic>(core: &mut NodeCore<G>, shared: &NodeShared) {
-    if shared.registry_version() != core.router().registry().version() {
+    if !shared.clustered && shared.registry_version() != core.router().registry().version() {
         core.handle_registry(shared.registry());
     }
 }
@@ -110,6 +113,8 @@ pub struct NodeShard<G: GameLogic> {
     budget_us: u64,
     counters: DriverCounters,
     linger_until: Option<Instant>,
+    cluster: Option<ClusterSide>,
+    cluster_rearm: Rc<Rearm>,
 }
 
 fn handle(connection: ConnectionKey) -> ConnectionHandle {
@@ -147,7 +152,16 @@ impl<G: GameLogic> NodeShard<G> {
             budget_us,
             counters: DriverCounters::default(),
             linger_until: None,
+            cluster: None,
+            cluster_rearm: Rc::new(Rearm::default()),
         }
+    }
+
+    /// Joins the shard to a cluster: messages for other nodes' shards go
+    /// over `side`'s links, reports to the coordinator over its link.
+    pub fn with_cluster(mut self, side: ClusterSide) -> Self {
+        self.cluster = Some(side);
+        self
     }
 
     fn publish(&self) {
@@ -166,6 +180,7 @@ impl<G: GameLogic> NodeShard<G> {
                 world: core.world().totals(),
                 cells: core.cell_summaries(),
                 handover: core.agent().counters(),
+                cluster: self.cluster.as_ref().map(|c| c.counters()),
             },
         );
     }
@@ -193,13 +208,51 @@ impl<G: GameLogic> NodeShard<G> {
                 NodeOutput::Disconnect { connection, code } => {
                     let _ = self.endpoint.disconnect(now, handle(connection), code);
                 }
-                NodeOutput::Shard { to, msg } => self.send_shard(cx, to, msg),
-                NodeOutput::Coordinator(report) => {
-                    let shard = self.me;
-                    let _ = self.coord.send(CoordInput::Report { shard, report });
+                NodeOutput::Shard { to, msg } => {
+                    if to.node != self.me.node {
+                        if let Some(cluster) = &mut self.cluster {
+                            let tick = core.world().tick_id();
+                            cluster.queue(to, &msg, tick, core.router().registry(), now);
+                            continue;
+                        }
+                    }
+                    self.send_shard(cx, to, msg)
                 }
+                NodeOutput::Coordinator(report) => match &mut self.cluster {
+                    Some(cluster) => {
+                        let tick = core.world().tick_id();
+                        cluster.send_control(&ControlMsg::Report(report), tick);
+                    }
+                    None => {
+                        let shard = self.me;
+                        let _ = self.coord.send(CoordInput::Report { shard, report });
+                    }
+                },
             }
         }
+        if let Some(cluster) = &mut self.cluster {
+            cluster.flush(now);
+        }
+    }
+
+    /// The cluster side's turn: what other nodes and the coordinator sent
+    /// goes to the core; the core's answers go out.
+    fn pump_cluster(&mut self, cx: &mut ShardContext<ShardMsg<G>>, now: Instant) -> usize {
+        let Some(cluster) = &mut self.cluster else {
+            return 0;
+        };
+        let (work, changed) = {
+            let mut core = self.core.borrow_mut();
+            cluster.pump(&mut core, now)
+        };
+        if let Some(FromCoordinator::Registry(r)) = changed {
+            self.shared.offer_registry(r);
+        }
+        self.drain_outputs(cx, now);
+        let cluster = self.cluster.as_mut().expect("checked above");
+        let sent = cluster.transmit(now);
+        self.cluster_rearm.arm();
+        work + sent
     }
 
     fn send_shard(&mut self, cx: &mut ShardContext<ShardMsg<G>>, to: ShardRef, msg: ShardMsg<G>) {
@@ -255,6 +308,7 @@ impl<G: GameLogic> NodeShard<G> {
             }
         }
         self.drain_outputs(cx, now);
+        work += self.pump_cluster(cx, now);
         let sent = self
             .socket
             .transmit_from(&mut self.endpoint, &mut self.batch, now)
@@ -270,25 +324,35 @@ impl<G: GameLogic> NodeShard<G> {
     }
 
     fn watch_socket(&self, cx: &mut ShardContext<ShardMsg<G>>) {
-        match self.socket.readiness() {
-            Ok(readiness) => {
-                let handle = cx.local_handle();
-                let rearm = self.rearm.clone();
-                rearm.arm();
-                glommio::spawn_local(async move {
-                    loop {
-                        rearm.wait().await;
-                        if readiness.readable().await.is_err() {
-                            glommio::timer::sleep(Duration::from_millis(5)).await;
-                        }
-                        handle.wake();
+        watch(&self.socket, self.rearm.clone(), cx, self.shard);
+    }
+}
+
+/// Wakes the shard when `socket` turns readable, then waits for the loop to
+/// drain it (`rearm`) before watching again.
+fn watch<M: Send + 'static>(
+    socket: &BatchSocket,
+    rearm: Rc<Rearm>,
+    cx: &mut ShardContext<M>,
+    shard: ShardId,
+) {
+    match socket.readiness() {
+        Ok(readiness) => {
+            let handle = cx.local_handle();
+            rearm.arm();
+            glommio::spawn_local(async move {
+                loop {
+                    rearm.wait().await;
+                    if readiness.readable().await.is_err() {
+                        glommio::timer::sleep(Duration::from_millis(5)).await;
                     }
-                })
-                .detach();
-            }
-            Err(e) => {
-                tracing::warn!(shard = %self.shard, error = %e, "no socket watcher: traffic is read at every tick only")
-            }
+                    handle.wake();
+                }
+            })
+            .detach();
+        }
+        Err(e) => {
+            tracing::warn!(%shard, error = %e, "no socket watcher: traffic is read at every tick only")
         }
     }
 }
@@ -312,8 +376,11 @@ impl<G: GameLogic> ShardHandler for NodeShard<G> {
             let world = core.world();
             tracing::info!(shard = %self.shard, cells = world.cell_ids().len(), entities = world.totals().entities, "world ready");
         }
-        // Watch the socket so that a parked shard wakes on traffic.
+        // Watch the sockets so that a parked shard wakes on traffic.
         self.watch_socket(cx);
+        if let Some(cluster) = &self.cluster {
+            watch(cluster.socket(), self.cluster_rearm.clone(), cx, self.shard);
+        }
         self.publish();
     }
 
@@ -335,6 +402,18 @@ impl<G: GameLogic> ShardHandler for NodeShard<G> {
             .tick_us
             .record((started.elapsed().as_micros() as u64).max(1));
         self.ticks += 1;
+        let hz = u64::from(self.shared.tick_hz.max(2));
+        if self.ticks % (hz / 2) == 0 {
+            if let Some(cluster) = &mut self.cluster {
+                let core = self.core.borrow();
+                let heartbeat = ControlMsg::Heartbeat {
+                    tick: core.world().tick_id(),
+                    sessions: core.sessions().len() as u32,
+                    entities: core.world().totals().entities as u32,
+                };
+                cluster.send_control(&heartbeat, id);
+            }
+        }
         if self.ticks % u64::from(self.shared.tick_hz.max(1)) == 0 {
             self.publish();
             let p99 = self.tick_us.value_at_quantile(0.99);
@@ -353,7 +432,11 @@ impl<G: GameLogic> ShardHandler for NodeShard<G> {
     }
 
     fn next_deadline(&mut self) -> Option<Instant> {
-        self.endpoint.poll_timeout()
+        let game = self.endpoint.poll_timeout();
+        match self.cluster.as_mut().and_then(|c| c.next_deadline()) {
+            Some(c) => Some(game.map_or(c, |g| g.min(c))),
+            None => game,
+        }
     }
 
     fn on_stop(
@@ -364,6 +447,9 @@ impl<G: GameLogic> ShardHandler for NodeShard<G> {
         let now = Instant::now();
         let sessions = self.core.borrow().sessions().len();
         self.endpoint.disconnect_all(now, disconnect::SHUTTING_DOWN);
+        if let Some(cluster) = &mut self.cluster {
+            cluster.close(now);
+        }
         self.linger_until = Some(now + DISCONNECT_LINGER);
         tracing::info!(shard = %self.shard, sessions, "sessions told the server is stopping");
     }

@@ -21,7 +21,8 @@ pub struct DriverCounters {
     pub send_refused: u64,
     /// Messages for shards refused by their mailbox (full or closed).
     pub mailbox_refused: u64,
-    /// Messages for a shard of another node (no cluster links yet).
+    /// Messages for a shard of another node on a node that is not in a
+    /// cluster (dropped, logged).
     pub remote_unreachable: u64,
 }
 
@@ -50,6 +51,8 @@ pub struct NodeShardStats {
     pub cells: Vec<CellSummary>,
     /// This shard's side of handovers.
     pub handover: tessera_cells::handover::HandoverCounters,
+    /// Its cluster links (None on a node outside a cluster).
+    pub cluster: Option<crate::cluster::shard::ClusterCounters>,
 }
 
 /// What the coordinator did, for metrics, admin and benchmarks.
@@ -88,6 +91,12 @@ pub struct NodeShared {
     started: Instant,
     /// Ticks per second.
     pub tick_hz: u32,
+    /// In a cluster each shard takes the registry the coordinator pushes on
+    /// its own link (in order with the orders); the copy here only serves
+    /// operators (admin, metrics).
+    pub clustered: bool,
+    /// This node's id (0 outside a cluster).
+    pub node: u16,
 }
 
 impl NodeShared {
@@ -100,6 +109,17 @@ impl NodeShared {
             coordinator: Mutex::new(CoordinatorStats::default()),
             started: Instant::now(),
             tick_hz,
+            clustered: false,
+            node: 0,
+        }
+    }
+
+    /// Shared state for the shards of a clustered node.
+    pub fn clustered(registry: Registry, node: u16, shards: usize, tick_hz: u32) -> Self {
+        Self {
+            clustered: true,
+            node,
+            ..Self::new(registry, shards, tick_hz)
         }
     }
 
@@ -121,6 +141,19 @@ impl NodeShared {
         let version = registry.version();
         *self.registry.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(registry);
         self.registry_version.store(version, Ordering::Release);
+    }
+
+    /// Keeps a pushed registry if it is newer than the one held (each shard
+    /// of a clustered node offers the copy it received).
+    pub fn offer_registry(&self, registry: Arc<Registry>) {
+        let mut slot = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let newer =
+            (registry.cluster_epoch(), registry.version()) > (slot.cluster_epoch(), slot.version());
+        if newer {
+            self.registry_version
+                .store(registry.version(), Ordering::Release);
+            *slot = registry;
+        }
     }
 
     /// A shard publishes its statistics.

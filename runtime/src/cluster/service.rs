@@ -1,0 +1,859 @@
+//! The standalone coordinator (`tessera coord --listen ADDR`).
+//!
+//! One thread owns the decision logic ([`tessera_coord::Coordinator`]) and
+//! a RUDP endpoint. Nodes join (a node link registers the node and waits
+//! for the registry; then each shard opens its own link, registers and
+//! heartbeats); once `compute_nodes` compute nodes have joined, the world's
+//! cells are spread over their shards in contiguous blocks. From then on:
+//! reports in, balancing, registry and directory pushed to every shard on
+//! change (the registry before any order that relies on it: one ordered
+//! channel per link), orders out. An admin port answers `status`,
+//! `handovers`, `move CELL NODE/SHARD`, `split CELL`, `merge CELL`.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use serde::{Deserialize, Serialize};
+use tessera_cells::wire::{
+    decode_control, encode_control, ControlMsg, NodeInfo, NodeRole, Registration, ShardHeader,
+};
+use tessera_cells::{CellId, Geometry, Layout, Registry, ShardRef, TickId};
+use tessera_coord::{contiguous_blocks, Coordinator, HandoverRecord, Policy};
+use tessera_net::driver::{BatchSocket, SocketConfig};
+use tessera_net::{ConnectionHandle, Endpoint, Event, TransmitBatch};
+use tessera_schema::FrameErrorCounts;
+
+use super::link::CONTROL_CHANNEL;
+use super::NODE_LINK;
+use crate::node::coordinator::AdminCommand;
+use crate::runtime::spawn_helper;
+
+/// How the coordinator runs.
+#[derive(Clone, Debug)]
+pub struct CoordServiceConfig {
+    /// Where nodes reach it (UDP).
+    pub listen: SocketAddr,
+    /// Its admin port (TCP), None to disable.
+    pub admin: Option<SocketAddr>,
+    /// The world's shape.
+    pub geometry: Geometry,
+    /// The cluster's tick rate (nodes must match).
+    pub tick_hz: u32,
+    /// Compute nodes to wait for before the cells are assigned.
+    pub compute_nodes: usize,
+    /// Balancing tunables (its shard count is replaced by the members).
+    pub policy: Policy,
+}
+
+/// One shard in the cluster status.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ClusterShard {
+    /// `node-N/shard-S`.
+    pub shard: String,
+    /// The node's role.
+    pub role: String,
+    /// Linked to the coordinator now.
+    pub linked: bool,
+    /// Last heartbeat's tick.
+    pub tick: u64,
+    /// Sessions it hosts.
+    pub sessions: u32,
+    /// Entities it owns.
+    pub entities: u32,
+    /// Cells it owns.
+    pub cells: usize,
+    /// Milliseconds since its last heartbeat.
+    pub heard_ms_ago: u64,
+}
+
+/// One node in the cluster status.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ClusterNode {
+    /// The node.
+    pub node: u16,
+    /// Its role.
+    pub role: String,
+    /// Its shards.
+    pub shards: u16,
+    /// Shard 0's cluster address.
+    pub cluster_addr: String,
+    /// Its game address, if it hosts sessions.
+    pub game_addr: Option<String>,
+}
+
+/// One cell in the cluster status.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ClusterCell {
+    /// The cell.
+    pub cell: String,
+    /// Its owner, `node-N/shard-S`.
+    pub owner: String,
+    /// Its epoch.
+    pub epoch: u32,
+    /// Its last load score.
+    pub score: f64,
+}
+
+/// The answer to `status` on the coordinator's admin port.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ClusterStatus {
+    /// Seconds since the coordinator started.
+    pub uptime_s: f64,
+    /// The cluster epoch.
+    pub cluster_epoch: u32,
+    /// Registry version (0: cells not assigned yet).
+    pub registry_version: u64,
+    /// Compute nodes still awaited before the cells are assigned.
+    pub awaiting_compute_nodes: usize,
+    /// Nodes.
+    pub nodes: Vec<ClusterNode>,
+    /// Shards.
+    pub shards: Vec<ClusterShard>,
+    /// Cells.
+    pub cells: Vec<ClusterCell>,
+    /// Operations in flight.
+    pub in_flight: usize,
+    /// Handovers committed.
+    pub handovers: u64,
+    /// Handovers aborted.
+    pub aborts: u64,
+    /// Splits done.
+    pub splits: u64,
+    /// Merges done.
+    pub merges: u64,
+    /// Control frames refused, all reasons.
+    pub frames_refused: u64,
+}
+
+#[derive(Default)]
+struct Board {
+    status: ClusterStatus,
+    recent: std::collections::VecDeque<HandoverRecord>,
+}
+
+struct Peer {
+    node: u16,
+    shard: u16,
+}
+
+struct ShardEntry {
+    connection: Option<ConnectionHandle>,
+    last_heard: Instant,
+    tick: u64,
+    sessions: u32,
+    entities: u32,
+}
+
+struct NodeEntry {
+    info: NodeInfo,
+    incarnation: u64,
+}
+
+enum AdminInput {
+    Command(AdminCommand, Sender<Result<String, String>>),
+}
+
+/// A running coordinator.
+pub struct CoordService {
+    thread: Option<JoinHandle<()>>,
+    admin_thread: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    listen: SocketAddr,
+    admin: Option<SocketAddr>,
+}
+
+/// Why the coordinator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordServiceError {
+    /// A port is taken or the address is wrong.
+    #[error("cannot bind {what} {addr}: {source}")]
+    Bind {
+        /// "listen" or "admin".
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// A setting is out of range.
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+impl CoordService {
+    /// Binds, starts the loop and the admin port.
+    pub fn start(config: CoordServiceConfig) -> Result<Self, CoordServiceError> {
+        if !(10..=60).contains(&config.tick_hz) {
+            return Err(CoordServiceError::Invalid(format!(
+                "tick rate {} Hz is outside 10..=60",
+                config.tick_hz
+            )));
+        }
+        if config.compute_nodes == 0 {
+            return Err(CoordServiceError::Invalid(
+                "--compute-nodes must be at least 1".into(),
+            ));
+        }
+        let socket = BatchSocket::bind(
+            config.listen,
+            &SocketConfig {
+                reuse_port: false,
+                ..SocketConfig::default()
+            },
+        )
+        .map_err(|source| CoordServiceError::Bind {
+            what: "listen address",
+            addr: config.listen,
+            source,
+        })?;
+        let listen = socket.local_addr();
+        let admin_listener = config
+            .admin
+            .map(|a| {
+                TcpListener::bind(a).map_err(|source| CoordServiceError::Bind {
+                    what: "admin address",
+                    addr: a,
+                    source,
+                })
+            })
+            .transpose()?;
+        let admin = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let stop = Arc::new(AtomicBool::new(false));
+        let board = Arc::new(Mutex::new(Board::default()));
+        let (admin_tx, admin_rx) = crossbeam_channel::bounded(16);
+        let state = Loop::new(config, socket, board.clone(), admin_rx);
+        let s = stop.clone();
+        let thread = spawn_helper("tessera-coord", None, move || state.run(&s))
+            .map_err(|e| CoordServiceError::Invalid(e.to_string()))?;
+        let admin_thread = match admin_listener {
+            Some(l) => Some(
+                serve_admin(l, board, admin_tx, stop.clone())
+                    .map_err(|e| CoordServiceError::Invalid(e.to_string()))?,
+            ),
+            None => None,
+        };
+        tracing::info!(%listen, admin = ?admin, "coordinator started");
+        Ok(Self {
+            thread: Some(thread),
+            admin_thread,
+            stop,
+            listen,
+            admin,
+        })
+    }
+
+    /// Where nodes reach it.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// Its admin address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    /// A flag that stops it when set.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Waits until stopped.
+    pub fn wait(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.admin_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for CoordService {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+struct Loop {
+    config: CoordServiceConfig,
+    endpoint: Endpoint,
+    socket: BatchSocket,
+    batch: TransmitBatch,
+    peers: BTreeMap<ConnectionHandle, Peer>,
+    nodes: BTreeMap<u16, NodeEntry>,
+    shards: BTreeMap<ShardRef, ShardEntry>,
+    coord: Option<Coordinator>,
+    published: u64,
+    directory_version: u64,
+    directory_sent: u64,
+    seq: u64,
+    refused: FrameErrorCounts,
+    board: Arc<Mutex<Board>>,
+    admin: Receiver<AdminInput>,
+    started: Instant,
+    cluster_epoch: u32,
+}
+
+fn wait_readable(socket: &BatchSocket, timeout: Duration) {
+    let mut pfd = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().clamp(0, 100) as libc::c_int;
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe {
+        libc::poll(&mut pfd, 1, ms);
+    }
+}
+
+impl Loop {
+    fn new(
+        config: CoordServiceConfig,
+        socket: BatchSocket,
+        board: Arc<Mutex<Board>>,
+        admin: Receiver<AdminInput>,
+    ) -> Self {
+        let seed = tessera_net::driver::os_seed().unwrap_or(0xC00D);
+        let endpoint =
+            Endpoint::new(tessera_net::Config::cluster(4096), seed).expect("valid cluster config");
+        let batch = TransmitBatch::new(socket.batch_size());
+        Self {
+            config,
+            endpoint,
+            socket,
+            batch,
+            peers: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            shards: BTreeMap::new(),
+            coord: None,
+            published: 0,
+            directory_version: 0,
+            directory_sent: 0,
+            seq: 0,
+            refused: FrameErrorCounts::default(),
+            board,
+            admin,
+            started: Instant::now(),
+            cluster_epoch: 1,
+        }
+    }
+
+    fn run(mut self, stop: &AtomicBool) {
+        let mut next_tick = Instant::now();
+        while !stop.load(Ordering::Acquire) {
+            let now = Instant::now();
+            let wait = self
+                .endpoint
+                .poll_timeout()
+                .map_or(Duration::from_millis(10), |t| {
+                    t.saturating_duration_since(now)
+                })
+                .min(next_tick.saturating_duration_since(now))
+                .min(Duration::from_millis(10));
+            wait_readable(&self.socket, wait);
+            let now = Instant::now();
+            let _ = self.socket.receive_into(&mut self.endpoint, now, 64);
+            self.endpoint.handle_timeout(now);
+            while let Some(ev) = self.endpoint.poll_event() {
+                self.event(ev, now);
+            }
+            while let Ok(AdminInput::Command(cmd, reply)) = self.admin.try_recv() {
+                let _ = reply.send(self.admin_command(cmd, now));
+            }
+            if now >= next_tick {
+                if let Some(c) = &mut self.coord {
+                    c.tick(now);
+                }
+                next_tick = now + Duration::from_millis(100);
+                self.publish_board(now);
+            }
+            self.push_changes();
+            let _ = self
+                .socket
+                .transmit_from(&mut self.endpoint, &mut self.batch, now);
+        }
+        self.endpoint.disconnect_all(Instant::now(), 0);
+        let _ = self
+            .socket
+            .transmit_from(&mut self.endpoint, &mut self.batch, Instant::now());
+        tracing::info!("coordinator stopped");
+    }
+
+    fn send(&mut self, to: ConnectionHandle, msg: &ControlMsg) {
+        self.seq += 1;
+        let header = ShardHeader {
+            cell: CellId::root(0, 0, 0),
+            epoch: self.cluster_epoch,
+            seq: self.seq,
+            sender: ShardRef {
+                node: u16::MAX,
+                shard: 0,
+            },
+            tick: TickId(0),
+        };
+        let bytes = encode_control(&header, msg);
+        if let Err(e) = self.endpoint.send(to, CONTROL_CHANNEL, &bytes) {
+            tracing::warn!(kind = msg.kind(), error = ?e, "control message not sent");
+        }
+    }
+
+    fn directory(&self) -> Vec<NodeInfo> {
+        self.nodes.values().map(|n| n.info.clone()).collect()
+    }
+
+    fn event(&mut self, ev: Event, now: Instant) {
+        match ev {
+            Event::Connected { .. } | Event::Acked { .. } => {}
+            Event::Message {
+                connection, bytes, ..
+            } => {
+                match decode_control(&bytes) {
+                    Ok((_, msg)) => self.message(connection, msg, now),
+                    Err(e) => {
+                        self.refused.record(&e);
+                        tracing::warn!(error = %e, "control frame refused");
+                    }
+                }
+                self.endpoint.recycle(bytes);
+            }
+            Event::Disconnected { connection, reason } => {
+                if let Some(p) = self.peers.remove(&connection) {
+                    let shard = ShardRef {
+                        node: p.node,
+                        shard: p.shard,
+                    };
+                    if let Some(s) = self.shards.get_mut(&shard) {
+                        if s.connection == Some(connection) {
+                            s.connection = None;
+                        }
+                    }
+                    if p.shard != NODE_LINK {
+                        tracing::warn!(%shard, reason = ?reason, "shard link lost");
+                    }
+                }
+            }
+        }
+    }
+
+    fn message(&mut self, connection: ConnectionHandle, msg: ControlMsg, now: Instant) {
+        match msg {
+            ControlMsg::Register(r) => self.register(connection, r, now),
+            ControlMsg::Report(report) => {
+                let Some(p) = self.peers.get(&connection) else {
+                    tracing::warn!("report on an unregistered link ignored");
+                    return;
+                };
+                let shard = ShardRef {
+                    node: p.node,
+                    shard: p.shard,
+                };
+                if let Some(c) = &mut self.coord {
+                    c.handle_report(now, shard, report);
+                }
+            }
+            ControlMsg::Heartbeat {
+                tick,
+                sessions,
+                entities,
+            } => {
+                let Some(p) = self.peers.get(&connection) else {
+                    return;
+                };
+                let shard = ShardRef {
+                    node: p.node,
+                    shard: p.shard,
+                };
+                if let Some(s) = self.shards.get_mut(&shard) {
+                    s.last_heard = now;
+                    s.tick = tick.0;
+                    s.sessions = sessions;
+                    s.entities = entities;
+                }
+            }
+            other => tracing::warn!(
+                kind = other.kind(),
+                "unexpected control message from a node ignored"
+            ),
+        }
+    }
+
+    fn register(&mut self, connection: ConnectionHandle, r: Registration, now: Instant) {
+        let info = NodeInfo {
+            node: r.node,
+            shards: r.shards,
+            role: r.role,
+            cluster_addr: r.cluster_addr,
+            game_addr: r.game_addr,
+        };
+        match self.nodes.get(&r.node) {
+            Some(old) if old.info == info && old.incarnation == r.incarnation => {}
+            Some(old) => {
+                tracing::warn!(node = r.node, old = %old.info.cluster_addr, new = %r.cluster_addr, incarnation = r.incarnation, "node registered again (restarted or moved)");
+                self.nodes.insert(
+                    r.node,
+                    NodeEntry {
+                        info,
+                        incarnation: r.incarnation,
+                    },
+                );
+                self.directory_version += 1;
+            }
+            None => {
+                tracing::info!(node = r.node, role = %r.role, shards = r.shards, cluster = %r.cluster_addr, game = ?r.game_addr, "node joined");
+                self.nodes.insert(
+                    r.node,
+                    NodeEntry {
+                        info,
+                        incarnation: r.incarnation,
+                    },
+                );
+                self.directory_version += 1;
+                {
+                    // Every shard links (gateways too: they route by the
+                    // registry); only compute shards become members.
+                    for s in 0..r.shards {
+                        self.shards
+                            .entry(ShardRef {
+                                node: r.node,
+                                shard: s,
+                            })
+                            .or_insert(ShardEntry {
+                                connection: None,
+                                last_heard: now,
+                                tick: 0,
+                                sessions: 0,
+                                entities: 0,
+                            });
+                    }
+                }
+                self.members_changed();
+            }
+        }
+        self.peers.insert(
+            connection,
+            Peer {
+                node: r.node,
+                shard: r.shard,
+            },
+        );
+        if r.shard != NODE_LINK {
+            let shard = ShardRef {
+                node: r.node,
+                shard: r.shard,
+            };
+            if let Some(s) = self.shards.get_mut(&shard) {
+                s.connection = Some(connection);
+                s.last_heard = now;
+            }
+            tracing::info!(%shard, "shard linked");
+        }
+        self.send(
+            connection,
+            &ControlMsg::Welcome {
+                cluster_epoch: self.cluster_epoch,
+                tick_hz: self.config.tick_hz,
+            },
+        );
+        let dir = ControlMsg::Directory(self.directory());
+        self.send(connection, &dir);
+        if let Some(c) = &self.coord {
+            let reg = ControlMsg::Registry(Arc::new(c.registry().clone()));
+            self.send(connection, &reg);
+        }
+    }
+
+    fn compute_members(&self) -> Vec<ShardRef> {
+        let mut v = Vec::new();
+        for n in self.nodes.values() {
+            if n.info.role.computes() {
+                v.extend((0..n.info.shards).map(|s| ShardRef {
+                    node: n.info.node,
+                    shard: s,
+                }));
+            }
+        }
+        v
+    }
+
+    fn members_changed(&mut self) {
+        let members = self.compute_members();
+        if let Some(c) = &mut self.coord {
+            c.set_members(members);
+            return;
+        }
+        let computes = self
+            .nodes
+            .values()
+            .filter(|n| n.info.role.computes())
+            .count();
+        if computes < self.config.compute_nodes || members.is_empty() {
+            tracing::info!(
+                computes,
+                wanted = self.config.compute_nodes,
+                "waiting for compute nodes before assigning cells"
+            );
+            return;
+        }
+        let layout = Arc::new(Layout::new(self.config.geometry.clone()));
+        let blocks = contiguous_blocks(&layout, members.len());
+        let owners = blocks
+            .into_iter()
+            .map(|(cell, s)| (cell, members[usize::from(s.shard)]))
+            .collect();
+        let registry = Registry::new(layout, &owners).expect("every leaf assigned");
+        let mut policy = self.config.policy.clone();
+        policy.shards = members.len() as u16;
+        let mut coord = Coordinator::new(registry, policy);
+        coord.set_members(members.clone());
+        self.cluster_epoch = coord.registry().cluster_epoch();
+        tracing::info!(
+            shards = members.len(),
+            cells = coord.registry().len(),
+            cluster_epoch = self.cluster_epoch,
+            "cells assigned over the compute shards"
+        );
+        self.coord = Some(coord);
+    }
+
+    /// Registry, directory and orders, in that order (one ordered channel
+    /// per link: a commit finds its route in place).
+    fn push_changes(&mut self) {
+        let conns: Vec<ConnectionHandle> = self.peers.keys().copied().collect();
+        // The directory first: a registry may name a node that just joined.
+        if self.directory_sent != self.directory_version {
+            self.directory_sent = self.directory_version;
+            let dir = ControlMsg::Directory(self.directory());
+            for conn in &conns {
+                self.send(*conn, &dir);
+            }
+        }
+        if let Some(c) = &self.coord {
+            if c.registry().version() != self.published {
+                self.published = c.registry().version();
+                let reg = ControlMsg::Registry(Arc::new(c.registry().clone()));
+                for conn in &conns {
+                    self.send(*conn, &reg);
+                }
+            }
+        }
+        let mut orders = Vec::new();
+        if let Some(c) = &mut self.coord {
+            while let Some(o) = c.poll_order() {
+                orders.push(o);
+            }
+            for line in c.take_log() {
+                tracing::info!(target: "tessera::coord", "{line}");
+            }
+        }
+        for (shard, order) in orders {
+            match self.shards.get(&shard).and_then(|s| s.connection) {
+                Some(conn) => self.send(conn, &ControlMsg::Order(order)),
+                None => {
+                    tracing::error!(%shard, order = ?order, "order for a shard without a link dropped (the step times out and aborts)")
+                }
+            }
+        }
+    }
+
+    fn admin_command(&mut self, command: AdminCommand, now: Instant) -> Result<String, String> {
+        let Some(coord) = &mut self.coord else {
+            return Err(format!(
+                "no cells assigned yet: waiting for {} compute node(s)",
+                self.config.compute_nodes
+            ));
+        };
+        let result = crate::node::coordinator::run_command(coord, &command, now);
+        tracing::warn!(command = ?command, result = ?result, "operator command");
+        result
+    }
+
+    fn publish_board(&mut self, now: Instant) {
+        let mut board = self.board.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = ClusterStatus {
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            cluster_epoch: self.cluster_epoch,
+            frames_refused: self.refused.total(),
+            ..ClusterStatus::default()
+        };
+        let computes = self
+            .nodes
+            .values()
+            .filter(|n| n.info.role.computes())
+            .count();
+        st.awaiting_compute_nodes = self.config.compute_nodes.saturating_sub(computes);
+        for n in self.nodes.values() {
+            st.nodes.push(ClusterNode {
+                node: n.info.node,
+                role: n.info.role.to_string(),
+                shards: n.info.shards,
+                cluster_addr: n.info.cluster_addr.to_string(),
+                game_addr: n.info.game_addr.map(|a| a.to_string()),
+            });
+        }
+        let registry = self.coord.as_ref().map(|c| c.registry());
+        for (shard, s) in &self.shards {
+            let role = self
+                .nodes
+                .get(&shard.node)
+                .map_or(NodeRole::Both, |n| n.info.role);
+            st.shards.push(ClusterShard {
+                shard: shard.to_string(),
+                role: role.to_string(),
+                linked: s.connection.is_some(),
+                tick: s.tick,
+                sessions: s.sessions,
+                entities: s.entities,
+                cells: registry.map_or(0, |r| r.cells_of(*shard).len()),
+                heard_ms_ago: now.saturating_duration_since(s.last_heard).as_millis() as u64,
+            });
+        }
+        if let Some(c) = &mut self.coord {
+            let scores: BTreeMap<CellId, f64> = c.scores().into_iter().collect();
+            for (cell, a) in c.registry().iter() {
+                st.cells.push(ClusterCell {
+                    cell: cell.to_string(),
+                    owner: a.owner.to_string(),
+                    epoch: a.epoch,
+                    score: scores.get(&cell).copied().unwrap_or(0.0),
+                });
+            }
+            st.registry_version = c.registry().version();
+            st.in_flight = c.in_flight();
+            let k = c.counters();
+            st.handovers = k.handovers;
+            st.aborts = k.aborts;
+            st.splits = k.splits;
+            st.merges = k.merges;
+            for r in c.take_records() {
+                if board.recent.len() >= 200 {
+                    board.recent.pop_front();
+                }
+                board.recent.push_back(r);
+            }
+        }
+        board.status = st;
+    }
+}
+
+fn serve_admin(
+    listener: TcpListener,
+    board: Arc<Mutex<Board>>,
+    tx: Sender<AdminInput>,
+    stop: Arc<AtomicBool>,
+) -> io::Result<JoinHandle<()>> {
+    listener.set_nonblocking(true)?;
+    spawn_helper("tessera-coord-admin", None, move || {
+        while !stop.load(Ordering::Acquire) {
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    if let Err(e) = answer(stream, &board, &tx, &stop) {
+                        tracing::debug!(%peer, error = %e, "admin request failed");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    })
+}
+
+fn answer(
+    stream: TcpStream,
+    board: &Mutex<Board>,
+    tx: &Sender<AdminInput>,
+    stop: &AtomicBool,
+) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut line = String::new();
+    BufReader::new((&stream).take(1024)).read_line(&mut line)?;
+    let mut words = line.split_whitespace();
+    let err = |e: String| serde_json::json!({ "error": e }).to_string();
+    let command = |c: AdminCommand| {
+        let (rtx, rrx) = crossbeam_channel::bounded(1);
+        if tx.send(AdminInput::Command(c, rtx)).is_err() {
+            return err("the coordinator is not running".into());
+        }
+        match rrx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(text)) => serde_json::json!({ "ok": text }).to_string(),
+            Ok(Err(e)) => err(e),
+            Err(_) => err("the coordinator did not answer".into()),
+        }
+    };
+    let cell = |w: Option<&str>| -> Result<CellId, String> {
+        w.ok_or_else(|| "a cell is needed, e.g. 0:2,3".to_string())?
+            .parse::<CellId>()
+            .map_err(|e| e.to_string())
+    };
+    let reply = match words.next() {
+        Some("status") | Some("cells") => {
+            let b = board.lock().unwrap_or_else(|e| e.into_inner());
+            serde_json::to_string(&b.status).map_err(io::Error::other)?
+        }
+        Some("handovers") => {
+            let b = board.lock().unwrap_or_else(|e| e.into_inner());
+            let recent: Vec<serde_json::Value> = b
+                .recent
+                .iter()
+                .rev()
+                .take(50)
+                .map(|r| {
+                    serde_json::json!({
+                        "handover": r.id.0, "cell": r.cell.to_string(), "from": r.from.to_string(), "to": r.to.to_string(),
+                        "epoch": r.epoch, "entities": r.entities, "committed": r.committed,
+                        "abort": r.abort.map(|a| format!("{a:?}")),
+                        "decision_to_commit_ms": r.decision_to_commit.as_secs_f64() * 1e3,
+                        "freeze_ms": r.freeze.map(|f| f.as_secs_f64() * 1e3), "cause": r.cause,
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "handovers": b.status.handovers, "aborts": b.status.aborts, "splits": b.status.splits,
+                "merges": b.status.merges, "recent": recent,
+            })
+            .to_string()
+        }
+        Some("move") => match (cell(words.next()), words.next().map(str::parse::<ShardRef>)) {
+            (Ok(cell), Some(Ok(shard))) => command(AdminCommand::Move { cell, shard }),
+            (Err(e), _) => err(e),
+            (_, Some(Err(e))) => err(e.to_string()),
+            _ => err("usage: move CELL NODE/SHARD".into()),
+        },
+        Some("split") => match cell(words.next()) {
+            Ok(c) => command(AdminCommand::Split { cell: c }),
+            Err(e) => err(e),
+        },
+        Some("merge") => match cell(words.next()) {
+            Ok(c) => command(AdminCommand::Merge { cell: c }),
+            Err(e) => err(e),
+        },
+        Some("shutdown") => {
+            tracing::warn!("coordinator shutdown requested on the admin port");
+            stop.store(true, Ordering::Release);
+            "{\"ok\":true}".to_string()
+        }
+        Some(other) => err(format!(
+            "unknown command {other:?}: try status, handovers, move CELL NODE/SHARD, split CELL, merge CELL, shutdown"
+        )),
+        None => err("empty command".into()),
+    };
+    let mut stream = stream;
+    stream.write_all(reply.as_bytes())?;
+    stream.write_all(b"\n")?;
+    stream.flush()
+}

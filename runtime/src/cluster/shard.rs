@@ -1,0 +1,426 @@
+//! One shard's side of the cluster: its links to other nodes' shards and
+//! to the coordinator, on its own RUDP endpoint and UDP port.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tessera_cells::node::{NodeCore, ShardMsg};
+use tessera_cells::wire::{
+    decode_bundle, decode_control, encode_control, BundleWriter, ControlMsg, NodeInfo,
+    Registration, ShardHeader,
+};
+use tessera_cells::{CellId, GameLogic, Registry, ShardRef, TickId};
+use tessera_net::driver::BatchSocket;
+use tessera_net::{ConnectionHandle, Endpoint, Event, TransmitBatch};
+use tessera_schema::FrameErrorCounts;
+
+use super::link::CONTROL_CHANNEL;
+
+/// A bundle is sent early once it holds this many bytes (bounds the
+/// memory one destination can take within a turn; a single message may
+/// still be larger, up to the link's 16 MiB).
+pub const BUNDLE_FLUSH_BYTES: usize = 1 << 20;
+
+/// Wait before dialling the coordinator again after its link broke.
+const COORD_RETRY: Duration = Duration::from_millis(500);
+
+/// What a shard's cluster side counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClusterCounters {
+    /// Bundles sent to other nodes' shards.
+    pub bundles_sent: u64,
+    /// Their bytes.
+    pub bytes_sent: u64,
+    /// Messages in them.
+    pub frames_sent: u64,
+    /// Bundles received and decoded.
+    pub bundles_received: u64,
+    /// Their bytes.
+    pub bytes_received: u64,
+    /// Messages in them.
+    pub frames_received: u64,
+    /// Bundles and control frames refused on arrival, by reason.
+    pub refused: FrameErrorCounts,
+    /// Handover steps ignored on arrival for a stale epoch.
+    pub stale_epoch: u64,
+    /// Bundles the link refused to queue (backpressure: queue full, or
+    /// larger than a message may be): their messages are lost, logged.
+    pub send_refused: u64,
+    /// Messages for a node the directory does not list (dropped, logged).
+    pub no_route: u64,
+    /// Links opened to other shards.
+    pub links_opened: u64,
+    /// Links that closed (the peer stopped, or timed out).
+    pub links_closed: u64,
+    /// Control frames sent to the coordinator.
+    pub control_sent: u64,
+    /// Control frames received from it.
+    pub control_received: u64,
+    /// Times the coordinator link was dialled again.
+    pub coord_redials: u64,
+}
+
+/// What the coordinator said that the driver must act on.
+#[derive(Debug)]
+pub enum FromCoordinator {
+    /// A newer registry (already handed to the core).
+    Registry(std::sync::Arc<Registry>),
+}
+
+/// A shard's cluster endpoint, links and coordinator link.
+pub struct ClusterSide {
+    me: ShardRef,
+    endpoint: Endpoint,
+    socket: BatchSocket,
+    batch: TransmitBatch,
+    coord_addr: SocketAddr,
+    coord: Option<ConnectionHandle>,
+    coord_retry_at: Option<Instant>,
+    registration: Registration,
+    directory: BTreeMap<u16, NodeInfo>,
+    links: BTreeMap<ShardRef, ConnectionHandle>,
+    writers: BTreeMap<ShardRef, BundleWriter>,
+    control_seq: u64,
+    counters: ClusterCounters,
+}
+
+impl ClusterSide {
+    /// The cluster side of shard `me`, on its bound `socket`.
+    pub fn new(
+        me: ShardRef,
+        endpoint: Endpoint,
+        socket: BatchSocket,
+        coord_addr: SocketAddr,
+        registration: Registration,
+        directory: Vec<NodeInfo>,
+    ) -> Self {
+        let batch = TransmitBatch::new(socket.batch_size());
+        Self {
+            me,
+            endpoint,
+            socket,
+            batch,
+            coord_addr,
+            coord: None,
+            coord_retry_at: Some(Instant::now()),
+            registration,
+            directory: directory.into_iter().map(|n| (n.node, n)).collect(),
+            links: BTreeMap::new(),
+            writers: BTreeMap::new(),
+            control_seq: 0,
+            counters: ClusterCounters::default(),
+        }
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> ClusterCounters {
+        self.counters
+    }
+
+    /// The cluster socket (its readiness wakes the shard).
+    pub fn socket(&self) -> &BatchSocket {
+        &self.socket
+    }
+
+    /// The endpoint's statistics.
+    pub fn endpoint_stats(&self) -> &tessera_net::EndpointStats {
+        self.endpoint.stats()
+    }
+
+    /// When the endpoint next needs a call (timers, retransmissions).
+    pub fn next_deadline(&mut self) -> Option<Instant> {
+        let t = self.endpoint.poll_timeout();
+        match (t, self.coord_retry_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// True while the coordinator link is up.
+    pub fn coordinator_linked(&self) -> bool {
+        self.coord.is_some_and(|c| self.endpoint.is_connected(c))
+    }
+
+    /// Adds a message for a shard of another node to this turn's bundle.
+    pub fn queue<G: GameLogic>(
+        &mut self,
+        to: ShardRef,
+        msg: &ShardMsg<G>,
+        tick: TickId,
+        registry: &Registry,
+        now: Instant,
+    ) {
+        let header = ShardHeader::for_msg(msg, self.me, tick, registry);
+        let writer = self
+            .writers
+            .entry(to)
+            .or_insert_with(|| BundleWriter::new(to));
+        if let Err(e) = writer.push(header, msg) {
+            tracing::error!(shard = %self.me, %to, error = %e, "message not encodable: dropped");
+            return;
+        }
+        if writer.bytes() >= BUNDLE_FLUSH_BYTES {
+            self.flush_one(to, now);
+        }
+    }
+
+    /// Sends every bundle of this turn.
+    pub fn flush(&mut self, now: Instant) {
+        let dests: Vec<ShardRef> = self
+            .writers
+            .iter()
+            .filter(|(_, w)| !w.is_empty())
+            .map(|(to, _)| *to)
+            .collect();
+        for to in dests {
+            self.flush_one(to, now);
+        }
+    }
+
+    fn link_to(&mut self, to: ShardRef, now: Instant) -> Option<ConnectionHandle> {
+        if let Some(c) = self.links.get(&to) {
+            return Some(*c);
+        }
+        let addr = self.directory.get(&to.node)?.shard_addr(to.shard);
+        match self.endpoint.connect(now, addr) {
+            Ok(c) => {
+                self.counters.links_opened += 1;
+                tracing::info!(shard = %self.me, %to, %addr, "cluster link opened");
+                self.links.insert(to, c);
+                Some(c)
+            }
+            Err(e) => {
+                tracing::error!(shard = %self.me, %to, %addr, error = ?e, "cannot open a cluster link");
+                None
+            }
+        }
+    }
+
+    fn flush_one(&mut self, to: ShardRef, now: Instant) {
+        let Some(writer) = self.writers.get(&to) else {
+            return;
+        };
+        if writer.is_empty() {
+            return;
+        }
+        let frames = writer.len() as u64;
+        let link = self.link_to(to, now);
+        let writer = self.writers.get_mut(&to).expect("checked above");
+        let Some(link) = link else {
+            self.counters.no_route += frames;
+            writer.finish(|_| ());
+            tracing::error!(shard = %self.me, %to, frames, "no directory entry for the destination's node: messages dropped");
+            return;
+        };
+        let endpoint = &mut self.endpoint;
+        let (sent, len) = writer.finish(|b| (endpoint.send(link, CONTROL_CHANNEL, b), b.len()));
+        match sent {
+            Ok(_) => {
+                self.counters.bundles_sent += 1;
+                self.counters.frames_sent += frames;
+                self.counters.bytes_sent += len as u64;
+            }
+            Err(e) => {
+                self.counters.send_refused += 1;
+                tracing::error!(shard = %self.me, %to, frames, bytes = len, error = ?e, "cluster link refused a bundle: messages dropped");
+            }
+        }
+    }
+
+    /// Sends a control message to the coordinator (dropped with a log line
+    /// while the link is down: reports repeat, heartbeats are periodic).
+    pub fn send_control(&mut self, msg: &ControlMsg, tick: TickId) {
+        let Some(coord) = self.coord else {
+            tracing::debug!(shard = %self.me, kind = msg.kind(), "no coordinator link: control message dropped");
+            return;
+        };
+        self.control_seq += 1;
+        let header = ShardHeader {
+            cell: CellId::root(0, 0, 0),
+            epoch: 0,
+            seq: self.control_seq,
+            sender: self.me,
+            tick,
+        };
+        let bytes = encode_control(&header, msg);
+        match self.endpoint.send(coord, CONTROL_CHANNEL, &bytes) {
+            Ok(_) => self.counters.control_sent += 1,
+            Err(e) => {
+                tracing::warn!(shard = %self.me, kind = msg.kind(), error = ?e, "control message not sent")
+            }
+        }
+    }
+
+    /// Reads the socket, runs the endpoint's timers, hands what arrived to
+    /// the core (bundles from other shards, orders and registries from the
+    /// coordinator) and sends what is queued. Returns the work done and
+    /// whether the registry changed.
+    pub fn pump<G: GameLogic>(
+        &mut self,
+        core: &mut NodeCore<G>,
+        now: Instant,
+    ) -> (usize, Option<FromCoordinator>) {
+        let mut work = match self.socket.receive_into(&mut self.endpoint, now, 64) {
+            Ok((n, _)) => n,
+            Err(e) => {
+                tracing::warn!(shard = %self.me, error = %e, "cluster socket receive failed");
+                0
+            }
+        };
+        self.endpoint.handle_timeout(now);
+        self.redial(now);
+        let mut changed = None;
+        let mut inbound: Vec<(ShardHeader, ShardMsg<G>)> = Vec::new();
+        while let Some(event) = self.endpoint.poll_event() {
+            work += 1;
+            match event {
+                Event::Connected { connection, addr } => {
+                    if Some(connection) == self.coord {
+                        tracing::info!(shard = %self.me, coord = %addr, "coordinator link up: registering");
+                        let msg = ControlMsg::Register(self.registration.clone());
+                        self.send_control(&msg, core.world().tick_id());
+                    }
+                }
+                Event::Message {
+                    connection, bytes, ..
+                } => {
+                    if Some(connection) == self.coord {
+                        self.counters.control_received += 1;
+                        match decode_control(&bytes) {
+                            Ok((_, msg)) => {
+                                if let Some(c) = self.from_coordinator(core, msg) {
+                                    changed = Some(c);
+                                }
+                            }
+                            Err(e) => {
+                                self.counters.refused.record(&e);
+                                tracing::warn!(shard = %self.me, error = %e, "control frame refused");
+                            }
+                        }
+                    } else {
+                        match decode_bundle::<G>(&bytes, &mut inbound) {
+                            Ok(to) if to == self.me => {
+                                self.counters.bundles_received += 1;
+                                self.counters.bytes_received += bytes.len() as u64;
+                            }
+                            Ok(to) => {
+                                // Not ours (a directory that moved under us).
+                                tracing::warn!(shard = %self.me, %to, "bundle for another shard dropped");
+                                inbound.clear();
+                            }
+                            Err(e) => {
+                                self.counters.refused.record(&e);
+                                tracing::warn!(shard = %self.me, error = %e, "shard bundle refused");
+                            }
+                        }
+                        for (header, msg) in inbound.drain(..) {
+                            self.counters.frames_received += 1;
+                            if header.is_stale(&msg, core.router().registry()) {
+                                self.counters.stale_epoch += 1;
+                                tracing::info!(shard = %self.me, cell = %header.cell, epoch = header.epoch, from = %header.sender, "handover step from a stale epoch ignored");
+                                continue;
+                            }
+                            core.handle_message(msg);
+                        }
+                    }
+                    self.endpoint.recycle(bytes);
+                }
+                Event::Disconnected { connection, reason } => {
+                    if Some(connection) == self.coord {
+                        tracing::warn!(shard = %self.me, reason = ?reason, "coordinator link lost: gameplay goes on, balancing pauses; redialling");
+                        self.coord = None;
+                        self.coord_retry_at = Some(now + COORD_RETRY);
+                    } else if let Some((&to, _)) =
+                        self.links.iter().find(|(_, c)| **c == connection)
+                    {
+                        self.links.remove(&to);
+                        self.counters.links_closed += 1;
+                        tracing::warn!(shard = %self.me, %to, reason = ?reason, "cluster link closed");
+                    }
+                }
+                Event::Acked { .. } => {}
+            }
+        }
+        (work, changed)
+    }
+
+    fn redial(&mut self, now: Instant) {
+        if self.coord.is_some() || self.coord_retry_at.is_none_or(|t| now < t) {
+            return;
+        }
+        self.coord_retry_at = None;
+        match self.endpoint.connect(now, self.coord_addr) {
+            Ok(c) => {
+                if self.counters.control_sent > 0 {
+                    self.counters.coord_redials += 1;
+                }
+                self.coord = Some(c);
+            }
+            Err(e) => {
+                tracing::warn!(shard = %self.me, error = ?e, "cannot dial the coordinator");
+                self.coord_retry_at = Some(now + COORD_RETRY);
+            }
+        }
+    }
+
+    fn from_coordinator<G: GameLogic>(
+        &mut self,
+        core: &mut NodeCore<G>,
+        msg: ControlMsg,
+    ) -> Option<FromCoordinator> {
+        match msg {
+            ControlMsg::Registry(r) => {
+                if r.version() <= core.router().registry().version()
+                    && r.cluster_epoch() <= core.router().registry().cluster_epoch()
+                {
+                    return None;
+                }
+                core.handle_registry(r.clone());
+                Some(FromCoordinator::Registry(r))
+            }
+            ControlMsg::Directory(nodes) => {
+                for n in nodes {
+                    if self
+                        .directory
+                        .get(&n.node)
+                        .is_some_and(|old| old.cluster_addr != n.cluster_addr)
+                    {
+                        // The node restarted elsewhere: links to it are stale.
+                        self.links.retain(|to, _| to.node != n.node);
+                    }
+                    self.directory.insert(n.node, n);
+                }
+                None
+            }
+            ControlMsg::Order(order) => {
+                core.handle_message(ShardMsg::Order(order));
+                None
+            }
+            ControlMsg::Welcome { cluster_epoch, .. } => {
+                tracing::info!(shard = %self.me, cluster_epoch, "registered with the coordinator");
+                None
+            }
+            other => {
+                tracing::warn!(shard = %self.me, kind = other.kind(), "unexpected control message ignored");
+                None
+            }
+        }
+    }
+
+    /// Sends what the endpoint has.
+    pub fn transmit(&mut self, now: Instant) -> usize {
+        self.socket
+            .transmit_from(&mut self.endpoint, &mut self.batch, now)
+            .unwrap_or_else(|e| {
+                tracing::warn!(shard = %self.me, error = %e, "cluster socket send failed");
+                0
+            })
+    }
+
+    /// Closes every link gracefully (the node stops).
+    pub fn close(&mut self, now: Instant) {
+        self.endpoint.disconnect_all(now, 0);
+        self.transmit(now);
+    }
+}

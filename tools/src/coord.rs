@@ -1,0 +1,100 @@
+//! `tessera coord`: the standalone coordinator of a cluster.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tessera_cells::Geometry;
+use tessera_runtime::cluster::service::{CoordService, CoordServiceConfig};
+
+/// Options of `tessera coord`.
+#[derive(clap::Args, Debug)]
+pub struct CoordArgs {
+    /// UDP address nodes reach the coordinator on (`tessera serve --coord`).
+    #[arg(long, default_value = "127.0.0.1:7700", env = "TESSERA_COORD_LISTEN")]
+    pub listen: SocketAddr,
+    /// Admin port (TCP): `tessera admin --addr ADDR status`.
+    #[arg(
+        long,
+        default_value = "127.0.0.1:7701",
+        env = "TESSERA_COORD_ADMIN_ADDR"
+    )]
+    pub admin_addr: SocketAddr,
+    /// Compute nodes (role both or compute) to wait for before the world's
+    /// cells are spread over their shards; nodes joining later get cells by
+    /// balancing.
+    #[arg(long, default_value_t = 1, env = "TESSERA_COMPUTE_NODES")]
+    pub compute_nodes: usize,
+    /// World size in depth-0 cells, COLUMNSxROWS.
+    #[arg(long, default_value = "8x8", value_parser = crate::config::parse_world_size)]
+    pub world: (i32, i32),
+    /// Cell edge, metres.
+    #[arg(long, default_value_t = 128.0)]
+    pub cell_size: f32,
+    /// The cluster's tick rate (every node must use it).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(10..=60))]
+    pub tick_hz: u32,
+    /// Do not split, move or merge automatically (operator commands still
+    /// work).
+    #[arg(long)]
+    pub no_balance: bool,
+    /// Deepest quadtree split, 0..=8.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(0..=8))]
+    pub max_depth: u8,
+    /// Stop by itself after this many seconds.
+    #[arg(long)]
+    pub duration: Option<f64>,
+}
+
+/// Runs the coordinator until SIGINT/SIGTERM, `tessera admin shutdown` or
+/// `--duration`.
+pub fn run(args: CoordArgs) -> Result<(), String> {
+    if !(args.cell_size.is_finite() && (8.0..=10_000.0).contains(&args.cell_size)) {
+        return Err(format!(
+            "--cell-size {} must be between 8 and 10000 metres",
+            args.cell_size
+        ));
+    }
+    let mut policy = tessera_coord::Policy::new(1);
+    policy.automatic = !args.no_balance;
+    policy.max_depth = args.max_depth;
+    let service = CoordService::start(CoordServiceConfig {
+        listen: args.listen,
+        admin: Some(args.admin_addr),
+        geometry: Geometry::new(0, args.cell_size, args.world.0, args.world.1),
+        tick_hz: args.tick_hz,
+        compute_nodes: args.compute_nodes,
+        policy,
+    })
+    .map_err(|e| e.to_string())?;
+    println!(
+        "tessera coordinator listening on udp://{} ({}x{} cells, {} Hz, waiting for {} compute node(s))",
+        service.listen_addr(),
+        args.world.0,
+        args.world.1,
+        args.tick_hz,
+        args.compute_nodes
+    );
+    if let Some(a) = service.admin_addr() {
+        println!("  admin: tessera admin --addr {a} status");
+    }
+    println!(
+        "  nodes: tessera serve --coord {} --node-id N --cluster-addr IP:PORT [--role compute|gateway]",
+        service.listen_addr()
+    );
+    let stop = service.stop_flag();
+    let flag = stop.clone();
+    signal_hook::flag::register(signal_hook::consts::SIGINT, flag.clone())
+        .and_then(|_| signal_hook::flag::register(signal_hook::consts::SIGTERM, flag))
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    if let Some(seconds) = args.duration {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs_f64(seconds));
+            stop.store(true, Ordering::Release);
+        });
+    }
+    service.wait();
+    println!("coordinator stopped");
+    Ok(())
+}
