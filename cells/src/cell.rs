@@ -807,6 +807,12 @@ impl<G: GameLogic> Cell<G> {
         let departing = departing.iter_mut().map(|(to, t)| (*to, &mut t.entity));
         for (_, e) in self.entities.iter_mut().map(|e| (here, e)).chain(departing) {
             let Some(v) = e.view.as_mut() else { continue };
+            if v.latest_sent().is_some_and(|s| s.tick >= tick) {
+                // The avatar arrived from a cell that already sent this
+                // tick's snapshot (its owner ran the tick first): the
+                // client gets the next one, never two with one tick id.
+                continue;
+            }
             self.accepted.clear();
             self.aoi
                 .members_of(e.pos, v.members(), view, &mut self.accepted);

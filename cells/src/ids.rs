@@ -33,8 +33,9 @@ impl fmt::Display for TickId {
     }
 }
 
-/// Hands out entity ids unique across a node: the top 16 bits name the
-/// allocator (one per shard, or per node and shard in a cluster).
+/// Hands out entity ids unique across a cluster: the top 24 bits name the
+/// allocator (one per shard: [`IdAllocator::prefix_of`] packs its node and
+/// shard), the low 40 bits count (10^12 ids per shard).
 #[derive(Clone, Debug)]
 pub struct IdAllocator {
     prefix: u64,
@@ -43,14 +44,20 @@ pub struct IdAllocator {
 
 impl IdAllocator {
     /// Bits left for the serial number.
-    pub const SERIAL_BITS: u32 = 48;
+    pub const SERIAL_BITS: u32 = 40;
 
-    /// An allocator whose ids start with `prefix`.
-    pub fn new(prefix: u16) -> Self {
+    /// An allocator whose ids start with `prefix` (its low 24 bits).
+    pub fn new(prefix: u32) -> Self {
         Self {
-            prefix: u64::from(prefix) << Self::SERIAL_BITS,
+            prefix: u64::from(prefix & 0xFF_FFFF) << Self::SERIAL_BITS,
             next: 1,
         }
+    }
+
+    /// The prefix of shard `shard` of node `node` (shards 0..255): unique
+    /// in a cluster, never 0.
+    pub fn prefix_of(node: u16, shard: u16) -> u32 {
+        ((u32::from(node) << 8) | u32::from(shard & 0xFF)) + 1
     }
 
     /// The next id.

@@ -449,7 +449,7 @@ impl Harness {
                     DemoGame::new(config.demo.clone()),
                     layout.clone(),
                     config.world.clone(),
-                    s as u16 + 1,
+                    crate::ids::IdAllocator::prefix_of(shard_ref(s).node, shard_ref(s).shard),
                 );
                 let mut core = NodeCore::new(shard_ref(s), world, registry.clone());
                 let count = config.npcs / n + usize::from(s < config.npcs % n);

@@ -118,8 +118,9 @@ pub enum ReshapeError {
 const INHERITED_GHOST_TICKS: u64 = 40;
 
 impl<G: GameLogic> ShardWorld<G> {
-    /// A world with no cells. `id_prefix` makes entity ids unique per shard.
-    pub fn new(game: G, layout: Arc<Layout>, config: WorldConfig, id_prefix: u16) -> Self {
+    /// A world with no cells. `id_prefix` makes entity ids unique per shard
+    /// ([`IdAllocator::prefix_of`]).
+    pub fn new(game: G, layout: Arc<Layout>, config: WorldConfig, id_prefix: u32) -> Self {
         Self {
             game,
             layout,

@@ -102,6 +102,7 @@ pub struct RuntimeBuilder {
     ring_depth: usize,
     preempt: Duration,
     config: ShardConfig,
+    tick_origin: Option<std::time::Instant>,
 }
 
 impl Default for RuntimeBuilder {
@@ -122,6 +123,7 @@ impl RuntimeBuilder {
             ring_depth: 256,
             preempt: Duration::from_millis(1),
             config: ShardConfig::default(),
+            tick_origin: None,
         }
     }
 
@@ -138,6 +140,13 @@ impl RuntimeBuilder {
         } else {
             CpuPlacement::Unpinned
         };
+        self
+    }
+
+    /// When tick 0 is due (default: at start). A cluster node passes the
+    /// next boundary of the cluster's tick schedule.
+    pub fn tick_origin(mut self, origin: std::time::Instant) -> Self {
+        self.tick_origin = Some(origin);
         self
     }
 
@@ -269,8 +278,8 @@ impl RuntimeBuilder {
         let factory = Arc::new(factory);
         let mut handles = Vec::with_capacity(n);
         // One origin for every shard's tick clock: tick ids agree across
-        // shards.
-        let origin = std::time::Instant::now();
+        // shards (and, with a cluster's origin, across nodes).
+        let origin = self.tick_origin.unwrap_or_else(std::time::Instant::now);
         for (i, mb) in mailboxes.into_iter().enumerate() {
             let shard = ShardId(i as u16);
             let cpu = plan[i];

@@ -165,6 +165,10 @@ struct Totals {
     verified: u64,
     inputs: u64,
     attacks: u64,
+    /// Inputs no snapshot confirmed by the end (after the quiet second).
+    unconfirmed: u64,
+    /// Inputs forgotten by the bounded per-bot queue (not judged).
+    untracked: u64,
 }
 
 /// Per-second figures in soak mode.
@@ -336,6 +340,10 @@ pub fn run(args: SimArgs) -> Result<(), String> {
     }
     let measure_from = start + ramp + Duration::from_secs(2).min(hold / 4);
     let end = start + ramp + hold;
+    // After the hold, bots send no more input for a second but keep
+    // receiving: every input sent must by then be confirmed by a snapshot's
+    // `last_input_seq` (an input lost anywhere stays unconfirmed).
+    let quiet_end = end + Duration::from_secs(1);
     let input_period = Duration::from_secs_f64(1.0 / args.input_hz);
     let mut fbb = FlatBufferBuilder::with_capacity(256);
     let mut batch = TransmitBatch::new(256);
@@ -371,7 +379,7 @@ pub fn run(args: SimArgs) -> Result<(), String> {
 
     loop {
         let now = Instant::now();
-        if now >= end {
+        if now >= quiet_end {
             break;
         }
         // 1. Network in.
@@ -607,7 +615,7 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                     heap.push(Reverse((now + Duration::from_secs(2), Action::Ping, b)));
                 }
                 Action::Input => {
-                    if bot.state != State::Playing {
+                    if bot.state != State::Playing || now >= end {
                         continue;
                     }
                     let Some(h) = bot.connection else { continue };
@@ -687,6 +695,7 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                         totals.inputs += 1;
                         bot.pending.push_back((bot.input_seq, now));
                         if bot.pending.len() > 256 {
+                            totals.untracked += 1;
                             bot.pending.pop_front();
                         }
                     }
@@ -777,6 +786,11 @@ pub fn run(args: SimArgs) -> Result<(), String> {
             wait_any(&nets, wait);
         }
     }
+    totals.unconfirmed = bots
+        .iter()
+        .filter(|b| b.state == State::Playing)
+        .map(|b| b.pending.len() as u64)
+        .sum();
     // Leave politely so the server frees the avatars at once.
     let now = Instant::now();
     for bot in bots.iter() {
@@ -897,6 +911,8 @@ fn report(
         ("gaps_over_2_ticks", gaps as f64, "gaps"),
         ("bytes_per_client_s", bytes_per_client_s, "B/s"),
         ("inputs_sent", totals.inputs as f64, "inputs"),
+        ("inputs_unconfirmed", totals.unconfirmed as f64, "inputs"),
+        ("inputs_untracked", totals.untracked as f64, "inputs"),
         ("attacks_sent", totals.attacks as f64, "actions"),
         ("server_errors", totals.errors_from_server as f64, "frames"),
         ("bad_frames", totals.bad_frames as f64, "frames"),

@@ -113,6 +113,8 @@ pub enum ControlMsg {
         cluster_epoch: u32,
         /// The cluster's tick rate.
         tick_hz: u32,
+        /// Unix time (ms) of the cluster's tick 0.
+        tick_origin_ms: u64,
     },
     /// Coordinator -> shard: every node and where to reach it.
     Directory(Vec<NodeInfo>),
@@ -199,11 +201,13 @@ pub fn encode_control(header: &ShardHeader, msg: &ControlMsg) -> Vec<u8> {
         ControlMsg::Welcome {
             cluster_epoch,
             tick_hz,
+            tick_origin_ms,
         } => t!(
             CoordWelcome,
             CoordWelcomeArgs {
                 cluster_epoch: *cluster_epoch,
                 tick_hz: *tick_hz,
+                tick_origin_ms: *tick_origin_ms,
             }
         ),
         ControlMsg::Directory(nodes) => {
@@ -501,6 +505,7 @@ pub fn decode_control(bytes: &[u8]) -> Result<(ShardHeader, ControlMsg), FrameEr
         ControlMsg::Welcome {
             cluster_epoch: m.cluster_epoch(),
             tick_hz: m.tick_hz(),
+            tick_origin_ms: m.tick_origin_ms(),
         }
     } else if let Some(m) = f.msg_as_directory() {
         let mut nodes = Vec::new();

@@ -320,6 +320,7 @@ fn control_messages_cross_unchanged() {
         ControlMsg::Welcome {
             cluster_epoch: 2,
             tick_hz: 20,
+            tick_origin_ms: 1_780_000_000_000,
         },
         ControlMsg::Directory(vec![NodeInfo {
             node: 3,

@@ -52,6 +52,25 @@ pub struct Joined {
     pub directory: Vec<NodeInfo>,
     /// The cluster's tick rate.
     pub tick_hz: u32,
+    /// Unix time (ms) of the cluster's tick 0.
+    pub tick_origin_ms: u64,
+}
+
+/// Where a joining node's tick clock starts: the next cluster tick
+/// boundary after now (an `Instant`) and that tick's number, so that every
+/// node runs tick k at about the same wall time (as well as the machines'
+/// clocks agree) and numbers it alike.
+pub fn tick_alignment(tick_origin_ms: u64, tick_hz: u32) -> (Instant, u64) {
+    let period_ns = 1_000_000_000u128 / u128::from(tick_hz.max(1));
+    let now = Instant::now();
+    let unix_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let origin_ns = u128::from(tick_origin_ms) * 1_000_000;
+    let elapsed = unix_ns.saturating_sub(origin_ns);
+    let next = elapsed / period_ns + 1;
+    let wait = (next * period_ns).saturating_sub(elapsed);
+    (now + Duration::from_nanos(wait as u64), next as u64)
 }
 
 /// Why a node could not join.
@@ -116,6 +135,7 @@ pub fn join(
     }));
     let mut directory = Vec::new();
     let mut cluster_hz = None;
+    let mut origin = 0;
     let mut waiting_logged = false;
     loop {
         let elapsed = started.elapsed();
@@ -131,7 +151,12 @@ pub fn join(
         }
         for msg in link.pump(Duration::from_millis(50))? {
             match msg {
-                ControlMsg::Welcome { tick_hz: hz, .. } => {
+                ControlMsg::Welcome {
+                    tick_hz: hz,
+                    tick_origin_ms,
+                    ..
+                } => {
+                    origin = tick_origin_ms;
                     if hz != tick_hz {
                         return Err(JoinError::TickRate {
                             cluster: hz,
@@ -147,6 +172,7 @@ pub fn join(
                         registry: (*r).clone(),
                         directory,
                         tick_hz: cluster_hz.unwrap_or(tick_hz),
+                        tick_origin_ms: origin,
                     });
                 }
                 other => tracing::debug!(kind = other.kind(), "ignored while joining"),

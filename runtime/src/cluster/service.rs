@@ -300,6 +300,7 @@ struct Loop {
     admin: Receiver<AdminInput>,
     started: Instant,
     cluster_epoch: u32,
+    tick_origin_ms: u64,
 }
 
 fn wait_readable(socket: &BatchSocket, timeout: Duration) {
@@ -344,6 +345,9 @@ impl Loop {
             admin,
             started: Instant::now(),
             cluster_epoch: 1,
+            tick_origin_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
         }
     }
 
@@ -561,6 +565,7 @@ impl Loop {
             &ControlMsg::Welcome {
                 cluster_epoch: self.cluster_epoch,
                 tick_hz: self.config.tick_hz,
+                tick_origin_ms: self.tick_origin_ms,
             },
         );
         let dir = ControlMsg::Directory(self.directory());

@@ -101,6 +101,106 @@ fn help(out: &mut String, name: &str, kind: &str, text: &str) {
     let _ = writeln!(out, "# HELP {name} {text}\n# TYPE {name} {kind}");
 }
 
+/// Cluster link counters, per shard (only on a clustered node).
+fn render_cluster(o: &mut String, node_id: u16, node: &[Option<super::NodeShardStats>]) {
+    let shards: Vec<(usize, crate::cluster::shard::ClusterCounters)> = node
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| Some((i, s.as_ref()?.cluster?)))
+        .collect();
+    if shards.is_empty() {
+        return;
+    }
+    help(
+        o,
+        "tessera_cluster_bundles_total",
+        "counter",
+        "Shard bundles exchanged with other nodes' shards.",
+    );
+    for (i, c) in &shards {
+        let _ = writeln!(o, "tessera_cluster_bundles_total{{node=\"{node_id}\",shard=\"{i}\",direction=\"sent\"}} {}", c.bundles_sent);
+        let _ = writeln!(o, "tessera_cluster_bundles_total{{node=\"{node_id}\",shard=\"{i}\",direction=\"received\"}} {}", c.bundles_received);
+    }
+    help(
+        o,
+        "tessera_cluster_frames_total",
+        "counter",
+        "Messages in those bundles.",
+    );
+    for (i, c) in &shards {
+        let _ = writeln!(o, "tessera_cluster_frames_total{{direction=\"sent\",node=\"{node_id}\",shard=\"{i}\"}} {}", c.frames_sent);
+        let _ = writeln!(o, "tessera_cluster_frames_total{{direction=\"received\",node=\"{node_id}\",shard=\"{i}\"}} {}", c.frames_received);
+    }
+    help(
+        o,
+        "tessera_cluster_bytes_total",
+        "counter",
+        "Bytes of shard bundles.",
+    );
+    for (i, c) in &shards {
+        let _ = writeln!(
+            o,
+            "tessera_cluster_bytes_total{{node=\"{node_id}\",shard=\"{i}\",direction=\"sent\"}} {}",
+            c.bytes_sent
+        );
+        let _ = writeln!(o, "tessera_cluster_bytes_total{{node=\"{node_id}\",shard=\"{i}\",direction=\"received\"}} {}", c.bytes_received);
+    }
+    help(
+        o,
+        "tessera_cluster_refused_total",
+        "counter",
+        "Bundles and control frames refused on arrival, by reason.",
+    );
+    for (i, c) in &shards {
+        for (reason, n) in c.refused.by_reason() {
+            let _ = writeln!(o, "tessera_cluster_refused_total{{node=\"{node_id}\",shard=\"{i}\",reason=\"{reason}\"}} {n}");
+        }
+    }
+    for (name, text, get) in [
+        (
+            "tessera_cluster_stale_epoch_total",
+            "Handover steps from a stale epoch ignored on arrival.",
+            (|c: &crate::cluster::shard::ClusterCounters| c.stale_epoch)
+                as fn(&crate::cluster::shard::ClusterCounters) -> u64,
+        ),
+        (
+            "tessera_cluster_send_refused_total",
+            "Bundles a cluster link refused to queue (backpressure): their messages were lost.",
+            |c| c.send_refused,
+        ),
+        (
+            "tessera_cluster_no_route_total",
+            "Messages for a node the directory does not list (dropped).",
+            |c| c.no_route,
+        ),
+        (
+            "tessera_cluster_links_opened_total",
+            "Links opened to other nodes' shards.",
+            |c| c.links_opened,
+        ),
+        (
+            "tessera_cluster_links_closed_total",
+            "Links to other nodes' shards that closed.",
+            |c| c.links_closed,
+        ),
+        (
+            "tessera_cluster_control_frames_total",
+            "Control frames exchanged with the coordinator (sent).",
+            |c| c.control_sent,
+        ),
+        (
+            "tessera_cluster_coordinator_redials_total",
+            "Times the coordinator link was dialled again.",
+            |c| c.coord_redials,
+        ),
+    ] {
+        help(o, name, "counter", text);
+        for (i, c) in &shards {
+            let _ = writeln!(o, "{name}{{node=\"{node_id}\",shard=\"{i}\"}} {}", get(c));
+        }
+    }
+}
+
 /// The metrics page.
 pub fn render(shared: &NodeShared, board: &StatsBoard) -> String {
     let mut o = String::with_capacity(16 << 10);
@@ -348,6 +448,7 @@ pub fn render(shared: &NodeShared, board: &StatsBoard) -> String {
             );
         }
     }
+    render_cluster(&mut o, shared.node, &node);
     let c = shared.coordinator_stats();
     for (name, text, v) in [
         (

@@ -286,6 +286,16 @@ impl<G: GameLogic> Node<G> {
             tracing::info!(node = cc.node, coord = %cc.coord, cells = j.registry.len(), nodes = j.directory.len(), "joined the cluster");
             joined = Some(j);
         }
+        let mut tick_base = 0;
+        let builder = match &joined {
+            Some(j) => {
+                let (origin, base) =
+                    crate::cluster::tick_alignment(j.tick_origin_ms, config.tick_hz);
+                tick_base = base;
+                builder.tick_origin(origin)
+            }
+            None => builder,
+        };
         let layout = match &joined {
             Some(j) => j.registry.layout().clone(),
             None => Arc::new(Layout::new(config.geometry.clone())),
@@ -363,7 +373,7 @@ impl<G: GameLogic> Node<G> {
                 (setup.new_game)(me),
                 registry.layout().clone(),
                 world_config.clone(),
-                shard.0 + 1,
+                tessera_cells::ids::IdAllocator::prefix_of(me.node, me.shard),
             );
             let mut core = NodeCore::new(me, world, registry);
             (setup.populate)(core.world_mut(), share);
@@ -377,7 +387,8 @@ impl<G: GameLogic> Node<G> {
                 endpoint,
                 socket,
                 shard_coord_tx.clone(),
-            );
+            )
+            .with_tick_base(tick_base);
             match &cluster_setup {
                 None => driver,
                 Some((cc, directory)) => {

@@ -115,6 +115,7 @@ pub struct NodeShard<G: GameLogic> {
     linger_until: Option<Instant>,
     cluster: Option<ClusterSide>,
     cluster_rearm: Rc<Rearm>,
+    tick_base: u64,
 }
 
 fn handle(connection: ConnectionKey) -> ConnectionHandle {
@@ -154,7 +155,15 @@ impl<G: GameLogic> NodeShard<G> {
             linger_until: None,
             cluster: None,
             cluster_rearm: Rc::new(Rearm::default()),
+            tick_base: 0,
         }
+    }
+
+    /// Numbers ticks from `base` (a cluster's tick of this node's start:
+    /// tick ids then agree across nodes).
+    pub fn with_tick_base(mut self, base: u64) -> Self {
+        self.tick_base = base;
+        self
     }
 
     /// Joins the shard to a cluster: messages for other nodes' shards go
@@ -391,7 +400,7 @@ impl<G: GameLogic> ShardHandler for NodeShard<G> {
         tick: Tick,
     ) {
         // Tick 0 would read as "no baseline" in snapshots: start at 1.
-        let id = TickId(tick.id + 1);
+        let id = TickId(self.tick_base + tick.id + 1);
         let started = Instant::now();
         {
             let mut core = self.core.borrow_mut();

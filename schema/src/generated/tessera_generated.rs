@@ -12582,6 +12582,7 @@ impl<'a> ::flatbuffers::Follow<'a> for CoordWelcome<'a> {
 impl<'a> CoordWelcome<'a> {
   pub const VT_CLUSTER_EPOCH: ::flatbuffers::VOffsetT = 4;
   pub const VT_TICK_HZ: ::flatbuffers::VOffsetT = 6;
+  pub const VT_TICK_ORIGIN_MS: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -12593,6 +12594,7 @@ impl<'a> CoordWelcome<'a> {
     args: &'args CoordWelcomeArgs
   ) -> ::flatbuffers::WIPOffset<CoordWelcome<'bldr>> {
     let mut builder = CoordWelcomeBuilder::new(_fbb);
+    builder.add_tick_origin_ms(args.tick_origin_ms);
     builder.add_tick_hz(args.tick_hz);
     builder.add_cluster_epoch(args.cluster_epoch);
     builder.finish()
@@ -12613,6 +12615,15 @@ impl<'a> CoordWelcome<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(CoordWelcome::VT_TICK_HZ, Some(0)).unwrap()}
   }
+  /// Unix time (ms) of the cluster's tick 0: every node numbers and phases
+  /// its ticks from it, so that tick ids agree across nodes.
+  #[inline]
+  pub fn tick_origin_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(CoordWelcome::VT_TICK_ORIGIN_MS, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for CoordWelcome<'_> {
@@ -12623,6 +12634,7 @@ impl ::flatbuffers::Verifiable for CoordWelcome<'_> {
     v.visit_table(pos)?
      .visit_field::<u32>("cluster_epoch", Self::VT_CLUSTER_EPOCH, false)?
      .visit_field::<u32>("tick_hz", Self::VT_TICK_HZ, false)?
+     .visit_field::<u64>("tick_origin_ms", Self::VT_TICK_ORIGIN_MS, false)?
      .finish();
     Ok(())
   }
@@ -12630,6 +12642,7 @@ impl ::flatbuffers::Verifiable for CoordWelcome<'_> {
 pub struct CoordWelcomeArgs {
     pub cluster_epoch: u32,
     pub tick_hz: u32,
+    pub tick_origin_ms: u64,
 }
 impl<'a> Default for CoordWelcomeArgs {
   #[inline]
@@ -12637,6 +12650,7 @@ impl<'a> Default for CoordWelcomeArgs {
     CoordWelcomeArgs {
       cluster_epoch: 0,
       tick_hz: 0,
+      tick_origin_ms: 0,
     }
   }
 }
@@ -12653,6 +12667,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CoordWelcomeBuilder<'a, 'b, A
   #[inline]
   pub fn add_tick_hz(&mut self, tick_hz: u32) {
     self.fbb_.push_slot::<u32>(CoordWelcome::VT_TICK_HZ, tick_hz, 0);
+  }
+  #[inline]
+  pub fn add_tick_origin_ms(&mut self, tick_origin_ms: u64) {
+    self.fbb_.push_slot::<u64>(CoordWelcome::VT_TICK_ORIGIN_MS, tick_origin_ms, 0);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CoordWelcomeBuilder<'a, 'b, A> {
@@ -12674,6 +12692,7 @@ impl ::core::fmt::Debug for CoordWelcome<'_> {
     let mut ds = f.debug_struct("CoordWelcome");
       ds.field("cluster_epoch", &self.cluster_epoch());
       ds.field("tick_hz", &self.tick_hz());
+      ds.field("tick_origin_ms", &self.tick_origin_ms());
       ds.finish()
   }
 }

@@ -32,6 +32,12 @@ impl Server {
     /// Starts `tessera serve` on free loopback ports with `args` (which set
     /// the world, shards...), and waits for its address line.
     pub fn start(args: &[&str]) -> Server {
+        Self::start_at("127.0.0.1", args)
+    }
+
+    /// As [`Server::start`], with the game port on `bind` (a loopback
+    /// address of its own, for clusters).
+    pub fn start_at(bind: &str, args: &[&str]) -> Server {
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         let log = std::env::temp_dir().join(format!(
@@ -40,7 +46,7 @@ impl Server {
             admin.port()
         ));
         let mut child = Command::new(BIN)
-            .args(["serve", "--port", "0", "--bind", "127.0.0.1", "--unpinned"])
+            .args(["serve", "--port", "0", "--bind", bind, "--unpinned"])
             .args(["--metrics-addr", &metrics.to_string()])
             .args(["--admin-addr", &admin.to_string(), "--duration", "120"])
             .args(args)
