@@ -7,6 +7,7 @@ mod client;
 mod config;
 mod coord;
 mod demo;
+mod dev;
 mod serve;
 mod sim;
 
@@ -34,6 +35,8 @@ enum Command {
     /// Run the standalone coordinator of a cluster (nodes join with
     /// `serve --coord`).
     Coord(coord::CoordArgs),
+    /// A local cluster on this machine: up, down, logs, status.
+    Dev(dev::DevArgs),
     /// Start the runtime alone (shards, ticks, messages) and print stats.
     RuntimeDemo(demo::DemoArgs),
 }
@@ -45,6 +48,8 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: logs in files stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -76,7 +81,10 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if matches!(cli.command, Command::Admin(_) | Command::Client(_)) {
+    if matches!(
+        cli.command,
+        Command::Admin(_) | Command::Client(_) | Command::Dev(_)
+    ) {
         // Output commands behave like other Unix tools when piped into
         // `head`: end quietly on a closed pipe instead of panicking.
         // SAFETY: restoring a default signal disposition at start-up.
@@ -90,6 +98,7 @@ fn main() {
         Command::Sim(args) => sim::run(args),
         Command::Admin(args) => admin::run(args),
         Command::Coord(args) => coord::run(args),
+        Command::Dev(args) => dev::run(args),
         Command::RuntimeDemo(args) => demo::run(args),
     };
     if let Err(e) = result {
