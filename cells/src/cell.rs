@@ -85,7 +85,16 @@ pub struct CellCounters {
     pub snapshot_deferred: u64,
     /// Ghost updates sent (to any neighbour).
     pub ghost_updates: u64,
+    /// Subscriptions taken (first requests and renewals).
+    pub subscriptions: u64,
+    /// Subscriptions for an entity this cell neither owns nor knows the way
+    /// to (the subscriber renews at the owner its ghost names).
+    pub subscriptions_dropped: u64,
 }
+
+/// Ticks between two renewals of a subscription (an interest's first
+/// subscription waits at most this long).
+pub const SUBSCRIBE_EVERY: u64 = 5;
 
 /// A [`GameContext`] over the cell's own fields, borrowed one by one so
 /// that the entity store stays free for the game to mutate.
@@ -401,6 +410,31 @@ impl<G: GameLogic> Cell<G> {
                 }
                 CellMessage::Transfer(t) => self.accept_transfer(*t),
                 CellMessage::Intent { intent, hops } => self.intent_queue.push((intent, hops)),
+                CellMessage::Subscribe {
+                    entity,
+                    subscriber,
+                    until,
+                    hops,
+                } => match self.entities.get_mut(entity) {
+                    Some(e) => {
+                        e.add_subscriber(subscriber, until);
+                        self.counters.subscriptions += 1;
+                    }
+                    // Follow the entity if we know where it went; if not, the
+                    // subscriber renews at the owner its ghost names.
+                    None => match self.forwards.get(&entity) {
+                        Some(&(to, _)) if hops < config.max_hops => self.send(
+                            to,
+                            CellMessage::Subscribe {
+                                entity,
+                                subscriber,
+                                until,
+                                hops: hops + 1,
+                            },
+                        ),
+                        _ => self.counters.subscriptions_dropped += 1,
+                    },
+                },
             }
         }
     }
@@ -545,6 +579,9 @@ impl<G: GameLogic> Cell<G> {
                     *after = (*after).max(left);
                 }
                 self.send(to, msg);
+            }
+            Some(_) if matches!(msg, CellMessage::Intent { .. }) => {
+                self.counters.intents_dropped += 1
             }
             Some(_) => self.counters.hops_exceeded += 1,
             None => self.hold_orphan(msg),
@@ -696,7 +733,10 @@ impl<G: GameLogic> Cell<G> {
                 self.counters.intents_applied += 1;
             } else if let Some(g) = self.ghosts.get(target) {
                 if hops > config.max_hops {
-                    self.counters.hops_exceeded += 1;
+                    // A game action on an entity that kept moving away
+                    // (stale ghosts and forward pointers sent it back and
+                    // forth): dropped and counted, like a missed swing.
+                    self.counters.intents_dropped += 1;
                     continue;
                 }
                 let owner = g.owner;
@@ -736,14 +776,16 @@ impl<G: GameLogic> Cell<G> {
             Vec2::new(self.bounds.max.x - g, self.bounds.max.y - g),
         );
         self.ghost_sender.begin();
-        for e in self.entities.iter() {
-            // Far from every border: no neighbour can see it.
-            if inner.contains(e.pos) {
-                continue;
-            }
+        let tick = self.tick;
+        for e in self.entities.iter_mut() {
+            e.expire_interest(tick);
             self.near.clear();
-            layout.leaves_near(e.pos, g, &mut self.near);
-            if self.near.len() <= 1 {
+            // Far from every border, no neighbour can see it; subscribers
+            // get it anyway.
+            if !inner.contains(e.pos) {
+                layout.leaves_near(e.pos, g, &mut self.near);
+            }
+            if self.near.len() <= 1 && e.subscribers.is_empty() {
                 continue;
             }
             let q = QState::of(e, G::stats(&e.game));
@@ -752,10 +794,58 @@ impl<G: GameLogic> Cell<G> {
                     self.ghost_sender.offer(self.id, target, e.id, e.version, q);
                 }
             }
+            for &(subscriber, _) in &e.subscribers {
+                // A subscriber cell merged since it asked: its leaf now.
+                let mut target = subscriber;
+                while !layout.is_leaf(target) && !layout.is_split(target) {
+                    match target.parent() {
+                        Some(p) => target = p,
+                        None => break,
+                    }
+                }
+                if target != self.id && !self.near.contains(&target) {
+                    self.ghost_sender.offer(self.id, target, e.id, e.version, q);
+                }
+            }
         }
+        self.renew_subscriptions(tick);
         let out = self.ghost_sender.finish();
         self.counters.ghost_updates += out.len() as u64;
         out
+    }
+
+    /// Interests of this cell's entities in entities it does not own: every
+    /// [`SUBSCRIBE_EVERY`] ticks (staggered by target), a subscription goes
+    /// to the owner the target's ghost names, for the interest's remaining
+    /// time plus a margin (a push follows; nothing is pulled within a tick).
+    /// A target that is neither owned here nor a ghost here is out of reach
+    /// until it comes back within distance.
+    fn renew_subscriptions(&mut self, tick: TickId) {
+        let mut asked: Vec<EntityId> = Vec::new();
+        for e in self.entities.iter() {
+            for &(target, until) in &e.interests {
+                if (tick.0 + target.0) % SUBSCRIBE_EVERY != 0
+                    || asked.contains(&target)
+                    || self.entities.contains(target)
+                {
+                    continue;
+                }
+                let Some(owner) = self.ghosts.get(target).map(|g| g.owner) else {
+                    continue;
+                };
+                asked.push(target);
+                self.output_queue.push(Output::Cell(CellEnvelope {
+                    to: owner,
+                    from: self.id,
+                    msg: CellMessage::Subscribe {
+                        entity: target,
+                        subscriber: self.id,
+                        until: TickId(until.0 + 2 * SUBSCRIBE_EVERY),
+                        hops: 0,
+                    },
+                }));
+            }
+        }
     }
 
     /// Applies ghost changes from a neighbour right away (same shard).
@@ -816,6 +906,21 @@ impl<G: GameLogic> Cell<G> {
             self.accepted.clear();
             self.aoi
                 .members_of(e.pos, v.members(), view, &mut self.accepted);
+            // Entities of interest are members wherever they are, first in
+            // priority (distance 0: the byte cap and the member cap keep
+            // them).
+            for &(target, until) in &e.interests {
+                if until < tick {
+                    continue;
+                }
+                if let Some(i) = self.aoi.index_of(target) {
+                    if let Some(a) = self.accepted.iter_mut().find(|a| a.1 == i) {
+                        a.0 = 0;
+                    } else {
+                        self.accepted.push((0, i));
+                    }
+                }
+            }
             let (bytes, stats) = v.update(
                 view,
                 tick,

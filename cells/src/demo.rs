@@ -9,7 +9,7 @@ use tessera_schema::wire::{EntityKind, EventKind};
 use crate::entity::{Entity, EntityStore};
 use crate::game::{GameContext, GameLogic};
 use crate::geometry::{Rect, Vec2};
-use crate::ids::EntityId;
+use crate::ids::{EntityId, TickId};
 use crate::rng::Rng;
 use crate::wire::ByteReader;
 use crate::world::ShardWorld;
@@ -82,6 +82,10 @@ pub enum DemoIntent {
         damage: u16,
     },
 }
+
+/// How long an attacker keeps its target in view after a hit, wherever the
+/// target goes.
+pub const TARGET_LOCK_SECONDS: f32 = 5.0;
 
 /// Job: bring a dead entity back.
 pub const JOB_RESPAWN: u32 = 1;
@@ -212,6 +216,10 @@ impl GameLogic for DemoGame {
                         damage: self.config.damage,
                     });
                     cx.event(EventKind::Attack, e.id, EntityId(target), 0);
+                    // A locked target stays in view for a while wherever it
+                    // runs (interest beyond distance).
+                    let ticks = (TARGET_LOCK_SECONDS / cx.dt.max(1e-3)) as u64;
+                    e.keep_in_view(EntityId(target), TickId(cx.tick.0 + ticks));
                 }
             }
         }

@@ -4,8 +4,8 @@ use rustc_hash::FxHashMap;
 use tessera_schema::quant::{quantize, quantize_heading};
 use tessera_schema::wire::{self, EntityKind};
 
-use crate::geometry::Vec2;
-use crate::ids::{ClientId, EntityId};
+use crate::geometry::{CellId, Vec2};
+use crate::ids::{ClientId, EntityId, TickId};
 use crate::view::ClientView;
 
 /// One simulated thing: a player's avatar, an NPC...
@@ -37,6 +37,38 @@ pub struct Entity<C> {
     pub game: C,
     /// The client's view state (players only); it travels with the entity.
     pub view: Option<Box<ClientView>>,
+    /// Entities this one keeps seeing wherever they are (a locked target,
+    /// squad members), until the tick: beyond distance, their owners push
+    /// their state here. At most [`MAX_INTERESTS`]; set by the game with
+    /// [`Entity::keep_in_view`].
+    pub interests: Vec<(EntityId, TickId)>,
+    /// Cells that asked for this entity's state wherever it goes, until the
+    /// tick (their entities are interested in it). At most
+    /// [`MAX_SUBSCRIBERS`]; it travels with the entity.
+    pub subscribers: Vec<(CellId, TickId)>,
+}
+
+/// Most interests an entity holds (the one expiring first makes room).
+pub const MAX_INTERESTS: usize = 8;
+/// Most cells subscribed to one entity (the one expiring first makes room).
+pub const MAX_SUBSCRIBERS: usize = 16;
+
+/// Inserts or extends `(key, until)` in a short list bounded at `max`;
+/// when full, the entry expiring first makes room (if it expires first).
+fn upsert<K: PartialEq + Copy>(list: &mut Vec<(K, TickId)>, key: K, until: TickId, max: usize) {
+    if let Some(e) = list.iter_mut().find(|e| e.0 == key) {
+        e.1 = e.1.max(until);
+        return;
+    }
+    if list.len() < max {
+        list.push((key, until));
+        return;
+    }
+    if let Some(min) = list.iter_mut().min_by_key(|e| e.1) {
+        if min.1 < until {
+            *min = (key, until);
+        }
+    }
 }
 
 impl<C> Entity<C> {
@@ -54,7 +86,29 @@ impl<C> Entity<C> {
             pending_inputs: Vec::new(),
             game,
             view: None,
+            interests: Vec::new(),
+            subscribers: Vec::new(),
         }
+    }
+
+    /// Keeps `target` in this entity's view until `until`, wherever it is
+    /// (extends an existing interest; a full list drops the one expiring
+    /// first).
+    pub fn keep_in_view(&mut self, target: EntityId, until: TickId) {
+        if target != self.id {
+            upsert(&mut self.interests, target, until, MAX_INTERESTS);
+        }
+    }
+
+    /// Cell `cell` wants this entity's state until `until`.
+    pub fn add_subscriber(&mut self, cell: CellId, until: TickId) {
+        upsert(&mut self.subscribers, cell, until, MAX_SUBSCRIBERS);
+    }
+
+    /// Drops interests and subscriptions that ended before `now`.
+    pub fn expire_interest(&mut self, now: TickId) {
+        self.interests.retain(|(_, until)| *until >= now);
+        self.subscribers.retain(|(_, until)| *until >= now);
     }
 }
 

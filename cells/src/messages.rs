@@ -70,6 +70,18 @@ pub enum CellMessage<C, I> {
     Ghost(GhostUpdate),
     /// An entity crossing into this cell.
     Transfer(Box<EntityTransfer<C>>),
+    /// Cell `subscriber` wants `entity`'s state until `until`, wherever it
+    /// is (sent to the entity's owner; renewed while the interest lasts).
+    Subscribe {
+        /// The entity.
+        entity: EntityId,
+        /// The cell that wants it.
+        subscriber: CellId,
+        /// Until this tick.
+        until: TickId,
+        /// Times forwarded.
+        hops: u8,
+    },
     /// A game intent about an entity this cell owns (or owned).
     Intent {
         /// The intent.
@@ -90,6 +102,7 @@ impl<C, I> CellMessage<C, I> {
             CellMessage::Ghost(_) => "ghost",
             CellMessage::Transfer(_) => "transfer",
             CellMessage::Intent { .. } => "intent",
+            CellMessage::Subscribe { .. } => "subscribe",
         }
     }
 }
@@ -116,7 +129,8 @@ impl<C, I> CellMessage<C, I> {
             CellMessage::Transfer(t) => Locator::Position(t.entity.pos),
             CellMessage::Input { entity, .. }
             | CellMessage::Ack { entity, .. }
-            | CellMessage::Leave { entity, .. } => Locator::Entity(*entity),
+            | CellMessage::Leave { entity, .. }
+            | CellMessage::Subscribe { entity, .. } => Locator::Entity(*entity),
             CellMessage::Intent { intent, .. } => Locator::Entity(intent_target(intent)),
             CellMessage::Ghost(_) => Locator::Every,
         }
@@ -129,7 +143,8 @@ impl<C, I> CellMessage<C, I> {
             CellMessage::Input { hops, .. }
             | CellMessage::Ack { hops, .. }
             | CellMessage::Leave { hops, .. }
-            | CellMessage::Intent { hops, .. } => Some(hops),
+            | CellMessage::Intent { hops, .. }
+            | CellMessage::Subscribe { hops, .. } => Some(hops),
             _ => None,
         }
     }

@@ -325,6 +325,9 @@ pub struct HarnessConfig {
     pub check_views: bool,
     /// Check entity ownership every tick (O(entities)).
     pub check_ownership: bool,
+    /// Chance per input that a random walker attacks an entity it sees
+    /// (which also locks it in its view beyond distance).
+    pub attack_chance: f64,
 }
 
 impl HarnessConfig {
@@ -344,6 +347,7 @@ impl HarnessConfig {
             ack_drop: 0.0,
             check_views: false,
             check_ownership: true,
+            attack_chance: 0.0,
         }
     }
 }
@@ -998,12 +1002,37 @@ impl Harness {
         };
         c.input_seq += 1;
         c.stats.inputs_sent += 1;
+        // Random walkers attack something they see now and then: attacks
+        // are intents routed to the target's owner, and lock the target in
+        // the attacker's view (a subscription wherever it goes).
+        let mut actions = Vec::new();
+        if matches!(c.behavior, Behavior::RandomWalk)
+            && self.config.attack_chance > 0.0
+            && self.rng.chance(self.config.attack_chance)
+        {
+            let me = c.entity;
+            let seen: Vec<EntityId> = c
+                .mirror
+                .latest()
+                .map(|v| {
+                    v.entries
+                        .iter()
+                        .map(|e| e.0)
+                        .filter(|e| Some(*e) != me)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !seen.is_empty() {
+                let target = seen[self.rng.below(seen.len() as u64) as usize];
+                actions.push(client::ActionCmd::Attack { target: target.0 });
+            }
+        }
         let input = InputCmd {
             input_seq: c.input_seq,
             client_tick: now,
             movement: [movement.x, movement.y],
             heading: movement.y.atan2(movement.x),
-            actions: Vec::new(),
+            actions,
         };
         self.client_send(i, &ClientMessage::Input(input));
     }

@@ -85,6 +85,10 @@ pub struct AoiIndex {
     positions: Vec<Vec2>,
     hash: SpatialHash,
     scratch: Vec<f32>,
+    /// Item by entity, built on the first lookup after a rebuild (only
+    /// entities with interests look items up by id).
+    by_id: FxHashMap<EntityId, u32>,
+    by_id_built: bool,
 }
 
 impl AoiIndex {
@@ -97,6 +101,22 @@ impl AoiIndex {
     pub fn clear(&mut self) {
         self.items.clear();
         self.positions.clear();
+        self.by_id.clear();
+        self.by_id_built = false;
+    }
+
+    /// The item of an entity, if indexed.
+    pub fn index_of(&mut self, id: EntityId) -> Option<u32> {
+        if !self.by_id_built {
+            self.by_id_built = true;
+            self.by_id.extend(
+                self.items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (e, _))| (*e, i as u32)),
+            );
+        }
+        self.by_id.get(&id).copied()
     }
 
     /// Adds an item.

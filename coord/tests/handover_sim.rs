@@ -46,6 +46,7 @@ impl Sim {
         c.clients = 30;
         c.faults = faults;
         c.snapshot_drop = 0.1;
+        c.attack_chance = 0.02;
         // The harsh network's tail is long: let held inputs wait for it.
         c.world.input_reorder_ticks = 80;
         let h = Harness::new(c);

@@ -36,7 +36,7 @@ use crate::game::GameLogic;
 use crate::geometry::CellId;
 use crate::handover::{AgentOutput, HandoverAgent};
 use crate::ids::{ClientId, TickId};
-use crate::messages::{CellEnvelope, ClientOutput, Output};
+use crate::messages::{CellEnvelope, CellMessage, ClientOutput, Output};
 use crate::registry::{Registry, ShardRef};
 use crate::world::ShardWorld;
 use session::SessionSink;
@@ -452,6 +452,30 @@ impl<G: GameLogic> NodeCore<G> {
                     tracing::debug!(shard = %self.me, cell = %to, kind = msg.kind(), "no part of a split cell knows the entity: dropped");
                 }
                 None => {
+                    if let CellMessage::Ghost(update) = &msg {
+                        // The cells this shard is named for that cover the
+                        // destination (its parts if it was split, the cell
+                        // it was merged into) may still be handover
+                        // shadows: they take it.
+                        let me = self.me;
+                        let parts: Vec<CellId> = self
+                            .router
+                            .registry()
+                            .iter()
+                            .filter(|(c, a)| {
+                                a.owner == me && (to.contains_cell(*c) || c.contains_cell(to))
+                            })
+                            .map(|(c, _)| c)
+                            .collect();
+                        let mut taken = false;
+                        for part in parts {
+                            let copy = CellMessage::Ghost(update.clone());
+                            taken |= self.agent.deliver_to_shadow(part, copy).is_ok();
+                        }
+                        if taken {
+                            return;
+                        }
+                    }
                     self.router.counters_mut().cell_undeliverable += 1;
                     tracing::error!(shard = %self.me, cell = %to, kind = msg.kind(), "no part of a split cell takes the message: dropped");
                 }

@@ -11,7 +11,7 @@ use tessera_schema::wire;
 
 use super::{cell_in, cell_out, finite, need, q_in, q_out, vec_in, vec_out};
 use crate::cell::{CellCounters, CellState, Msg};
-use crate::entity::{Entity, EntityStore};
+use crate::entity::{Entity, EntityStore, MAX_INTERESTS, MAX_SUBSCRIBERS};
 use crate::game::{GameCounters, GameLogic, Job, SimulationQueue};
 use crate::ghost::{Ghost, GhostChange, GhostEntry, GhostSender, GhostTable, GhostUpdate, Sent};
 use crate::ids::{ClientId, EntityId, TickId};
@@ -203,6 +203,18 @@ pub(crate) fn entity_out<'a, G: GameLogic>(
     G::encode_components(&e.game, scratch);
     let game = fbb.create_vector(scratch);
     let view = e.view.as_deref().map(|v| view_out(fbb, v));
+    let interests: Vec<_> = e
+        .interests
+        .iter()
+        .map(|(id, t)| wire::TickStamp::new(id.0, t.0))
+        .collect();
+    let interests = fbb.create_vector(&interests);
+    let subscribers: Vec<_> = e
+        .subscribers
+        .iter()
+        .map(|(c, t)| wire::SubscriberRec::new(&cell_out(*c), t.0))
+        .collect();
+    let subscribers = fbb.create_vector(&subscribers);
     wire::EntityRec::create(
         fbb,
         &wire::EntityRecArgs {
@@ -217,6 +229,8 @@ pub(crate) fn entity_out<'a, G: GameLogic>(
             pending: Some(pending),
             game: Some(game),
             view,
+            interests: Some(interests),
+            subscribers: Some(subscribers),
         },
     )
 }
@@ -246,7 +260,40 @@ pub(crate) fn entity_in<G: GameLogic>(
         pending_inputs,
         game,
         view: r.view().map(|v| view_in(&v)).transpose()?.map(Box::new),
+        interests: bounded(
+            r.interests().map(|v| {
+                v.iter()
+                    .map(|s| (EntityId(s.id()), TickId(s.tick())))
+                    .collect()
+            }),
+            MAX_INTERESTS,
+            "entity.interests",
+        )?,
+        subscribers: bounded(
+            r.subscribers()
+                .map(|v| {
+                    v.iter()
+                        .map(|s| Ok((cell_in(s.cell(), "entity.subscribers")?, TickId(s.until()))))
+                        .collect::<Result<Vec<_>, FrameError>>()
+                })
+                .transpose()?,
+            MAX_SUBSCRIBERS,
+            "entity.subscribers",
+        )?,
     })
+}
+
+/// A short list that must stay within its bound (the entity's own limits).
+fn bounded<T>(v: Option<Vec<T>>, max: usize, field: &'static str) -> Result<Vec<T>, FrameError> {
+    let v = v.unwrap_or_default();
+    if v.len() > max {
+        return Err(FrameError::TooMany {
+            field,
+            len: v.len(),
+            max,
+        });
+    }
+    Ok(v)
 }
 
 fn entities_out<'a, 'e, G: GameLogic>(
@@ -619,6 +666,23 @@ pub(crate) fn cell_msg_out<'a, G: GameLogic>(
             let t = intent_out::<G>(fbb, intent, *hops, scratch);
             (wire::CellMsg::IntentMsg, t.as_union_value())
         }
+        CellMessage::Subscribe {
+            entity,
+            subscriber,
+            until,
+            hops,
+        } => {
+            let t = wire::SubscribeMsg::create(
+                fbb,
+                &wire::SubscribeMsgArgs {
+                    entity: entity.0,
+                    subscriber: Some(&cell_out(*subscriber)),
+                    until: until.0,
+                    hops: *hops,
+                },
+            );
+            (wire::CellMsg::SubscribeMsg, t.as_union_value())
+        }
     }
 }
 
@@ -657,6 +721,7 @@ pub(crate) struct CellMsgParts<'a> {
     pub(crate) ghost: Option<wire::GhostMsg<'a>>,
     pub(crate) transfer: Option<wire::TransferMsg<'a>>,
     pub(crate) intent: Option<wire::IntentMsg<'a>>,
+    pub(crate) subscribe: Option<wire::SubscribeMsg<'a>>,
 }
 
 /// The parts of any table holding a `msg: CellMsg` union.
@@ -672,6 +737,7 @@ macro_rules! cell_msg_parts {
             ghost: rec.msg_as_ghost_msg(),
             transfer: rec.msg_as_transfer_msg(),
             intent: rec.msg_as_intent_msg(),
+            subscribe: rec.msg_as_subscribe_msg(),
         }
     }};
 }
@@ -736,6 +802,17 @@ pub(crate) fn cell_msg_in<G: GameLogic>(p: CellMsgParts<'_>) -> Result<Msg<G>, F
         let (intent, hops) = intent_in::<G>(&m)?;
         return Ok(CellMessage::Intent { intent, hops });
     }
+    if let Some(m) = p.subscribe {
+        return Ok(CellMessage::Subscribe {
+            entity: EntityId(m.entity()),
+            subscriber: cell_in(
+                need(m.subscriber(), "subscribe.subscriber")?,
+                "subscribe.subscriber",
+            )?,
+            until: TickId(m.until()),
+            hops: m.hops(),
+        });
+    }
     Err(unknown())
 }
 
@@ -795,6 +872,8 @@ fn counters_out(c: &CellCounters) -> wire::CellCountersRec {
         c.snapshot_bytes,
         c.snapshot_deferred,
         c.ghost_updates,
+        c.subscriptions,
+        c.subscriptions_dropped,
     )
 }
 
@@ -822,6 +901,8 @@ fn counters_in(c: &wire::CellCountersRec) -> CellCounters {
         snapshot_bytes: c.snapshot_bytes(),
         snapshot_deferred: c.snapshot_deferred(),
         ghost_updates: c.ghost_updates(),
+        subscriptions: c.subscriptions(),
+        subscriptions_dropped: c.subscriptions_dropped(),
     }
 }
 

@@ -673,10 +673,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for GhostChangeKind {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_CELL_MSG: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_CELL_MSG: u8 = 7;
+pub const ENUM_MAX_CELL_MSG: u8 = 8;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_CELL_MSG: [CellMsg; 8] = [
+pub const ENUM_VALUES_CELL_MSG: [CellMsg; 9] = [
   CellMsg::NONE,
   CellMsg::JoinMsg,
   CellMsg::InputMsg,
@@ -685,6 +685,7 @@ pub const ENUM_VALUES_CELL_MSG: [CellMsg; 8] = [
   CellMsg::GhostMsg,
   CellMsg::TransferMsg,
   CellMsg::IntentMsg,
+  CellMsg::SubscribeMsg,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -700,9 +701,10 @@ impl CellMsg {
   pub const GhostMsg: Self = Self(5);
   pub const TransferMsg: Self = Self(6);
   pub const IntentMsg: Self = Self(7);
+  pub const SubscribeMsg: Self = Self(8);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 7;
+  pub const ENUM_MAX: u8 = 8;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::JoinMsg,
@@ -712,6 +714,7 @@ impl CellMsg {
     Self::GhostMsg,
     Self::TransferMsg,
     Self::IntentMsg,
+    Self::SubscribeMsg,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -724,6 +727,7 @@ impl CellMsg {
       Self::GhostMsg => Some("GhostMsg"),
       Self::TransferMsg => Some("TransferMsg"),
       Self::IntentMsg => Some("IntentMsg"),
+      Self::SubscribeMsg => Some("SubscribeMsg"),
       _ => None,
     }
   }
@@ -3637,6 +3641,117 @@ impl<'a> TickStamp {
 
 }
 
+/// A cell subscribed to an entity until a tick.
+// struct SubscriberRec, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct SubscriberRec(pub [u8; 24]);
+impl Default for SubscriberRec { 
+  fn default() -> Self { 
+    Self([0; 24])
+  }
+}
+impl ::core::fmt::Debug for SubscriberRec {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("SubscriberRec")
+      .field("cell", &self.cell())
+      .field("until", &self.until())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for SubscriberRec {}
+impl<'a> ::flatbuffers::Follow<'a> for SubscriberRec {
+  type Inner = &'a SubscriberRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a SubscriberRec>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a SubscriberRec {
+  type Inner = &'a SubscriberRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<SubscriberRec>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for SubscriberRec {
+    type Output = SubscriberRec;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const SubscriberRec as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for SubscriberRec {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> SubscriberRec {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    cell: &CellId,
+    until: u64,
+  ) -> Self {
+    let mut s = Self([0; 24]);
+    s.set_cell(cell);
+    s.set_until(until);
+    s
+  }
+
+  pub fn cell(&self) -> &CellId {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[0..].as_ptr() as *const CellId) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_cell(&mut self, x: &CellId) {
+    self.0[0..0 + 16].copy_from_slice(&x.0)
+  }
+
+  pub fn until(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[16..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_until(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[16..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
 /// A job the game scheduled.
 // struct JobRec, aligned to 8
 #[repr(transparent)]
@@ -4687,10 +4802,10 @@ impl<'a> ForwardRec {
 // struct CellCountersRec, aligned to 8
 #[repr(transparent)]
 #[derive(Clone, Copy, PartialEq)]
-pub struct CellCountersRec(pub [u8; 176]);
+pub struct CellCountersRec(pub [u8; 192]);
 impl Default for CellCountersRec { 
   fn default() -> Self { 
-    Self([0; 176])
+    Self([0; 192])
   }
 }
 impl ::core::fmt::Debug for CellCountersRec {
@@ -4718,6 +4833,8 @@ impl ::core::fmt::Debug for CellCountersRec {
       .field("snapshot_bytes", &self.snapshot_bytes())
       .field("snapshot_deferred", &self.snapshot_deferred())
       .field("ghost_updates", &self.ghost_updates())
+      .field("subscriptions", &self.subscriptions())
+      .field("subscriptions_dropped", &self.subscriptions_dropped())
       .finish()
   }
 }
@@ -4784,8 +4901,10 @@ impl<'a> CellCountersRec {
     snapshot_bytes: u64,
     snapshot_deferred: u64,
     ghost_updates: u64,
+    subscriptions: u64,
+    subscriptions_dropped: u64,
   ) -> Self {
-    let mut s = Self([0; 176]);
+    let mut s = Self([0; 192]);
     s.set_inputs(inputs);
     s.set_inputs_forwarded(inputs_forwarded);
     s.set_inputs_duplicate(inputs_duplicate);
@@ -4808,6 +4927,8 @@ impl<'a> CellCountersRec {
     s.set_snapshot_bytes(snapshot_bytes);
     s.set_snapshot_deferred(snapshot_deferred);
     s.set_ghost_updates(ghost_updates);
+    s.set_subscriptions(subscriptions);
+    s.set_subscriptions_dropped(subscriptions_dropped);
     s
   }
 
@@ -5444,6 +5565,64 @@ impl<'a> CellCountersRec {
       ::core::ptr::copy_nonoverlapping(
         &x_le as *const _ as *const u8,
         self.0[168..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn subscriptions(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[176..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_subscriptions(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[176..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn subscriptions_dropped(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[184..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_subscriptions_dropped(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[184..].as_mut_ptr(),
         ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
       );
     }
@@ -8545,6 +8724,8 @@ impl<'a> EntityRec<'a> {
   pub const VT_PENDING: ::flatbuffers::VOffsetT = 20;
   pub const VT_GAME: ::flatbuffers::VOffsetT = 22;
   pub const VT_VIEW: ::flatbuffers::VOffsetT = 24;
+  pub const VT_INTERESTS: ::flatbuffers::VOffsetT = 26;
+  pub const VT_SUBSCRIBERS: ::flatbuffers::VOffsetT = 28;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -8558,6 +8739,8 @@ impl<'a> EntityRec<'a> {
     let mut builder = EntityRecBuilder::new(_fbb);
     if let Some(x) = args.client { builder.add_client(x); }
     builder.add_id(args.id);
+    if let Some(x) = args.subscribers { builder.add_subscribers(x); }
+    if let Some(x) = args.interests { builder.add_interests(x); }
     if let Some(x) = args.view { builder.add_view(x); }
     if let Some(x) = args.game { builder.add_game(x); }
     if let Some(x) = args.pending { builder.add_pending(x); }
@@ -8648,6 +8831,22 @@ impl<'a> EntityRec<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<ClientViewRec>>(EntityRec::VT_VIEW, None)}
   }
+  /// Entities it keeps in view wherever they are (id, until tick).
+  #[inline]
+  pub fn interests(&self) -> Option<::flatbuffers::Vector<'a, TickStamp>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, TickStamp>>>(EntityRec::VT_INTERESTS, None)}
+  }
+  /// Cells subscribed to its state.
+  #[inline]
+  pub fn subscribers(&self) -> Option<::flatbuffers::Vector<'a, SubscriberRec>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, SubscriberRec>>>(EntityRec::VT_SUBSCRIBERS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for EntityRec<'_> {
@@ -8667,6 +8866,8 @@ impl ::flatbuffers::Verifiable for EntityRec<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<PendingInputRec>>>>("pending", Self::VT_PENDING, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("game", Self::VT_GAME, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<ClientViewRec>>("view", Self::VT_VIEW, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, TickStamp>>>("interests", Self::VT_INTERESTS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, SubscriberRec>>>("subscribers", Self::VT_SUBSCRIBERS, false)?
      .finish();
     Ok(())
   }
@@ -8683,6 +8884,8 @@ pub struct EntityRecArgs<'a> {
     pub pending: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PendingInputRec<'a>>>>>,
     pub game: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
     pub view: Option<::flatbuffers::WIPOffset<ClientViewRec<'a>>>,
+    pub interests: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, TickStamp>>>,
+    pub subscribers: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, SubscriberRec>>>,
 }
 impl<'a> Default for EntityRecArgs<'a> {
   #[inline]
@@ -8699,6 +8902,8 @@ impl<'a> Default for EntityRecArgs<'a> {
       pending: None,
       game: None,
       view: None,
+      interests: None,
+      subscribers: None,
     }
   }
 }
@@ -8753,6 +8958,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> EntityRecBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<ClientViewRec>>(EntityRec::VT_VIEW, view);
   }
   #[inline]
+  pub fn add_interests(&mut self, interests: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , TickStamp>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(EntityRec::VT_INTERESTS, interests);
+  }
+  #[inline]
+  pub fn add_subscribers(&mut self, subscribers: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , SubscriberRec>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(EntityRec::VT_SUBSCRIBERS, subscribers);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> EntityRecBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     EntityRecBuilder {
@@ -8781,6 +8994,8 @@ impl ::core::fmt::Debug for EntityRec<'_> {
       ds.field("pending", &self.pending());
       ds.field("game", &self.game());
       ds.field("view", &self.view());
+      ds.field("interests", &self.interests());
+      ds.field("subscribers", &self.subscribers());
       ds.finish()
   }
 }
@@ -9618,6 +9833,154 @@ impl ::core::fmt::Debug for TransferMsg<'_> {
       ds.finish()
   }
 }
+pub enum SubscribeMsgOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Cell `subscriber` wants `entity`'s state until `until`.
+pub struct SubscribeMsg<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SubscribeMsg<'a> {
+  type Inner = SubscribeMsg<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SubscribeMsg<'a> {
+  pub const VT_ENTITY: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SUBSCRIBER: ::flatbuffers::VOffsetT = 6;
+  pub const VT_UNTIL: ::flatbuffers::VOffsetT = 8;
+  pub const VT_HOPS: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SubscribeMsg { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SubscribeMsgArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SubscribeMsg<'bldr>> {
+    let mut builder = SubscribeMsgBuilder::new(_fbb);
+    builder.add_until(args.until);
+    builder.add_entity(args.entity);
+    if let Some(x) = args.subscriber { builder.add_subscriber(x); }
+    builder.add_hops(args.hops);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn entity(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SubscribeMsg::VT_ENTITY, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn subscriber(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(SubscribeMsg::VT_SUBSCRIBER, None)}
+  }
+  #[inline]
+  pub fn until(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SubscribeMsg::VT_UNTIL, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn hops(&self) -> u8 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u8>(SubscribeMsg::VT_HOPS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SubscribeMsg<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("entity", Self::VT_ENTITY, false)?
+     .visit_field::<CellId>("subscriber", Self::VT_SUBSCRIBER, false)?
+     .visit_field::<u64>("until", Self::VT_UNTIL, false)?
+     .visit_field::<u8>("hops", Self::VT_HOPS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SubscribeMsgArgs<'a> {
+    pub entity: u64,
+    pub subscriber: Option<&'a CellId>,
+    pub until: u64,
+    pub hops: u8,
+}
+impl<'a> Default for SubscribeMsgArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SubscribeMsgArgs {
+      entity: 0,
+      subscriber: None,
+      until: 0,
+      hops: 0,
+    }
+  }
+}
+
+pub struct SubscribeMsgBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SubscribeMsgBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_entity(&mut self, entity: u64) {
+    self.fbb_.push_slot::<u64>(SubscribeMsg::VT_ENTITY, entity, 0);
+  }
+  #[inline]
+  pub fn add_subscriber(&mut self, subscriber: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(SubscribeMsg::VT_SUBSCRIBER, subscriber);
+  }
+  #[inline]
+  pub fn add_until(&mut self, until: u64) {
+    self.fbb_.push_slot::<u64>(SubscribeMsg::VT_UNTIL, until, 0);
+  }
+  #[inline]
+  pub fn add_hops(&mut self, hops: u8) {
+    self.fbb_.push_slot::<u8>(SubscribeMsg::VT_HOPS, hops, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SubscribeMsgBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SubscribeMsgBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SubscribeMsg<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SubscribeMsg<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SubscribeMsg");
+      ds.field("entity", &self.entity());
+      ds.field("subscriber", &self.subscriber());
+      ds.field("until", &self.until());
+      ds.field("hops", &self.hops());
+      ds.finish()
+  }
+}
 pub enum IntentMsgOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -9897,6 +10260,20 @@ impl<'a> CellEnvelopeRec<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_subscribe_msg(&self) -> Option<SubscribeMsg<'a>> {
+    if self.msg_type() == CellMsg::SubscribeMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { SubscribeMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for CellEnvelopeRec<'_> {
@@ -9916,6 +10293,7 @@ impl ::flatbuffers::Verifiable for CellEnvelopeRec<'_> {
           CellMsg::GhostMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GhostMsg>>("CellMsg::GhostMsg", pos),
           CellMsg::TransferMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<TransferMsg>>("CellMsg::TransferMsg", pos),
           CellMsg::IntentMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<IntentMsg>>("CellMsg::IntentMsg", pos),
+          CellMsg::SubscribeMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SubscribeMsg>>("CellMsg::SubscribeMsg", pos),
           _ => Ok(()),
         }
      })?
@@ -10029,6 +10407,13 @@ impl ::core::fmt::Debug for CellEnvelopeRec<'_> {
         },
         CellMsg::IntentMsg => {
           if let Some(x) = self.msg_as_intent_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        CellMsg::SubscribeMsg => {
+          if let Some(x) = self.msg_as_subscribe_msg() {
             ds.field("msg", &x)
           } else {
             ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -10825,6 +11210,20 @@ impl<'a> QueuedMsg<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_subscribe_msg(&self) -> Option<SubscribeMsg<'a>> {
+    if self.msg_type() == CellMsg::SubscribeMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { SubscribeMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for QueuedMsg<'_> {
@@ -10843,6 +11242,7 @@ impl ::flatbuffers::Verifiable for QueuedMsg<'_> {
           CellMsg::GhostMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GhostMsg>>("CellMsg::GhostMsg", pos),
           CellMsg::TransferMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<TransferMsg>>("CellMsg::TransferMsg", pos),
           CellMsg::IntentMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<IntentMsg>>("CellMsg::IntentMsg", pos),
+          CellMsg::SubscribeMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SubscribeMsg>>("CellMsg::SubscribeMsg", pos),
           _ => Ok(()),
         }
      })?
@@ -10949,6 +11349,13 @@ impl ::core::fmt::Debug for QueuedMsg<'_> {
         },
         CellMsg::IntentMsg => {
           if let Some(x) = self.msg_as_intent_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        CellMsg::SubscribeMsg => {
+          if let Some(x) = self.msg_as_subscribe_msg() {
             ds.field("msg", &x)
           } else {
             ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
