@@ -1027,6 +1027,13 @@ impl Coordinator {
                 }
             }
         }
+        // 2c. A member that owns far fewer cells than the average (a node
+        // that just joined the cluster) takes one from the member that owns
+        // most, whatever the load: a joining node gets cells.
+        if let Some((cell, a, to)) = self.pick_spread(now) {
+            self.start_move(now, cell, a, to, "spread");
+            return;
+        }
         // 3. Merge four cold siblings.
         let mut parents: BTreeSet<CellId> = BTreeSet::new();
         for (c, h) in &self.heat {
@@ -1050,6 +1057,50 @@ impl Coordinator {
                 return;
             }
         }
+    }
+
+    /// A cell for the member that owns fewest (under 3/4 of the average:
+    /// below that, load-based moves alone would leave a joining node idle;
+    /// above it, they decide),
+    /// from the one that owns most (at least two more): one bordering the
+    /// receiver's cells if there is one, else the coolest.
+    fn pick_spread(&self, now: Instant) -> Option<(CellId, Assignment, ShardRef)> {
+        let counts: Vec<(ShardRef, usize)> = self
+            .shards()
+            .map(|s| (s, self.registry.cells_of(s).len()))
+            .collect();
+        if counts.len() < 2 {
+            return None;
+        }
+        let total: usize = counts.iter().map(|c| c.1).sum();
+        let avg = total as f64 / counts.len() as f64;
+        let &(to, lo) = counts.iter().min_by_key(|c| (c.1, c.0))?;
+        let &(from, hi) = counts
+            .iter()
+            .max_by_key(|c| (c.1, std::cmp::Reverse(c.0)))?;
+        if (lo as f64) >= avg * 0.75 || hi < lo + 2 || self.shard_busy(from) || self.shard_busy(to)
+        {
+            return None;
+        }
+        let theirs: BTreeSet<CellId> = self
+            .registry
+            .cells_of(to)
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
+        let score = |c: &CellId| self.heat.get(c).map_or(0.0, |h| h.score);
+        self.registry
+            .cells_of(from)
+            .into_iter()
+            .filter(|(c, _)| !self.cooling(*c, now) && !self.busy(*c))
+            .min_by(|(x, _), (y, _)| {
+                let borders = |c: &CellId| c.neighbours().iter().any(|n| theirs.contains(n));
+                borders(y)
+                    .cmp(&borders(x))
+                    .then(score(x).total_cmp(&score(y)))
+                    .then(x.cmp(y))
+            })
+            .map(|(c, a)| (c, a, to))
     }
 
     /// The cell of `from` worth moving, and where: the coolest other shard,
@@ -1314,5 +1365,74 @@ mod tests {
         assert!(orders(&mut c)
             .iter()
             .all(|(_, o)| !matches!(o, Order::Merge { .. })));
+    }
+
+    #[test]
+    fn a_node_that_joins_gets_cells_until_it_holds_three_quarters_of_the_average() {
+        // Four cells on node 1; node 2 joins with no cell.
+        let layout = Layout::new(Geometry::new(0, 128.0, 4, 1));
+        let first = ShardRef { node: 1, shard: 0 };
+        let joiner = ShardRef { node: 2, shard: 0 };
+        let owners = layout.leaves().into_iter().map(|c| (c, first)).collect();
+        let registry = Registry::new(Arc::new(layout), &owners).unwrap();
+        let mut c = Coordinator::new(registry, Policy::new(1));
+        c.set_members(vec![first, joiner]);
+        let mut now = Instant::now();
+        let mut moved = Vec::new();
+        for _ in 0..10 {
+            now += Duration::from_millis(100);
+            c.tick(now);
+            for (from, order) in orders(&mut c) {
+                let Order::Begin {
+                    id,
+                    cell,
+                    to,
+                    epoch,
+                } = order
+                else {
+                    continue;
+                };
+                assert_eq!((from, to), (first, joiner));
+                moved.push(cell);
+                for (by, report) in [
+                    (
+                        from,
+                        Report::Frozen {
+                            id,
+                            cell,
+                            epoch,
+                            tick: tessera_cells::TickId(1),
+                            entities: 0,
+                            repeat: false,
+                        },
+                    ),
+                    (
+                        to,
+                        Report::Prepared {
+                            id,
+                            cell,
+                            repeat: false,
+                        },
+                    ),
+                    (to, Report::Activated { id, cell }),
+                    (
+                        from,
+                        Report::Released {
+                            id,
+                            cell,
+                            forwarded: 0,
+                        },
+                    ),
+                ] {
+                    c.handle_report(now, by, report);
+                }
+            }
+        }
+        // Average 2: the joiner takes cells while it holds under 1.5.
+        assert_eq!(moved.len(), 2, "{moved:?}");
+        assert_eq!(c.registry().cells_of(joiner).len(), 2);
+        // The cells it got border each other (a contiguous block).
+        assert!(moved[1].neighbours().contains(&moved[0]), "{moved:?}");
+        assert_eq!(c.in_flight(), 0);
     }
 }
