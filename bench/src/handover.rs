@@ -44,24 +44,28 @@ struct Bot {
     seq: u32,
     applied: u32,
     ack: u64,
+    sent: std::collections::VecDeque<(u32, Instant)>,
 }
 
 /// Result of a client load run.
-struct Load {
-    clients: usize,
-    joined: usize,
-    inputs_sent: u64,
-    inputs_lost: u64,
+pub(crate) struct Load {
+    pub(crate) clients: usize,
+    pub(crate) joined: usize,
+    pub(crate) inputs_sent: u64,
+    pub(crate) inputs_lost: u64,
+    /// Input sent -> first snapshot whose `last_input_seq` covers it, us.
+    pub(crate) visible_us: Histogram<u64>,
 }
 
 /// `n` clients on one socket: join, then an input and an ack every 50 ms
 /// until `stop`; then a second of silence so that the last inputs land, and
 /// the count of inputs the server never applied.
-fn drive_clients(
+pub(crate) fn drive_clients(
     server: SocketAddr,
     n: usize,
     stop: Arc<AtomicBool>,
     ready: Arc<AtomicBool>,
+    first_input: Instant,
 ) -> Load {
     let mut socket = BatchSocket::bind(
         "127.0.0.1:0".parse().expect("literal"),
@@ -83,11 +87,15 @@ fn drive_clients(
             seq: 0,
             applied: 0,
             ack: 0,
+            sent: std::collections::VecDeque::new(),
         })
         .collect();
+    let mut visible_us = Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds");
     let index_of =
         |bots: &[Bot], h: ConnectionHandle| bots.iter().position(|b| b.connection == Some(h));
-    let mut next_input = Instant::now();
+    // Inputs go out on a fixed schedule from `first_input`: two drivers
+    // given the same one send in the same phase of the server's ticks.
+    let mut next_input = first_input;
     let mut quiet_until: Option<Instant> = None;
     let give_up = Instant::now() + Duration::from_secs(120);
     loop {
@@ -116,8 +124,14 @@ fn drive_clients(
                             bots[i].joined = true;
                         }
                         if let Some(s) = frame.msg_as_snapshot() {
-                            bots[i].applied = bots[i].applied.max(s.last_input_seq());
-                            bots[i].ack = bots[i].ack.max(s.tick());
+                            let b = &mut bots[i];
+                            b.applied = b.applied.max(s.last_input_seq());
+                            b.ack = b.ack.max(s.tick());
+                            while b.sent.front().is_some_and(|(q, _)| *q <= b.applied) {
+                                let (_, at) = b.sent.pop_front().expect("front");
+                                let _ = visible_us
+                                    .record((now.duration_since(at).as_micros() as u64).max(1));
+                            }
                         }
                     }
                     endpoint.recycle(bytes);
@@ -137,6 +151,9 @@ fn drive_clients(
             for b in bots.iter_mut().filter(|b| b.joined) {
                 let Some(h) = b.connection else { continue };
                 b.seq += 1;
+                if b.sent.len() < 1024 {
+                    b.sent.push_back((b.seq, now));
+                }
                 let input = ClientMessage::Input(InputCmd {
                     input_seq: b.seq,
                     movement: [0.3, -0.2],
@@ -176,6 +193,7 @@ fn drive_clients(
             .iter()
             .map(|b| u64::from(b.seq - b.applied.min(b.seq)))
             .sum(),
+        visible_us,
     }
 }
 
@@ -208,7 +226,7 @@ fn run_case(entities: usize, clients: usize, moves: usize) -> Result<CaseResult,
     let ready = Arc::new(AtomicBool::new(clients == 0));
     let driver = (clients > 0).then(|| {
         let (stop, ready) = (stop.clone(), ready.clone());
-        std::thread::spawn(move || drive_clients(game, clients, stop, ready))
+        std::thread::spawn(move || drive_clients(game, clients, stop, ready, Instant::now()))
     });
     let wait_until = |what: &str, f: &dyn Fn() -> bool, secs: u64| -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(secs);

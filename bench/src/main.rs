@@ -5,10 +5,12 @@
 //! cargo run --release -p tessera-bench -- mailbox [--quick]
 //! cargo run --release -p tessera-bench -- rudp [--quick]
 //! cargo run --release -p tessera-bench -- world [--quick]
+//! cargo run --release -p tessera-bench -- cluster [--quick]
 //! ```
 
 use clap::{Parser, Subcommand};
 
+mod cluster;
 mod handover;
 mod mailbox;
 mod report;
@@ -35,6 +37,9 @@ enum Suite {
     World(world::Args),
     /// Live cell handover: freeze and commit times, entities and inputs lost.
     Handover(handover::Args),
+    /// A cluster in one process: cross-node handovers, latency added by a
+    /// gateway, bytes between nodes per ghost and per remote client.
+    Cluster(cluster::Args),
 }
 
 fn main() {
@@ -44,6 +49,7 @@ fn main() {
         Suite::Rudp(args) => rudp::run(args),
         Suite::World(args) => world::run(args),
         Suite::Handover(args) => handover::run(args),
+        Suite::Cluster(args) => cluster::run(args),
     };
     if let Err(e) = result {
         eprintln!("tessera-bench: {e}");
