@@ -310,7 +310,11 @@ fn logs(dir: &Path, follow: bool, lines: usize) -> Result<(), String> {
         }
         offsets.push((f.clone(), name, text.len() as u64));
     }
-    while follow {
+    if !follow {
+        return Ok(());
+    }
+    // Follows until interrupted (Ctrl-C), like `tail -f`.
+    loop {
         std::thread::sleep(Duration::from_millis(200));
         for (path, name, offset) in offsets.iter_mut() {
             let Ok(mut file) = fs::File::open(&*path) else {
@@ -331,5 +335,4 @@ fn logs(dir: &Path, follow: bool, lines: usize) -> Result<(), String> {
             }
         }
     }
-    Ok(())
 }

@@ -289,7 +289,7 @@ impl ClusterSide {
                         self.counters.control_received += 1;
                         match decode_control(&bytes) {
                             Ok((_, msg)) => {
-                                if let Some(c) = self.from_coordinator(core, msg) {
+                                if let Some(c) = self.take_control(core, msg) {
                                     changed = Some(c);
                                 }
                             }
@@ -364,7 +364,7 @@ impl ClusterSide {
         }
     }
 
-    fn from_coordinator<G: GameLogic>(
+    fn take_control<G: GameLogic>(
         &mut self,
         core: &mut NodeCore<G>,
         msg: ControlMsg,
