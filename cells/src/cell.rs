@@ -684,7 +684,15 @@ impl<G: GameLogic> Cell<G> {
         let q = QState::of(&e, G::stats(&e.game));
         self.near.clear();
         layout.leaves_near(e.pos, config.view.leave_radius(), &mut self.near);
-        let targets: FxHashSet<CellId> = self.near.iter().copied().filter(|c| *c != dest).collect();
+        // Subscribers keep their ghost too (a handover entry, not a leave
+        // and a later enter: a locked target does not blink at a border).
+        let targets: FxHashSet<CellId> = self
+            .near
+            .iter()
+            .copied()
+            .chain(e.subscribers.iter().map(|s| s.0))
+            .filter(|c| *c != dest)
+            .collect();
         let mut holders = self
             .ghost_sender
             .hand_over(self.id, id, dest, e.version, q, &targets);
@@ -840,7 +848,7 @@ impl<G: GameLogic> Cell<G> {
                     msg: CellMessage::Subscribe {
                         entity: target,
                         subscriber: self.id,
-                        until: TickId(until.0 + 2 * SUBSCRIBE_EVERY),
+                        until: TickId(until.0.saturating_add(2 * SUBSCRIBE_EVERY)),
                         hops: 0,
                     },
                 }));

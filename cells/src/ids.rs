@@ -54,9 +54,13 @@ impl IdAllocator {
         }
     }
 
-    /// The prefix of shard `shard` of node `node` (shards 0..255): unique
-    /// in a cluster, never 0.
+    /// Most shards per node for which [`IdAllocator::prefix_of`] is unique.
+    pub const SHARDS_MAX: u16 = 256;
+
+    /// The prefix of shard `shard` of node `node`: unique in a cluster for
+    /// shards below [`IdAllocator::SHARDS_MAX`] (nodes refuse more), never 0.
     pub fn prefix_of(node: u16, shard: u16) -> u32 {
+        debug_assert!(shard < Self::SHARDS_MAX);
         ((u32::from(node) << 8) | u32::from(shard & 0xFF)) + 1
     }
 

@@ -159,6 +159,12 @@ impl Registry {
         self.version
     }
 
+    /// True if this registry supersedes `other`: a later coordinator
+    /// (cluster epoch), or the same one's later version.
+    pub fn is_newer_than(&self, other: &Registry) -> bool {
+        (self.cluster_epoch, self.version) > (other.cluster_epoch, other.version)
+    }
+
     /// The cluster epoch (bumped when a coordinator takes over).
     pub fn cluster_epoch(&self) -> u32 {
         self.cluster_epoch

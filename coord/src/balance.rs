@@ -1059,19 +1059,23 @@ impl Coordinator {
         }
     }
 
-    /// A cell for the member that owns fewest (under 3/4 of the average:
+    /// In a cluster, a cell for the member that owns fewest (under 3/4 of
+    /// the average:
     /// below that, load-based moves alone would leave a joining node idle;
     /// above it, they decide),
     /// from the one that owns most (at least two more): one bordering the
     /// receiver's cells if there is one, else the coolest.
     fn pick_spread(&self, now: Instant) -> Option<(CellId, Assignment, ShardRef)> {
+        // Only across nodes: on one node, placement (or its static mapping)
+        // decides counts and load alone moves cells.
+        let nodes: BTreeSet<u16> = self.shards().map(|s| s.node).collect();
+        if nodes.len() < 2 {
+            return None;
+        }
         let counts: Vec<(ShardRef, usize)> = self
             .shards()
             .map(|s| (s, self.registry.cells_of(s).len()))
             .collect();
-        if counts.len() < 2 {
-            return None;
-        }
         let total: usize = counts.iter().map(|c| c.1).sum();
         let avg = total as f64 / counts.len() as f64;
         let &(to, lo) = counts.iter().min_by_key(|c| (c.1, c.0))?;

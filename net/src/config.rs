@@ -386,6 +386,9 @@ impl Config {
         c.endpoint_receive_buffer_bytes_max = 512 << 20;
         c.ack_delay = Duration::from_millis(2);
         c.mtu = 1400;
+        // Room for a few crowded cells' pre-copies in flight on one link.
+        c.channels[ChannelId::RELIABLE_ORDERED.0 as usize] =
+            ChannelConfig::reliable_ordered().queue_max(16_384, 64 << 20);
         c
     }
 

@@ -480,6 +480,22 @@ impl BatchSocket {
         sent
     }
 
+    /// Blocks the calling thread until the socket has a datagram or
+    /// `timeout` passes (at most a second), for drivers outside glommio
+    /// (tools, a coordinator loop).
+    pub fn wait_readable(&self, timeout: Duration) {
+        let mut pfd = libc::pollfd {
+            fd: self.socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(1000) as libc::c_int;
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe {
+            libc::poll(&mut pfd, 1, ms);
+        }
+    }
+
     /// A glommio readiness waiter on this socket. Call inside a glommio
     /// executor.
     pub fn readiness(&self) -> io::Result<Readiness> {

@@ -2,7 +2,6 @@
 //! script), in the spirit of the seeds' test client.
 
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -92,19 +91,6 @@ pub struct GameClient {
     pub disconnected: Option<String>,
 }
 
-fn wait_readable(socket: &BatchSocket, timeout: Duration) {
-    let mut pfd = libc::pollfd {
-        fd: socket.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().min(1000) as libc::c_int;
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe {
-        libc::poll(&mut pfd, 1, ms);
-    }
-}
-
 impl GameClient {
     /// Connects (handshake included) within `timeout`.
     pub fn connect(server: SocketAddr, timeout: Duration) -> Result<Self, String> {
@@ -171,7 +157,7 @@ impl GameClient {
             .endpoint
             .poll_timeout()
             .map_or(wait, |t| t.saturating_duration_since(now).min(wait));
-        wait_readable(&self.socket, until);
+        self.socket.wait_readable(until);
         let now = Instant::now();
         let _ = self
             .socket

@@ -9,12 +9,19 @@ use tessera_schema::flatbuffers::FlatBufferBuilder;
 use tessera_schema::verify::{self, FrameError, FrameFamily};
 use tessera_schema::wire;
 
-use super::shard::{reason_in, reason_wire};
+use super::shard::{reason_in, reason_out};
 use super::{cell_in, cell_out, need, shard_in, shard_out, ShardHeader};
 use crate::control::{CellLoad, HandoverId, LoadReport, Order, Report};
 use crate::geometry::{CellId, Geometry, Layout};
 use crate::ids::TickId;
-use crate::registry::{Assignment, Registry};
+use crate::registry::{Assignment, Registry, ShardRef};
+
+/// The sender named in the coordinator's control frames (and in a node's
+/// join link, which speaks for no shard yet).
+pub const COORDINATOR: ShardRef = ShardRef {
+    node: u16::MAX,
+    shard: u16::MAX,
+};
 
 /// What a node does in a cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -285,7 +292,7 @@ pub fn encode_control(header: &ShardHeader, msg: &ControlMsg) -> Vec<u8> {
                 AbortOrderArgs {
                     id: id.0,
                     cell: Some(&cell_out(*cell)),
-                    reason: reason_wire(*reason),
+                    reason: reason_out(*reason),
                 }
             ),
             Order::Split { op, cell } => t!(
@@ -354,7 +361,7 @@ pub fn encode_control(header: &ShardHeader, msg: &ControlMsg) -> Vec<u8> {
                 AbortedReportArgs {
                     id: id.0,
                     cell: Some(&cell_out(*cell)),
-                    reason: reason_wire(*reason),
+                    reason: reason_out(*reason),
                 }
             ),
             Report::Split { op, parent } => t!(
@@ -430,8 +437,10 @@ pub fn encode_control(header: &ShardHeader, msg: &ControlMsg) -> Vec<u8> {
     fbb.finished_data().to_vec()
 }
 
-/// The largest world a registry may describe (columns x rows).
+/// The largest world a registry may describe: columns and rows, and
+/// columns x rows (checked before anything is built from them).
 const GRID_MAX: i32 = 1 << 12;
+const GRID_CELLS_MAX: i64 = 1 << 18;
 
 fn registry_in(r: &wire::RegistryRec) -> Result<Registry, FrameError> {
     let g = need(r.geometry(), "registry.geometry")?;
@@ -439,8 +448,16 @@ fn registry_in(r: &wire::RegistryRec) -> Result<Registry, FrameError> {
         && g.cell_size() > 0.0
         && (1..=GRID_MAX).contains(&g.columns())
         && (1..=GRID_MAX).contains(&g.rows());
-    if !valid {
+    let roots = i64::from(g.columns()) * i64::from(g.rows());
+    if !valid || roots > GRID_CELLS_MAX {
         return Err(FrameError::BadValue("registry.geometry"));
+    }
+    // Every split adds three leaves: the counts must agree before the
+    // layout's leaves are listed (a lie here would cost memory, not safety).
+    let splits = r.split().map_or(0, |v| v.len()) as i64;
+    let cells = r.cells().map_or(0, |v| v.len()) as i64;
+    if cells != roots + 3 * splits {
+        return Err(FrameError::BadValue("registry.cells"));
     }
     let mut layout = Layout::new(Geometry::new(
         g.world(),

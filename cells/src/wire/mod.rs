@@ -15,7 +15,9 @@ mod control;
 mod shard;
 mod state;
 
-pub use control::{decode_control, encode_control, ControlMsg, NodeInfo, NodeRole, Registration};
+pub use control::{
+    decode_control, encode_control, ControlMsg, NodeInfo, NodeRole, Registration, COORDINATOR,
+};
 pub use shard::{decode_bundle, BundleWriter, EncodeError, ShardHeader};
 
 use tessera_schema::verify::FrameError;

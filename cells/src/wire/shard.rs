@@ -56,6 +56,18 @@ impl ShardHeader {
         }
     }
 
+    /// The header of a control frame (no cell, no epoch: the registry and
+    /// orders carry their own) from `sender`.
+    pub fn control(sender: ShardRef, seq: u64, tick: TickId) -> Self {
+        Self {
+            cell: CellId::root(0, 0, 0),
+            epoch: 0,
+            seq,
+            sender,
+            tick,
+        }
+    }
+
     /// True for a handover step whose epoch is older than the receiver's
     /// registry says the cell is at: it belongs to an ownership that has
     /// since changed (DESIGN.md's epoch rule), so it is ignored and counted.
@@ -202,7 +214,7 @@ impl BundleWriter {
     }
 }
 
-fn reason_out(r: AbortReason) -> wire::AbortReason {
+pub(crate) fn reason_out(r: AbortReason) -> wire::AbortReason {
     match r {
         AbortReason::Refused => wire::AbortReason::Refused,
         AbortReason::Timeout => wire::AbortReason::Timeout,
@@ -221,10 +233,6 @@ pub(crate) fn reason_in(r: wire::AbortReason) -> Result<AbortReason, FrameError>
         wire::AbortReason::Superseded => AbortReason::Superseded,
         _ => return Err(FrameError::BadValue("reason")),
     })
-}
-
-pub(crate) fn reason_wire(r: AbortReason) -> wire::AbortReason {
-    reason_out(r)
 }
 
 fn peer_out<'a, G: GameLogic>(

@@ -142,14 +142,18 @@ fn view_out<'a>(fbb: &mut Fbb<'a>, v: &ClientView) -> WIPOffset<wire::ClientView
 }
 
 fn view_in(r: &wire::ClientViewRec) -> Result<ClientView, FrameError> {
-    let members = r
+    // Membership and views are searched by bisection: keep them sorted and
+    // unique whatever the sender wrote.
+    let mut members: Vec<EntityId> = r
         .members()
         .map(|m| m.iter().map(EntityId).collect())
         .unwrap_or_default();
+    members.sort_unstable();
+    members.dedup();
     let mut history = VecDeque::new();
     if let Some(h) = r.history() {
         for s in list(h.len(), "view.history", |i| Ok(h.get(i)))? {
-            let entries = s
+            let mut entries: Vec<(EntityId, crate::entity::QState)> = s
                 .entries()
                 .map(|e| {
                     e.iter()
@@ -157,6 +161,8 @@ fn view_in(r: &wire::ClientViewRec) -> Result<ClientView, FrameError> {
                         .collect()
                 })
                 .unwrap_or_default();
+            entries.sort_unstable_by_key(|e| e.0);
+            entries.dedup_by_key(|e| e.0);
             history.push_back(SentView {
                 tick: TickId(s.tick()),
                 entries,

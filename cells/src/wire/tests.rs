@@ -7,6 +7,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use tessera_schema::client::{ActionCmd, InputCmd};
 
+use super::cell_out;
 use super::*;
 use crate::cell::{CellState, Envelope};
 use crate::control::{AbortReason, CellLoad, HandoverId, LoadReport, Order, PeerMsg, Report};
@@ -511,4 +512,49 @@ proptest! {
         bytes.push(0);
         prop_assert_eq!(DemoGame::decode_intent(&bytes), None);
     }
+}
+
+#[test]
+fn a_registry_that_claims_a_huge_world_is_refused_before_anything_is_built() {
+    // 4096 x 4096 cells claimed, one assignment sent: refused on the counts,
+    // without listing 16 M leaves.
+    let mut fbb = tessera_schema::flatbuffers::FlatBufferBuilder::new();
+    let cells = fbb.create_vector(&[tessera_schema::wire::CellAssignment::new(
+        &cell_out(CellId::root(0, 0, 0)),
+        &super::shard_out(A),
+        1,
+    )]);
+    let split = fbb.create_vector::<tessera_schema::wire::CellId>(&[]);
+    let rec = tessera_schema::wire::RegistryRec::create(
+        &mut fbb,
+        &tessera_schema::wire::RegistryRecArgs {
+            version: 1,
+            cluster_epoch: 1,
+            geometry: Some(&tessera_schema::wire::GeometryRec::new(
+                0, 128.0, 4096, 4096,
+            )),
+            split: Some(split),
+            cells: Some(cells),
+        },
+    );
+    let h = tessera_schema::wire::FrameHeader::new(
+        &cell_out(CellId::root(0, 0, 0)),
+        0,
+        1,
+        &super::shard_out(A),
+        0,
+    );
+    let frame = tessera_schema::wire::ControlFrame::create(
+        &mut fbb,
+        &tessera_schema::wire::ControlFrameArgs {
+            header: Some(&h),
+            msg_type: tessera_schema::wire::ControlMsg::RegistryRec,
+            msg: Some(rec.as_union_value()),
+        },
+    );
+    fbb.finish(frame, None);
+    assert!(matches!(
+        decode_control(fbb.finished_data()),
+        Err(tessera_schema::verify::FrameError::BadValue(_))
+    ));
 }

@@ -1,19 +1,19 @@
 //! A blocking RUDP link that speaks control frames (joins, tools).
 
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use tessera_cells::wire::{decode_control, encode_control, ControlMsg, ShardHeader};
-use tessera_cells::{CellId, ShardRef, TickId};
+use tessera_cells::wire::{decode_control, encode_control, ControlMsg, ShardHeader, COORDINATOR};
+use tessera_cells::TickId;
 use tessera_net::driver::{BatchSocket, SocketConfig};
 use tessera_net::{ChannelId, ConnectionHandle, Endpoint, Event, TransmitBatch};
 
 use super::JoinError;
 
-/// The channel control frames use (reliable, ordered: a registry must
-/// arrive before the order that relies on it).
-pub const CONTROL_CHANNEL: ChannelId = ChannelId::RELIABLE_ORDERED;
+/// The channel of every cluster link, shard bundles and control frames
+/// alike: reliable and ordered (a registry must arrive before the order
+/// that relies on it; a handover's diff after its pre-copy).
+pub const CLUSTER_CHANNEL: ChannelId = ChannelId::RELIABLE_ORDERED;
 
 /// One link to a coordinator, driven by the calling thread.
 pub struct ControlLink {
@@ -23,21 +23,8 @@ pub struct ControlLink {
     connection: ConnectionHandle,
     remote: SocketAddr,
     seq: u64,
-    /// Control frames refused (counted, logged once each).
+    /// Control frames refused (counted, each logged).
     pub refused: u64,
-}
-
-fn wait_readable(socket: &BatchSocket, timeout: Duration) {
-    let mut pfd = libc::pollfd {
-        fd: socket.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().min(1000) as libc::c_int;
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe {
-        libc::poll(&mut pfd, 1, ms);
-    }
 }
 
 impl ControlLink {
@@ -96,18 +83,9 @@ impl ControlLink {
     /// Sends a control message.
     pub fn send(&mut self, msg: &ControlMsg) {
         self.seq += 1;
-        let header = ShardHeader {
-            cell: CellId::root(0, 0, 0),
-            epoch: 0,
-            seq: self.seq,
-            sender: ShardRef {
-                node: u16::MAX,
-                shard: u16::MAX,
-            },
-            tick: TickId(0),
-        };
+        let header = ShardHeader::control(COORDINATOR, self.seq, TickId(0));
         let bytes = encode_control(&header, msg);
-        if let Err(e) = self.endpoint.send(self.connection, CONTROL_CHANNEL, &bytes) {
+        if let Err(e) = self.endpoint.send(self.connection, CLUSTER_CHANNEL, &bytes) {
             tracing::warn!(error = ?e, kind = msg.kind(), "control message not sent");
         }
         let _ = self
@@ -126,7 +104,7 @@ impl ControlLink {
             .endpoint
             .poll_timeout()
             .map_or(wait, |t| t.saturating_duration_since(now).min(wait));
-        wait_readable(&self.socket, until);
+        self.socket.wait_readable(until);
         let now = Instant::now();
         let _ = self
             .socket

@@ -133,6 +133,20 @@ pub fn join(
         cluster_addr: config.cluster_addr,
         game_addr,
     }));
+    // A failed join closes its link (the coordinator forgets it at once).
+    let result = wait_for_registry(&mut link, config, started, tick_hz);
+    if result.is_err() {
+        link.close();
+    }
+    result
+}
+
+fn wait_for_registry(
+    link: &mut ControlLink,
+    config: &ClusterConfig,
+    started: Instant,
+    tick_hz: u32,
+) -> Result<Joined, JoinError> {
     let mut directory = Vec::new();
     let mut cluster_hz = None;
     let mut origin = 0;

@@ -13,7 +13,6 @@
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -23,6 +22,7 @@ use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
 use tessera_cells::wire::{
     decode_control, encode_control, ControlMsg, NodeInfo, NodeRole, Registration, ShardHeader,
+    COORDINATOR,
 };
 use tessera_cells::{CellId, Geometry, Layout, Registry, ShardRef, TickId};
 use tessera_coord::{contiguous_blocks, Coordinator, HandoverRecord, Policy};
@@ -30,7 +30,7 @@ use tessera_net::driver::{BatchSocket, SocketConfig};
 use tessera_net::{ConnectionHandle, Endpoint, Event, TransmitBatch};
 use tessera_schema::FrameErrorCounts;
 
-use super::link::CONTROL_CHANNEL;
+use super::link::CLUSTER_CHANNEL;
 use super::NODE_LINK;
 use crate::node::coordinator::AdminCommand;
 use crate::runtime::spawn_helper;
@@ -303,19 +303,6 @@ struct Loop {
     tick_origin_ms: u64,
 }
 
-fn wait_readable(socket: &BatchSocket, timeout: Duration) {
-    let mut pfd = libc::pollfd {
-        fd: socket.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().clamp(0, 100) as libc::c_int;
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe {
-        libc::poll(&mut pfd, 1, ms);
-    }
-}
-
 impl Loop {
     fn new(
         config: CoordServiceConfig,
@@ -363,7 +350,7 @@ impl Loop {
                 })
                 .min(next_tick.saturating_duration_since(now))
                 .min(Duration::from_millis(10));
-            wait_readable(&self.socket, wait);
+            self.socket.wait_readable(wait);
             let now = Instant::now();
             let _ = self.socket.receive_into(&mut self.endpoint, now, 64);
             self.endpoint.handle_timeout(now);
@@ -395,17 +382,11 @@ impl Loop {
     fn send(&mut self, to: ConnectionHandle, msg: &ControlMsg) {
         self.seq += 1;
         let header = ShardHeader {
-            cell: CellId::root(0, 0, 0),
             epoch: self.cluster_epoch,
-            seq: self.seq,
-            sender: ShardRef {
-                node: u16::MAX,
-                shard: 0,
-            },
-            tick: TickId(0),
+            ..ShardHeader::control(COORDINATOR, self.seq, TickId(0))
         };
         let bytes = encode_control(&header, msg);
-        if let Err(e) = self.endpoint.send(to, CONTROL_CHANNEL, &bytes) {
+        if let Err(e) = self.endpoint.send(to, CLUSTER_CHANNEL, &bytes) {
             tracing::warn!(kind = msg.kind(), error = ?e, "control message not sent");
         }
     }
@@ -452,8 +433,8 @@ impl Loop {
         match msg {
             ControlMsg::Register(r) => self.register(connection, r, now),
             ControlMsg::Report(report) => {
-                let Some(p) = self.peers.get(&connection) else {
-                    tracing::warn!("report on an unregistered link ignored");
+                let Some(p) = self.peers.get(&connection).filter(|p| p.shard != NODE_LINK) else {
+                    tracing::warn!("report on a link that speaks for no shard ignored");
                     return;
                 };
                 let shard = ShardRef {
@@ -510,6 +491,21 @@ impl Loop {
                     },
                 );
                 self.directory_version += 1;
+                for s in 0..r.shards {
+                    self.shards
+                        .entry(ShardRef {
+                            node: r.node,
+                            shard: s,
+                        })
+                        .or_insert(ShardEntry {
+                            connection: None,
+                            last_heard: now,
+                            tick: 0,
+                            sessions: 0,
+                            entities: 0,
+                        });
+                }
+                self.members_changed();
             }
             None => {
                 tracing::info!(node = r.node, role = %r.role, shards = r.shards, cluster = %r.cluster_addr, game = ?r.game_addr, "node joined");

@@ -1,8 +1,9 @@
 //! One shard's side of the cluster: its links to other nodes' shards and
 //! to the coordinator, on its own RUDP endpoint and UDP port.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera_cells::node::{NodeCore, ShardMsg};
@@ -10,17 +11,26 @@ use tessera_cells::wire::{
     decode_bundle, decode_control, encode_control, BundleWriter, ControlMsg, NodeInfo,
     Registration, ShardHeader,
 };
-use tessera_cells::{CellId, GameLogic, Registry, ShardRef, TickId};
+use tessera_cells::{GameLogic, Registry, ShardRef, TickId};
 use tessera_net::driver::BatchSocket;
 use tessera_net::{ConnectionHandle, Endpoint, Event, TransmitBatch};
 use tessera_schema::FrameErrorCounts;
 
-use super::link::CONTROL_CHANNEL;
+use super::link::CLUSTER_CHANNEL;
 
 /// A bundle is sent early once it holds this many bytes (bounds the
 /// memory one destination can take within a turn; a single message may
 /// still be larger, up to the link's 16 MiB).
 pub const BUNDLE_FLUSH_BYTES: usize = 1 << 20;
+
+/// Bytes of bundles a shard keeps while their link cannot take them (no
+/// directory entry yet, the link's queue full, the link reconnecting):
+/// past it a bundle is dropped, counted and logged (its messages are lost).
+pub const BACKLOG_BYTES_MAX: usize = 64 << 20;
+
+/// Control messages kept while the coordinator link is down (heartbeats and
+/// load reports are not kept: the next ones replace them).
+pub const CONTROL_BACKLOG_MAX: usize = 4096;
 
 /// Wait before dialling the coordinator again after its link broke.
 const COORD_RETRY: Duration = Duration::from_millis(500);
@@ -44,10 +54,15 @@ pub struct ClusterCounters {
     pub refused: FrameErrorCounts,
     /// Handover steps ignored on arrival for a stale epoch.
     pub stale_epoch: u64,
-    /// Bundles the link refused to queue (backpressure: queue full, or
-    /// larger than a message may be): their messages are lost, logged.
+    /// Bundles dropped (larger than a link message may be, or the backlog
+    /// at [`BACKLOG_BYTES_MAX`]): their messages are lost, logged.
     pub send_refused: u64,
-    /// Messages for a node the directory does not list (dropped, logged).
+    /// Bundles that had to wait for their link (no directory entry yet,
+    /// queue full, reconnecting); they go out in order once it takes them.
+    pub backlogged: u64,
+    /// Bytes waiting in the backlog now.
+    pub backlog_bytes: u64,
+    /// Bundles for a node the directory does not list (they wait).
     pub no_route: u64,
     /// Links opened to other shards.
     pub links_opened: u64,
@@ -59,13 +74,6 @@ pub struct ClusterCounters {
     pub control_received: u64,
     /// Times the coordinator link was dialled again.
     pub coord_redials: u64,
-}
-
-/// What the coordinator said that the driver must act on.
-#[derive(Debug)]
-pub enum FromCoordinator {
-    /// A newer registry (already handed to the core).
-    Registry(std::sync::Arc<Registry>),
 }
 
 /// A shard's cluster endpoint, links and coordinator link.
@@ -81,6 +89,8 @@ pub struct ClusterSide {
     directory: BTreeMap<u16, NodeInfo>,
     links: BTreeMap<ShardRef, ConnectionHandle>,
     writers: BTreeMap<ShardRef, BundleWriter>,
+    backlog: BTreeMap<ShardRef, VecDeque<(Vec<u8>, u64)>>,
+    control_backlog: VecDeque<ControlMsg>,
     control_seq: u64,
     counters: ClusterCounters,
 }
@@ -108,6 +118,8 @@ impl ClusterSide {
             directory: directory.into_iter().map(|n| (n.node, n)).collect(),
             links: BTreeMap::new(),
             writers: BTreeMap::new(),
+            backlog: BTreeMap::new(),
+            control_backlog: VecDeque::new(),
             control_seq: 0,
             counters: ClusterCounters::default(),
         }
@@ -165,13 +177,19 @@ impl ClusterSide {
         }
     }
 
-    /// Sends every bundle of this turn.
+    /// Sends every bundle of this turn, and what waited.
     pub fn flush(&mut self, now: Instant) {
         let dests: Vec<ShardRef> = self
             .writers
             .iter()
             .filter(|(_, w)| !w.is_empty())
             .map(|(to, _)| *to)
+            .chain(
+                self.backlog
+                    .iter()
+                    .filter(|(_, q)| !q.is_empty())
+                    .map(|(to, _)| *to),
+            )
             .collect();
         for to in dests {
             self.flush_one(to, now);
@@ -197,54 +215,136 @@ impl ClusterSide {
         }
     }
 
+    /// Sends `to`'s bundle, after whatever waited for that link (order is
+    /// kept); what the link cannot take now waits in the backlog.
     fn flush_one(&mut self, to: ShardRef, now: Instant) {
-        let Some(writer) = self.writers.get(&to) else {
-            return;
-        };
-        if writer.is_empty() {
+        let link = self.link_to(to, now);
+        let waiting = self.backlog.get(&to).is_some_and(|q| !q.is_empty());
+        if let Some(writer) = self.writers.get_mut(&to).filter(|w| !w.is_empty()) {
+            let frames = writer.len() as u64;
+            let endpoint = &mut self.endpoint;
+            // The common case, straight from the builder's buffer.
+            let direct = match link {
+                Some(link) if !waiting => {
+                    writer.finish(|b| match endpoint.send(link, CLUSTER_CHANNEL, b) {
+                        Ok(_) => Ok(b.len()),
+                        Err(e) => Err((e, b.to_vec())),
+                    })
+                }
+                _ => Err((
+                    tessera_net::SendError::QueueFull(0),
+                    writer.finish(|b| b.to_vec()),
+                )),
+            };
+            match direct {
+                Ok(len) => self.sent(frames, len),
+                Err((tessera_net::SendError::MessageTooLarge { len, max }, _)) => {
+                    self.counters.send_refused += 1;
+                    tracing::error!(shard = %self.me, %to, frames, len, max, "bundle larger than a cluster message may be: messages lost");
+                }
+                Err((e, bytes)) => {
+                    if matches!(
+                        e,
+                        tessera_net::SendError::UnknownConnection | tessera_net::SendError::Closing
+                    ) {
+                        self.links.remove(&to);
+                    }
+                    self.keep(to, bytes, frames);
+                }
+            }
+        }
+        self.drain_backlog(to, now);
+    }
+
+    fn sent(&mut self, frames: u64, len: usize) {
+        self.counters.bundles_sent += 1;
+        self.counters.frames_sent += frames;
+        self.counters.bytes_sent += len as u64;
+    }
+
+    /// Keeps a bundle for later, within [`BACKLOG_BYTES_MAX`].
+    fn keep(&mut self, to: ShardRef, bytes: Vec<u8>, frames: u64) {
+        if self.counters.backlog_bytes as usize + bytes.len() > BACKLOG_BYTES_MAX {
+            self.counters.send_refused += 1;
+            tracing::error!(shard = %self.me, %to, frames, backlog = self.counters.backlog_bytes, "cluster backlog full: bundle dropped, messages lost");
             return;
         }
-        let frames = writer.len() as u64;
-        let link = self.link_to(to, now);
-        let writer = self.writers.get_mut(&to).expect("checked above");
-        let Some(link) = link else {
-            self.counters.no_route += frames;
-            writer.finish(|_| ());
-            tracing::error!(shard = %self.me, %to, frames, "no directory entry for the destination's node: messages dropped");
+        if !self.directory.contains_key(&to.node) {
+            self.counters.no_route += 1;
+        }
+        self.counters.backlogged += 1;
+        self.counters.backlog_bytes += bytes.len() as u64;
+        self.backlog
+            .entry(to)
+            .or_default()
+            .push_back((bytes, frames));
+    }
+
+    /// Sends what waited for `to`'s link, in order, while it takes it.
+    fn drain_backlog(&mut self, to: ShardRef, now: Instant) {
+        if self.backlog.get(&to).is_none_or(|q| q.is_empty()) {
+            return;
+        }
+        let Some(link) = self.link_to(to, now) else {
             return;
         };
-        let endpoint = &mut self.endpoint;
-        let (sent, len) = writer.finish(|b| (endpoint.send(link, CONTROL_CHANNEL, b), b.len()));
-        match sent {
-            Ok(_) => {
-                self.counters.bundles_sent += 1;
-                self.counters.frames_sent += frames;
-                self.counters.bytes_sent += len as u64;
-            }
-            Err(e) => {
-                self.counters.send_refused += 1;
-                tracing::error!(shard = %self.me, %to, frames, bytes = len, error = ?e, "cluster link refused a bundle: messages dropped");
+        while let Some((bytes, frames)) = self.backlog.get_mut(&to).and_then(|q| q.pop_front()) {
+            match self.endpoint.send(link, CLUSTER_CHANNEL, &bytes) {
+                Ok(_) => {
+                    self.counters.backlog_bytes -= bytes.len() as u64;
+                    self.sent(frames, bytes.len());
+                }
+                Err(tessera_net::SendError::MessageTooLarge { len, max }) => {
+                    self.counters.backlog_bytes -= bytes.len() as u64;
+                    self.counters.send_refused += 1;
+                    tracing::error!(shard = %self.me, %to, frames, len, max, "bundle larger than a cluster message may be: messages lost");
+                }
+                Err(e) => {
+                    if matches!(
+                        e,
+                        tessera_net::SendError::UnknownConnection | tessera_net::SendError::Closing
+                    ) {
+                        self.links.remove(&to);
+                    }
+                    self.backlog
+                        .entry(to)
+                        .or_default()
+                        .push_front((bytes, frames));
+                    return;
+                }
             }
         }
     }
 
-    /// Sends a control message to the coordinator (dropped with a log line
-    /// while the link is down: reports repeat, heartbeats are periodic).
+    /// Sends a control message to the coordinator. While its link is down
+    /// the message waits (reports of a handover's steps must reach it);
+    /// heartbeats and load reports do not (the next ones replace them).
     pub fn send_control(&mut self, msg: &ControlMsg, tick: TickId) {
+        let linked = self.coordinator_linked();
+        let periodic = matches!(
+            msg,
+            ControlMsg::Heartbeat { .. }
+                | ControlMsg::Report(tessera_cells::control::Report::Load(_))
+        );
+        if !linked {
+            if !periodic && self.control_backlog.len() < CONTROL_BACKLOG_MAX {
+                self.control_backlog.push_back(msg.clone());
+            } else if !periodic {
+                tracing::error!(shard = %self.me, kind = msg.kind(), "coordinator backlog full: control message dropped");
+            }
+            return;
+        }
+        self.send_control_now(msg, tick);
+    }
+
+    fn send_control_now(&mut self, msg: &ControlMsg, tick: TickId) {
         let Some(coord) = self.coord else {
-            tracing::debug!(shard = %self.me, kind = msg.kind(), "no coordinator link: control message dropped");
             return;
         };
         self.control_seq += 1;
-        let header = ShardHeader {
-            cell: CellId::root(0, 0, 0),
-            epoch: 0,
-            seq: self.control_seq,
-            sender: self.me,
-            tick,
-        };
+        let header = ShardHeader::control(self.me, self.control_seq, tick);
         let bytes = encode_control(&header, msg);
-        match self.endpoint.send(coord, CONTROL_CHANNEL, &bytes) {
+        match self.endpoint.send(coord, CLUSTER_CHANNEL, &bytes) {
             Ok(_) => self.counters.control_sent += 1,
             Err(e) => {
                 tracing::warn!(shard = %self.me, kind = msg.kind(), error = ?e, "control message not sent")
@@ -260,7 +360,7 @@ impl ClusterSide {
         &mut self,
         core: &mut NodeCore<G>,
         now: Instant,
-    ) -> (usize, Option<FromCoordinator>) {
+    ) -> (usize, Option<Arc<Registry>>) {
         let mut work = match self.socket.receive_into(&mut self.endpoint, now, 64) {
             Ok((n, _)) => n,
             Err(e) => {
@@ -277,9 +377,13 @@ impl ClusterSide {
             match event {
                 Event::Connected { connection, addr } => {
                     if Some(connection) == self.coord {
-                        tracing::info!(shard = %self.me, coord = %addr, "coordinator link up: registering");
+                        tracing::info!(shard = %self.me, coord = %addr, waiting = self.control_backlog.len(), "coordinator link up: registering");
+                        let tick = core.world().tick_id();
                         let msg = ControlMsg::Register(self.registration.clone());
-                        self.send_control(&msg, core.world().tick_id());
+                        self.send_control_now(&msg, tick);
+                        for msg in std::mem::take(&mut self.control_backlog) {
+                            self.send_control_now(&msg, tick);
+                        }
                     }
                 }
                 Event::Message {
@@ -289,7 +393,7 @@ impl ClusterSide {
                         self.counters.control_received += 1;
                         match decode_control(&bytes) {
                             Ok((_, msg)) => {
-                                if let Some(c) = self.take_control(core, msg) {
+                                if let Some(c) = self.take_control(core, msg, now) {
                                     changed = Some(c);
                                 }
                             }
@@ -368,16 +472,15 @@ impl ClusterSide {
         &mut self,
         core: &mut NodeCore<G>,
         msg: ControlMsg,
-    ) -> Option<FromCoordinator> {
+        now: Instant,
+    ) -> Option<Arc<Registry>> {
         match msg {
             ControlMsg::Registry(r) => {
-                if r.version() <= core.router().registry().version()
-                    && r.cluster_epoch() <= core.router().registry().cluster_epoch()
-                {
+                if !r.is_newer_than(core.router().registry()) {
                     return None;
                 }
                 core.handle_registry(r.clone());
-                Some(FromCoordinator::Registry(r))
+                Some(r)
             }
             ControlMsg::Directory(nodes) => {
                 for n in nodes {
@@ -386,8 +489,19 @@ impl ClusterSide {
                         .get(&n.node)
                         .is_some_and(|old| old.cluster_addr != n.cluster_addr)
                     {
-                        // The node restarted elsewhere: links to it are stale.
-                        self.links.retain(|to, _| to.node != n.node);
+                        // The node restarted elsewhere: its links are stale.
+                        let stale: Vec<ShardRef> = self
+                            .links
+                            .keys()
+                            .filter(|to| to.node == n.node)
+                            .copied()
+                            .collect();
+                        for to in stale {
+                            if let Some(c) = self.links.remove(&to) {
+                                let _ = self.endpoint.disconnect(now, c, 0);
+                                self.counters.links_closed += 1;
+                            }
+                        }
                     }
                     self.directory.insert(n.node, n);
                 }

@@ -101,6 +101,8 @@ fn help(out: &mut String, name: &str, kind: &str, text: &str) {
     let _ = writeln!(out, "# HELP {name} {text}\n# TYPE {name} {kind}");
 }
 
+use crate::cluster::shard::ClusterCounters;
+
 /// Cluster link counters, per shard (only on a clustered node).
 fn render_cluster(o: &mut String, node_id: u16, node: &[Option<super::NodeShardStats>]) {
     let shards: Vec<(usize, crate::cluster::shard::ClusterCounters)> = node
@@ -111,39 +113,49 @@ fn render_cluster(o: &mut String, node_id: u16, node: &[Option<super::NodeShardS
     if shards.is_empty() {
         return;
     }
-    help(
-        o,
-        "tessera_cluster_bundles_total",
-        "counter",
-        "Shard bundles exchanged with other nodes' shards.",
-    );
-    for (i, c) in &shards {
-        let _ = writeln!(o, "tessera_cluster_bundles_total{{node=\"{node_id}\",shard=\"{i}\",direction=\"sent\"}} {}", c.bundles_sent);
-        let _ = writeln!(o, "tessera_cluster_bundles_total{{node=\"{node_id}\",shard=\"{i}\",direction=\"received\"}} {}", c.bundles_received);
+    // Bundles, their messages and bytes, both ways.
+    for (name, text, sent, received) in [
+        (
+            "tessera_cluster_bundles_total",
+            "Shard bundles exchanged with other nodes' shards.",
+            (|c: &ClusterCounters| c.bundles_sent) as fn(&ClusterCounters) -> u64,
+            (|c: &ClusterCounters| c.bundles_received) as fn(&ClusterCounters) -> u64,
+        ),
+        (
+            "tessera_cluster_frames_total",
+            "Messages in those bundles.",
+            |c| c.frames_sent,
+            |c| c.frames_received,
+        ),
+        (
+            "tessera_cluster_bytes_total",
+            "Bytes of those bundles.",
+            |c| c.bytes_sent,
+            |c| c.bytes_received,
+        ),
+    ] {
+        help(o, name, "counter", text);
+        for (i, c) in &shards {
+            for (direction, v) in [("sent", sent(c)), ("received", received(c))] {
+                let _ = writeln!(
+                    o,
+                    "{name}{{node=\"{node_id}\",shard=\"{i}\",direction=\"{direction}\"}} {v}"
+                );
+            }
+        }
     }
     help(
         o,
-        "tessera_cluster_frames_total",
-        "counter",
-        "Messages in those bundles.",
-    );
-    for (i, c) in &shards {
-        let _ = writeln!(o, "tessera_cluster_frames_total{{direction=\"sent\",node=\"{node_id}\",shard=\"{i}\"}} {}", c.frames_sent);
-        let _ = writeln!(o, "tessera_cluster_frames_total{{direction=\"received\",node=\"{node_id}\",shard=\"{i}\"}} {}", c.frames_received);
-    }
-    help(
-        o,
-        "tessera_cluster_bytes_total",
-        "counter",
-        "Bytes of shard bundles.",
+        "tessera_cluster_backlog_bytes",
+        "gauge",
+        "Bytes of bundles waiting for their link.",
     );
     for (i, c) in &shards {
         let _ = writeln!(
             o,
-            "tessera_cluster_bytes_total{{node=\"{node_id}\",shard=\"{i}\",direction=\"sent\"}} {}",
-            c.bytes_sent
+            "tessera_cluster_backlog_bytes{{node=\"{node_id}\",shard=\"{i}\"}} {}",
+            c.backlog_bytes
         );
-        let _ = writeln!(o, "tessera_cluster_bytes_total{{node=\"{node_id}\",shard=\"{i}\",direction=\"received\"}} {}", c.bytes_received);
     }
     help(
         o,
@@ -160,18 +172,27 @@ fn render_cluster(o: &mut String, node_id: u16, node: &[Option<super::NodeShardS
         (
             "tessera_cluster_stale_epoch_total",
             "Handover steps from a stale epoch ignored on arrival.",
-            (|c: &crate::cluster::shard::ClusterCounters| c.stale_epoch)
-                as fn(&crate::cluster::shard::ClusterCounters) -> u64,
+            (|c: &ClusterCounters| c.stale_epoch) as fn(&ClusterCounters) -> u64,
         ),
         (
             "tessera_cluster_send_refused_total",
-            "Bundles a cluster link refused to queue (backpressure): their messages were lost.",
+            "Bundles dropped (too large for a link message, or the backlog full): their messages were lost.",
             |c| c.send_refused,
         ),
         (
             "tessera_cluster_no_route_total",
-            "Messages for a node the directory does not list (dropped).",
+            "Bundles that waited for their destination's node to appear in the directory.",
             |c| c.no_route,
+        ),
+        (
+            "tessera_cluster_backlogged_total",
+            "Bundles that waited for their link (no route yet, queue full, reconnecting).",
+            |c| c.backlogged,
+        ),
+        (
+            "tessera_cluster_control_received_total",
+            "Control frames received from the coordinator.",
+            |c| c.control_received,
         ),
         (
             "tessera_cluster_links_opened_total",
@@ -185,7 +206,7 @@ fn render_cluster(o: &mut String, node_id: u16, node: &[Option<super::NodeShardS
         ),
         (
             "tessera_cluster_control_frames_total",
-            "Control frames exchanged with the coordinator (sent).",
+            "Control frames sent to the coordinator.",
             |c| c.control_sent,
         ),
         (

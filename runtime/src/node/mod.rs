@@ -279,6 +279,12 @@ impl<G: GameLogic> Node<G> {
         let mut cluster_sockets = Vec::new();
         let mut joined: Option<Joined> = None;
         if let Some(cc) = &config.cluster {
+            if shards > usize::from(tessera_cells::ids::IdAllocator::SHARDS_MAX) {
+                return Err(NodeError::Invalid(format!(
+                    "{shards} shards: a cluster node runs at most {} (entity ids name node and shard)",
+                    tessera_cells::ids::IdAllocator::SHARDS_MAX
+                )));
+            }
             cluster_sockets = Self::bind_cluster_sockets(cc, shards)?;
             let advertised = (cc.role != NodeRole::Compute).then_some(game_addr);
             let j =
@@ -474,6 +480,11 @@ impl<G: GameLogic> Node<G> {
             reuse_port: false,
             ..SocketConfig::default()
         };
+        if cc.cluster_addr.port() == 0 {
+            return Err(NodeError::Invalid(
+                "--cluster-addr needs a port (shard s listens on port + s)".into(),
+            ));
+        }
         let mut out = Vec::with_capacity(shards);
         for s in 0..shards {
             let mut addr = cc.cluster_addr;
@@ -488,11 +499,6 @@ impl<G: GameLogic> Node<G> {
                         ))
                     })?,
             );
-            if cc.cluster_addr.port() == 0 {
-                return Err(NodeError::Invalid(
-                    "--cluster-addr needs a port (shard s listens on port + s)".into(),
-                ));
-            }
             out.push(
                 BatchSocket::bind(addr, &config).map_err(|e| match e.kind() {
                     io::ErrorKind::AddrInUse => NodeError::Invalid(format!(

@@ -20,7 +20,7 @@ use tessera_net::driver::BatchSocket;
 use tessera_net::{ChannelId, ConnectionHandle, Endpoint, Event, TransmitBatch};
 use tessera_schema::protocol::disconnect;
 
-use crate::cluster::shard::{ClusterSide, FromCoordinator};
+use crate::cluster::shard::ClusterSide;
 use crate::ids::{ShardId, StageAddr, StageId};
 use crate::mailbox::{Envelope, SendError};
 use crate::shard::{ShardContext, ShardHandler};
@@ -254,7 +254,7 @@ impl<G: GameLogic> NodeShard<G> {
             let mut core = self.core.borrow_mut();
             cluster.pump(&mut core, now)
         };
-        if let Some(FromCoordinator::Registry(r)) = changed {
+        if let Some(r) = changed {
             self.shared.offer_registry(r);
         }
         self.drain_outputs(cx, now);

@@ -147,9 +147,7 @@ impl NodeShared {
     /// of a clustered node offers the copy it received).
     pub fn offer_registry(&self, registry: Arc<Registry>) {
         let mut slot = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        let newer =
-            (registry.cluster_epoch(), registry.version()) > (slot.cluster_epoch(), slot.version());
-        if newer {
+        if registry.is_newer_than(&slot) {
             self.registry_version
                 .store(registry.version(), Ordering::Release);
             *slot = registry;

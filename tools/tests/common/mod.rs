@@ -113,6 +113,12 @@ impl Server {
     /// The metric samples whose line starts with `prefix`, by the value of
     /// their `reason` label.
     pub fn by_reason(&self, prefix: &str) -> Vec<(String, f64)> {
+        self.by_label(prefix, "reason")
+    }
+
+    /// The metric samples whose line starts with `prefix`, by the value of
+    /// their `label` label.
+    pub fn by_label(&self, prefix: &str, label: &str) -> Vec<(String, f64)> {
         let mut s = std::net::TcpStream::connect(self.metrics).unwrap();
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
             .unwrap();
@@ -121,7 +127,7 @@ impl Server {
         body.lines()
             .filter(|l| l.starts_with(prefix))
             .filter_map(|l| {
-                let reason = l.split("reason=\"").nth(1)?.split('"').next()?;
+                let reason = l.split(&format!("{label}=\"")).nth(1)?.split('"').next()?;
                 let value = l.split_whitespace().nth(1)?.parse::<f64>().ok()?;
                 Some((reason.to_string(), value))
             })
