@@ -224,3 +224,71 @@ fn commuters_cross_two_compute_nodes_through_a_gateway_while_a_cell_moves() {
         );
     }
 }
+
+/// A compute node that joins a running cluster gets cells by live
+/// handovers (up to 3/4 of the average count), and no entity is lost.
+#[test]
+fn a_node_that_joins_later_gets_cells_by_live_handovers() {
+    let coord_addr = free_udp("127.0.0.1").to_string();
+    let coord_admin = format!("127.0.0.1:{}", free_tcp_port());
+    let _coord = Guarded::spawn(&[
+        "coord",
+        "--listen",
+        &coord_addr,
+        "--admin-addr",
+        &coord_admin,
+        "--compute-nodes",
+        "1",
+        "--world",
+        "4x4",
+        "--duration",
+        "120",
+    ]);
+    let node = |id: &str, ip: &str| {
+        let cluster = free_udp(ip).to_string();
+        Server::start_at(
+            ip,
+            &[
+                "--coord",
+                &coord_addr,
+                "--node-id",
+                id,
+                "--cluster-addr",
+                &cluster,
+                "--role",
+                "compute",
+                "--shards",
+                "1",
+                "--npcs",
+                "200",
+                "--world",
+                "4x4",
+            ],
+        )
+    };
+    let first = node("1", "127.0.0.5");
+    wait_for("the first node's cells", Duration::from_secs(20), || {
+        let st = coord_status(&coord_admin);
+        st["shards"]
+            .as_array()
+            .is_some_and(|s| s.len() == 1 && s[0]["cells"] == 16 && s[0]["entities"] == 200)
+    });
+    let second = node("2", "127.0.0.6");
+    let mut last = serde_json::Value::Null;
+    let spread = poll(Duration::from_secs(30), || {
+        let st = coord_status(&coord_admin);
+        last = st["shards"].clone();
+        let Some(s) = st["shards"].as_array() else {
+            return false;
+        };
+        let cells: Vec<u64> = s.iter().map(|x| x["cells"].as_u64().unwrap_or(0)).collect();
+        let entities: u64 = s.iter().map(|x| x["entities"].as_u64().unwrap_or(0)).sum();
+        s.len() == 2 && cells[1] >= 6 && entities == 200 && st["in_flight"] == 0
+    });
+    assert!(
+        spread,
+        "the joiner did not get its cells: {last}\n{}\n{}",
+        first.log_text(),
+        second.log_text()
+    );
+}
