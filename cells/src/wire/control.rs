@@ -10,7 +10,7 @@ use tessera_schema::verify::{self, FrameError, FrameFamily};
 use tessera_schema::wire;
 
 use super::shard::{reason_in, reason_out};
-use super::{cell_in, cell_out, need, shard_in, shard_out, ShardHeader};
+use super::{cell_in, cell_out, header_in, header_out, need, shard_in, shard_out, ShardHeader};
 use crate::control::{CellLoad, HandoverId, LoadReport, Order, Report};
 use crate::geometry::{CellId, Geometry, Layout};
 use crate::ids::TickId;
@@ -418,13 +418,7 @@ pub fn encode_control(header: &ShardHeader, msg: &ControlMsg) -> Vec<u8> {
             }
         ),
     };
-    let h = wire::FrameHeader::new(
-        &cell_out(header.cell),
-        header.epoch,
-        header.seq,
-        &shard_out(header.sender),
-        header.tick.0,
-    );
+    let h = header_out(header);
     let frame = wire::ControlFrame::create(
         fbb,
         &wire::ControlFrameArgs {
@@ -496,14 +490,7 @@ fn registry_in(r: &wire::RegistryRec) -> Result<Registry, FrameError> {
 /// Verifies and decodes a control frame.
 pub fn decode_control(bytes: &[u8]) -> Result<(ShardHeader, ControlMsg), FrameError> {
     let f = verify::control_frame(bytes)?;
-    let h = need(f.header(), "header")?;
-    let header = ShardHeader {
-        cell: cell_in(h.cell(), "header.cell")?,
-        epoch: h.epoch(),
-        seq: h.seq(),
-        sender: shard_in(h.sender()),
-        tick: TickId(h.tick()),
-    };
+    let header = header_in(need(f.header(), "header")?)?;
     let cell = |c: Option<&wire::CellId>, field| cell_in(need(c, field)?, field);
     let msg = if let Some(m) = f.msg_as_register() {
         ControlMsg::Register(Registration {

@@ -165,6 +165,28 @@ pub(crate) fn q_in(q: &wire::QStateRec) -> QState {
     }
 }
 
+/// The wire form of a frame header.
+pub(crate) fn header_out(h: &ShardHeader) -> wire::FrameHeader {
+    wire::FrameHeader::new(
+        &cell_out(h.cell),
+        h.epoch,
+        h.seq,
+        &shard_out(h.sender),
+        h.tick.0,
+    )
+}
+
+/// A frame header from the wire.
+pub(crate) fn header_in(h: &wire::FrameHeader) -> Result<ShardHeader, FrameError> {
+    Ok(ShardHeader {
+        cell: cell_in(h.cell(), "header.cell")?,
+        epoch: h.epoch(),
+        seq: h.seq(),
+        sender: shard_in(h.sender()),
+        tick: crate::ids::TickId(h.tick()),
+    })
+}
+
 /// A required field, or the error naming it.
 pub(crate) fn need<T>(v: Option<T>, field: &'static str) -> Result<T, FrameError> {
     v.ok_or(FrameError::MissingField(field))

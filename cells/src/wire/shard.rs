@@ -5,7 +5,7 @@ use tessera_schema::verify::{self, FrameError, FrameFamily};
 use tessera_schema::wire;
 
 use super::state::{self, cell_msg_parts};
-use super::{cell_in, cell_out, need, shard_in, shard_out};
+use super::{cell_in, cell_out, header_in, header_out, need, shard_in, shard_out};
 use crate::control::{AbortReason, HandoverId, PeerMsg};
 use crate::game::GameLogic;
 use crate::geometry::CellId;
@@ -175,13 +175,7 @@ impl BundleWriter {
             ShardMsg::Peer(p) => peer_out::<G>(fbb, p, scratch),
             ShardMsg::Order(_) => return Err(EncodeError::Order),
         };
-        let h = wire::FrameHeader::new(
-            &cell_out(header.cell),
-            header.epoch,
-            header.seq,
-            &shard_out(header.sender),
-            header.tick.0,
-        );
+        let h = header_out(&header);
         let frame = wire::ShardFrame::create(
             fbb,
             &wire::ShardFrameArgs {
@@ -319,14 +313,7 @@ fn peer_out<'a, G: GameLogic>(
 fn frame_in<G: GameLogic>(
     f: &wire::ShardFrame<'_>,
 ) -> Result<(ShardHeader, ShardMsg<G>), FrameError> {
-    let h = need(f.header(), "header")?;
-    let header = ShardHeader {
-        cell: cell_in(h.cell(), "header.cell")?,
-        epoch: h.epoch(),
-        seq: h.seq(),
-        sender: shard_in(h.sender()),
-        tick: TickId(h.tick()),
-    };
+    let header = header_in(need(f.header(), "header")?)?;
     let cell = |c: Option<&wire::CellId>, field| cell_in(need(c, field)?, field);
     let msg = if let Some(m) = f.msg_as_cell_envelope_rec() {
         ShardMsg::Cell(CellEnvelope {

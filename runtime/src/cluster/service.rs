@@ -11,8 +11,8 @@
 //! `handovers`, `move CELL NODE/SHARD`, `split CELL`, `merge CELL`.
 
 use std::collections::BTreeMap;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -479,64 +479,41 @@ impl Loop {
             cluster_addr: r.cluster_addr,
             game_addr: r.game_addr,
         };
-        match self.nodes.get(&r.node) {
-            Some(old) if old.info == info && old.incarnation == r.incarnation => {}
-            Some(old) => {
-                tracing::warn!(node = r.node, old = %old.info.cluster_addr, new = %r.cluster_addr, incarnation = r.incarnation, "node registered again (restarted or moved)");
-                self.nodes.insert(
-                    r.node,
-                    NodeEntry {
-                        info,
-                        incarnation: r.incarnation,
-                    },
-                );
-                self.directory_version += 1;
-                for s in 0..r.shards {
-                    self.shards
-                        .entry(ShardRef {
-                            node: r.node,
-                            shard: s,
-                        })
-                        .or_insert(ShardEntry {
-                            connection: None,
-                            last_heard: now,
-                            tick: 0,
-                            sessions: 0,
-                            entities: 0,
-                        });
+        let known = self.nodes.get(&r.node);
+        if known.is_none_or(|old| old.info != info || old.incarnation != r.incarnation) {
+            match known {
+                Some(old) => {
+                    tracing::warn!(node = r.node, old = %old.info.cluster_addr, new = %r.cluster_addr, incarnation = r.incarnation, "node registered again (restarted or moved)")
                 }
-                self.members_changed();
-            }
-            None => {
-                tracing::info!(node = r.node, role = %r.role, shards = r.shards, cluster = %r.cluster_addr, game = ?r.game_addr, "node joined");
-                self.nodes.insert(
-                    r.node,
-                    NodeEntry {
-                        info,
-                        incarnation: r.incarnation,
-                    },
-                );
-                self.directory_version += 1;
-                {
-                    // Every shard links (gateways too: they route by the
-                    // registry); only compute shards become members.
-                    for s in 0..r.shards {
-                        self.shards
-                            .entry(ShardRef {
-                                node: r.node,
-                                shard: s,
-                            })
-                            .or_insert(ShardEntry {
-                                connection: None,
-                                last_heard: now,
-                                tick: 0,
-                                sessions: 0,
-                                entities: 0,
-                            });
-                    }
+                None => {
+                    tracing::info!(node = r.node, role = %r.role, shards = r.shards, cluster = %r.cluster_addr, game = ?r.game_addr, "node joined")
                 }
-                self.members_changed();
             }
+            self.nodes.insert(
+                r.node,
+                NodeEntry {
+                    info,
+                    incarnation: r.incarnation,
+                },
+            );
+            self.directory_version += 1;
+            // Every shard links (gateways too: they route by the registry);
+            // only compute shards become members.
+            for s in 0..r.shards {
+                self.shards
+                    .entry(ShardRef {
+                        node: r.node,
+                        shard: s,
+                    })
+                    .or_insert(ShardEntry {
+                        connection: None,
+                        last_heard: now,
+                        tick: 0,
+                        sessions: 0,
+                        entities: 0,
+                    });
+            }
+            self.members_changed();
         }
         self.peers.insert(
             connection,
@@ -751,38 +728,18 @@ fn serve_admin(
     tx: Sender<AdminInput>,
     stop: Arc<AtomicBool>,
 ) -> io::Result<JoinHandle<()>> {
-    listener.set_nonblocking(true)?;
-    spawn_helper("tessera-coord-admin", None, move || {
-        while !stop.load(Ordering::Acquire) {
-            match listener.accept() {
-                Ok((stream, peer)) => {
-                    if let Err(e) = answer(stream, &board, &tx, &stop) {
-                        tracing::debug!(%peer, error = %e, "admin request failed");
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-            }
-        }
+    let flag = stop.clone();
+    crate::node::admin::serve_lines(listener, "tessera-coord-admin", stop, move |line| {
+        reply(line, &board, &tx, &flag)
     })
 }
 
-fn answer(
-    stream: TcpStream,
+fn reply(
+    line: &str,
     board: &Mutex<Board>,
     tx: &Sender<AdminInput>,
     stop: &AtomicBool,
-) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let mut line = String::new();
-    BufReader::new((&stream).take(1024)).read_line(&mut line)?;
+) -> io::Result<String> {
     let mut words = line.split_whitespace();
     let err = |e: String| serde_json::json!({ "error": e }).to_string();
     let command = |c: AdminCommand| {
@@ -853,8 +810,5 @@ fn answer(
         )),
         None => err("empty command".into()),
     };
-    let mut stream = stream;
-    stream.write_all(reply.as_bytes())?;
-    stream.write_all(b"\n")?;
-    stream.flush()
+    Ok(reply)
 }

@@ -157,12 +157,26 @@ pub fn serve(
     coord: CoordSender,
     stop: Arc<AtomicBool>,
 ) -> io::Result<JoinHandle<()>> {
+    serve_lines(listener, "tessera-admin", stop, move |line| {
+        reply(line, &shared, &board, &node_stop, &coord)
+    })
+}
+
+/// Serves a one-line-in, one-JSON-out protocol on `listener` until `stop`
+/// is set (the node's and the coordinator's admin ports): each connection
+/// sends a command line, gets `answer`'s reply and a newline, and closes.
+pub(crate) fn serve_lines(
+    listener: TcpListener,
+    thread: &str,
+    stop: Arc<AtomicBool>,
+    answer: impl Fn(&str) -> io::Result<String> + Send + 'static,
+) -> io::Result<JoinHandle<()>> {
     listener.set_nonblocking(true)?;
-    spawn_helper("tessera-admin", None, move || {
+    spawn_helper(thread, None, move || {
         while !stop.load(Ordering::Acquire) {
             match listener.accept() {
                 Ok((stream, peer)) => {
-                    if let Err(e) = answer(stream, &shared, &board, &node_stop, &coord) {
+                    if let Err(e) = answer_one(stream, &answer) {
                         tracing::debug!(%peer, error = %e, "admin request failed");
                     }
                 }
@@ -176,6 +190,19 @@ pub fn serve(
             }
         }
     })
+}
+
+fn answer_one(stream: TcpStream, answer: &impl Fn(&str) -> io::Result<String>) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut line = String::new();
+    BufReader::new((&stream).take(LINE_MAX)).read_line(&mut line)?;
+    let reply = answer(&line)?;
+    let mut stream = stream;
+    stream.write_all(reply.as_bytes())?;
+    stream.write_all(b"\n")?;
+    stream.flush()
 }
 
 fn command(coord: &CoordSender, command: AdminCommand) -> String {
@@ -199,25 +226,17 @@ fn parse_cell(word: Option<&str>) -> Result<CellId, String> {
         .map_err(|e| e.to_string())
 }
 
-fn answer(
-    stream: TcpStream,
+fn reply(
+    line: &str,
     shared: &NodeShared,
     board: &StatsBoard,
     node_stop: &StopHandle,
     coord: &CoordSender,
-) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let mut line = String::new();
-    BufReader::new((&stream).take(LINE_MAX)).read_line(&mut line)?;
+) -> io::Result<String> {
     let mut words = line.split_whitespace();
     let first = words.next();
     if shared.clustered && matches!(first, Some("move" | "split" | "merge")) {
-        let reply = serde_json::json!({ "error": "this node is part of a cluster: send move, split and merge to the coordinator's admin port (tessera admin --addr COORD_ADMIN ...)" }).to_string();
-        let mut stream = stream;
-        stream.write_all(reply.as_bytes())?;
-        return stream.write_all(b"\n");
+        return Ok(serde_json::json!({ "error": "this node is part of a cluster: send move, split and merge to the coordinator's admin port (tessera admin --addr COORD_ADMIN ...)" }).to_string());
     }
     let reply = match first {
         Some("status") | Some("cells") => serde_json::to_string(&status(shared, board)).map_err(io::Error::other)?,
@@ -271,10 +290,7 @@ fn answer(
         .to_string(),
         None => serde_json::json!({ "error": "empty command" }).to_string(),
     };
-    let mut stream = stream;
-    stream.write_all(reply.as_bytes())?;
-    stream.write_all(b"\n")?;
-    stream.flush()
+    Ok(reply)
 }
 
 /// Sends one command to an admin port and returns the JSON answer (used by
