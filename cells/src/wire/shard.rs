@@ -89,6 +89,9 @@ pub enum EncodeError {
     Order,
 }
 
+/// A writer keeps its buffer between bundles up to this size.
+const RETAIN_BYTES_MAX: usize = 1 << 20;
+
 /// Builds one bundle for one destination shard, frame by frame; numbers the
 /// frames of its link.
 pub struct BundleWriter {
@@ -201,8 +204,16 @@ impl BundleWriter {
             },
         );
         self.fbb.finish(bundle, None);
+        let len = self.fbb.finished_data().len();
         let r = send(self.fbb.finished_data());
-        self.fbb.reset();
+        if len > RETAIN_BYTES_MAX {
+            // A crowded cell's pre-copy went out: do not keep its megabytes
+            // for the small bundles that follow.
+            self.fbb = FlatBufferBuilder::with_capacity(4096);
+            self.scratch = Vec::new();
+        } else {
+            self.fbb.reset();
+        }
         self.frames.clear();
         r
     }

@@ -558,3 +558,36 @@ fn a_registry_that_claims_a_huge_world_is_refused_before_anything_is_built() {
         Err(tessera_schema::verify::FrameError::BadValue(_))
     ));
 }
+
+#[test]
+fn a_writer_keeps_numbering_after_a_large_bundle_releases_its_buffer() {
+    let registry = test_registry();
+    let cell = CellId::root(0, 1, 0);
+    let big: ShardMsg<DemoGame> = ShardMsg::Client(crate::messages::ClientOutput {
+        client: ClientId(1),
+        entity: EntityId(2),
+        cell,
+        tick: TickId(3),
+        kind: crate::messages::ClientOutputKind::Snapshot,
+        bytes: vec![7; 2 << 20],
+    });
+    let small: ShardMsg<DemoGame> = ShardMsg::Peer(PeerMsg::Ready {
+        id: HandoverId(9),
+        cell,
+    });
+    let mut w = BundleWriter::new(B);
+    let mut out = Vec::new();
+    for (msg, seq) in [(&big, 1), (&small, 2), (&small, 3)] {
+        w.push(ShardHeader::for_msg(msg, A, TickId(1), &registry), msg)
+            .unwrap();
+        let bytes = w.finish(|b| b.to_vec());
+        out.clear();
+        assert_eq!(decode_bundle::<DemoGame>(&bytes, &mut out), Ok(B));
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0.seq, seq);
+    }
+    match &out[0].1 {
+        ShardMsg::Peer(PeerMsg::Ready { id, .. }) => assert_eq!(*id, HandoverId(9)),
+        other => panic!("{other:?}"),
+    }
+}
