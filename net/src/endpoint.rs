@@ -698,7 +698,7 @@ impl Endpoint {
             | DecodeError::UnknownPacketType(_)
             | DecodeError::ReservedBits => s.dropped_bad_header += 1,
             DecodeError::UnsupportedVersion(_) => s.dropped_bad_version += 1,
-            DecodeError::TruncatedBody => s.dropped_bad_body += 1,
+            DecodeError::TruncatedBody | DecodeError::TrailingBody(_) => s.dropped_bad_body += 1,
             DecodeError::UnknownFrameType(_)
             | DecodeError::TruncatedFrame
             | DecodeError::BadFragment => s.dropped_bad_frame += 1,

@@ -63,6 +63,11 @@ pub enum DecodeError {
     /// A handshake/control body is shorter than its fixed size.
     #[error("packet body is truncated")]
     TruncatedBody,
+    /// A control body is longer than its fixed size (a data packet whose
+    /// type byte was damaged into a disconnect, for one: it must not close
+    /// the connection).
+    #[error("packet body has {0} bytes past its fixed size")]
+    TrailingBody(usize),
     /// Unknown frame type inside a data packet.
     #[error("unknown frame type {0:#04x}")]
     UnknownFrameType(u8),
@@ -337,6 +342,9 @@ pub fn decode_u8_body(body: &[u8]) -> Result<u8, DecodeError> {
 
 /// Reads a 2-byte body (`Disconnect`: the reason code).
 pub fn decode_u16_body(body: &[u8]) -> Result<u16, DecodeError> {
+    if body.len() > 2 {
+        return Err(DecodeError::TrailingBody(body.len() - 2));
+    }
     Reader { bytes: body }.u16(DecodeError::TruncatedBody)
 }
 

@@ -88,3 +88,35 @@ proptest! {
         prop_assert_eq!(pair.server.connection_count(), 1);
     }
 }
+
+/// Every single-bit flip in the header of real data packets, fed back from
+/// the client's own address: none closes the session (a data packet whose
+/// type byte turns into a disconnect has a body that is not a close code,
+/// and is dropped as a bad body). A deterministic companion of the
+/// property above, which once found exactly that.
+#[test]
+fn no_single_bit_flip_in_a_header_closes_the_connection() {
+    let (_, packets) = captured();
+    let data: Vec<usize> = (0..packets.len())
+        .filter(|&p| packets[p].len() > tessera_net::wire::HEADER_LEN && packets[p][3] == 6)
+        .take(3)
+        .collect();
+    assert!(!data.is_empty(), "no data packet was captured");
+    for p in data {
+        for byte in 0..tessera_net::wire::HEADER_LEN {
+            for bit in 0..8 {
+                let (mut pair, packets) = captured();
+                let mut bytes = packets[p].clone();
+                bytes[byte] ^= 1 << bit;
+                pair.server
+                    .handle_datagram(pair.now, pair.client_addr, &bytes);
+                pair.run_for(Duration::from_millis(200));
+                assert_eq!(
+                    pair.server.connection_count(),
+                    1,
+                    "packet {p}, byte {byte}, bit {bit} closed the session"
+                );
+            }
+        }
+    }
+}
