@@ -42,46 +42,57 @@ fn wait_for(what: &str, limit: Duration, done: impl FnMut() -> bool) {
     assert!(poll(limit, done), "{what} did not happen within {limit:?}");
 }
 
-#[test]
-fn commuters_cross_two_compute_nodes_through_a_gateway_while_a_cell_moves() {
-    let coord_addr = free_udp("127.0.0.1").to_string();
-    let coord_admin = format!("127.0.0.1:{}", free_tcp_port());
-    let _coord = Guarded::spawn(&[
+/// A coordinator of a 4x4 world on free loopback ports, with `args`:
+/// (its guard, its node address, its admin address).
+fn coordinator(args: &[&str]) -> (Guarded, String, String) {
+    let addr = free_udp("127.0.0.1").to_string();
+    let admin = format!("127.0.0.1:{}", free_tcp_port());
+    let mut all = vec![
         "coord",
         "--listen",
-        &coord_addr,
+        &addr,
         "--admin-addr",
-        &coord_admin,
-        "--compute-nodes",
-        "2",
+        &admin,
         "--world",
         "4x4",
-        "--no-balance",
         "--duration",
         "240",
-    ]);
-    let node = |id: &str, ip: &str, role: &str, npcs: &str| {
-        let cluster = free_udp(ip).to_string();
-        Server::start_at(
-            ip,
-            &[
-                "--coord",
-                &coord_addr,
-                "--node-id",
-                id,
-                "--cluster-addr",
-                &cluster,
-                "--role",
-                role,
-                "--shards",
-                "1",
-                "--npcs",
-                npcs,
-                "--world",
-                "4x4",
-            ],
-        )
-    };
+    ];
+    all.extend_from_slice(args);
+    let guard = Guarded::spawn(&all);
+    (guard, addr, admin)
+}
+
+/// A one-shard node of that world joining the coordinator at `coord`, on
+/// its own address `ip`.
+fn cluster_node(coord: &str, id: &str, ip: &str, role: &str, npcs: &str) -> Server {
+    let cluster = free_udp(ip).to_string();
+    Server::start_at(
+        ip,
+        &[
+            "--coord",
+            coord,
+            "--node-id",
+            id,
+            "--cluster-addr",
+            &cluster,
+            "--role",
+            role,
+            "--shards",
+            "1",
+            "--npcs",
+            npcs,
+            "--world",
+            "4x4",
+        ],
+    )
+}
+
+#[test]
+fn commuters_cross_two_compute_nodes_through_a_gateway_while_a_cell_moves() {
+    let (_coord, coord_addr, coord_admin) = coordinator(&["--compute-nodes", "2", "--no-balance"]);
+    let node =
+        |id: &str, ip: &str, role: &str, npcs: &str| cluster_node(&coord_addr, id, ip, role, npcs);
     // Both compute nodes block until the coordinator has seen both.
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(|| node("1", "127.0.0.2", "compute", "150"));
@@ -229,43 +240,8 @@ fn commuters_cross_two_compute_nodes_through_a_gateway_while_a_cell_moves() {
 /// handovers (up to 3/4 of the average count), and no entity is lost.
 #[test]
 fn a_node_that_joins_later_gets_cells_by_live_handovers() {
-    let coord_addr = free_udp("127.0.0.1").to_string();
-    let coord_admin = format!("127.0.0.1:{}", free_tcp_port());
-    let _coord = Guarded::spawn(&[
-        "coord",
-        "--listen",
-        &coord_addr,
-        "--admin-addr",
-        &coord_admin,
-        "--compute-nodes",
-        "1",
-        "--world",
-        "4x4",
-        "--duration",
-        "120",
-    ]);
-    let node = |id: &str, ip: &str| {
-        let cluster = free_udp(ip).to_string();
-        Server::start_at(
-            ip,
-            &[
-                "--coord",
-                &coord_addr,
-                "--node-id",
-                id,
-                "--cluster-addr",
-                &cluster,
-                "--role",
-                "compute",
-                "--shards",
-                "1",
-                "--npcs",
-                "200",
-                "--world",
-                "4x4",
-            ],
-        )
-    };
+    let (_coord, coord_addr, coord_admin) = coordinator(&["--compute-nodes", "1"]);
+    let node = |id: &str, ip: &str| cluster_node(&coord_addr, id, ip, "compute", "200");
     let first = node("1", "127.0.0.5");
     wait_for("the first node's cells", Duration::from_secs(20), || {
         let st = coord_status(&coord_admin);
