@@ -90,6 +90,11 @@ pub struct CellCounters {
     /// Subscriptions for an entity this cell neither owns nor knows the way
     /// to (the subscriber renews at the owner its ghost names).
     pub subscriptions_dropped: u64,
+    /// Transfers sent again after a restore that this cell already had
+    /// (owned, waiting, or seen leaving since): ignored.
+    pub transfers_resent_known: u64,
+    /// Transfers sent again after a restore that brought an entity back.
+    pub transfers_resent_taken: u64,
 }
 
 /// Ticks between two renewals of a subscription (an interest's first
@@ -131,6 +136,9 @@ pub struct Cell<G: GameLogic> {
     /// ticks for it (its transfer can be overtaken by a forwarded input when
     /// they travel different paths, e.g. across a handover).
     orphans: Vec<(TickId, Msg<G>)>,
+    /// Transfers to other shards, kept for a while in case either end is
+    /// restored from a replica (crate::replica).
+    retained: Vec<Retained<G>>,
     tick: TickId,
     rng: Rng,
     events: Vec<GameEvent>,
@@ -162,6 +170,7 @@ impl<G: GameLogic> Cell<G> {
             output_queue: Vec::new(),
             forwards: FxHashMap::default(),
             orphans: Vec::new(),
+            retained: Vec::new(),
             tick: TickId(0),
             rng: Rng::derive(seed, stream),
             events: Vec::new(),
@@ -252,6 +261,9 @@ impl<G: GameLogic> Cell<G> {
         self.events.clear();
         self.tick = tick;
         self.forwards.retain(|_, (_, until)| *until >= tick);
+        let keep = config.retain_ticks;
+        self.retained
+            .retain(|r| r.departed.0.saturating_add(keep) >= tick.0);
         self.ghosts.expire(tick);
         let mut intents = Vec::new();
         let msgs = std::mem::take(&mut self.input_queue);
@@ -408,7 +420,7 @@ impl<G: GameLogic> Cell<G> {
                     let entities = &self.entities;
                     self.ghosts.apply(&update, tick, |id| entities.contains(id));
                 }
-                CellMessage::Transfer(t) => self.accept_transfer(*t),
+                CellMessage::Transfer(t) => self.accept_transfer(*t, config),
                 CellMessage::Intent { intent, hops } => self.intent_queue.push((intent, hops)),
                 CellMessage::Subscribe {
                     entity,
@@ -588,9 +600,23 @@ impl<G: GameLogic> Cell<G> {
         }
     }
 
-    /// Takes in an entity handed over by another cell.
-    pub fn accept_transfer(&mut self, t: Transfer<G>) {
+    /// Takes in an entity handed over by another cell. A copy sent again
+    /// after a restore is taken only if this cell neither owns the entity,
+    /// nor has it waiting, nor saw it leave at or after its departure.
+    pub fn accept_transfer(&mut self, t: Transfer<G>, config: &WorldConfig) {
         let id = t.entity.id;
+        if let Some(departed) = t.resent {
+            let left_since = self
+                .forwards
+                .get(&id)
+                .is_some_and(|&(_, until)| departure(until, config) >= departed);
+            if self.entities.contains(id) || left_since || self.awaits(id) {
+                self.counters.transfers_resent_known += 1;
+                return;
+            }
+            self.counters.transfers_resent_taken += 1;
+            tracing::info!(cell = %self.id, entity = %id, departed = departed.0, "entity restored from a transfer sent again");
+        }
         if self.entities.contains(id) {
             self.counters.transfers_duplicate += 1;
             tracing::warn!(cell = %self.id, entity = %id, "transfer of an entity already owned here refused");
@@ -598,6 +624,10 @@ impl<G: GameLogic> Cell<G> {
         }
         self.ghosts.remove(id);
         self.forwards.remove(&id);
+        // It came back: the copy kept of its departure is moot.
+        self.retained.retain(|r| r.transfer.entity.id != id);
+        let mut t = t;
+        t.resent = None;
         let q = QState::of(&t.entity, G::stats(&t.entity.game));
         self.ghost_sender
             .adopt(self.id, &t.ghost_holders, id, t.entity.version, q);
@@ -717,6 +747,7 @@ impl<G: GameLogic> Cell<G> {
             entity: e,
             jobs,
             ghost_holders: holders,
+            resent: None,
         })
     }
 
@@ -1000,9 +1031,36 @@ pub struct CellState<G: GameLogic> {
     pub(crate) jobs: SimulationQueue,
     pub(crate) forwards: FxHashMap<EntityId, (CellId, TickId)>,
     pub(crate) orphans: Vec<(TickId, Msg<G>)>,
+    pub(crate) retained: Vec<Retained<G>>,
     pub(crate) rng: Rng,
     pub(crate) counters: CellCounters,
     pub(crate) game_counters: GameCounters,
+}
+
+/// A transfer to another shard, kept after it left.
+pub struct Retained<G: GameLogic> {
+    /// When the entity departed.
+    pub departed: TickId,
+    /// The cell it was sent to.
+    pub to: CellId,
+    /// A copy of the transfer.
+    pub transfer: Transfer<G>,
+}
+
+impl<G: GameLogic> Clone for Retained<G> {
+    fn clone(&self) -> Self {
+        Self {
+            departed: self.departed,
+            to: self.to,
+            transfer: self.transfer.clone(),
+        }
+    }
+}
+
+impl<G: GameLogic> PartialEq for Retained<G> {
+    fn eq(&self, o: &Self) -> bool {
+        self.departed == o.departed && self.to == o.to && self.transfer == o.transfer
+    }
 }
 
 impl<G: GameLogic> Clone for CellState<G> {
@@ -1017,6 +1075,7 @@ impl<G: GameLogic> Clone for CellState<G> {
             jobs: self.jobs.clone(),
             forwards: self.forwards.clone(),
             orphans: self.orphans.clone(),
+            retained: self.retained.clone(),
             rng: self.rng.clone(),
             counters: self.counters,
             game_counters: self.game_counters,
@@ -1048,6 +1107,7 @@ impl<G: GameLogic> PartialEq for CellState<G> {
             && jobs(&self.jobs) == jobs(&o.jobs)
             && self.forwards == o.forwards
             && self.orphans == o.orphans
+            && self.retained == o.retained
             && self.rng == o.rng
             && self.counters == o.counters
             && self.game_counters == o.game_counters
@@ -1125,6 +1185,7 @@ impl<G: GameLogic> Cell<G> {
             jobs: self.jobs.clone(),
             forwards: self.forwards.clone(),
             orphans: self.orphans.clone(),
+            retained: self.retained.clone(),
             rng: self.rng.clone(),
             counters: self.counters,
             game_counters: self.game_counters,
@@ -1143,6 +1204,7 @@ impl<G: GameLogic> Cell<G> {
             jobs: self.jobs,
             forwards: self.forwards,
             orphans: self.orphans,
+            retained: self.retained,
             rng: self.rng,
             counters: self.counters,
             game_counters: self.game_counters,
@@ -1160,6 +1222,7 @@ impl<G: GameLogic> Cell<G> {
         c.jobs = state.jobs;
         c.forwards = state.forwards;
         c.orphans = state.orphans;
+        c.retained = state.retained;
         c.rng = state.rng;
         c.counters = state.counters;
         c.game_counters = state.game_counters;
@@ -1274,6 +1337,9 @@ impl<G: GameLogic> Cell<G> {
             c.forwards = state.forwards.clone();
             c.counters = CellCounters::default();
         }
+        if let Some(first) = out.first_mut() {
+            first.retained = state.retained;
+        }
         let mut inputs = state.input_queue;
         inputs.extend(state.orphans.into_iter().map(|(_, m)| m));
         (out, inputs, state.intent_queue)
@@ -1328,6 +1394,7 @@ impl<G: GameLogic> Cell<G> {
             inputs.extend(s.input_queue);
             inputs.extend(s.orphans.into_iter().map(|(_, m)| m));
             intents.extend(s.intent_queue);
+            p.retained.extend(s.retained);
         }
         // Entities now owned by the parent may sit in its inherited ghosts.
         let owned: Vec<EntityId> = p.entities.iter().map(|e| e.id).collect();
@@ -1335,6 +1402,34 @@ impl<G: GameLogic> Cell<G> {
             p.ghosts.remove(id);
         }
         (p, inputs, intents)
+    }
+
+    /// Keeps a copy of a transfer this cell sent to another shard.
+    pub fn retain_transfer(&mut self, departed: TickId, to: CellId, transfer: Transfer<G>) {
+        self.retained.push(Retained {
+            departed,
+            to,
+            transfer,
+        });
+    }
+
+    /// The transfers kept, for cells restored from replicas: copies marked
+    /// as sent again.
+    pub fn resend_for(&self, restored: impl Fn(CellId) -> bool) -> Vec<(CellId, Transfer<G>)> {
+        self.retained
+            .iter()
+            .filter(|r| restored(r.to))
+            .map(|r| {
+                let mut t = r.transfer.clone();
+                t.resent = Some(r.departed);
+                (r.to, t)
+            })
+            .collect()
+    }
+
+    /// Transfers kept.
+    pub fn retained_len(&self) -> usize {
+        self.retained.len()
     }
 
     /// Queues intents (re-delivered after a split or merge).

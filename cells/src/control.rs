@@ -88,6 +88,15 @@ pub enum Order {
         /// The cell the children become again.
         parent: CellId,
     },
+    /// To a backup shard: shard `from` is gone (its lease expired); run
+    /// `cells` again from the replicas held of them, each at its new epoch
+    /// (the registry already names this shard).
+    Promote {
+        /// The lost shard.
+        from: ShardRef,
+        /// Its cells, with their new epochs.
+        cells: Vec<(CellId, u32)>,
+    },
 }
 
 impl Order {
@@ -99,6 +108,7 @@ impl Order {
             Order::Abort { .. } => "abort",
             Order::Split { .. } => "split",
             Order::Merge { .. } => "merge",
+            Order::Promote { .. } => "promote",
         }
     }
 }
@@ -288,4 +298,20 @@ pub enum Report {
     },
     /// Load of the last second.
     Load(LoadReport),
+    /// A backup runs a lost shard's cells again.
+    Promoted {
+        /// The lost shard.
+        from: ShardRef,
+        /// Cells restored from a replica.
+        cells: Vec<CellId>,
+        /// Cells that had no replica here: they restart empty.
+        missing: Vec<CellId>,
+        /// The tick the replicas were taken at (the state of later ticks
+        /// is lost).
+        replica_tick: TickId,
+        /// The tick the promotion happened at.
+        tick: TickId,
+        /// Entities restored.
+        entities: usize,
+    },
 }

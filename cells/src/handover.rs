@@ -202,6 +202,11 @@ impl<G: GameLogic> HandoverAgent<G> {
             Order::Split { cell, .. } | Order::Merge { parent: cell, .. } => {
                 self.stale("reshape order", cell)
             }
+            Order::Promote { cells, .. } => {
+                for (cell, _) in cells {
+                    self.stale("promote order", cell);
+                }
+            }
         }
         out
     }

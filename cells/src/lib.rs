@@ -35,6 +35,7 @@ pub mod ids;
 pub mod messages;
 pub mod node;
 pub mod registry;
+pub mod replica;
 pub mod rng;
 #[cfg(any(test, feature = "testing"))]
 pub mod sim;

@@ -194,6 +194,11 @@ pub struct EntityTransfer<C> {
     pub jobs: Vec<Job>,
     /// Neighbours of the new owner that already hold a ghost of it.
     pub ghost_holders: Vec<CellId>,
+    /// None for a first send. For a copy sent again after a cell was
+    /// restored from its replica: the tick the entity departed. The
+    /// receiver takes such a copy only if it neither owns the entity nor
+    /// saw it leave since.
+    pub resent: Option<TickId>,
 }
 
 /// A message addressed to a cell.

@@ -95,6 +95,8 @@ pub const ADMIN_EPOCH: u32 = u32::MAX;
 pub struct Registry {
     layout: Arc<Layout>,
     cells: BTreeMap<CellId, Assignment>,
+    /// Owner shard -> the shard on another node that replicates its cells.
+    backups: BTreeMap<ShardRef, ShardRef>,
     version: u64,
     cluster_epoch: u32,
 }
@@ -118,6 +120,7 @@ impl Registry {
         Ok(Self {
             layout,
             cells,
+            backups: BTreeMap::new(),
             version: 1,
             cluster_epoch: 1,
         })
@@ -144,9 +147,37 @@ impl Registry {
         Ok(Self {
             layout,
             cells,
+            backups: BTreeMap::new(),
             version,
             cluster_epoch,
         })
+    }
+
+    /// The same registry with these backups (as another process sent it:
+    /// the version stays).
+    pub fn with_backups(mut self, backups: BTreeMap<ShardRef, ShardRef>) -> Self {
+        self.backups = backups;
+        self
+    }
+
+    /// The shard that replicates `owner`'s cells, if any (none on one node).
+    pub fn backup_of(&self, owner: ShardRef) -> Option<ShardRef> {
+        self.backups.get(&owner).copied()
+    }
+
+    /// Every owner -> backup pair.
+    pub fn backups(&self) -> &BTreeMap<ShardRef, ShardRef> {
+        &self.backups
+    }
+
+    /// Replaces the backups; the version goes up if they changed.
+    pub fn set_backups(&mut self, backups: BTreeMap<ShardRef, ShardRef>) -> bool {
+        if backups == self.backups {
+            return false;
+        }
+        self.backups = backups;
+        self.version += 1;
+        true
     }
 
     /// The layout the registry covers.

@@ -36,6 +36,10 @@ pub struct WorldConfig {
     /// cell (up to the coordinator's step timeouts), while the client's
     /// inputs reach the new owner at once: wait that long.
     pub orphan_ticks: u64,
+    /// How long a cell keeps a copy of a transfer to another shard, in
+    /// ticks (sent again if either end is restored from a replica): longer
+    /// than a node's loss takes to detect and recover from.
+    pub retain_ticks: u64,
     /// Seed of every generator.
     pub seed: u64,
 }
@@ -51,6 +55,7 @@ impl Default for WorldConfig {
             input_reorder_ticks: 10,
             input_reorder_max: 32,
             orphan_ticks: 100,
+            retain_ticks: 80,
             seed: 1,
         }
     }
@@ -532,7 +537,7 @@ impl<G: GameLogic> ShardWorld<G> {
         let mut in_flight: BTreeMap<CellId, Vec<(CellId, Transfer<G>)>> = BTreeMap::new();
         for (from, to, t) in transfers {
             match self.cells.get_mut(&to) {
-                Some(cell) if !self.frozen.contains(&to) => cell.accept_transfer(t),
+                Some(cell) if !self.frozen.contains(&to) => cell.accept_transfer(t, &self.config),
                 _ => in_flight.entry(from).or_default().push((to, t)),
             }
         }

@@ -59,6 +59,15 @@ pub struct Policy {
     pub step_timeout: Duration,
     /// Decide automatically (off: only operator commands).
     pub automatic: bool,
+    /// A node silent this long is declared dead.
+    pub dead_after: Duration,
+    /// How long a heartbeat keeps a node's ownership valid (counted by the
+    /// node from when it sent the heartbeat): the cells of a dead node move
+    /// to their backups only after it.
+    pub lease: Duration,
+    /// Extra wait after the lease before reassigning (clock rate drift,
+    /// the node's last tick).
+    pub lease_margin: Duration,
 }
 
 impl Policy {
@@ -81,6 +90,9 @@ impl Policy {
             cooldown: Duration::from_secs(5),
             step_timeout: Duration::from_secs(2),
             automatic: true,
+            dead_after: Duration::from_millis(500),
+            lease: Duration::from_millis(1000),
+            lease_margin: Duration::from_millis(100),
         }
     }
 }
@@ -200,6 +212,7 @@ pub struct Coordinator {
     log: VecDeque<String>,
     counters: CoordinatorCounters,
     members: Vec<ShardRef>,
+    pub(crate) liveness: crate::liveness::Liveness,
 }
 
 impl Coordinator {
@@ -228,6 +241,7 @@ impl Coordinator {
             log: VecDeque::new(),
             counters: CoordinatorCounters::default(),
             members: (0..policy_shards).map(ShardRef::local).collect(),
+            liveness: crate::liveness::Liveness::default(),
         }
     }
 
@@ -257,6 +271,45 @@ impl Coordinator {
     /// The policy.
     pub fn policy_mut(&mut self) -> &mut Policy {
         &mut self.policy
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub(crate) fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    pub(crate) fn counters_mut(&mut self) -> &mut CoordinatorCounters {
+        &mut self.counters
+    }
+
+    pub(crate) fn push_order(&mut self, to: ShardRef, order: Order) {
+        self.orders.push_back((to, order));
+    }
+
+    pub(crate) fn moves_involving(&self, shards: &BTreeSet<ShardRef>) -> Vec<HandoverId> {
+        self.moves
+            .iter()
+            .filter(|(_, m)| shards.contains(&m.from) || shards.contains(&m.to))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Aborts a handover that has not committed; one that has is left to
+    /// finish (its target runs the cell, or will be recovered itself).
+    pub(crate) fn abort_move(&mut self, now: Instant, id: HandoverId, reason: AbortReason) {
+        if self.moves.get(&id).is_some_and(|m| m.committed.is_none()) {
+            self.abort(now, id, reason);
+        } else {
+            self.moves.remove(&id);
+        }
+    }
+
+    pub(crate) fn drop_reshapes_of(&mut self, shards: &BTreeSet<ShardRef>) {
+        self.reshapes.retain(|_, r| !shards.contains(&r.shard));
     }
 
     /// The counters.
@@ -290,7 +343,7 @@ impl Coordinator {
         self.heat.iter().map(|(c, h)| (*c, h.score)).collect()
     }
 
-    fn note(&mut self, line: String) {
+    pub(crate) fn note(&mut self, line: String) {
         if self.log.len() < 10_000 {
             self.log.push_back(line);
         }
@@ -304,9 +357,12 @@ impl Coordinator {
             || self.gathering.keys().any(|p| overlaps(*p))
     }
 
-    /// The shards balancing may use.
+    /// The shards balancing may use (members of nodes not declared dead).
     fn shards(&self) -> impl Iterator<Item = ShardRef> + '_ {
-        self.members.iter().copied()
+        self.members
+            .iter()
+            .copied()
+            .filter(|s| !self.is_dead(s.node))
     }
 
     fn shard_busy(&self, shard: ShardRef) -> bool {
@@ -538,6 +594,22 @@ impl Coordinator {
                 }
             }
             Report::Split { op, parent } => self.on_split(now, shard, op, parent),
+            Report::Promoted {
+                from,
+                missing,
+                replica_tick,
+                tick,
+                entities,
+                ..
+            } => self.on_promoted(
+                now,
+                shard,
+                from,
+                missing.len(),
+                replica_tick,
+                tick,
+                entities,
+            ),
             Report::Merged { op, parent } => self.on_merged(now, shard, op, parent),
             Report::Refused { op, reason } => {
                 if let Some(r) = self.reshapes.remove(&op) {
@@ -899,8 +971,10 @@ impl Coordinator {
         self.cooldown.get(&cell).is_some_and(|t| *t > now)
     }
 
-    /// Timeouts, then (if automatic) one decision.
+    /// Node liveness (detection, recovery), timeouts, then (if automatic)
+    /// one decision.
     pub fn tick(&mut self, now: Instant) {
+        self.watch_nodes(now);
         let late: Vec<HandoverId> = self
             .moves
             .iter()

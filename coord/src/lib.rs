@@ -10,9 +10,11 @@
 #![warn(missing_docs)]
 
 pub mod balance;
+pub mod liveness;
 pub mod placement;
 
 pub use balance::{CommandError, Coordinator, CoordinatorCounters, HandoverRecord, Policy};
+pub use liveness::{FailoverRecord, NodeLiveness};
 pub use placement::{contiguous_blocks, MappingError, StaticMapping};
 /// The vocabulary the coordinator speaks with shards, and the registry it
 /// writes: they live in `tessera-cells`, where node cores read them too.

@@ -38,6 +38,7 @@ use crate::handover::{AgentOutput, HandoverAgent};
 use crate::ids::{ClientId, TickId};
 use crate::messages::{CellEnvelope, CellMessage, ClientOutput, Output};
 use crate::registry::{Registry, ShardRef};
+use crate::replica::{ReplicaCounters, ReplicaMsg, ReplicaStore, Replicator};
 use crate::world::ShardWorld;
 use session::SessionSink;
 
@@ -60,6 +61,8 @@ pub enum ShardMsg<G: GameLogic> {
     Peer(PeerMsg<G>),
     /// An order from the coordinator.
     Order(Order),
+    /// Replication between an owner shard and its backup.
+    Replica(ReplicaMsg<G>),
 }
 
 impl<G: GameLogic> std::fmt::Debug for ShardMsg<G> {
@@ -69,6 +72,7 @@ impl<G: GameLogic> std::fmt::Debug for ShardMsg<G> {
             ShardMsg::Client(out) => write!(f, "Client({:?} for {})", out.kind, out.client),
             ShardMsg::Peer(m) => write!(f, "{m:?}"),
             ShardMsg::Order(o) => write!(f, "Order({o:?})"),
+            ShardMsg::Replica(r) => write!(f, "{r:?}"),
         }
     }
 }
@@ -126,7 +130,20 @@ pub struct NodeCore<G: GameLogic> {
     outputs: VecDeque<NodeOutput<G>>,
     to_route: Vec<Envelope<G>>,
     inputs_seen: BTreeMap<CellId, u64>,
+    replicator: Replicator<G>,
+    replicas: ReplicaStore<G>,
+    /// Transfers to other shards waiting for the replication round that
+    /// covers their departure: (round, message).
+    held: VecDeque<(u64, Envelope<G>)>,
+    /// True while this shard's lease on its cells is not valid.
+    fenced: bool,
+    /// Cells frozen by the fence (not by a handover).
+    fence_frozen: BTreeSet<CellId>,
 }
+
+/// How many ticks apart replication rounds are by default (the state a
+/// node's loss can cost, plus the link's delay).
+pub const REPLICATE_EVERY: u64 = 2;
 
 impl<G: GameLogic> NodeCore<G> {
     /// The core of shard `me`: it takes the cells `registry` gives it (empty,
@@ -145,7 +162,20 @@ impl<G: GameLogic> NodeCore<G> {
             outputs: VecDeque::new(),
             to_route: Vec::new(),
             inputs_seen: BTreeMap::new(),
+            replicator: Replicator::new(me, REPLICATE_EVERY),
+            replicas: ReplicaStore::new(me),
+            held: VecDeque::new(),
+            fenced: false,
+            fence_frozen: BTreeSet::new(),
         }
+    }
+
+    /// Replication rounds every `every` ticks (default [`REPLICATE_EVERY`]).
+    pub fn with_replication_every(mut self, every: u64) -> Self {
+        let backup = self.replicator.backup();
+        self.replicator = Replicator::new(self.me, every);
+        self.replicator.set_backup(backup);
+        self
     }
 
     // ----- getters -----
@@ -178,6 +208,56 @@ impl<G: GameLogic> NodeCore<G> {
     /// The routing view.
     pub fn router(&self) -> &Router {
         &self.router
+    }
+
+    /// Replication and recovery counters.
+    pub fn replica_counters(&self) -> ReplicaCounters {
+        self.replicator.counters()
+    }
+
+    /// The replicas this shard holds as a backup.
+    pub fn replicas(&self) -> &ReplicaStore<G> {
+        &self.replicas
+    }
+
+    /// Transfers waiting for their departure to be replicated.
+    pub fn held_transfers(&self) -> impl Iterator<Item = &Envelope<G>> + '_ {
+        self.held.iter().map(|(_, e)| e)
+    }
+
+    /// True while the lease is not valid (cells frozen, nothing written).
+    pub fn is_fenced(&self) -> bool {
+        self.fenced
+    }
+
+    /// The driver's verdict on this shard's lease (renewed by the
+    /// coordinator's heartbeat acks): without a valid lease the coordinator
+    /// may give the cells to their backup, so the shard stops writing them
+    /// (frozen: no simulation, no snapshots, inputs buffered) until the
+    /// lease is renewed or the registry says they moved.
+    pub fn set_fenced(&mut self, fenced: bool) {
+        if fenced == self.fenced {
+            return;
+        }
+        self.fenced = fenced;
+        let tick = self.world.tick_id().0;
+        if fenced {
+            tracing::warn!(shard = %self.me, tick, cells = self.world.cells().count(), "lease expired: fenced, cells frozen");
+            self.freeze_for_fence();
+        } else {
+            tracing::info!(shard = %self.me, tick, "lease renewed: cells resume");
+            for c in std::mem::take(&mut self.fence_frozen) {
+                self.world.unfreeze(c);
+            }
+        }
+    }
+
+    fn freeze_for_fence(&mut self) {
+        for c in self.world.cell_ids() {
+            if self.world.freeze(c) {
+                self.fence_frozen.insert(c);
+            }
+        }
     }
 
     /// Every owned cell, summed up.
@@ -237,36 +317,268 @@ impl<G: GameLogic> NodeCore<G> {
                 self.agent_outputs(outputs);
             }
             ShardMsg::Order(order) => self.handle_order(order),
+            ShardMsg::Replica(m) => self.handle_replica(m),
         }
+    }
+
+    fn handle_replica(&mut self, msg: ReplicaMsg<G>) {
+        match msg {
+            ReplicaMsg::Round {
+                from,
+                seq,
+                tick,
+                full,
+                cells,
+            } => {
+                if self.router.registry().backup_of(from) != Some(self.me) {
+                    // Not (or no longer) its backup: say so with a resync
+                    // only if the registry names us; otherwise ignore.
+                    self.replicator.counters_mut().rounds_ignored += 1;
+                    return;
+                }
+                let answer = self.replicas.on_round(
+                    from,
+                    seq,
+                    tick,
+                    full,
+                    cells,
+                    self.replicator.counters_mut(),
+                );
+                if let Some(answer) = answer {
+                    self.outputs.push_back(NodeOutput::Shard {
+                        to: from,
+                        msg: ShardMsg::Replica(answer),
+                    });
+                }
+            }
+            ReplicaMsg::Ack { from, seq } => {
+                self.replicator.on_ack(from, seq);
+                self.release_held();
+            }
+            ReplicaMsg::Resync { from } => self.replicator.on_resync(from),
+            ReplicaMsg::Restored { from, cells, tick } => {
+                let restored = |to: CellId| {
+                    cells
+                        .iter()
+                        .any(|c| *c == to || c.contains_cell(to) || to.contains_cell(*c))
+                };
+                let mut resend = Vec::new();
+                for cell in self.world.cells() {
+                    for (to, t) in cell.resend_for(restored) {
+                        resend.push((cell.id(), to, t));
+                    }
+                }
+                tracing::info!(shard = %self.me, %from, cells = cells.len(), replica_tick = tick.0, resent = resend.len(), "cells restored elsewhere: transfers kept for them sent again");
+                for (from_cell, to, t) in resend {
+                    self.replicator.counters_mut().transfers_resent += 1;
+                    self.send_transfer(CellEnvelope {
+                        to,
+                        from: from_cell,
+                        msg: CellMessage::Transfer(Box::new(t)),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Sends a transfer that left one of this shard's cells for another
+    /// shard: once the round covering its departure is acknowledged (at
+    /// once without a backup).
+    fn send_transfer(&mut self, env: Envelope<G>) {
+        if self.replicator.backup().is_none() {
+            self.route_cell(env);
+            return;
+        }
+        self.replicator.counters_mut().transfers_held += 1;
+        let seq = self.replicator.covering_seq();
+        self.held.push_back((seq, env));
+    }
+
+    fn release_held(&mut self) {
+        let acked = if self.replicator.backup().is_some() {
+            self.replicator.acked()
+        } else {
+            u64::MAX
+        };
+        while self.held.front().is_some_and(|(seq, _)| *seq <= acked) {
+            let (_, env) = self.held.pop_front().expect("checked");
+            self.route_cell(env);
+        }
+    }
+
+    /// A backup takes over the cells of a lost shard.
+    fn promote(&mut self, from: ShardRef, cells: Vec<(CellId, u32)>) {
+        let tick = self.world.tick_id();
+        let replica_tick = self.replicas.tick_of(from).unwrap_or(TickId(0));
+        let (mut restored, mut missing, mut entities) = (Vec::new(), Vec::new(), 0usize);
+        for (cell, epoch) in cells {
+            if self.world.owns(cell) {
+                // A repeated order.
+                self.world.set_epoch(cell, epoch);
+                restored.push(cell);
+                continue;
+            }
+            match self.replicas.take(from, cell) {
+                Some(p) => {
+                    entities += p.state.entities.len();
+                    let c = crate::cell::Cell::from_state(p.state, self.world.layout());
+                    self.world.insert_cell(c);
+                    self.replicator.counters_mut().promoted += 1;
+                    restored.push(cell);
+                }
+                None => {
+                    self.world.add_cell(cell);
+                    self.replicator.counters_mut().promoted_empty += 1;
+                    missing.push(cell);
+                }
+            }
+            self.world.set_epoch(cell, epoch);
+            if self.fenced && self.world.freeze(cell) {
+                self.fence_frozen.insert(cell);
+            }
+        }
+        self.replicas.forget(from);
+        tracing::warn!(shard = %self.me, lost = %from, cells = restored.len(), missing = missing.len(), entities,
+            replica_tick = replica_tick.0, tick = tick.0, "promoted the replicas of a lost shard");
+        // What the lost shard had sent (or held) for other shards goes again;
+        // receivers take only what they do not know.
+        let mut resend = Vec::new();
+        for cell in &restored {
+            if let Some(c) = self.world.cell(*cell) {
+                resend.extend(
+                    c.resend_for(|_| true)
+                        .into_iter()
+                        .map(|(to, t)| (*cell, to, t)),
+                );
+            }
+        }
+        for (from_cell, to, t) in resend {
+            self.replicator.counters_mut().transfers_resent += 1;
+            self.send_transfer(CellEnvelope {
+                to,
+                from: from_cell,
+                msg: CellMessage::Transfer(Box::new(t)),
+            });
+        }
+        let all: Vec<CellId> = restored.iter().chain(&missing).copied().collect();
+        let others: BTreeSet<ShardRef> = self
+            .router
+            .registry()
+            .iter()
+            .map(|(_, a)| a.owner)
+            .filter(|o| *o != self.me)
+            .collect();
+        for shard in others {
+            self.outputs.push_back(NodeOutput::Shard {
+                to: shard,
+                msg: ShardMsg::Replica(ReplicaMsg::Restored {
+                    from: self.me,
+                    cells: all.clone(),
+                    tick: replica_tick,
+                }),
+            });
+        }
+        self.report(Report::Promoted {
+            from,
+            cells: restored,
+            missing,
+            replica_tick,
+            tick,
+            entities,
+        });
     }
 
     /// A registry version from the coordinator. Its layout is adopted unless
     /// it is behind this shard's own reshapes (a split or merge done here and
     /// not yet in the registry): every owned cell must be one of its leaves.
+    ///
+    /// A cell the registry gives another owner at a newer epoch, with no
+    /// handover of it in progress here, was restored from its replica
+    /// elsewhere while this shard was cut off: it is dropped (what waited
+    /// in it goes to the new owner).
     pub fn handle_registry(&mut self, registry: Arc<Registry>) {
         if !self.router.replace(registry) {
             return;
         }
-        let layout = self.router.registry().layout().clone();
+        let registry = self.router.registry().clone();
+        let layout = registry.layout().clone();
         if self.world.cells().all(|c| layout.is_leaf(c.id())) {
             self.world.set_layout(layout);
+        }
+        for c in self.world.cell_ids() {
+            let Some(a) = registry.get(c) else { continue };
+            let mine = self.world.epoch(c).unwrap_or(0);
+            if a.owner != self.me && a.epoch > mine && !self.agent.busy(c) {
+                self.drop_superseded(c, a.owner, a.epoch, mine);
+            }
+        }
+        self.replicator.set_backup(registry.backup_of(self.me));
+        // Replicas of shards now backed up elsewhere are dropped; those of
+        // shards without a backup entry (lost, promotion pending) stay.
+        let me = self.me;
+        self.replicas
+            .retain_sources(|s| registry.backup_of(s).is_none_or(|b| b == me));
+        self.release_held();
+    }
+
+    fn drop_superseded(&mut self, cell: CellId, owner: ShardRef, epoch: u32, mine: u32) {
+        let Some(mut c) = self.world.take_cell(cell) else {
+            return;
+        };
+        self.fence_frozen.remove(&cell);
+        self.replicator.counters_mut().cells_superseded += 1;
+        tracing::warn!(shard = %self.me, %cell, %owner, epoch, held_epoch = mine, entities = c.entities().len(),
+            "cell restored elsewhere while this shard was cut off: dropped");
+        for msg in c.take_inputs() {
+            self.route_cell(CellEnvelope {
+                to: cell,
+                from: cell,
+                msg,
+            });
         }
     }
 
     /// Runs one tick of the world and this shard's handover steps that follow
     /// it (freezes happen right after a tick: the target can run the cell
     /// from the next one).
+    ///
+    /// Then, if a round is due, the cells go to the backup; transfers that
+    /// left for other shards during the tick wait for that round's ack.
     pub fn tick(&mut self, id: TickId) {
+        if self.fenced {
+            // Cells that arrived while fenced (a handover's commit) wait too.
+            self.freeze_for_fence();
+        }
         self.world.tick(id);
         let produced: Vec<_> = self.world.drain_outbox().collect();
+        let replicating = self.replicator.backup().is_some();
         for out in produced {
             match out {
-                Output::Cell(env) => self.route_cell(env),
+                Output::Cell(env) => {
+                    let departed_here =
+                        matches!(env.msg, CellMessage::Transfer(_)) && self.world.owns(env.from);
+                    if replicating && departed_here {
+                        if let (CellMessage::Transfer(t), Some(cell)) =
+                            (&env.msg, self.world.cell_mut(env.from))
+                        {
+                            cell.retain_transfer(id, env.to, (**t).clone());
+                        }
+                        self.send_transfer(env);
+                    } else {
+                        self.route_cell(env);
+                    }
+                }
                 Output::Client(o) => self.send_client(o),
             }
         }
         let handover = self.agent.after_tick(&mut self.world, id);
         self.agent_outputs(handover);
+        if let Some((backup, round)) = self.replicator.round(&self.world, id) {
+            self.outputs.push_back(NodeOutput::Shard {
+                to: backup,
+                msg: ShardMsg::Replica(round),
+            });
+        }
     }
 
     /// The load of every cell since the last call, for the coordinator (the
@@ -332,6 +644,7 @@ impl<G: GameLogic> NodeCore<G> {
                 };
                 self.report(report);
             }
+            Order::Promote { from, cells } => self.promote(from, cells),
             handover => {
                 let outputs = self.agent.handle_order(&mut self.world, handover, tick);
                 self.agent_outputs(outputs);
@@ -394,6 +707,14 @@ impl<G: GameLogic> NodeCore<G> {
         let CellEnvelope { to, from, msg } = env;
         let Err(msg) = self.agent.deliver_to_shadow(to, msg) else {
             return;
+        };
+        let msg = match self.router.owner_of(to) {
+            // Named for a cell whose promotion order is on its way.
+            Some(owner) if owner == self.me => match self.replicas.deliver(to, msg) {
+                Ok(()) => return,
+                Err(msg) => msg,
+            },
+            _ => msg,
         };
         self.route_cell(CellEnvelope { to, from, msg });
     }
@@ -482,7 +803,10 @@ impl<G: GameLogic> NodeCore<G> {
             }
             return;
         }
-        if let Err(msg) = self.agent.deliver_to_shadow(to, msg) {
+        let Err(msg) = self.agent.deliver_to_shadow(to, msg) else {
+            return;
+        };
+        if let Err(msg) = self.replicas.deliver(to, msg) {
             self.router.counters_mut().cell_undeliverable += 1;
             tracing::error!(shard = %self.me, cell = %to, from = %from, kind = msg.kind(),
                 "the registry names this shard but neither a cell nor a shadow takes the message: dropped");

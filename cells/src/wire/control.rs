@@ -139,6 +139,16 @@ pub enum ControlMsg {
         sessions: u32,
         /// Entities owned.
         entities: u32,
+        /// Numbers the heartbeats of the link (the ack names it).
+        seq: u64,
+    },
+    /// Coordinator -> shard: heartbeat `seq` arrived; the shard's lease on
+    /// its cells runs `lease_ms` from when it sent that heartbeat.
+    HeartbeatAck {
+        /// The heartbeat.
+        seq: u64,
+        /// The lease, milliseconds.
+        lease_ms: u32,
     },
 }
 
@@ -153,6 +163,7 @@ impl ControlMsg {
             ControlMsg::Order(o) => o.kind(),
             ControlMsg::Report(_) => "report",
             ControlMsg::Heartbeat { .. } => "heartbeat",
+            ControlMsg::HeartbeatAck { .. } => "heartbeat-ack",
         }
     }
 }
@@ -248,9 +259,16 @@ pub fn encode_control(header: &ShardHeader, msg: &ControlMsg) -> Vec<u8> {
                 .map(|(c, a)| wire::CellAssignment::new(&cell_out(c), &shard_out(a.owner), a.epoch))
                 .collect();
             let cells = fbb.create_vector(&cells);
+            let backups: Vec<_> = r
+                .backups()
+                .iter()
+                .map(|(s, b)| wire::BackupRec::new(&shard_out(*s), &shard_out(*b)))
+                .collect();
+            let backups = fbb.create_vector(&backups);
             t!(
                 RegistryRec,
                 RegistryRecArgs {
+                    backups: Some(backups),
                     version: r.version(),
                     cluster_epoch: r.cluster_epoch(),
                     geometry: Some(&wire::GeometryRec::new(
@@ -309,6 +327,20 @@ pub fn encode_control(header: &ShardHeader, msg: &ControlMsg) -> Vec<u8> {
                     parent: Some(&cell_out(*parent)),
                 }
             ),
+            Order::Promote { from, cells } => {
+                let recs: Vec<_> = cells
+                    .iter()
+                    .map(|(c, e)| wire::CellAssignment::new(&cell_out(*c), &shard_out(*from), *e))
+                    .collect();
+                let cells = fbb.create_vector(&recs);
+                t!(
+                    PromoteOrder,
+                    PromoteOrderArgs {
+                        from: Some(&shard_out(*from)),
+                        cells: Some(cells),
+                    }
+                )
+            }
         },
         ControlMsg::Report(r) => match r {
             Report::Frozen {
@@ -388,6 +420,30 @@ pub fn encode_control(header: &ShardHeader, msg: &ControlMsg) -> Vec<u8> {
                     }
                 )
             }
+            Report::Promoted {
+                from,
+                cells,
+                missing,
+                replica_tick,
+                tick,
+                entities,
+            } => {
+                let cells: Vec<_> = cells.iter().map(|c| cell_out(*c)).collect();
+                let cells = fbb.create_vector(&cells);
+                let missing: Vec<_> = missing.iter().map(|c| cell_out(*c)).collect();
+                let missing = fbb.create_vector(&missing);
+                t!(
+                    PromotedReport,
+                    PromotedReportArgs {
+                        from: Some(&shard_out(*from)),
+                        cells: Some(cells),
+                        missing: Some(missing),
+                        replica_tick: replica_tick.0,
+                        tick: tick.0,
+                        entities: *entities as u64,
+                    }
+                )
+            }
             Report::Load(l) => {
                 let cells: Vec<_> = l
                     .cells
@@ -409,12 +465,21 @@ pub fn encode_control(header: &ShardHeader, msg: &ControlMsg) -> Vec<u8> {
             tick,
             sessions,
             entities,
+            seq,
         } => t!(
             Heartbeat,
             HeartbeatArgs {
                 tick: tick.0,
                 sessions: *sessions,
                 entities: *entities,
+                seq: *seq,
+            }
+        ),
+        ControlMsg::HeartbeatAck { seq, lease_ms } => t!(
+            HeartbeatAck,
+            HeartbeatAckArgs {
+                seq: *seq,
+                lease_ms: *lease_ms,
             }
         ),
     };
@@ -483,7 +548,17 @@ fn registry_in(r: &wire::RegistryRec) -> Result<Registry, FrameError> {
             return Err(FrameError::BadValue("registry.cells"));
         }
     }
+    let mut backups = BTreeMap::new();
+    for b in r.backups().iter().flat_map(|v| v.iter()) {
+        if backups
+            .insert(shard_in(b.shard()), shard_in(b.backup()))
+            .is_some()
+        {
+            return Err(FrameError::BadValue("registry.backups"));
+        }
+    }
     Registry::from_parts(Arc::new(layout), cells, r.version(), r.cluster_epoch())
+        .map(|r| r.with_backups(backups))
         .map_err(|_| FrameError::BadValue("registry.cells"))
 }
 
@@ -627,7 +702,39 @@ pub fn decode_control(bytes: &[u8]) -> Result<(ShardHeader, ControlMsg), FrameEr
             tick: TickId(m.tick()),
             sessions: m.sessions(),
             entities: m.entities(),
+            seq: m.seq(),
         }
+    } else if let Some(m) = f.msg_as_heartbeat_ack() {
+        ControlMsg::HeartbeatAck {
+            seq: m.seq(),
+            lease_ms: m.lease_ms(),
+        }
+    } else if let Some(m) = f.msg_as_promote_order() {
+        let mut cells = Vec::new();
+        for a in m.cells().iter().flat_map(|v| v.iter()) {
+            cells.push((cell_in(a.cell(), "promote.cells")?, a.epoch()));
+        }
+        ControlMsg::Order(Order::Promote {
+            from: shard_in(need(m.from(), "promote.from")?),
+            cells,
+        })
+    } else if let Some(m) = f.msg_as_promoted_report() {
+        let cells_of = |v: Option<tessera_schema::flatbuffers::Vector<'_, wire::CellId>>,
+                        field: &'static str|
+         -> Result<Vec<CellId>, FrameError> {
+            v.iter()
+                .flat_map(|v| v.iter())
+                .map(|c| cell_in(c, field))
+                .collect()
+        };
+        ControlMsg::Report(Report::Promoted {
+            from: shard_in(need(m.from(), "promoted.from")?),
+            cells: cells_of(m.cells(), "promoted.cells")?,
+            missing: cells_of(m.missing(), "promoted.missing")?,
+            replica_tick: TickId(m.replica_tick()),
+            tick: TickId(m.tick()),
+            entities: m.entities() as usize,
+        })
     } else {
         return Err(FrameError::UnknownMessage {
             family: FrameFamily::Control,

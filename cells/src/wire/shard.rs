@@ -13,6 +13,7 @@ use crate::ids::{ClientId, EntityId, TickId};
 use crate::messages::{CellEnvelope, ClientOutput, ClientOutputKind};
 use crate::node::ShardMsg;
 use crate::registry::{Registry, ShardRef};
+use crate::replica::{ReplicaBody, ReplicaCell, ReplicaMsg};
 
 /// The identities every frame between shards carries (DESIGN.md section 3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,7 +45,8 @@ impl ShardHeader {
             ShardMsg::Client(out) => (out.cell, None),
             ShardMsg::Peer(PeerMsg::PreCopy { cell, epoch, .. }) => (*cell, Some(*epoch)),
             ShardMsg::Peer(m) => (m.cell(), None),
-            ShardMsg::Order(_) => (CellId::root(0, 0, 0), None),
+            // Replication carries an epoch per cell inside.
+            ShardMsg::Replica(_) | ShardMsg::Order(_) => (CellId::root(0, 0, 0), Some(0)),
         };
         let epoch = epoch.unwrap_or_else(|| registry.get(cell).map_or(0, |a| a.epoch));
         Self {
@@ -176,6 +178,7 @@ impl BundleWriter {
                 (wire::ShardMsg::ClientOutputRec, t.as_union_value())
             }
             ShardMsg::Peer(p) => peer_out::<G>(fbb, p, scratch),
+            ShardMsg::Replica(r) => replica_out::<G>(fbb, r, scratch),
             ShardMsg::Order(_) => return Err(EncodeError::Order),
         };
         let h = header_out(&header);
@@ -321,6 +324,132 @@ fn peer_out<'a, G: GameLogic>(
     }
 }
 
+fn replica_out<'a, G: GameLogic>(
+    fbb: &mut FlatBufferBuilder<'a>,
+    r: &ReplicaMsg<G>,
+    scratch: &mut Vec<u8>,
+) -> (
+    wire::ShardMsg,
+    WIPOffset<tessera_schema::flatbuffers::UnionWIPOffset>,
+) {
+    match r {
+        ReplicaMsg::Round {
+            from,
+            seq,
+            tick,
+            full,
+            cells,
+        } => {
+            let recs: Vec<_> = cells
+                .iter()
+                .map(|c| {
+                    let (diff, state, changed, removed) = match &c.body {
+                        ReplicaBody::Full(st) => {
+                            (false, state::state_out::<G>(fbb, st, scratch), None, None)
+                        }
+                        ReplicaBody::Diff(d) => {
+                            let changed = state::changed_out::<G>(fbb, &d.changed, scratch);
+                            let removed: Vec<u64> = d.removed.iter().map(|e| e.0).collect();
+                            let removed = fbb.create_vector(&removed);
+                            let rest = state::state_out::<G>(fbb, &d.rest, scratch);
+                            (true, rest, Some(changed), Some(removed))
+                        }
+                    };
+                    wire::ReplicaCellRec::create(
+                        fbb,
+                        &wire::ReplicaCellRecArgs {
+                            cell: Some(&cell_out(c.cell)),
+                            epoch: c.epoch,
+                            diff,
+                            state: Some(state),
+                            changed,
+                            removed,
+                        },
+                    )
+                })
+                .collect();
+            let cells = fbb.create_vector(&recs);
+            let t = wire::ReplicaRoundMsg::create(
+                fbb,
+                &wire::ReplicaRoundMsgArgs {
+                    from: Some(&shard_out(*from)),
+                    seq: *seq,
+                    tick: tick.0,
+                    full: *full,
+                    cells: Some(cells),
+                },
+            );
+            (wire::ShardMsg::ReplicaRoundMsg, t.as_union_value())
+        }
+        ReplicaMsg::Ack { from, seq } => {
+            let t = wire::ReplicaAckMsg::create(
+                fbb,
+                &wire::ReplicaAckMsgArgs {
+                    from: Some(&shard_out(*from)),
+                    seq: *seq,
+                },
+            );
+            (wire::ShardMsg::ReplicaAckMsg, t.as_union_value())
+        }
+        ReplicaMsg::Resync { from } => {
+            let t = wire::ReplicaResyncMsg::create(
+                fbb,
+                &wire::ReplicaResyncMsgArgs {
+                    from: Some(&shard_out(*from)),
+                },
+            );
+            (wire::ShardMsg::ReplicaResyncMsg, t.as_union_value())
+        }
+        ReplicaMsg::Restored { from, cells, tick } => {
+            let cells: Vec<_> = cells.iter().map(|c| cell_out(*c)).collect();
+            let cells = fbb.create_vector(&cells);
+            let t = wire::RestoredMsg::create(
+                fbb,
+                &wire::RestoredMsgArgs {
+                    from: Some(&shard_out(*from)),
+                    cells: Some(cells),
+                    tick: tick.0,
+                },
+            );
+            (wire::ShardMsg::RestoredMsg, t.as_union_value())
+        }
+    }
+}
+
+fn replica_round_in<G: GameLogic>(
+    m: &wire::ReplicaRoundMsg<'_>,
+) -> Result<ReplicaMsg<G>, FrameError> {
+    let mut cells = Vec::new();
+    for c in m.cells().iter().flat_map(|v| v.iter()) {
+        let state = state::state_in::<G>(&c.state())?;
+        let body = if c.diff() {
+            let removed = c
+                .removed()
+                .map(|r| r.iter().map(EntityId).collect())
+                .unwrap_or_default();
+            ReplicaBody::Diff(Box::new(crate::cell::CellDiff {
+                changed: state::changed_in::<G>(c.changed())?,
+                removed,
+                rest: state,
+            }))
+        } else {
+            ReplicaBody::Full(Box::new(state))
+        };
+        cells.push(ReplicaCell {
+            cell: cell_in(need(c.cell(), "replica.cell")?, "replica.cell")?,
+            epoch: c.epoch(),
+            body,
+        });
+    }
+    Ok(ReplicaMsg::Round {
+        from: shard_in(need(m.from(), "replica.from")?),
+        seq: m.seq(),
+        tick: TickId(m.tick()),
+        full: m.full(),
+        cells,
+    })
+}
+
 fn frame_in<G: GameLogic>(
     f: &wire::ShardFrame<'_>,
 ) -> Result<(ShardHeader, ShardMsg<G>), FrameError> {
@@ -377,6 +506,27 @@ fn frame_in<G: GameLogic>(
                 removed,
                 rest: state::state_in::<G>(&m.rest())?,
             }),
+        })
+    } else if let Some(m) = f.msg_as_replica_round_msg() {
+        ShardMsg::Replica(replica_round_in::<G>(&m)?)
+    } else if let Some(m) = f.msg_as_replica_ack_msg() {
+        ShardMsg::Replica(ReplicaMsg::Ack {
+            from: shard_in(need(m.from(), "replica_ack.from")?),
+            seq: m.seq(),
+        })
+    } else if let Some(m) = f.msg_as_replica_resync_msg() {
+        ShardMsg::Replica(ReplicaMsg::Resync {
+            from: shard_in(need(m.from(), "replica_resync.from")?),
+        })
+    } else if let Some(m) = f.msg_as_restored_msg() {
+        let mut cells = Vec::new();
+        for c in m.cells().iter().flat_map(|v| v.iter()) {
+            cells.push(cell_in(c, "restored.cells")?);
+        }
+        ShardMsg::Replica(ReplicaMsg::Restored {
+            from: shard_in(need(m.from(), "restored.from")?),
+            cells,
+            tick: TickId(m.tick()),
         })
     } else if let Some(m) = f.msg_as_peer_abort_msg() {
         ShardMsg::Peer(PeerMsg::Abort {

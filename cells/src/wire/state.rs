@@ -664,6 +664,7 @@ pub(crate) fn cell_msg_out<'a, G: GameLogic>(
                     entity: Some(entity),
                     jobs: Some(jobs),
                     ghost_holders: Some(holders),
+                    resent: t.resent.map_or(0, |t| t.0),
                 },
             );
             (wire::CellMsg::TransferMsg, t.as_union_value())
@@ -802,6 +803,7 @@ pub(crate) fn cell_msg_in<G: GameLogic>(p: CellMsgParts<'_>) -> Result<Msg<G>, F
             entity: entity_in::<G>(&m.entity())?,
             jobs: jobs_in(m.jobs()),
             ghost_holders: holders,
+            resent: (m.resent() != 0).then_some(TickId(m.resent())),
         })));
     }
     if let Some(m) = p.intent {
@@ -880,6 +882,8 @@ fn counters_out(c: &CellCounters) -> wire::CellCountersRec {
         c.ghost_updates,
         c.subscriptions,
         c.subscriptions_dropped,
+        c.transfers_resent_known,
+        c.transfers_resent_taken,
     )
 }
 
@@ -909,6 +913,8 @@ fn counters_in(c: &wire::CellCountersRec) -> CellCounters {
         ghost_updates: c.ghost_updates(),
         subscriptions: c.subscriptions(),
         subscriptions_dropped: c.subscriptions_dropped(),
+        transfers_resent_known: c.transfers_resent_known(),
+        transfers_resent_taken: c.transfers_resent_taken(),
     }
 }
 
@@ -945,6 +951,22 @@ pub(crate) fn state_out<'a, G: GameLogic>(
         .map(|(t, m)| queued_out::<G>(fbb, *t, m, scratch))
         .collect();
     let orphans = fbb.create_vector(&orphans);
+    let retained: Vec<_> = s
+        .retained
+        .iter()
+        .map(|r| {
+            let msg = CellMessage::Transfer(Box::new(r.transfer.clone()));
+            let sent = queued_out::<G>(fbb, r.departed, &msg, scratch);
+            wire::RetainedRec::create(
+                fbb,
+                &wire::RetainedRecArgs {
+                    to: Some(&cell_out(r.to)),
+                    sent: Some(sent),
+                },
+            )
+        })
+        .collect();
+    let retained = fbb.create_vector(&retained);
     let g = &s.game_counters;
     wire::CellStateRec::create(
         fbb,
@@ -958,6 +980,7 @@ pub(crate) fn state_out<'a, G: GameLogic>(
             jobs: Some(jobs),
             forwards: Some(forwards),
             orphans: Some(orphans),
+            retained: Some(retained),
             rng: s.rng.0,
             counters: Some(&counters_out(&s.counters)),
             game_counters: Some(&wire::GameCountersRec::new(
@@ -992,6 +1015,21 @@ pub(crate) fn state_in<G: GameLogic>(r: &wire::CellStateRec) -> Result<CellState
             (cell_in(f.cell(), "state.forwards")?, TickId(f.tick())),
         );
     }
+    let retained = match r.retained() {
+        Some(v) => list(v.len(), "state.retained", |i| {
+            let rec = v.get(i);
+            let q = rec.sent();
+            let CellMessage::Transfer(t) = cell_msg_in::<G>(cell_msg_parts!(q))? else {
+                return Err(FrameError::BadValue("state.retained"));
+            };
+            Ok(crate::cell::Retained {
+                departed: TickId(q.tick()),
+                to: cell_in(need(rec.to(), "state.retained.to")?, "state.retained.to")?,
+                transfer: *t,
+            })
+        })?,
+        None => Vec::new(),
+    };
     let g = need(r.game_counters(), "state.game_counters")?;
     Ok(CellState {
         id: cell_in(need(r.id(), "state.id")?, "state.id")?,
@@ -1006,6 +1044,7 @@ pub(crate) fn state_in<G: GameLogic>(r: &wire::CellStateRec) -> Result<CellState
         jobs,
         forwards,
         orphans: queued_in::<G>(r.orphans(), "state.orphans")?,
+        retained,
         rng: Rng(r.rng()),
         counters: counters_in(need(r.counters(), "state.counters")?),
         game_counters: GameCounters {

@@ -194,6 +194,94 @@ fn whole_cell_states_and_diffs_cross_unchanged() {
 }
 
 #[test]
+fn replication_rounds_rebuild_the_cells_across_the_wire() {
+    use crate::replica::{ReplicaCounters, ReplicaMsg, ReplicaStore, Replicator};
+    let (mut world, _) = busy_world(60, 6);
+    let mut rep = Replicator::<DemoGame>::new(A, 1);
+    rep.set_backup(Some(B));
+    let mut store = ReplicaStore::<DemoGame>::new(B);
+    let mut counters = ReplicaCounters::default();
+    for t in 61..66 {
+        world.tick(TickId(t));
+        let (to, round) = rep.round(&world, TickId(t)).expect("a round every tick");
+        assert_eq!(to, B);
+        let mut out = round_trip(vec![ShardMsg::Replica(round)]);
+        let Some((
+            _,
+            ShardMsg::Replica(ReplicaMsg::Round {
+                from,
+                seq,
+                tick,
+                full,
+                cells,
+            }),
+        )) = out.pop()
+        else {
+            panic!("a round");
+        };
+        assert_eq!(
+            full,
+            t == 61,
+            "the first round is full, the next ones diffs"
+        );
+        let ack = store.on_round(from, seq, tick, full, cells, &mut counters);
+        let Some(ReplicaMsg::Ack { seq, .. }) = ack else {
+            panic!("applied in order: {ack:?}");
+        };
+        rep.on_ack(B, seq);
+    }
+    assert_eq!(rep.acked(), 5);
+    for cell in world.cells() {
+        let p = store.take(A, cell.id()).expect("a replica of every cell");
+        assert_eq!(p.tick, TickId(65));
+        assert_eq!(
+            p.state,
+            cell.state(),
+            "replica of {} equals the cell",
+            cell.id()
+        );
+    }
+    // A gap (a lost round) asks for a full one.
+    world.tick(TickId(66));
+    let _lost = rep.round(&world, TickId(66)).unwrap();
+    world.tick(TickId(67));
+    let (_, round) = rep.round(&world, TickId(67)).unwrap();
+    let ReplicaMsg::Round {
+        from,
+        seq,
+        tick,
+        full,
+        cells,
+    } = round
+    else {
+        unreachable!()
+    };
+    assert!(matches!(
+        store.on_round(from, seq, tick, full, cells, &mut counters),
+        Some(ReplicaMsg::Resync { .. })
+    ));
+    rep.on_resync(B);
+    world.tick(TickId(68));
+    let (_, round) = rep.round(&world, TickId(68)).unwrap();
+    assert!(matches!(round, ReplicaMsg::Round { full: true, .. }));
+    let round_trip_small = round_trip(vec![
+        ShardMsg::Replica(ReplicaMsg::Ack { from: B, seq: 3 }),
+        ShardMsg::Replica(ReplicaMsg::Resync { from: B }),
+        ShardMsg::Replica(ReplicaMsg::Restored {
+            from: B,
+            cells: vec![CellId::root(0, 1, 1)],
+            tick: TickId(70),
+        }),
+    ]);
+    assert_eq!(round_trip_small.len(), 3);
+    assert!(matches!(
+        &round_trip_small[2].1,
+        ShardMsg::Replica(ReplicaMsg::Restored { from, cells, tick })
+            if *from == B && cells == &vec![CellId::root(0, 1, 1)] && *tick == TickId(70)
+    ));
+}
+
+#[test]
 fn small_peer_messages_and_client_frames_cross() {
     let cell = CellId::root(0, 1, 1).child(2).unwrap();
     let out = round_trip(vec![
@@ -307,6 +395,7 @@ fn control_messages_cross_unchanged() {
         .map(|c| (*c, crate::registry::Assignment { owner: B, epoch: 5 }))
         .collect();
     registry.relayout(Arc::new(l), &[cell], &added).unwrap();
+    registry.set_backups([(A, B), (B, A)].into_iter().collect());
     let addr = "127.0.0.2:7000".parse().unwrap();
     for msg in [
         ControlMsg::Register(Registration {
@@ -405,7 +494,24 @@ fn control_messages_cross_unchanged() {
             tick: TickId(5),
             sessions: 6,
             entities: 7,
+            seq: 8,
         },
+        ControlMsg::HeartbeatAck {
+            seq: 8,
+            lease_ms: 1000,
+        },
+        ControlMsg::Order(Order::Promote {
+            from: A,
+            cells: vec![(cell, 4), (CellId::root(0, 3, 1), 9)],
+        }),
+        ControlMsg::Report(Report::Promoted {
+            from: A,
+            cells: vec![cell],
+            missing: vec![CellId::root(0, 3, 1)],
+            replica_tick: TickId(40),
+            tick: TickId(52),
+            entities: 17,
+        }),
     ] {
         control_round_trip(msg);
     }
@@ -423,6 +529,10 @@ fn sample_bundle() -> Vec<u8> {
         epoch: 1,
         state: Box::new(world.cell(id).unwrap().state()),
     }));
+    let mut rep = crate::replica::Replicator::<DemoGame>::new(A, 1);
+    rep.set_backup(Some(B));
+    let (_, round) = rep.round(&world, TickId(31)).unwrap();
+    msgs.push(ShardMsg::Replica(round));
     let registry = test_registry();
     let mut w = BundleWriter::new(B);
     for m in &msgs {
@@ -535,6 +645,7 @@ fn a_registry_that_claims_a_huge_world_is_refused_before_anything_is_built() {
             )),
             split: Some(split),
             cells: Some(cells),
+            backups: None,
         },
     );
     let h = tessera_schema::wire::FrameHeader::new(

@@ -449,6 +449,7 @@ impl Loop {
                 tick,
                 sessions,
                 entities,
+                ..
             } => {
                 let Some(p) = self.peers.get(&connection) else {
                     return;

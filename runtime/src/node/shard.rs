@@ -419,6 +419,7 @@ impl<G: GameLogic> ShardHandler for NodeShard<G> {
                     tick: core.world().tick_id(),
                     sessions: core.sessions().len() as u32,
                     entities: core.world().totals().entities as u32,
+                    seq: 0,
                 };
                 cluster.send_control(&heartbeat, id);
             }

@@ -883,10 +883,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for AbortReason {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_SHARD_MSG: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_SHARD_MSG: u8 = 7;
+pub const ENUM_MAX_SHARD_MSG: u8 = 11;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_SHARD_MSG: [ShardMsg; 8] = [
+pub const ENUM_VALUES_SHARD_MSG: [ShardMsg; 12] = [
   ShardMsg::NONE,
   ShardMsg::CellEnvelopeRec,
   ShardMsg::ClientOutputRec,
@@ -895,6 +895,10 @@ pub const ENUM_VALUES_SHARD_MSG: [ShardMsg; 8] = [
   ShardMsg::RefuseMsg,
   ShardMsg::DiffMsg,
   ShardMsg::PeerAbortMsg,
+  ShardMsg::ReplicaRoundMsg,
+  ShardMsg::ReplicaAckMsg,
+  ShardMsg::ReplicaResyncMsg,
+  ShardMsg::RestoredMsg,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -910,9 +914,13 @@ impl ShardMsg {
   pub const RefuseMsg: Self = Self(5);
   pub const DiffMsg: Self = Self(6);
   pub const PeerAbortMsg: Self = Self(7);
+  pub const ReplicaRoundMsg: Self = Self(8);
+  pub const ReplicaAckMsg: Self = Self(9);
+  pub const ReplicaResyncMsg: Self = Self(10);
+  pub const RestoredMsg: Self = Self(11);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 7;
+  pub const ENUM_MAX: u8 = 11;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::CellEnvelopeRec,
@@ -922,6 +930,10 @@ impl ShardMsg {
     Self::RefuseMsg,
     Self::DiffMsg,
     Self::PeerAbortMsg,
+    Self::ReplicaRoundMsg,
+    Self::ReplicaAckMsg,
+    Self::ReplicaResyncMsg,
+    Self::RestoredMsg,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -934,6 +946,10 @@ impl ShardMsg {
       Self::RefuseMsg => Some("RefuseMsg"),
       Self::DiffMsg => Some("DiffMsg"),
       Self::PeerAbortMsg => Some("PeerAbortMsg"),
+      Self::ReplicaRoundMsg => Some("ReplicaRoundMsg"),
+      Self::ReplicaAckMsg => Some("ReplicaAckMsg"),
+      Self::ReplicaResyncMsg => Some("ReplicaResyncMsg"),
+      Self::RestoredMsg => Some("RestoredMsg"),
       _ => None,
     }
   }
@@ -1081,10 +1097,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for NodeRole {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_CONTROL_MSG: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_CONTROL_MSG: u8 = 19;
+pub const ENUM_MAX_CONTROL_MSG: u8 = 22;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_CONTROL_MSG: [ControlMsg; 20] = [
+pub const ENUM_VALUES_CONTROL_MSG: [ControlMsg; 23] = [
   ControlMsg::NONE,
   ControlMsg::Register,
   ControlMsg::CoordWelcome,
@@ -1105,6 +1121,9 @@ pub const ENUM_VALUES_CONTROL_MSG: [ControlMsg; 20] = [
   ControlMsg::RefusedReport,
   ControlMsg::LoadReport,
   ControlMsg::Heartbeat,
+  ControlMsg::PromoteOrder,
+  ControlMsg::PromotedReport,
+  ControlMsg::HeartbeatAck,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -1132,9 +1151,12 @@ impl ControlMsg {
   pub const RefusedReport: Self = Self(17);
   pub const LoadReport: Self = Self(18);
   pub const Heartbeat: Self = Self(19);
+  pub const PromoteOrder: Self = Self(20);
+  pub const PromotedReport: Self = Self(21);
+  pub const HeartbeatAck: Self = Self(22);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 19;
+  pub const ENUM_MAX: u8 = 22;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Register,
@@ -1156,6 +1178,9 @@ impl ControlMsg {
     Self::RefusedReport,
     Self::LoadReport,
     Self::Heartbeat,
+    Self::PromoteOrder,
+    Self::PromotedReport,
+    Self::HeartbeatAck,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -1180,6 +1205,9 @@ impl ControlMsg {
       Self::RefusedReport => Some("RefusedReport"),
       Self::LoadReport => Some("LoadReport"),
       Self::Heartbeat => Some("Heartbeat"),
+      Self::PromoteOrder => Some("PromoteOrder"),
+      Self::PromotedReport => Some("PromotedReport"),
+      Self::HeartbeatAck => Some("HeartbeatAck"),
       _ => None,
     }
   }
@@ -4802,10 +4830,10 @@ impl<'a> ForwardRec {
 // struct CellCountersRec, aligned to 8
 #[repr(transparent)]
 #[derive(Clone, Copy, PartialEq)]
-pub struct CellCountersRec(pub [u8; 192]);
+pub struct CellCountersRec(pub [u8; 208]);
 impl Default for CellCountersRec { 
   fn default() -> Self { 
-    Self([0; 192])
+    Self([0; 208])
   }
 }
 impl ::core::fmt::Debug for CellCountersRec {
@@ -4835,6 +4863,8 @@ impl ::core::fmt::Debug for CellCountersRec {
       .field("ghost_updates", &self.ghost_updates())
       .field("subscriptions", &self.subscriptions())
       .field("subscriptions_dropped", &self.subscriptions_dropped())
+      .field("transfers_resent_known", &self.transfers_resent_known())
+      .field("transfers_resent_taken", &self.transfers_resent_taken())
       .finish()
   }
 }
@@ -4903,8 +4933,10 @@ impl<'a> CellCountersRec {
     ghost_updates: u64,
     subscriptions: u64,
     subscriptions_dropped: u64,
+    transfers_resent_known: u64,
+    transfers_resent_taken: u64,
   ) -> Self {
-    let mut s = Self([0; 192]);
+    let mut s = Self([0; 208]);
     s.set_inputs(inputs);
     s.set_inputs_forwarded(inputs_forwarded);
     s.set_inputs_duplicate(inputs_duplicate);
@@ -4929,6 +4961,8 @@ impl<'a> CellCountersRec {
     s.set_ghost_updates(ghost_updates);
     s.set_subscriptions(subscriptions);
     s.set_subscriptions_dropped(subscriptions_dropped);
+    s.set_transfers_resent_known(transfers_resent_known);
+    s.set_transfers_resent_taken(transfers_resent_taken);
     s
   }
 
@@ -5628,6 +5662,64 @@ impl<'a> CellCountersRec {
     }
   }
 
+  pub fn transfers_resent_known(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[192..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_transfers_resent_known(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[192..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn transfers_resent_taken(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[200..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_transfers_resent_taken(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[200..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
 }
 
 // struct GameCountersRec, aligned to 8
@@ -6133,6 +6225,100 @@ impl<'a> CellAssignment {
         ::core::mem::size_of::<<u32 as ::flatbuffers::EndianScalar>::Scalar>(),
       );
     }
+  }
+
+}
+
+/// Where a shard replicates its cells.
+// struct BackupRec, aligned to 2
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct BackupRec(pub [u8; 8]);
+impl Default for BackupRec { 
+  fn default() -> Self { 
+    Self([0; 8])
+  }
+}
+impl ::core::fmt::Debug for BackupRec {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("BackupRec")
+      .field("shard", &self.shard())
+      .field("backup", &self.backup())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for BackupRec {}
+impl<'a> ::flatbuffers::Follow<'a> for BackupRec {
+  type Inner = &'a BackupRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a BackupRec>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a BackupRec {
+  type Inner = &'a BackupRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<BackupRec>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for BackupRec {
+    type Output = BackupRec;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const BackupRec as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(2)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for BackupRec {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> BackupRec {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    shard: &Sender,
+    backup: &Sender,
+  ) -> Self {
+    let mut s = Self([0; 8]);
+    s.set_shard(shard);
+    s.set_backup(backup);
+    s
+  }
+
+  pub fn shard(&self) -> &Sender {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[0..].as_ptr() as *const Sender) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_shard(&mut self, x: &Sender) {
+    self.0[0..0 + 4].copy_from_slice(&x.0)
+  }
+
+  pub fn backup(&self) -> &Sender {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[4..].as_ptr() as *const Sender) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_backup(&mut self, x: &Sender) {
+    self.0[4..4 + 4].copy_from_slice(&x.0)
   }
 
 }
@@ -9721,6 +9907,7 @@ impl<'a> TransferMsg<'a> {
   pub const VT_ENTITY: ::flatbuffers::VOffsetT = 4;
   pub const VT_JOBS: ::flatbuffers::VOffsetT = 6;
   pub const VT_GHOST_HOLDERS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_RESENT: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -9732,6 +9919,7 @@ impl<'a> TransferMsg<'a> {
     args: &'args TransferMsgArgs<'args>
   ) -> ::flatbuffers::WIPOffset<TransferMsg<'bldr>> {
     let mut builder = TransferMsgBuilder::new(_fbb);
+    builder.add_resent(args.resent);
     if let Some(x) = args.ghost_holders { builder.add_ghost_holders(x); }
     if let Some(x) = args.jobs { builder.add_jobs(x); }
     if let Some(x) = args.entity { builder.add_entity(x); }
@@ -9760,6 +9948,15 @@ impl<'a> TransferMsg<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, CellId>>>(TransferMsg::VT_GHOST_HOLDERS, None)}
   }
+  /// 0 for a first send; for a copy sent again after a cell was restored
+  /// from its replica, the tick the entity originally departed.
+  #[inline]
+  pub fn resent(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(TransferMsg::VT_RESENT, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for TransferMsg<'_> {
@@ -9771,6 +9968,7 @@ impl ::flatbuffers::Verifiable for TransferMsg<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<EntityRec>>("entity", Self::VT_ENTITY, true)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, JobRec>>>("jobs", Self::VT_JOBS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellId>>>("ghost_holders", Self::VT_GHOST_HOLDERS, false)?
+     .visit_field::<u64>("resent", Self::VT_RESENT, false)?
      .finish();
     Ok(())
   }
@@ -9779,6 +9977,7 @@ pub struct TransferMsgArgs<'a> {
     pub entity: Option<::flatbuffers::WIPOffset<EntityRec<'a>>>,
     pub jobs: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, JobRec>>>,
     pub ghost_holders: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellId>>>,
+    pub resent: u64,
 }
 impl<'a> Default for TransferMsgArgs<'a> {
   #[inline]
@@ -9787,6 +9986,7 @@ impl<'a> Default for TransferMsgArgs<'a> {
       entity: None, // required field
       jobs: None,
       ghost_holders: None,
+      resent: 0,
     }
   }
 }
@@ -9807,6 +10007,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TransferMsgBuilder<'a, 'b, A>
   #[inline]
   pub fn add_ghost_holders(&mut self, ghost_holders: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , CellId>>) {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(TransferMsg::VT_GHOST_HOLDERS, ghost_holders);
+  }
+  #[inline]
+  pub fn add_resent(&mut self, resent: u64) {
+    self.fbb_.push_slot::<u64>(TransferMsg::VT_RESENT, resent, 0);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TransferMsgBuilder<'a, 'b, A> {
@@ -9830,6 +10034,7 @@ impl ::core::fmt::Debug for TransferMsg<'_> {
       ds.field("entity", &self.entity());
       ds.field("jobs", &self.jobs());
       ds.field("ghost_holders", &self.ghost_holders());
+      ds.field("resent", &self.resent());
       ds.finish()
   }
 }
@@ -11369,6 +11574,122 @@ impl ::core::fmt::Debug for QueuedMsg<'_> {
       ds.finish()
   }
 }
+pub enum RetainedRecOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// A transfer to another shard that its sending cell keeps for a while
+/// (sent again if either end is restored from a replica).
+pub struct RetainedRec<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for RetainedRec<'a> {
+  type Inner = RetainedRec<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> RetainedRec<'a> {
+  pub const VT_TO: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SENT: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    RetainedRec { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args RetainedRecArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<RetainedRec<'bldr>> {
+    let mut builder = RetainedRecBuilder::new(_fbb);
+    if let Some(x) = args.sent { builder.add_sent(x); }
+    if let Some(x) = args.to { builder.add_to(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn to(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(RetainedRec::VT_TO, None)}
+  }
+  #[inline]
+  pub fn sent(&self) -> QueuedMsg<'a> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<QueuedMsg>>(RetainedRec::VT_SENT, None).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for RetainedRec<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<CellId>("to", Self::VT_TO, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<QueuedMsg>>("sent", Self::VT_SENT, true)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct RetainedRecArgs<'a> {
+    pub to: Option<&'a CellId>,
+    pub sent: Option<::flatbuffers::WIPOffset<QueuedMsg<'a>>>,
+}
+impl<'a> Default for RetainedRecArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    RetainedRecArgs {
+      to: None,
+      sent: None, // required field
+    }
+  }
+}
+
+pub struct RetainedRecBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RetainedRecBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_to(&mut self, to: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(RetainedRec::VT_TO, to);
+  }
+  #[inline]
+  pub fn add_sent(&mut self, sent: ::flatbuffers::WIPOffset<QueuedMsg<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<QueuedMsg>>(RetainedRec::VT_SENT, sent);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RetainedRecBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    RetainedRecBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<RetainedRec<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, RetainedRec::VT_SENT,"sent");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for RetainedRec<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("RetainedRec");
+      ds.field("to", &self.to());
+      ds.field("sent", &self.sent());
+      ds.finish()
+  }
+}
 pub enum CellStateRecOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -11397,6 +11718,7 @@ impl<'a> CellStateRec<'a> {
   pub const VT_RNG: ::flatbuffers::VOffsetT = 22;
   pub const VT_COUNTERS: ::flatbuffers::VOffsetT = 24;
   pub const VT_GAME_COUNTERS: ::flatbuffers::VOffsetT = 26;
+  pub const VT_RETAINED: ::flatbuffers::VOffsetT = 28;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -11409,6 +11731,7 @@ impl<'a> CellStateRec<'a> {
   ) -> ::flatbuffers::WIPOffset<CellStateRec<'bldr>> {
     let mut builder = CellStateRecBuilder::new(_fbb);
     builder.add_rng(args.rng);
+    if let Some(x) = args.retained { builder.add_retained(x); }
     if let Some(x) = args.game_counters { builder.add_game_counters(x); }
     if let Some(x) = args.counters { builder.add_counters(x); }
     if let Some(x) = args.orphans { builder.add_orphans(x); }
@@ -11508,6 +11831,13 @@ impl<'a> CellStateRec<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<GameCountersRec>(CellStateRec::VT_GAME_COUNTERS, None)}
   }
+  #[inline]
+  pub fn retained(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<RetainedRec<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<RetainedRec>>>>(CellStateRec::VT_RETAINED, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for CellStateRec<'_> {
@@ -11528,6 +11858,7 @@ impl ::flatbuffers::Verifiable for CellStateRec<'_> {
      .visit_field::<u64>("rng", Self::VT_RNG, false)?
      .visit_field::<CellCountersRec>("counters", Self::VT_COUNTERS, false)?
      .visit_field::<GameCountersRec>("game_counters", Self::VT_GAME_COUNTERS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<RetainedRec>>>>("retained", Self::VT_RETAINED, false)?
      .finish();
     Ok(())
   }
@@ -11545,6 +11876,7 @@ pub struct CellStateRecArgs<'a> {
     pub rng: u64,
     pub counters: Option<&'a CellCountersRec>,
     pub game_counters: Option<&'a GameCountersRec>,
+    pub retained: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<RetainedRec<'a>>>>>,
 }
 impl<'a> Default for CellStateRecArgs<'a> {
   #[inline]
@@ -11562,6 +11894,7 @@ impl<'a> Default for CellStateRecArgs<'a> {
       rng: 0,
       counters: None,
       game_counters: None,
+      retained: None,
     }
   }
 }
@@ -11620,6 +11953,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CellStateRecBuilder<'a, 'b, A
     self.fbb_.push_slot_always::<&GameCountersRec>(CellStateRec::VT_GAME_COUNTERS, game_counters);
   }
   #[inline]
+  pub fn add_retained(&mut self, retained: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<RetainedRec<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CellStateRec::VT_RETAINED, retained);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CellStateRecBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     CellStateRecBuilder {
@@ -11651,6 +11988,7 @@ impl ::core::fmt::Debug for CellStateRec<'_> {
       ds.field("rng", &self.rng());
       ds.field("counters", &self.counters());
       ds.field("game_counters", &self.game_counters());
+      ds.field("retained", &self.retained());
       ds.finish()
   }
 }
@@ -12357,6 +12695,699 @@ impl ::core::fmt::Debug for PeerAbortMsg<'_> {
       ds.finish()
   }
 }
+pub enum ReplicaCellRecOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// One cell in a replication round: its whole state, or (`diff`) the
+/// entities changed and removed since the previous round with the rest of
+/// the state in `state`.
+pub struct ReplicaCellRec<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ReplicaCellRec<'a> {
+  type Inner = ReplicaCellRec<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ReplicaCellRec<'a> {
+  pub const VT_CELL: ::flatbuffers::VOffsetT = 4;
+  pub const VT_EPOCH: ::flatbuffers::VOffsetT = 6;
+  pub const VT_DIFF: ::flatbuffers::VOffsetT = 8;
+  pub const VT_STATE: ::flatbuffers::VOffsetT = 10;
+  pub const VT_CHANGED: ::flatbuffers::VOffsetT = 12;
+  pub const VT_REMOVED: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ReplicaCellRec { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReplicaCellRecArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ReplicaCellRec<'bldr>> {
+    let mut builder = ReplicaCellRecBuilder::new(_fbb);
+    if let Some(x) = args.removed { builder.add_removed(x); }
+    if let Some(x) = args.changed { builder.add_changed(x); }
+    if let Some(x) = args.state { builder.add_state(x); }
+    builder.add_epoch(args.epoch);
+    if let Some(x) = args.cell { builder.add_cell(x); }
+    builder.add_diff(args.diff);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn cell(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(ReplicaCellRec::VT_CELL, None)}
+  }
+  #[inline]
+  pub fn epoch(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ReplicaCellRec::VT_EPOCH, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn diff(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(ReplicaCellRec::VT_DIFF, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn state(&self) -> CellStateRec<'a> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<CellStateRec>>(ReplicaCellRec::VT_STATE, None).unwrap()}
+  }
+  #[inline]
+  pub fn changed(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<EntityRec<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<EntityRec>>>>(ReplicaCellRec::VT_CHANGED, None)}
+  }
+  #[inline]
+  pub fn removed(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(ReplicaCellRec::VT_REMOVED, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ReplicaCellRec<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<CellId>("cell", Self::VT_CELL, false)?
+     .visit_field::<u32>("epoch", Self::VT_EPOCH, false)?
+     .visit_field::<bool>("diff", Self::VT_DIFF, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<CellStateRec>>("state", Self::VT_STATE, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<EntityRec>>>>("changed", Self::VT_CHANGED, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("removed", Self::VT_REMOVED, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReplicaCellRecArgs<'a> {
+    pub cell: Option<&'a CellId>,
+    pub epoch: u32,
+    pub diff: bool,
+    pub state: Option<::flatbuffers::WIPOffset<CellStateRec<'a>>>,
+    pub changed: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<EntityRec<'a>>>>>,
+    pub removed: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+}
+impl<'a> Default for ReplicaCellRecArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReplicaCellRecArgs {
+      cell: None,
+      epoch: 0,
+      diff: false,
+      state: None, // required field
+      changed: None,
+      removed: None,
+    }
+  }
+}
+
+pub struct ReplicaCellRecBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReplicaCellRecBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_cell(&mut self, cell: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(ReplicaCellRec::VT_CELL, cell);
+  }
+  #[inline]
+  pub fn add_epoch(&mut self, epoch: u32) {
+    self.fbb_.push_slot::<u32>(ReplicaCellRec::VT_EPOCH, epoch, 0);
+  }
+  #[inline]
+  pub fn add_diff(&mut self, diff: bool) {
+    self.fbb_.push_slot::<bool>(ReplicaCellRec::VT_DIFF, diff, false);
+  }
+  #[inline]
+  pub fn add_state(&mut self, state: ::flatbuffers::WIPOffset<CellStateRec<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<CellStateRec>>(ReplicaCellRec::VT_STATE, state);
+  }
+  #[inline]
+  pub fn add_changed(&mut self, changed: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<EntityRec<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReplicaCellRec::VT_CHANGED, changed);
+  }
+  #[inline]
+  pub fn add_removed(&mut self, removed: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReplicaCellRec::VT_REMOVED, removed);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReplicaCellRecBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReplicaCellRecBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ReplicaCellRec<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, ReplicaCellRec::VT_STATE,"state");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ReplicaCellRec<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ReplicaCellRec");
+      ds.field("cell", &self.cell());
+      ds.field("epoch", &self.epoch());
+      ds.field("diff", &self.diff());
+      ds.field("state", &self.state());
+      ds.field("changed", &self.changed());
+      ds.field("removed", &self.removed());
+      ds.finish()
+  }
+}
+pub enum ReplicaRoundMsgOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// A shard's cells as of the end of `tick`, for its backup; `full`: replaces
+/// whatever the backup held of this shard.
+pub struct ReplicaRoundMsg<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ReplicaRoundMsg<'a> {
+  type Inner = ReplicaRoundMsg<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ReplicaRoundMsg<'a> {
+  pub const VT_FROM: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SEQ: ::flatbuffers::VOffsetT = 6;
+  pub const VT_TICK: ::flatbuffers::VOffsetT = 8;
+  pub const VT_FULL: ::flatbuffers::VOffsetT = 10;
+  pub const VT_CELLS: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ReplicaRoundMsg { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReplicaRoundMsgArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ReplicaRoundMsg<'bldr>> {
+    let mut builder = ReplicaRoundMsgBuilder::new(_fbb);
+    builder.add_tick(args.tick);
+    builder.add_seq(args.seq);
+    if let Some(x) = args.cells { builder.add_cells(x); }
+    if let Some(x) = args.from { builder.add_from(x); }
+    builder.add_full(args.full);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn from(&self) -> Option<&'a Sender> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Sender>(ReplicaRoundMsg::VT_FROM, None)}
+  }
+  #[inline]
+  pub fn seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReplicaRoundMsg::VT_SEQ, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn tick(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReplicaRoundMsg::VT_TICK, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn full(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(ReplicaRoundMsg::VT_FULL, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn cells(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ReplicaCellRec<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ReplicaCellRec>>>>(ReplicaRoundMsg::VT_CELLS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ReplicaRoundMsg<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<Sender>("from", Self::VT_FROM, false)?
+     .visit_field::<u64>("seq", Self::VT_SEQ, false)?
+     .visit_field::<u64>("tick", Self::VT_TICK, false)?
+     .visit_field::<bool>("full", Self::VT_FULL, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ReplicaCellRec>>>>("cells", Self::VT_CELLS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReplicaRoundMsgArgs<'a> {
+    pub from: Option<&'a Sender>,
+    pub seq: u64,
+    pub tick: u64,
+    pub full: bool,
+    pub cells: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ReplicaCellRec<'a>>>>>,
+}
+impl<'a> Default for ReplicaRoundMsgArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReplicaRoundMsgArgs {
+      from: None,
+      seq: 0,
+      tick: 0,
+      full: false,
+      cells: None,
+    }
+  }
+}
+
+pub struct ReplicaRoundMsgBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReplicaRoundMsgBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_from(&mut self, from: &Sender) {
+    self.fbb_.push_slot_always::<&Sender>(ReplicaRoundMsg::VT_FROM, from);
+  }
+  #[inline]
+  pub fn add_seq(&mut self, seq: u64) {
+    self.fbb_.push_slot::<u64>(ReplicaRoundMsg::VT_SEQ, seq, 0);
+  }
+  #[inline]
+  pub fn add_tick(&mut self, tick: u64) {
+    self.fbb_.push_slot::<u64>(ReplicaRoundMsg::VT_TICK, tick, 0);
+  }
+  #[inline]
+  pub fn add_full(&mut self, full: bool) {
+    self.fbb_.push_slot::<bool>(ReplicaRoundMsg::VT_FULL, full, false);
+  }
+  #[inline]
+  pub fn add_cells(&mut self, cells: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<ReplicaCellRec<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReplicaRoundMsg::VT_CELLS, cells);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReplicaRoundMsgBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReplicaRoundMsgBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ReplicaRoundMsg<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ReplicaRoundMsg<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ReplicaRoundMsg");
+      ds.field("from", &self.from());
+      ds.field("seq", &self.seq());
+      ds.field("tick", &self.tick());
+      ds.field("full", &self.full());
+      ds.field("cells", &self.cells());
+      ds.finish()
+  }
+}
+pub enum ReplicaAckMsgOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ReplicaAckMsg<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ReplicaAckMsg<'a> {
+  type Inner = ReplicaAckMsg<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ReplicaAckMsg<'a> {
+  pub const VT_FROM: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SEQ: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ReplicaAckMsg { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReplicaAckMsgArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ReplicaAckMsg<'bldr>> {
+    let mut builder = ReplicaAckMsgBuilder::new(_fbb);
+    builder.add_seq(args.seq);
+    if let Some(x) = args.from { builder.add_from(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn from(&self) -> Option<&'a Sender> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Sender>(ReplicaAckMsg::VT_FROM, None)}
+  }
+  #[inline]
+  pub fn seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReplicaAckMsg::VT_SEQ, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ReplicaAckMsg<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<Sender>("from", Self::VT_FROM, false)?
+     .visit_field::<u64>("seq", Self::VT_SEQ, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReplicaAckMsgArgs<'a> {
+    pub from: Option<&'a Sender>,
+    pub seq: u64,
+}
+impl<'a> Default for ReplicaAckMsgArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReplicaAckMsgArgs {
+      from: None,
+      seq: 0,
+    }
+  }
+}
+
+pub struct ReplicaAckMsgBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReplicaAckMsgBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_from(&mut self, from: &Sender) {
+    self.fbb_.push_slot_always::<&Sender>(ReplicaAckMsg::VT_FROM, from);
+  }
+  #[inline]
+  pub fn add_seq(&mut self, seq: u64) {
+    self.fbb_.push_slot::<u64>(ReplicaAckMsg::VT_SEQ, seq, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReplicaAckMsgBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReplicaAckMsgBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ReplicaAckMsg<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ReplicaAckMsg<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ReplicaAckMsg");
+      ds.field("from", &self.from());
+      ds.field("seq", &self.seq());
+      ds.finish()
+  }
+}
+pub enum ReplicaResyncMsgOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// The backup cannot apply the next diff: send a full round.
+pub struct ReplicaResyncMsg<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ReplicaResyncMsg<'a> {
+  type Inner = ReplicaResyncMsg<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ReplicaResyncMsg<'a> {
+  pub const VT_FROM: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ReplicaResyncMsg { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReplicaResyncMsgArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ReplicaResyncMsg<'bldr>> {
+    let mut builder = ReplicaResyncMsgBuilder::new(_fbb);
+    if let Some(x) = args.from { builder.add_from(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn from(&self) -> Option<&'a Sender> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Sender>(ReplicaResyncMsg::VT_FROM, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ReplicaResyncMsg<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<Sender>("from", Self::VT_FROM, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReplicaResyncMsgArgs<'a> {
+    pub from: Option<&'a Sender>,
+}
+impl<'a> Default for ReplicaResyncMsgArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReplicaResyncMsgArgs {
+      from: None,
+    }
+  }
+}
+
+pub struct ReplicaResyncMsgBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReplicaResyncMsgBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_from(&mut self, from: &Sender) {
+    self.fbb_.push_slot_always::<&Sender>(ReplicaResyncMsg::VT_FROM, from);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReplicaResyncMsgBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReplicaResyncMsgBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ReplicaResyncMsg<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ReplicaResyncMsg<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ReplicaResyncMsg");
+      ds.field("from", &self.from());
+      ds.finish()
+  }
+}
+pub enum RestoredMsgOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// `cells` run again on `from`, restored from replicas of `tick`: send
+/// again the transfers kept for them.
+pub struct RestoredMsg<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for RestoredMsg<'a> {
+  type Inner = RestoredMsg<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> RestoredMsg<'a> {
+  pub const VT_FROM: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CELLS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_TICK: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    RestoredMsg { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args RestoredMsgArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<RestoredMsg<'bldr>> {
+    let mut builder = RestoredMsgBuilder::new(_fbb);
+    builder.add_tick(args.tick);
+    if let Some(x) = args.cells { builder.add_cells(x); }
+    if let Some(x) = args.from { builder.add_from(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn from(&self) -> Option<&'a Sender> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Sender>(RestoredMsg::VT_FROM, None)}
+  }
+  #[inline]
+  pub fn cells(&self) -> Option<::flatbuffers::Vector<'a, CellId>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, CellId>>>(RestoredMsg::VT_CELLS, None)}
+  }
+  #[inline]
+  pub fn tick(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(RestoredMsg::VT_TICK, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for RestoredMsg<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<Sender>("from", Self::VT_FROM, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellId>>>("cells", Self::VT_CELLS, false)?
+     .visit_field::<u64>("tick", Self::VT_TICK, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct RestoredMsgArgs<'a> {
+    pub from: Option<&'a Sender>,
+    pub cells: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellId>>>,
+    pub tick: u64,
+}
+impl<'a> Default for RestoredMsgArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    RestoredMsgArgs {
+      from: None,
+      cells: None,
+      tick: 0,
+    }
+  }
+}
+
+pub struct RestoredMsgBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RestoredMsgBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_from(&mut self, from: &Sender) {
+    self.fbb_.push_slot_always::<&Sender>(RestoredMsg::VT_FROM, from);
+  }
+  #[inline]
+  pub fn add_cells(&mut self, cells: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , CellId>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(RestoredMsg::VT_CELLS, cells);
+  }
+  #[inline]
+  pub fn add_tick(&mut self, tick: u64) {
+    self.fbb_.push_slot::<u64>(RestoredMsg::VT_TICK, tick, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RestoredMsgBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    RestoredMsgBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<RestoredMsg<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for RestoredMsg<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("RestoredMsg");
+      ds.field("from", &self.from());
+      ds.field("cells", &self.cells());
+      ds.field("tick", &self.tick());
+      ds.finish()
+  }
+}
 pub enum ShardFrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -12516,6 +13547,62 @@ impl<'a> ShardFrame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_replica_round_msg(&self) -> Option<ReplicaRoundMsg<'a>> {
+    if self.msg_type() == ShardMsg::ReplicaRoundMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { ReplicaRoundMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_replica_ack_msg(&self) -> Option<ReplicaAckMsg<'a>> {
+    if self.msg_type() == ShardMsg::ReplicaAckMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { ReplicaAckMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_replica_resync_msg(&self) -> Option<ReplicaResyncMsg<'a>> {
+    if self.msg_type() == ShardMsg::ReplicaResyncMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { ReplicaResyncMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_restored_msg(&self) -> Option<RestoredMsg<'a>> {
+    if self.msg_type() == ShardMsg::RestoredMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { RestoredMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for ShardFrame<'_> {
@@ -12534,6 +13621,10 @@ impl ::flatbuffers::Verifiable for ShardFrame<'_> {
           ShardMsg::RefuseMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<RefuseMsg>>("ShardMsg::RefuseMsg", pos),
           ShardMsg::DiffMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DiffMsg>>("ShardMsg::DiffMsg", pos),
           ShardMsg::PeerAbortMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PeerAbortMsg>>("ShardMsg::PeerAbortMsg", pos),
+          ShardMsg::ReplicaRoundMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ReplicaRoundMsg>>("ShardMsg::ReplicaRoundMsg", pos),
+          ShardMsg::ReplicaAckMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ReplicaAckMsg>>("ShardMsg::ReplicaAckMsg", pos),
+          ShardMsg::ReplicaResyncMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ReplicaResyncMsg>>("ShardMsg::ReplicaResyncMsg", pos),
+          ShardMsg::RestoredMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<RestoredMsg>>("ShardMsg::RestoredMsg", pos),
           _ => Ok(()),
         }
      })?
@@ -12640,6 +13731,34 @@ impl ::core::fmt::Debug for ShardFrame<'_> {
         },
         ShardMsg::PeerAbortMsg => {
           if let Some(x) = self.msg_as_peer_abort_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ShardMsg::ReplicaRoundMsg => {
+          if let Some(x) = self.msg_as_replica_round_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ShardMsg::ReplicaAckMsg => {
+          if let Some(x) = self.msg_as_replica_ack_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ShardMsg::ReplicaResyncMsg => {
+          if let Some(x) = self.msg_as_replica_resync_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ShardMsg::RestoredMsg => {
+          if let Some(x) = self.msg_as_restored_msg() {
             ds.field("msg", &x)
           } else {
             ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -13369,7 +14488,8 @@ impl ::core::fmt::Debug for Directory<'_> {
 pub enum RegistryRecOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-/// The registry, whole: layout (split cells) and every leaf's owner.
+/// The registry, whole: layout (split cells), every leaf's owner, and each
+/// owning shard's backup.
 pub struct RegistryRec<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
@@ -13388,6 +14508,7 @@ impl<'a> RegistryRec<'a> {
   pub const VT_GEOMETRY: ::flatbuffers::VOffsetT = 8;
   pub const VT_SPLIT: ::flatbuffers::VOffsetT = 10;
   pub const VT_CELLS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_BACKUPS: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -13400,6 +14521,7 @@ impl<'a> RegistryRec<'a> {
   ) -> ::flatbuffers::WIPOffset<RegistryRec<'bldr>> {
     let mut builder = RegistryRecBuilder::new(_fbb);
     builder.add_version(args.version);
+    if let Some(x) = args.backups { builder.add_backups(x); }
     if let Some(x) = args.cells { builder.add_cells(x); }
     if let Some(x) = args.split { builder.add_split(x); }
     if let Some(x) = args.geometry { builder.add_geometry(x); }
@@ -13443,6 +14565,13 @@ impl<'a> RegistryRec<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, CellAssignment>>>(RegistryRec::VT_CELLS, None)}
   }
+  #[inline]
+  pub fn backups(&self) -> Option<::flatbuffers::Vector<'a, BackupRec>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, BackupRec>>>(RegistryRec::VT_BACKUPS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for RegistryRec<'_> {
@@ -13456,6 +14585,7 @@ impl ::flatbuffers::Verifiable for RegistryRec<'_> {
      .visit_field::<GeometryRec>("geometry", Self::VT_GEOMETRY, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellId>>>("split", Self::VT_SPLIT, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellAssignment>>>("cells", Self::VT_CELLS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, BackupRec>>>("backups", Self::VT_BACKUPS, false)?
      .finish();
     Ok(())
   }
@@ -13466,6 +14596,7 @@ pub struct RegistryRecArgs<'a> {
     pub geometry: Option<&'a GeometryRec>,
     pub split: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellId>>>,
     pub cells: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellAssignment>>>,
+    pub backups: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, BackupRec>>>,
 }
 impl<'a> Default for RegistryRecArgs<'a> {
   #[inline]
@@ -13476,6 +14607,7 @@ impl<'a> Default for RegistryRecArgs<'a> {
       geometry: None,
       split: None,
       cells: None,
+      backups: None,
     }
   }
 }
@@ -13506,6 +14638,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RegistryRecBuilder<'a, 'b, A>
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(RegistryRec::VT_CELLS, cells);
   }
   #[inline]
+  pub fn add_backups(&mut self, backups: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , BackupRec>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(RegistryRec::VT_BACKUPS, backups);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RegistryRecBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     RegistryRecBuilder {
@@ -13528,6 +14664,7 @@ impl ::core::fmt::Debug for RegistryRec<'_> {
       ds.field("geometry", &self.geometry());
       ds.field("split", &self.split());
       ds.field("cells", &self.cells());
+      ds.field("backups", &self.backups());
       ds.finish()
   }
 }
@@ -14161,6 +15298,121 @@ impl ::core::fmt::Debug for MergeOrder<'_> {
     let mut ds = f.debug_struct("MergeOrder");
       ds.field("op", &self.op());
       ds.field("parent", &self.parent());
+      ds.finish()
+  }
+}
+pub enum PromoteOrderOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// To a backup: `from` is gone; run its `cells` (owner: the backup, at
+/// their new epochs) from the replicas held.
+pub struct PromoteOrder<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for PromoteOrder<'a> {
+  type Inner = PromoteOrder<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> PromoteOrder<'a> {
+  pub const VT_FROM: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CELLS: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    PromoteOrder { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PromoteOrderArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<PromoteOrder<'bldr>> {
+    let mut builder = PromoteOrderBuilder::new(_fbb);
+    if let Some(x) = args.cells { builder.add_cells(x); }
+    if let Some(x) = args.from { builder.add_from(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn from(&self) -> Option<&'a Sender> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Sender>(PromoteOrder::VT_FROM, None)}
+  }
+  #[inline]
+  pub fn cells(&self) -> Option<::flatbuffers::Vector<'a, CellAssignment>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, CellAssignment>>>(PromoteOrder::VT_CELLS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for PromoteOrder<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<Sender>("from", Self::VT_FROM, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellAssignment>>>("cells", Self::VT_CELLS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PromoteOrderArgs<'a> {
+    pub from: Option<&'a Sender>,
+    pub cells: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellAssignment>>>,
+}
+impl<'a> Default for PromoteOrderArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PromoteOrderArgs {
+      from: None,
+      cells: None,
+    }
+  }
+}
+
+pub struct PromoteOrderBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PromoteOrderBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_from(&mut self, from: &Sender) {
+    self.fbb_.push_slot_always::<&Sender>(PromoteOrder::VT_FROM, from);
+  }
+  #[inline]
+  pub fn add_cells(&mut self, cells: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , CellAssignment>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PromoteOrder::VT_CELLS, cells);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PromoteOrderBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PromoteOrderBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<PromoteOrder<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for PromoteOrder<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("PromoteOrder");
+      ds.field("from", &self.from());
+      ds.field("cells", &self.cells());
       ds.finish()
   }
 }
@@ -15187,6 +16439,190 @@ impl ::core::fmt::Debug for RefusedReport<'_> {
       ds.finish()
   }
 }
+pub enum PromotedReportOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// The backup runs the cells of `from` again: `missing` had no replica
+/// (they restart empty); the replicas were of `replica_tick`, promoted at
+/// `tick`.
+pub struct PromotedReport<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for PromotedReport<'a> {
+  type Inner = PromotedReport<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> PromotedReport<'a> {
+  pub const VT_FROM: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CELLS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_MISSING: ::flatbuffers::VOffsetT = 8;
+  pub const VT_REPLICA_TICK: ::flatbuffers::VOffsetT = 10;
+  pub const VT_TICK: ::flatbuffers::VOffsetT = 12;
+  pub const VT_ENTITIES: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    PromotedReport { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PromotedReportArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<PromotedReport<'bldr>> {
+    let mut builder = PromotedReportBuilder::new(_fbb);
+    builder.add_entities(args.entities);
+    builder.add_tick(args.tick);
+    builder.add_replica_tick(args.replica_tick);
+    if let Some(x) = args.missing { builder.add_missing(x); }
+    if let Some(x) = args.cells { builder.add_cells(x); }
+    if let Some(x) = args.from { builder.add_from(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn from(&self) -> Option<&'a Sender> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Sender>(PromotedReport::VT_FROM, None)}
+  }
+  #[inline]
+  pub fn cells(&self) -> Option<::flatbuffers::Vector<'a, CellId>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, CellId>>>(PromotedReport::VT_CELLS, None)}
+  }
+  #[inline]
+  pub fn missing(&self) -> Option<::flatbuffers::Vector<'a, CellId>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, CellId>>>(PromotedReport::VT_MISSING, None)}
+  }
+  #[inline]
+  pub fn replica_tick(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PromotedReport::VT_REPLICA_TICK, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn tick(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PromotedReport::VT_TICK, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn entities(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PromotedReport::VT_ENTITIES, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for PromotedReport<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<Sender>("from", Self::VT_FROM, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellId>>>("cells", Self::VT_CELLS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellId>>>("missing", Self::VT_MISSING, false)?
+     .visit_field::<u64>("replica_tick", Self::VT_REPLICA_TICK, false)?
+     .visit_field::<u64>("tick", Self::VT_TICK, false)?
+     .visit_field::<u64>("entities", Self::VT_ENTITIES, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PromotedReportArgs<'a> {
+    pub from: Option<&'a Sender>,
+    pub cells: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellId>>>,
+    pub missing: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellId>>>,
+    pub replica_tick: u64,
+    pub tick: u64,
+    pub entities: u64,
+}
+impl<'a> Default for PromotedReportArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PromotedReportArgs {
+      from: None,
+      cells: None,
+      missing: None,
+      replica_tick: 0,
+      tick: 0,
+      entities: 0,
+    }
+  }
+}
+
+pub struct PromotedReportBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PromotedReportBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_from(&mut self, from: &Sender) {
+    self.fbb_.push_slot_always::<&Sender>(PromotedReport::VT_FROM, from);
+  }
+  #[inline]
+  pub fn add_cells(&mut self, cells: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , CellId>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PromotedReport::VT_CELLS, cells);
+  }
+  #[inline]
+  pub fn add_missing(&mut self, missing: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , CellId>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PromotedReport::VT_MISSING, missing);
+  }
+  #[inline]
+  pub fn add_replica_tick(&mut self, replica_tick: u64) {
+    self.fbb_.push_slot::<u64>(PromotedReport::VT_REPLICA_TICK, replica_tick, 0);
+  }
+  #[inline]
+  pub fn add_tick(&mut self, tick: u64) {
+    self.fbb_.push_slot::<u64>(PromotedReport::VT_TICK, tick, 0);
+  }
+  #[inline]
+  pub fn add_entities(&mut self, entities: u64) {
+    self.fbb_.push_slot::<u64>(PromotedReport::VT_ENTITIES, entities, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PromotedReportBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PromotedReportBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<PromotedReport<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for PromotedReport<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("PromotedReport");
+      ds.field("from", &self.from());
+      ds.field("cells", &self.cells());
+      ds.field("missing", &self.missing());
+      ds.field("replica_tick", &self.replica_tick());
+      ds.field("tick", &self.tick());
+      ds.field("entities", &self.entities());
+      ds.finish()
+  }
+}
 pub enum LoadReportOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -15338,6 +16774,7 @@ impl<'a> Heartbeat<'a> {
   pub const VT_TICK: ::flatbuffers::VOffsetT = 4;
   pub const VT_SESSIONS: ::flatbuffers::VOffsetT = 6;
   pub const VT_ENTITIES: ::flatbuffers::VOffsetT = 8;
+  pub const VT_SEQ: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -15349,6 +16786,7 @@ impl<'a> Heartbeat<'a> {
     args: &'args HeartbeatArgs
   ) -> ::flatbuffers::WIPOffset<Heartbeat<'bldr>> {
     let mut builder = HeartbeatBuilder::new(_fbb);
+    builder.add_seq(args.seq);
     builder.add_tick(args.tick);
     builder.add_entities(args.entities);
     builder.add_sessions(args.sessions);
@@ -15377,6 +16815,14 @@ impl<'a> Heartbeat<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(Heartbeat::VT_ENTITIES, Some(0)).unwrap()}
   }
+  /// Numbers the heartbeats of one link (the answer names it).
+  #[inline]
+  pub fn seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Heartbeat::VT_SEQ, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Heartbeat<'_> {
@@ -15388,6 +16834,7 @@ impl ::flatbuffers::Verifiable for Heartbeat<'_> {
      .visit_field::<u64>("tick", Self::VT_TICK, false)?
      .visit_field::<u32>("sessions", Self::VT_SESSIONS, false)?
      .visit_field::<u32>("entities", Self::VT_ENTITIES, false)?
+     .visit_field::<u64>("seq", Self::VT_SEQ, false)?
      .finish();
     Ok(())
   }
@@ -15396,6 +16843,7 @@ pub struct HeartbeatArgs {
     pub tick: u64,
     pub sessions: u32,
     pub entities: u32,
+    pub seq: u64,
 }
 impl<'a> Default for HeartbeatArgs {
   #[inline]
@@ -15404,6 +16852,7 @@ impl<'a> Default for HeartbeatArgs {
       tick: 0,
       sessions: 0,
       entities: 0,
+      seq: 0,
     }
   }
 }
@@ -15426,6 +16875,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> HeartbeatBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<u32>(Heartbeat::VT_ENTITIES, entities, 0);
   }
   #[inline]
+  pub fn add_seq(&mut self, seq: u64) {
+    self.fbb_.push_slot::<u64>(Heartbeat::VT_SEQ, seq, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> HeartbeatBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     HeartbeatBuilder {
@@ -15446,6 +16899,122 @@ impl ::core::fmt::Debug for Heartbeat<'_> {
       ds.field("tick", &self.tick());
       ds.field("sessions", &self.sessions());
       ds.field("entities", &self.entities());
+      ds.field("seq", &self.seq());
+      ds.finish()
+  }
+}
+pub enum HeartbeatAckOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Coordinator -> shard: heartbeat `seq` arrived; the shard's lease runs
+/// `lease_ms` from when it sent that heartbeat.
+pub struct HeartbeatAck<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for HeartbeatAck<'a> {
+  type Inner = HeartbeatAck<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> HeartbeatAck<'a> {
+  pub const VT_SEQ: ::flatbuffers::VOffsetT = 4;
+  pub const VT_LEASE_MS: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    HeartbeatAck { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args HeartbeatAckArgs
+  ) -> ::flatbuffers::WIPOffset<HeartbeatAck<'bldr>> {
+    let mut builder = HeartbeatAckBuilder::new(_fbb);
+    builder.add_seq(args.seq);
+    builder.add_lease_ms(args.lease_ms);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(HeartbeatAck::VT_SEQ, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn lease_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(HeartbeatAck::VT_LEASE_MS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for HeartbeatAck<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("seq", Self::VT_SEQ, false)?
+     .visit_field::<u32>("lease_ms", Self::VT_LEASE_MS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct HeartbeatAckArgs {
+    pub seq: u64,
+    pub lease_ms: u32,
+}
+impl<'a> Default for HeartbeatAckArgs {
+  #[inline]
+  fn default() -> Self {
+    HeartbeatAckArgs {
+      seq: 0,
+      lease_ms: 0,
+    }
+  }
+}
+
+pub struct HeartbeatAckBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> HeartbeatAckBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_seq(&mut self, seq: u64) {
+    self.fbb_.push_slot::<u64>(HeartbeatAck::VT_SEQ, seq, 0);
+  }
+  #[inline]
+  pub fn add_lease_ms(&mut self, lease_ms: u32) {
+    self.fbb_.push_slot::<u32>(HeartbeatAck::VT_LEASE_MS, lease_ms, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> HeartbeatAckBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    HeartbeatAckBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<HeartbeatAck<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for HeartbeatAck<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("HeartbeatAck");
+      ds.field("seq", &self.seq());
+      ds.field("lease_ms", &self.lease_ms());
       ds.finish()
   }
 }
@@ -15773,6 +17342,48 @@ impl<'a> ControlFrame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_promote_order(&self) -> Option<PromoteOrder<'a>> {
+    if self.msg_type() == ControlMsg::PromoteOrder {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { PromoteOrder::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_promoted_report(&self) -> Option<PromotedReport<'a>> {
+    if self.msg_type() == ControlMsg::PromotedReport {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { PromotedReport::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_heartbeat_ack(&self) -> Option<HeartbeatAck<'a>> {
+    if self.msg_type() == ControlMsg::HeartbeatAck {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { HeartbeatAck::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for ControlFrame<'_> {
@@ -15803,6 +17414,9 @@ impl ::flatbuffers::Verifiable for ControlFrame<'_> {
           ControlMsg::RefusedReport => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<RefusedReport>>("ControlMsg::RefusedReport", pos),
           ControlMsg::LoadReport => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<LoadReport>>("ControlMsg::LoadReport", pos),
           ControlMsg::Heartbeat => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Heartbeat>>("ControlMsg::Heartbeat", pos),
+          ControlMsg::PromoteOrder => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PromoteOrder>>("ControlMsg::PromoteOrder", pos),
+          ControlMsg::PromotedReport => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PromotedReport>>("ControlMsg::PromotedReport", pos),
+          ControlMsg::HeartbeatAck => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<HeartbeatAck>>("ControlMsg::HeartbeatAck", pos),
           _ => Ok(()),
         }
      })?
@@ -15993,6 +17607,27 @@ impl ::core::fmt::Debug for ControlFrame<'_> {
         },
         ControlMsg::Heartbeat => {
           if let Some(x) = self.msg_as_heartbeat() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::PromoteOrder => {
+          if let Some(x) = self.msg_as_promote_order() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::PromotedReport => {
+          if let Some(x) = self.msg_as_promoted_report() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::HeartbeatAck => {
+          if let Some(x) = self.msg_as_heartbeat_ack() {
             ds.field("msg", &x)
           } else {
             ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
