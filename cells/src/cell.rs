@@ -18,6 +18,7 @@ use crate::ids::{ClientId, EntityId, IdAllocator, TickId};
 use crate::messages::{
     CellEnvelope, CellMessage, ClientOutput, ClientOutputKind, EntityTransfer, Output,
 };
+use crate::registry::ShardRef;
 use crate::rng::Rng;
 use crate::view::{AoiIndex, ClientView, ViewConfig, ViewScratch};
 use crate::world::WorldConfig;
@@ -605,7 +606,8 @@ impl<G: GameLogic> Cell<G> {
     /// nor has it waiting, nor saw it leave at or after its departure.
     pub fn accept_transfer(&mut self, t: Transfer<G>, config: &WorldConfig) {
         let id = t.entity.id;
-        if let Some(departed) = t.resent {
+        if t.resent {
+            let departed = t.departed;
             let left_since = self
                 .forwards
                 .get(&id)
@@ -627,7 +629,7 @@ impl<G: GameLogic> Cell<G> {
         // It came back: the copy kept of its departure is moot.
         self.retained.retain(|r| r.transfer.entity.id != id);
         let mut t = t;
-        t.resent = None;
+        t.resent = false;
         let q = QState::of(&t.entity, G::stats(&t.entity.game));
         self.ghost_sender
             .adopt(self.id, &t.ghost_holders, id, t.entity.version, q);
@@ -747,7 +749,8 @@ impl<G: GameLogic> Cell<G> {
             entity: e,
             jobs,
             ghost_holders: holders,
-            resent: None,
+            departed: tick,
+            resent: false,
         })
     }
 
@@ -1043,6 +1046,9 @@ pub struct Retained<G: GameLogic> {
     pub departed: TickId,
     /// The cell it was sent to.
     pub to: CellId,
+    /// The shard that sent it (if that shard is lost, the transfer may
+    /// have been lost with it).
+    pub sent_by: ShardRef,
     /// A copy of the transfer.
     pub transfer: Transfer<G>,
 }
@@ -1052,6 +1058,7 @@ impl<G: GameLogic> Clone for Retained<G> {
         Self {
             departed: self.departed,
             to: self.to,
+            sent_by: self.sent_by,
             transfer: self.transfer.clone(),
         }
     }
@@ -1059,7 +1066,10 @@ impl<G: GameLogic> Clone for Retained<G> {
 
 impl<G: GameLogic> PartialEq for Retained<G> {
     fn eq(&self, o: &Self) -> bool {
-        self.departed == o.departed && self.to == o.to && self.transfer == o.transfer
+        self.departed == o.departed
+            && self.to == o.to
+            && self.sent_by == o.sent_by
+            && self.transfer == o.transfer
     }
 }
 
@@ -1405,23 +1415,34 @@ impl<G: GameLogic> Cell<G> {
     }
 
     /// Keeps a copy of a transfer this cell sent to another shard.
-    pub fn retain_transfer(&mut self, departed: TickId, to: CellId, transfer: Transfer<G>) {
+    pub fn retain_transfer(
+        &mut self,
+        departed: TickId,
+        to: CellId,
+        sent_by: ShardRef,
+        transfer: Transfer<G>,
+    ) {
         self.retained.push(Retained {
             departed,
             to,
+            sent_by,
             transfer,
         });
     }
 
-    /// The transfers kept, for cells restored from replicas: copies marked
-    /// as sent again.
-    pub fn resend_for(&self, restored: impl Fn(CellId) -> bool) -> Vec<(CellId, Transfer<G>)> {
+    /// The transfers kept that `lost(sent_by, to)` says may be lost (their
+    /// destination was restored from a replica, or their sender lost):
+    /// copies marked as sent again.
+    pub fn resend_for(
+        &self,
+        lost: impl Fn(ShardRef, CellId) -> bool,
+    ) -> Vec<(CellId, Transfer<G>)> {
         self.retained
             .iter()
-            .filter(|r| restored(r.to))
+            .filter(|r| lost(r.sent_by, r.to))
             .map(|r| {
                 let mut t = r.transfer.clone();
-                t.resent = Some(r.departed);
+                t.resent = true;
                 (r.to, t)
             })
             .collect()

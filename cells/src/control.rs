@@ -88,6 +88,19 @@ pub enum Order {
         /// The cell the children become again.
         parent: CellId,
     },
+    /// To the source of handover `id`, whose target was lost before its
+    /// backup held the cell: run the frozen copy again, at `epoch` (the
+    /// registry names the source again).
+    Reclaim {
+        /// The handover.
+        id: HandoverId,
+        /// The cell.
+        cell: CellId,
+        /// Its new epoch.
+        epoch: u32,
+        /// The lost target.
+        lost: ShardRef,
+    },
     /// To a backup shard: shard `from` is gone (its lease expired); run
     /// `cells` again from the replicas held of them, each at its new epoch
     /// (the registry already names this shard).
@@ -109,6 +122,7 @@ impl Order {
             Order::Split { .. } => "split",
             Order::Merge { .. } => "merge",
             Order::Promote { .. } => "promote",
+            Order::Reclaim { .. } => "reclaim",
         }
     }
 }
@@ -252,6 +266,15 @@ pub enum Report {
     },
     /// The target runs the cell after the commit.
     Activated {
+        /// The handover.
+        id: HandoverId,
+        /// The cell.
+        cell: CellId,
+    },
+    /// The target's backup holds the activated cell (sent right after
+    /// `Activated` when the target has no backup): the source may drop its
+    /// frozen copy.
+    Durable {
         /// The handover.
         id: HandoverId,
         /// The cell.

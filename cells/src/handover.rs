@@ -207,6 +207,7 @@ impl<G: GameLogic> HandoverAgent<G> {
                     self.stale("promote order", cell);
                 }
             }
+            Order::Reclaim { cell, .. } => self.stale("reclaim order", cell),
         }
         out
     }
@@ -448,6 +449,28 @@ impl<G: GameLogic> HandoverAgent<G> {
         if !known {
             self.stale("abort", cell);
         }
+    }
+
+    /// Takes back a cell this shard was handing over to a shard that was
+    /// lost (the coordinator gave it back): unfrozen, the inputs it had
+    /// buffered first again, nothing sent to the lost side.
+    pub fn reclaim(&mut self, world: &mut ShardWorld<G>, id: HandoverId, cell: CellId) -> bool {
+        if self.sources.get(&cell).is_none_or(|op| op.id != id) {
+            self.stale("reclaim", cell);
+            return false;
+        }
+        let Some(op) = self.sources.remove(&cell) else {
+            return false;
+        };
+        if let SourceState::Frozen { moved, .. } = op.state {
+            if let Some(c) = world.cell_mut(cell) {
+                c.restore_inputs(moved);
+            }
+            world.unfreeze(cell);
+        }
+        self.counters.aborted += 1;
+        tracing::warn!(shard = %self.shard, %cell, handover = op.id.0, to = %op.to, "handover target lost before its backup held the cell: taken back");
+        true
     }
 
     fn abort_source(

@@ -194,11 +194,13 @@ pub struct EntityTransfer<C> {
     pub jobs: Vec<Job>,
     /// Neighbours of the new owner that already hold a ghost of it.
     pub ghost_holders: Vec<CellId>,
-    /// None for a first send. For a copy sent again after a cell was
-    /// restored from its replica: the tick the entity departed. The
-    /// receiver takes such a copy only if it neither owns the entity nor
-    /// saw it leave since.
-    pub resent: Option<TickId>,
+    /// The tick the entity left its previous cell.
+    pub departed: TickId,
+    /// A copy sent again after a cell was restored from its replica (or
+    /// found in a cell dropped after a restore elsewhere): the receiver
+    /// takes it only if it neither owns the entity nor saw it leave since
+    /// `departed`.
+    pub resent: bool,
 }
 
 /// A message addressed to a cell.

@@ -76,12 +76,14 @@ pub enum ReplicaMsg<G: GameLogic> {
         /// The backup.
         from: ShardRef,
     },
-    /// Promoted backup -> every shard: `cells` run on `from` again,
-    /// restored from replicas of `tick`: send again the transfers kept for
-    /// them.
+    /// Promoted backup -> every shard: shard `lost` is gone and its `cells`
+    /// run on `from` again, restored from replicas of `tick`: send again
+    /// the transfers kept for them, and those `lost` transmitted.
     Restored {
         /// The shard now running them.
         from: ShardRef,
+        /// The lost shard.
+        lost: ShardRef,
         /// The restored cells.
         cells: Vec<CellId>,
         /// The tick their replicas were taken at.
@@ -118,7 +120,9 @@ impl<G: GameLogic> std::fmt::Debug for ReplicaMsg<G> {
             ),
             ReplicaMsg::Ack { from, seq } => write!(f, "Replica::Ack(from {from}, seq {seq})"),
             ReplicaMsg::Resync { from } => write!(f, "Replica::Resync(from {from})"),
-            ReplicaMsg::Restored { from, cells, tick } => write!(
+            ReplicaMsg::Restored {
+                from, cells, tick, ..
+            } => write!(
                 f,
                 "Replica::Restored(from {from}, {} cells, tick {})",
                 cells.len(),
@@ -365,6 +369,7 @@ impl<G: GameLogic> ReplicaStore<G> {
                 }
                 (ReplicaBody::Diff(_), None) => {
                     counters.resyncs += 1;
+
                     return Some(ReplicaMsg::Resync { from: self.me });
                 }
             };
@@ -389,6 +394,15 @@ impl<G: GameLogic> ReplicaStore<G> {
         s.cells
             .remove(&cell)
             .map(|(_, state)| Promotion { state, tick })
+    }
+
+    /// Takes every replica left of `from` (after its promoted cells were
+    /// taken), and forgets it.
+    pub fn take_all(&mut self, from: ShardRef) -> Vec<CellState<G>> {
+        self.sources
+            .remove(&from)
+            .map(|s| s.cells.into_values().map(|(_, st)| st).collect())
+            .unwrap_or_default()
     }
 
     /// The tick of the newest round applied from `from`.

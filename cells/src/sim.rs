@@ -227,6 +227,16 @@ impl<T> SimNet<T> {
         (wire, buffered)
     }
 
+    /// Drops every message on the links `cut` names (from, to): a node
+    /// that crashed neither receives nor retransmits anything more.
+    pub fn purge(&mut self, cut: impl Fn(usize, usize) -> bool) {
+        for (link, p) in self.pending.iter_mut() {
+            if cut(link.0, link.1) {
+                p.clear();
+            }
+        }
+    }
+
     /// True when nothing is in flight.
     pub fn is_idle(&self) -> bool {
         self.pending.values().all(|p| p.is_empty())
@@ -328,6 +338,14 @@ pub struct HarnessConfig {
     /// Chance per input that a random walker attacks an entity it sees
     /// (which also locks it in its view beyond distance).
     pub attack_chance: f64,
+    /// Clients' sessions only on node 0's shards (a gateway that survives
+    /// the compute nodes' crashes).
+    pub sessions_on_node0: bool,
+    /// Nodes crash and get cut off: every tick, check only that no entity
+    /// is owned by two cells (while a node is lost, its entities are in its
+    /// replicas and in transfers kept to be sent again; the test checks
+    /// that each is back exactly once after the recovery).
+    pub node_faults: bool,
 }
 
 impl HarnessConfig {
@@ -348,6 +366,8 @@ impl HarnessConfig {
             check_views: false,
             check_ownership: true,
             attack_chance: 0.0,
+            sessions_on_node0: false,
+            node_faults: false,
         }
     }
 }
@@ -414,6 +434,10 @@ pub struct Harness {
     writers: BTreeMap<(usize, usize), BundleWriter>,
     cluster: ClusterCounters,
     control_seq: u64,
+    /// Cores of crashed nodes: they neither tick nor receive.
+    down: BTreeSet<usize>,
+    /// Nodes cut from the coordinator: no registry, no orders, no reports.
+    cut: BTreeSet<u16>,
 }
 
 /// The shard of core `i` when each node runs `per_node` shards.
@@ -484,6 +508,8 @@ impl Harness {
             writers: BTreeMap::new(),
             cluster: ClusterCounters::default(),
             control_seq: 0,
+            down: BTreeSet::new(),
+            cut: BTreeSet::new(),
             config,
         };
         for _ in 0..h.config.clients {
@@ -496,7 +522,12 @@ impl Harness {
     /// the game's spawn point, or at `spawn`). Returns its index.
     pub fn add_client(&mut self, behavior: Behavior, spawn: Option<Vec2>) -> usize {
         let i = self.clients.len();
-        let gateway = i % self.cores.len();
+        let gateways = if self.config.sessions_on_node0 {
+            self.per_node
+        } else {
+            self.cores.len()
+        };
+        let gateway = i % gateways;
         let connection = ConnectionKey(i as u64 + 1);
         let id = self.cores[gateway].handle_connected(connection);
         self.by_id.insert(id, i);
@@ -594,6 +625,9 @@ impl Harness {
                 NodeOutput::Disconnect { .. } => {}
                 NodeOutput::Shard { to, msg } => {
                     let dest = self.index_of(to);
+                    if self.down.contains(&dest) {
+                        continue;
+                    }
                     let me = self.shard_ref(s);
                     if to.node == me.node {
                         self.net.send(s, dest, Wire::Shard(msg), now);
@@ -604,6 +638,9 @@ impl Harness {
                 NodeOutput::Coordinator(report) => {
                     let n = self.cores.len();
                     let me = self.shard_ref(s);
+                    if self.cut.contains(&me.node) {
+                        continue;
+                    }
                     let report = self.through_control(me, ControlMsg::Report(report));
                     if let Some(ControlMsg::Report(report)) = report {
                         self.net.send(s, n, Wire::Report(me, report), now);
@@ -748,11 +785,68 @@ impl Harness {
 
     /// The coordinator publishes a registry: every core takes it at once
     /// (as a node's shards do; orders travel the network and arrive later).
+    /// Nodes cut from the coordinator (and crashed ones) do not get it.
     pub fn set_registry(&mut self, registry: Arc<Registry>) {
-        for core in &mut self.cores {
+        for (i, core) in self.cores.iter_mut().enumerate() {
+            let node = shard_ref_of(i, self.per_node).node;
+            if self.down.contains(&i) || self.cut.contains(&node) {
+                continue;
+            }
             core.handle_registry(registry.clone());
         }
         self.registry = registry;
+    }
+
+    /// Node `node` crashes: its shards stop, everything on its links is
+    /// lost, its sessions' clients are gone.
+    pub fn crash_node(&mut self, node: u16) {
+        let per_node = self.per_node;
+        let cores: BTreeSet<usize> = (0..self.cores.len())
+            .filter(|i| shard_ref_of(*i, per_node).node == node)
+            .collect();
+        self.net
+            .purge(|a, b| cores.contains(&a) || cores.contains(&b));
+        for i in 0..self.clients.len() {
+            if cores.contains(&self.clients[i].gateway) && !self.clients[i].gone {
+                self.clients[i].gone = true;
+                if let Some(e) = self.clients[i].entity {
+                    self.known.remove(&e);
+                }
+            }
+        }
+        self.down.extend(cores);
+    }
+
+    /// True if core `s` crashed.
+    pub fn is_down(&self, s: usize) -> bool {
+        self.down.contains(&s)
+    }
+
+    /// Cuts (or heals) the links between node `node` and the coordinator;
+    /// shard-to-shard links stay. A healed node gets the current registry.
+    pub fn cut_from_coordinator(&mut self, node: u16, cut: bool) {
+        if cut {
+            self.cut.insert(node);
+            return;
+        }
+        if self.cut.remove(&node) {
+            let registry = self.registry.clone();
+            for i in 0..self.cores.len() {
+                if shard_ref_of(i, self.per_node).node == node && !self.down.contains(&i) {
+                    self.cores[i].handle_registry(registry.clone());
+                    self.process_outputs(i);
+                }
+            }
+        }
+    }
+
+    /// The driver's lease verdict for every shard of `node`.
+    pub fn set_fenced(&mut self, node: u16, fenced: bool) {
+        for i in 0..self.cores.len() {
+            if shard_ref_of(i, self.per_node).node == node && !self.down.contains(&i) {
+                self.cores[i].set_fenced(fenced);
+            }
+        }
     }
 
     /// Sends an order from the coordinator to a shard.
@@ -769,6 +863,9 @@ impl Harness {
             return;
         };
         let dest = self.index_of(to);
+        if self.down.contains(&dest) || self.cut.contains(&to.node) {
+            return;
+        }
         self.net
             .send(from, dest, Wire::Shard(ShardMsg::Order(order)), now);
     }
@@ -852,6 +949,9 @@ impl Harness {
         self.tick += 1;
         let now = self.tick;
         for (to, msg) in self.net.deliver(now) {
+            if self.down.contains(&to) {
+                continue;
+            }
             match msg {
                 Wire::Shard(msg) => {
                     self.cores[to].handle_message(msg);
@@ -881,6 +981,9 @@ impl Harness {
             self.client_act(i);
         }
         for s in 0..self.cores.len() {
+            if self.down.contains(&s) {
+                continue;
+            }
             self.cores[s].tick(TickId(now));
             self.process_outputs(s);
             self.record_truth(s);
@@ -1070,6 +1173,9 @@ impl Harness {
         let mut live: BTreeMap<CellId, usize> = BTreeMap::new();
         let mut problems = Vec::new();
         for (s, core) in self.cores.iter().enumerate() {
+            if self.down.contains(&s) {
+                continue;
+            }
             let world = core.world();
             for cell in world.cells().map(|c| c.id()) {
                 if world.is_frozen(cell) {
@@ -1109,15 +1215,17 @@ impl Harness {
                 if !authoritative {
                     // A frozen source that lost authority keeps what arrived
                     // after its diff until it releases the cell.
-                    if world.is_frozen(cell.id()) {
+                    if world.is_frozen(cell.id()) && !self.config.node_faults {
                         for id in cell.queued_transfers() {
                             *count.entry(id).or_default() += 1;
                         }
                     }
                     continue;
                 }
-                for id in cell.queued_transfers() {
-                    *count.entry(id).or_default() += 1;
+                if !self.config.node_faults {
+                    for id in cell.queued_transfers() {
+                        *count.entry(id).or_default() += 1;
+                    }
                 }
                 for e in cell.entities().iter() {
                     *count.entry(e.id).or_default() += 1;
@@ -1149,18 +1257,29 @@ impl Harness {
                 }
             }
         }
-        for msg in self.net.in_flight() {
-            if let Some(ShardMsg::Cell(CellEnvelope {
-                msg: CellMessage::Transfer(t),
-                ..
-            })) = msg.shard()
-            {
-                *count.entry(t.entity.id).or_default() += 1;
+        if !self.config.node_faults {
+            for msg in self.net.in_flight() {
+                if let Some(ShardMsg::Cell(CellEnvelope {
+                    msg: CellMessage::Transfer(t),
+                    ..
+                })) = msg.shard()
+                {
+                    *count.entry(t.entity.id).or_default() += 1;
+                }
+            }
+            for core in &self.cores {
+                for env in core.held_transfers() {
+                    if let CellMessage::Transfer(t) = &env.msg {
+                        *count.entry(t.entity.id).or_default() += 1;
+                    }
+                }
             }
         }
+        let faults = self.config.node_faults;
         for id in &self.known {
             match count.get(id).copied().unwrap_or(0) {
                 1 => {}
+                0 if faults => {}
                 n if problems.len() < 3 => {
                     let traces = self.traces(*id);
                     let cells: Vec<String> = traces
@@ -1284,6 +1403,9 @@ impl Harness {
         &crate::entity::Entity<crate::demo::DemoComponents>,
     )> {
         for (s, core) in self.cores.iter().enumerate() {
+            if self.down.contains(&s) {
+                continue;
+            }
             for c in core.world().cells() {
                 if let Some(e) = c.entities().get(id) {
                     return Some((s, c.id(), e));
@@ -1308,10 +1430,18 @@ impl Harness {
                 _ => None,
             })
             .collect();
-        for core in &self.cores {
+        for (s, core) in self.cores.iter().enumerate() {
+            if self.down.contains(&s) {
+                continue;
+            }
             for c in core.world().cells() {
                 carried.extend(c.entities().iter().map(|e| e.id));
                 carried.extend(c.queued_transfers());
+            }
+            for env in core.held_transfers() {
+                if let CellMessage::Transfer(t) = &env.msg {
+                    carried.insert(t.entity.id);
+                }
             }
         }
         self.known
@@ -1333,6 +1463,9 @@ impl Harness {
     pub fn traces(&self, id: EntityId) -> Vec<String> {
         let mut out = Vec::new();
         for (s, core) in self.cores.iter().enumerate() {
+            if self.down.contains(&s) {
+                out.push(format!("(shard {s} is down)"));
+            }
             let world = core.world();
             for c in world.cells() {
                 if c.entities().contains(id) {
@@ -1347,6 +1480,25 @@ impl Harness {
                 }
                 if c.ghosts().get(id).is_some() {
                     out.push(format!("ghost in {} on shard {s}", c.id()));
+                }
+                for (to, t) in c.resend_for(|_, _| true) {
+                    if t.entity.id == id {
+                        out.push(format!(
+                            "kept by {} on shard {s} (sent to {to} at tick {})",
+                            c.id(),
+                            t.departed.0
+                        ));
+                    }
+                }
+            }
+            for env in core.held_transfers() {
+                if matches!(&env.msg, CellMessage::Transfer(t) if t.entity.id == id) {
+                    out.push(format!("held on shard {s} for {}", env.to));
+                }
+            }
+            for (from, cell, e) in core.replicas().entities() {
+                if e == id {
+                    out.push(format!("in the replica of {cell} ({from}) on shard {s}"));
                 }
             }
             for (cell, e) in core.agent().shadow_entities() {

@@ -37,8 +37,11 @@ pub struct WorldConfig {
     /// inputs reach the new owner at once: wait that long.
     pub orphan_ticks: u64,
     /// How long a cell keeps a copy of a transfer to another shard, in
-    /// ticks (sent again if either end is restored from a replica): longer
-    /// than a node's loss takes to detect and recover from.
+    /// ticks from its departure (sent again if either end is restored from
+    /// a replica): longer than the transfer may wait for its replication
+    /// plus a node's loss takes to detect and recover from; at most
+    /// `forward_ticks` (a receiver recognises a copy it already had by its
+    /// forward pointer).
     pub retain_ticks: u64,
     /// Seed of every generator.
     pub seed: u64,
@@ -55,7 +58,7 @@ impl Default for WorldConfig {
             input_reorder_ticks: 10,
             input_reorder_max: 32,
             orphan_ticks: 100,
-            retain_ticks: 80,
+            retain_ticks: 200,
             seed: 1,
         }
     }

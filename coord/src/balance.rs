@@ -136,6 +136,8 @@ struct MoveOp {
     entities: usize,
     committed: Option<(Instant, u32)>,
     activated: bool,
+    /// The target's backup holds the cell: the source may let go.
+    durable: bool,
     cause: &'static str,
 }
 
@@ -298,13 +300,62 @@ impl Coordinator {
             .collect()
     }
 
-    /// Aborts a handover that has not committed; one that has is left to
-    /// finish (its target runs the cell, or will be recovered itself).
-    pub(crate) fn abort_move(&mut self, now: Instant, id: HandoverId, reason: AbortReason) {
-        if self.moves.get(&id).is_some_and(|m| m.committed.is_none()) {
-            self.abort(now, id, reason);
-        } else {
-            self.moves.remove(&id);
+    /// Settles a handover one side of which was declared dead: one that
+    /// has not committed is aborted (the source keeps the cell); one
+    /// committed to a lost target whose backup did not hold the cell yet
+    /// stays until the target's lease ends ([`Self::reclaim_lost_moves`]);
+    /// otherwise the target runs the cell, or its backup will.
+    pub(crate) fn settle_lost_move(
+        &mut self,
+        now: Instant,
+        id: HandoverId,
+        lost: &BTreeSet<ShardRef>,
+    ) {
+        let Some(m) = self.moves.get(&id).cloned() else {
+            return;
+        };
+        match m.committed {
+            None => self.abort(now, id, AbortReason::Timeout),
+            Some(_) if !m.durable && lost.contains(&m.to) && !lost.contains(&m.from) => {}
+            Some(_) => {
+                self.moves.remove(&id);
+            }
+        }
+    }
+
+    /// The lease of `node` ended: each cell committed to one of its shards
+    /// but not yet held by that shard's backup goes back to its source,
+    /// which still holds the whole frozen cell (epoch + 1).
+    pub(crate) fn reclaim_lost_moves(&mut self, node: u16) {
+        let ids: Vec<HandoverId> = self
+            .moves
+            .iter()
+            .filter(|(_, m)| m.to.node == node && m.committed.is_some() && !m.durable)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let Some(m) = self.moves.remove(&id) else {
+                continue;
+            };
+            let epoch = self.registry.get(m.cell).map_or(m.epoch, |a| a.epoch) + 1;
+            match self.registry.reassign(m.cell, m.from, epoch) {
+                Ok(()) => {
+                    self.note(format!(
+                        "handover {} of {}: its target {} was lost before its backup held the cell; back to {} (epoch {epoch})",
+                        id.0, m.cell, m.to, m.from
+                    ));
+                    self.orders.push_back((
+                        m.from,
+                        Order::Reclaim {
+                            id,
+                            cell: m.cell,
+                            epoch,
+                            lost: m.to,
+                        },
+                    ));
+                }
+                Err(e) => self.note(format!("handover {} of {}: {e}", id.0, m.cell)),
+            }
         }
     }
 
@@ -452,6 +503,7 @@ impl Coordinator {
                 entities: 0,
                 committed: None,
                 activated: false,
+                durable: false,
                 cause,
             },
         );
@@ -580,8 +632,9 @@ impl Coordinator {
             } => self.on_frozen(now, shard, id, cell, epoch, entities, repeat),
             Report::Prepared { id, cell, repeat } => self.on_prepared(now, shard, id, cell, repeat),
             Report::Activated { id, .. } => self.on_activated(now, id),
+            Report::Durable { id, .. } => self.on_durable(id),
             Report::Released { id, .. } => {
-                if self.moves.get(&id).is_some_and(|m| m.activated) {
+                if self.moves.get(&id).is_some_and(|m| m.durable) {
                     self.moves.remove(&id);
                     self.resume_merges(now);
                 }
@@ -643,7 +696,7 @@ impl Coordinator {
             m.frozen = Some(now);
             m.entities = entities;
         }
-        if let (Some((_, new_epoch)), true) = (m.committed, m.activated) {
+        if let (Some((_, new_epoch)), true) = (m.committed, m.durable) {
             // The release may have been lost: say it again.
             let commit = Order::Commit {
                 id,
@@ -723,12 +776,6 @@ impl Coordinator {
         m.activated = true;
         let (commit_at, epoch) = m.committed.unwrap_or((now, m.epoch));
         let m = m.clone();
-        let commit = Order::Commit {
-            id,
-            cell: m.cell,
-            epoch,
-        };
-        self.orders.push_back((m.from, commit));
         let record = HandoverRecord {
             id,
             cell: m.cell,
@@ -754,6 +801,28 @@ impl Coordinator {
             record.freeze.map_or(0.0, |f| f.as_secs_f64() * 1e3)
         ));
         self.records.push_back(record);
+    }
+
+    /// The target's backup holds the activated cell: the source lets go of
+    /// its frozen copy (until then it is the copy a lost target's cell
+    /// comes back from).
+    fn on_durable(&mut self, id: HandoverId) {
+        let Some(m) = self.moves.get_mut(&id) else {
+            self.counters.stale_events += 1;
+            return;
+        };
+        if !m.activated || m.durable {
+            return;
+        }
+        m.durable = true;
+        let epoch = m.committed.map_or(m.epoch, |(_, e)| e);
+        let commit = Order::Commit {
+            id,
+            cell: m.cell,
+            epoch,
+        };
+        let from = m.from;
+        self.orders.push_back((from, commit));
     }
 
     /// A reshape report names what its shard did: an unknown one (ordered by
@@ -1395,6 +1464,7 @@ mod tests {
             };
             c.handle_report(now, to, prepared);
             c.handle_report(now, to, Report::Activated { id, cell });
+            c.handle_report(now, to, Report::Durable { id, cell });
             c.handle_report(
                 now,
                 from,
@@ -1493,6 +1563,7 @@ mod tests {
                         },
                     ),
                     (to, Report::Activated { id, cell }),
+                    (to, Report::Durable { id, cell }),
                     (
                         from,
                         Report::Released {

@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use tessera_cells::control::{AbortReason, Order};
+use tessera_cells::control::Order;
 use tessera_cells::ids::TickId;
 use tessera_cells::registry::ShardRef;
 use tessera_cells::CellId;
@@ -29,6 +29,8 @@ use crate::balance::Coordinator;
 pub struct NodeLiveness {
     /// The last heartbeat taken (or when the coordinator started watching).
     pub last_seen: Instant,
+    /// The node's tick in that heartbeat.
+    pub last_tick: TickId,
     /// Declared dead at.
     pub dead_since: Option<Instant>,
     /// Its cells were given to their backups.
@@ -50,7 +52,9 @@ pub struct FailoverRecord {
     pub lease_wait: Duration,
     /// Declared dead to the backup running them (None until reported).
     pub served: Option<Duration>,
-    /// Ticks of state lost (the promotion's tick minus the replicas' tick).
+    /// Ticks of state lost: the node's tick in its last heartbeat minus the
+    /// replicas' tick (the node may have run up to a heartbeat period
+    /// more).
     pub ticks_lost: Option<u64>,
     /// Cells that had no replica on the backup (restarted empty).
     pub missing: usize,
@@ -65,6 +69,7 @@ pub struct FailoverRecord {
 pub(crate) struct Pending {
     pub(crate) record: FailoverRecord,
     pub(crate) declared: Instant,
+    pub(crate) last_tick: TickId,
 }
 
 /// The liveness side of the coordinator's state.
@@ -77,16 +82,19 @@ pub(crate) struct Liveness {
 }
 
 impl Coordinator {
-    /// A heartbeat from `node` arrived at `now`: its lease runs on. A node
-    /// declared dead that speaks again is alive (its cells, if they were
-    /// recovered meanwhile, stay where they went: the registry tells it).
-    pub fn heartbeat(&mut self, now: Instant, node: u16) {
+    /// A heartbeat from `node`, sent at its tick `tick`, arrived at `now`:
+    /// its lease runs on. A node declared dead that speaks again is alive
+    /// (its cells, if they were recovered meanwhile, stay where they went:
+    /// the registry tells it).
+    pub fn heartbeat(&mut self, now: Instant, node: u16, tick: TickId) {
         let l = self.liveness.nodes.entry(node).or_insert(NodeLiveness {
             last_seen: now,
+            last_tick: tick,
             dead_since: None,
             recovered: false,
         });
         l.last_seen = l.last_seen.max(now);
+        l.last_tick = l.last_tick.max(tick);
         if l.dead_since.take().is_some() {
             let recovered = std::mem::take(&mut l.recovered);
             self.note(format!(
@@ -139,6 +147,7 @@ impl Coordinator {
             for node in owners.into_iter().chain(members) {
                 self.liveness.nodes.entry(node).or_insert(NodeLiveness {
                     last_seen: now,
+                    last_tick: TickId(0),
                     dead_since: None,
                     recovered: false,
                 });
@@ -181,7 +190,7 @@ impl Coordinator {
         // Handovers to or from it cannot finish.
         let ids = self.moves_involving(&shards);
         for id in ids {
-            self.abort_move(now, id, AbortReason::Timeout);
+            self.settle_lost_move(now, id, &shards);
         }
         self.drop_reshapes_of(&shards);
     }
@@ -193,11 +202,16 @@ impl Coordinator {
         };
         l.recovered = true;
         let l = *l;
+        self.reclaim_lost_moves(node);
         let declared = l.dead_since.unwrap_or(now);
+        // Shards that own cells, and those that own none but were
+        // replicated: their backup still holds what waited in them (a
+        // handover source's buffer) and must pass it on.
         let shards: BTreeSet<ShardRef> = self
             .registry()
             .iter()
             .map(|(_, a)| a.owner)
+            .chain(self.registry().backups().keys().copied())
             .filter(|s| s.node == node)
             .collect();
         for shard in shards {
@@ -213,6 +227,7 @@ impl Coordinator {
                 .filter(|b| !self.is_dead(b.node));
             let (to, from_replica) = match backup {
                 Some(b) => (b, true),
+                None if cells.is_empty() => continue,
                 None => match self.least_loaded_live(node) {
                     Some(s) => (s, false),
                     None => {
@@ -253,9 +268,14 @@ impl Coordinator {
                 entities: 0,
                 from_replica,
             };
-            self.liveness
-                .pending
-                .insert(shard, Pending { record, declared });
+            self.liveness.pending.insert(
+                shard,
+                Pending {
+                    record,
+                    declared,
+                    last_tick: l.last_tick,
+                },
+            );
             self.push_order(
                 to,
                 Order::Promote {
@@ -287,7 +307,9 @@ impl Coordinator {
             return;
         }
         p.record.served = Some(now.saturating_duration_since(p.declared));
-        p.record.ticks_lost = (replica_tick.0 > 0).then(|| tick.0.saturating_sub(replica_tick.0));
+        let _ = tick;
+        p.record.ticks_lost =
+            (replica_tick.0 > 0).then(|| p.last_tick.0.saturating_sub(replica_tick.0));
         p.record.missing = missing;
         p.record.entities = entities;
         self.note(format!(

@@ -135,6 +135,13 @@ pub struct NodeCore<G: GameLogic> {
     /// Transfers to other shards waiting for the replication round that
     /// covers their departure: (round, message).
     held: VecDeque<(u64, Envelope<G>)>,
+    /// Transfers this shard passed on for cells it no longer runs (a
+    /// released handover's buffered messages): kept like a cell keeps its
+    /// own departures, and sent again if their destination is restored.
+    passing: VecDeque<crate::cell::Retained<G>>,
+    /// Handovers activated here waiting for the round that carries their
+    /// cell to the backup: (round, handover, cell).
+    durable_after: VecDeque<(u64, crate::control::HandoverId, CellId)>,
     /// True while this shard's lease on its cells is not valid.
     fenced: bool,
     /// Cells frozen by the fence (not by a handover).
@@ -165,6 +172,8 @@ impl<G: GameLogic> NodeCore<G> {
             replicator: Replicator::new(me, REPLICATE_EVERY),
             replicas: ReplicaStore::new(me),
             held: VecDeque::new(),
+            passing: VecDeque::new(),
+            durable_after: VecDeque::new(),
             fenced: false,
             fence_frozen: BTreeSet::new(),
         }
@@ -356,28 +365,39 @@ impl<G: GameLogic> NodeCore<G> {
                 self.release_held();
             }
             ReplicaMsg::Resync { from } => self.replicator.on_resync(from),
-            ReplicaMsg::Restored { from, cells, tick } => {
-                let restored = |to: CellId| {
-                    cells
-                        .iter()
-                        .any(|c| *c == to || c.contains_cell(to) || to.contains_cell(*c))
-                };
-                let mut resend = Vec::new();
-                for cell in self.world.cells() {
-                    for (to, t) in cell.resend_for(restored) {
-                        resend.push((cell.id(), to, t));
-                    }
-                }
-                tracing::info!(shard = %self.me, %from, cells = cells.len(), replica_tick = tick.0, resent = resend.len(), "cells restored elsewhere: transfers kept for them sent again");
-                for (from_cell, to, t) in resend {
-                    self.replicator.counters_mut().transfers_resent += 1;
-                    self.send_transfer(CellEnvelope {
-                        to,
-                        from: from_cell,
-                        msg: CellMessage::Transfer(Box::new(t)),
-                    });
-                }
+            ReplicaMsg::Restored {
+                from,
+                lost,
+                cells,
+                tick,
+            } => {
+                let resent = self.resend_kept(lost, &cells, &[]);
+                tracing::info!(shard = %self.me, %from, %lost, cells = cells.len(), replica_tick = tick.0, resent,
+                    "a lost shard's cells restored: transfers kept for them, or sent by it, sent again");
             }
+        }
+    }
+
+    /// Tells every other shard that `cells` of the lost shard `lost` run
+    /// here again, from replicas of `tick`.
+    fn tell_restored(&mut self, lost: ShardRef, cells: Vec<CellId>, tick: TickId) {
+        let others: BTreeSet<ShardRef> = self
+            .router
+            .registry()
+            .iter()
+            .map(|(_, a)| a.owner)
+            .filter(|o| *o != self.me)
+            .collect();
+        for shard in others {
+            self.outputs.push_back(NodeOutput::Shard {
+                to: shard,
+                msg: ShardMsg::Replica(ReplicaMsg::Restored {
+                    from: self.me,
+                    lost,
+                    cells: cells.clone(),
+                    tick,
+                }),
+            });
         }
     }
 
@@ -394,6 +414,59 @@ impl<G: GameLogic> NodeCore<G> {
         self.held.push_back((seq, env));
     }
 
+    fn keep_passing(&mut self, to: CellId, msg: &crate::cell::Msg<G>) {
+        if self.replicator.backup().is_none() {
+            return;
+        }
+        if let CellMessage::Transfer(t) = msg {
+            self.passing.push_back(crate::cell::Retained {
+                departed: self.world.tick_id(),
+                to,
+                sent_by: self.me,
+                transfer: (**t).clone(),
+            });
+        }
+    }
+
+    /// Sends again (as copies the receiver takes only if new) every
+    /// transfer this shard keeps that shard `lost` transmitted or that went
+    /// to one of `cells` (restored from replicas, or lost buffers), except
+    /// those kept by the cells in `skip`. Returns how many.
+    fn resend_kept(&mut self, lost: ShardRef, cells: &[CellId], skip: &[CellId]) -> usize {
+        let hit = |sent_by: ShardRef, to: CellId| {
+            sent_by == lost
+                || cells
+                    .iter()
+                    .any(|c| *c == to || c.contains_cell(to) || to.contains_cell(*c))
+        };
+        let mut resend = Vec::new();
+        for cell in self.world.cells() {
+            if skip.contains(&cell.id()) {
+                continue;
+            }
+            resend.extend(
+                cell.resend_for(hit)
+                    .into_iter()
+                    .map(|(to, t)| (cell.id(), to, t)),
+            );
+        }
+        for r in self.passing.iter().filter(|r| hit(r.sent_by, r.to)) {
+            let mut t = r.transfer.clone();
+            t.resent = true;
+            resend.push((r.to, r.to, t));
+        }
+        let n = resend.len();
+        for (from_cell, to, t) in resend {
+            self.replicator.counters_mut().transfers_resent += 1;
+            self.send_transfer(CellEnvelope {
+                to,
+                from: from_cell,
+                msg: CellMessage::Transfer(Box::new(t)),
+            });
+        }
+        n
+    }
+
     fn release_held(&mut self) {
         let acked = if self.replicator.backup().is_some() {
             self.replicator.acked()
@@ -403,6 +476,14 @@ impl<G: GameLogic> NodeCore<G> {
         while self.held.front().is_some_and(|(seq, _)| *seq <= acked) {
             let (_, env) = self.held.pop_front().expect("checked");
             self.route_cell(env);
+        }
+        while self
+            .durable_after
+            .front()
+            .is_some_and(|(seq, ..)| *seq <= acked)
+        {
+            let (_, id, cell) = self.durable_after.pop_front().expect("checked");
+            self.report(Report::Durable { id, cell });
         }
     }
 
@@ -437,7 +518,6 @@ impl<G: GameLogic> NodeCore<G> {
                 self.fence_frozen.insert(cell);
             }
         }
-        self.replicas.forget(from);
         tracing::warn!(shard = %self.me, lost = %from, cells = restored.len(), missing = missing.len(), entities,
             replica_tick = replica_tick.0, tick = tick.0, "promoted the replicas of a lost shard");
         // What the lost shard had sent (or held) for other shards goes again;
@@ -446,10 +526,23 @@ impl<G: GameLogic> NodeCore<G> {
         for cell in &restored {
             if let Some(c) = self.world.cell(*cell) {
                 resend.extend(
-                    c.resend_for(|_| true)
+                    c.resend_for(|_, _| true)
                         .into_iter()
                         .map(|(to, t)| (*cell, to, t)),
                 );
+            }
+        }
+        // Transfers waiting in the lost shard's other cells (a handover
+        // source's buffer, forwarded after its commit) go again too, and
+        // their senders send what they kept for those cells.
+        let mut leftover = Vec::new();
+        for state in self.replicas.take_all(from) {
+            leftover.push(state.id);
+            for msg in state.input_queue {
+                if let CellMessage::Transfer(mut t) = msg {
+                    t.resent = true;
+                    resend.push((state.id, state.id, *t));
+                }
             }
         }
         for (from_cell, to, t) in resend {
@@ -460,24 +553,12 @@ impl<G: GameLogic> NodeCore<G> {
                 msg: CellMessage::Transfer(Box::new(t)),
             });
         }
-        let all: Vec<CellId> = restored.iter().chain(&missing).copied().collect();
-        let others: BTreeSet<ShardRef> = self
-            .router
-            .registry()
-            .iter()
-            .map(|(_, a)| a.owner)
-            .filter(|o| *o != self.me)
-            .collect();
-        for shard in others {
-            self.outputs.push_back(NodeOutput::Shard {
-                to: shard,
-                msg: ShardMsg::Replica(ReplicaMsg::Restored {
-                    from: self.me,
-                    cells: all.clone(),
-                    tick: replica_tick,
-                }),
-            });
-        }
+        // And what this shard's own cells sent the lost shard, or sent
+        // through it.
+        let mut all: Vec<CellId> = restored.iter().chain(&missing).copied().collect();
+        all.extend(leftover);
+        self.resend_kept(from, &all, &restored);
+        self.tell_restored(from, all, replica_tick);
         self.report(Report::Promoted {
             from,
             cells: restored,
@@ -525,11 +606,21 @@ impl<G: GameLogic> NodeCore<G> {
         let Some(mut c) = self.world.take_cell(cell) else {
             return;
         };
+        let keep: Vec<_> = c.take_inputs();
+        for msg in &keep {
+            self.keep_passing(cell, msg);
+        }
+        c.restore_inputs(keep);
         self.fence_frozen.remove(&cell);
         self.replicator.counters_mut().cells_superseded += 1;
         tracing::warn!(shard = %self.me, %cell, %owner, epoch, held_epoch = mine, entities = c.entities().len(),
             "cell restored elsewhere while this shard was cut off: dropped");
-        for msg in c.take_inputs() {
+        for mut msg in c.take_inputs() {
+            // The restored copy may have moved the entity on since: this
+            // one goes as a copy sent again, taken only if new.
+            if let CellMessage::Transfer(t) = &mut msg {
+                t.resent = true;
+            }
             self.route_cell(CellEnvelope {
                 to: cell,
                 from: cell,
@@ -549,6 +640,14 @@ impl<G: GameLogic> NodeCore<G> {
             // Cells that arrived while fenced (a handover's commit) wait too.
             self.freeze_for_fence();
         }
+        let keep = self.world.config().retain_ticks;
+        while self
+            .passing
+            .front()
+            .is_some_and(|r| r.departed.0.saturating_add(keep) < id.0)
+        {
+            self.passing.pop_front();
+        }
         self.world.tick(id);
         let produced: Vec<_> = self.world.drain_outbox().collect();
         let replicating = self.replicator.backup().is_some();
@@ -561,7 +660,7 @@ impl<G: GameLogic> NodeCore<G> {
                         if let (CellMessage::Transfer(t), Some(cell)) =
                             (&env.msg, self.world.cell_mut(env.from))
                         {
-                            cell.retain_transfer(id, env.to, (**t).clone());
+                            cell.retain_transfer(id, env.to, self.me, (**t).clone());
                         }
                         self.send_transfer(env);
                     } else {
@@ -645,6 +744,23 @@ impl<G: GameLogic> NodeCore<G> {
                 self.report(report);
             }
             Order::Promote { from, cells } => self.promote(from, cells),
+            Order::Reclaim {
+                id,
+                cell,
+                epoch,
+                lost,
+            } => {
+                if self.agent.reclaim(&mut self.world, id, cell) {
+                    self.world.set_epoch(cell, epoch);
+                    if self.fenced && self.world.freeze(cell) {
+                        self.fence_frozen.insert(cell);
+                    }
+                    // What was sent into the cell while the lost target ran
+                    // it comes again.
+                    self.resend_kept(lost, &[cell], &[cell]);
+                    self.tell_restored(lost, vec![cell], self.world.tick_id());
+                }
+            }
             handover => {
                 let outputs = self.agent.handle_order(&mut self.world, handover, tick);
                 self.agent_outputs(outputs);
@@ -675,10 +791,20 @@ impl<G: GameLogic> NodeCore<G> {
                     {
                         tracing::info!(shard = %self.me, %cell, epoch, tick = tick.0, entities, handover = id.0, "handover: frozen");
                     }
+                    let activated = match &r {
+                        Report::Activated { id, cell } => Some((*id, *cell)),
+                        _ => None,
+                    };
                     self.report(r);
+                    if let Some((id, cell)) = activated {
+                        let seq = self.replicator.covering_seq();
+                        self.durable_after.push_back((seq, id, cell));
+                        self.release_held();
+                    }
                 }
                 AgentOutput::Forward(cell, msgs) => {
                     for msg in msgs {
+                        self.keep_passing(cell, &msg);
                         self.route_cell(CellEnvelope {
                             to: cell,
                             from: cell,

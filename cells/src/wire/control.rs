@@ -327,6 +327,20 @@ pub fn encode_control(header: &ShardHeader, msg: &ControlMsg) -> Vec<u8> {
                     parent: Some(&cell_out(*parent)),
                 }
             ),
+            Order::Reclaim {
+                id,
+                cell,
+                epoch,
+                lost,
+            } => t!(
+                ReclaimOrder,
+                ReclaimOrderArgs {
+                    id: id.0,
+                    cell: Some(&cell_out(*cell)),
+                    epoch: *epoch,
+                    lost: Some(&shard_out(*lost)),
+                }
+            ),
             Order::Promote { from, cells } => {
                 let recs: Vec<_> = cells
                     .iter()
@@ -372,6 +386,13 @@ pub fn encode_control(header: &ShardHeader, msg: &ControlMsg) -> Vec<u8> {
             Report::Activated { id, cell } => t!(
                 ActivatedReport,
                 ActivatedReportArgs {
+                    id: id.0,
+                    cell: Some(&cell_out(*cell)),
+                }
+            ),
+            Report::Durable { id, cell } => t!(
+                DurableReport,
+                DurableReportArgs {
                     id: id.0,
                     cell: Some(&cell_out(*cell)),
                 }
@@ -652,6 +673,11 @@ pub fn decode_control(bytes: &[u8]) -> Result<(ShardHeader, ControlMsg), FrameEr
             id: HandoverId(m.id()),
             cell: cell(m.cell(), "activated.cell")?,
         })
+    } else if let Some(m) = f.msg_as_durable_report() {
+        ControlMsg::Report(Report::Durable {
+            id: HandoverId(m.id()),
+            cell: cell(m.cell(), "durable.cell")?,
+        })
     } else if let Some(m) = f.msg_as_released_report() {
         ControlMsg::Report(Report::Released {
             id: HandoverId(m.id()),
@@ -709,6 +735,13 @@ pub fn decode_control(bytes: &[u8]) -> Result<(ShardHeader, ControlMsg), FrameEr
             seq: m.seq(),
             lease_ms: m.lease_ms(),
         }
+    } else if let Some(m) = f.msg_as_reclaim_order() {
+        ControlMsg::Order(Order::Reclaim {
+            id: HandoverId(m.id()),
+            cell: cell(m.cell(), "reclaim.cell")?,
+            epoch: m.epoch(),
+            lost: shard_in(need(m.lost(), "reclaim.lost")?),
+        })
     } else if let Some(m) = f.msg_as_promote_order() {
         let mut cells = Vec::new();
         for a in m.cells().iter().flat_map(|v| v.iter()) {

@@ -400,13 +400,19 @@ fn replica_out<'a, G: GameLogic>(
             );
             (wire::ShardMsg::ReplicaResyncMsg, t.as_union_value())
         }
-        ReplicaMsg::Restored { from, cells, tick } => {
+        ReplicaMsg::Restored {
+            from,
+            lost,
+            cells,
+            tick,
+        } => {
             let cells: Vec<_> = cells.iter().map(|c| cell_out(*c)).collect();
             let cells = fbb.create_vector(&cells);
             let t = wire::RestoredMsg::create(
                 fbb,
                 &wire::RestoredMsgArgs {
                     from: Some(&shard_out(*from)),
+                    lost: Some(&shard_out(*lost)),
                     cells: Some(cells),
                     tick: tick.0,
                 },
@@ -525,6 +531,7 @@ fn frame_in<G: GameLogic>(
         }
         ShardMsg::Replica(ReplicaMsg::Restored {
             from: shard_in(need(m.from(), "restored.from")?),
+            lost: shard_in(need(m.lost(), "restored.lost")?),
             cells,
             tick: TickId(m.tick()),
         })

@@ -664,7 +664,8 @@ pub(crate) fn cell_msg_out<'a, G: GameLogic>(
                     entity: Some(entity),
                     jobs: Some(jobs),
                     ghost_holders: Some(holders),
-                    resent: t.resent.map_or(0, |t| t.0),
+                    departed: t.departed.0,
+                    resent: t.resent,
                 },
             );
             (wire::CellMsg::TransferMsg, t.as_union_value())
@@ -803,7 +804,8 @@ pub(crate) fn cell_msg_in<G: GameLogic>(p: CellMsgParts<'_>) -> Result<Msg<G>, F
             entity: entity_in::<G>(&m.entity())?,
             jobs: jobs_in(m.jobs()),
             ghost_holders: holders,
-            resent: (m.resent() != 0).then_some(TickId(m.resent())),
+            departed: TickId(m.departed()),
+            resent: m.resent(),
         })));
     }
     if let Some(m) = p.intent {
@@ -961,6 +963,7 @@ pub(crate) fn state_out<'a, G: GameLogic>(
                 fbb,
                 &wire::RetainedRecArgs {
                     to: Some(&cell_out(r.to)),
+                    sent_by: Some(&super::shard_out(r.sent_by)),
                     sent: Some(sent),
                 },
             )
@@ -1025,6 +1028,7 @@ pub(crate) fn state_in<G: GameLogic>(r: &wire::CellStateRec) -> Result<CellState
             Ok(crate::cell::Retained {
                 departed: TickId(q.tick()),
                 to: cell_in(need(rec.to(), "state.retained.to")?, "state.retained.to")?,
+                sent_by: super::shard_in(need(rec.sent_by(), "state.retained.sent_by")?),
                 transfer: *t,
             })
         })?,

@@ -269,6 +269,7 @@ fn replication_rounds_rebuild_the_cells_across_the_wire() {
         ShardMsg::Replica(ReplicaMsg::Resync { from: B }),
         ShardMsg::Replica(ReplicaMsg::Restored {
             from: B,
+            lost: A,
             cells: vec![CellId::root(0, 1, 1)],
             tick: TickId(70),
         }),
@@ -276,8 +277,8 @@ fn replication_rounds_rebuild_the_cells_across_the_wire() {
     assert_eq!(round_trip_small.len(), 3);
     assert!(matches!(
         &round_trip_small[2].1,
-        ShardMsg::Replica(ReplicaMsg::Restored { from, cells, tick })
-            if *from == B && cells == &vec![CellId::root(0, 1, 1)] && *tick == TickId(70)
+        ShardMsg::Replica(ReplicaMsg::Restored { from, lost, cells, tick })
+            if *from == B && *lost == A && cells == &vec![CellId::root(0, 1, 1)] && *tick == TickId(70)
     ));
 }
 
@@ -496,10 +497,20 @@ fn control_messages_cross_unchanged() {
             entities: 7,
             seq: 8,
         },
+        ControlMsg::Report(Report::Durable {
+            id: HandoverId(3),
+            cell,
+        }),
         ControlMsg::HeartbeatAck {
             seq: 8,
             lease_ms: 1000,
         },
+        ControlMsg::Order(Order::Reclaim {
+            id: HandoverId(12),
+            cell,
+            epoch: 7,
+            lost: B,
+        }),
         ControlMsg::Order(Order::Promote {
             from: A,
             cells: vec![(cell, 4), (CellId::root(0, 3, 1), 9)],

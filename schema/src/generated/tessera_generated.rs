@@ -1097,10 +1097,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for NodeRole {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_CONTROL_MSG: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_CONTROL_MSG: u8 = 22;
+pub const ENUM_MAX_CONTROL_MSG: u8 = 24;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_CONTROL_MSG: [ControlMsg; 23] = [
+pub const ENUM_VALUES_CONTROL_MSG: [ControlMsg; 25] = [
   ControlMsg::NONE,
   ControlMsg::Register,
   ControlMsg::CoordWelcome,
@@ -1124,6 +1124,8 @@ pub const ENUM_VALUES_CONTROL_MSG: [ControlMsg; 23] = [
   ControlMsg::PromoteOrder,
   ControlMsg::PromotedReport,
   ControlMsg::HeartbeatAck,
+  ControlMsg::DurableReport,
+  ControlMsg::ReclaimOrder,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -1154,9 +1156,11 @@ impl ControlMsg {
   pub const PromoteOrder: Self = Self(20);
   pub const PromotedReport: Self = Self(21);
   pub const HeartbeatAck: Self = Self(22);
+  pub const DurableReport: Self = Self(23);
+  pub const ReclaimOrder: Self = Self(24);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 22;
+  pub const ENUM_MAX: u8 = 24;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Register,
@@ -1181,6 +1185,8 @@ impl ControlMsg {
     Self::PromoteOrder,
     Self::PromotedReport,
     Self::HeartbeatAck,
+    Self::DurableReport,
+    Self::ReclaimOrder,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -1208,6 +1214,8 @@ impl ControlMsg {
       Self::PromoteOrder => Some("PromoteOrder"),
       Self::PromotedReport => Some("PromotedReport"),
       Self::HeartbeatAck => Some("HeartbeatAck"),
+      Self::DurableReport => Some("DurableReport"),
+      Self::ReclaimOrder => Some("ReclaimOrder"),
       _ => None,
     }
   }
@@ -9907,7 +9915,8 @@ impl<'a> TransferMsg<'a> {
   pub const VT_ENTITY: ::flatbuffers::VOffsetT = 4;
   pub const VT_JOBS: ::flatbuffers::VOffsetT = 6;
   pub const VT_GHOST_HOLDERS: ::flatbuffers::VOffsetT = 8;
-  pub const VT_RESENT: ::flatbuffers::VOffsetT = 10;
+  pub const VT_DEPARTED: ::flatbuffers::VOffsetT = 10;
+  pub const VT_RESENT: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -9919,10 +9928,11 @@ impl<'a> TransferMsg<'a> {
     args: &'args TransferMsgArgs<'args>
   ) -> ::flatbuffers::WIPOffset<TransferMsg<'bldr>> {
     let mut builder = TransferMsgBuilder::new(_fbb);
-    builder.add_resent(args.resent);
+    builder.add_departed(args.departed);
     if let Some(x) = args.ghost_holders { builder.add_ghost_holders(x); }
     if let Some(x) = args.jobs { builder.add_jobs(x); }
     if let Some(x) = args.entity { builder.add_entity(x); }
+    builder.add_resent(args.resent);
     builder.finish()
   }
 
@@ -9948,14 +9958,21 @@ impl<'a> TransferMsg<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, CellId>>>(TransferMsg::VT_GHOST_HOLDERS, None)}
   }
-  /// 0 for a first send; for a copy sent again after a cell was restored
-  /// from its replica, the tick the entity originally departed.
+  /// The tick the entity left its previous cell.
   #[inline]
-  pub fn resent(&self) -> u64 {
+  pub fn departed(&self) -> u64 {
     // Safety:
     // Created from valid Table for this object
     // which contains a valid value in this slot
-    unsafe { self._tab.get::<u64>(TransferMsg::VT_RESENT, Some(0)).unwrap()}
+    unsafe { self._tab.get::<u64>(TransferMsg::VT_DEPARTED, Some(0)).unwrap()}
+  }
+  /// A copy sent again after a restore: taken only if new to the receiver.
+  #[inline]
+  pub fn resent(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(TransferMsg::VT_RESENT, Some(false)).unwrap()}
   }
 }
 
@@ -9968,7 +9985,8 @@ impl ::flatbuffers::Verifiable for TransferMsg<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<EntityRec>>("entity", Self::VT_ENTITY, true)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, JobRec>>>("jobs", Self::VT_JOBS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellId>>>("ghost_holders", Self::VT_GHOST_HOLDERS, false)?
-     .visit_field::<u64>("resent", Self::VT_RESENT, false)?
+     .visit_field::<u64>("departed", Self::VT_DEPARTED, false)?
+     .visit_field::<bool>("resent", Self::VT_RESENT, false)?
      .finish();
     Ok(())
   }
@@ -9977,7 +9995,8 @@ pub struct TransferMsgArgs<'a> {
     pub entity: Option<::flatbuffers::WIPOffset<EntityRec<'a>>>,
     pub jobs: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, JobRec>>>,
     pub ghost_holders: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellId>>>,
-    pub resent: u64,
+    pub departed: u64,
+    pub resent: bool,
 }
 impl<'a> Default for TransferMsgArgs<'a> {
   #[inline]
@@ -9986,7 +10005,8 @@ impl<'a> Default for TransferMsgArgs<'a> {
       entity: None, // required field
       jobs: None,
       ghost_holders: None,
-      resent: 0,
+      departed: 0,
+      resent: false,
     }
   }
 }
@@ -10009,8 +10029,12 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TransferMsgBuilder<'a, 'b, A>
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(TransferMsg::VT_GHOST_HOLDERS, ghost_holders);
   }
   #[inline]
-  pub fn add_resent(&mut self, resent: u64) {
-    self.fbb_.push_slot::<u64>(TransferMsg::VT_RESENT, resent, 0);
+  pub fn add_departed(&mut self, departed: u64) {
+    self.fbb_.push_slot::<u64>(TransferMsg::VT_DEPARTED, departed, 0);
+  }
+  #[inline]
+  pub fn add_resent(&mut self, resent: bool) {
+    self.fbb_.push_slot::<bool>(TransferMsg::VT_RESENT, resent, false);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TransferMsgBuilder<'a, 'b, A> {
@@ -10034,6 +10058,7 @@ impl ::core::fmt::Debug for TransferMsg<'_> {
       ds.field("entity", &self.entity());
       ds.field("jobs", &self.jobs());
       ds.field("ghost_holders", &self.ghost_holders());
+      ds.field("departed", &self.departed());
       ds.field("resent", &self.resent());
       ds.finish()
   }
@@ -11593,7 +11618,8 @@ impl<'a> ::flatbuffers::Follow<'a> for RetainedRec<'a> {
 
 impl<'a> RetainedRec<'a> {
   pub const VT_TO: ::flatbuffers::VOffsetT = 4;
-  pub const VT_SENT: ::flatbuffers::VOffsetT = 6;
+  pub const VT_SENT_BY: ::flatbuffers::VOffsetT = 6;
+  pub const VT_SENT: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -11606,6 +11632,7 @@ impl<'a> RetainedRec<'a> {
   ) -> ::flatbuffers::WIPOffset<RetainedRec<'bldr>> {
     let mut builder = RetainedRecBuilder::new(_fbb);
     if let Some(x) = args.sent { builder.add_sent(x); }
+    if let Some(x) = args.sent_by { builder.add_sent_by(x); }
     if let Some(x) = args.to { builder.add_to(x); }
     builder.finish()
   }
@@ -11617,6 +11644,13 @@ impl<'a> RetainedRec<'a> {
     // Created from valid Table for this object
     // which contains a valid value in this slot
     unsafe { self._tab.get::<CellId>(RetainedRec::VT_TO, None)}
+  }
+  #[inline]
+  pub fn sent_by(&self) -> Option<&'a Sender> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Sender>(RetainedRec::VT_SENT_BY, None)}
   }
   #[inline]
   pub fn sent(&self) -> QueuedMsg<'a> {
@@ -11634,6 +11668,7 @@ impl ::flatbuffers::Verifiable for RetainedRec<'_> {
   ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
     v.visit_table(pos)?
      .visit_field::<CellId>("to", Self::VT_TO, false)?
+     .visit_field::<Sender>("sent_by", Self::VT_SENT_BY, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<QueuedMsg>>("sent", Self::VT_SENT, true)?
      .finish();
     Ok(())
@@ -11641,6 +11676,7 @@ impl ::flatbuffers::Verifiable for RetainedRec<'_> {
 }
 pub struct RetainedRecArgs<'a> {
     pub to: Option<&'a CellId>,
+    pub sent_by: Option<&'a Sender>,
     pub sent: Option<::flatbuffers::WIPOffset<QueuedMsg<'a>>>,
 }
 impl<'a> Default for RetainedRecArgs<'a> {
@@ -11648,6 +11684,7 @@ impl<'a> Default for RetainedRecArgs<'a> {
   fn default() -> Self {
     RetainedRecArgs {
       to: None,
+      sent_by: None,
       sent: None, // required field
     }
   }
@@ -11661,6 +11698,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RetainedRecBuilder<'a, 'b, A>
   #[inline]
   pub fn add_to(&mut self, to: &CellId) {
     self.fbb_.push_slot_always::<&CellId>(RetainedRec::VT_TO, to);
+  }
+  #[inline]
+  pub fn add_sent_by(&mut self, sent_by: &Sender) {
+    self.fbb_.push_slot_always::<&Sender>(RetainedRec::VT_SENT_BY, sent_by);
   }
   #[inline]
   pub fn add_sent(&mut self, sent: ::flatbuffers::WIPOffset<QueuedMsg<'b >>) {
@@ -11686,6 +11727,7 @@ impl ::core::fmt::Debug for RetainedRec<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
     let mut ds = f.debug_struct("RetainedRec");
       ds.field("to", &self.to());
+      ds.field("sent_by", &self.sent_by());
       ds.field("sent", &self.sent());
       ds.finish()
   }
@@ -13277,6 +13319,7 @@ impl<'a> RestoredMsg<'a> {
   pub const VT_FROM: ::flatbuffers::VOffsetT = 4;
   pub const VT_CELLS: ::flatbuffers::VOffsetT = 6;
   pub const VT_TICK: ::flatbuffers::VOffsetT = 8;
+  pub const VT_LOST: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -13289,6 +13332,7 @@ impl<'a> RestoredMsg<'a> {
   ) -> ::flatbuffers::WIPOffset<RestoredMsg<'bldr>> {
     let mut builder = RestoredMsgBuilder::new(_fbb);
     builder.add_tick(args.tick);
+    if let Some(x) = args.lost { builder.add_lost(x); }
     if let Some(x) = args.cells { builder.add_cells(x); }
     if let Some(x) = args.from { builder.add_from(x); }
     builder.finish()
@@ -13316,6 +13360,13 @@ impl<'a> RestoredMsg<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(RestoredMsg::VT_TICK, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn lost(&self) -> Option<&'a Sender> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Sender>(RestoredMsg::VT_LOST, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for RestoredMsg<'_> {
@@ -13327,6 +13378,7 @@ impl ::flatbuffers::Verifiable for RestoredMsg<'_> {
      .visit_field::<Sender>("from", Self::VT_FROM, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellId>>>("cells", Self::VT_CELLS, false)?
      .visit_field::<u64>("tick", Self::VT_TICK, false)?
+     .visit_field::<Sender>("lost", Self::VT_LOST, false)?
      .finish();
     Ok(())
   }
@@ -13335,6 +13387,7 @@ pub struct RestoredMsgArgs<'a> {
     pub from: Option<&'a Sender>,
     pub cells: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellId>>>,
     pub tick: u64,
+    pub lost: Option<&'a Sender>,
 }
 impl<'a> Default for RestoredMsgArgs<'a> {
   #[inline]
@@ -13343,6 +13396,7 @@ impl<'a> Default for RestoredMsgArgs<'a> {
       from: None,
       cells: None,
       tick: 0,
+      lost: None,
     }
   }
 }
@@ -13365,6 +13419,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RestoredMsgBuilder<'a, 'b, A>
     self.fbb_.push_slot::<u64>(RestoredMsg::VT_TICK, tick, 0);
   }
   #[inline]
+  pub fn add_lost(&mut self, lost: &Sender) {
+    self.fbb_.push_slot_always::<&Sender>(RestoredMsg::VT_LOST, lost);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RestoredMsgBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     RestoredMsgBuilder {
@@ -13385,6 +13443,7 @@ impl ::core::fmt::Debug for RestoredMsg<'_> {
       ds.field("from", &self.from());
       ds.field("cells", &self.cells());
       ds.field("tick", &self.tick());
+      ds.field("lost", &self.lost());
       ds.finish()
   }
 }
@@ -15416,6 +15475,153 @@ impl ::core::fmt::Debug for PromoteOrder<'_> {
       ds.finish()
   }
 }
+pub enum ReclaimOrderOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ReclaimOrder<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ReclaimOrder<'a> {
+  type Inner = ReclaimOrder<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ReclaimOrder<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CELL: ::flatbuffers::VOffsetT = 6;
+  pub const VT_EPOCH: ::flatbuffers::VOffsetT = 8;
+  pub const VT_LOST: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ReclaimOrder { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReclaimOrderArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ReclaimOrder<'bldr>> {
+    let mut builder = ReclaimOrderBuilder::new(_fbb);
+    builder.add_id(args.id);
+    if let Some(x) = args.lost { builder.add_lost(x); }
+    builder.add_epoch(args.epoch);
+    if let Some(x) = args.cell { builder.add_cell(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReclaimOrder::VT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn cell(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(ReclaimOrder::VT_CELL, None)}
+  }
+  #[inline]
+  pub fn epoch(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ReclaimOrder::VT_EPOCH, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn lost(&self) -> Option<&'a Sender> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Sender>(ReclaimOrder::VT_LOST, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ReclaimOrder<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("id", Self::VT_ID, false)?
+     .visit_field::<CellId>("cell", Self::VT_CELL, false)?
+     .visit_field::<u32>("epoch", Self::VT_EPOCH, false)?
+     .visit_field::<Sender>("lost", Self::VT_LOST, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReclaimOrderArgs<'a> {
+    pub id: u64,
+    pub cell: Option<&'a CellId>,
+    pub epoch: u32,
+    pub lost: Option<&'a Sender>,
+}
+impl<'a> Default for ReclaimOrderArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReclaimOrderArgs {
+      id: 0,
+      cell: None,
+      epoch: 0,
+      lost: None,
+    }
+  }
+}
+
+pub struct ReclaimOrderBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReclaimOrderBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_id(&mut self, id: u64) {
+    self.fbb_.push_slot::<u64>(ReclaimOrder::VT_ID, id, 0);
+  }
+  #[inline]
+  pub fn add_cell(&mut self, cell: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(ReclaimOrder::VT_CELL, cell);
+  }
+  #[inline]
+  pub fn add_epoch(&mut self, epoch: u32) {
+    self.fbb_.push_slot::<u32>(ReclaimOrder::VT_EPOCH, epoch, 0);
+  }
+  #[inline]
+  pub fn add_lost(&mut self, lost: &Sender) {
+    self.fbb_.push_slot_always::<&Sender>(ReclaimOrder::VT_LOST, lost);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReclaimOrderBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReclaimOrderBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ReclaimOrder<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ReclaimOrder<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ReclaimOrder");
+      ds.field("id", &self.id());
+      ds.field("cell", &self.cell());
+      ds.field("epoch", &self.epoch());
+      ds.field("lost", &self.lost());
+      ds.finish()
+  }
+}
 pub enum FrozenReportOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -15835,6 +16041,119 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ActivatedReportBuilder<'a, 'b
 impl ::core::fmt::Debug for ActivatedReport<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
     let mut ds = f.debug_struct("ActivatedReport");
+      ds.field("id", &self.id());
+      ds.field("cell", &self.cell());
+      ds.finish()
+  }
+}
+pub enum DurableReportOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct DurableReport<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for DurableReport<'a> {
+  type Inner = DurableReport<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> DurableReport<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CELL: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    DurableReport { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args DurableReportArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<DurableReport<'bldr>> {
+    let mut builder = DurableReportBuilder::new(_fbb);
+    builder.add_id(args.id);
+    if let Some(x) = args.cell { builder.add_cell(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(DurableReport::VT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn cell(&self) -> Option<&'a CellId> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<CellId>(DurableReport::VT_CELL, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for DurableReport<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("id", Self::VT_ID, false)?
+     .visit_field::<CellId>("cell", Self::VT_CELL, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct DurableReportArgs<'a> {
+    pub id: u64,
+    pub cell: Option<&'a CellId>,
+}
+impl<'a> Default for DurableReportArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    DurableReportArgs {
+      id: 0,
+      cell: None,
+    }
+  }
+}
+
+pub struct DurableReportBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DurableReportBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_id(&mut self, id: u64) {
+    self.fbb_.push_slot::<u64>(DurableReport::VT_ID, id, 0);
+  }
+  #[inline]
+  pub fn add_cell(&mut self, cell: &CellId) {
+    self.fbb_.push_slot_always::<&CellId>(DurableReport::VT_CELL, cell);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DurableReportBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    DurableReportBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<DurableReport<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for DurableReport<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("DurableReport");
       ds.field("id", &self.id());
       ds.field("cell", &self.cell());
       ds.finish()
@@ -17384,6 +17703,34 @@ impl<'a> ControlFrame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_durable_report(&self) -> Option<DurableReport<'a>> {
+    if self.msg_type() == ControlMsg::DurableReport {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { DurableReport::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_reclaim_order(&self) -> Option<ReclaimOrder<'a>> {
+    if self.msg_type() == ControlMsg::ReclaimOrder {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { ReclaimOrder::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for ControlFrame<'_> {
@@ -17417,6 +17764,8 @@ impl ::flatbuffers::Verifiable for ControlFrame<'_> {
           ControlMsg::PromoteOrder => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PromoteOrder>>("ControlMsg::PromoteOrder", pos),
           ControlMsg::PromotedReport => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PromotedReport>>("ControlMsg::PromotedReport", pos),
           ControlMsg::HeartbeatAck => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<HeartbeatAck>>("ControlMsg::HeartbeatAck", pos),
+          ControlMsg::DurableReport => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DurableReport>>("ControlMsg::DurableReport", pos),
+          ControlMsg::ReclaimOrder => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ReclaimOrder>>("ControlMsg::ReclaimOrder", pos),
           _ => Ok(()),
         }
      })?
@@ -17628,6 +17977,20 @@ impl ::core::fmt::Debug for ControlFrame<'_> {
         },
         ControlMsg::HeartbeatAck => {
           if let Some(x) = self.msg_as_heartbeat_ack() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::DurableReport => {
+          if let Some(x) = self.msg_as_durable_report() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ControlMsg::ReclaimOrder => {
+          if let Some(x) = self.msg_as_reclaim_order() {
             ds.field("msg", &x)
           } else {
             ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -1,0 +1,392 @@
+//! Node loss in the deterministic simulator: four nodes of two shards each
+//! (node 0 also hosts every client session, as a gateway would), the
+//! production node cores and coordinator, heartbeats and leases in virtual
+//! time. Nodes crash (everything on their links is lost) or are cut from
+//! the coordinator (they still reach the other shards) at random moments,
+//! while handovers run. Checked every tick by the harness: no cell runs on
+//! two shards (a cut-off node fences itself before its cells are given
+//! away) and no entity is owned by two cells. Checked after the recovery:
+//! every entity and every avatar is back exactly once, the registry and the
+//! shards agree, and the failover figures meet their targets.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tessera_cells::geometry::Geometry;
+use tessera_cells::rng::Rng;
+use tessera_cells::sim::{Faults, Harness, HarnessConfig};
+use tessera_cells::CellId;
+use tessera_coord::{Coordinator, FailoverRecord, Policy};
+
+const TICK: Duration = Duration::from_millis(50);
+const NODES: u16 = 4;
+const NPCS: usize = 600;
+
+struct Sim {
+    h: Harness,
+    coord: Coordinator,
+    t0: Instant,
+    rng: Rng,
+    published: u64,
+    /// When each node sent the last heartbeat the coordinator took.
+    acked: BTreeMap<u16, Instant>,
+    crashed: BTreeSet<u16>,
+    cut: BTreeSet<u16>,
+    failovers: Vec<FailoverRecord>,
+}
+
+impl Sim {
+    fn new(seed: u64, faults: Faults) -> Sim {
+        let mut c = HarnessConfig::new(seed);
+        c.shards = 2 * NODES as usize;
+        c.nodes = NODES as usize;
+        c.geometry = Geometry::new(0, 128.0, 8, 2);
+        c.npcs = NPCS;
+        c.clients = 24;
+        c.faults = faults;
+        c.snapshot_drop = 0.05;
+        c.attack_chance = 0.02;
+        c.sessions_on_node0 = true;
+        c.node_faults = true;
+        c.world.input_reorder_ticks = 40;
+        let h = Harness::new(c);
+        let registry = (**h.registry()).clone();
+        let mut policy = Policy::new(h.shard_refs().len() as u16);
+        policy.automatic = false;
+        policy.step_timeout = Duration::from_millis(1500);
+        policy.cooldown = Duration::ZERO;
+        let mut coord = Coordinator::new(registry, policy);
+        coord.set_members(h.shard_refs());
+        let t0 = Instant::now();
+        let mut sim = Sim {
+            h,
+            coord,
+            t0,
+            rng: Rng::new(seed ^ 0xFA17),
+            published: 0,
+            acked: (0..NODES).map(|n| (n, t0)).collect(),
+            crashed: BTreeSet::new(),
+            cut: BTreeSet::new(),
+            failovers: Vec::new(),
+        };
+        sim.publish();
+        sim
+    }
+
+    fn now(&self) -> Instant {
+        self.t0 + TICK * self.h.tick() as u32
+    }
+
+    /// One tick: registry and orders out, the shards run, heartbeats in
+    /// (each renews its node's lease from when it was sent), leases checked
+    /// (a node whose lease ended fences itself), reports in, coordinator.
+    fn step(&mut self) {
+        let now = self.now();
+        self.publish();
+        while let Some((shard, order)) = self.coord.poll_order() {
+            self.h.send_order(shard, order);
+        }
+        self.h.step();
+        let after = now + TICK;
+        for node in 0..NODES {
+            if self.crashed.contains(&node) || self.cut.contains(&node) {
+                continue;
+            }
+            self.coord
+                .heartbeat(after, node, tessera_cells::ids::TickId(self.h.tick()));
+            self.acked.insert(node, now);
+        }
+        let lease = self.coord.lease();
+        for node in 0..NODES {
+            if !self.crashed.contains(&node) {
+                self.h.set_fenced(node, after >= self.acked[&node] + lease);
+            }
+        }
+        for (shard, report) in self.h.take_reports() {
+            self.coord.handle_report(after, shard, report);
+        }
+        self.publish();
+        self.coord.tick(after);
+        self.failovers.extend(self.coord.take_failovers());
+        if let Some(id) = std::env::var("DEBUG_ENTITY")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            let t = self.h.traces(tessera_cells::ids::EntityId(id));
+            let t: Vec<_> = t.into_iter().filter(|t| !t.starts_with("ghost")).collect();
+            eprintln!(
+                "tick {} cut {:?} crashed {:?}: {:?}",
+                self.h.tick(),
+                self.cut,
+                self.crashed,
+                t
+            );
+            for l in self.coord.take_log() {
+                eprintln!("  coord: {l}");
+            }
+            if self.h.tick() % 10 == 0 {
+                let c: CellId = "0:6,1".parse().unwrap();
+                eprintln!("  registry 0:6,1 {:?}", self.coord.registry().get(c));
+                for core in self.h.cores() {
+                    eprintln!(
+                        "  store of {}: {:?} backup {:?}",
+                        core.me(),
+                        core.replicas().summary(),
+                        core.router().registry().backup_of(core.me())
+                    );
+                }
+            }
+            if self.h.tick() % 50 == 0 {
+                for c in self.h.cores() {
+                    eprintln!(
+                        "  {}: {:?} {:?}",
+                        c.me(),
+                        c.replica_counters(),
+                        c.world().totals().counters.transfers_resent_known
+                    );
+                }
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        if self.coord.registry().version() != self.published {
+            self.published = self.coord.registry().version();
+            self.h.set_registry(Arc::new(self.coord.registry().clone()));
+        }
+    }
+
+    fn run(&mut self, ticks: u64, moves: bool) {
+        for _ in 0..ticks {
+            if moves && self.rng.chance(0.1) {
+                let leaves: Vec<CellId> = self.coord.registry().iter().map(|(c, _)| c).collect();
+                let cell = leaves[self.rng.below(leaves.len() as u64) as usize];
+                let live: Vec<_> = self
+                    .h
+                    .shard_refs()
+                    .into_iter()
+                    .filter(|s| !self.crashed.contains(&s.node))
+                    .collect();
+                let to = live[self.rng.below(live.len() as u64) as usize];
+                let _ = self.coord.command_move(self.now(), cell, to);
+            }
+            self.step();
+        }
+    }
+
+    fn crash(&mut self, node: u16) {
+        self.crashed.insert(node);
+        self.h.crash_node(node);
+    }
+
+    fn cut(&mut self, node: u16, cut: bool) {
+        if cut {
+            self.cut.insert(node);
+        } else {
+            self.cut.remove(&node);
+        }
+        self.h.cut_from_coordinator(node, cut);
+    }
+
+    /// Runs until nothing is pending (handovers, failovers), then settles
+    /// the clients.
+    fn settle(&mut self) {
+        for _ in 0..600 {
+            self.step();
+            let busy = (0..self.h.cores().len())
+                .filter(|s| !self.h.is_down(*s))
+                .any(|s| self.h.agent(s).in_progress() > 0);
+            if self.coord.in_flight() == 0 && self.coord.failovers_pending() == 0 && !busy {
+                break;
+            }
+        }
+        self.h.settle(400);
+    }
+}
+
+fn check(sim: &Sim, seed: u64) {
+    assert!(
+        sim.h.violations().is_empty(),
+        "seed {seed}: {:#?}",
+        sim.h.violations()
+    );
+    let missing: Vec<String> = sim
+        .h
+        .missing()
+        .into_iter()
+        .map(|id| format!("{id}: {:?}", sim.h.traces(id)))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "seed {seed}: entities lost: {missing:#?}"
+    );
+    // Each entity once, among live shards' cells.
+    let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
+    for (s, core) in sim.h.cores().iter().enumerate() {
+        if sim.h.is_down(s) {
+            continue;
+        }
+        for cell in core.world().cells() {
+            for e in cell.entities().iter() {
+                *seen.entry(e.id.0).or_default() += 1;
+            }
+        }
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "seed {seed}: entities owned twice: {twice:?}"
+    );
+    let mut players = 0;
+    for client in sim.h.clients().iter().filter(|c| !c.gone) {
+        let id = client
+            .entity
+            .unwrap_or_else(|| panic!("seed {seed}: {} never joined", client.id));
+        let (_, _, e) = sim
+            .h
+            .find(id)
+            .unwrap_or_else(|| panic!("seed {seed}: avatar {id} lost"));
+        // Inputs applied after the last replicated tick were lost with the
+        // node; the newest one is applied.
+        assert_eq!(
+            e.last_input_seq,
+            client.stats.inputs_sent as u32,
+            "seed {seed}: the last input of {} was not applied (pending {:?}); {:?}; {:?}",
+            client.id,
+            e.pending_inputs.iter().map(|p| p.0).collect::<Vec<_>>(),
+            sim.h.traces(id),
+            sim.h.totals().counters
+        );
+        players += 1;
+    }
+    assert_eq!(
+        sim.h.population(),
+        NPCS + players,
+        "seed {seed}: entities lost or duplicated"
+    );
+    for (cell, a) in sim.coord.registry().iter() {
+        assert!(
+            !sim.crashed.contains(&a.owner.node),
+            "seed {seed}: {cell} still given to crashed {}",
+            a.owner
+        );
+        let world = sim.h.world(sim.h.index_of(a.owner));
+        assert!(
+            world.owns(cell),
+            "seed {seed}: {} does not run {cell}",
+            a.owner
+        );
+        assert_eq!(
+            world.epoch(cell),
+            Some(a.epoch),
+            "seed {seed}: epoch of {cell}"
+        );
+        assert!(!world.is_frozen(cell), "seed {seed}: {cell} still frozen");
+    }
+}
+
+fn seeds(default: u64) -> std::ops::Range<u64> {
+    let n: u64 = std::env::var("TESSERA_FAULT_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    let first: u64 = std::env::var("TESSERA_SIM_FIRST")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7000);
+    first..first + n
+}
+
+/// A datacenter network: a little loss and jitter.
+fn lan() -> Faults {
+    Faults {
+        drop: 0.02,
+        duplicate: 0.01,
+        delay_min: 1,
+        delay_max: 2,
+        retransmit_after: 2,
+    }
+}
+
+/// A compute node crashes at a random moment while cells move: its cells
+/// come back on their backups from replicas, every entity and avatar once;
+/// detection within `dead_after`, at most 5 ticks of state lost.
+#[test]
+fn a_crashed_node_s_cells_come_back_from_their_replicas() {
+    let mut records = Vec::new();
+    for seed in seeds(6) {
+        let mut sim = Sim::new(seed, lan());
+        let warmup = 60 + sim.rng.below(60);
+        sim.run(warmup, true);
+        let node = 1 + sim.rng.below(u64::from(NODES) - 1) as u16;
+        sim.crash(node);
+        sim.run(120, true);
+        sim.settle();
+        check(&sim, seed);
+        assert!(
+            !sim.failovers.is_empty(),
+            "seed {seed}: node {node} crashed and nothing was recovered"
+        );
+        for f in &sim.failovers {
+            assert!(f.from_replica && f.missing == 0, "seed {seed}: {f:?}");
+        }
+        records.extend(sim.failovers);
+    }
+    let dead_after = Policy::new(1).dead_after;
+    for f in &records {
+        assert!(
+            f.detection <= dead_after + TICK,
+            "detection {:?} > dead_after {dead_after:?} + a tick",
+            f.detection
+        );
+        // Replication every 2 ticks, the network's delay on top.
+        let lost = f.ticks_lost.expect("reported");
+        assert!(lost <= 5, "{lost} ticks of state lost: {f:?}");
+    }
+}
+
+/// A node cut from the coordinator (not from the other shards) fences
+/// itself when its lease ends, its cells are restored on their backups,
+/// and when the cut heals it drops the cells it no longer owns: never two
+/// writers.
+#[test]
+fn a_node_cut_from_the_coordinator_fences_itself_and_gives_way() {
+    let mut superseded = 0;
+    for seed in seeds(6) {
+        let mut sim = Sim::new(seed, Faults::harsh());
+        let warmup = 60 + sim.rng.below(60);
+        sim.run(warmup, true);
+        let node = 1 + sim.rng.below(u64::from(NODES) - 1) as u16;
+        sim.cut(node, true);
+        sim.run(80, true);
+        sim.cut(node, false);
+        sim.run(60, true);
+        sim.settle();
+        check(&sim, seed);
+        superseded += sim
+            .h
+            .cores()
+            .iter()
+            .map(|c| c.replica_counters().cells_superseded)
+            .sum::<u64>();
+    }
+    assert!(superseded > 0, "no cut-off node ever gave way");
+}
+
+/// Crashes on the harsh network (20% loss, duplicates, reordering): the
+/// replicas lag more, nothing is lost or doubled.
+#[test]
+fn crashes_on_a_harsh_network_lose_no_entity() {
+    for seed in seeds(6) {
+        let mut sim = Sim::new(seed, Faults::harsh());
+        let warmup = 40 + sim.rng.below(100);
+        sim.run(warmup, true);
+        let node = 1 + sim.rng.below(u64::from(NODES) - 1) as u16;
+        sim.crash(node);
+        sim.run(100, true);
+        sim.settle();
+        check(&sim, seed);
+        assert!(!sim.failovers.is_empty(), "seed {seed}: nothing recovered");
+    }
+}
