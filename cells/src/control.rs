@@ -109,6 +109,10 @@ pub enum Order {
         from: ShardRef,
         /// Its cells, with their new epochs.
         cells: Vec<(CellId, u32)>,
+        /// Cells among them that another shard can take back whole (the
+        /// source of a handover to the lost shard): without a replica here
+        /// they are not started empty, only reported missing.
+        fallback: Vec<CellId>,
     },
 }
 

@@ -451,6 +451,19 @@ impl<G: GameLogic> HandoverAgent<G> {
         }
     }
 
+    /// The handover this shard is the source of for `cell`, if any.
+    pub fn source_id(&self, cell: CellId) -> Option<HandoverId> {
+        self.sources.get(&cell).map(|op| op.id)
+    }
+
+    /// Forgets this shard's side of the handover of `cell` as its source
+    /// (the cell is replaced by a newer copy).
+    pub fn forget_source(&mut self, cell: CellId) {
+        if self.sources.remove(&cell).is_some() {
+            self.counters.aborted += 1;
+        }
+    }
+
     /// Takes back a cell this shard was handing over to a shard that was
     /// lost (the coordinator gave it back): unfrozen, the inputs it had
     /// buffered first again, nothing sent to the lost side.

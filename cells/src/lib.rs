@@ -32,6 +32,7 @@ pub mod geometry;
 pub mod ghost;
 pub mod handover;
 pub mod ids;
+pub mod lease;
 pub mod messages;
 pub mod node;
 pub mod registry;

@@ -305,6 +305,10 @@ struct Source<G: GameLogic> {
     seq: u64,
     tick: TickId,
     cells: BTreeMap<CellId, (u32, CellState<G>)>,
+    /// Promoted at this tick: what is left (cells the lost shard was
+    /// handing over) is kept a while, in case the handover's target was
+    /// lost too and the coordinator falls back on these copies.
+    retired: Option<TickId>,
 }
 
 /// A cell taken out of the store to be promoted.
@@ -341,6 +345,10 @@ impl<G: GameLogic> ReplicaStore<G> {
         cells: Vec<ReplicaCell<G>>,
         counters: &mut ReplicaCounters,
     ) -> Option<ReplicaMsg<G>> {
+        if self.sources.get(&from).is_some_and(|s| s.retired.is_some()) {
+            counters.rounds_ignored += 1;
+            return None;
+        }
         if !full {
             match self.sources.get(&from) {
                 Some(s) if seq <= s.seq => {
@@ -381,6 +389,7 @@ impl<G: GameLogic> ReplicaStore<G> {
                 seq,
                 tick,
                 cells: next,
+                retired: None,
             },
         );
         counters.rounds_applied += 1;
@@ -396,13 +405,33 @@ impl<G: GameLogic> ReplicaStore<G> {
             .map(|(_, state)| Promotion { state, tick })
     }
 
-    /// Takes every replica left of `from` (after its promoted cells were
-    /// taken), and forgets it.
-    pub fn take_all(&mut self, from: ShardRef) -> Vec<CellState<G>> {
+    /// After the promotion of `from` at `tick`: the cells left (not
+    /// promoted) with copies of the transfers waiting in them. They stay
+    /// until [`Self::prune`] forgets them; rounds from `from` are no longer
+    /// applied.
+    pub fn retire(&mut self, from: ShardRef, tick: TickId) -> Vec<(CellId, Vec<Msg<G>>)> {
+        let Some(s) = self.sources.get_mut(&from) else {
+            return Vec::new();
+        };
+        s.retired.get_or_insert(tick);
+        s.cells
+            .iter()
+            .map(|(c, (_, st))| {
+                let transfers = st
+                    .input_queue
+                    .iter()
+                    .filter(|m| matches!(m, crate::messages::CellMessage::Transfer(_)))
+                    .cloned()
+                    .collect();
+                (*c, transfers)
+            })
+            .collect()
+    }
+
+    /// Forgets retired replicas older than `keep` ticks.
+    pub fn prune(&mut self, now: TickId, keep: u64) {
         self.sources
-            .remove(&from)
-            .map(|s| s.cells.into_values().map(|(_, st)| st).collect())
-            .unwrap_or_default()
+            .retain(|_, s| s.retired.is_none_or(|t| t.0.saturating_add(keep) >= now.0));
     }
 
     /// The tick of the newest round applied from `from`.

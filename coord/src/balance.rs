@@ -215,6 +215,9 @@ pub struct Coordinator {
     counters: CoordinatorCounters,
     members: Vec<ShardRef>,
     pub(crate) liveness: crate::liveness::Liveness,
+    /// Cells committed to a lost handover target, waiting for its backup
+    /// to say whether it holds them (else their source takes them back).
+    reclaimable: BTreeMap<CellId, (HandoverId, MoveOp, Option<ShardRef>)>,
 }
 
 impl Coordinator {
@@ -244,6 +247,7 @@ impl Coordinator {
             counters: CoordinatorCounters::default(),
             members: (0..policy_shards).map(ShardRef::local).collect(),
             liveness: crate::liveness::Liveness::default(),
+            reclaimable: BTreeMap::new(),
         }
     }
 
@@ -316,46 +320,87 @@ impl Coordinator {
         };
         match m.committed {
             None => self.abort(now, id, AbortReason::Timeout),
-            Some(_) if !m.durable && lost.contains(&m.to) && !lost.contains(&m.from) => {}
+            Some(_) if !m.durable && lost.contains(&m.to) => {}
             Some(_) => {
                 self.moves.remove(&id);
             }
         }
     }
 
-    /// The lease of `node` ended: each cell committed to one of its shards
-    /// but not yet held by that shard's backup goes back to its source,
-    /// which still holds the whole frozen cell (epoch + 1).
-    pub(crate) fn reclaim_lost_moves(&mut self, node: u16) {
+    /// The lease of `node` ended: the cells committed to one of its shards
+    /// whose backup was not known to hold them yet. Their backup promotes
+    /// its replica if it has one; if not, [`Self::reclaim`] gives them back
+    /// to their source, which still holds the whole frozen cell.
+    pub(crate) fn uncertain_moves(&mut self, node: u16) -> Vec<CellId> {
         let ids: Vec<HandoverId> = self
             .moves
             .iter()
             .filter(|(_, m)| m.to.node == node && m.committed.is_some() && !m.durable)
             .map(|(id, _)| *id)
             .collect();
+        let mut out = Vec::new();
         for id in ids {
-            let Some(m) = self.moves.remove(&id) else {
-                continue;
-            };
-            let epoch = self.registry.get(m.cell).map_or(m.epoch, |a| a.epoch) + 1;
-            match self.registry.reassign(m.cell, m.from, epoch) {
-                Ok(()) => {
-                    self.note(format!(
-                        "handover {} of {}: its target {} was lost before its backup held the cell; back to {} (epoch {epoch})",
-                        id.0, m.cell, m.to, m.from
-                    ));
-                    self.orders.push_back((
-                        m.from,
-                        Order::Reclaim {
-                            id,
-                            cell: m.cell,
-                            epoch,
-                            lost: m.to,
-                        },
-                    ));
-                }
-                Err(e) => self.note(format!("handover {} of {}: {e}", id.0, m.cell)),
+            if let Some(m) = self.moves.remove(&id) {
+                out.push(m.cell);
+                // If the source is lost too, its backup holds the frozen
+                // copy among the lost source's replicas.
+                let source_backup = self.registry.backup_of(m.from);
+                self.reclaimable.insert(m.cell, (id, m, source_backup));
             }
+        }
+        out
+    }
+
+    pub(crate) fn reclaimable(&self, cell: CellId) -> bool {
+        self.reclaimable.contains_key(&cell)
+    }
+
+    /// A cell of a lost handover target that its backup had no replica of
+    /// goes back to the handover's source (epoch + 1).
+    pub(crate) fn reclaim(&mut self, cell: CellId) {
+        let Some((id, m, source_backup)) = self.reclaimable.remove(&cell) else {
+            return;
+        };
+        let epoch = self.registry.get(m.cell).map_or(m.epoch, |a| a.epoch) + 1;
+        let source_lost = self.is_dead(m.from.node);
+        let to = match (source_lost, source_backup) {
+            (false, _) => m.from,
+            (true, Some(b)) if !self.is_dead(b.node) => b,
+            _ => {
+                self.note(format!(
+                    "handover {} of {}: its source and target were lost with no replica of it",
+                    id.0, m.cell
+                ));
+                return;
+            }
+        };
+        match self.registry.reassign(m.cell, to, epoch) {
+            Ok(()) => {
+                self.note(format!(
+                    "handover {} of {}: its target {} was lost before its backup held the cell; back to its source {}{} (epoch {epoch})",
+                    id.0,
+                    m.cell,
+                    m.to,
+                    m.from,
+                    if source_lost { format!(", lost too: its copy on {to}") } else { String::new() }
+                ));
+                let order = if source_lost {
+                    Order::Promote {
+                        from: m.from,
+                        cells: vec![(m.cell, epoch)],
+                        fallback: Vec::new(),
+                    }
+                } else {
+                    Order::Reclaim {
+                        id,
+                        cell: m.cell,
+                        epoch,
+                        lost: m.to,
+                    }
+                };
+                self.orders.push_back((to, order));
+            }
+            Err(e) => self.note(format!("handover {} of {}: {e}", id.0, m.cell)),
         }
     }
 
@@ -654,15 +699,7 @@ impl Coordinator {
                 tick,
                 entities,
                 ..
-            } => self.on_promoted(
-                now,
-                shard,
-                from,
-                missing.len(),
-                replica_tick,
-                tick,
-                entities,
-            ),
+            } => self.on_promoted(now, shard, from, &missing, replica_tick, tick, entities),
             Report::Merged { op, parent } => self.on_merged(now, shard, op, parent),
             Report::Refused { op, reason } => {
                 if let Some(r) = self.reshapes.remove(&op) {
@@ -908,6 +945,10 @@ impl Coordinator {
     /// the cell.
     fn settle_unknown(&mut self, shard: ShardRef, id: HandoverId, cell: CellId, epoch: u32) {
         self.counters.stale_events += 1;
+        if self.reclaimable.get(&cell).is_some_and(|(r, ..)| *r == id) {
+            // Its lost target's backup decides whether the source keeps it.
+            return;
+        }
         let order = match self.moved_on(cell, shard) {
             Some(current) => Order::Commit {
                 id,

@@ -202,7 +202,7 @@ impl Coordinator {
         };
         l.recovered = true;
         let l = *l;
-        self.reclaim_lost_moves(node);
+        let uncertain = self.uncertain_moves(node);
         let declared = l.dead_since.unwrap_or(now);
         // Shards that own cells, and those that own none but were
         // replicated: their backup still holds what waited in them (a
@@ -239,6 +239,11 @@ impl Coordinator {
                     }
                 },
             };
+            let fallback: Vec<CellId> = cells
+                .iter()
+                .map(|(c, _)| *c)
+                .filter(|c| uncertain.contains(c))
+                .collect();
             let mut promoted = Vec::with_capacity(cells.len());
             for (cell, epoch) in cells {
                 let epoch = epoch + 1;
@@ -281,6 +286,7 @@ impl Coordinator {
                 Order::Promote {
                     from: shard,
                     cells: promoted,
+                    fallback,
                 },
             );
         }
@@ -292,7 +298,7 @@ impl Coordinator {
         now: Instant,
         shard: ShardRef,
         from: ShardRef,
-        missing: usize,
+        missing: &[CellId],
         replica_tick: TickId,
         tick: TickId,
         entities: usize,
@@ -306,6 +312,15 @@ impl Coordinator {
             self.counters_mut().stale_events += 1;
             return;
         }
+        let mut lost_cells = 0;
+        for cell in missing {
+            if self.reclaimable(*cell) {
+                self.reclaim(*cell);
+            } else {
+                lost_cells += 1;
+            }
+        }
+        let missing = lost_cells;
         p.record.served = Some(now.saturating_duration_since(p.declared));
         let _ = tick;
         p.record.ticks_lost =

@@ -104,6 +104,14 @@ impl Sim {
             }
         }
         for (shard, report) in self.h.take_reports() {
+            if std::env::var("DEBUG_ENTITY").is_ok() {
+                if let tessera_coord::Report::Promoted { .. }
+                | tessera_coord::Report::Durable { .. }
+                | tessera_coord::Report::Activated { .. } = &report
+                {
+                    eprintln!("  report from {shard}: {report:?}");
+                }
+            }
             self.coord.handle_report(after, shard, report);
         }
         self.publish();
@@ -126,8 +134,26 @@ impl Sim {
                 eprintln!("  coord: {l}");
             }
             if self.h.tick() % 10 == 0 {
-                let c: CellId = "0:6,1".parse().unwrap();
-                eprintln!("  registry 0:6,1 {:?}", self.coord.registry().get(c));
+                let c: CellId = std::env::var("DEBUG_CELL")
+                    .unwrap_or("0:6,1".into())
+                    .parse()
+                    .unwrap();
+                eprintln!(
+                    "  registry {c} {:?}; held by {:?}",
+                    self.coord.registry().get(c),
+                    self.h
+                        .cores()
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, k)| k.world().owns(c))
+                        .map(|(i, k)| (
+                            i,
+                            k.world().epoch(c),
+                            k.world().is_frozen(c),
+                            k.agent().source_id(c)
+                        ))
+                        .collect::<Vec<_>>()
+                );
                 for core in self.h.cores() {
                     eprintln!(
                         "  store of {}: {:?} backup {:?}",

@@ -488,13 +488,50 @@ impl<G: GameLogic> NodeCore<G> {
     }
 
     /// A backup takes over the cells of a lost shard.
-    fn promote(&mut self, from: ShardRef, cells: Vec<(CellId, u32)>) {
+    fn promote(&mut self, from: ShardRef, cells: Vec<(CellId, u32)>, fallback: &[CellId]) {
         let tick = self.world.tick_id();
         let replica_tick = self.replicas.tick_of(from).unwrap_or(TickId(0));
         let (mut restored, mut missing, mut entities) = (Vec::new(), Vec::new(), 0usize);
         for (cell, epoch) in cells {
             if self.world.owns(cell) {
-                // A repeated order.
+                match self.agent.source_id(cell) {
+                    // This shard was handing the cell to the lost shard: the
+                    // replica, if the lost shard's backup (here) had one, is
+                    // newer than the frozen copy.
+                    Some(id) => match self.replicas.take(from, cell) {
+                        Some(p) => {
+                            self.agent.forget_source(cell);
+                            // What arrived after the diff waits in the frozen
+                            // copy: it goes to the replica (transfers as copies,
+                            // in case the lost target had them).
+                            let waiting = self
+                                .world
+                                .take_cell(cell)
+                                .map(|mut c| c.take_inputs())
+                                .unwrap_or_default();
+                            entities += p.state.entities.len();
+                            let mut c = crate::cell::Cell::from_state(p.state, self.world.layout());
+                            c.restore_inputs(
+                                waiting
+                                    .into_iter()
+                                    .map(|mut m| {
+                                        if let CellMessage::Transfer(t) = &mut m {
+                                            t.resent = true;
+                                        }
+                                        m
+                                    })
+                                    .collect(),
+                            );
+                            self.world.insert_cell(c);
+                            self.replicator.counters_mut().promoted += 1;
+                        }
+                        None => {
+                            self.agent.reclaim(&mut self.world, id, cell);
+                        }
+                    },
+                    // A repeated order.
+                    None => {}
+                }
                 self.world.set_epoch(cell, epoch);
                 restored.push(cell);
                 continue;
@@ -506,6 +543,11 @@ impl<G: GameLogic> NodeCore<G> {
                     self.world.insert_cell(c);
                     self.replicator.counters_mut().promoted += 1;
                     restored.push(cell);
+                }
+                None if fallback.contains(&cell) => {
+                    // Its handover's source takes it back.
+                    missing.push(cell);
+                    continue;
                 }
                 None => {
                     self.world.add_cell(cell);
@@ -536,12 +578,12 @@ impl<G: GameLogic> NodeCore<G> {
         // source's buffer, forwarded after its commit) go again too, and
         // their senders send what they kept for those cells.
         let mut leftover = Vec::new();
-        for state in self.replicas.take_all(from) {
-            leftover.push(state.id);
-            for msg in state.input_queue {
+        for (cell, msgs) in self.replicas.retire(from, tick) {
+            leftover.push(cell);
+            for msg in msgs {
                 if let CellMessage::Transfer(mut t) = msg {
                     t.resent = true;
-                    resend.push((state.id, state.id, *t));
+                    resend.push((cell, cell, *t));
                 }
             }
         }
@@ -641,6 +683,7 @@ impl<G: GameLogic> NodeCore<G> {
             self.freeze_for_fence();
         }
         let keep = self.world.config().retain_ticks;
+        self.replicas.prune(id, keep);
         while self
             .passing
             .front()
@@ -743,7 +786,11 @@ impl<G: GameLogic> NodeCore<G> {
                 };
                 self.report(report);
             }
-            Order::Promote { from, cells } => self.promote(from, cells),
+            Order::Promote {
+                from,
+                cells,
+                fallback,
+            } => self.promote(from, cells, &fallback),
             Order::Reclaim {
                 id,
                 cell,

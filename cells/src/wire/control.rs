@@ -341,17 +341,24 @@ pub fn encode_control(header: &ShardHeader, msg: &ControlMsg) -> Vec<u8> {
                     lost: Some(&shard_out(*lost)),
                 }
             ),
-            Order::Promote { from, cells } => {
+            Order::Promote {
+                from,
+                cells,
+                fallback,
+            } => {
                 let recs: Vec<_> = cells
                     .iter()
                     .map(|(c, e)| wire::CellAssignment::new(&cell_out(*c), &shard_out(*from), *e))
                     .collect();
                 let cells = fbb.create_vector(&recs);
+                let fallback: Vec<_> = fallback.iter().map(|c| cell_out(*c)).collect();
+                let fallback = fbb.create_vector(&fallback);
                 t!(
                     PromoteOrder,
                     PromoteOrderArgs {
                         from: Some(&shard_out(*from)),
                         cells: Some(cells),
+                        fallback: Some(fallback),
                     }
                 )
             }
@@ -747,9 +754,14 @@ pub fn decode_control(bytes: &[u8]) -> Result<(ShardHeader, ControlMsg), FrameEr
         for a in m.cells().iter().flat_map(|v| v.iter()) {
             cells.push((cell_in(a.cell(), "promote.cells")?, a.epoch()));
         }
+        let mut fallback = Vec::new();
+        for c in m.fallback().iter().flat_map(|v| v.iter()) {
+            fallback.push(cell_in(c, "promote.fallback")?);
+        }
         ControlMsg::Order(Order::Promote {
             from: shard_in(need(m.from(), "promote.from")?),
             cells,
+            fallback,
         })
     } else if let Some(m) = f.msg_as_promoted_report() {
         let cells_of = |v: Option<tessera_schema::flatbuffers::Vector<'_, wire::CellId>>,

@@ -514,6 +514,7 @@ fn control_messages_cross_unchanged() {
         ControlMsg::Order(Order::Promote {
             from: A,
             cells: vec![(cell, 4), (CellId::root(0, 3, 1), 9)],
+            fallback: vec![cell],
         }),
         ControlMsg::Report(Report::Promoted {
             from: A,

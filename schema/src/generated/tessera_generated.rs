@@ -15380,6 +15380,7 @@ impl<'a> ::flatbuffers::Follow<'a> for PromoteOrder<'a> {
 impl<'a> PromoteOrder<'a> {
   pub const VT_FROM: ::flatbuffers::VOffsetT = 4;
   pub const VT_CELLS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_FALLBACK: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -15391,6 +15392,7 @@ impl<'a> PromoteOrder<'a> {
     args: &'args PromoteOrderArgs<'args>
   ) -> ::flatbuffers::WIPOffset<PromoteOrder<'bldr>> {
     let mut builder = PromoteOrderBuilder::new(_fbb);
+    if let Some(x) = args.fallback { builder.add_fallback(x); }
     if let Some(x) = args.cells { builder.add_cells(x); }
     if let Some(x) = args.from { builder.add_from(x); }
     builder.finish()
@@ -15411,6 +15413,14 @@ impl<'a> PromoteOrder<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, CellAssignment>>>(PromoteOrder::VT_CELLS, None)}
   }
+  /// Cells another shard can take back whole: not started empty.
+  #[inline]
+  pub fn fallback(&self) -> Option<::flatbuffers::Vector<'a, CellId>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, CellId>>>(PromoteOrder::VT_FALLBACK, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for PromoteOrder<'_> {
@@ -15421,6 +15431,7 @@ impl ::flatbuffers::Verifiable for PromoteOrder<'_> {
     v.visit_table(pos)?
      .visit_field::<Sender>("from", Self::VT_FROM, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellAssignment>>>("cells", Self::VT_CELLS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellId>>>("fallback", Self::VT_FALLBACK, false)?
      .finish();
     Ok(())
   }
@@ -15428,6 +15439,7 @@ impl ::flatbuffers::Verifiable for PromoteOrder<'_> {
 pub struct PromoteOrderArgs<'a> {
     pub from: Option<&'a Sender>,
     pub cells: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellAssignment>>>,
+    pub fallback: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellId>>>,
 }
 impl<'a> Default for PromoteOrderArgs<'a> {
   #[inline]
@@ -15435,6 +15447,7 @@ impl<'a> Default for PromoteOrderArgs<'a> {
     PromoteOrderArgs {
       from: None,
       cells: None,
+      fallback: None,
     }
   }
 }
@@ -15451,6 +15464,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PromoteOrderBuilder<'a, 'b, A
   #[inline]
   pub fn add_cells(&mut self, cells: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , CellAssignment>>) {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PromoteOrder::VT_CELLS, cells);
+  }
+  #[inline]
+  pub fn add_fallback(&mut self, fallback: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , CellId>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PromoteOrder::VT_FALLBACK, fallback);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PromoteOrderBuilder<'a, 'b, A> {
@@ -15472,6 +15489,7 @@ impl ::core::fmt::Debug for PromoteOrder<'_> {
     let mut ds = f.debug_struct("PromoteOrder");
       ds.field("from", &self.from());
       ds.field("cells", &self.cells());
+      ds.field("fallback", &self.fallback());
       ds.finish()
   }
 }
