@@ -351,6 +351,19 @@ impl Coordinator {
         out
     }
 
+    /// The lost target's backup restored `cell`: its handover's source (if
+    /// alive) releases its frozen copy.
+    pub(crate) fn release_reclaimable(&mut self, cell: CellId) {
+        let Some((id, m, _)) = self.reclaimable.remove(&cell) else {
+            return;
+        };
+        if !self.is_dead(m.from.node) {
+            let epoch = self.registry.get(cell).map_or(m.epoch, |a| a.epoch);
+            self.orders
+                .push_back((m.from, Order::Commit { id, cell, epoch }));
+        }
+    }
+
     pub(crate) fn reclaimable(&self, cell: CellId) -> bool {
         self.reclaimable.contains_key(&cell)
     }
@@ -694,12 +707,21 @@ impl Coordinator {
             Report::Split { op, parent } => self.on_split(now, shard, op, parent),
             Report::Promoted {
                 from,
+                cells,
                 missing,
                 replica_tick,
                 tick,
                 entities,
-                ..
-            } => self.on_promoted(now, shard, from, &missing, replica_tick, tick, entities),
+            } => self.on_promoted(
+                now,
+                shard,
+                from,
+                &cells,
+                &missing,
+                replica_tick,
+                tick,
+                entities,
+            ),
             Report::Merged { op, parent } => self.on_merged(now, shard, op, parent),
             Report::Refused { op, reason } => {
                 if let Some(r) = self.reshapes.remove(&op) {

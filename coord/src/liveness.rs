@@ -298,6 +298,7 @@ impl Coordinator {
         now: Instant,
         shard: ShardRef,
         from: ShardRef,
+        promoted: &[CellId],
         missing: &[CellId],
         replica_tick: TickId,
         tick: TickId,
@@ -319,6 +320,11 @@ impl Coordinator {
             } else {
                 lost_cells += 1;
             }
+        }
+        // Cells the backup had: their handover's source lets go of its
+        // frozen copy.
+        for cell in promoted {
+            self.release_reclaimable(*cell);
         }
         let missing = lost_cells;
         p.record.served = Some(now.saturating_duration_since(p.declared));

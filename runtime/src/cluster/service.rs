@@ -364,7 +364,9 @@ impl Loop {
                 if let Some(c) = &mut self.coord {
                     c.tick(now);
                 }
-                next_tick = now + Duration::from_millis(100);
+                // Often enough that a node's death is seen within a tick
+                // of `dead_after`.
+                next_tick = now + Duration::from_millis(25);
                 self.publish_board(now);
             }
             self.push_changes();
@@ -449,7 +451,7 @@ impl Loop {
                 tick,
                 sessions,
                 entities,
-                ..
+                seq,
             } => {
                 let Some(p) = self.peers.get(&connection) else {
                     return;
@@ -458,6 +460,11 @@ impl Loop {
                     node: p.node,
                     shard: p.shard,
                 };
+                if let Some(c) = &mut self.coord {
+                    c.heartbeat(now, p.node, tick);
+                    let lease_ms = c.lease().as_millis().min(u128::from(u32::MAX)) as u32;
+                    self.send(connection, &ControlMsg::HeartbeatAck { seq, lease_ms });
+                }
                 if let Some(s) = self.shards.get_mut(&shard) {
                     s.last_heard = now;
                     s.tick = tick.0;

@@ -93,6 +93,7 @@ pub struct ClusterSide {
     control_backlog: VecDeque<ControlMsg>,
     control_seq: u64,
     counters: ClusterCounters,
+    lease: tessera_cells::lease::LeaseKeeper,
 }
 
 impl ClusterSide {
@@ -117,6 +118,7 @@ impl ClusterSide {
             registration,
             directory: directory.into_iter().map(|n| (n.node, n)).collect(),
             links: BTreeMap::new(),
+            lease: tessera_cells::lease::LeaseKeeper::new(),
             writers: BTreeMap::new(),
             backlog: BTreeMap::new(),
             control_backlog: VecDeque::new(),
@@ -316,6 +318,29 @@ impl ClusterSide {
         }
     }
 
+    /// Sends a heartbeat (numbered: its ack renews this shard's lease).
+    pub fn heartbeat<G: GameLogic>(&mut self, core: &NodeCore<G>, now: Instant) {
+        let seq = self.lease.sent(now);
+        let msg = ControlMsg::Heartbeat {
+            tick: core.world().tick_id(),
+            sessions: core.sessions().len() as u32,
+            entities: core.world().totals().entities as u32,
+            seq,
+        };
+        self.send_control(&msg, core.world().tick_id());
+    }
+
+    /// True while this shard's lease on its cells runs (renewed by the
+    /// coordinator's heartbeat acks; none before the first).
+    pub fn lease_valid(&self, now: Instant) -> bool {
+        self.lease.valid(now)
+    }
+
+    /// When the lease ends.
+    pub fn lease_until(&self) -> Option<Instant> {
+        self.lease.until()
+    }
+
     /// Sends a control message to the coordinator. While its link is down
     /// the message waits (reports of a handover's steps must reach it);
     /// heartbeats and load reports do not (the next ones replace them).
@@ -509,6 +534,11 @@ impl ClusterSide {
             }
             ControlMsg::Order(order) => {
                 core.handle_message(ShardMsg::Order(order));
+                None
+            }
+            ControlMsg::HeartbeatAck { seq, lease_ms } => {
+                self.lease
+                    .acked(seq, Duration::from_millis(u64::from(lease_ms)));
                 None
             }
             ControlMsg::Welcome { cluster_epoch, .. } => {

@@ -21,6 +21,10 @@ use tessera_net::{ChannelId, ConnectionHandle, Endpoint, Event, TransmitBatch};
 use tessera_schema::protocol::disconnect;
 
 use crate::cluster::shard::ClusterSide;
+
+/// How often a clustered shard heartbeats (each ack renews its lease; the
+/// coordinator declares a node dead after `dead_after` of silence).
+pub const HEARTBEAT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 use crate::ids::{ShardId, StageAddr, StageId};
 use crate::mailbox::{Envelope, SendError};
 use crate::shard::{ShardContext, ShardHandler};
@@ -115,6 +119,7 @@ pub struct NodeShard<G: GameLogic> {
     linger_until: Option<Instant>,
     cluster: Option<ClusterSide>,
     cluster_rearm: Rc<Rearm>,
+    next_heartbeat: Instant,
     tick_base: u64,
 }
 
@@ -155,6 +160,7 @@ impl<G: GameLogic> NodeShard<G> {
             linger_until: None,
             cluster: None,
             cluster_rearm: Rc::new(Rearm::default()),
+            next_heartbeat: Instant::now(),
             tick_base: 0,
         }
     }
@@ -405,23 +411,21 @@ impl<G: GameLogic> ShardHandler for NodeShard<G> {
         {
             let mut core = self.core.borrow_mut();
             refresh_registry(&mut core, &self.shared);
+            if let Some(cluster) = &self.cluster {
+                // Without a valid lease the coordinator may give the cells
+                // away: stop writing them (DESIGN.md section 8).
+                core.set_fenced(!cluster.lease_valid(started));
+            }
             core.tick(id);
         }
         let _ = self
             .tick_us
             .record((started.elapsed().as_micros() as u64).max(1));
         self.ticks += 1;
-        let hz = u64::from(self.shared.tick_hz.max(2));
-        if self.ticks % (hz / 2) == 0 {
-            if let Some(cluster) = &mut self.cluster {
-                let core = self.core.borrow();
-                let heartbeat = ControlMsg::Heartbeat {
-                    tick: core.world().tick_id(),
-                    sessions: core.sessions().len() as u32,
-                    entities: core.world().totals().entities as u32,
-                    seq: 0,
-                };
-                cluster.send_control(&heartbeat, id);
+        if let Some(cluster) = &mut self.cluster {
+            if started >= self.next_heartbeat {
+                self.next_heartbeat = started + HEARTBEAT_EVERY;
+                cluster.heartbeat(&self.core.borrow(), started);
             }
         }
         if self.ticks % u64::from(self.shared.tick_hz.max(1)) == 0 {
