@@ -59,6 +59,10 @@ pub struct Policy {
     pub step_timeout: Duration,
     /// Decide automatically (off: only operator commands).
     pub automatic: bool,
+    /// Watch nodes' heartbeats and recover the cells of lost ones (a
+    /// cluster's coordinator; one node's embedded coordinator has no one to
+    /// fail over to and leaves it off).
+    pub watch_nodes: bool,
     /// A node silent this long is declared dead.
     pub dead_after: Duration,
     /// How long a heartbeat keeps a node's ownership valid (counted by the
@@ -90,6 +94,7 @@ impl Policy {
             cooldown: Duration::from_secs(5),
             step_timeout: Duration::from_secs(2),
             automatic: true,
+            watch_nodes: false,
             dead_after: Duration::from_millis(500),
             lease: Duration::from_millis(1000),
             lease_margin: Duration::from_millis(100),

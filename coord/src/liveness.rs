@@ -138,6 +138,9 @@ impl Coordinator {
 
     /// Detection, recovery after the lease, and backup placement.
     pub(crate) fn watch_nodes(&mut self, now: Instant) {
+        if !self.policy().watch_nodes {
+            return;
+        }
         if self.liveness.watching_since.is_none() {
             // A coordinator that just took over has heard nobody yet: every
             // node the registry names gets a full lease from now.

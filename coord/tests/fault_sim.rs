@@ -54,6 +54,7 @@ impl Sim {
         let registry = (**h.registry()).clone();
         let mut policy = Policy::new(h.shard_refs().len() as u16);
         policy.automatic = false;
+        policy.watch_nodes = true;
         policy.step_timeout = Duration::from_millis(1500);
         policy.cooldown = Duration::ZERO;
         let mut coord = Coordinator::new(registry, policy);

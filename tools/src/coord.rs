@@ -41,6 +41,16 @@ pub struct CoordArgs {
     /// Deepest quadtree split, 0..=8.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(0..=8))]
     pub max_depth: u8,
+    /// A node silent this long (milliseconds) is declared dead: balancing
+    /// stops using it and its cells move to their backups when its lease
+    /// ends.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(100..=60_000), env = "TESSERA_DEAD_AFTER_MS")]
+    pub dead_after: u64,
+    /// How long (milliseconds) each acknowledged heartbeat lets a node keep
+    /// writing its cells; a node cut off from the coordinator stops when it
+    /// ends, and its cells are reassigned only after it (plus 100 ms).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(200..=600_000), env = "TESSERA_LEASE_MS")]
+    pub lease: u64,
     /// Stop by itself after this many seconds.
     #[arg(long)]
     pub duration: Option<f64>,
@@ -55,9 +65,18 @@ pub fn run(args: CoordArgs) -> Result<(), String> {
             args.cell_size
         ));
     }
+    if args.lease <= args.dead_after {
+        return Err(format!(
+            "--lease {} ms must be longer than --dead-after {} ms (a node is declared dead before its lease ends)",
+            args.lease, args.dead_after
+        ));
+    }
     let mut policy = tessera_coord::Policy::new(1);
     policy.automatic = !args.no_balance;
     policy.max_depth = args.max_depth;
+    policy.watch_nodes = true;
+    policy.dead_after = Duration::from_millis(args.dead_after);
+    policy.lease = Duration::from_millis(args.lease);
     let service = CoordService::start(CoordServiceConfig {
         listen: args.listen,
         admin: Some(args.admin_addr),

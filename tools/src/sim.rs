@@ -128,6 +128,8 @@ struct Bot {
     snapshots: u64,
     snapshots_measured: u64,
     gaps: u64,
+    /// The longest jump between two consecutive snapshots, ticks.
+    longest_gap: u64,
     bytes: u64,
     dir: [f32; 2],
     pos: Option<[f32; 2]>,
@@ -323,6 +325,7 @@ pub fn run(args: SimArgs) -> Result<(), String> {
             snapshots: 0,
             snapshots_measured: 0,
             gaps: 0,
+            longest_gap: 0,
             bytes: 0,
             dir: [0.0, 0.0],
             pos: None,
@@ -471,6 +474,10 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                                         if let Some(s) = frame.msg_as_snapshot() {
                                             let tick = s.tick();
                                             if tick > bot.last_tick {
+                                                if bot.last_tick > 0 && now >= measure_from {
+                                                    bot.longest_gap =
+                                                        bot.longest_gap.max(tick - bot.last_tick);
+                                                }
                                                 if bot.last_tick > 0
                                                     && tick - bot.last_tick > 2
                                                     && now >= measure_from
@@ -853,6 +860,7 @@ fn report(
     }
     bytes += playing.iter().map(|b| b.bytes).sum::<u64>();
     let gaps: u64 = bots.iter().map(|b| b.gaps).sum();
+    let longest_gap = bots.iter().map(|b| b.longest_gap).max().unwrap_or(0);
     let delivered = if expected > 0.0 {
         100.0 * received as f64 / expected
     } else {
@@ -909,6 +917,7 @@ fn report(
         ("snapshots_per_client_s", per_client_s, "1/s"),
         ("snapshots_delivered_pct", delivered, "%"),
         ("gaps_over_2_ticks", gaps as f64, "gaps"),
+        ("longest_gap_ticks", longest_gap as f64, "ticks"),
         ("bytes_per_client_s", bytes_per_client_s, "B/s"),
         ("inputs_sent", totals.inputs as f64, "inputs"),
         ("inputs_unconfirmed", totals.unconfirmed as f64, "inputs"),

@@ -850,7 +850,14 @@ impl<G: GameLogic> NodeCore<G> {
                     }
                 }
                 AgentOutput::Forward(cell, msgs) => {
-                    for msg in msgs {
+                    for mut msg in msgs {
+                        // Arrived after the diff: the new owner never saw it,
+                        // unless the cell was restored from a replica that
+                        // had it (a source cut off while it waited): taken
+                        // only if new.
+                        if let CellMessage::Transfer(t) = &mut msg {
+                            t.resent = true;
+                        }
                         self.keep_passing(cell, &msg);
                         self.route_cell(CellEnvelope {
                             to: cell,
