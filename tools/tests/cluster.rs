@@ -268,3 +268,112 @@ fn a_node_that_joins_later_gets_cells_by_live_handovers() {
         second.log_text()
     );
 }
+
+/// `kill -9` of a compute node while 300 bots play through a gateway: the
+/// coordinator declares it dead, its cells come back on their backups (on
+/// the other compute nodes) from replicas, every bot plays on with its own
+/// avatar, and when they leave exactly the world's NPCs remain: no entity
+/// lost, none doubled.
+#[test]
+fn a_killed_compute_node_s_cells_come_back_and_every_bot_plays_on() {
+    let (_coord, coord_addr, coord_admin) = coordinator(&["--compute-nodes", "3", "--no-balance"]);
+    let node =
+        |id: &str, ip: &str, role: &str, npcs: &str| cluster_node(&coord_addr, id, ip, role, npcs);
+    let (a, mut b, c) = std::thread::scope(|s| {
+        let a = s.spawn(|| node("1", "127.0.0.7", "compute", "150"));
+        let b = s.spawn(|| node("2", "127.0.0.8", "compute", "150"));
+        let c = s.spawn(|| node("3", "127.0.0.9", "compute", "150"));
+        (a.join().unwrap(), b.join().unwrap(), c.join().unwrap())
+    });
+    let gateway = node("4", "127.0.0.10", "gateway", "0");
+    wait_for(
+        "every shard linked and replicated",
+        Duration::from_secs(20),
+        || {
+            let st = coord_status(&coord_admin);
+            let shards = st["shards"].as_array().unwrap();
+            shards.len() == 4
+                && shards.iter().all(|s| s["linked"] == true)
+                && st["backups"].as_array().is_some_and(|b| b.len() == 3)
+        },
+    );
+    let report_path =
+        std::env::temp_dir().join(format!("tessera-failover-{}.json", std::process::id()));
+    let sim = Guarded::spawn(&[
+        "sim",
+        "--addr",
+        &gateway.game.to_string(),
+        "--clients",
+        "300",
+        "--pattern",
+        "commute",
+        "--duration",
+        "20",
+        "--ramp",
+        "2",
+        "--out",
+        report_path.to_str().unwrap(),
+    ]);
+    std::thread::sleep(Duration::from_secs(8));
+    let before = coord_status(&coord_admin);
+    // The node dies without a word.
+    b.child.kill().unwrap();
+    let mut failovers = serde_json::Value::Null;
+    wait_for("the failover", Duration::from_secs(10), || {
+        let st = coord_status(&coord_admin);
+        failovers = st["failovers"].clone();
+        failovers
+            .as_array()
+            .is_some_and(|f| !f.is_empty() && f.iter().all(|f| !f["served_ms"].is_null()))
+    });
+    let (sim_ok, sim_text) = sim.finish(Duration::from_secs(90));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap_or_default())
+            .unwrap_or_default();
+    let _ = std::fs::remove_file(&report_path);
+    let summary = format!(
+        "{sim_text}\nfailovers: {failovers}\nbefore: {}\nnode 1: {}\nnode 3: {}",
+        before["cells"],
+        a.log_text(),
+        c.log_text()
+    );
+    assert!(sim_ok, "sim failed: {summary}");
+    println!(
+        "failover: {failovers}; longest client-visible gap {} ticks, {} gaps over 2 ticks",
+        value(&report, "longest_gap_ticks"),
+        value(&report, "gaps_over_2_ticks")
+    );
+    let f = &failovers[0];
+    assert_eq!(f["shard"], "node-2/shard-0", "{summary}");
+    assert_eq!(f["missing"], 0, "{summary}");
+    assert!(f["cells"].as_u64().unwrap() > 0, "{summary}");
+    assert_eq!(value(&report, "clients_joined"), 300.0, "{summary}");
+    assert_eq!(value(&report, "clients_failed"), 0.0, "{summary}");
+    assert_eq!(value(&report, "clients_disconnected"), 0.0, "{summary}");
+    assert_eq!(value(&report, "bad_frames"), 0.0, "{summary}");
+    assert_eq!(value(&report, "inputs_unconfirmed"), 0.0, "{summary}");
+    // Every cell runs on a live node.
+    let st = coord_status(&coord_admin);
+    for cell in st["cells"].as_array().unwrap() {
+        assert_ne!(cell["owner"], "node-2/shard-0", "{summary}");
+    }
+    // The bots left: the NPCs remain, once each.
+    let mut last = (0, 0);
+    let left = poll(Duration::from_secs(15), || {
+        let st = coord_status(&coord_admin);
+        let shards = st["shards"].as_array().unwrap();
+        let live = shards.iter().filter(|s| s["shard"] != "node-2/shard-0");
+        let (entities, sessions) = live.fold((0, 0), |(e, s), x| {
+            (
+                e + x["entities"].as_u64().unwrap(),
+                s + x["sessions"].as_u64().unwrap(),
+            )
+        });
+        last = (entities, sessions);
+        entities == NPCS && sessions == 0
+    });
+    assert!(
+        left,
+        "after the bots left: (entities, sessions) = {last:?}, want ({NPCS}, 0)\n{summary}"
+    );
+}

@@ -86,6 +86,29 @@ pub struct ClusterNode {
     pub cluster_addr: String,
     /// Its game address, if it hosts sessions.
     pub game_addr: Option<String>,
+    /// Declared dead (silent for longer than `dead_after`).
+    pub dead: bool,
+}
+
+/// A lost shard whose cells were given to its backup.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ClusterFailover {
+    /// The lost shard.
+    pub shard: String,
+    /// Where its cells went.
+    pub to: String,
+    /// Cells.
+    pub cells: usize,
+    /// Last heartbeat to declared dead, ms.
+    pub detection_ms: f64,
+    /// Declared dead to the backup running the cells, ms.
+    pub served_ms: Option<f64>,
+    /// Ticks of state lost.
+    pub ticks_lost: Option<u64>,
+    /// Cells without a replica (restarted empty).
+    pub missing: usize,
+    /// Entities restored.
+    pub entities: usize,
 }
 
 /// One cell in the cluster status.
@@ -130,12 +153,19 @@ pub struct ClusterStatus {
     pub merges: u64,
     /// Control frames refused, all reasons.
     pub frames_refused: u64,
+    /// Owner shard -> the shard replicating its cells (`a->b`).
+    #[serde(default)]
+    pub backups: Vec<String>,
+    /// Failovers, oldest first (the last 200).
+    #[serde(default)]
+    pub failovers: Vec<ClusterFailover>,
 }
 
 #[derive(Default)]
 struct Board {
     status: ClusterStatus,
     recent: std::collections::VecDeque<HandoverRecord>,
+    failovers: std::collections::VecDeque<ClusterFailover>,
 }
 
 struct Peer {
@@ -340,6 +370,7 @@ impl Loop {
 
     fn run(mut self, stop: &AtomicBool) {
         let mut next_tick = Instant::now();
+        let mut next_board = Instant::now();
         while !stop.load(Ordering::Acquire) {
             let now = Instant::now();
             let wait = self
@@ -367,7 +398,10 @@ impl Loop {
                 // Often enough that a node's death is seen within a tick
                 // of `dead_after`.
                 next_tick = now + Duration::from_millis(25);
-                self.publish_board(now);
+                if now >= next_board {
+                    next_board = now + Duration::from_millis(100);
+                    self.publish_board(now);
+                }
             }
             self.push_changes();
             let _ = self
@@ -683,6 +717,7 @@ impl Loop {
                 shards: n.info.shards,
                 cluster_addr: n.info.cluster_addr.to_string(),
                 game_addr: n.info.game_addr.map(|a| a.to_string()),
+                dead: self.coord.as_ref().is_some_and(|c| c.is_dead(n.info.node)),
             });
         }
         let registry = self.coord.as_ref().map(|c| c.registry());
@@ -725,7 +760,32 @@ impl Loop {
                 }
                 board.recent.push_back(r);
             }
+            st.backups = c
+                .registry()
+                .backups()
+                .iter()
+                .map(|(o, b)| format!("{o}->{b}"))
+                .collect();
+            for f in c.take_failovers() {
+                tracing::warn!(shard = %f.shard, to = %f.to, cells = f.cells, entities = f.entities,
+                    detection_ms = f.detection.as_millis() as u64, served_ms = ?f.served.map(|d| d.as_millis() as u64),
+                    ticks_lost = ?f.ticks_lost, missing = f.missing, "failover done");
+                if board.failovers.len() >= 200 {
+                    board.failovers.pop_front();
+                }
+                board.failovers.push_back(ClusterFailover {
+                    shard: f.shard.to_string(),
+                    to: f.to.to_string(),
+                    cells: f.cells,
+                    detection_ms: f.detection.as_secs_f64() * 1e3,
+                    served_ms: f.served.map(|d| d.as_secs_f64() * 1e3),
+                    ticks_lost: f.ticks_lost,
+                    missing: f.missing,
+                    entities: f.entities,
+                });
+            }
         }
+        st.failovers = board.failovers.iter().cloned().collect();
         board.status = st;
     }
 }
