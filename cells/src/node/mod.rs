@@ -134,7 +134,7 @@ pub struct NodeCore<G: GameLogic> {
     replicas: ReplicaStore<G>,
     /// Transfers to other shards waiting for the replication round that
     /// covers their departure: (round, message).
-    held: VecDeque<(u64, Envelope<G>)>,
+    held: VecDeque<(u64, Option<ShardRef>, Envelope<G>)>,
     /// Transfers this shard passed on for cells it no longer runs (a
     /// released handover's buffered messages): kept like a cell keeps its
     /// own departures, and sent again if their destination is restored.
@@ -142,6 +142,9 @@ pub struct NodeCore<G: GameLogic> {
     /// Handovers activated here waiting for the round that carries their
     /// cell to the backup: (round, handover, cell).
     durable_after: VecDeque<(u64, crate::control::HandoverId, CellId)>,
+    /// Cells another shard said it restored (lost shard, new owner), used
+    /// for routing until this shard's registry says so too.
+    restored_routes: BTreeMap<CellId, (ShardRef, ShardRef)>,
     /// True while this shard's lease on its cells is not valid.
     fenced: bool,
     /// Cells frozen by the fence (not by a handover).
@@ -174,6 +177,7 @@ impl<G: GameLogic> NodeCore<G> {
             held: VecDeque::new(),
             passing: VecDeque::new(),
             durable_after: VecDeque::new(),
+            restored_routes: BTreeMap::new(),
             fenced: false,
             fence_frozen: BTreeSet::new(),
         }
@@ -231,7 +235,7 @@ impl<G: GameLogic> NodeCore<G> {
 
     /// Transfers waiting for their departure to be replicated.
     pub fn held_transfers(&self) -> impl Iterator<Item = &Envelope<G>> + '_ {
-        self.held.iter().map(|(_, e)| e)
+        self.held.iter().map(|(_, _, e)| e)
     }
 
     /// True while the lease is not valid (cells frozen, nothing written).
@@ -371,7 +375,17 @@ impl<G: GameLogic> NodeCore<G> {
                 cells,
                 tick,
             } => {
-                let resent = self.resend_kept(lost, &cells, &[]);
+                for c in &cells {
+                    if self
+                        .router
+                        .registry()
+                        .get(*c)
+                        .is_some_and(|a| a.owner == lost)
+                    {
+                        self.restored_routes.insert(*c, (lost, from));
+                    }
+                }
+                let resent = self.resend_kept(lost, &cells, &[], Some(from));
                 tracing::info!(shard = %self.me, %from, %lost, cells = cells.len(), replica_tick = tick.0, resent,
                     "a lost shard's cells restored: transfers kept for them, or sent by it, sent again");
             }
@@ -405,13 +419,33 @@ impl<G: GameLogic> NodeCore<G> {
     /// shard: once the round covering its departure is acknowledged (at
     /// once without a backup).
     fn send_transfer(&mut self, env: Envelope<G>) {
+        self.send_transfer_via(None, env);
+    }
+
+    /// As [`Self::send_transfer`]; with `via`, to that shard whatever this
+    /// shard's registry says (a copy for a cell just restored there: the
+    /// registry naming it may not have arrived yet).
+    fn send_transfer_via(&mut self, via: Option<ShardRef>, env: Envelope<G>) {
         if self.replicator.backup().is_none() {
-            self.route_cell(env);
+            self.send_or_route(via, env);
             return;
         }
         self.replicator.counters_mut().transfers_held += 1;
         let seq = self.replicator.covering_seq();
-        self.held.push_back((seq, env));
+        self.held.push_back((seq, via, env));
+    }
+
+    fn send_or_route(&mut self, via: Option<ShardRef>, env: Envelope<G>) {
+        match via {
+            Some(shard) if shard != self.me => {
+                self.router.sent_cell();
+                self.outputs.push_back(NodeOutput::Shard {
+                    to: shard,
+                    msg: ShardMsg::Cell(env),
+                });
+            }
+            _ => self.route_cell(env),
+        }
     }
 
     fn keep_passing(&mut self, to: CellId, msg: &crate::cell::Msg<G>) {
@@ -432,13 +466,19 @@ impl<G: GameLogic> NodeCore<G> {
     /// transfer this shard keeps that shard `lost` transmitted or that went
     /// to one of `cells` (restored from replicas, or lost buffers), except
     /// those kept by the cells in `skip`. Returns how many.
-    fn resend_kept(&mut self, lost: ShardRef, cells: &[CellId], skip: &[CellId]) -> usize {
-        let hit = |sent_by: ShardRef, to: CellId| {
-            sent_by == lost
-                || cells
-                    .iter()
-                    .any(|c| *c == to || c.contains_cell(to) || to.contains_cell(*c))
+    fn resend_kept(
+        &mut self,
+        lost: ShardRef,
+        cells: &[CellId],
+        skip: &[CellId],
+        restorer: Option<ShardRef>,
+    ) -> usize {
+        let restored = |to: CellId| {
+            cells
+                .iter()
+                .any(|c| *c == to || c.contains_cell(to) || to.contains_cell(*c))
         };
+        let hit = |sent_by: ShardRef, to: CellId| sent_by == lost || restored(to);
         let mut resend = Vec::new();
         for cell in self.world.cells() {
             if skip.contains(&cell.id()) {
@@ -458,11 +498,15 @@ impl<G: GameLogic> NodeCore<G> {
         let n = resend.len();
         for (from_cell, to, t) in resend {
             self.replicator.counters_mut().transfers_resent += 1;
-            self.send_transfer(CellEnvelope {
-                to,
-                from: from_cell,
-                msg: CellMessage::Transfer(Box::new(t)),
-            });
+            let via = restorer.filter(|_| cells.contains(&to));
+            self.send_transfer_via(
+                via,
+                CellEnvelope {
+                    to,
+                    from: from_cell,
+                    msg: CellMessage::Transfer(Box::new(t)),
+                },
+            );
         }
         n
     }
@@ -473,9 +517,9 @@ impl<G: GameLogic> NodeCore<G> {
         } else {
             u64::MAX
         };
-        while self.held.front().is_some_and(|(seq, _)| *seq <= acked) {
-            let (_, env) = self.held.pop_front().expect("checked");
-            self.route_cell(env);
+        while self.held.front().is_some_and(|(seq, ..)| *seq <= acked) {
+            let (_, via, env) = self.held.pop_front().expect("checked");
+            self.send_or_route(via, env);
         }
         while self
             .durable_after
@@ -599,7 +643,7 @@ impl<G: GameLogic> NodeCore<G> {
         // through it.
         let mut all: Vec<CellId> = restored.iter().chain(&missing).copied().collect();
         all.extend(leftover);
-        self.resend_kept(from, &all, &restored);
+        self.resend_kept(from, &all, &restored, None);
         self.tell_restored(from, all, replica_tick);
         self.report(Report::Promoted {
             from,
@@ -635,6 +679,8 @@ impl<G: GameLogic> NodeCore<G> {
                 self.drop_superseded(c, a.owner, a.epoch, mine);
             }
         }
+        self.restored_routes
+            .retain(|c, (lost, _)| registry.get(*c).is_some_and(|a| a.owner == *lost));
         self.replicator.set_backup(registry.backup_of(self.me));
         // Replicas of shards now backed up elsewhere are dropped; those of
         // shards without a backup entry (lost, promotion pending) stay.
@@ -804,7 +850,7 @@ impl<G: GameLogic> NodeCore<G> {
                     }
                     // What was sent into the cell while the lost target ran
                     // it comes again.
-                    self.resend_kept(lost, &[cell], &[cell]);
+                    self.resend_kept(lost, &[cell], &[cell], None);
                     self.tell_restored(lost, vec![cell], self.world.tick_id());
                 }
             }
@@ -924,6 +970,10 @@ impl<G: GameLogic> NodeCore<G> {
     }
 
     fn send_cell_to(&mut self, owner: ShardRef, env: Envelope<G>) {
+        let owner = match self.restored_routes.get(&env.to) {
+            Some(&(lost, new)) if lost == owner => new,
+            _ => owner,
+        };
         if owner != self.me {
             self.router.sent_cell();
             self.outputs.push_back(NodeOutput::Shard {
