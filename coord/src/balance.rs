@@ -710,23 +710,7 @@ impl Coordinator {
                 }
             }
             Report::Split { op, parent } => self.on_split(now, shard, op, parent),
-            Report::Promoted {
-                from,
-                cells,
-                missing,
-                replica_tick,
-                tick,
-                entities,
-            } => self.on_promoted(
-                now,
-                shard,
-                from,
-                &cells,
-                &missing,
-                replica_tick,
-                tick,
-                entities,
-            ),
+            promoted @ Report::Promoted { .. } => self.on_promoted(now, shard, promoted),
             Report::Merged { op, parent } => self.on_merged(now, shard, op, parent),
             Report::Refused { op, reason } => {
                 if let Some(r) = self.reshapes.remove(&op) {

@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use tessera_cells::control::Order;
+use tessera_cells::control::{Order, Report};
 use tessera_cells::ids::TickId;
 use tessera_cells::registry::ShardRef;
 use tessera_cells::CellId;
@@ -295,18 +295,20 @@ impl Coordinator {
         }
     }
 
-    /// The backup reported the promotion.
-    pub(crate) fn on_promoted(
-        &mut self,
-        now: Instant,
-        shard: ShardRef,
-        from: ShardRef,
-        promoted: &[CellId],
-        missing: &[CellId],
-        replica_tick: TickId,
-        tick: TickId,
-        entities: usize,
-    ) {
+    /// The backup reported the promotion ([`Report::Promoted`]).
+    pub(crate) fn on_promoted(&mut self, now: Instant, shard: ShardRef, report: Report) {
+        let Report::Promoted {
+            from,
+            cells: promoted,
+            missing,
+            replica_tick,
+            tick,
+            entities,
+        } = report
+        else {
+            return;
+        };
+        let (promoted, missing) = (&promoted, &missing);
         let Some(mut p) = self.liveness.pending.remove(&from) else {
             self.counters_mut().stale_events += 1;
             return;

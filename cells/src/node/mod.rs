@@ -392,6 +392,33 @@ impl<G: GameLogic> NodeCore<G> {
         }
     }
 
+    /// Replaces this shard's frozen copy of a cell it was handing over with
+    /// the (newer) replica of it: what arrived after the diff and waits in
+    /// the frozen copy goes to the replica (transfers as copies, in case
+    /// the lost target had them).
+    fn replace_frozen_source(&mut self, cell: CellId, state: crate::cell::CellState<G>) {
+        self.agent.forget_source(cell);
+        let waiting = self
+            .world
+            .take_cell(cell)
+            .map(|mut c| c.take_inputs())
+            .unwrap_or_default();
+        let mut c = crate::cell::Cell::from_state(state, self.world.layout());
+        c.restore_inputs(
+            waiting
+                .into_iter()
+                .map(|mut m| {
+                    if let CellMessage::Transfer(t) = &mut m {
+                        t.resent = true;
+                    }
+                    m
+                })
+                .collect(),
+        );
+        self.world.insert_cell(c);
+        self.replicator.counters_mut().promoted += 1;
+    }
+
     /// Tells every other shard that `cells` of the lost shard `lost` run
     /// here again, from replicas of `tick`.
     fn tell_restored(&mut self, lost: ShardRef, cells: Vec<CellId>, tick: TickId) {
@@ -538,43 +565,20 @@ impl<G: GameLogic> NodeCore<G> {
         let (mut restored, mut missing, mut entities) = (Vec::new(), Vec::new(), 0usize);
         for (cell, epoch) in cells {
             if self.world.owns(cell) {
-                match self.agent.source_id(cell) {
-                    // This shard was handing the cell to the lost shard: the
-                    // replica, if the lost shard's backup (here) had one, is
-                    // newer than the frozen copy.
-                    Some(id) => match self.replicas.take(from, cell) {
+                // This shard was handing the cell to the lost shard: the
+                // replica, if the lost shard's backup (here) had one, is newer
+                // than the frozen copy. Otherwise (no handover) a repeated
+                // order.
+                if let Some(id) = self.agent.source_id(cell) {
+                    match self.replicas.take(from, cell) {
                         Some(p) => {
-                            self.agent.forget_source(cell);
-                            // What arrived after the diff waits in the frozen
-                            // copy: it goes to the replica (transfers as copies,
-                            // in case the lost target had them).
-                            let waiting = self
-                                .world
-                                .take_cell(cell)
-                                .map(|mut c| c.take_inputs())
-                                .unwrap_or_default();
                             entities += p.state.entities.len();
-                            let mut c = crate::cell::Cell::from_state(p.state, self.world.layout());
-                            c.restore_inputs(
-                                waiting
-                                    .into_iter()
-                                    .map(|mut m| {
-                                        if let CellMessage::Transfer(t) = &mut m {
-                                            t.resent = true;
-                                        }
-                                        m
-                                    })
-                                    .collect(),
-                            );
-                            self.world.insert_cell(c);
-                            self.replicator.counters_mut().promoted += 1;
+                            self.replace_frozen_source(cell, p.state);
                         }
                         None => {
                             self.agent.reclaim(&mut self.world, id, cell);
                         }
-                    },
-                    // A repeated order.
-                    None => {}
+                    }
                 }
                 self.world.set_epoch(cell, epoch);
                 restored.push(cell);
