@@ -229,14 +229,16 @@ impl<G: GameLogic> Replicator<G> {
         &mut self.counters
     }
 
-    /// After tick `tick`: the round for the backup, if one is due.
+    /// After tick `tick`: the round for the backup, if one is due, or if
+    /// `now` (something waits for the round: a transfer, an activation).
     pub fn round(
         &mut self,
         world: &ShardWorld<G>,
         tick: TickId,
+        now: bool,
     ) -> Option<(ShardRef, ReplicaMsg<G>)> {
         let backup = self.backup?;
-        if tick.0 % self.every != 0 {
+        if !now && tick.0 % self.every != 0 {
             return None;
         }
         let full = std::mem::take(&mut self.full);

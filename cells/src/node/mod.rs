@@ -765,7 +765,16 @@ impl<G: GameLogic> NodeCore<G> {
         }
         let handover = self.agent.after_tick(&mut self.world, id);
         self.agent_outputs(handover);
-        if let Some((backup, round)) = self.replicator.round(&self.world, id) {
+        // Something waits for the round covering this tick (a transfer to
+        // another shard, an activation to report durable): take it now
+        // rather than at the next scheduled round.
+        let acked = self.replicator.acked();
+        let waiting = self.held.back().is_some_and(|(seq, ..)| *seq > acked)
+            || self
+                .durable_after
+                .back()
+                .is_some_and(|(seq, ..)| *seq > acked);
+        if let Some((backup, round)) = self.replicator.round(&self.world, id, waiting) {
             self.outputs.push_back(NodeOutput::Shard {
                 to: backup,
                 msg: ShardMsg::Replica(round),

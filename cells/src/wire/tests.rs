@@ -203,7 +203,9 @@ fn replication_rounds_rebuild_the_cells_across_the_wire() {
     let mut counters = ReplicaCounters::default();
     for t in 61..66 {
         world.tick(TickId(t));
-        let (to, round) = rep.round(&world, TickId(t)).expect("a round every tick");
+        let (to, round) = rep
+            .round(&world, TickId(t), false)
+            .expect("a round every tick");
         assert_eq!(to, B);
         let mut out = round_trip(vec![ShardMsg::Replica(round)]);
         let Some((
@@ -243,9 +245,9 @@ fn replication_rounds_rebuild_the_cells_across_the_wire() {
     }
     // A gap (a lost round) asks for a full one.
     world.tick(TickId(66));
-    let _lost = rep.round(&world, TickId(66)).unwrap();
+    let _lost = rep.round(&world, TickId(66), false).unwrap();
     world.tick(TickId(67));
-    let (_, round) = rep.round(&world, TickId(67)).unwrap();
+    let (_, round) = rep.round(&world, TickId(67), false).unwrap();
     let ReplicaMsg::Round {
         from,
         seq,
@@ -262,7 +264,7 @@ fn replication_rounds_rebuild_the_cells_across_the_wire() {
     ));
     rep.on_resync(B);
     world.tick(TickId(68));
-    let (_, round) = rep.round(&world, TickId(68)).unwrap();
+    let (_, round) = rep.round(&world, TickId(68), false).unwrap();
     assert!(matches!(round, ReplicaMsg::Round { full: true, .. }));
     let round_trip_small = round_trip(vec![
         ShardMsg::Replica(ReplicaMsg::Ack { from: B, seq: 3 }),
@@ -543,7 +545,7 @@ fn sample_bundle() -> Vec<u8> {
     }));
     let mut rep = crate::replica::Replicator::<DemoGame>::new(A, 1);
     rep.set_backup(Some(B));
-    let (_, round) = rep.round(&world, TickId(31)).unwrap();
+    let (_, round) = rep.round(&world, TickId(31), false).unwrap();
     msgs.push(ShardMsg::Replica(round));
     let registry = test_registry();
     let mut w = BundleWriter::new(B);
