@@ -30,12 +30,29 @@ fn print_cluster(st: &ClusterStatus, with_shards: bool) {
         );
         for n in &st.nodes {
             println!(
-                "{:>6} {:>8} {:>7} {:>22} {:>22}",
+                "{:>6} {:>8} {:>7} {:>22} {:>22}{}",
                 n.node,
                 n.role,
                 n.shards,
                 n.cluster_addr,
-                n.game_addr.as_deref().unwrap_or("-")
+                n.game_addr.as_deref().unwrap_or("-"),
+                if n.dead { "  DEAD" } else { "" }
+            );
+        }
+        if !st.backups.is_empty() {
+            println!("backups: {}", st.backups.join("  "));
+        }
+        for f in &st.failovers {
+            println!(
+                "failover: {} -> {}: {} cells, {} entities, {} without replica; detected {:.0} ms after its last heartbeat, served {} after, {} ticks of state lost",
+                f.shard,
+                f.to,
+                f.cells,
+                f.entities,
+                f.missing,
+                f.detection_ms,
+                f.served_ms.map_or("(pending)".to_string(), |s| format!("{s:.0} ms")),
+                f.ticks_lost.map_or("?".to_string(), |t| t.to_string())
             );
         }
         println!(
