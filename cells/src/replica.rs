@@ -63,6 +63,10 @@ pub enum ReplicaMsg<G: GameLogic> {
         full: bool,
         /// Every cell the owner has (a cell not listed is no longer its).
         cells: Vec<ReplicaCell<G>>,
+        /// Transfers the owner passed on for cells it no longer runs (a
+        /// released handover's late messages), kept: sent again if the
+        /// owner is lost.
+        passing: Vec<crate::cell::Retained<G>>,
     },
     /// Backup -> owner: round `seq` is applied.
     Ack {
@@ -112,6 +116,7 @@ impl<G: GameLogic> std::fmt::Debug for ReplicaMsg<G> {
                 tick,
                 full,
                 cells,
+                ..
             } => write!(
                 f,
                 "Replica::Round(from {from}, seq {seq}, tick {}, full {full}, {} cells)",
@@ -234,6 +239,7 @@ impl<G: GameLogic> Replicator<G> {
     pub fn round(
         &mut self,
         world: &ShardWorld<G>,
+        passing: &std::collections::VecDeque<crate::cell::Retained<G>>,
         tick: TickId,
         now: bool,
     ) -> Option<(ShardRef, ReplicaMsg<G>)> {
@@ -282,6 +288,7 @@ impl<G: GameLogic> Replicator<G> {
                 tick,
                 full,
                 cells,
+                passing: passing.iter().cloned().collect(),
             },
         ))
     }
@@ -307,6 +314,7 @@ struct Source<G: GameLogic> {
     seq: u64,
     tick: TickId,
     cells: BTreeMap<CellId, (u32, CellState<G>)>,
+    passing: Vec<crate::cell::Retained<G>>,
     /// Promoted at this tick: what is left (cells the lost shard was
     /// handing over) is kept a while, in case the handover's target was
     /// lost too and the coordinator falls back on these copies.
@@ -338,6 +346,7 @@ impl<G: GameLogic> ReplicaStore<G> {
 
     /// Applies a round; returns the answer for the owner (an ack, or a
     /// resync when the round does not follow the last one applied).
+    #[allow(clippy::too_many_arguments)]
     pub fn on_round(
         &mut self,
         from: ShardRef,
@@ -345,6 +354,7 @@ impl<G: GameLogic> ReplicaStore<G> {
         tick: TickId,
         full: bool,
         cells: Vec<ReplicaCell<G>>,
+        passing: Vec<crate::cell::Retained<G>>,
         counters: &mut ReplicaCounters,
     ) -> Option<ReplicaMsg<G>> {
         if self.sources.get(&from).is_some_and(|s| s.retired.is_some()) {
@@ -391,6 +401,7 @@ impl<G: GameLogic> ReplicaStore<G> {
                 seq,
                 tick,
                 cells: next,
+                passing,
                 retired: None,
             },
         );
@@ -405,6 +416,15 @@ impl<G: GameLogic> ReplicaStore<G> {
         s.cells
             .remove(&cell)
             .map(|(_, state)| Promotion { state, tick })
+    }
+
+    /// The transfers `from` had passed on for cells it no longer ran,
+    /// as its last round carried them.
+    pub fn passing_of(&self, from: ShardRef) -> Vec<crate::cell::Retained<G>> {
+        self.sources
+            .get(&from)
+            .map(|s| s.passing.clone())
+            .unwrap_or_default()
     }
 
     /// After the promotion of `from` at `tick`: the cells left (not
@@ -476,6 +496,20 @@ impl<G: GameLogic> ReplicaStore<G> {
                 )
             })
             .collect()
+    }
+
+    /// Transfers kept in replicas (entity, the cell that sent it, where
+    /// to), for failure messages.
+    pub fn kept(&self) -> Vec<(ShardRef, CellId, crate::ids::EntityId, CellId)> {
+        let mut out = Vec::new();
+        for (s, src) in &self.sources {
+            for (c, (_, st)) in &src.cells {
+                for r in &st.retained {
+                    out.push((*s, *c, r.transfer.entity.id, r.to));
+                }
+            }
+        }
+        out
     }
 
     /// Entities held in replicas (not authoritative), for checkers.

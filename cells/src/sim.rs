@@ -1500,6 +1500,13 @@ impl Harness {
                     out.push(format!("held on shard {s} for {}", env.to));
                 }
             }
+            for (from, cell, e, to) in core.replicas().kept() {
+                if e == id {
+                    out.push(format!(
+                        "kept in the replica of {cell} ({from}) on shard {s}, for {to}"
+                    ));
+                }
+            }
             for (from, cell, e) in core.replicas().entities() {
                 if e == id {
                     out.push(format!("in the replica of {cell} ({from}) on shard {s}"));

@@ -342,6 +342,7 @@ impl<G: GameLogic> NodeCore<G> {
                 tick,
                 full,
                 cells,
+                passing,
             } => {
                 if self.router.registry().backup_of(from) != Some(self.me) {
                     // Not (or no longer) its backup: say so with a resync
@@ -355,6 +356,7 @@ impl<G: GameLogic> NodeCore<G> {
                     tick,
                     full,
                     cells,
+                    passing,
                     self.replicator.counters_mut(),
                 );
                 if let Some(answer) = answer {
@@ -622,6 +624,11 @@ impl<G: GameLogic> NodeCore<G> {
                 );
             }
         }
+        // What the lost shard had passed on for cells it no longer ran.
+        for mut r in self.replicas.passing_of(from) {
+            r.transfer.resent = true;
+            resend.push((r.to, r.to, r.transfer));
+        }
         // Transfers waiting in the lost shard's other cells (a handover
         // source's buffer, forwarded after its commit) go again too, and
         // their senders send what they kept for those cells.
@@ -774,7 +781,10 @@ impl<G: GameLogic> NodeCore<G> {
                 .durable_after
                 .back()
                 .is_some_and(|(seq, ..)| *seq > acked);
-        if let Some((backup, round)) = self.replicator.round(&self.world, id, waiting) {
+        if let Some((backup, round)) =
+            self.replicator
+                .round(&self.world, &self.passing, id, waiting)
+        {
             self.outputs.push_back(NodeOutput::Shard {
                 to: backup,
                 msg: ShardMsg::Replica(round),
@@ -918,11 +928,18 @@ impl<G: GameLogic> NodeCore<G> {
                             t.resent = true;
                         }
                         self.keep_passing(cell, &msg);
-                        self.route_cell(CellEnvelope {
+                        let env = CellEnvelope {
                             to: cell,
                             from: cell,
                             msg,
-                        });
+                        };
+                        // A transfer waits for the round that carries the
+                        // copy kept of it, like a departure.
+                        if matches!(env.msg, CellMessage::Transfer(_)) {
+                            self.send_transfer(env);
+                        } else {
+                            self.route_cell(env);
+                        }
                     }
                 }
             }

@@ -339,7 +339,9 @@ fn replica_out<'a, G: GameLogic>(
             tick,
             full,
             cells,
+            passing,
         } => {
+            let passing = state::retained_out::<G>(fbb, passing, scratch);
             let recs: Vec<_> = cells
                 .iter()
                 .map(|c| {
@@ -377,6 +379,7 @@ fn replica_out<'a, G: GameLogic>(
                     tick: tick.0,
                     full: *full,
                     cells: Some(cells),
+                    passing: Some(passing),
                 },
             );
             (wire::ShardMsg::ReplicaRoundMsg, t.as_union_value())
@@ -453,6 +456,7 @@ fn replica_round_in<G: GameLogic>(
         tick: TickId(m.tick()),
         full: m.full(),
         cells,
+        passing: state::retained_in::<G>(m.passing(), "replica.passing")?,
     })
 }
 

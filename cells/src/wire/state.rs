@@ -920,6 +920,52 @@ fn counters_in(c: &wire::CellCountersRec) -> CellCounters {
     }
 }
 
+/// Transfers kept after they left (a cell's, or a shard's passing ones).
+pub(crate) fn retained_out<'a, G: GameLogic>(
+    fbb: &mut Fbb<'a>,
+    kept: &[crate::cell::Retained<G>],
+    scratch: &mut Vec<u8>,
+) -> Tables<'a, wire::RetainedRec<'a>> {
+    let recs: Vec<_> = kept
+        .iter()
+        .map(|r| {
+            let msg = CellMessage::Transfer(Box::new(r.transfer.clone()));
+            let sent = queued_out::<G>(fbb, r.departed, &msg, scratch);
+            wire::RetainedRec::create(
+                fbb,
+                &wire::RetainedRecArgs {
+                    to: Some(&cell_out(r.to)),
+                    sent_by: Some(&super::shard_out(r.sent_by)),
+                    sent: Some(sent),
+                },
+            )
+        })
+        .collect();
+    fbb.create_vector(&recs)
+}
+
+pub(crate) fn retained_in<G: GameLogic>(
+    v: Option<Vector<'_, ForwardsUOffset<wire::RetainedRec<'_>>>>,
+    field: &'static str,
+) -> Result<Vec<crate::cell::Retained<G>>, FrameError> {
+    match v {
+        Some(v) => list(v.len(), field, |i| {
+            let rec = v.get(i);
+            let q = rec.sent();
+            let CellMessage::Transfer(t) = cell_msg_in::<G>(cell_msg_parts!(q))? else {
+                return Err(FrameError::BadValue(field));
+            };
+            Ok(crate::cell::Retained {
+                departed: TickId(q.tick()),
+                to: cell_in(need(rec.to(), field)?, field)?,
+                sent_by: super::shard_in(need(rec.sent_by(), field)?),
+                transfer: *t,
+            })
+        }),
+        None => Ok(Vec::new()),
+    }
+}
+
 pub(crate) fn state_out<'a, G: GameLogic>(
     fbb: &mut Fbb<'a>,
     s: &CellState<G>,
@@ -953,23 +999,7 @@ pub(crate) fn state_out<'a, G: GameLogic>(
         .map(|(t, m)| queued_out::<G>(fbb, *t, m, scratch))
         .collect();
     let orphans = fbb.create_vector(&orphans);
-    let retained: Vec<_> = s
-        .retained
-        .iter()
-        .map(|r| {
-            let msg = CellMessage::Transfer(Box::new(r.transfer.clone()));
-            let sent = queued_out::<G>(fbb, r.departed, &msg, scratch);
-            wire::RetainedRec::create(
-                fbb,
-                &wire::RetainedRecArgs {
-                    to: Some(&cell_out(r.to)),
-                    sent_by: Some(&super::shard_out(r.sent_by)),
-                    sent: Some(sent),
-                },
-            )
-        })
-        .collect();
-    let retained = fbb.create_vector(&retained);
+    let retained = retained_out::<G>(fbb, &s.retained, scratch);
     let g = &s.game_counters;
     wire::CellStateRec::create(
         fbb,
@@ -1018,22 +1048,7 @@ pub(crate) fn state_in<G: GameLogic>(r: &wire::CellStateRec) -> Result<CellState
             (cell_in(f.cell(), "state.forwards")?, TickId(f.tick())),
         );
     }
-    let retained = match r.retained() {
-        Some(v) => list(v.len(), "state.retained", |i| {
-            let rec = v.get(i);
-            let q = rec.sent();
-            let CellMessage::Transfer(t) = cell_msg_in::<G>(cell_msg_parts!(q))? else {
-                return Err(FrameError::BadValue("state.retained"));
-            };
-            Ok(crate::cell::Retained {
-                departed: TickId(q.tick()),
-                to: cell_in(need(rec.to(), "state.retained.to")?, "state.retained.to")?,
-                sent_by: super::shard_in(need(rec.sent_by(), "state.retained.sent_by")?),
-                transfer: *t,
-            })
-        })?,
-        None => Vec::new(),
-    };
+    let retained = retained_in::<G>(r.retained(), "state.retained")?;
     let g = need(r.game_counters(), "state.game_counters")?;
     Ok(CellState {
         id: cell_in(need(r.id(), "state.id")?, "state.id")?,

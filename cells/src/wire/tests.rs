@@ -193,6 +193,24 @@ fn whole_cell_states_and_diffs_cross_unchanged() {
     );
 }
 
+/// A kept copy of a transfer out of one of `world`'s cells.
+fn sent_transfer(world: &ShardWorld<DemoGame>) -> Option<crate::cell::Retained<DemoGame>> {
+    let cell = world.cells().find(|c| !c.entities().is_empty())?;
+    let e = cell.entities().iter().next()?.clone();
+    Some(crate::cell::Retained {
+        departed: TickId(60),
+        to: CellId::root(0, 3, 3),
+        sent_by: A,
+        transfer: crate::messages::EntityTransfer {
+            entity: e,
+            jobs: Vec::new(),
+            ghost_holders: vec![cell.id()],
+            departed: TickId(60),
+            resent: false,
+        },
+    })
+}
+
 #[test]
 fn replication_rounds_rebuild_the_cells_across_the_wire() {
     use crate::replica::{ReplicaCounters, ReplicaMsg, ReplicaStore, Replicator};
@@ -203,8 +221,10 @@ fn replication_rounds_rebuild_the_cells_across_the_wire() {
     let mut counters = ReplicaCounters::default();
     for t in 61..66 {
         world.tick(TickId(t));
+        // A transfer the shard passed on travels with every round.
+        let passing: std::collections::VecDeque<_> = sent_transfer(&world).into_iter().collect();
         let (to, round) = rep
-            .round(&world, TickId(t), false)
+            .round(&world, &passing, TickId(t), false)
             .expect("a round every tick");
         assert_eq!(to, B);
         let mut out = round_trip(vec![ShardMsg::Replica(round)]);
@@ -216,6 +236,7 @@ fn replication_rounds_rebuild_the_cells_across_the_wire() {
                 tick,
                 full,
                 cells,
+                passing: got,
             }),
         )) = out.pop()
         else {
@@ -226,7 +247,11 @@ fn replication_rounds_rebuild_the_cells_across_the_wire() {
             t == 61,
             "the first round is full, the next ones diffs"
         );
-        let ack = store.on_round(from, seq, tick, full, cells, &mut counters);
+        assert!(
+            got == passing.iter().cloned().collect::<Vec<_>>(),
+            "the kept transfers cross"
+        );
+        let ack = store.on_round(from, seq, tick, full, cells, got, &mut counters);
         let Some(ReplicaMsg::Ack { seq, .. }) = ack else {
             panic!("applied in order: {ack:?}");
         };
@@ -245,26 +270,33 @@ fn replication_rounds_rebuild_the_cells_across_the_wire() {
     }
     // A gap (a lost round) asks for a full one.
     world.tick(TickId(66));
-    let _lost = rep.round(&world, TickId(66), false).unwrap();
+    let _lost = rep
+        .round(&world, &Default::default(), TickId(66), false)
+        .unwrap();
     world.tick(TickId(67));
-    let (_, round) = rep.round(&world, TickId(67), false).unwrap();
+    let (_, round) = rep
+        .round(&world, &Default::default(), TickId(67), false)
+        .unwrap();
     let ReplicaMsg::Round {
         from,
         seq,
         tick,
         full,
         cells,
+        passing,
     } = round
     else {
         unreachable!()
     };
     assert!(matches!(
-        store.on_round(from, seq, tick, full, cells, &mut counters),
+        store.on_round(from, seq, tick, full, cells, passing, &mut counters),
         Some(ReplicaMsg::Resync { .. })
     ));
     rep.on_resync(B);
     world.tick(TickId(68));
-    let (_, round) = rep.round(&world, TickId(68), false).unwrap();
+    let (_, round) = rep
+        .round(&world, &Default::default(), TickId(68), false)
+        .unwrap();
     assert!(matches!(round, ReplicaMsg::Round { full: true, .. }));
     let round_trip_small = round_trip(vec![
         ShardMsg::Replica(ReplicaMsg::Ack { from: B, seq: 3 }),
@@ -545,7 +577,9 @@ fn sample_bundle() -> Vec<u8> {
     }));
     let mut rep = crate::replica::Replicator::<DemoGame>::new(A, 1);
     rep.set_backup(Some(B));
-    let (_, round) = rep.round(&world, TickId(31), false).unwrap();
+    let (_, round) = rep
+        .round(&world, &Default::default(), TickId(31), false)
+        .unwrap();
     msgs.push(ShardMsg::Replica(round));
     let registry = test_registry();
     let mut w = BundleWriter::new(B);

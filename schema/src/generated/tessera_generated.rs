@@ -12945,6 +12945,7 @@ impl<'a> ReplicaRoundMsg<'a> {
   pub const VT_TICK: ::flatbuffers::VOffsetT = 8;
   pub const VT_FULL: ::flatbuffers::VOffsetT = 10;
   pub const VT_CELLS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_PASSING: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -12958,6 +12959,7 @@ impl<'a> ReplicaRoundMsg<'a> {
     let mut builder = ReplicaRoundMsgBuilder::new(_fbb);
     builder.add_tick(args.tick);
     builder.add_seq(args.seq);
+    if let Some(x) = args.passing { builder.add_passing(x); }
     if let Some(x) = args.cells { builder.add_cells(x); }
     if let Some(x) = args.from { builder.add_from(x); }
     builder.add_full(args.full);
@@ -13000,6 +13002,14 @@ impl<'a> ReplicaRoundMsg<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ReplicaCellRec>>>>(ReplicaRoundMsg::VT_CELLS, None)}
   }
+  /// Transfers the shard passed on for cells it no longer runs, kept.
+  #[inline]
+  pub fn passing(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<RetainedRec<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<RetainedRec>>>>(ReplicaRoundMsg::VT_PASSING, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ReplicaRoundMsg<'_> {
@@ -13013,6 +13023,7 @@ impl ::flatbuffers::Verifiable for ReplicaRoundMsg<'_> {
      .visit_field::<u64>("tick", Self::VT_TICK, false)?
      .visit_field::<bool>("full", Self::VT_FULL, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ReplicaCellRec>>>>("cells", Self::VT_CELLS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<RetainedRec>>>>("passing", Self::VT_PASSING, false)?
      .finish();
     Ok(())
   }
@@ -13023,6 +13034,7 @@ pub struct ReplicaRoundMsgArgs<'a> {
     pub tick: u64,
     pub full: bool,
     pub cells: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ReplicaCellRec<'a>>>>>,
+    pub passing: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<RetainedRec<'a>>>>>,
 }
 impl<'a> Default for ReplicaRoundMsgArgs<'a> {
   #[inline]
@@ -13033,6 +13045,7 @@ impl<'a> Default for ReplicaRoundMsgArgs<'a> {
       tick: 0,
       full: false,
       cells: None,
+      passing: None,
     }
   }
 }
@@ -13063,6 +13076,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReplicaRoundMsgBuilder<'a, 'b
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReplicaRoundMsg::VT_CELLS, cells);
   }
   #[inline]
+  pub fn add_passing(&mut self, passing: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<RetainedRec<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReplicaRoundMsg::VT_PASSING, passing);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReplicaRoundMsgBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ReplicaRoundMsgBuilder {
@@ -13085,6 +13102,7 @@ impl ::core::fmt::Debug for ReplicaRoundMsg<'_> {
       ds.field("tick", &self.tick());
       ds.field("full", &self.full());
       ds.field("cells", &self.cells());
+      ds.field("passing", &self.passing());
       ds.finish()
   }
 }
