@@ -366,6 +366,25 @@ fn a_killed_compute_node_s_cells_come_back_and_every_bot_plays_on() {
     assert_eq!(value(&report, "clients_disconnected"), 0.0, "{summary}");
     assert_eq!(value(&report, "bad_frames"), 0.0, "{summary}");
     assert_eq!(value(&report, "inputs_unconfirmed"), 0.0, "{summary}");
+    // The survivors' metrics agree: the lost cells came from replicas, none
+    // started empty, and the survivors replicate each other now.
+    let promoted: f64 = [&a, &c]
+        .iter()
+        .map(|n| n.metric("tessera_replica_promoted_cells_total"))
+        .sum();
+    assert_eq!(promoted, f["cells"].as_f64().unwrap(), "{summary}");
+    for n in [&a, &c] {
+        assert_eq!(
+            n.metric("tessera_replica_promoted_empty_total"),
+            0.0,
+            "{summary}"
+        );
+        assert!(
+            n.metric("tessera_replica_rounds_sent_total") > 0.0,
+            "{summary}"
+        );
+        assert_eq!(n.metric("tessera_shard_fenced"), 0.0, "{summary}");
+    }
     // Every cell runs on a live node.
     let st = coord_status(&coord_admin);
     for cell in st["cells"].as_array().unwrap() {

@@ -220,6 +220,91 @@ fn render_cluster(o: &mut String, node_id: u16, node: &[Option<super::NodeShardS
             let _ = writeln!(o, "{name}{{node=\"{node_id}\",shard=\"{i}\"}} {}", get(c));
         }
     }
+    render_replica(o, node_id, node);
+}
+
+/// Replication, fencing and recovery, per shard (only on a clustered node).
+fn render_replica(o: &mut String, node_id: u16, node: &[Option<super::NodeShardStats>]) {
+    use tessera_cells::replica::ReplicaCounters as R;
+    let shards: Vec<(usize, &super::NodeShardStats)> = node
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| Some((i, s.as_ref()?)))
+        .collect();
+    help(
+        o,
+        "tessera_shard_fenced",
+        "gauge",
+        "1 while the shard's lease is not valid: its cells are frozen until the coordinator renews it or gives them away.",
+    );
+    for (i, s) in &shards {
+        let _ = writeln!(
+            o,
+            "tessera_shard_fenced{{node=\"{node_id}\",shard=\"{i}\"}} {}",
+            u8::from(s.fenced)
+        );
+    }
+    for (name, text, get) in [
+        (
+            "tessera_replica_rounds_sent_total",
+            "Replication rounds sent to the shard's backup.",
+            (|c: &R| c.rounds_sent) as fn(&R) -> u64,
+        ),
+        (
+            "tessera_replica_full_rounds_total",
+            "Full rounds among them (a new backup, or a resync).",
+            |c| c.full_rounds,
+        ),
+        (
+            "tessera_replica_entities_sent_total",
+            "Entities carried, whole or changed, by those rounds.",
+            |c| c.entities_sent,
+        ),
+        (
+            "tessera_replica_rounds_applied_total",
+            "Rounds applied as another shard's backup.",
+            |c| c.rounds_applied,
+        ),
+        (
+            "tessera_replica_resyncs_total",
+            "Rounds a backup could not apply (it asked for a full one).",
+            |c| c.resyncs,
+        ),
+        (
+            "tessera_replica_promoted_cells_total",
+            "Cells of a lost shard run again from a replica here.",
+            |c| c.promoted,
+        ),
+        (
+            "tessera_replica_promoted_empty_total",
+            "Cells of a lost shard restarted empty (no replica here).",
+            |c| c.promoted_empty,
+        ),
+        (
+            "tessera_replica_transfers_held_total",
+            "Transfers to other shards held until their departure was replicated.",
+            |c| c.transfers_held,
+        ),
+        (
+            "tessera_replica_transfers_resent_total",
+            "Kept transfers sent again after a shard was lost.",
+            |c| c.transfers_resent,
+        ),
+        (
+            "tessera_replica_cells_superseded_total",
+            "Cells dropped because they were restored elsewhere while this shard was cut off.",
+            |c| c.cells_superseded,
+        ),
+    ] {
+        help(o, name, "counter", text);
+        for (i, s) in &shards {
+            let _ = writeln!(
+                o,
+                "{name}{{node=\"{node_id}\",shard=\"{i}\"}} {}",
+                get(&s.replica)
+            );
+        }
+    }
 }
 
 /// The metrics page.

@@ -196,6 +196,8 @@ impl<G: GameLogic> NodeShard<G> {
                 cells: core.cell_summaries(),
                 handover: core.agent().counters(),
                 cluster: self.cluster.as_ref().map(|c| c.counters()),
+                replica: core.replica_counters(),
+                fenced: core.is_fenced(),
             },
         );
     }

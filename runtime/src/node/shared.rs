@@ -53,6 +53,10 @@ pub struct NodeShardStats {
     pub handover: tessera_cells::handover::HandoverCounters,
     /// Its cluster links (None on a node outside a cluster).
     pub cluster: Option<crate::cluster::shard::ClusterCounters>,
+    /// Replication to its backup, as backup for others, and recovery.
+    pub replica: tessera_cells::replica::ReplicaCounters,
+    /// True while its lease is not valid (cells frozen).
+    pub fenced: bool,
 }
 
 /// What the coordinator did, for metrics, admin and benchmarks.
