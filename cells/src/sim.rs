@@ -1062,8 +1062,16 @@ impl Harness {
         match self.clients[i].truth.get(&tick) {
             Some(t) if *t != view => {
                 let (got, want) = (view.entries.len(), t.entries.len());
+                let differ: Vec<_> = view
+                    .entries
+                    .iter()
+                    .zip(&t.entries)
+                    .filter(|(a, b)| a != b)
+                    .take(2)
+                    .map(|(a, b)| format!("{}: {:?} vs {:?}", a.0, a.1, b.1))
+                    .collect();
                 self.violation(format!(
-                    "client {client} rebuilt view {tick} differs from the server's ({got} vs {want} entities)"
+                    "client {client} rebuilt view {tick} differs from the server's ({got} vs {want} entities; {differ:?})"
                 ))
             }
             _ => {}
