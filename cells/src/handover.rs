@@ -451,6 +451,15 @@ impl<G: GameLogic> HandoverAgent<G> {
         }
     }
 
+    /// True if this shard is the source of a handover of `cell` that has
+    /// not frozen it yet (pre-copy sent, or target ready): the cell is
+    /// still this shard's to run.
+    pub fn source_unfrozen(&self, cell: CellId) -> bool {
+        self.sources
+            .get(&cell)
+            .is_some_and(|op| !matches!(op.state, SourceState::Frozen { .. }))
+    }
+
     /// The handover this shard is the source of for `cell`, if any.
     pub fn source_id(&self, cell: CellId) -> Option<HandoverId> {
         self.sources.get(&cell).map(|op| op.id)

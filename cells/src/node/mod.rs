@@ -686,7 +686,15 @@ impl<G: GameLogic> NodeCore<G> {
         for c in self.world.cell_ids() {
             let Some(a) = registry.get(c) else { continue };
             let mine = self.world.epoch(c).unwrap_or(0);
-            if a.owner != self.me && a.epoch > mine && !self.agent.busy(c) {
+            // A handover this shard had only begun (not frozen) cannot have
+            // moved the cell: it was restored elsewhere while this shard was
+            // cut off, and the handover is moot. A frozen one waits for the
+            // coordinator (its commit, or a reclaim).
+            let moot = self.agent.source_unfrozen(c);
+            if a.owner != self.me && a.epoch > mine && (!self.agent.busy(c) || moot) {
+                if moot {
+                    self.agent.forget_source(c);
+                }
                 self.drop_superseded(c, a.owner, a.epoch, mine);
             }
         }
@@ -712,6 +720,16 @@ impl<G: GameLogic> NodeCore<G> {
         c.restore_inputs(keep);
         self.fence_frozen.remove(&cell);
         self.replicator.counters_mut().cells_superseded += 1;
+        // Its departures still held were in the replica it was restored
+        // from, whose new owner sent them again: these go as copies, taken
+        // only if new.
+        for (_, _, env) in self.held.iter_mut() {
+            if env.from == cell {
+                if let CellMessage::Transfer(t) = &mut env.msg {
+                    t.resent = true;
+                }
+            }
+        }
         tracing::warn!(shard = %self.me, %cell, %owner, epoch, held_epoch = mine, entities = c.entities().len(),
             "cell restored elsewhere while this shard was cut off: dropped");
         for mut msg in c.take_inputs() {
