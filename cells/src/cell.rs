@@ -1448,11 +1448,6 @@ impl<G: GameLogic> Cell<G> {
             .collect()
     }
 
-    /// Transfers kept.
-    pub fn retained_len(&self) -> usize {
-        self.retained.len()
-    }
-
     /// Queues intents (re-delivered after a split or merge).
     pub fn push_intents(&mut self, intents: impl IntoIterator<Item = (G::Intent, u8)>) {
         self.intent_queue.extend(intents);

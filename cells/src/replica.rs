@@ -41,7 +41,7 @@ pub enum ReplicaBody<G: GameLogic> {
 
 /// A cell as a round carries it.
 pub struct ReplicaCell<G: GameLogic> {
-    /// The cell.
+    /// Which cell of the owner this is.
     pub cell: CellId,
     /// The epoch its owner holds it at.
     pub epoch: u32,
@@ -203,9 +203,8 @@ impl<G: GameLogic> Replicator<G> {
             self.backup = backup;
             self.full = true;
             self.base.clear();
-            // Rounds the old backup did not acknowledge are covered by the
-            // new backup's first (full) round.
-            self.acked = self.seq;
+            // What waits for an ack keeps waiting: for the new backup's
+            // first (full) round, which covers it.
         }
     }
 
@@ -224,7 +223,8 @@ impl<G: GameLogic> Replicator<G> {
         self.acked
     }
 
-    /// The counters.
+    /// Replication and recovery counters of this shard (both roles: the
+    /// node core counts its holds, resends and promotions here too).
     pub fn counters(&self) -> ReplicaCounters {
         self.counters
     }
@@ -361,6 +361,11 @@ impl<G: GameLogic> ReplicaStore<G> {
             counters.rounds_ignored += 1;
             return None;
         }
+        if full && self.sources.get(&from).is_some_and(|s| seq <= s.seq) {
+            // A late or repeated full round must not undo newer state.
+            counters.rounds_ignored += 1;
+            return None;
+        }
         if !full {
             match self.sources.get(&from) {
                 Some(s) if seq <= s.seq => {
@@ -459,11 +464,6 @@ impl<G: GameLogic> ReplicaStore<G> {
     /// The tick of the newest round applied from `from`.
     pub fn tick_of(&self, from: ShardRef) -> Option<TickId> {
         self.sources.get(&from).map(|s| s.tick)
-    }
-
-    /// Forgets `from` (promoted, or no longer backed up here).
-    pub fn forget(&mut self, from: ShardRef) {
-        self.sources.remove(&from);
     }
 
     /// Keeps only the replicas of these owners.

@@ -44,7 +44,7 @@ pub struct FailoverRecord {
     pub shard: ShardRef,
     /// Where its cells went.
     pub to: ShardRef,
-    /// Its cells.
+    /// How many cells it had.
     pub cells: usize,
     /// Last heartbeat to declared dead.
     pub detection: Duration,
@@ -308,7 +308,6 @@ impl Coordinator {
         else {
             return;
         };
-        let (promoted, missing) = (&promoted, &missing);
         let Some(mut p) = self.liveness.pending.remove(&from) else {
             self.counters_mut().stale_events += 1;
             return;
@@ -319,7 +318,7 @@ impl Coordinator {
             return;
         }
         let mut lost_cells = 0;
-        for cell in missing {
+        for cell in &missing {
             if self.reclaimable(*cell) {
                 self.reclaim(*cell);
             } else {
@@ -328,7 +327,7 @@ impl Coordinator {
         }
         // Cells the backup had: their handover's source lets go of its
         // frozen copy.
-        for cell in promoted {
+        for cell in &promoted {
             self.release_reclaimable(*cell);
         }
         let missing = lost_cells;

@@ -118,6 +118,8 @@ impl Sim {
         self.publish();
         self.coord.tick(after);
         self.failovers.extend(self.coord.take_failovers());
+        // DEBUG_ENTITY=<id>: where that entity is after every tick, with the
+        // coordinator's decisions (to read a failing seed).
         if let Some(id) = std::env::var("DEBUG_ENTITY")
             .ok()
             .and_then(|s| s.parse::<u64>().ok())
@@ -133,46 +135,6 @@ impl Sim {
             );
             for l in self.coord.take_log() {
                 eprintln!("  coord: {l}");
-            }
-            if self.h.tick() % 10 == 0 {
-                let c: CellId = std::env::var("DEBUG_CELL")
-                    .unwrap_or("0:6,1".into())
-                    .parse()
-                    .unwrap();
-                eprintln!(
-                    "  registry {c} {:?}; held by {:?}",
-                    self.coord.registry().get(c),
-                    self.h
-                        .cores()
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, k)| k.world().owns(c))
-                        .map(|(i, k)| (
-                            i,
-                            k.world().epoch(c),
-                            k.world().is_frozen(c),
-                            k.agent().source_id(c)
-                        ))
-                        .collect::<Vec<_>>()
-                );
-                for core in self.h.cores() {
-                    eprintln!(
-                        "  store of {}: {:?} backup {:?}",
-                        core.me(),
-                        core.replicas().summary(),
-                        core.router().registry().backup_of(core.me())
-                    );
-                }
-            }
-            if self.h.tick() % 50 == 0 {
-                for c in self.h.cores() {
-                    eprintln!(
-                        "  {}: {:?} {:?}",
-                        c.me(),
-                        c.replica_counters(),
-                        c.world().totals().counters.transfers_resent_known
-                    );
-                }
             }
         }
     }

@@ -151,6 +151,14 @@ pub struct NodeCore<G: GameLogic> {
     fence_frozen: BTreeSet<CellId>,
 }
 
+/// Marks a transfer as a copy sent again (taken only if new to its
+/// receiver); other messages are left as they are.
+fn mark_resent<C, I>(msg: &mut CellMessage<C, I>) {
+    if let CellMessage::Transfer(t) = msg {
+        t.resent = true;
+    }
+}
+
 /// How many ticks apart replication rounds are by default (the state a
 /// node's loss can cost, plus the link's delay).
 pub const REPLICATE_EVERY: u64 = 2;
@@ -181,14 +189,6 @@ impl<G: GameLogic> NodeCore<G> {
             fenced: false,
             fence_frozen: BTreeSet::new(),
         }
-    }
-
-    /// Replication rounds every `every` ticks (default [`REPLICATE_EVERY`]).
-    pub fn with_replication_every(mut self, every: u64) -> Self {
-        let backup = self.replicator.backup();
-        self.replicator = Replicator::new(self.me, every);
-        self.replicator.set_backup(backup);
-        self
     }
 
     // ----- getters -----
@@ -262,6 +262,12 @@ impl<G: GameLogic> NodeCore<G> {
             for c in std::mem::take(&mut self.fence_frozen) {
                 self.world.unfreeze(c);
             }
+        }
+    }
+
+    fn freeze_if_fenced(&mut self, cell: CellId) {
+        if self.fenced && self.world.freeze(cell) {
+            self.fence_frozen.insert(cell);
         }
     }
 
@@ -345,8 +351,8 @@ impl<G: GameLogic> NodeCore<G> {
                 passing,
             } => {
                 if self.router.registry().backup_of(from) != Some(self.me) {
-                    // Not (or no longer) its backup: say so with a resync
-                    // only if the registry names us; otherwise ignore.
+                    // Not (or no longer) its backup: ignored (the owner's
+                    // next backup gets a full round).
                     self.replicator.counters_mut().rounds_ignored += 1;
                     return;
                 }
@@ -410,9 +416,7 @@ impl<G: GameLogic> NodeCore<G> {
             waiting
                 .into_iter()
                 .map(|mut m| {
-                    if let CellMessage::Transfer(t) = &mut m {
-                        t.resent = true;
-                    }
+                    mark_resent(&mut m);
                     m
                 })
                 .collect(),
@@ -606,9 +610,7 @@ impl<G: GameLogic> NodeCore<G> {
                 }
             }
             self.world.set_epoch(cell, epoch);
-            if self.fenced && self.world.freeze(cell) {
-                self.fence_frozen.insert(cell);
-            }
+            self.freeze_if_fenced(cell);
         }
         tracing::warn!(shard = %self.me, lost = %from, cells = restored.len(), missing = missing.len(), entities,
             replica_tick = replica_tick.0, tick = tick.0, "promoted the replicas of a lost shard");
@@ -713,31 +715,28 @@ impl<G: GameLogic> NodeCore<G> {
         let Some(mut c) = self.world.take_cell(cell) else {
             return;
         };
-        let keep: Vec<_> = c.take_inputs();
-        for msg in &keep {
-            self.keep_passing(cell, msg);
-        }
-        c.restore_inputs(keep);
+
         self.fence_frozen.remove(&cell);
         self.replicator.counters_mut().cells_superseded += 1;
-        // Its departures still held were in the replica it was restored
-        // from, whose new owner sent them again: these go as copies, taken
-        // only if new.
-        for (_, _, env) in self.held.iter_mut() {
-            if env.from == cell {
-                if let CellMessage::Transfer(t) = &mut env.msg {
-                    t.resent = true;
-                }
-            }
+        // Its departures still held are redundant: either the replica it was
+        // restored from covers them (its new owner sent the copy it kept),
+        // or it predates them (the entity is still in the restored cell).
+        // Sending them would make an entity twice.
+        let before = self.held.len();
+        self.held.retain(|(_, _, env)| {
+            !(env.from == cell && matches!(env.msg, CellMessage::Transfer(_)))
+        });
+        let dropped = before - self.held.len();
+        if dropped > 0 {
+            tracing::info!(shard = %self.me, %cell, dropped, "held departures of a superseded cell dropped");
         }
         tracing::warn!(shard = %self.me, %cell, %owner, epoch, held_epoch = mine, entities = c.entities().len(),
             "cell restored elsewhere while this shard was cut off: dropped");
         for mut msg in c.take_inputs() {
             // The restored copy may have moved the entity on since: this
             // one goes as a copy sent again, taken only if new.
-            if let CellMessage::Transfer(t) = &mut msg {
-                t.resent = true;
-            }
+            mark_resent(&mut msg);
+            self.keep_passing(cell, &msg);
             self.route_cell(CellEnvelope {
                 to: cell,
                 from: cell,
@@ -886,9 +885,7 @@ impl<G: GameLogic> NodeCore<G> {
             } => {
                 if self.agent.reclaim(&mut self.world, id, cell) {
                     self.world.set_epoch(cell, epoch);
-                    if self.fenced && self.world.freeze(cell) {
-                        self.fence_frozen.insert(cell);
-                    }
+                    self.freeze_if_fenced(cell);
                     // What was sent into the cell while the lost target ran
                     // it comes again.
                     self.resend_kept(lost, &[cell], &[cell], None);
@@ -942,9 +939,7 @@ impl<G: GameLogic> NodeCore<G> {
                         // unless the cell was restored from a replica that
                         // had it (a source cut off while it waited): taken
                         // only if new.
-                        if let CellMessage::Transfer(t) = &mut msg {
-                            t.resent = true;
-                        }
+                        mark_resent(&mut msg);
                         self.keep_passing(cell, &msg);
                         let env = CellEnvelope {
                             to: cell,

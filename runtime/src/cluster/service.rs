@@ -97,7 +97,7 @@ pub struct ClusterFailover {
     pub shard: String,
     /// Where its cells went.
     pub to: String,
-    /// Cells.
+    /// How many cells it had.
     pub cells: usize,
     /// Last heartbeat to declared dead, ms.
     pub detection_ms: f64,

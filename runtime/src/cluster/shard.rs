@@ -336,11 +336,6 @@ impl ClusterSide {
         self.lease.valid(now)
     }
 
-    /// When the lease ends.
-    pub fn lease_until(&self) -> Option<Instant> {
-        self.lease.until()
-    }
-
     /// Sends a control message to the coordinator. While its link is down
     /// the message waits (reports of a handover's steps must reach it);
     /// heartbeats and load reports do not (the next ones replace them).
@@ -457,7 +452,7 @@ impl ClusterSide {
                 }
                 Event::Disconnected { connection, reason } => {
                     if Some(connection) == self.coord {
-                        tracing::warn!(shard = %self.me, reason = ?reason, "coordinator link lost: gameplay goes on, balancing pauses; redialling");
+                        tracing::warn!(shard = %self.me, reason = ?reason, "coordinator link lost: gameplay goes on while the lease lasts, balancing pauses; redialling");
                         self.coord = None;
                         self.coord_retry_at = Some(now + COORD_RETRY);
                     } else if let Some((&to, _)) =
