@@ -168,6 +168,16 @@ pub struct ReplicaCounters {
     pub cells_superseded: u64,
 }
 
+/// A player's view history is not replicated: it changes every tick and
+/// is most of a player's bytes. A restored avatar's view starts again, so
+/// its client gets one full snapshot (its baseline is unknown to the new
+/// owner), then deltas.
+pub fn without_view_history<C>(e: &mut crate::entity::Entity<C>) {
+    if let Some(v) = e.view.as_mut() {
+        **v = crate::view::ClientView::new(v.client);
+    }
+}
+
 /// The owner's side: what was last sent to the backup.
 pub struct Replicator<G: GameLogic> {
     me: ShardRef,
@@ -258,13 +268,16 @@ impl<G: GameLogic> Replicator<G> {
             let epoch = world.epoch(id).unwrap_or(0);
             let body = match self.base.get(&id) {
                 Some(base) => {
-                    let diff = cell.diff(base);
+                    let mut diff = cell.diff(base);
                     entities += diff.changed.len() as u64;
+                    diff.changed.iter_mut().for_each(without_view_history);
                     ReplicaBody::Diff(Box::new(diff))
                 }
                 None => {
                     entities += cell.entities().len() as u64;
-                    ReplicaBody::Full(Box::new(cell.state()))
+                    let mut state = cell.state();
+                    state.entities.iter_mut().for_each(without_view_history);
+                    ReplicaBody::Full(Box::new(state))
                 }
             };
             cells.push(ReplicaCell {
