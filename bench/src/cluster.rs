@@ -77,6 +77,7 @@ impl Cluster {
             tick_hz: 20,
             compute_nodes: computes,
             policy,
+            etcd: None,
         })
         .map_err(|e| e.to_string())?;
         let configs: Vec<NodeConfig> = nodes
@@ -96,7 +97,7 @@ impl Cluster {
                     ..Default::default()
                 },
                 cluster: Some(ClusterConfig {
-                    coord: listen,
+                    coords: vec![listen],
                     node: id,
                     cluster_addr: format!("{ip}:{}", free_port(ip)).parse().expect("addr"),
                     role,

@@ -229,7 +229,14 @@ impl Registry {
     /// A coordinator takes over: every order of an earlier one is now older
     /// than the cluster epoch.
     pub fn bump_cluster_epoch(&mut self) -> u32 {
-        self.cluster_epoch += 1;
+        self.raise_cluster_epoch(self.cluster_epoch.saturating_add(1))
+    }
+
+    /// A coordinator takes over with fencing token `epoch` (from etcd):
+    /// the cluster epoch becomes `epoch`, or one more than now if that is
+    /// not newer (an epoch never goes back).
+    pub fn raise_cluster_epoch(&mut self, epoch: u32) -> u32 {
+        self.cluster_epoch = epoch.max(self.cluster_epoch.saturating_add(1));
         self.version += 1;
         self.cluster_epoch
     }

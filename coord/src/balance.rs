@@ -230,8 +230,17 @@ impl Coordinator {
     /// operation ids start in a range no earlier coordinator used, so that a
     /// late report about an operation of a dead coordinator can never be
     /// mistaken for one of ours.
-    pub fn new(mut registry: Registry, policy: Policy) -> Self {
-        let incarnation = registry.bump_cluster_epoch();
+    pub fn new(registry: Registry, policy: Policy) -> Self {
+        let epoch = registry.cluster_epoch().saturating_add(1);
+        Self::taking_over(registry, policy, epoch)
+    }
+
+    /// A coordinator elected with fencing token `epoch` (etcd's cluster
+    /// epoch): the registry's cluster epoch becomes it (at least one more
+    /// than the registry had), so every order of an earlier leader is
+    /// older than anything this one says.
+    pub fn taking_over(mut registry: Registry, policy: Policy, epoch: u32) -> Self {
+        let incarnation = registry.raise_cluster_epoch(epoch);
         let policy_shards = policy.shards;
         Self {
             registry,

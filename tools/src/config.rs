@@ -56,10 +56,12 @@ pub struct ServeArgs {
     /// Stop by itself after this many seconds.
     #[arg(long)]
     pub duration: Option<f64>,
-    /// Join the cluster whose coordinator listens here (`tessera coord`);
-    /// without it the node runs alone with its embedded coordinator.
-    #[arg(long, env = "TESSERA_COORD", requires_all = ["node_id", "cluster_addr"])]
-    pub coord: Option<SocketAddr>,
+    /// Join the cluster whose coordinators listen here (`tessera coord`):
+    /// one address, or the leader and its standbys as `A,B` (the node links
+    /// to all and follows whichever leads); without it the node runs alone
+    /// with its embedded coordinator.
+    #[arg(long, env = "TESSERA_COORD", value_delimiter = ',', requires_all = ["node_id", "cluster_addr"])]
+    pub coord: Vec<SocketAddr>,
     /// This node's id in the cluster (unique, 0..65534).
     #[arg(long, env = "TESSERA_NODE_ID", value_parser = clap::value_parser!(u16).range(0..65535))]
     pub node_id: Option<u16>,
@@ -383,7 +385,7 @@ pub fn node_config(args: &ServeArgs) -> Result<NodeConfig, String> {
 fn cluster_config(
     args: &ServeArgs,
 ) -> Result<Option<tessera_runtime::cluster::ClusterConfig>, String> {
-    let Some(coord) = args.coord else {
+    if args.coord.is_empty() {
         if args.role != tessera_cells::wire::NodeRole::Both {
             return Err(format!(
                 "--role {} needs a cluster: pass --coord, --node-id and --cluster-addr",
@@ -391,7 +393,7 @@ fn cluster_config(
             ));
         }
         return Ok(None);
-    };
+    }
     let (Some(node), Some(cluster_addr)) = (args.node_id, args.cluster_addr) else {
         return Err("--coord needs --node-id and --cluster-addr".into());
     };
@@ -401,7 +403,7 @@ fn cluster_config(
         ));
     }
     Ok(Some(tessera_runtime::cluster::ClusterConfig {
-        coord,
+        coords: args.coord.clone(),
         node,
         cluster_addr,
         role: args.role,

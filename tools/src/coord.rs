@@ -49,8 +49,28 @@ pub struct CoordArgs {
     /// How long (milliseconds) each acknowledged heartbeat lets a node keep
     /// writing its cells; a node cut off from the coordinator stops when it
     /// ends, and its cells are reassigned only after it (plus 100 ms).
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(200..=600_000), env = "TESSERA_LEASE_MS")]
-    pub lease: u64,
+    /// Default 1000 alone; with --etcd, the leader TTL + 1 s, so that a
+    /// coordinator failover fits inside it (nodes play on meanwhile) at the
+    /// price of a slower node failover.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(200..=600_000), env = "TESSERA_LEASE_MS")]
+    pub lease: Option<u64>,
+    /// Lead through etcd (client URLs, `http://127.0.0.1:2379[,...]`): the
+    /// coordinator stands by until etcd elects it, then takes over the
+    /// registry etcd holds with the cluster epoch + 1. Run two or more for a
+    /// hot standby. Without it the coordinator leads alone.
+    #[arg(long, env = "TESSERA_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// The cluster's name in etcd (several clusters may share one etcd).
+    #[arg(long, default_value = "tessera", env = "TESSERA_CLUSTER")]
+    pub cluster: String,
+    /// This coordinator's name in etcd (default: its listen address).
+    #[arg(long, env = "TESSERA_COORD_NAME")]
+    pub name: Option<String>,
+    /// Leader lease TTL in etcd, seconds: a dead leader's standby leads
+    /// within about this (etcd raises it to 1.5 of its election timeout,
+    /// rounded up: 2 s with etcd's defaults).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub leader_ttl: u64,
     /// Stop by itself after this many seconds.
     #[arg(long)]
     pub duration: Option<f64>,
@@ -65,18 +85,31 @@ pub fn run(args: CoordArgs) -> Result<(), String> {
             args.cell_size
         ));
     }
-    if args.lease <= args.dead_after {
+    let failover_ms = args.leader_ttl * 1000 + 1000;
+    let lease = match (args.lease, args.etcd.is_empty()) {
+        (Some(l), _) => l,
+        (None, true) => 1000,
+        (None, false) => failover_ms,
+    };
+    if lease <= args.dead_after {
         return Err(format!(
-            "--lease {} ms must be longer than --dead-after {} ms (a node is declared dead before its lease ends)",
-            args.lease, args.dead_after
+            "--lease {lease} ms must be longer than --dead-after {} ms (a node is declared dead before its lease ends)",
+            args.dead_after
         ));
+    }
+    if !args.etcd.is_empty() && lease < failover_ms {
+        tracing::warn!(
+            lease_ms = lease,
+            failover_ms,
+            "--lease is shorter than a coordinator failover (leader TTL + 1 s): nodes will stop their cells while the standby takes over"
+        );
     }
     let mut policy = tessera_coord::Policy::new(1);
     policy.automatic = !args.no_balance;
     policy.max_depth = args.max_depth;
     policy.watch_nodes = true;
     policy.dead_after = Duration::from_millis(args.dead_after);
-    policy.lease = Duration::from_millis(args.lease);
+    policy.lease = Duration::from_millis(lease);
     let service = CoordService::start(CoordServiceConfig {
         listen: args.listen,
         admin: Some(args.admin_addr),
@@ -84,6 +117,12 @@ pub fn run(args: CoordArgs) -> Result<(), String> {
         tick_hz: args.tick_hz,
         compute_nodes: args.compute_nodes,
         policy,
+        etcd: (!args.etcd.is_empty()).then(|| tessera_runtime::cluster::etcd::EtcdConfig {
+            endpoints: args.etcd.clone(),
+            cluster: args.cluster.clone(),
+            name: args.name.clone().unwrap_or_else(|| args.listen.to_string()),
+            ttl_s: args.leader_ttl,
+        }),
     })
     .map_err(|e| e.to_string())?;
     println!(
@@ -94,6 +133,13 @@ pub fn run(args: CoordArgs) -> Result<(), String> {
         args.tick_hz,
         args.compute_nodes
     );
+    if !args.etcd.is_empty() {
+        println!(
+            "  leadership: etcd {} (cluster {:?}); standing by until elected",
+            args.etcd.join(","),
+            args.cluster
+        );
+    }
     if let Some(a) = service.admin_addr() {
         println!("  admin: tessera admin --addr {a} status");
     }

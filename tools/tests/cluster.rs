@@ -434,3 +434,187 @@ fn a_killed_compute_node_s_cells_come_back_and_every_bot_plays_on() {
         "after the bots left: (entities, sessions) = {last:?}, want ({npcs}, 0)\n{summary}"
     );
 }
+
+/// Two coordinators lead through a real etcd: the leader is killed with
+/// `kill -9` right after it ordered a handover of a cell full of players.
+/// The standby takes over within the leader TTL + 1 s with a higher
+/// cluster epoch and finishes or aborts the handover; the nodes' leases
+/// (TTL + 1 s) outlast the failover, so no cell ever stops; every bot plays
+/// on and nothing is lost or doubled.
+#[test]
+fn the_standby_coordinator_takes_over_from_a_killed_leader_mid_handover() {
+    let _one = exclusive();
+    let etcd = common::Etcd::start();
+    let cluster = format!("e2e-{}", std::process::id());
+    let lead = |name: &'static str| {
+        coordinator(&[
+            "--compute-nodes",
+            "2",
+            "--no-balance",
+            "--etcd",
+            &etcd.url,
+            "--cluster",
+            &cluster,
+            "--name",
+            name,
+        ])
+    };
+    let (mut first, first_addr, first_admin) = lead("first");
+    wait_for(
+        "the first coordinator leads",
+        Duration::from_secs(10),
+        || coord_status(&first_admin)["role"] == "leader",
+    );
+    let (_second, second_addr, second_admin) = lead("second");
+    let coords = format!("{first_addr},{second_addr}");
+    let node =
+        |id: &str, ip: &str, role: &str, npcs: &str| cluster_node(&coords, id, ip, role, npcs);
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| node("1", "127.0.0.11", "compute", "150"));
+        let b = s.spawn(|| node("2", "127.0.0.12", "compute", "150"));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let gateway = node("3", "127.0.0.13", "gateway", "0");
+    wait_for(
+        "every shard linked and replicated",
+        Duration::from_secs(20),
+        || {
+            let st = coord_status(&first_admin);
+            let shards = st["shards"].as_array().unwrap();
+            shards.len() == 3
+                && shards.iter().all(|s| s["linked"] == true)
+                && st["backups"].as_array().is_some_and(|b| b.len() == 2)
+        },
+    );
+    assert_eq!(coord_status(&second_admin)["role"], "standby");
+    let mut npcs = 0;
+    wait_for("the NPCs counted", Duration::from_secs(5), || {
+        let st = coord_status(&first_admin);
+        let counts: Vec<u64> = st["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["entities"].as_u64().unwrap())
+            .collect();
+        npcs = counts.iter().sum();
+        npcs > 140 && counts.iter().filter(|c| **c > 0).count() == 2
+    });
+    let report_path = std::env::temp_dir().join(format!(
+        "tessera-coord-failover-{}.json",
+        std::process::id()
+    ));
+    let sim = Guarded::spawn(&[
+        "sim",
+        "--addr",
+        &gateway.game.to_string(),
+        "--clients",
+        "300",
+        "--pattern",
+        "commute",
+        "--duration",
+        "20",
+        "--ramp",
+        "2",
+        "--out",
+        report_path.to_str().unwrap(),
+    ]);
+    std::thread::sleep(Duration::from_secs(8));
+    let before = coord_status(&first_admin);
+    let old_epoch = before["cluster_epoch"].as_u64().unwrap();
+    let cell = before["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["owner"] == "node-1/shard-0")
+        .max_by(|x, y| {
+            x["score"]
+                .as_f64()
+                .partial_cmp(&y["score"].as_f64())
+                .unwrap()
+        })
+        .map(|c| c["cell"].as_str().unwrap().to_string())
+        .unwrap();
+    let (ok, text) = run(&["admin", "--addr", &first_admin, "move", &cell, "2/0"]);
+    assert!(ok, "{text}");
+    // The leader dies without a word, its handover under way.
+    first.0.kill().unwrap();
+    let killed = Instant::now();
+    wait_for("the standby leads", Duration::from_secs(10), || {
+        let st = coord_status(&second_admin);
+        st["role"] == "leader" && st["cluster_epoch"].as_u64().unwrap() > old_epoch
+    });
+    let takeover = killed.elapsed();
+    wait_for(
+        "no operation left in flight",
+        Duration::from_secs(10),
+        || coord_status(&second_admin)["in_flight"] == 0,
+    );
+    let (sim_ok, sim_text) = sim.finish(Duration::from_secs(90));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap_or_default())
+            .unwrap_or_default();
+    let _ = std::fs::remove_file(&report_path);
+    let after = coord_status(&second_admin);
+    let summary = format!(
+        "{sim_text}\ncell {cell}; after: {}\nnode 1: {}\nnode 2: {}",
+        after["cells"],
+        a.log_text(),
+        b.log_text()
+    );
+    assert!(sim_ok, "sim failed: {summary}");
+    println!(
+        "coordinator failover: the standby led {:.0} ms after the kill; longest client-visible gap {} ticks",
+        takeover.as_secs_f64() * 1e3,
+        value(&report, "longest_gap_ticks")
+    );
+    if std::env::var_os("TESSERA_E2E_LOGS").is_some() {
+        println!("{summary}");
+    }
+    assert!(
+        takeover < Duration::from_secs(5),
+        "leader TTL 1 s + 1 s, with room for a loaded machine: {takeover:?}\n{summary}"
+    );
+    assert_eq!(value(&report, "clients_joined"), 300.0, "{summary}");
+    assert_eq!(value(&report, "clients_failed"), 0.0, "{summary}");
+    assert_eq!(value(&report, "clients_disconnected"), 0.0, "{summary}");
+    assert_eq!(value(&report, "bad_frames"), 0.0, "{summary}");
+    assert_eq!(value(&report, "inputs_unconfirmed"), 0.0, "{summary}");
+    // The cell has one owner, and no node stopped its cells meanwhile.
+    let owner = after["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["cell"] == cell.as_str())
+        .map(|c| c["owner"].clone());
+    assert!(
+        owner
+            .as_ref()
+            .is_some_and(|o| o == "node-1/shard-0" || o == "node-2/shard-0"),
+        "{owner:?}\n{summary}"
+    );
+    for n in [&a, &b] {
+        assert_eq!(n.metric("tessera_shard_fences_total"), 0.0, "{summary}");
+    }
+    // The bots left: the NPCs remain, once each.
+    let mut last = (0, 0);
+    let left = poll(Duration::from_secs(15), || {
+        let st = coord_status(&second_admin);
+        let (entities, sessions) =
+            st["shards"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .fold((0, 0), |(e, s), x| {
+                    (
+                        e + x["entities"].as_u64().unwrap(),
+                        s + x["sessions"].as_u64().unwrap(),
+                    )
+                });
+        last = (entities, sessions);
+        entities == npcs && sessions == 0
+    });
+    assert!(
+        left,
+        "after the bots left: (entities, sessions) = {last:?}, want ({npcs}, 0)\n{summary}"
+    );
+}

@@ -147,6 +147,11 @@ pub struct NodeCore<G: GameLogic> {
     restored_routes: BTreeMap<CellId, (ShardRef, ShardRef)>,
     /// True while this shard's lease on its cells is not valid.
     fenced: bool,
+    /// Times the lease ran out after having been held (cells frozen).
+    fences: u64,
+    /// A lease was held once (before the first, a shard has nothing to
+    /// protect: being fenced then is the normal start).
+    leased: bool,
     /// Cells frozen by the fence (not by a handover).
     fence_frozen: BTreeSet<CellId>,
 }
@@ -187,6 +192,8 @@ impl<G: GameLogic> NodeCore<G> {
             durable_after: VecDeque::new(),
             restored_routes: BTreeMap::new(),
             fenced: false,
+            fences: 0,
+            leased: false,
             fence_frozen: BTreeSet::new(),
         }
     }
@@ -243,6 +250,13 @@ impl<G: GameLogic> NodeCore<G> {
         self.fenced
     }
 
+    /// Times the lease ran out after this shard had held one (a cut from
+    /// the coordinator longer than the lease, or a coordinator failover that
+    /// did not fit in it).
+    pub fn fences(&self) -> u64 {
+        self.fences
+    }
+
     /// The driver's verdict on this shard's lease (renewed by the
     /// coordinator's heartbeat acks): without a valid lease the coordinator
     /// may give the cells to their backup, so the shard stops writing them
@@ -255,9 +269,15 @@ impl<G: GameLogic> NodeCore<G> {
         self.fenced = fenced;
         let tick = self.world.tick_id().0;
         if fenced {
-            tracing::warn!(shard = %self.me, tick, cells = self.world.cells().count(), "lease expired: fenced, cells frozen");
+            if self.leased {
+                self.fences += 1;
+                tracing::warn!(shard = %self.me, tick, cells = self.world.cells().count(), "lease expired: fenced, cells frozen");
+            } else {
+                tracing::info!(shard = %self.me, tick, "no lease yet: cells frozen until the coordinator's first heartbeat ack");
+            }
             self.freeze_for_fence();
         } else {
+            self.leased = true;
             tracing::info!(shard = %self.me, tick, "lease renewed: cells resume");
             for c in std::mem::take(&mut self.fence_frozen) {
                 self.world.unfreeze(c);

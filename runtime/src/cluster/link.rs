@@ -73,7 +73,7 @@ impl ControlLink {
             }
             if Instant::now() >= deadline {
                 return Err(JoinError::Unreachable {
-                    addr: remote,
+                    addr: remote.to_string(),
                     timeout,
                 });
             }

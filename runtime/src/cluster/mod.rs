@@ -12,6 +12,7 @@
 //!
 //! Frames are those of `tessera_cells::wire`; this module only moves bytes.
 
+pub mod etcd;
 pub mod link;
 pub mod service;
 pub mod shard;
@@ -31,8 +32,9 @@ pub const NODE_LINK: u16 = u16::MAX;
 /// How a node joins a cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterConfig {
-    /// The coordinator's address (`tessera coord --listen`).
-    pub coord: SocketAddr,
+    /// The coordinators' addresses (`tessera coord --listen`): the leader
+    /// and its standbys, in any order.
+    pub coords: Vec<SocketAddr>,
     /// This node's id (unique in the cluster).
     pub node: u16,
     /// Where shard 0's cluster link listens (shard s: port + s).
@@ -41,6 +43,17 @@ pub struct ClusterConfig {
     pub role: NodeRole,
     /// How long to wait for the coordinator at start.
     pub join_timeout: Duration,
+}
+
+impl ClusterConfig {
+    /// The coordinators, as `a,b` for messages.
+    pub fn coords_text(&self) -> String {
+        self.coords
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 /// What a node learns when it joins.
@@ -77,10 +90,10 @@ pub fn tick_alignment(tick_origin_ms: u64, tick_hz: u32) -> (Instant, u64) {
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
     /// Nobody answered.
-    #[error("no coordinator answered at {addr} within {timeout:?}: start `tessera coord --listen {addr}` first, or check --coord")]
+    #[error("no coordinator answered at {addr} within {timeout:?}: start `tessera coord --listen ADDR` first, or check --coord")]
     Unreachable {
-        /// The address tried.
-        addr: SocketAddr,
+        /// The addresses tried.
+        addr: String,
         /// How long we waited.
         timeout: Duration,
     },
@@ -94,10 +107,10 @@ pub enum JoinError {
     },
     /// The registry did not come in time (the coordinator waits for more
     /// compute nodes, usually).
-    #[error("the coordinator at {addr} accepted us but sent no registry within {timeout:?} (it assigns cells once its --compute-nodes have registered)")]
+    #[error("the coordinators at {addr} accepted us but none sent a registry within {timeout:?} (the leader assigns cells once its --compute-nodes have registered; a standby waits for etcd to elect it)")]
     NoRegistry {
-        /// The coordinator.
-        addr: SocketAddr,
+        /// The coordinators.
+        addr: String,
         /// How long we waited.
         timeout: Duration,
     },
@@ -114,7 +127,8 @@ pub enum JoinError {
     Io(#[from] std::io::Error),
 }
 
-/// Registers the node with the coordinator and waits for the registry.
+/// Registers the node with every coordinator and waits for the leader's
+/// registry (a standby says nothing until etcd elects it).
 pub fn join(
     config: &ClusterConfig,
     shards: u16,
@@ -123,8 +137,7 @@ pub fn join(
     tick_hz: u32,
 ) -> Result<Joined, JoinError> {
     let started = Instant::now();
-    let mut link = ControlLink::connect(config.coord, config.join_timeout)?;
-    link.send(&ControlMsg::Register(Registration {
+    let register = ControlMsg::Register(Registration {
         node: config.node,
         shard: NODE_LINK,
         shards,
@@ -132,65 +145,94 @@ pub fn join(
         incarnation,
         cluster_addr: config.cluster_addr,
         game_addr,
-    }));
-    // A failed join closes its link (the coordinator forgets it at once).
-    let result = wait_for_registry(&mut link, config, started, tick_hz);
-    if result.is_err() {
-        link.close();
-    }
-    result
-}
-
-fn wait_for_registry(
-    link: &mut ControlLink,
-    config: &ClusterConfig,
-    started: Instant,
-    tick_hz: u32,
-) -> Result<Joined, JoinError> {
+    });
+    let mut links: Vec<Option<ControlLink>> = config.coords.iter().map(|_| None).collect();
+    let mut heard = false;
     let mut directory = Vec::new();
-    let mut cluster_hz = None;
-    let mut origin = 0;
+    let mut welcome: Option<(u32, u32, u64)> = None;
     let mut waiting_logged = false;
-    loop {
+    let result = loop {
         let elapsed = started.elapsed();
         if elapsed >= config.join_timeout {
-            return Err(JoinError::NoRegistry {
-                addr: config.coord,
-                timeout: config.join_timeout,
+            break Err(if heard {
+                JoinError::NoRegistry {
+                    addr: config.coords_text(),
+                    timeout: config.join_timeout,
+                }
+            } else {
+                JoinError::Unreachable {
+                    addr: config.coords_text(),
+                    timeout: config.join_timeout,
+                }
             });
         }
-        if !waiting_logged && elapsed > Duration::from_secs(2) {
+        if !waiting_logged && elapsed > Duration::from_secs(2) && heard {
             waiting_logged = true;
-            tracing::info!(coord = %config.coord, node = config.node, "registered; waiting for the coordinator's registry (it assigns cells once enough compute nodes joined)");
+            tracing::info!(coord = %config.coords_text(), node = config.node, "registered; waiting for the leading coordinator's registry (it assigns cells once enough compute nodes joined)");
         }
-        for msg in link.pump(Duration::from_millis(50))? {
-            match msg {
-                ControlMsg::Welcome {
-                    tick_hz: hz,
-                    tick_origin_ms,
-                    ..
-                } => {
-                    origin = tick_origin_ms;
-                    if hz != tick_hz {
-                        return Err(JoinError::TickRate {
-                            cluster: hz,
-                            ours: tick_hz,
-                        });
-                    }
-                    cluster_hz = Some(hz);
+        for (i, slot) in links.iter_mut().enumerate() {
+            if slot.is_none() {
+                // Short tries: one coordinator down must not hold the others up.
+                if let Ok(mut l) =
+                    ControlLink::connect(config.coords[i], Duration::from_millis(200))
+                {
+                    l.send(&register);
+                    heard = true;
+                    *slot = Some(l);
                 }
-                ControlMsg::Directory(d) => directory = d,
-                ControlMsg::Registry(r) => {
-                    link.close();
-                    return Ok(Joined {
-                        registry: (*r).clone(),
-                        directory,
-                        tick_hz: cluster_hz.unwrap_or(tick_hz),
-                        tick_origin_ms: origin,
-                    });
-                }
-                other => tracing::debug!(kind = other.kind(), "ignored while joining"),
             }
         }
+        let mut done = None;
+        for slot in links.iter_mut() {
+            let Some(link) = slot else { continue };
+            let msgs = match link.pump(Duration::from_millis(20)) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!(error = %e, "coordinator link closed while joining");
+                    *slot = None;
+                    continue;
+                }
+            };
+            for msg in msgs {
+                match msg {
+                    ControlMsg::Welcome {
+                        cluster_epoch,
+                        tick_hz: hz,
+                        tick_origin_ms,
+                    } => {
+                        if welcome.is_none_or(|w| cluster_epoch >= w.0) {
+                            welcome = Some((cluster_epoch, hz, tick_origin_ms));
+                        }
+                    }
+                    ControlMsg::Directory(d) => directory = d,
+                    ControlMsg::Registry(r) => done = Some(r),
+                    other => tracing::debug!(kind = other.kind(), "ignored while joining"),
+                }
+            }
+            if done.is_some() {
+                break;
+            }
+        }
+        if let Some(r) = done {
+            let (_, hz, origin) = welcome.unwrap_or((0, tick_hz, 0));
+            if hz != tick_hz {
+                break Err(JoinError::TickRate {
+                    cluster: hz,
+                    ours: tick_hz,
+                });
+            }
+            break Ok(Joined {
+                registry: (*r).clone(),
+                directory: std::mem::take(&mut directory),
+                tick_hz: hz,
+                tick_origin_ms: origin,
+            });
+        }
+    };
+    // The join links close (the coordinators forget them at once): the
+    // shards open their own.
+    for l in links.iter_mut().flatten() {
+        l.close();
     }
+    result
 }

@@ -50,6 +50,8 @@ pub struct CoordServiceConfig {
     pub compute_nodes: usize,
     /// Balancing tunables (its shard count is replaced by the members).
     pub policy: Policy,
+    /// Lead through etcd (a standby until elected); None: lead alone.
+    pub etcd: Option<super::etcd::EtcdConfig>,
 }
 
 /// One shard in the cluster status.
@@ -159,6 +161,19 @@ pub struct ClusterStatus {
     /// Failovers, oldest first (the last 200).
     #[serde(default)]
     pub failovers: Vec<ClusterFailover>,
+    /// `leader`, `standby` (waiting for etcd to elect it) or `alone` (no
+    /// etcd).
+    #[serde(default)]
+    pub role: String,
+    /// Times this coordinator was elected.
+    #[serde(default)]
+    pub elections: u64,
+    /// Heartbeats and reports a standby received and left alone.
+    #[serde(default)]
+    pub ignored_as_standby: u64,
+    /// Registry versions written to etcd before being published.
+    #[serde(default)]
+    pub registry_writes: u64,
 }
 
 #[derive(Default)]
@@ -215,6 +230,9 @@ pub enum CoordServiceError {
     /// A setting is out of range.
     #[error("invalid setting: {0}")]
     Invalid(String),
+    /// etcd did not answer at start.
+    #[error("{0}")]
+    Etcd(#[from] super::etcd::EtcdError),
 }
 
 impl CoordService {
@@ -255,10 +273,16 @@ impl CoordService {
             })
             .transpose()?;
         let admin = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let leadership = config
+            .etcd
+            .clone()
+            .map(super::etcd::Leadership::start)
+            .transpose()?;
         let stop = Arc::new(AtomicBool::new(false));
         let board = Arc::new(Mutex::new(Board::default()));
         let (admin_tx, admin_rx) = crossbeam_channel::bounded(16);
-        let state = Loop::new(config, socket, board.clone(), admin_rx);
+        let mut state = Loop::new(config, socket, board.clone(), admin_rx);
+        state.leadership = leadership;
         let s = stop.clone();
         let thread = spawn_helper("tessera-coord", None, move || state.run(&s))
             .map_err(|e| CoordServiceError::Invalid(e.to_string()))?;
@@ -331,6 +355,15 @@ struct Loop {
     started: Instant,
     cluster_epoch: u32,
     tick_origin_ms: u64,
+    /// Through etcd: None until elected (and after losing it).
+    leadership: Option<super::etcd::Leadership>,
+    leading: bool,
+    /// The newest registry version etcd holds, and the one being written.
+    durable: u64,
+    writing: Option<u64>,
+    elections: u64,
+    ignored_as_standby: u64,
+    registry_writes: u64,
 }
 
 impl Loop {
@@ -365,7 +398,138 @@ impl Loop {
             tick_origin_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
+            leadership: None,
+            leading: false,
+            durable: 0,
+            writing: None,
+            elections: 0,
+            ignored_as_standby: 0,
+            registry_writes: 0,
         }
+    }
+
+    /// True while this coordinator may speak for the cluster: always when
+    /// it runs alone; through etcd, while it surely holds the leader lease.
+    fn leads(&self, now: Instant) -> bool {
+        match &self.leadership {
+            None => true,
+            Some(l) => self.leading && l.valid_until().is_some_and(|t| now < t),
+        }
+    }
+
+    fn leadership_events(&mut self, now: Instant) {
+        while let Some(ev) = self.leadership.as_ref().and_then(|l| l.poll()) {
+            match ev {
+                super::etcd::LeaderEvent::Elected {
+                    epoch,
+                    registry,
+                    meta,
+                } => self.elected(epoch, registry, meta, now),
+                super::etcd::LeaderEvent::Written { version } => {
+                    self.durable = self.durable.max(version);
+                    self.writing = None;
+                    self.registry_writes += 1;
+                }
+                super::etcd::LeaderEvent::Lost { why } => {
+                    tracing::error!(cluster_epoch = self.cluster_epoch, %why, "no longer the leader: standing by");
+                    self.leading = false;
+                    self.coord = None;
+                    self.durable = 0;
+                    self.writing = None;
+                }
+            }
+        }
+    }
+
+    fn elected(
+        &mut self,
+        epoch: u32,
+        registry: Option<Vec<u8>>,
+        meta: Option<super::etcd::ClusterMeta>,
+        now: Instant,
+    ) {
+        self.elections += 1;
+        self.leading = true;
+        let ttl_ms = self.leadership.as_ref().map_or(0, |l| l.ttl_s() * 1000);
+        if (self.config.policy.lease.as_millis() as u64) < ttl_ms + 1000 {
+            tracing::warn!(
+                lease_ms = self.config.policy.lease.as_millis() as u64,
+                leader_ttl_ms = ttl_ms,
+                "node leases are shorter than a coordinator failover (etcd's leader TTL + 1 s): nodes will stop their cells while a standby takes over"
+            );
+        }
+        self.durable = 0;
+        self.writing = None;
+        self.cluster_epoch = epoch;
+        match meta {
+            Some(m) => {
+                if m.tick_hz != self.config.tick_hz {
+                    tracing::error!(
+                        cluster = m.tick_hz,
+                        ours = self.config.tick_hz,
+                        "the cluster ticks at another rate than --tick-hz: keeping the cluster's"
+                    );
+                    self.config.tick_hz = m.tick_hz;
+                }
+                self.tick_origin_ms = m.tick_origin_ms;
+            }
+            None => {
+                if let Some(l) = &self.leadership {
+                    l.write_meta(super::etcd::ClusterMeta {
+                        tick_origin_ms: self.tick_origin_ms,
+                        tick_hz: self.config.tick_hz,
+                    });
+                }
+            }
+        }
+        let stored = registry.and_then(|b| match decode_control(&b) {
+            Ok((_, ControlMsg::Registry(r))) => Some((*r).clone()),
+            Ok((_, other)) => {
+                tracing::error!(
+                    kind = other.kind(),
+                    "etcd's registry key holds another message: ignored"
+                );
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "etcd's registry copy does not decode: ignored");
+                None
+            }
+        });
+        match stored {
+            Some(registry) => {
+                let mut policy = self.config.policy.clone();
+                let members = self.compute_members();
+                policy.shards = members.len() as u16;
+                let mut coord = Coordinator::taking_over(registry, policy, epoch);
+                coord.set_members(members);
+                self.cluster_epoch = coord.registry().cluster_epoch();
+                tracing::warn!(
+                    cluster_epoch = self.cluster_epoch,
+                    cells = coord.registry().len(),
+                    nodes = self.nodes.len(),
+                    "took over the registry etcd held"
+                );
+                self.coord = Some(coord);
+            }
+            None => {
+                self.coord = None;
+                self.members_changed();
+            }
+        }
+        // Every node learns the new epoch first: older orders are void.
+        let conns: Vec<ConnectionHandle> = self.peers.keys().copied().collect();
+        let welcome = ControlMsg::Welcome {
+            cluster_epoch: self.cluster_epoch,
+            tick_hz: self.config.tick_hz,
+            tick_origin_ms: self.tick_origin_ms,
+        };
+        for c in &conns {
+            self.send(*c, &welcome);
+        }
+        self.directory_sent = self.directory_version.wrapping_sub(1);
+        self.published = 0;
+        let _ = now;
     }
 
     fn run(mut self, stop: &AtomicBool) {
@@ -383,6 +547,7 @@ impl Loop {
                 .min(Duration::from_millis(10));
             self.socket.wait_readable(wait);
             let now = Instant::now();
+            self.leadership_events(now);
             let _ = self.socket.receive_into(&mut self.endpoint, now, 64);
             self.endpoint.handle_timeout(now);
             while let Some(ev) = self.endpoint.poll_event() {
@@ -392,8 +557,10 @@ impl Loop {
                 let _ = reply.send(self.admin_command(cmd, now));
             }
             if now >= next_tick {
-                if let Some(c) = &mut self.coord {
-                    c.tick(now);
+                if self.leads(now) {
+                    if let Some(c) = &mut self.coord {
+                        c.tick(now);
+                    }
                 }
                 // Often enough that a node's death is seen within a tick
                 // of `dead_after`.
@@ -468,6 +635,9 @@ impl Loop {
     fn message(&mut self, connection: ConnectionHandle, msg: ControlMsg, now: Instant) {
         match msg {
             ControlMsg::Register(r) => self.register(connection, r, now),
+            ControlMsg::Report(_) | ControlMsg::Heartbeat { .. } if self.coord.is_none() => {
+                self.ignored_as_standby += 1;
+            }
             ControlMsg::Report(report) => {
                 let Some(p) = self.peers.get(&connection).filter(|p| p.shard != NODE_LINK) else {
                     tracing::warn!("report on a link that speaks for no shard ignored");
@@ -494,10 +664,15 @@ impl Loop {
                     node: p.node,
                     shard: p.shard,
                 };
+                let leads = self.leads(now);
                 if let Some(c) = &mut self.coord {
                     c.heartbeat(now, p.node, tick);
-                    let lease_ms = c.lease().as_millis().min(u128::from(u32::MAX)) as u32;
-                    self.send(connection, &ControlMsg::HeartbeatAck { seq, lease_ms });
+                    // A lease only from a coordinator sure to lead until
+                    // after the node counts it out.
+                    if leads {
+                        let lease_ms = c.lease().as_millis().min(u128::from(u32::MAX)) as u32;
+                        self.send(connection, &ControlMsg::HeartbeatAck { seq, lease_ms });
+                    }
                 }
                 if let Some(s) = self.shards.get_mut(&shard) {
                     s.last_heard = now;
@@ -557,6 +732,27 @@ impl Loop {
             }
             self.members_changed();
         }
+        if !self.leads(now) {
+            // A standby knows the nodes and their links, and says nothing.
+            self.peers.insert(
+                connection,
+                Peer {
+                    node: r.node,
+                    shard: r.shard,
+                },
+            );
+            if r.shard != NODE_LINK {
+                let shard = ShardRef {
+                    node: r.node,
+                    shard: r.shard,
+                };
+                if let Some(s) = self.shards.get_mut(&shard) {
+                    s.connection = Some(connection);
+                    s.last_heard = now;
+                }
+            }
+            return;
+        }
         self.peers.insert(
             connection,
             Peer {
@@ -610,6 +806,9 @@ impl Loop {
             c.set_members(members);
             return;
         }
+        if self.leadership.is_some() && !self.leading {
+            return;
+        }
         let computes = self
             .nodes
             .values()
@@ -632,7 +831,10 @@ impl Loop {
         let registry = Registry::new(layout, &owners).expect("every leaf assigned");
         let mut policy = self.config.policy.clone();
         policy.shards = members.len() as u16;
-        let mut coord = Coordinator::new(registry, policy);
+        let mut coord = match self.leadership {
+            Some(_) => Coordinator::taking_over(registry, policy, self.cluster_epoch),
+            None => Coordinator::new(registry, policy),
+        };
         coord.set_members(members.clone());
         self.cluster_epoch = coord.registry().cluster_epoch();
         tracing::info!(
@@ -647,6 +849,26 @@ impl Loop {
     /// Registry, directory and orders, in that order (one ordered channel
     /// per link: a commit finds its route in place).
     fn push_changes(&mut self) {
+        if !self.leads(Instant::now()) {
+            return;
+        }
+        // Through etcd, a registry version goes out (with the orders that
+        // rely on it) only once etcd holds it: a successor starts from it.
+        if let (Some(l), Some(c)) = (&self.leadership, &self.coord) {
+            let version = c.registry().version();
+            if version != self.durable {
+                if self.writing.is_none() {
+                    self.writing = Some(version);
+                    let header = ShardHeader {
+                        epoch: self.cluster_epoch,
+                        ..ShardHeader::control(COORDINATOR, 0, TickId(0))
+                    };
+                    let reg = ControlMsg::Registry(Arc::new(c.registry().clone()));
+                    l.write(version, encode_control(&header, &reg));
+                }
+                return;
+            }
+        }
         let conns: Vec<ConnectionHandle> = self.peers.keys().copied().collect();
         // The directory first: a registry may name a node that just joined.
         if self.directory_sent != self.directory_version {
@@ -685,6 +907,12 @@ impl Loop {
     }
 
     fn admin_command(&mut self, command: AdminCommand, now: Instant) -> Result<String, String> {
+        if !self.leads(now) {
+            return Err(
+                "this coordinator is a standby: ask the leader (see `status` on each coordinator)"
+                    .into(),
+            );
+        }
         let Some(coord) = &mut self.coord else {
             return Err(format!(
                 "no cells assigned yet: waiting for {} compute node(s)",
@@ -702,6 +930,15 @@ impl Loop {
             uptime_s: self.started.elapsed().as_secs_f64(),
             cluster_epoch: self.cluster_epoch,
             frames_refused: self.refused.total(),
+            role: match (&self.leadership, self.leads(now)) {
+                (None, _) => "alone",
+                (Some(_), true) => "leader",
+                (Some(_), false) => "standby",
+            }
+            .to_string(),
+            elections: self.elections,
+            ignored_as_standby: self.ignored_as_standby,
+            registry_writes: self.registry_writes,
             ..ClusterStatus::default()
         };
         let computes = self

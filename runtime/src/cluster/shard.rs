@@ -74,6 +74,21 @@ pub struct ClusterCounters {
     pub control_received: u64,
     /// Times the coordinator link was dialled again.
     pub coord_redials: u64,
+    /// Control frames from a coordinator older than the cluster epoch this
+    /// shard has seen (a deposed leader): ignored.
+    pub stale_leader: u64,
+}
+
+/// A link to one of the cluster's coordinators (the leader, or a standby
+/// that says nothing until etcd elects it).
+struct CoordLink {
+    addr: SocketAddr,
+    conn: Option<ConnectionHandle>,
+    retry_at: Option<Instant>,
+    /// What waited while the link was down (reports of handover steps).
+    backlog: VecDeque<ControlMsg>,
+    /// The cluster epoch it last welcomed us with (0: it has not).
+    epoch: u32,
 }
 
 /// A shard's cluster endpoint, links and coordinator link.
@@ -82,27 +97,28 @@ pub struct ClusterSide {
     endpoint: Endpoint,
     socket: BatchSocket,
     batch: TransmitBatch,
-    coord_addr: SocketAddr,
-    coord: Option<ConnectionHandle>,
-    coord_retry_at: Option<Instant>,
+    coords: Vec<CoordLink>,
+    /// The newest cluster epoch seen: a coordinator below it was deposed.
+    leader_epoch: u32,
     registration: Registration,
     directory: BTreeMap<u16, NodeInfo>,
     links: BTreeMap<ShardRef, ConnectionHandle>,
     writers: BTreeMap<ShardRef, BundleWriter>,
     backlog: BTreeMap<ShardRef, VecDeque<(Vec<u8>, u64)>>,
-    control_backlog: VecDeque<ControlMsg>,
     control_seq: u64,
     counters: ClusterCounters,
     lease: tessera_cells::lease::LeaseKeeper,
 }
 
 impl ClusterSide {
-    /// The cluster side of shard `me`, on its bound `socket`.
+    /// The cluster side of shard `me`, on its bound `socket`, linked to
+    /// every coordinator in `coords` (the leader's word counts; a deposed
+    /// one's is ignored by the cluster epoch rule).
     pub fn new(
         me: ShardRef,
         endpoint: Endpoint,
         socket: BatchSocket,
-        coord_addr: SocketAddr,
+        coords: &[SocketAddr],
         registration: Registration,
         directory: Vec<NodeInfo>,
     ) -> Self {
@@ -112,16 +128,23 @@ impl ClusterSide {
             endpoint,
             socket,
             batch,
-            coord_addr,
-            coord: None,
-            coord_retry_at: Some(Instant::now()),
+            coords: coords
+                .iter()
+                .map(|&addr| CoordLink {
+                    addr,
+                    conn: None,
+                    retry_at: Some(Instant::now()),
+                    backlog: VecDeque::new(),
+                    epoch: 0,
+                })
+                .collect(),
+            leader_epoch: 0,
             registration,
             directory: directory.into_iter().map(|n| (n.node, n)).collect(),
             links: BTreeMap::new(),
             lease: tessera_cells::lease::LeaseKeeper::new(),
             writers: BTreeMap::new(),
             backlog: BTreeMap::new(),
-            control_backlog: VecDeque::new(),
             control_seq: 0,
             counters: ClusterCounters::default(),
         }
@@ -145,15 +168,22 @@ impl ClusterSide {
     /// When the endpoint next needs a call (timers, retransmissions).
     pub fn next_deadline(&mut self) -> Option<Instant> {
         let t = self.endpoint.poll_timeout();
-        match (t, self.coord_retry_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.coords.iter().filter_map(|c| c.retry_at).chain(t).min()
     }
 
-    /// True while the coordinator link is up.
+    /// True while the link to the leader (the coordinator that welcomed us
+    /// with the newest epoch) is up.
     pub fn coordinator_linked(&self) -> bool {
-        self.coord.is_some_and(|c| self.endpoint.is_connected(c))
+        self.coords.iter().any(|c| {
+            c.epoch == self.leader_epoch
+                && c.epoch > 0
+                && c.conn.is_some_and(|h| self.endpoint.is_connected(h))
+        })
+    }
+
+    /// The cluster epoch of the leader this shard follows.
+    pub fn leader_epoch(&self) -> u32 {
+        self.leader_epoch
     }
 
     /// Adds a message for a shard of another node to this turn's bundle.
@@ -336,29 +366,32 @@ impl ClusterSide {
         self.lease.valid(now)
     }
 
-    /// Sends a control message to the coordinator. While its link is down
-    /// the message waits (reports of a handover's steps must reach it);
+    /// Sends a control message to every coordinator (a standby ignores it;
+    /// the node need not know which one leads). While a link is down the
+    /// message waits (reports of a handover's steps must reach the leader);
     /// heartbeats and load reports do not (the next ones replace them).
     pub fn send_control(&mut self, msg: &ControlMsg, tick: TickId) {
-        let linked = self.coordinator_linked();
         let periodic = matches!(
             msg,
             ControlMsg::Heartbeat { .. }
                 | ControlMsg::Report(tessera_cells::control::Report::Load(_))
         );
-        if !linked {
-            if !periodic && self.control_backlog.len() < CONTROL_BACKLOG_MAX {
-                self.control_backlog.push_back(msg.clone());
+        for i in 0..self.coords.len() {
+            let linked = self.coords[i]
+                .conn
+                .is_some_and(|h| self.endpoint.is_connected(h));
+            if linked {
+                self.send_control_now(i, msg, tick);
+            } else if !periodic && self.coords[i].backlog.len() < CONTROL_BACKLOG_MAX {
+                self.coords[i].backlog.push_back(msg.clone());
             } else if !periodic {
-                tracing::error!(shard = %self.me, kind = msg.kind(), "coordinator backlog full: control message dropped");
+                tracing::error!(shard = %self.me, coord = %self.coords[i].addr, kind = msg.kind(), "coordinator backlog full: control message dropped");
             }
-            return;
         }
-        self.send_control_now(msg, tick);
     }
 
-    fn send_control_now(&mut self, msg: &ControlMsg, tick: TickId) {
-        let Some(coord) = self.coord else {
+    fn send_control_now(&mut self, i: usize, msg: &ControlMsg, tick: TickId) {
+        let Some(coord) = self.coords[i].conn else {
             return;
         };
         self.control_seq += 1;
@@ -389,31 +422,35 @@ impl ClusterSide {
             }
         };
         self.endpoint.handle_timeout(now);
-        self.redial(now);
+        for i in 0..self.coords.len() {
+            self.redial(i, now);
+        }
         let mut changed = None;
         let mut inbound: Vec<(ShardHeader, ShardMsg<G>)> = Vec::new();
         while let Some(event) = self.endpoint.poll_event() {
             work += 1;
             match event {
                 Event::Connected { connection, addr } => {
-                    if Some(connection) == self.coord {
-                        tracing::info!(shard = %self.me, coord = %addr, waiting = self.control_backlog.len(), "coordinator link up: registering");
+                    if let Some(i) = self.coord_index(connection) {
+                        tracing::info!(shard = %self.me, coord = %addr, waiting = self.coords[i].backlog.len(), "coordinator link up: registering");
                         let tick = core.world().tick_id();
                         let msg = ControlMsg::Register(self.registration.clone());
-                        self.send_control_now(&msg, tick);
-                        for msg in std::mem::take(&mut self.control_backlog) {
-                            self.send_control_now(&msg, tick);
+                        self.send_control_now(i, &msg, tick);
+                        for msg in std::mem::take(&mut self.coords[i].backlog) {
+                            self.send_control_now(i, &msg, tick);
                         }
                     }
                 }
                 Event::Message {
                     connection, bytes, ..
                 } => {
-                    if Some(connection) == self.coord {
+                    if let Some(i) = self.coord_index(connection) {
                         self.counters.control_received += 1;
                         match decode_control(&bytes) {
-                            Ok((_, msg)) => {
-                                if let Some(c) = self.take_control(core, msg, now) {
+                            Ok((header, msg)) => {
+                                if let Some(c) =
+                                    self.take_from_coordinator(i, header.epoch, core, msg, now)
+                                {
                                     changed = Some(c);
                                 }
                             }
@@ -451,10 +488,15 @@ impl ClusterSide {
                     self.endpoint.recycle(bytes);
                 }
                 Event::Disconnected { connection, reason } => {
-                    if Some(connection) == self.coord {
-                        tracing::warn!(shard = %self.me, reason = ?reason, "coordinator link lost: gameplay goes on while the lease lasts, balancing pauses; redialling");
-                        self.coord = None;
-                        self.coord_retry_at = Some(now + COORD_RETRY);
+                    if let Some(i) = self.coord_index(connection) {
+                        let c = &mut self.coords[i];
+                        if c.epoch == self.leader_epoch && c.epoch > 0 {
+                            tracing::warn!(shard = %self.me, coord = %c.addr, reason = ?reason, "link to the leading coordinator lost: gameplay goes on while the lease lasts, balancing pauses; redialling");
+                        } else {
+                            tracing::info!(shard = %self.me, coord = %c.addr, reason = ?reason, "link to a standby coordinator lost; redialling");
+                        }
+                        c.conn = None;
+                        c.retry_at = Some(now + COORD_RETRY);
                     } else if let Some((&to, _)) =
                         self.links.iter().find(|(_, c)| **c == connection)
                     {
@@ -469,23 +511,58 @@ impl ClusterSide {
         (work, changed)
     }
 
-    fn redial(&mut self, now: Instant) {
-        if self.coord.is_some() || self.coord_retry_at.is_none_or(|t| now < t) {
+    fn coord_index(&self, connection: ConnectionHandle) -> Option<usize> {
+        self.coords.iter().position(|c| c.conn == Some(connection))
+    }
+
+    fn redial(&mut self, i: usize, now: Instant) {
+        let c = &self.coords[i];
+        if c.conn.is_some() || c.retry_at.is_none_or(|t| now < t) {
             return;
         }
-        self.coord_retry_at = None;
-        match self.endpoint.connect(now, self.coord_addr) {
-            Ok(c) => {
+        let addr = c.addr;
+        self.coords[i].retry_at = None;
+        match self.endpoint.connect(now, addr) {
+            Ok(h) => {
                 if self.counters.control_sent > 0 {
                     self.counters.coord_redials += 1;
                 }
-                self.coord = Some(c);
+                self.coords[i].conn = Some(h);
             }
             Err(e) => {
-                tracing::warn!(shard = %self.me, error = ?e, "cannot dial the coordinator");
-                self.coord_retry_at = Some(now + COORD_RETRY);
+                tracing::warn!(shard = %self.me, coord = %addr, error = ?e, "cannot dial the coordinator");
+                self.coords[i].retry_at = Some(now + COORD_RETRY);
             }
         }
+    }
+
+    /// The cluster epoch rule (seed 002 section 12): a frame from a
+    /// coordinator below the newest epoch seen comes from a deposed leader
+    /// and is ignored, counted.
+    fn take_from_coordinator<G: GameLogic>(
+        &mut self,
+        i: usize,
+        epoch: u32,
+        core: &mut NodeCore<G>,
+        msg: ControlMsg,
+        now: Instant,
+    ) -> Option<Arc<Registry>> {
+        if let ControlMsg::Welcome { cluster_epoch, .. } = &msg {
+            self.coords[i].epoch = *cluster_epoch;
+            if *cluster_epoch > self.leader_epoch {
+                if self.leader_epoch > 0 {
+                    tracing::warn!(shard = %self.me, coord = %self.coords[i].addr, old = self.leader_epoch, new = cluster_epoch, "a new coordinator leads");
+                }
+                self.leader_epoch = *cluster_epoch;
+            }
+        }
+        if epoch < self.leader_epoch {
+            self.counters.stale_leader += 1;
+            tracing::warn!(shard = %self.me, coord = %self.coords[i].addr, epoch, cluster_epoch = self.leader_epoch, kind = msg.kind(), "control frame of a deposed coordinator ignored");
+            return None;
+        }
+        self.leader_epoch = self.leader_epoch.max(epoch);
+        self.take_control(core, msg, now)
     }
 
     fn take_control<G: GameLogic>(

@@ -214,6 +214,11 @@ fn render_cluster(o: &mut String, node_id: u16, node: &[Option<super::NodeShardS
             "Times the coordinator link was dialled again.",
             |c| c.coord_redials,
         ),
+        (
+            "tessera_cluster_stale_leader_frames_total",
+            "Control frames from a coordinator below the newest cluster epoch (a deposed leader): ignored.",
+            |c| c.stale_leader,
+        ),
     ] {
         help(o, name, "counter", text);
         for (i, c) in &shards {
@@ -242,6 +247,19 @@ fn render_replica(o: &mut String, node_id: u16, node: &[Option<super::NodeShardS
             o,
             "tessera_shard_fenced{{node=\"{node_id}\",shard=\"{i}\"}} {}",
             u8::from(s.fenced)
+        );
+    }
+    help(
+        o,
+        "tessera_shard_fences_total",
+        "counter",
+        "Times the shard's lease ran out after it had held one (cut from the coordinator, or a coordinator failover longer than the lease): its cells stopped.",
+    );
+    for (i, s) in &shards {
+        let _ = writeln!(
+            o,
+            "tessera_shard_fences_total{{node=\"{node_id}\",shard=\"{i}\"}} {}",
+            s.fences
         );
     }
     for (name, text, get) in [

@@ -289,7 +289,7 @@ impl<G: GameLogic> Node<G> {
             let advertised = (cc.role != NodeRole::Compute).then_some(game_addr);
             let j =
                 crate::cluster::join(cc, shards as u16, advertised, incarnation, config.tick_hz)?;
-            tracing::info!(node = cc.node, coord = %cc.coord, cells = j.registry.len(), nodes = j.directory.len(), "joined the cluster");
+            tracing::info!(node = cc.node, coord = %cc.coords_text(), cells = j.registry.len(), nodes = j.directory.len(), "joined the cluster");
             joined = Some(j);
         }
         let mut tick_base = 0;
@@ -418,7 +418,7 @@ impl<G: GameLogic> Node<G> {
                         me,
                         endpoint,
                         socket,
-                        cc.coord,
+                        &cc.coords,
                         registration,
                         directory.clone(),
                     ))

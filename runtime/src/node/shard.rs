@@ -198,6 +198,7 @@ impl<G: GameLogic> NodeShard<G> {
                 cluster: self.cluster.as_ref().map(|c| c.counters()),
                 replica: core.replica_counters(),
                 fenced: core.is_fenced(),
+                fences: core.fences(),
             },
         );
     }

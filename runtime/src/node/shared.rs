@@ -57,6 +57,8 @@ pub struct NodeShardStats {
     pub replica: tessera_cells::replica::ReplicaCounters,
     /// True while its lease is not valid (cells frozen).
     pub fenced: bool,
+    /// Times its lease ran out after it had held one.
+    pub fences: u64,
 }
 
 /// What the coordinator did, for metrics, admin and benchmarks.

@@ -262,3 +262,89 @@ pub fn sim_value(report: &serde_json::Value, metric: &str) -> f64 {
         .as_f64()
         .unwrap()
 }
+
+/// A throwaway etcd (Debian's `etcd-server`, installed with apt-get when
+/// missing) on free loopback ports with a temporary data dir; killed and
+/// its dir removed when dropped. Elections are fast (500 ms), so that the
+/// smallest lease etcd grants is 1 s.
+pub struct Etcd {
+    child: Child,
+    dir: PathBuf,
+    pub url: String,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let found = |b: &str| {
+            Command::new(b)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !found("etcd") {
+            let ok = Command::new("apt-get")
+                .args(["install", "-y", "-qq", "etcd-server"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(
+                ok && found("etcd"),
+                "etcd is needed: `apt-get install etcd-server` (Debian) failed or is not available"
+            );
+        }
+        let client = free_tcp_port();
+        let peer = free_tcp_port();
+        let dir =
+            std::env::temp_dir().join(format!("tessera-etcd-{}-{client}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::File::create(dir.with_extension("log")).unwrap();
+        let child = Command::new("etcd")
+            .args(["--name", "e2e", "--data-dir", dir.to_str().unwrap()])
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("e2e={peer_url}")])
+            .args(["--heartbeat-interval", "100", "--election-timeout", "500"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd");
+        let etcd = Etcd { child, dir, url };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let up = std::net::TcpStream::connect(("127.0.0.1", client))
+                .and_then(|mut t| {
+                    t.set_read_timeout(Some(Duration::from_secs(1)))?;
+                    t.write_all(b"GET /health HTTP/1.0\r\n\r\n")?;
+                    let mut answer = String::new();
+                    t.read_to_string(&mut answer)?;
+                    Ok(answer.contains("\"health\":\"true\""))
+                })
+                .unwrap_or(false);
+            if up {
+                return etcd;
+            }
+            assert!(Instant::now() < deadline, "etcd did not start within 20 s");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(self.dir.with_extension("log"));
+    }
+}
