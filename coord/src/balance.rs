@@ -223,6 +223,8 @@ pub struct Coordinator {
     /// Cells committed to a lost handover target, waiting for its backup
     /// to say whether it holds them (else their source takes them back).
     reclaimable: BTreeMap<CellId, (HandoverId, MoveOp, Option<ShardRef>)>,
+    /// Nodes draining, since when.
+    pub(crate) draining: BTreeMap<u16, Instant>,
 }
 
 impl Coordinator {
@@ -262,6 +264,7 @@ impl Coordinator {
             members: (0..policy_shards).map(ShardRef::local).collect(),
             liveness: crate::liveness::Liveness::default(),
             reclaimable: BTreeMap::new(),
+            draining: BTreeMap::new(),
         }
     }
 
@@ -480,12 +483,32 @@ impl Coordinator {
             || self.gathering.keys().any(|p| overlaps(*p))
     }
 
-    /// The shards balancing may use (members of nodes not declared dead).
+    /// The shards balancing may use (members of nodes neither declared
+    /// dead nor draining).
     fn shards(&self) -> impl Iterator<Item = ShardRef> + '_ {
         self.members
             .iter()
             .copied()
-            .filter(|s| !self.is_dead(s.node))
+            .filter(|s| !self.is_dead(s.node) && !self.is_draining(s.node))
+    }
+
+    pub(crate) fn cell_busy(&self, cell: CellId) -> bool {
+        self.busy(cell)
+    }
+
+    pub(crate) fn moves_to(&self, shard: ShardRef) -> usize {
+        self.moves.values().filter(|m| m.to == shard).count()
+    }
+
+    /// A handover decided by a drain.
+    pub(crate) fn move_for_drain(&mut self, now: Instant, cell: CellId, to: ShardRef) -> bool {
+        match self.registry.get(cell) {
+            Some(a) if a.owner != to && a.epoch != crate::ADMIN_EPOCH => {
+                self.start_move(now, cell, a, to, "drain");
+                true
+            }
+            _ => false,
+        }
     }
 
     fn shard_busy(&self, shard: ShardRef) -> bool {
@@ -1131,6 +1154,7 @@ impl Coordinator {
             }
         }
         self.resume_merges(now);
+        self.drain_step(now);
         if self.policy.automatic && self.in_flight() == 0 {
             self.decide(now);
         }

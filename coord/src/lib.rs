@@ -10,10 +10,12 @@
 #![warn(missing_docs)]
 
 pub mod balance;
+pub mod drain;
 pub mod liveness;
 pub mod placement;
 
 pub use balance::{CommandError, Coordinator, CoordinatorCounters, HandoverRecord, Policy};
+pub use drain::{DrainState, DRAIN_PARALLEL};
 pub use liveness::{FailoverRecord, NodeLiveness};
 pub use placement::{contiguous_blocks, MappingError, StaticMapping};
 /// The vocabulary the coordinator speaks with shards, and the registry it

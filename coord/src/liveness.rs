@@ -364,6 +364,13 @@ impl Coordinator {
             .copied()
             .filter(|s| !self.is_dead(s.node))
             .collect();
+        // A draining node backs up no one, and needs a backup only while it
+        // still owns cells: it is about to leave.
+        let staying: Vec<ShardRef> = live
+            .iter()
+            .copied()
+            .filter(|s| !self.is_draining(s.node))
+            .collect();
         let nodes: BTreeSet<u16> = live.iter().map(|s| s.node).collect();
         let current = self.registry().backups().clone();
         let mut next: BTreeMap<ShardRef, ShardRef> = BTreeMap::new();
@@ -372,10 +379,10 @@ impl Coordinator {
                 .registry()
                 .iter()
                 .map(|(_, a)| a.owner)
-                .chain(live.iter().copied())
+                .chain(staying.iter().copied())
                 .filter(|s| !self.is_dead(s.node))
                 .collect();
-            let mut load: BTreeMap<ShardRef, usize> = live.iter().map(|s| (*s, 0)).collect();
+            let mut load: BTreeMap<ShardRef, usize> = staying.iter().map(|s| (*s, 0)).collect();
             // Keep what is still valid (moving a backup costs a full round).
             for (owner, backup) in &current {
                 if owners.contains(owner) && backup.node != owner.node && load.contains_key(backup)

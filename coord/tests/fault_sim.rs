@@ -379,3 +379,55 @@ fn crashes_on_a_harsh_network_lose_no_entity() {
         assert!(!sim.failovers.is_empty(), "seed {seed}: nothing recovered");
     }
 }
+
+/// A node drains (SIGTERM, or `tessera admin drain`) while cells move and
+/// clients play: every cell it owns leaves by live handover, a few at a
+/// time; it ends owning nothing and backing up no one; no entity is lost
+/// or doubled and every input is applied (a drain loses nothing, unlike a
+/// crash).
+#[test]
+fn a_draining_node_hands_every_cell_over_and_loses_nothing() {
+    for seed in seeds(6) {
+        let mut sim = Sim::new(seed, lan());
+        let warmup = 40 + sim.rng.below(60);
+        sim.run(warmup, true);
+        let node = 1 + sim.rng.below(u64::from(NODES) - 1) as u16;
+        let cells = sim
+            .coord
+            .drain(sim.now(), node)
+            .expect("others can take them");
+        let mut ticks = 0;
+        while !sim.coord.drain_state(node).expect("draining").done() {
+            assert!(
+                ticks < 1200,
+                "seed {seed}: node {node} still drains after {ticks} ticks: {:?}",
+                sim.coord.drain_state(node)
+            );
+            sim.run(1, true);
+            ticks += 1;
+        }
+        sim.settle();
+        check(&sim, seed);
+        for (cell, a) in sim.coord.registry().iter() {
+            assert_ne!(
+                a.owner.node, node,
+                "seed {seed}: {cell} still on the drained node"
+            );
+        }
+        for (owner, backup) in sim.coord.registry().backups() {
+            assert_ne!(
+                backup.node, node,
+                "seed {seed}: the drained node still backs up {owner}"
+            );
+        }
+        for s in sim.h.shard_refs().into_iter().filter(|s| s.node == node) {
+            let i = sim.h.index_of(s);
+            assert_eq!(
+                sim.h.world(i).cell_ids().len(),
+                0,
+                "seed {seed}: {s} still runs cells"
+            );
+        }
+        assert!(cells > 0, "seed {seed}: node {node} had no cell to drain");
+    }
+}

@@ -62,7 +62,7 @@ pub use runtime::{
     spawn_helper, CpuPlacement, Runtime, RuntimeBuilder, RuntimeError, ShardConfig, StopHandle,
 };
 pub use shard::{LocalHandle, ShardContext, ShardHandler};
-pub use signals::install_stop_on_signals;
+pub use signals::{install_drain_on_signals, install_stop_on_signals};
 pub use stage::{Handled, Stage, StageContext, StageTable};
 pub use stats::{ShardReport, ShardStats, StatsBoard};
 pub use tick::{Tick, TickClock, TickStart};

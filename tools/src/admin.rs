@@ -9,7 +9,8 @@ use tessera_runtime::node::admin::{request, Status};
 fn print_cluster(st: &ClusterStatus, with_shards: bool) {
     if with_shards {
         println!(
-            "coordinator: uptime {:.0} s, cluster epoch {}, registry v{}, {} operation(s) in flight, {} handovers, {} aborts, {} splits, {} merges{}",
+            "coordinator ({}): uptime {:.0} s, cluster epoch {}, registry v{}, {} operation(s) in flight, {} handovers, {} aborts, {} splits, {} merges{}",
+            if st.role.is_empty() { "alone" } else { &st.role },
             st.uptime_s,
             st.cluster_epoch,
             st.registry_version,
@@ -36,7 +37,12 @@ fn print_cluster(st: &ClusterStatus, with_shards: bool) {
                 n.shards,
                 n.cluster_addr,
                 n.game_addr.as_deref().unwrap_or("-"),
-                if n.dead { "  DEAD" } else { "" }
+                match (n.dead, n.draining_cells_left) {
+                    (true, _) => "  DEAD".to_string(),
+                    (false, Some(0)) => "  DRAINED".to_string(),
+                    (false, Some(left)) => format!("  DRAINING ({left} cells left)"),
+                    (false, None) => String::new(),
+                }
             );
         }
         if !st.backups.is_empty() {
@@ -118,6 +124,13 @@ pub enum AdminCommand {
         /// The parent cell.
         cell: String,
     },
+    /// On a coordinator: hand every cell of node NODE to the other nodes
+    /// by live handover; the node exits by itself once it holds nothing
+    /// (as on SIGTERM).
+    Drain {
+        /// The node id.
+        node: u16,
+    },
     /// Stop the node gracefully.
     Shutdown,
 }
@@ -153,6 +166,7 @@ pub fn run(args: AdminArgs) -> Result<(), String> {
         }
         AdminCommand::Split { cell } => format!("split {}", check(cell)?),
         AdminCommand::Merge { cell } => format!("merge {}", check(cell)?),
+        AdminCommand::Drain { node } => format!("drain {node}"),
         AdminCommand::Shutdown => "shutdown".to_string(),
     };
     let answer = fetch(args.addr, &command)?;

@@ -262,9 +262,18 @@ fn down(dir: &Path) -> Result<(), String> {
         println!("no local cluster running (no {})", pids_file(dir).display());
         return Ok(());
     }
-    // Nodes first, the coordinator last (nodes tell it they leave).
+    // Nodes first, the coordinator last (nodes tell it they leave). A
+    // node's first SIGTERM drains it (its cells move to other nodes); the
+    // whole cluster goes, so the second stops it at once.
     for (_, pid) in pids.iter().rev() {
         // SAFETY: signalling a process this tool started.
+        unsafe {
+            libc::kill(*pid, libc::SIGTERM);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    for (_, pid) in pids.iter().rev() {
+        // SAFETY: as above.
         unsafe {
             libc::kill(*pid, libc::SIGTERM);
         }

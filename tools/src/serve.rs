@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tessera_runtime::install_stop_on_signals;
+use tessera_runtime::install_drain_on_signals;
 use tessera_runtime::node::Node;
 
 use crate::config::{node_config, ServeArgs};
@@ -20,7 +20,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
     );
     let node = Node::start(config).map_err(|e| e.to_string())?;
     let stop = node.stop_handle();
-    install_stop_on_signals(stop.clone(), None)
+    install_drain_on_signals(stop.clone(), node.shared().clone(), None)
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     println!(
         "tessera node listening on udp://{} ({world})",

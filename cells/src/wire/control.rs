@@ -141,6 +141,8 @@ pub enum ControlMsg {
         entities: u32,
         /// Numbers the heartbeats of the link (the ack names it).
         seq: u64,
+        /// The node is draining: its cells should move away.
+        draining: bool,
     },
     /// Coordinator -> shard: heartbeat `seq` arrived; the shard's lease on
     /// its cells runs `lease_ms` from when it sent that heartbeat.
@@ -149,6 +151,8 @@ pub enum ControlMsg {
         seq: u64,
         /// The lease, milliseconds.
         lease_ms: u32,
+        /// The coordinator drains the node: it exits once its cells left.
+        draining: bool,
     },
 }
 
@@ -494,6 +498,7 @@ pub fn encode_control(header: &ShardHeader, msg: &ControlMsg) -> Vec<u8> {
             sessions,
             entities,
             seq,
+            draining,
         } => t!(
             Heartbeat,
             HeartbeatArgs {
@@ -501,13 +506,19 @@ pub fn encode_control(header: &ShardHeader, msg: &ControlMsg) -> Vec<u8> {
                 sessions: *sessions,
                 entities: *entities,
                 seq: *seq,
+                draining: *draining,
             }
         ),
-        ControlMsg::HeartbeatAck { seq, lease_ms } => t!(
+        ControlMsg::HeartbeatAck {
+            seq,
+            lease_ms,
+            draining,
+        } => t!(
             HeartbeatAck,
             HeartbeatAckArgs {
                 seq: *seq,
                 lease_ms: *lease_ms,
+                draining: *draining,
             }
         ),
     };
@@ -736,11 +747,13 @@ pub fn decode_control(bytes: &[u8]) -> Result<(ShardHeader, ControlMsg), FrameEr
             sessions: m.sessions(),
             entities: m.entities(),
             seq: m.seq(),
+            draining: m.draining(),
         }
     } else if let Some(m) = f.msg_as_heartbeat_ack() {
         ControlMsg::HeartbeatAck {
             seq: m.seq(),
             lease_ms: m.lease_ms(),
+            draining: m.draining(),
         }
     } else if let Some(m) = f.msg_as_reclaim_order() {
         ControlMsg::Order(Order::Reclaim {

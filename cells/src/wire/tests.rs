@@ -534,6 +534,7 @@ fn control_messages_cross_unchanged() {
             sessions: 6,
             entities: 7,
             seq: 8,
+            draining: true,
         },
         ControlMsg::Report(Report::Durable {
             id: HandoverId(3),
@@ -542,6 +543,7 @@ fn control_messages_cross_unchanged() {
         ControlMsg::HeartbeatAck {
             seq: 8,
             lease_ms: 1000,
+            draining: true,
         },
         ControlMsg::Order(Order::Reclaim {
             id: HandoverId(12),

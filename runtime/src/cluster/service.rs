@@ -90,6 +90,9 @@ pub struct ClusterNode {
     pub game_addr: Option<String>,
     /// Declared dead (silent for longer than `dead_after`).
     pub dead: bool,
+    /// Draining: cells it still owns (None: not draining).
+    #[serde(default)]
+    pub draining_cells_left: Option<usize>,
 }
 
 /// A lost shard whose cells were given to its backup.
@@ -656,6 +659,7 @@ impl Loop {
                 sessions,
                 entities,
                 seq,
+                draining,
             } => {
                 let Some(p) = self.peers.get(&connection) else {
                     return;
@@ -665,13 +669,34 @@ impl Loop {
                     shard: p.shard,
                 };
                 let leads = self.leads(now);
+                let node = p.node;
                 if let Some(c) = &mut self.coord {
-                    c.heartbeat(now, p.node, tick);
+                    c.heartbeat(now, node, tick);
+                    if draining && leads && !c.is_draining(node) {
+                        match c.drain(now, node) {
+                            Ok(cells) => {
+                                tracing::warn!(
+                                    node,
+                                    cells,
+                                    "node asked to drain (SIGTERM): its cells move away"
+                                )
+                            }
+                            Err(e) => tracing::error!(node, error = %e, "node asked to drain"),
+                        }
+                    }
                     // A lease only from a coordinator sure to lead until
                     // after the node counts it out.
                     if leads {
                         let lease_ms = c.lease().as_millis().min(u128::from(u32::MAX)) as u32;
-                        self.send(connection, &ControlMsg::HeartbeatAck { seq, lease_ms });
+                        let draining = c.is_draining(node);
+                        self.send(
+                            connection,
+                            &ControlMsg::HeartbeatAck {
+                                seq,
+                                lease_ms,
+                                draining,
+                            },
+                        );
                     }
                 }
                 if let Some(s) = self.shards.get_mut(&shard) {
@@ -955,6 +980,11 @@ impl Loop {
                 cluster_addr: n.info.cluster_addr.to_string(),
                 game_addr: n.info.game_addr.map(|a| a.to_string()),
                 dead: self.coord.as_ref().is_some_and(|c| c.is_dead(n.info.node)),
+                draining_cells_left: self
+                    .coord
+                    .as_ref()
+                    .and_then(|c| c.drain_state(n.info.node))
+                    .map(|d| d.cells_left),
             });
         }
         let registry = self.coord.as_ref().map(|c| c.registry());
@@ -1105,13 +1135,17 @@ fn reply(
             Ok(c) => command(AdminCommand::Merge { cell: c }),
             Err(e) => err(e),
         },
+        Some("drain") => match words.next().map(str::parse::<u16>) {
+            Some(Ok(node)) => command(AdminCommand::Drain { node }),
+            _ => err("usage: drain NODE (a node id)".into()),
+        },
         Some("shutdown") => {
             tracing::warn!("coordinator shutdown requested on the admin port");
             stop.store(true, Ordering::Release);
             "{\"ok\":true}".to_string()
         }
         Some(other) => err(format!(
-            "unknown command {other:?}: try status, handovers, move CELL NODE/SHARD, split CELL, merge CELL, shutdown"
+            "unknown command {other:?}: try status, handovers, move CELL NODE/SHARD, split CELL, merge CELL, drain NODE, shutdown"
         )),
         None => err("empty command".into()),
     };

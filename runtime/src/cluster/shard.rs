@@ -108,6 +108,8 @@ pub struct ClusterSide {
     control_seq: u64,
     counters: ClusterCounters,
     lease: tessera_cells::lease::LeaseKeeper,
+    /// The leader said it drains this node.
+    drain_asked: bool,
 }
 
 impl ClusterSide {
@@ -143,6 +145,7 @@ impl ClusterSide {
             directory: directory.into_iter().map(|n| (n.node, n)).collect(),
             links: BTreeMap::new(),
             lease: tessera_cells::lease::LeaseKeeper::new(),
+            drain_asked: false,
             writers: BTreeMap::new(),
             backlog: BTreeMap::new(),
             control_seq: 0,
@@ -348,16 +351,24 @@ impl ClusterSide {
         }
     }
 
-    /// Sends a heartbeat (numbered: its ack renews this shard's lease).
-    pub fn heartbeat<G: GameLogic>(&mut self, core: &NodeCore<G>, now: Instant) {
+    /// Sends a heartbeat (numbered: its ack renews this shard's lease);
+    /// `draining` asks the coordinator to move the node's cells away.
+    pub fn heartbeat<G: GameLogic>(&mut self, core: &NodeCore<G>, now: Instant, draining: bool) {
         let seq = self.lease.sent(now);
         let msg = ControlMsg::Heartbeat {
             tick: core.world().tick_id(),
             sessions: core.sessions().len() as u32,
             entities: core.world().totals().entities as u32,
             seq,
+            draining,
         };
         self.send_control(&msg, core.world().tick_id());
+    }
+
+    /// True once the leading coordinator said it drains this node
+    /// (`tessera admin drain`): the node exits when it holds nothing.
+    pub fn coordinator_drains(&self) -> bool {
+        self.drain_asked
     }
 
     /// True while this shard's lease on its cells runs (renewed by the
@@ -608,7 +619,15 @@ impl ClusterSide {
                 core.handle_message(ShardMsg::Order(order));
                 None
             }
-            ControlMsg::HeartbeatAck { seq, lease_ms } => {
+            ControlMsg::HeartbeatAck {
+                seq,
+                lease_ms,
+                draining,
+            } => {
+                if draining && !self.drain_asked {
+                    tracing::warn!(shard = %self.me, "the coordinator drains this node: its cells move away, then it exits");
+                }
+                self.drain_asked |= draining;
                 self.lease
                     .acked(seq, Duration::from_millis(u64::from(lease_ms)));
                 None

@@ -39,6 +39,11 @@ pub enum AdminCommand {
         /// The parent.
         cell: CellId,
     },
+    /// Hand every cell of a node to the others, then let it exit.
+    Drain {
+        /// The node.
+        node: u16,
+    },
 }
 
 /// What reaches the coordinator thread.
@@ -81,6 +86,11 @@ pub fn run_command(
             } else {
                 format!("merge {op} into {cell} started")
             }
+        }),
+        AdminCommand::Drain { node } => coord.drain(now, *node).map(|cells| {
+            format!(
+                "node {node} drains: {cells} cells to hand over; it exits once it holds nothing"
+            )
         }),
     }
     .map_err(|e| e.to_string())

@@ -457,6 +457,13 @@ impl<G: GameLogic> Node<G> {
                 helpers_stop.clone(),
             )?);
         }
+        if shared.clustered {
+            helpers.push(spawn_drain_watch(
+                shared.clone(),
+                runtime.stop_handle(),
+                helpers_stop.clone(),
+            )?);
+        }
         tracing::info!(addr = %game_addr, shards, metrics = ?metrics_addr, admin = ?admin_addr, "node started");
         Ok(Node {
             coord_tx,
@@ -599,4 +606,51 @@ impl<G: GameLogic> Node<G> {
         }
         Ok(reports?)
     }
+}
+
+/// A draining node that has held nothing for this long stops (the last
+/// releases and acks have gone out).
+const DRAINED_FOR: Duration = Duration::from_millis(500);
+
+/// A drain that has not finished in this long stops the node anyway
+/// (logged: the cells it still owns fail over to their backups).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Stops a draining node once every shard holds nothing.
+fn spawn_drain_watch(
+    shared: Arc<NodeShared>,
+    stop: StopHandle,
+    quit: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    crate::runtime::spawn_helper("tessera-drain", None, move || {
+        let mut began = None;
+        let mut drained_since = None;
+        while !quit.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(50));
+            if !shared.is_draining() {
+                continue;
+            }
+            let now = std::time::Instant::now();
+            let began = *began.get_or_insert(now);
+            if shared.all_drained() {
+                let since = *drained_since.get_or_insert(now);
+                if now - since >= DRAINED_FOR {
+                    tracing::warn!(
+                        node = shared.node,
+                        took_ms = (now - began).as_millis() as u64,
+                        "drained: every cell handed over; stopping"
+                    );
+                    stop.stop();
+                    return;
+                }
+            } else {
+                drained_since = None;
+            }
+            if now - began >= DRAIN_TIMEOUT {
+                tracing::error!(node = shared.node, "drain not finished after {DRAIN_TIMEOUT:?}: stopping anyway (the cells left fail over to their backups)");
+                stop.stop();
+                return;
+            }
+        }
+    })
 }

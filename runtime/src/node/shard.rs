@@ -426,9 +426,26 @@ impl<G: GameLogic> ShardHandler for NodeShard<G> {
             .record((started.elapsed().as_micros() as u64).max(1));
         self.ticks += 1;
         if let Some(cluster) = &mut self.cluster {
+            if cluster.coordinator_drains() && self.shared.start_draining() {
+                tracing::warn!(shard = %self.shard, "draining on the coordinator's word");
+            }
             if started >= self.next_heartbeat {
                 self.next_heartbeat = started + HEARTBEAT_EVERY;
-                cluster.heartbeat(&self.core.borrow(), started);
+                cluster.heartbeat(&self.core.borrow(), started, self.shared.is_draining());
+            }
+            if self.shared.is_draining() {
+                let core = self.core.borrow();
+                let me = core.me();
+                let drained = core.world().cell_ids().is_empty()
+                    && core.agent().in_progress() == 0
+                    && core.held_transfers().next().is_none()
+                    && !core
+                        .router()
+                        .registry()
+                        .backups()
+                        .values()
+                        .any(|b| *b == me);
+                self.shared.set_drained(self.shard.index(), drained);
             }
         }
         if self.ticks % u64::from(self.shared.tick_hz.max(1)) == 0 {

@@ -1,7 +1,7 @@
 //! State a node's shards and helper threads share: the registry and the
 //! statistics each shard publishes.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -103,6 +103,8 @@ pub struct NodeShared {
     pub clustered: bool,
     /// This node's id (0 outside a cluster).
     pub node: u16,
+    draining: AtomicBool,
+    drained: Vec<AtomicBool>,
 }
 
 impl NodeShared {
@@ -117,6 +119,8 @@ impl NodeShared {
             tick_hz,
             clustered: false,
             node: 0,
+            draining: AtomicBool::new(false),
+            drained: (0..shards).map(|_| AtomicBool::new(false)).collect(),
         }
     }
 
@@ -127,6 +131,31 @@ impl NodeShared {
             node,
             ..Self::new(registry, shards, tick_hz)
         }
+    }
+
+    /// The node starts draining (SIGTERM, or the coordinator's word):
+    /// its shards tell the coordinator, which hands their cells away.
+    /// True the first time.
+    pub fn start_draining(&self) -> bool {
+        !self.draining.swap(true, Ordering::AcqRel)
+    }
+
+    /// True once the node drains.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// A shard says whether it holds anything still (cells, a handover,
+    /// another shard's replicas, transfers waiting for their ack).
+    pub fn set_drained(&self, shard: usize, drained: bool) {
+        if let Some(f) = self.drained.get(shard) {
+            f.store(drained, Ordering::Release);
+        }
+    }
+
+    /// True when every shard holds nothing any more.
+    pub fn all_drained(&self) -> bool {
+        self.drained.iter().all(|f| f.load(Ordering::Acquire))
     }
 
     /// The current registry.

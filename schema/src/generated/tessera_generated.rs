@@ -17130,6 +17130,7 @@ impl<'a> Heartbeat<'a> {
   pub const VT_SESSIONS: ::flatbuffers::VOffsetT = 6;
   pub const VT_ENTITIES: ::flatbuffers::VOffsetT = 8;
   pub const VT_SEQ: ::flatbuffers::VOffsetT = 10;
+  pub const VT_DRAINING: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -17145,6 +17146,7 @@ impl<'a> Heartbeat<'a> {
     builder.add_tick(args.tick);
     builder.add_entities(args.entities);
     builder.add_sessions(args.sessions);
+    builder.add_draining(args.draining);
     builder.finish()
   }
 
@@ -17178,6 +17180,14 @@ impl<'a> Heartbeat<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(Heartbeat::VT_SEQ, Some(0)).unwrap()}
   }
+  /// The node is draining (SIGTERM): the coordinator moves its cells away.
+  #[inline]
+  pub fn draining(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Heartbeat::VT_DRAINING, Some(false)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Heartbeat<'_> {
@@ -17190,6 +17200,7 @@ impl ::flatbuffers::Verifiable for Heartbeat<'_> {
      .visit_field::<u32>("sessions", Self::VT_SESSIONS, false)?
      .visit_field::<u32>("entities", Self::VT_ENTITIES, false)?
      .visit_field::<u64>("seq", Self::VT_SEQ, false)?
+     .visit_field::<bool>("draining", Self::VT_DRAINING, false)?
      .finish();
     Ok(())
   }
@@ -17199,6 +17210,7 @@ pub struct HeartbeatArgs {
     pub sessions: u32,
     pub entities: u32,
     pub seq: u64,
+    pub draining: bool,
 }
 impl<'a> Default for HeartbeatArgs {
   #[inline]
@@ -17208,6 +17220,7 @@ impl<'a> Default for HeartbeatArgs {
       sessions: 0,
       entities: 0,
       seq: 0,
+      draining: false,
     }
   }
 }
@@ -17234,6 +17247,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> HeartbeatBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<u64>(Heartbeat::VT_SEQ, seq, 0);
   }
   #[inline]
+  pub fn add_draining(&mut self, draining: bool) {
+    self.fbb_.push_slot::<bool>(Heartbeat::VT_DRAINING, draining, false);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> HeartbeatBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     HeartbeatBuilder {
@@ -17255,6 +17272,7 @@ impl ::core::fmt::Debug for Heartbeat<'_> {
       ds.field("sessions", &self.sessions());
       ds.field("entities", &self.entities());
       ds.field("seq", &self.seq());
+      ds.field("draining", &self.draining());
       ds.finish()
   }
 }
@@ -17278,6 +17296,7 @@ impl<'a> ::flatbuffers::Follow<'a> for HeartbeatAck<'a> {
 impl<'a> HeartbeatAck<'a> {
   pub const VT_SEQ: ::flatbuffers::VOffsetT = 4;
   pub const VT_LEASE_MS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_DRAINING: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -17291,6 +17310,7 @@ impl<'a> HeartbeatAck<'a> {
     let mut builder = HeartbeatAckBuilder::new(_fbb);
     builder.add_seq(args.seq);
     builder.add_lease_ms(args.lease_ms);
+    builder.add_draining(args.draining);
     builder.finish()
   }
 
@@ -17309,6 +17329,15 @@ impl<'a> HeartbeatAck<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(HeartbeatAck::VT_LEASE_MS, Some(0)).unwrap()}
   }
+  /// The coordinator drains the node (`tessera admin drain`): once its
+  /// cells are gone it exits.
+  #[inline]
+  pub fn draining(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(HeartbeatAck::VT_DRAINING, Some(false)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for HeartbeatAck<'_> {
@@ -17319,6 +17348,7 @@ impl ::flatbuffers::Verifiable for HeartbeatAck<'_> {
     v.visit_table(pos)?
      .visit_field::<u64>("seq", Self::VT_SEQ, false)?
      .visit_field::<u32>("lease_ms", Self::VT_LEASE_MS, false)?
+     .visit_field::<bool>("draining", Self::VT_DRAINING, false)?
      .finish();
     Ok(())
   }
@@ -17326,6 +17356,7 @@ impl ::flatbuffers::Verifiable for HeartbeatAck<'_> {
 pub struct HeartbeatAckArgs {
     pub seq: u64,
     pub lease_ms: u32,
+    pub draining: bool,
 }
 impl<'a> Default for HeartbeatAckArgs {
   #[inline]
@@ -17333,6 +17364,7 @@ impl<'a> Default for HeartbeatAckArgs {
     HeartbeatAckArgs {
       seq: 0,
       lease_ms: 0,
+      draining: false,
     }
   }
 }
@@ -17349,6 +17381,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> HeartbeatAckBuilder<'a, 'b, A
   #[inline]
   pub fn add_lease_ms(&mut self, lease_ms: u32) {
     self.fbb_.push_slot::<u32>(HeartbeatAck::VT_LEASE_MS, lease_ms, 0);
+  }
+  #[inline]
+  pub fn add_draining(&mut self, draining: bool) {
+    self.fbb_.push_slot::<bool>(HeartbeatAck::VT_DRAINING, draining, false);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> HeartbeatAckBuilder<'a, 'b, A> {
@@ -17370,6 +17406,7 @@ impl ::core::fmt::Debug for HeartbeatAck<'_> {
     let mut ds = f.debug_struct("HeartbeatAck");
       ds.field("seq", &self.seq());
       ds.field("lease_ms", &self.lease_ms());
+      ds.field("draining", &self.draining());
       ds.finish()
   }
 }
