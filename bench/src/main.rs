@@ -6,11 +6,13 @@
 //! cargo run --release -p tessera-bench -- rudp [--quick]
 //! cargo run --release -p tessera-bench -- world [--quick]
 //! cargo run --release -p tessera-bench -- cluster [--quick]
+//! cargo run --release -p tessera-bench -- failover [--quick]
 //! ```
 
 use clap::{Parser, Subcommand};
 
 mod cluster;
+mod failover;
 mod handover;
 mod mailbox;
 mod report;
@@ -40,6 +42,9 @@ enum Suite {
     /// A cluster in one process: cross-node handovers, latency added by a
     /// gateway, bytes between nodes per ghost and per remote client.
     Cluster(cluster::Args),
+    /// Node kills, coordinator kills (etcd), drains: detection, recovery,
+    /// state lost, client gaps; replication's bytes and CPU per cell.
+    Failover(failover::Args),
 }
 
 fn main() {
@@ -50,6 +55,7 @@ fn main() {
         Suite::World(args) => world::run(args),
         Suite::Handover(args) => handover::run(args),
         Suite::Cluster(args) => cluster::run(args),
+        Suite::Failover(args) => failover::run(args),
     };
     if let Err(e) = result {
         eprintln!("tessera-bench: {e}");

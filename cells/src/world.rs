@@ -126,6 +126,12 @@ pub enum ReshapeError {
 const INHERITED_GHOST_TICKS: u64 = 40;
 
 impl<G: GameLogic> ShardWorld<G> {
+    /// Starts this shard's entity serials at `serial` or later
+    /// ([`IdAllocator::serial_origin`]: a restarted node never reuses ids).
+    pub fn start_ids_at(&mut self, serial: u64) {
+        self.ids.skip_to(serial);
+    }
+
     /// A world with no cells. `id_prefix` makes entity ids unique per shard
     /// ([`IdAllocator::prefix_of`]).
     pub fn new(game: G, layout: Arc<Layout>, config: WorldConfig, id_prefix: u32) -> Self {

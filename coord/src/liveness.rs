@@ -48,6 +48,9 @@ pub struct FailoverRecord {
     pub cells: usize,
     /// Last heartbeat to declared dead.
     pub detection: Duration,
+    /// When it was declared dead (the caller's clock: a crash's moment,
+    /// known outside, gives crash-to-detection).
+    pub declared_at: Instant,
     /// Declared dead to the cells' reassignment (the lease's end).
     pub lease_wait: Duration,
     /// Declared dead to the backup running them (None until reported).
@@ -269,6 +272,7 @@ impl Coordinator {
                 to,
                 cells: promoted.len(),
                 detection: declared.saturating_duration_since(l.last_seen),
+                declared_at: declared,
                 lease_wait: now.saturating_duration_since(declared),
                 served: None,
                 ticks_lost: None,

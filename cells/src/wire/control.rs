@@ -98,6 +98,8 @@ pub struct NodeInfo {
     pub cluster_addr: SocketAddr,
     /// Its game address.
     pub game_addr: Option<SocketAddr>,
+    /// Its process's incarnation (a restart changes it).
+    pub incarnation: u64,
 }
 
 impl NodeInfo {
@@ -246,6 +248,7 @@ pub fn encode_control(header: &ShardHeader, msg: &ControlMsg) -> Vec<u8> {
                             role: role_out(n.role),
                             cluster_addr: Some(cluster),
                             game_addr: game,
+                            incarnation: n.incarnation,
                         },
                     )
                 })
@@ -637,6 +640,7 @@ pub fn decode_control(bytes: &[u8]) -> Result<(ShardHeader, ControlMsg), FrameEr
                     .game_addr()
                     .map(|a| addr_in(a, "node.game_addr"))
                     .transpose()?,
+                incarnation: n.incarnation(),
             });
         }
         ControlMsg::Directory(nodes)

@@ -457,6 +457,7 @@ fn control_messages_cross_unchanged() {
             role: NodeRole::Gateway,
             cluster_addr: addr,
             game_addr: Some("127.0.0.3:7777".parse().unwrap()),
+            incarnation: 77,
         }]),
         ControlMsg::Registry(Arc::new(registry)),
         ControlMsg::Order(Order::Begin {

@@ -106,6 +106,9 @@ pub struct ClusterFailover {
     pub cells: usize,
     /// Last heartbeat to declared dead, ms.
     pub detection_ms: f64,
+    /// When it was declared dead, Unix ms (this machine's clock).
+    #[serde(default)]
+    pub declared_unix_ms: f64,
     /// Declared dead to the backup running the cells, ms.
     pub served_ms: Option<f64>,
     /// Ticks of state lost.
@@ -171,7 +174,8 @@ pub struct ClusterStatus {
     /// Times this coordinator was elected.
     #[serde(default)]
     pub elections: u64,
-    /// Heartbeats and reports a standby received and left alone.
+    /// Heartbeats and reports left alone (received as a standby, or from a
+    /// restarted node whose old cells still fail over).
     #[serde(default)]
     pub ignored_as_standby: u64,
     /// Registry versions written to etcd before being published.
@@ -202,6 +206,10 @@ struct ShardEntry {
 struct NodeEntry {
     info: NodeInfo,
     incarnation: u64,
+    /// Restarted while the registry still gave its old incarnation cells:
+    /// those fail over as from a dead node (its heartbeats are not taken
+    /// until they did), and the new incarnation starts empty.
+    old_cells: bool,
 }
 
 enum AdminInput {
@@ -638,7 +646,7 @@ impl Loop {
     fn message(&mut self, connection: ConnectionHandle, msg: ControlMsg, now: Instant) {
         match msg {
             ControlMsg::Register(r) => self.register(connection, r, now),
-            ControlMsg::Report(_) | ControlMsg::Heartbeat { .. } if self.coord.is_none() => {
+            ControlMsg::Report(_) if self.coord.is_none() => {
                 self.ignored_as_standby += 1;
             }
             ControlMsg::Report(report) => {
@@ -670,6 +678,27 @@ impl Loop {
                 };
                 let leads = self.leads(now);
                 let node = p.node;
+                // Every heartbeat is answered, so that a node notices a
+                // coordinator process that is gone (or restarted at the
+                // same address) within a second; only the leader's answer
+                // grants a lease (0 ms: none).
+                let no_lease = ControlMsg::HeartbeatAck {
+                    seq,
+                    lease_ms: 0,
+                    draining: false,
+                };
+                let mut taken = self.coord.is_some();
+                if let (Some(n), Some(c)) = (self.nodes.get_mut(&node), &self.coord) {
+                    if n.old_cells {
+                        n.old_cells = c.registry().iter().any(|(_, a)| a.owner.node == node);
+                        taken = !n.old_cells;
+                    }
+                }
+                if !taken || !leads {
+                    self.ignored_as_standby += u64::from(!taken);
+                    self.send(connection, &no_lease);
+                    return;
+                }
                 if let Some(c) = &mut self.coord {
                     c.heartbeat(now, node, tick);
                     if draining && leads && !c.is_draining(node) {
@@ -686,18 +715,16 @@ impl Loop {
                     }
                     // A lease only from a coordinator sure to lead until
                     // after the node counts it out.
-                    if leads {
-                        let lease_ms = c.lease().as_millis().min(u128::from(u32::MAX)) as u32;
-                        let draining = c.is_draining(node);
-                        self.send(
-                            connection,
-                            &ControlMsg::HeartbeatAck {
-                                seq,
-                                lease_ms,
-                                draining,
-                            },
-                        );
-                    }
+                    let lease_ms = c.lease().as_millis().clamp(1, u128::from(u32::MAX)) as u32;
+                    let draining = c.is_draining(node);
+                    self.send(
+                        connection,
+                        &ControlMsg::HeartbeatAck {
+                            seq,
+                            lease_ms,
+                            draining,
+                        },
+                    );
                 }
                 if let Some(s) = self.shards.get_mut(&shard) {
                     s.last_heard = now;
@@ -720,12 +747,23 @@ impl Loop {
             role: r.role,
             cluster_addr: r.cluster_addr,
             game_addr: r.game_addr,
+            incarnation: r.incarnation,
         };
         let known = self.nodes.get(&r.node);
         if known.is_none_or(|old| old.info != info || old.incarnation != r.incarnation) {
+            let mut old_cells = false;
             match known {
                 Some(old) => {
-                    tracing::warn!(node = r.node, old = %old.info.cluster_addr, new = %r.cluster_addr, incarnation = r.incarnation, "node registered again (restarted or moved)")
+                    tracing::warn!(node = r.node, old = %old.info.cluster_addr, new = %r.cluster_addr, incarnation = r.incarnation, "node registered again (restarted or moved)");
+                    if old.incarnation != r.incarnation {
+                        if let Some(c) = &mut self.coord {
+                            c.forget_drain(r.node);
+                            old_cells = c.registry().iter().any(|(_, a)| a.owner.node == r.node);
+                            if old_cells {
+                                tracing::warn!(node = r.node, "restarted while it still owned cells: they fail over to their backups once its old lease ends; the new process starts empty");
+                            }
+                        }
+                    }
                 }
                 None => {
                     tracing::info!(node = r.node, role = %r.role, shards = r.shards, cluster = %r.cluster_addr, game = ?r.game_addr, "node joined")
@@ -736,6 +774,7 @@ impl Loop {
                 NodeEntry {
                     info,
                     incarnation: r.incarnation,
+                    old_cells,
                 },
             );
             self.directory_version += 1;
@@ -1045,6 +1084,7 @@ impl Loop {
                     to: f.to.to_string(),
                     cells: f.cells,
                     detection_ms: f.detection.as_secs_f64() * 1e3,
+                    declared_unix_ms: unix_ms_of(f.declared_at),
                     served_ms: f.served.map(|d| d.as_secs_f64() * 1e3),
                     ticks_lost: f.ticks_lost,
                     missing: f.missing,
@@ -1055,6 +1095,14 @@ impl Loop {
         st.failovers = board.failovers.iter().cloned().collect();
         board.status = st;
     }
+}
+
+/// An `Instant` of the past as Unix milliseconds.
+fn unix_ms_of(at: Instant) -> f64 {
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (unix.saturating_sub(at.elapsed())).as_secs_f64() * 1e3
 }
 
 fn serve_admin(

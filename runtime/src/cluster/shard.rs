@@ -89,7 +89,14 @@ struct CoordLink {
     backlog: VecDeque<ControlMsg>,
     /// The cluster epoch it last welcomed us with (0: it has not).
     epoch: u32,
+    /// When it last said anything (it answers every heartbeat).
+    heard: Instant,
 }
+
+/// A coordinator link silent this long (ten heartbeats unanswered) is
+/// dialled again: the process behind it is gone, or restarted at the same
+/// address and does not know the old link.
+const COORD_SILENT: Duration = Duration::from_millis(1000);
 
 /// A shard's cluster endpoint, links and coordinator link.
 pub struct ClusterSide {
@@ -138,6 +145,7 @@ impl ClusterSide {
                     retry_at: Some(Instant::now()),
                     backlog: VecDeque::new(),
                     epoch: 0,
+                    heard: Instant::now(),
                 })
                 .collect(),
             leader_epoch: 0,
@@ -434,6 +442,7 @@ impl ClusterSide {
         };
         self.endpoint.handle_timeout(now);
         for i in 0..self.coords.len() {
+            self.drop_if_silent(i, now);
             self.redial(i, now);
         }
         let mut changed = None;
@@ -443,6 +452,7 @@ impl ClusterSide {
             match event {
                 Event::Connected { connection, addr } => {
                     if let Some(i) = self.coord_index(connection) {
+                        self.coords[i].heard = now;
                         tracing::info!(shard = %self.me, coord = %addr, waiting = self.coords[i].backlog.len(), "coordinator link up: registering");
                         let tick = core.world().tick_id();
                         let msg = ControlMsg::Register(self.registration.clone());
@@ -457,6 +467,7 @@ impl ClusterSide {
                 } => {
                     if let Some(i) = self.coord_index(connection) {
                         self.counters.control_received += 1;
+                        self.coords[i].heard = now;
                         match decode_control(&bytes) {
                             Ok((header, msg)) => {
                                 if let Some(c) =
@@ -522,6 +533,22 @@ impl ClusterSide {
         (work, changed)
     }
 
+    fn drop_if_silent(&mut self, i: usize, now: Instant) {
+        let c = &self.coords[i];
+        let Some(conn) = c.conn else { return };
+        if !self.endpoint.is_connected(conn)
+            || now.saturating_duration_since(c.heard) < COORD_SILENT
+        {
+            return;
+        }
+        tracing::warn!(shard = %self.me, coord = %c.addr, silent_ms = now.saturating_duration_since(c.heard).as_millis() as u64, "coordinator silent: dialling it again");
+        let _ = self.endpoint.disconnect(now, conn, 0);
+        let c = &mut self.coords[i];
+        c.conn = None;
+        c.epoch = 0;
+        c.retry_at = Some(now);
+    }
+
     fn coord_index(&self, connection: ConnectionHandle) -> Option<usize> {
         self.coords.iter().position(|c| c.conn == Some(connection))
     }
@@ -539,6 +566,7 @@ impl ClusterSide {
                     self.counters.coord_redials += 1;
                 }
                 self.coords[i].conn = Some(h);
+                self.coords[i].heard = now;
             }
             Err(e) => {
                 tracing::warn!(shard = %self.me, coord = %addr, error = ?e, "cannot dial the coordinator");
@@ -558,6 +586,10 @@ impl ClusterSide {
         msg: ControlMsg,
         now: Instant,
     ) -> Option<Arc<Registry>> {
+        if let ControlMsg::HeartbeatAck { lease_ms: 0, .. } = &msg {
+            // A coordinator that grants nothing (a standby): it is there.
+            return None;
+        }
         if let ControlMsg::Welcome { cluster_epoch, .. } = &msg {
             self.coords[i].epoch = *cluster_epoch;
             if *cluster_epoch > self.leader_epoch {
@@ -592,12 +624,11 @@ impl ClusterSide {
             }
             ControlMsg::Directory(nodes) => {
                 for n in nodes {
-                    if self
-                        .directory
-                        .get(&n.node)
-                        .is_some_and(|old| old.cluster_addr != n.cluster_addr)
-                    {
-                        // The node restarted elsewhere: its links are stale.
+                    if self.directory.get(&n.node).is_some_and(|old| {
+                        old.cluster_addr != n.cluster_addr || old.incarnation != n.incarnation
+                    }) {
+                        // The node restarted (here or elsewhere): its links
+                        // speak to a process that is gone.
                         let stale: Vec<ShardRef> = self
                             .links
                             .keys()

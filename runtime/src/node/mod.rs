@@ -382,6 +382,13 @@ impl<G: GameLogic> Node<G> {
                 tessera_cells::ids::IdAllocator::prefix_of(me.node, me.shard),
             );
             let mut core = NodeCore::new(me, world, registry);
+            if sh.clustered {
+                let unix_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                core.world_mut()
+                    .start_ids_at(tessera_cells::ids::IdAllocator::serial_origin(unix_ms));
+            }
             (setup.populate)(core.world_mut(), share);
             let endpoint_seed = tessera_net::driver::os_seed().unwrap_or(seed) ^ u64::from(shard.0);
             let endpoint = Endpoint::new(EndpointConfig::game_server(sessions), endpoint_seed)

@@ -14322,6 +14322,7 @@ impl<'a> NodeRec<'a> {
   pub const VT_ROLE: ::flatbuffers::VOffsetT = 8;
   pub const VT_CLUSTER_ADDR: ::flatbuffers::VOffsetT = 10;
   pub const VT_GAME_ADDR: ::flatbuffers::VOffsetT = 12;
+  pub const VT_INCARNATION: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -14333,6 +14334,7 @@ impl<'a> NodeRec<'a> {
     args: &'args NodeRecArgs<'args>
   ) -> ::flatbuffers::WIPOffset<NodeRec<'bldr>> {
     let mut builder = NodeRecBuilder::new(_fbb);
+    builder.add_incarnation(args.incarnation);
     if let Some(x) = args.game_addr { builder.add_game_addr(x); }
     if let Some(x) = args.cluster_addr { builder.add_cluster_addr(x); }
     builder.add_shards(args.shards);
@@ -14377,6 +14379,15 @@ impl<'a> NodeRec<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(NodeRec::VT_GAME_ADDR, None)}
   }
+  /// Changes when the node restarts (its links must be opened again, even
+  /// at the same address).
+  #[inline]
+  pub fn incarnation(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(NodeRec::VT_INCARNATION, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for NodeRec<'_> {
@@ -14390,6 +14401,7 @@ impl ::flatbuffers::Verifiable for NodeRec<'_> {
      .visit_field::<NodeRole>("role", Self::VT_ROLE, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("cluster_addr", Self::VT_CLUSTER_ADDR, true)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("game_addr", Self::VT_GAME_ADDR, false)?
+     .visit_field::<u64>("incarnation", Self::VT_INCARNATION, false)?
      .finish();
     Ok(())
   }
@@ -14400,6 +14412,7 @@ pub struct NodeRecArgs<'a> {
     pub role: NodeRole,
     pub cluster_addr: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub game_addr: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub incarnation: u64,
 }
 impl<'a> Default for NodeRecArgs<'a> {
   #[inline]
@@ -14410,6 +14423,7 @@ impl<'a> Default for NodeRecArgs<'a> {
       role: NodeRole::Both,
       cluster_addr: None, // required field
       game_addr: None,
+      incarnation: 0,
     }
   }
 }
@@ -14440,6 +14454,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> NodeRecBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(NodeRec::VT_GAME_ADDR, game_addr);
   }
   #[inline]
+  pub fn add_incarnation(&mut self, incarnation: u64) {
+    self.fbb_.push_slot::<u64>(NodeRec::VT_INCARNATION, incarnation, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> NodeRecBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     NodeRecBuilder {
@@ -14463,6 +14481,7 @@ impl ::core::fmt::Debug for NodeRec<'_> {
       ds.field("role", &self.role());
       ds.field("cluster_addr", &self.cluster_addr());
       ds.field("game_addr", &self.game_addr());
+      ds.field("incarnation", &self.incarnation());
       ds.finish()
   }
 }
