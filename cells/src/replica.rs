@@ -166,6 +166,9 @@ pub struct ReplicaCounters {
     /// Cells dropped because the registry gave them (restored from a
     /// replica) to another shard while this one was cut off.
     pub cells_superseded: u64,
+    /// Cells of a promotion order the registry no longer gives this shard
+    /// at that epoch (a replayed or outdated order): ignored.
+    pub promotions_stale: u64,
 }
 
 /// A player's view history is not replicated: it changes every tick and

@@ -817,6 +817,30 @@ impl Harness {
         self.down.extend(cores);
     }
 
+    /// Crashed node `node` starts again under its old id: fresh, empty
+    /// shards (the production cores, as a restarted process builds them)
+    /// whose entity serials start at `first_serial` (past what the dead
+    /// incarnation handed out), taking the current registry.
+    pub fn restart_node(&mut self, node: u16, first_serial: u64) {
+        let per_node = self.per_node;
+        let layout = self.registry.layout().clone();
+        for i in 0..self.cores.len() {
+            let me = shard_ref_of(i, per_node);
+            if me.node != node || !self.down.remove(&i) {
+                continue;
+            }
+            let mut world = ShardWorld::new(
+                DemoGame::new(self.config.demo.clone()),
+                layout.clone(),
+                self.config.world.clone(),
+                crate::ids::IdAllocator::prefix_of(me.node, me.shard),
+            );
+            world.start_ids_at(first_serial);
+            self.cores[i] = NodeCore::new(me, world, self.registry.clone());
+            self.process_outputs(i);
+        }
+    }
+
     /// True if core `s` crashed.
     pub fn is_down(&self, s: usize) -> bool {
         self.down.contains(&s)

@@ -35,6 +35,9 @@ pub struct NodeLiveness {
     pub dead_since: Option<Instant>,
     /// Its cells were given to their backups.
     pub recovered: bool,
+    /// A heartbeat came since this coordinator started watching (false: it
+    /// is only assumed alive, from the registry, after a takeover).
+    pub heard: bool,
 }
 
 /// One shard's cells given to its backup after its node was lost.
@@ -95,7 +98,9 @@ impl Coordinator {
             last_tick: tick,
             dead_since: None,
             recovered: false,
+            heard: true,
         });
+        l.heard = true;
         l.last_seen = l.last_seen.max(now);
         l.last_tick = l.last_tick.max(tick);
         if l.dead_since.take().is_some() {
@@ -156,6 +161,7 @@ impl Coordinator {
                     last_tick: TickId(0),
                     dead_since: None,
                     recovered: false,
+                    heard: false,
                 });
             }
         }

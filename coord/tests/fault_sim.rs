@@ -34,6 +34,12 @@ struct Sim {
     crashed: BTreeSet<u16>,
     cut: BTreeSet<u16>,
     failovers: Vec<FailoverRecord>,
+    /// Coordinator crashes and replays of old orders while running.
+    chaos: bool,
+    /// Orders sent lately (replayed at random under chaos).
+    sent: std::collections::VecDeque<(tessera_coord::ShardRef, tessera_coord::Order)>,
+    coordinator_crashes: u32,
+    replays: u32,
 }
 
 impl Sim {
@@ -70,6 +76,10 @@ impl Sim {
             crashed: BTreeSet::new(),
             cut: BTreeSet::new(),
             failovers: Vec::new(),
+            chaos: false,
+            sent: std::collections::VecDeque::new(),
+            coordinator_crashes: 0,
+            replays: 0,
         };
         sim.publish();
         sim
@@ -86,7 +96,29 @@ impl Sim {
         let now = self.now();
         self.publish();
         while let Some((shard, order)) = self.coord.poll_order() {
+            if self.sent.len() >= 256 {
+                self.sent.pop_front();
+            }
+            self.sent.push_back((shard, order.clone()));
             self.h.send_order(shard, order);
+        }
+        if self.chaos && !self.sent.is_empty() && self.rng.chance(0.05) {
+            // An old order arrives again (a duplicate, or a dead
+            // coordinator's): the cores must see it is stale.
+            let (shard, order) = self.sent[self.rng.below(self.sent.len() as u64) as usize].clone();
+            if !self.crashed.contains(&shard.node) {
+                self.h.send_order(shard, order);
+                self.replays += 1;
+            }
+        }
+        if self.chaos && self.rng.chance(0.01) {
+            // The coordinator dies; its successor starts from the registry
+            // (as from etcd), knows nothing in flight, and gives every node
+            // a full lease from now.
+            let policy = self.coord.policy().clone();
+            self.coord = Coordinator::new(self.coord.registry().clone(), policy);
+            self.coord.set_members(self.h.shard_refs());
+            self.coordinator_crashes += 1;
         }
         self.h.step();
         let after = now + TICK;
@@ -167,6 +199,15 @@ impl Sim {
     fn crash(&mut self, node: u16) {
         self.crashed.insert(node);
         self.h.crash_node(node);
+    }
+
+    /// The crashed node starts again under its old id, empty; its entity
+    /// serials start past its last incarnation's.
+    fn restart(&mut self, node: u16, incarnation: u64) {
+        self.h.restart_node(node, incarnation << 32);
+        self.crashed.remove(&node);
+        let now = self.now();
+        self.acked.insert(node, now);
     }
 
     fn cut(&mut self, node: u16, cut: bool) {
@@ -429,5 +470,63 @@ fn a_draining_node_hands_every_cell_over_and_loses_nothing() {
             );
         }
         assert!(cells > 0, "seed {seed}: node {node} had no cell to drain");
+    }
+}
+
+/// Nodes crash and restart under their old id, three times per seed,
+/// while cells move: each comes back empty (its entity serials past its
+/// last incarnation's), gets cells again by handover, and may be the next
+/// to crash. Nothing is lost or doubled, and no id is handed out twice.
+/// KNOWN FAILING on 2 seeds of 20 (7004, 7019: an entity owned twice after
+/// repeated crashes, a kept transfer copy sent again to a shard that had
+/// it): kept to reproduce what is left to fix (issue 12).
+#[test]
+#[ignore = "known failing on seeds 7004 and 7019 (an entity owned twice after repeated crashes): issue 12"]
+fn restarted_nodes_lose_nothing() {
+    for seed in seeds(6) {
+        restarts(seed, false);
+    }
+}
+
+/// The same with coordinator crashes (its successor starts from the
+/// registry, knowing nothing in flight) and replays of old orders at any
+/// step. KNOWN FAILING, kept to reproduce what is left to fix (issue 12):
+/// seed 7005 (an entity owned twice after a coordinator crash during
+/// restarts), besides the seeds of `restarted_nodes_lose_nothing`. Fixed on the way: replayed promotions (now checked against
+/// the registry), a committed handover whose target a new coordinator has
+/// not heard from (the source now keeps its frozen copy), new backups on
+/// unheard nodes. Run: `cargo test --release -p tessera-coord --test
+/// fault_sim -- --ignored`.
+#[test]
+#[ignore = "known failing under coordinator crashes + replays (seed 7005): issue 12"]
+fn restarted_nodes_coordinator_crashes_and_stale_orders_lose_nothing() {
+    let (mut coordinator_crashes, mut replays) = (0, 0);
+    for seed in seeds(6) {
+        let (c, r) = restarts(seed, true);
+        coordinator_crashes += c;
+        replays += r;
+    }
+    assert!(coordinator_crashes > 0 && replays > 0, "no chaos happened");
+}
+
+fn restarts(seed: u64, chaos: bool) -> (u32, u32) {
+    {
+        let mut sim = Sim::new(seed, lan());
+        sim.chaos = chaos;
+        let warmup = 40 + sim.rng.below(60);
+        sim.run(warmup, true);
+        for round in 1..=3u64 {
+            let node = 1 + sim.rng.below(u64::from(NODES) - 1) as u16;
+            sim.crash(node);
+            let down = 60 + sim.rng.below(40);
+            sim.run(down, true);
+            sim.restart(node, round);
+            let up = 40 + sim.rng.below(40);
+            sim.run(up, true);
+        }
+        sim.chaos = false;
+        sim.settle();
+        check(&sim, seed);
+        (sim.coordinator_crashes, sim.replays)
     }
 }

@@ -37,6 +37,12 @@ fn coord_status(admin: &str) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
+/// The status, or None while the coordinator is not up yet.
+fn try_status(admin: &str) -> Option<serde_json::Value> {
+    let (ok, text) = run(&["admin", "--addr", admin, "--json", "status"]);
+    ok.then(|| serde_json::from_str(&text).ok()).flatten()
+}
+
 fn poll(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
@@ -348,6 +354,24 @@ fn a_killed_compute_node_s_cells_come_back_and_every_bot_plays_on() {
     ]);
     std::thread::sleep(Duration::from_secs(8));
     let before = coord_status(&coord_admin);
+    // What replication looked like just before (read when a check fails).
+    let replication: Vec<String> = [&a, &b, &c]
+        .iter()
+        .map(|n| {
+            [
+                "rounds_sent",
+                "full_rounds",
+                "rounds_applied",
+                "resyncs",
+                "rounds_ignored",
+                "transfers_held",
+            ]
+            .iter()
+            .map(|m| format!("{m}={}", n.metric(&format!("tessera_replica_{m}_total"))))
+            .collect::<Vec<_>>()
+            .join(" ")
+        })
+        .collect();
     // The node dies without a word.
     b.child.kill().unwrap();
     let mut failovers = serde_json::Value::Null;
@@ -364,7 +388,8 @@ fn a_killed_compute_node_s_cells_come_back_and_every_bot_plays_on() {
             .unwrap_or_default();
     let _ = std::fs::remove_file(&report_path);
     let summary = format!(
-        "{sim_text}\nfailovers: {failovers}\nbefore: {}\nnode 1: {}\nnode 3: {}",
+        "{sim_text}\nfailovers: {failovers}\nreplication before the kill (nodes 1, 2, 3): {replication:?}\nbackups: {}\nbefore: {}\nnode 1: {}\nnode 3: {}",
+        before["backups"],
         before["cells"],
         a.log_text(),
         c.log_text()
@@ -463,7 +488,7 @@ fn the_standby_coordinator_takes_over_from_a_killed_leader_mid_handover() {
     wait_for(
         "the first coordinator leads",
         Duration::from_secs(10),
-        || coord_status(&first_admin)["role"] == "leader",
+        || try_status(&first_admin).is_some_and(|st| st["role"] == "leader"),
     );
     let (_second, second_addr, second_admin) = lead("second");
     let coords = format!("{first_addr},{second_addr}");
@@ -765,5 +790,209 @@ fn draining_nodes_under_load_hand_their_cells_over_and_exit_cleanly() {
     assert!(
         left,
         "after the bots left: (entities on node 1, sessions) = {last:?}, want ({npcs}, 0)\n{summary}"
+    );
+}
+
+/// nftables rules dropping every packet between a node's address and the
+/// coordinator's port, both ways, while this lives (the node still reaches
+/// the other nodes and the gateway: an asymmetric partition). Each process
+/// already has its own loopback address, so no namespace is needed.
+struct Cut {
+    table: String,
+}
+
+impl Cut {
+    fn new(node_ip: &str, coord: &str) -> Cut {
+        let found = || {
+            std::process::Command::new("nft")
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if !found() {
+            let _ = std::process::Command::new("apt-get")
+                .args(["install", "-y", "-qq", "nftables"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .output();
+            assert!(found(), "nft is needed: apt-get install nftables");
+        }
+        let coord: SocketAddr = coord.parse().unwrap();
+        let (cip, cport) = (coord.ip().to_string(), coord.port().to_string());
+        let table = format!("tessera_e2e_{}", std::process::id());
+        let nft = |args: &[&str]| {
+            let out = std::process::Command::new("nft")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "nft {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        nft(&["add", "table", "inet", &table]);
+        nft(&[
+            "add",
+            "chain",
+            "inet",
+            &table,
+            "input",
+            "{ type filter hook input priority 0; policy accept; }",
+        ]);
+        nft(&[
+            "add", "rule", "inet", &table, "input", "ip", "saddr", node_ip, "ip", "daddr", &cip,
+            "udp", "dport", &cport, "drop",
+        ]);
+        nft(&[
+            "add", "rule", "inet", &table, "input", "ip", "saddr", &cip, "udp", "sport", &cport,
+            "ip", "daddr", node_ip, "drop",
+        ]);
+        Cut { table }
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .output();
+    }
+}
+
+/// A compute node cut from the coordinator by nftables (it still reaches
+/// the other nodes and the gateway) under 200 bots: it fences itself when
+/// its lease ends, its cells are restored on their backups, and when the
+/// cut heals it drops the cells it no longer owns. Nothing is written
+/// twice: after the bots left, the NPCs are there once each.
+#[test]
+fn a_node_cut_from_the_coordinator_fences_itself_and_its_cells_move() {
+    let _one = exclusive();
+    let (_coord, coord_addr, coord_admin) = coordinator(&["--compute-nodes", "3", "--no-balance"]);
+    let node =
+        |id: &str, ip: &str, role: &str, npcs: &str| cluster_node(&coord_addr, id, ip, role, npcs);
+    let (a, b, c) = std::thread::scope(|s| {
+        let a = s.spawn(|| node("1", "127.0.0.61", "compute", "150"));
+        let b = s.spawn(|| node("2", "127.0.0.62", "compute", "150"));
+        let c = s.spawn(|| node("3", "127.0.0.63", "compute", "150"));
+        (a.join().unwrap(), b.join().unwrap(), c.join().unwrap())
+    });
+    let gateway = node("4", "127.0.0.64", "gateway", "0");
+    wait_for(
+        "every shard linked and replicated",
+        Duration::from_secs(20),
+        || {
+            let st = coord_status(&coord_admin);
+            let shards = st["shards"].as_array().unwrap();
+            shards.len() == 4
+                && shards.iter().all(|s| s["linked"] == true)
+                && st["backups"].as_array().is_some_and(|b| b.len() == 3)
+        },
+    );
+    let mut npcs = 0;
+    wait_for("the NPCs counted", Duration::from_secs(5), || {
+        let st = coord_status(&coord_admin);
+        npcs = st["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["entities"].as_u64().unwrap())
+            .sum();
+        npcs > 140
+    });
+    let report_path =
+        std::env::temp_dir().join(format!("tessera-partition-{}.json", std::process::id()));
+    let sim = Guarded::spawn(&[
+        "sim",
+        "--addr",
+        &gateway.game.to_string(),
+        "--clients",
+        "200",
+        "--pattern",
+        "commute",
+        "--duration",
+        "25",
+        "--ramp",
+        "2",
+        "--out",
+        report_path.to_str().unwrap(),
+    ]);
+    std::thread::sleep(Duration::from_secs(7));
+    let cells_before = coord_status(&coord_admin)["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["owner"] == "node-2/shard-0")
+        .count();
+    let cut = Cut::new("127.0.0.62", &coord_addr);
+    let mut failovers = serde_json::Value::Null;
+    wait_for("the cut node's failover", Duration::from_secs(10), || {
+        failovers = coord_status(&coord_admin)["failovers"].clone();
+        failovers.as_array().is_some_and(|f| {
+            f.iter()
+                .any(|f| f["shard"] == "node-2/shard-0" && !f["served_ms"].is_null())
+        })
+    });
+    wait_for("the cut node fenced itself", Duration::from_secs(5), || {
+        b.metric("tessera_shard_fences_total") >= 1.0
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    drop(cut);
+    wait_for(
+        "the healed node gave its old cells up",
+        Duration::from_secs(10),
+        || b.metric("tessera_replica_cells_superseded_total") >= 1.0,
+    );
+    let (sim_ok, sim_text) = sim.finish(Duration::from_secs(90));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap_or_default())
+            .unwrap_or_default();
+    let _ = std::fs::remove_file(&report_path);
+    let summary = format!(
+        "{sim_text}\nfailovers: {failovers}\nnode 2: {}\nnode 1: {}\nnode 3: {}",
+        b.log_text(),
+        a.log_text(),
+        c.log_text()
+    );
+    println!(
+        "partition: node 2 ({cells_before} cells) cut from the coordinator: {failovers}; longest client-visible gap {} ticks",
+        value(&report, "longest_gap_ticks")
+    );
+    assert!(sim_ok, "sim failed: {summary}");
+    assert!(cells_before > 0, "{summary}");
+    assert_eq!(value(&report, "clients_joined"), 200.0, "{summary}");
+    assert_eq!(value(&report, "clients_failed"), 0.0, "{summary}");
+    assert_eq!(value(&report, "clients_disconnected"), 0.0, "{summary}");
+    assert_eq!(value(&report, "bad_frames"), 0.0, "{summary}");
+    assert!(
+        value(&report, "inputs_unconfirmed") <= value(&report, "inputs_sent") / 100.0,
+        "{summary}"
+    );
+    let st = coord_status(&coord_admin);
+    for cell in st["cells"].as_array().unwrap() {
+        assert_ne!(cell["owner"], "node-2/shard-0", "{summary}");
+    }
+    // Nothing twice: once the bots left, the NPCs once each, node 2 empty.
+    let mut last = Vec::new();
+    let left = poll(Duration::from_secs(15), || {
+        let st = coord_status(&coord_admin);
+        last = st["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["shard"].as_str().unwrap_or("").to_string(),
+                    s["entities"].as_u64().unwrap_or(0),
+                    s["sessions"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect();
+        let entities: u64 = last.iter().map(|s| s.1).sum();
+        let sessions: u64 = last.iter().map(|s| s.2).sum();
+        entities == npcs && sessions == 0
+    });
+    assert!(
+        left,
+        "after the bots left: {last:?}, want {npcs} entities in all\n{summary}"
     );
 }

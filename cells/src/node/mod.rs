@@ -590,6 +590,19 @@ impl<G: GameLogic> NodeCore<G> {
         let replica_tick = self.replicas.tick_of(from).unwrap_or(TickId(0));
         let (mut restored, mut missing, mut entities) = (Vec::new(), Vec::new(), 0usize);
         for (cell, epoch) in cells {
+            // The registry comes before the orders relying on it: one that
+            // gives the cell elsewhere, or at a newer epoch, makes this a
+            // replayed or outdated order.
+            if self
+                .router
+                .registry()
+                .get(cell)
+                .is_none_or(|a| a.owner != self.me || a.epoch > epoch)
+            {
+                self.replicator.counters_mut().promotions_stale += 1;
+                tracing::info!(shard = %self.me, %cell, epoch, lost = %from, "promotion the registry does not back: a stale order, ignored");
+                continue;
+            }
             if self.world.owns(cell) {
                 // This shard was handing the cell to the lost shard: the
                 // replica, if the lost shard's backup (here) had one, is newer
@@ -903,7 +916,10 @@ impl<G: GameLogic> NodeCore<G> {
                 epoch,
                 lost,
             } => {
-                if self.agent.reclaim(&mut self.world, id, cell) {
+                let current = self.router.registry().get(cell);
+                if current.is_none_or(|a| a.owner != self.me || a.epoch > epoch) {
+                    tracing::info!(shard = %self.me, %cell, epoch, "reclaim the registry does not back: a stale order, ignored");
+                } else if self.agent.reclaim(&mut self.world, id, cell) {
                     self.world.set_epoch(cell, epoch);
                     self.freeze_if_fenced(cell);
                     // What was sent into the cell while the lost target ran

@@ -289,6 +289,11 @@ fn render_replica(o: &mut String, node_id: u16, node: &[Option<super::NodeShardS
             |c| c.resyncs,
         ),
         (
+            "tessera_replica_rounds_ignored_total",
+            "Rounds ignored as backup: older or repeated, or from a shard the registry says this one does not back up.",
+            |c| c.rounds_ignored,
+        ),
+        (
             "tessera_replica_promoted_cells_total",
             "Cells of a lost shard run again from a replica here.",
             |c| c.promoted,
