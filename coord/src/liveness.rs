@@ -24,6 +24,11 @@ use tessera_cells::CellId;
 
 use crate::balance::Coordinator;
 
+/// How long a node the coordinator has not heard yet may stay silent
+/// before it is declared dead (a node builds its shards after it joins; a
+/// coordinator that just took over has heard nobody).
+pub const JOIN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What the coordinator knows of one node's liveness.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NodeLiveness {
@@ -173,7 +178,15 @@ impl Coordinator {
             self.liveness.nodes.iter().map(|(n, l)| (*n, *l)).collect();
         for (node, l) in nodes {
             let silent = now.saturating_duration_since(l.last_seen);
-            if l.dead_since.is_none() && silent >= dead_after {
+            // A node not heard yet (still building its shards after joining,
+            // or only assumed alive after a takeover) gets longer: a slow
+            // start is not a death.
+            let limit = if l.heard {
+                dead_after
+            } else {
+                dead_after.max(JOIN_GRACE)
+            };
+            if l.dead_since.is_none() && silent >= limit {
                 self.declare_dead(now, node, silent);
             }
             let l = self.liveness.nodes[&node];
