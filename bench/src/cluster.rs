@@ -39,7 +39,8 @@ pub struct Args {
     pub moves: Option<usize>,
 }
 
-fn free_port(ip: &str) -> u16 {
+/// A free UDP port on `ip` (for a process started right after).
+pub(crate) fn free_port(ip: &str) -> u16 {
     std::net::UdpSocket::bind((ip, 0))
         .and_then(|s| s.local_addr())
         .map(|a| a.port())
@@ -78,6 +79,7 @@ impl Cluster {
             compute_nodes: computes,
             policy,
             etcd: None,
+            lease_follows_ttl: false,
         })
         .map_err(|e| e.to_string())?;
         let configs: Vec<NodeConfig> = nodes

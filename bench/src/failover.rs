@@ -38,6 +38,7 @@ use tessera_cells::world::{ShardWorld, WorldConfig};
 use tessera_cells::{Registry, ShardRef, TickId};
 use tessera_runtime::node::admin::request;
 
+use crate::cluster::free_port;
 use crate::report::Report;
 
 /// Options of the `failover` suite.
@@ -86,13 +87,6 @@ fn tessera_bin() -> Result<PathBuf, String> {
     Ok(bin)
 }
 
-fn free_port(ip: &str) -> u16 {
-    std::net::UdpSocket::bind((ip, 0))
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 fn free_tcp(ip: &str) -> u16 {
     std::net::TcpListener::bind((ip, 0))
         .and_then(|s| s.local_addr())
@@ -109,7 +103,12 @@ struct Proc {
 
 impl Proc {
     fn spawn(bin: &Path, args: Vec<String>, log: PathBuf) -> Result<Proc, String> {
-        let out = std::fs::File::create(&log).map_err(|e| e.to_string())?;
+        // Appended: a restarted process keeps its predecessor's log.
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| e.to_string())?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
         let child = Command::new(bin)
             .args(&args)
@@ -525,6 +524,8 @@ impl Etcd {
         let client = free_tcp("127.0.0.1");
         let peer = free_tcp("127.0.0.1");
         let data = dir.join("etcd-data");
+        // A run that crashed may have left a cluster's keys behind.
+        let _ = std::fs::remove_dir_all(&data);
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let args: Vec<String> = [

@@ -70,10 +70,12 @@ impl IdAllocator {
     }
 
     /// Where a shard that starts at Unix time `unix_ms` begins its serials,
-    /// so that a node restarted under its old id never hands out an id its
-    /// previous incarnation used (entities it created may live on
-    /// elsewhere): 64 serials per millisecond since 2026-01-01, which a
-    /// shard never allocates faster than, over a 199-day cycle.
+    /// so that a node restarted under its old id does not hand out an id
+    /// its previous incarnation used (entities it created may live on
+    /// elsewhere): 64 serials per millisecond since 2026-01-01, faster than
+    /// a shard allocates. It relies on the clock not stepping back, and the
+    /// serials wrap every 199 days (an entity older than that could meet
+    /// its id again).
     pub fn serial_origin(unix_ms: u64) -> u64 {
         const EPOCH_MS: u64 = 1_767_225_600_000;
         (unix_ms.saturating_sub(EPOCH_MS) << 6) & ((1 << Self::SERIAL_BITS) - 1)

@@ -373,7 +373,7 @@ impl Coordinator {
         self.members()
             .iter()
             .copied()
-            .filter(|s| s.node != except_node && !self.is_dead(s.node))
+            .filter(|s| s.node != except_node && !self.is_dead(s.node) && !self.is_draining(s.node))
             .min_by_key(|s| (self.registry().cells_of(*s).len(), *s))
     }
 

@@ -123,6 +123,7 @@ pub fn run(args: CoordArgs) -> Result<(), String> {
             name: args.name.clone().unwrap_or_else(|| args.listen.to_string()),
             ttl_s: args.leader_ttl,
         }),
+        lease_follows_ttl: args.lease.is_none() && !args.etcd.is_empty(),
     })
     .map_err(|e| e.to_string())?;
     println!(

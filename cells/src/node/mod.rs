@@ -172,6 +172,7 @@ impl<G: GameLogic> NodeCore<G> {
     /// The core of shard `me`: it takes the cells `registry` gives it (empty,
     /// at their epochs) into `world`.
     pub fn new(me: ShardRef, mut world: ShardWorld<G>, registry: Arc<Registry>) -> Self {
+        let backup = registry.backup_of(me);
         for (cell, a) in registry.cells_of(me) {
             world.add_cell(cell);
             world.set_epoch(cell, a.epoch);
@@ -185,7 +186,13 @@ impl<G: GameLogic> NodeCore<G> {
             outputs: VecDeque::new(),
             to_route: Vec::new(),
             inputs_seen: BTreeMap::new(),
-            replicator: Replicator::new(me, REPLICATE_EVERY),
+            // The first registry may already name the backup (a node that
+            // joined late): later ones only replace it when newer.
+            replicator: {
+                let mut r = Replicator::new(me, REPLICATE_EVERY);
+                r.set_backup(backup);
+                r
+            },
             replicas: ReplicaStore::new(me),
             held: VecDeque::new(),
             passing: VecDeque::new(),

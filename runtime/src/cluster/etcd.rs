@@ -82,6 +82,8 @@ pub struct KeyValue {
     pub create_revision: i64,
     /// Revision of its last change.
     pub mod_revision: i64,
+    /// The lease it is attached to (0: none).
+    pub lease: i64,
 }
 
 /// A blocking client of etcd's v3 JSON gateway.
@@ -110,6 +112,7 @@ fn kv_of(v: &Value) -> Option<KeyValue> {
         value,
         create_revision: int(v, "create_revision"),
         mod_revision: int(v, "mod_revision"),
+        lease: int(v, "lease"),
     })
 }
 
@@ -134,13 +137,18 @@ impl EtcdClient {
             match self.agent.post(format!("{e}{path}")).send_json(&body) {
                 Ok(mut r) => {
                     let status = r.status().as_u16();
-                    let v: Value =
-                        r.body_mut()
-                            .read_json()
-                            .map_err(|err| EtcdError::Malformed {
-                                call,
-                                detail: err.to_string(),
-                            })?;
+                    let v: Value = match r.body_mut().read_json() {
+                        Ok(v) => v,
+                        Err(err) => {
+                            // Another member may answer properly.
+                            last = format!("{e}: {call}: unreadable answer ({status}): {err}");
+                            continue;
+                        }
+                    };
+                    if status >= 500 {
+                        last = format!("{e}: {call}: {status} {v}");
+                        continue;
+                    }
                     if status != 200 || v.get("error").is_some() {
                         let message = v
                             .get("error")
@@ -260,8 +268,11 @@ pub enum LeaderEvent {
         /// Tick origin and rate.
         meta: Option<ClusterMeta>,
     },
-    /// Registry `version` is durable: publish it.
+    /// Registry `version`, written in the term of cluster epoch `epoch`,
+    /// is durable: publish it.
     Written {
+        /// The term's epoch.
+        epoch: u32,
         /// The version.
         version: u64,
     },
@@ -274,7 +285,11 @@ pub enum LeaderEvent {
 }
 
 enum LeaderRequest {
-    Write { version: u64, bytes: Vec<u8> },
+    Write {
+        epoch: u32,
+        version: u64,
+        bytes: Vec<u8>,
+    },
     Meta(ClusterMeta),
 }
 
@@ -350,9 +365,14 @@ impl Leadership {
         self.events.try_recv().ok()
     }
 
-    /// Makes registry `version` durable (answered by `Written` or `Lost`).
-    pub fn write(&self, version: u64, bytes: Vec<u8>) {
-        let _ = self.requests.send(LeaderRequest::Write { version, bytes });
+    /// Makes registry `version` of the term of `epoch` durable (answered
+    /// by `Written` or `Lost`).
+    pub fn write(&self, epoch: u32, version: u64, bytes: Vec<u8>) {
+        let _ = self.requests.send(LeaderRequest::Write {
+            epoch,
+            version,
+            bytes,
+        });
     }
 
     /// Records the cluster's tick origin and rate (the first leader).
@@ -497,11 +517,20 @@ impl Campaign {
             return Ok(());
         };
         let leader = key(&self.config.cluster, "leader");
-        let Some(created) =
-            self.client
-                .put_if_created(&leader, 0, &leader, self.config.name.as_bytes(), lease)?
-        else {
-            return Ok(());
+        let created = match self.client.put_if_created(
+            &leader,
+            0,
+            &leader,
+            self.config.name.as_bytes(),
+            lease,
+        ) {
+            Ok(Some(created)) => created,
+            // The key exists: ours already (an answer lost, or an earlier
+            // try that failed half-way) means we go on; else someone leads.
+            Ok(None) | Err(_) => match self.client.get(&leader)? {
+                Some(kv) if kv.lease == lease => kv.create_revision,
+                _ => return Ok(()),
+            },
         };
         // Anything written by a deposed leader is older than what follows.
         let epoch_key = key(&self.config.cluster, "epoch");
@@ -561,7 +590,11 @@ impl Campaign {
     fn request(&mut self, created: i64, req: &LeaderRequest) -> Result<(), EtcdError> {
         let leader = key(&self.config.cluster, "leader");
         let (name, bytes, version) = match req {
-            LeaderRequest::Write { version, bytes } => ("registry", bytes.clone(), Some(*version)),
+            LeaderRequest::Write {
+                epoch,
+                version,
+                bytes,
+            } => ("registry", bytes.clone(), Some((*epoch, *version))),
             LeaderRequest::Meta(m) => ("meta", serde_json::to_vec(m).unwrap_or_default(), None),
         };
         match self.client.put_if_created(
@@ -572,8 +605,8 @@ impl Campaign {
             0,
         )? {
             Some(_) => {
-                if let Some(version) = version {
-                    let _ = self.events.send(LeaderEvent::Written { version });
+                if let Some((epoch, version)) = version {
+                    let _ = self.events.send(LeaderEvent::Written { epoch, version });
                 }
             }
             None => self.lose(format!("another coordinator leads: {name} not written")),
@@ -603,7 +636,8 @@ mod tests {
             Some(KeyValue {
                 value: b"v1".to_vec(),
                 create_revision: 5,
-                mod_revision: 9
+                mod_revision: 9,
+                lease: 0,
             })
         );
         assert_eq!(kv_of(&json!({ "value": "%%%" })), None);

@@ -52,6 +52,9 @@ pub struct CoordServiceConfig {
     pub policy: Policy,
     /// Lead through etcd (a standby until elected); None: lead alone.
     pub etcd: Option<super::etcd::EtcdConfig>,
+    /// With etcd: the node lease becomes the leader TTL etcd granted + 1 s
+    /// at each election (the operator did not set `--lease`).
+    pub lease_follows_ttl: bool,
 }
 
 /// One shard in the cluster status.
@@ -174,8 +177,8 @@ pub struct ClusterStatus {
     /// Times this coordinator was elected.
     #[serde(default)]
     pub elections: u64,
-    /// Heartbeats and reports left alone (received as a standby, or from a
-    /// restarted node whose old cells still fail over).
+    /// Heartbeats and reports left alone (received as a standby), and
+    /// heartbeats of a restarted node whose old cells still fail over.
     #[serde(default)]
     pub ignored_as_standby: u64,
     /// Registry versions written to etcd before being published.
@@ -375,6 +378,8 @@ struct Loop {
     elections: u64,
     ignored_as_standby: u64,
     registry_writes: u64,
+    /// Nodes whose drain request was refused (logged once).
+    drain_refused: std::collections::BTreeSet<u16>,
 }
 
 impl Loop {
@@ -416,6 +421,7 @@ impl Loop {
             elections: 0,
             ignored_as_standby: 0,
             registry_writes: 0,
+            drain_refused: std::collections::BTreeSet::new(),
         }
     }
 
@@ -436,10 +442,13 @@ impl Loop {
                     registry,
                     meta,
                 } => self.elected(epoch, registry, meta, now),
-                super::etcd::LeaderEvent::Written { version } => {
-                    self.durable = self.durable.max(version);
-                    self.writing = None;
-                    self.registry_writes += 1;
+                super::etcd::LeaderEvent::Written { epoch, version } => {
+                    // A write of an earlier term says nothing of this one.
+                    if epoch == self.cluster_epoch && self.leading {
+                        self.durable = version;
+                        self.writing = None;
+                        self.registry_writes += 1;
+                    }
                 }
                 super::etcd::LeaderEvent::Lost { why } => {
                     tracing::error!(cluster_epoch = self.cluster_epoch, %why, "no longer the leader: standing by");
@@ -462,6 +471,11 @@ impl Loop {
         self.elections += 1;
         self.leading = true;
         let ttl_ms = self.leadership.as_ref().map_or(0, |l| l.ttl_s() * 1000);
+        if self.config.lease_follows_ttl {
+            // etcd may have granted more than asked: the failover must
+            // still fit inside the node lease.
+            self.config.policy.lease = Duration::from_millis(ttl_ms + 1000);
+        }
         if (self.config.policy.lease.as_millis() as u64) < ttl_ms + 1000 {
             tracing::warn!(
                 lease_ms = self.config.policy.lease.as_millis() as u64,
@@ -527,6 +541,16 @@ impl Loop {
                 self.coord = None;
                 self.members_changed();
             }
+        }
+        // Nodes a standby saw restart keep their old cells' failover only if
+        // the registry still gives them cells.
+        let owners: std::collections::BTreeSet<u16> = self
+            .coord
+            .as_ref()
+            .map(|c| c.registry().iter().map(|(_, a)| a.owner.node).collect())
+            .unwrap_or_default();
+        for (id, n) in self.nodes.iter_mut() {
+            n.old_cells &= owners.contains(id);
         }
         // Every node learns the new epoch first: older orders are void.
         let conns: Vec<ConnectionHandle> = self.peers.keys().copied().collect();
@@ -694,27 +718,39 @@ impl Loop {
                         taken = !n.old_cells;
                     }
                 }
-                if !taken || !leads {
-                    self.ignored_as_standby += u64::from(!taken);
+                if !taken {
+                    self.ignored_as_standby += 1;
+                    self.send(connection, &no_lease);
+                    return;
+                }
+                if !leads {
+                    // Not sure to lead this instant (etcd slow to renew):
+                    // the node is alive all the same, but gets no lease.
+                    if let Some(c) = &mut self.coord {
+                        c.heartbeat(now, node, tick);
+                    }
                     self.send(connection, &no_lease);
                     return;
                 }
                 if let Some(c) = &mut self.coord {
                     c.heartbeat(now, node, tick);
-                    if draining && leads && !c.is_draining(node) {
+                    if draining && !c.is_draining(node) && self.drain_refused.insert(node) {
                         match c.drain(now, node) {
                             Ok(cells) => {
+                                self.drain_refused.remove(&node);
                                 tracing::warn!(
                                     node,
                                     cells,
                                     "node asked to drain (SIGTERM): its cells move away"
                                 )
                             }
+                            // Said once: the node asks on every heartbeat.
                             Err(e) => tracing::error!(node, error = %e, "node asked to drain"),
                         }
                     }
-                    // A lease only from a coordinator sure to lead until
-                    // after the node counts it out.
+                    // Only a coordinator sure to lead now grants a lease
+                    // (`leads`): its successor waits a full lease after
+                    // taking over before it gives a silent node's cells away.
                     let lease_ms = c.lease().as_millis().clamp(1, u128::from(u32::MAX)) as u32;
                     let draining = c.is_draining(node);
                     self.send(
@@ -756,12 +792,19 @@ impl Loop {
                 Some(old) => {
                     tracing::warn!(node = r.node, old = %old.info.cluster_addr, new = %r.cluster_addr, incarnation = r.incarnation, "node registered again (restarted or moved)");
                     if old.incarnation != r.incarnation {
-                        if let Some(c) = &mut self.coord {
-                            c.forget_drain(r.node);
-                            old_cells = c.registry().iter().any(|(_, a)| a.owner.node == r.node);
-                            if old_cells {
-                                tracing::warn!(node = r.node, "restarted while it still owned cells: they fail over to their backups once its old lease ends; the new process starts empty");
+                        match &mut self.coord {
+                            Some(c) => {
+                                self.drain_refused.remove(&r.node);
+                                c.forget_drain(r.node);
+                                old_cells =
+                                    c.registry().iter().any(|(_, a)| a.owner.node == r.node);
+                                if old_cells {
+                                    tracing::warn!(node = r.node, "restarted while it still owned cells: they fail over to their backups once its old lease ends; the new process starts empty");
+                                }
                             }
+                            // A standby cannot tell yet: settled against the
+                            // registry it takes over if elected.
+                            None => old_cells = true,
                         }
                     }
                 }
@@ -928,7 +971,7 @@ impl Loop {
                         ..ShardHeader::control(COORDINATOR, 0, TickId(0))
                     };
                     let reg = ControlMsg::Registry(Arc::new(c.registry().clone()));
-                    l.write(version, encode_control(&header, &reg));
+                    l.write(self.cluster_epoch, version, encode_control(&header, &reg));
                 }
                 return;
             }

@@ -182,21 +182,6 @@ impl ClusterSide {
         self.coords.iter().filter_map(|c| c.retry_at).chain(t).min()
     }
 
-    /// True while the link to the leader (the coordinator that welcomed us
-    /// with the newest epoch) is up.
-    pub fn coordinator_linked(&self) -> bool {
-        self.coords.iter().any(|c| {
-            c.epoch == self.leader_epoch
-                && c.epoch > 0
-                && c.conn.is_some_and(|h| self.endpoint.is_connected(h))
-        })
-    }
-
-    /// The cluster epoch of the leader this shard follows.
-    pub fn leader_epoch(&self) -> u32 {
-        self.leader_epoch
-    }
-
     /// Adds a message for a shard of another node to this turn's bundle.
     pub fn queue<G: GameLogic>(
         &mut self,
