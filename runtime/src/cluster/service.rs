@@ -839,27 +839,6 @@ impl Loop {
             }
             self.members_changed();
         }
-        if !self.leads(now) {
-            // A standby knows the nodes and their links, and says nothing.
-            self.peers.insert(
-                connection,
-                Peer {
-                    node: r.node,
-                    shard: r.shard,
-                },
-            );
-            if r.shard != NODE_LINK {
-                let shard = ShardRef {
-                    node: r.node,
-                    shard: r.shard,
-                };
-                if let Some(s) = self.shards.get_mut(&shard) {
-                    s.connection = Some(connection);
-                    s.last_heard = now;
-                }
-            }
-            return;
-        }
         self.peers.insert(
             connection,
             Peer {
@@ -877,6 +856,10 @@ impl Loop {
                 s.last_heard = now;
             }
             tracing::info!(%shard, "shard linked");
+        }
+        if !self.leads(now) {
+            // A standby knows the nodes and their links, and says nothing.
+            return;
         }
         self.send(
             connection,
