@@ -112,6 +112,7 @@ impl Bench {
                     client: id,
                     name: format!("p{i}"),
                     pos: p,
+                    resume_key: 0,
                 },
             });
             out.push(Client {
@@ -198,6 +199,8 @@ impl Bench {
                         self.bytes += out.bytes.len() as u64;
                         self.snapshots += 1;
                     }
+                    // The bench's clients never resume.
+                    ClientOutputKind::Refused => {}
                 }
             }
         }

@@ -26,6 +26,9 @@ use crate::world::WorldConfig;
 /// Most messages a cell holds while waiting for their entity.
 const ORPHANS_MAX: usize = 1024;
 
+/// Ticks between two looks for players whose client went silent.
+const LINGER_CHECK_EVERY: u64 = 16;
+
 /// A cell's message type for a game.
 pub type Msg<G> = CellMessage<<G as GameLogic>::Components, <G as GameLogic>::Intent>;
 /// A cell's envelope type for a game.
@@ -96,6 +99,14 @@ pub struct CellCounters {
     pub transfers_resent_known: u64,
     /// Transfers sent again after a restore that brought an entity back.
     pub transfers_resent_taken: u64,
+    /// Players taken back by a new session (their gateway was lost).
+    pub resumes: u64,
+    /// Resumes refused (wrong credential, not a player, or the avatar was
+    /// not found in time).
+    pub resumes_refused: u64,
+    /// Players removed after their client stayed silent for the world's
+    /// `player_linger_ticks` (a session lost with no leave, never resumed).
+    pub players_lingered_out: u64,
 }
 
 /// Ticks between two renewals of a subscription (an interest's first
@@ -287,42 +298,58 @@ impl<G: GameLogic> Cell<G> {
         let dt = config.dt();
         for msg in msgs {
             match msg {
-                CellMessage::Join { client, name, pos } => {
+                CellMessage::Join {
+                    client,
+                    name,
+                    pos,
+                    resume_key,
+                } => {
                     let id = ids.allocate();
                     let pos = self.bounds.clamp(pos);
                     let mut cx = game_context!(self, world, tick, dt, ids);
                     let components = game.new_player(&mut cx, &name);
                     let mut e = Entity::new(id, EntityKind::Player, pos, components);
                     e.client = Some(client);
+                    e.resume_key = resume_key;
+                    e.heard = tick;
                     e.view = Some(Box::new(ClientView::new(client)));
                     let _ = self.entities.insert(e);
                     self.counters.joins += 1;
                     tracing::debug!(cell = %self.id, entity = %id, %client, tick = tick.0, "player joined");
-                    let welcome = tessera_schema::server::Welcome {
-                        entity: id.0,
-                        world: self.id.world,
-                        tick: tick.0,
-                        tick_hz: config.tick_hz as u16,
-                        aoi_radius_cm: (config.view.radius * 100.0) as u32,
-                        cell_size_cm: (layout.geometry().cell_size * 100.0) as u32,
-                        position: tessera_schema::quant::qvec(pos.x, pos.y),
-                    };
-                    let mut fbb =
-                        tessera_schema::flatbuffers::FlatBufferBuilder::with_capacity(128);
-                    let bytes = tessera_schema::server::encode(
-                        &mut fbb,
-                        &tessera_schema::server::ServerMessage::Welcome(welcome),
-                    )
-                    .to_vec();
-                    self.output_queue.push(Output::Client(ClientOutput {
-                        client,
-                        entity: id,
-                        cell: self.id,
-                        tick,
-                        kind: ClientOutputKind::Welcome,
-                        bytes,
-                    }));
+                    let welcome = self.welcome(config, layout, tick, client, id, pos, resume_key);
+                    self.output_queue.push(welcome);
                 }
+                CellMessage::Resume {
+                    client,
+                    entity,
+                    key,
+                    hops,
+                    after,
+                } => match self.entities.get_mut(entity) {
+                    Some(e) if e.client.is_some() && e.resume_key != 0 && e.resume_key == key => {
+                        let old = e.client.replace(client);
+                        e.heard = tick;
+                        // The new session has no snapshot yet: a whole view.
+                        e.view = Some(Box::new(ClientView::new(client)));
+                        let pos = e.pos;
+                        self.counters.resumes += 1;
+                        tracing::info!(cell = %self.id, %entity, %client, old = ?old, tick = tick.0, "player resumed by a new session");
+                        let welcome = self.welcome(config, layout, tick, client, entity, pos, key);
+                        self.output_queue.push(welcome);
+                    }
+                    Some(_) => self.refuse_resume(client, entity, tick, "wrong credential"),
+                    None => self.forward(
+                        entity,
+                        config,
+                        CellMessage::Resume {
+                            client,
+                            entity,
+                            key,
+                            hops: hops.saturating_add(1),
+                            after,
+                        },
+                    ),
+                },
                 CellMessage::Input {
                     client,
                     entity,
@@ -335,6 +362,7 @@ impl<G: GameLogic> Cell<G> {
                             self.counters.inputs_wrong_client += 1;
                             continue;
                         }
+                        e.heard = tick;
                         let seq = input.input_seq;
                         if seq <= e.last_input_seq || e.pending_inputs.iter().any(|p| p.0 == seq) {
                             self.counters.inputs_duplicate += 1;
@@ -375,6 +403,7 @@ impl<G: GameLogic> Cell<G> {
                     after,
                 } => match self.entities.get_mut(entity) {
                     Some(e) if e.client == Some(client) => {
+                        e.heard = tick;
                         if let Some(v) = e.view.as_mut() {
                             v.ack(acked);
                         }
@@ -472,7 +501,8 @@ impl<G: GameLogic> Cell<G> {
                 let entity = match &msg {
                     CellMessage::Input { entity, .. }
                     | CellMessage::Ack { entity, .. }
-                    | CellMessage::Leave { entity, .. } => *entity,
+                    | CellMessage::Leave { entity, .. }
+                    | CellMessage::Resume { entity, .. } => *entity,
                     _ => continue,
                 };
                 // Ready when the entity is here, or left here after the
@@ -485,6 +515,10 @@ impl<G: GameLogic> Cell<G> {
                     ready.push(msg);
                 } else if tick.0 > since.0 + config.orphan_ticks {
                     self.counters.unknown_entity += 1;
+                    if let CellMessage::Resume { client, entity, .. } = msg {
+                        // Answered, so that the client may join afresh.
+                        self.refuse_resume(client, entity, tick, "avatar not found");
+                    }
                 } else {
                     self.orphans.push((since, msg));
                 }
@@ -511,6 +545,93 @@ impl<G: GameLogic> Cell<G> {
         }
         self.intent_queue
             .extend(intents.into_iter().map(|i| (i, 0)));
+        self.remove_silent_players(config, tick);
+    }
+
+    /// Players whose client was not heard for `player_linger_ticks` lost
+    /// their session without a leave (their gateway died and they did not
+    /// resume elsewhere): removed, as a leave would. Checked every
+    /// [`LINGER_CHECK_EVERY`] ticks: the bound is loose by that much.
+    fn remove_silent_players(&mut self, config: &WorldConfig, tick: TickId) {
+        let linger = config.player_linger_ticks;
+        if linger == 0 || tick.0 % LINGER_CHECK_EVERY != 0 || tick.0 < linger {
+            return;
+        }
+        let cutoff = TickId(tick.0 - linger);
+        let silent: Vec<(EntityId, Option<ClientId>, TickId)> = self
+            .entities
+            .iter()
+            .filter(|e| e.client.is_some() && e.heard < cutoff)
+            .map(|e| (e.id, e.client, e.heard))
+            .collect();
+        for (id, client, heard) in silent {
+            self.entities.remove(id);
+            self.ghost_sender.forget(id);
+            let _ = self.jobs.take_for(id);
+            self.counters.leaves += 1;
+            self.counters.players_lingered_out += 1;
+            tracing::info!(cell = %self.id, entity = %id, client = ?client, heard = heard.0, tick = tick.0, "player removed: its client went silent (session lost, not resumed)");
+        }
+    }
+
+    /// The Welcome of a join or a resume, for `client`.
+    #[allow(clippy::too_many_arguments)]
+    fn welcome(
+        &self,
+        config: &WorldConfig,
+        layout: &Layout,
+        tick: TickId,
+        client: ClientId,
+        entity: EntityId,
+        pos: Vec2,
+        resume_key: u64,
+    ) -> Out<G> {
+        let welcome = tessera_schema::server::Welcome {
+            entity: entity.0,
+            world: self.id.world,
+            tick: tick.0,
+            tick_hz: config.tick_hz as u16,
+            aoi_radius_cm: (config.view.radius * 100.0) as u32,
+            cell_size_cm: (layout.geometry().cell_size * 100.0) as u32,
+            position: tessera_schema::quant::qvec(pos.x, pos.y),
+            resume_key,
+        };
+        let mut fbb = tessera_schema::flatbuffers::FlatBufferBuilder::with_capacity(128);
+        let bytes = tessera_schema::server::encode(
+            &mut fbb,
+            &tessera_schema::server::ServerMessage::Welcome(welcome),
+        )
+        .to_vec();
+        Output::Client(ClientOutput {
+            client,
+            entity,
+            cell: self.id,
+            tick,
+            kind: ClientOutputKind::Welcome,
+            bytes,
+        })
+    }
+
+    fn refuse_resume(&mut self, client: ClientId, entity: EntityId, tick: TickId, why: &str) {
+        self.counters.resumes_refused += 1;
+        tracing::info!(cell = %self.id, %entity, %client, tick = tick.0, why, "resume refused");
+        let mut fbb = tessera_schema::flatbuffers::FlatBufferBuilder::with_capacity(96);
+        let bytes = tessera_schema::server::encode(
+            &mut fbb,
+            &tessera_schema::server::ServerMessage::Error {
+                code: tessera_schema::server::ErrorCode::ResumeRefused,
+                message: format!("resume refused: {why}"),
+            },
+        )
+        .to_vec();
+        self.output_queue.push(Output::Client(ClientOutput {
+            client,
+            entity,
+            cell: self.id,
+            tick,
+            kind: ClientOutputKind::Refused,
+            bytes,
+        }));
     }
 
     fn apply_one(
@@ -569,6 +690,7 @@ impl<G: GameLogic> Cell<G> {
             CellMessage::Input { hops, .. }
             | CellMessage::Ack { hops, .. }
             | CellMessage::Leave { hops, .. }
+            | CellMessage::Resume { hops, .. }
             | CellMessage::Intent { hops, .. } => *hops,
             _ => 0,
         };
@@ -587,7 +709,8 @@ impl<G: GameLogic> Cell<G> {
                 let left = departure(until, config);
                 if let CellMessage::Input { after, .. }
                 | CellMessage::Ack { after, .. }
-                | CellMessage::Leave { after, .. } = &mut msg
+                | CellMessage::Leave { after, .. }
+                | CellMessage::Resume { after, .. } = &mut msg
                 {
                     *after = (*after).max(left);
                 }
@@ -1013,7 +1136,8 @@ fn after_of<C, I>(msg: &CellMessage<C, I>) -> TickId {
     match msg {
         CellMessage::Input { after, .. }
         | CellMessage::Ack { after, .. }
-        | CellMessage::Leave { after, .. } => *after,
+        | CellMessage::Leave { after, .. }
+        | CellMessage::Resume { after, .. } => *after,
         _ => TickId(0),
     }
 }

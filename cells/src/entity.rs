@@ -26,6 +26,13 @@ pub struct Entity<C> {
     pub version: u32,
     /// The client controlling it, if a player.
     pub client: Option<ClientId>,
+    /// A player's resume credential (0: none): a new session presenting it
+    /// takes the avatar back after its gateway was lost.
+    pub resume_key: u64,
+    /// The tick its client was last heard from (an input, an ack, a resume):
+    /// a player silent for the world's `player_linger_ticks` lost its
+    /// session with no leave (its gateway died) and is removed.
+    pub heard: TickId,
     /// Newest input applied (inputs at or below are duplicates).
     pub last_input_seq: u32,
     /// Inputs that arrived ahead of a missing one (an older input still on
@@ -82,6 +89,8 @@ impl<C> Entity<C> {
             heading: 0.0,
             version: 0,
             client: None,
+            resume_key: 0,
+            heard: TickId(0),
             last_input_seq: 0,
             pending_inputs: Vec::new(),
             game,

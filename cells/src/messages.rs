@@ -22,6 +22,8 @@ pub enum CellMessage<C, I> {
         name: String,
         /// Spawn point.
         pos: Vec2,
+        /// The avatar's resume credential (chosen by the gateway; 0: none).
+        resume_key: u64,
     },
     /// An input for the entity a client controls.
     Input {
@@ -66,6 +68,21 @@ pub enum CellMessage<C, I> {
         /// two cells while its entity is on its way back.
         after: TickId,
     },
+    /// A new session takes back `entity` (its gateway was lost or drained)
+    /// if `key` is the avatar's resume credential; the cell answers the new
+    /// session with a Welcome (or a refusal) and sends it the whole view.
+    Resume {
+        /// The new session.
+        client: ClientId,
+        /// The avatar.
+        entity: EntityId,
+        /// The credential.
+        key: u64,
+        /// Times forwarded.
+        hops: u8,
+        /// As for [`CellMessage::Input`].
+        after: TickId,
+    },
     /// Ghost changes from a neighbour.
     Ghost(GhostUpdate),
     /// An entity crossing into this cell.
@@ -99,6 +116,7 @@ impl<C, I> CellMessage<C, I> {
             CellMessage::Input { .. } => "input",
             CellMessage::Ack { .. } => "ack",
             CellMessage::Leave { .. } => "leave",
+            CellMessage::Resume { .. } => "resume",
             CellMessage::Ghost(_) => "ghost",
             CellMessage::Transfer(_) => "transfer",
             CellMessage::Intent { .. } => "intent",
@@ -130,6 +148,7 @@ impl<C, I> CellMessage<C, I> {
             CellMessage::Input { entity, .. }
             | CellMessage::Ack { entity, .. }
             | CellMessage::Leave { entity, .. }
+            | CellMessage::Resume { entity, .. }
             | CellMessage::Subscribe { entity, .. } => Locator::Entity(*entity),
             CellMessage::Intent { intent, .. } => Locator::Entity(intent_target(intent)),
             CellMessage::Ghost(_) => Locator::Every,
@@ -143,6 +162,7 @@ impl<C, I> CellMessage<C, I> {
             CellMessage::Input { hops, .. }
             | CellMessage::Ack { hops, .. }
             | CellMessage::Leave { hops, .. }
+            | CellMessage::Resume { hops, .. }
             | CellMessage::Intent { hops, .. }
             | CellMessage::Subscribe { hops, .. } => Some(hops),
             _ => None,
@@ -221,6 +241,9 @@ pub enum ClientOutputKind {
     Welcome,
     /// A view delta.
     Snapshot,
+    /// A resume was refused (wrong credential, or not a player): the
+    /// frame is the error; the session may join afresh.
+    Refused,
 }
 
 /// An encoded server frame for a client, computed by the cell owning its

@@ -16,7 +16,7 @@
 //! tick, so a failure reproduces from its seed.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::sync::Arc;
 
 use tessera_schema::client::{self, ClientMessage, InputCmd};
@@ -295,6 +295,17 @@ pub struct SimClient {
     pub spawn: Option<Vec2>,
     /// True once its session was closed.
     pub gone: bool,
+    /// The avatar's resume credential (from its Welcome).
+    pub resume_key: u64,
+    /// Times it took its avatar back through another gateway.
+    pub resumes: u32,
+    /// Waiting for the welcome of a resume (it sends nothing meanwhile).
+    pub resuming: bool,
+    /// Its latest inputs, sent again after a resume (the lost gateway may
+    /// have taken them along; the cell skips those it applied).
+    recent: VecDeque<InputCmd>,
+    /// Where its views last showed its avatar (asked first by a resume).
+    seen_at: Option<[f32; 2]>,
     input_seq: u32,
     direction: Vec2,
     /// The server's sent views by tick, to compare with the mirror.
@@ -302,6 +313,9 @@ pub struct SimClient {
     /// What it saw.
     pub stats: ClientStats,
 }
+
+/// Inputs a simulated client keeps to send again after a resume.
+const RECENT_INPUTS: usize = 32;
 
 /// Harness settings.
 #[derive(Clone, Debug)]
@@ -540,6 +554,11 @@ impl Harness {
             behavior,
             spawn,
             gone: false,
+            resume_key: 0,
+            resumes: 0,
+            resuming: false,
+            recent: VecDeque::new(),
+            seen_at: None,
             input_seq: 0,
             direction: Vec2::default(),
             truth: BTreeMap::new(),
@@ -566,6 +585,7 @@ impl Harness {
                     client: id,
                     name,
                     pos,
+                    resume_key: id.0 | 1,
                 };
                 let env = CellEnvelope {
                     to: cell,
@@ -577,6 +597,65 @@ impl Harness {
             }
         }
         i
+    }
+
+    /// Client `i`, whose gateway crashed, connects to core `gateway` and
+    /// takes its avatar back with its resume credential, asking the cell
+    /// where its view last showed it. False if it has no avatar to resume.
+    pub fn resume_client(&mut self, i: usize, gateway: usize) -> bool {
+        let c = &self.clients[i];
+        let Some(entity) = c.entity else {
+            return false;
+        };
+        if !(c.gone || c.resuming) || c.resume_key == 0 || self.down.contains(&gateway) {
+            return false;
+        }
+        if c.resuming && !c.gone {
+            // A retry: the unanswered attempt's session closes (it holds no
+            // avatar, so nothing leaves the world).
+            let (old, connection) = (c.gateway, c.connection);
+            if !self.down.contains(&old) {
+                self.cores[old].handle_disconnected(connection);
+                self.process_outputs(old);
+            }
+        }
+        let c = &self.clients[i];
+        let pos = c
+            .mirror
+            .latest()
+            .and_then(|v| v.entries.iter().find(|(id, _)| *id == entity))
+            .map(|(_, q)| [q.pos[0] as f32 / 100.0, q.pos[1] as f32 / 100.0])
+            .or(c.seen_at)
+            .unwrap_or([0.0, 0.0]);
+        self.clients[i].seen_at = Some(pos);
+        // A connection key no earlier session used on any core.
+        let connection =
+            ConnectionKey(((self.clients[i].resumes as u64 + 1) << 32) | (i as u64 + 1));
+        let id = self.cores[gateway].handle_connected(connection);
+        self.by_id.insert(id, i);
+        let c = &mut self.clients[i];
+        c.id = id;
+        c.gateway = gateway;
+        c.connection = connection;
+        c.gone = false;
+        c.resumes += 1;
+        c.resuming = true;
+        // The new session starts from a whole view.
+        c.mirror = ClientMirror::new(64);
+        c.truth.clear();
+        let key = c.resume_key;
+        if std::env::var("DEBUG_RESUME").is_ok() {
+            eprintln!("resume: client {i} ({id}) entity {entity} at {pos:?} cell {:?} via core {gateway} tick {}", self.registry.layout().leaf_at(Vec2::new(pos[0], pos[1])), self.tick);
+        }
+        self.client_send(
+            i,
+            &ClientMessage::Resume {
+                entity: entity.0,
+                key,
+                position: pos,
+            },
+        );
+        true
     }
 
     /// A frame from client `i` to its gateway.
@@ -612,7 +691,12 @@ impl Harness {
                     channel,
                     bytes,
                 } => {
-                    let i = connection.0 as usize - 1;
+                    // The low half names the client; a frame for a session it
+                    // left (a resume retried) is not for it any more.
+                    let i = (connection.0 & 0xFFFF_FFFF) as usize - 1;
+                    if connection != self.clients[i].connection {
+                        continue;
+                    }
                     if channel == Channel::Snapshots && self.rng.chance(self.config.snapshot_drop) {
                         self.clients[i].stats.dropped += 1;
                         continue;
@@ -1055,7 +1139,26 @@ impl Harness {
         };
         match msg {
             ServerMessage::Welcome(w) => {
-                self.clients[i].entity = Some(EntityId(w.entity));
+                let c = &self.clients[i];
+                let (client, had, key) = (c.id, c.entity, c.resume_key);
+                if had.is_some_and(|e| e.0 != w.entity) {
+                    self.violation(format!(
+                        "client {client} resumed as {} instead of its avatar {had:?}",
+                        w.entity
+                    ));
+                }
+                if key != 0 && w.resume_key != key {
+                    self.violation(format!("client {client}: its resume credential changed"));
+                }
+                let c = &mut self.clients[i];
+                c.entity = Some(EntityId(w.entity));
+                c.resume_key = w.resume_key;
+                if std::mem::take(&mut c.resuming) {
+                    let again: Vec<InputCmd> = c.recent.iter().cloned().collect();
+                    for input in again {
+                        self.client_send(i, &ClientMessage::Input(input));
+                    }
+                }
                 self.known.insert(EntityId(w.entity));
             }
             ServerMessage::Snapshot(snap) => self.client_snapshot(i, &snap),
@@ -1113,7 +1216,7 @@ impl Harness {
     fn client_act(&mut self, i: usize) {
         let now = self.tick;
         let c = &mut self.clients[i];
-        if c.gone || c.entity.is_none() {
+        if c.gone || c.entity.is_none() || c.resuming {
             return;
         }
         let movement = match &c.behavior {
@@ -1169,6 +1272,10 @@ impl Harness {
             heading: movement.y.atan2(movement.x),
             actions,
         };
+        if c.recent.len() >= RECENT_INPUTS {
+            c.recent.pop_front();
+        }
+        c.recent.push_back(input.clone());
         self.client_send(i, &ClientMessage::Input(input));
     }
 

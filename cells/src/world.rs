@@ -43,6 +43,11 @@ pub struct WorldConfig {
     /// `forward_ticks` (a receiver recognises a copy it already had by its
     /// forward pointer).
     pub retain_ticks: u64,
+    /// Ticks a player's avatar stays in the world after its client was
+    /// last heard (an input or an ack; a connected client acks every
+    /// snapshot), waiting for a resume when its session was lost without a
+    /// leave (its gateway died). 0: forever. Default 600 (30 s at 20 Hz).
+    pub player_linger_ticks: u64,
     /// Seed of every generator.
     pub seed: u64,
 }
@@ -59,6 +64,7 @@ impl Default for WorldConfig {
             input_reorder_max: 32,
             orphan_ticks: 100,
             retain_ticks: 200,
+            player_linger_ticks: 600,
             seed: 1,
         }
     }
@@ -670,4 +676,7 @@ pub(crate) fn add_counters(t: &mut CellCounters, c: &CellCounters) {
     t.snapshot_bytes += c.snapshot_bytes;
     t.snapshot_deferred += c.snapshot_deferred;
     t.ghost_updates += c.ghost_updates;
+    t.resumes += c.resumes;
+    t.resumes_refused += c.resumes_refused;
+    t.players_lingered_out += c.players_lingered_out;
 }

@@ -52,6 +52,7 @@ impl Fixture {
                 client: CLIENT,
                 name: "ada".into(),
                 pos: Vec2::new(100.0, 64.0),
+                resume_key: 0,
             },
         });
         let mut f = Fixture {

@@ -376,6 +376,66 @@ fn a_crashed_node_s_cells_come_back_from_their_replicas() {
     }
 }
 
+/// The node hosting every session (the gateway role) crashes with its
+/// cells: its clients connect to node 1's shards and take their own avatars
+/// back with their resume credentials (retrying while the cells they ask
+/// still fail over), every avatar once, every client's newest input
+/// applied, every view rebuilt right from the whole view it restarts with.
+#[test]
+fn clients_of_a_crashed_gateway_resume_their_own_avatars_elsewhere() {
+    for seed in seeds(6) {
+        let mut sim = Sim::new(seed, lan());
+        let warmup = 60 + sim.rng.below(60);
+        sim.run(warmup, true);
+        sim.crash(0);
+        // The clients notice their gateway's silence.
+        sim.run(10, true);
+        let gateways = [
+            sim.h
+                .index_of(tessera_coord::ShardRef { node: 1, shard: 0 }),
+            sim.h
+                .index_of(tessera_coord::ShardRef { node: 1, shard: 1 }),
+        ];
+        let clients = sim.h.clients().len();
+        for i in 0..clients {
+            assert!(
+                sim.h.resume_client(i, gateways[i % 2]),
+                "seed {seed}: client {i} has nothing to resume"
+            );
+        }
+        for _ in 0..6 {
+            sim.run(30, true);
+            for i in 0..clients {
+                if sim.h.clients()[i].resuming {
+                    sim.h.resume_client(i, gateways[i % 2]);
+                }
+            }
+        }
+        sim.run(60, true);
+        sim.settle();
+        check(&sim, seed);
+        for (i, c) in sim.h.clients().iter().enumerate() {
+            assert!(
+                !c.gone && !c.resuming && c.resumes >= 1,
+                "seed {seed}: client {i} did not resume ({} tries)",
+                c.resumes
+            );
+        }
+        let resumed: u64 = sim
+            .h
+            .cores()
+            .iter()
+            .enumerate()
+            .filter(|(s, _)| !sim.h.is_down(*s))
+            .map(|(_, c)| c.world().totals().counters.resumes)
+            .sum();
+        assert!(
+            resumed >= clients as u64,
+            "seed {seed}: {resumed} resumes counted by the cells for {clients} clients"
+        );
+    }
+}
+
 /// A node cut from the coordinator (not from the other shards) fences
 /// itself when its lease ends, its cells are restored on their backups,
 /// and when the cut heals it drops the cells it no longer owns: never two

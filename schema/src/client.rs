@@ -77,6 +77,18 @@ pub enum ClientMessage {
         /// Reason code.
         reason: u8,
     },
+    /// Take back an avatar hosted by a gateway that was lost (instead of a
+    /// join): the server answers with a `Welcome` for the same entity, or
+    /// an `Error` with `ResumeRefused` (then a fresh join is allowed).
+    Resume {
+        /// The avatar.
+        entity: u64,
+        /// The Welcome's `resume_key`.
+        key: u64,
+        /// Where the client last saw its avatar: the gateway asks the cell
+        /// there first.
+        position: [f32; 2],
+    },
 }
 
 /// Reads and validates a client frame.
@@ -168,6 +180,20 @@ pub fn decode(bytes: &[u8]) -> Result<ClientMessage, FrameError> {
                 reason: leave.reason(),
             })
         }
+        wire::ClientMsg::Resume => {
+            let r = frame
+                .msg_as_resume()
+                .ok_or(FrameError::MissingMessage(family))?;
+            let p = r.position().ok_or(FrameError::MissingField("position"))?;
+            Ok(ClientMessage::Resume {
+                entity: r.entity(),
+                key: r.key(),
+                position: [
+                    crate::quant::dequantize(p.x()),
+                    crate::quant::dequantize(p.y()),
+                ],
+            })
+        }
         wire::ClientMsg::NONE => Err(FrameError::MissingMessage(family)),
         other => Err(FrameError::UnknownMessage {
             family,
@@ -238,6 +264,22 @@ pub fn encode<'b>(fbb: &'b mut FlatBufferBuilder<'static>, msg: &ClientMessage) 
             let l = wire::Leave::create(fbb, &wire::LeaveArgs { reason: *reason });
             (wire::ClientMsg::Leave, l.as_union_value())
         }
+        ClientMessage::Resume {
+            entity,
+            key,
+            position,
+        } => {
+            let position = crate::quant::qvec(position[0], position[1]);
+            let r = wire::Resume::create(
+                fbb,
+                &wire::ResumeArgs {
+                    entity: *entity,
+                    key: *key,
+                    position: Some(&position),
+                },
+            );
+            (wire::ClientMsg::Resume, r.as_union_value())
+        }
     };
     let frame = wire::ClientFrame::create(
         fbb,
@@ -280,6 +322,11 @@ mod tests {
             },
             ClientMessage::Ping { client_time_us: 5 },
             ClientMessage::Leave { reason: 2 },
+            ClientMessage::Resume {
+                entity: 77,
+                key: u64::MAX - 3,
+                position: [12.5, 300.25],
+            },
         ];
         for m in &msgs {
             assert_eq!(&round_trip(m), m);

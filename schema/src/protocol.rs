@@ -35,4 +35,7 @@ pub mod disconnect {
     pub const SHUTTING_DOWN: u16 = 2;
     /// The session broke the protocol.
     pub const PROTOCOL: u16 = 3;
+    /// This gateway is draining: the avatar stays; resume it at another
+    /// gateway (the `Gateways` message sent before names where).
+    pub const MOVED: u16 = 4;
 }

@@ -20,9 +20,18 @@ pub struct Welcome {
     pub aoi_radius_cm: u32,
     /// Edge of a depth-0 cell, cm.
     pub cell_size_cm: u32,
-    /// Spawn position.
+    /// Spawn position (or, after a resume, where the avatar is).
     pub position: QVec2,
+    /// The credential that takes this avatar back through another gateway
+    /// ([`crate::client::ClientMessage::Resume`]) if this one is lost; it
+    /// stays the same across resumes.
+    pub resume_key: u64,
 }
+
+/// Most gateway addresses in one [`ServerMessage::Gateways`].
+pub const GATEWAYS_MAX: usize = 16;
+/// Longest gateway address ("host:port"), in bytes.
+pub const GATEWAY_ADDR_MAX_BYTES: usize = 64;
 
 /// A view delta, borrowed from the server's buffers for encoding.
 #[derive(Clone, Copy, Debug, Default)]
@@ -117,6 +126,15 @@ pub enum ServerMessage {
         code: ErrorCode,
         /// For people.
         message: String,
+    },
+    /// The cluster's other gateways ("host:port", at most
+    /// [`GATEWAYS_MAX`]): where to resume if this one is lost.
+    Gateways {
+        /// Addresses, the preferred first.
+        addresses: Vec<String>,
+        /// This gateway is draining: resume at the first address now (the
+        /// connection closes next, without removing the avatar).
+        now: bool,
     },
 }
 
@@ -213,6 +231,7 @@ pub fn encode<'b>(fbb: &'b mut FlatBufferBuilder<'static>, msg: &ServerMessage) 
                     aoi_radius_cm: w.aoi_radius_cm,
                     cell_size_cm: w.cell_size_cm,
                     position: Some(&w.position),
+                    resume_key: w.resume_key,
                 },
             );
             finish(fbb, wire::ServerMsg::Welcome, v.as_union_value())
@@ -245,6 +264,18 @@ pub fn encode<'b>(fbb: &'b mut FlatBufferBuilder<'static>, msg: &ServerMessage) 
             );
             finish(fbb, wire::ServerMsg::Error, v.as_union_value())
         }
+        ServerMessage::Gateways { addresses, now } => {
+            let list: Vec<_> = addresses.iter().map(|a| fbb.create_string(a)).collect();
+            let list = fbb.create_vector(&list);
+            let v = wire::Gateways::create(
+                fbb,
+                &wire::GatewaysArgs {
+                    addresses: Some(list),
+                    now: *now,
+                },
+            );
+            finish(fbb, wire::ServerMsg::Gateways, v.as_union_value())
+        }
     }
 }
 
@@ -271,6 +302,7 @@ pub fn decode(bytes: &[u8]) -> Result<ServerMessage, FrameError> {
                 aoi_radius_cm: w.aoi_radius_cm(),
                 cell_size_cm: w.cell_size_cm(),
                 position: w.position().copied().unwrap_or_default(),
+                resume_key: w.resume_key(),
             }))
         }
         wire::ServerMsg::Snapshot => {
@@ -314,6 +346,37 @@ pub fn decode(bytes: &[u8]) -> Result<ServerMessage, FrameError> {
             Ok(ServerMessage::Error {
                 code: e.code(),
                 message: e.message().unwrap_or_default().to_string(),
+            })
+        }
+        wire::ServerMsg::Gateways => {
+            let g = frame
+                .msg_as_gateways()
+                .ok_or(FrameError::MissingMessage(family))?;
+            let list = g.addresses().ok_or(FrameError::MissingField("addresses"))?;
+            if list.len() > GATEWAYS_MAX {
+                return Err(FrameError::TooMany {
+                    field: "addresses",
+                    len: list.len(),
+                    max: GATEWAYS_MAX,
+                });
+            }
+            let mut addresses = Vec::with_capacity(list.len());
+            for a in list.iter() {
+                if a.len() > GATEWAY_ADDR_MAX_BYTES {
+                    return Err(FrameError::TooMany {
+                        field: "addresses.len",
+                        len: a.len(),
+                        max: GATEWAY_ADDR_MAX_BYTES,
+                    });
+                }
+                if a.is_empty() || a.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                    return Err(FrameError::BadValue("addresses"));
+                }
+                addresses.push(a.to_string());
+            }
+            Ok(ServerMessage::Gateways {
+                addresses,
+                now: g.now(),
             })
         }
         wire::ServerMsg::NONE => Err(FrameError::MissingMessage(family)),
@@ -372,6 +435,7 @@ mod tests {
                 aoi_radius_cm: 5000,
                 cell_size_cm: 12800,
                 position: qvec(5.0, 6.0),
+                resume_key: 0xfeed_beef,
             }),
             ServerMessage::Snapshot(snapshot(3)),
             ServerMessage::Event(GameEvent::new(1, 2, 3, 4, wire::EventKind::Death)),
@@ -382,6 +446,10 @@ mod tests {
             ServerMessage::Error {
                 code: ErrorCode::Full,
                 message: "server full".into(),
+            },
+            ServerMessage::Gateways {
+                addresses: vec!["127.0.0.1:7777".into(), "[::1]:7778".into()],
+                now: true,
             },
         ];
         let mut fbb = FlatBufferBuilder::new();
@@ -410,6 +478,19 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
             let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn gateway_lists_round_trip_or_are_refused(list in proptest::collection::vec("[ -~]{0,70}", 0..20), now in any::<bool>()) {
+            let m = ServerMessage::Gateways { addresses: list.clone(), now };
+            let mut fbb = FlatBufferBuilder::new();
+            let bytes = encode(&mut fbb, &m).to_vec();
+            let valid = list.len() <= GATEWAYS_MAX
+                && list.iter().all(|a| !a.is_empty() && a.len() <= GATEWAY_ADDR_MAX_BYTES && !a.contains(' '));
+            match decode(&bytes) {
+                Ok(d) => { prop_assert!(valid); prop_assert_eq!(d, m); }
+                Err(_) => prop_assert!(!valid),
+            }
         }
     }
 }

@@ -36,6 +36,11 @@ pub struct ServeArgs {
     /// World size in depth-0 cells, COLUMNSxROWS (default 8x8 of 128 m).
     #[arg(long, env = "TESSERA_WORLD", value_parser = parse_world_size)]
     pub world: Option<(i32, i32)>,
+    /// Seconds an avatar waits in the world for its client to resume after
+    /// its session was lost without a leave (its gateway died); 0: forever.
+    /// Default 30.
+    #[arg(long, env = "TESSERA_LINGER")]
+    pub linger: Option<f64>,
     /// Do not pin shards to CPUs (oversubscribed machines).
     #[arg(long, env = "TESSERA_UNPINNED")]
     pub unpinned: bool,
@@ -343,6 +348,11 @@ pub fn node_config(args: &ServeArgs) -> Result<NodeConfig, String> {
     if !(10..=60).contains(&tick_hz) {
         return Err(format!("tick_hz {tick_hz} is outside 10..=60"));
     }
+    let linger = args.linger.unwrap_or(30.0);
+    if !(linger.is_finite() && (0.0..=86_400.0).contains(&linger)) {
+        return Err(format!("--linger {linger} must be in [0, 86400] seconds"));
+    }
+    wc.player_linger_ticks = (linger * f64::from(tick_hz)).round() as u64;
     let shards = args.shards.or(file.shards);
     if shards == Some(0) {
         return Err("shards must be at least 1".into());

@@ -48,6 +48,14 @@ pub struct SimArgs {
     /// The node's game address.
     #[arg(long, default_value = "127.0.0.1:7777", env = "TESSERA_ADDR")]
     pub addr: SocketAddr,
+    /// More gateways of the cluster, tried in turn when a bot's gateway is
+    /// lost (the gateways also name each other after a join).
+    #[arg(long, value_delimiter = ',')]
+    pub gateways: Vec<SocketAddr>,
+    /// Seconds without a datagram from its gateway after which a bot
+    /// counts the gateway as lost and resumes its avatar at another.
+    #[arg(long, default_value_t = 3.0)]
+    pub gateway_timeout: f64,
     /// Bots.
     #[arg(long, default_value_t = 100)]
     pub clients: usize,
@@ -111,6 +119,9 @@ enum State {
     Connecting,
     Joining,
     Playing,
+    /// Its gateway was lost or drained: connecting to another one to take
+    /// its avatar back.
+    Resuming,
     Failed,
 }
 
@@ -121,7 +132,18 @@ struct Bot {
     started: Instant,
     entity: u64,
     input_seq: u32,
-    pending: VecDeque<(u32, Instant)>,
+    /// Inputs sent and not yet confirmed by a snapshot, kept whole: after a
+    /// resume they go again (the lost gateway may have dropped them).
+    pending: VecDeque<(u32, Instant, InputCmd)>,
+    /// The gateway in use.
+    addr: SocketAddr,
+    /// The avatar's resume credential (0: none yet).
+    resume_key: u64,
+    /// Gateways to resume at, the preferred first (from the server).
+    gateways: Vec<SocketAddr>,
+    /// When the gateway was lost, and the attempts since.
+    lost_at: Option<Instant>,
+    resume_tries: u32,
     last_tick: u64,
     ack: u64,
     play_started: Option<Instant>,
@@ -171,6 +193,19 @@ struct Totals {
     unconfirmed: u64,
     /// Inputs forgotten by the bounded per-bot queue (not judged).
     untracked: u64,
+    /// Gateways lost (silent past --gateway-timeout, or closed) while
+    /// playing.
+    gateways_lost: u64,
+    /// Sessions told by a draining gateway to resume elsewhere.
+    told_to_move: u64,
+    /// Avatars taken back through another gateway.
+    resumed: u64,
+    /// Resumes the server refused, or that gave up.
+    resume_failed: u64,
+    /// Resumes answered with another avatar than the bot's (must be 0).
+    resume_wrong_entity: u64,
+    /// Inputs sent again after a resume.
+    inputs_resent: u64,
 }
 
 /// Per-second figures in soak mode.
@@ -241,6 +276,45 @@ fn scrape_tick_p99_ms(addr: SocketAddr) -> Option<f64> {
         .map(|s| s * 1000.0)
 }
 
+/// Most attempts at taking an avatar back before a bot gives up.
+const RESUME_TRIES: u32 = 6;
+
+/// The bot's gateway is lost (or drains): it connects to the next gateway
+/// it knows of and will present its resume credential there. False when
+/// there is none to try, or it tried too often.
+fn begin_resume(
+    bot: &mut Bot,
+    args: &SimArgs,
+    now: Instant,
+    b: u32,
+    heap: &mut BinaryHeap<Reverse<(Instant, Action, u32)>>,
+) -> bool {
+    let mut candidates: Vec<SocketAddr> = Vec::new();
+    for a in bot
+        .gateways
+        .iter()
+        .chain(args.gateways.iter())
+        .chain(std::iter::once(&args.addr))
+    {
+        if *a != bot.addr && !candidates.contains(a) {
+            candidates.push(*a);
+        }
+    }
+    if candidates.is_empty() || bot.resume_tries >= RESUME_TRIES {
+        return false;
+    }
+    bot.lost_at.get_or_insert(now);
+    let next = candidates[bot.resume_tries as usize % candidates.len()];
+    bot.resume_tries += 1;
+    bot.addr = next;
+    bot.connection = None;
+    bot.state = State::Resuming;
+    // Later attempts back off a little: the cluster may still be settling.
+    let delay = Duration::from_millis(100 * u64::from(bot.resume_tries - 1));
+    heap.push(Reverse((now + delay, Action::Connect, b)));
+    true
+}
+
 fn wait_any(nets: &[Net], timeout: Duration) {
     let mut fds: Vec<libc::pollfd> = nets
         .iter()
@@ -298,8 +372,16 @@ pub fn run(args: SimArgs) -> Result<(), String> {
             },
         )
         .map_err(|e| format!("cannot open UDP socket {i}: {e}"))?;
-        let mut config = tessera_net::Config::game_client(per + 1);
+        let mut config = tessera_net::Config::game_client(per * 2 + 1);
         config.events_max = config.events_max.max(per * 64);
+        // A lost gateway shows as silence: notice it in seconds, not the
+        // default ten (keepalives keep a quiet link alive meanwhile).
+        if args.gateway_timeout > 0.0 {
+            config.idle_timeout = Duration::from_secs_f64(args.gateway_timeout);
+            config.keepalive_interval = config
+                .keepalive_interval
+                .min(Duration::from_secs_f64(args.gateway_timeout / 4.0));
+        }
         let endpoint = Endpoint::new(config, args.seed.wrapping_mul(1000) + i as u64)
             .map_err(|e| e.to_string())?;
         nets.push(Net {
@@ -319,6 +401,11 @@ pub fn run(args: SimArgs) -> Result<(), String> {
             entity: 0,
             input_seq: 0,
             pending: VecDeque::new(),
+            addr: args.addr,
+            resume_key: 0,
+            gateways: Vec::new(),
+            lost_at: None,
+            resume_tries: 0,
             last_tick: 0,
             ack: 0,
             play_started: None,
@@ -355,6 +442,7 @@ pub fn run(args: SimArgs) -> Result<(), String> {
     let mut join_ms = ms_histogram();
     let mut rtt_us = ms_histogram();
     let mut visible_us = ms_histogram();
+    let mut resume_us = ms_histogram();
     // Per-second windows for soak samples.
     let mut sec_visible = ms_histogram();
     let mut sec_rtt = ms_histogram();
@@ -401,6 +489,23 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                             continue;
                         };
                         let bot = &mut bots[b as usize];
+                        if bot.connection != Some(connection) {
+                            continue;
+                        }
+                        if bot.state == State::Resuming {
+                            // Take the avatar back where it was last seen.
+                            let resume = ClientMessage::Resume {
+                                entity: bot.entity,
+                                key: bot.resume_key,
+                                position: bot.pos.unwrap_or([0.0, 0.0]),
+                            };
+                            let _ = net.endpoint.send(
+                                connection,
+                                ChannelId(Channel::Reliable.id()),
+                                client::encode(&mut fbb, &resume),
+                            );
+                            continue;
+                        }
                         bot.state = State::Joining;
                         let _ = connect_ms
                             .record(now.duration_since(bot.started).as_micros().max(1) as u64);
@@ -419,8 +524,35 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                             continue;
                         };
                         let bot = &mut bots[b as usize];
+                        if bot.connection != Some(connection) {
+                            // A gateway this bot already left.
+                            continue;
+                        }
                         if reason == DisconnectReason::Remote(disconnect::SHUTTING_DOWN) {
                             totals.told_shutdown += 1;
+                        }
+                        let gateway_lost = matches!(
+                            reason,
+                            DisconnectReason::TimedOut
+                                | DisconnectReason::HandshakeTimedOut
+                                | DisconnectReason::Remote(disconnect::MOVED)
+                                | DisconnectReason::Remote(disconnect::SHUTTING_DOWN)
+                        );
+                        if gateway_lost
+                            && bot.resume_key != 0
+                            && matches!(bot.state, State::Playing | State::Resuming)
+                            && now < end
+                        {
+                            if bot.state == State::Playing {
+                                totals.gateways_lost += 1;
+                                if totals.gateways_lost <= 3 {
+                                    eprintln!("sim: bot {b} lost its gateway {} ({reason:?}): resuming elsewhere", bot.addr);
+                                }
+                            }
+                            if begin_resume(bot, &args, now, b, &mut heap) {
+                                continue;
+                            }
+                            totals.resume_failed += 1;
                         }
                         if bot.state != State::Failed {
                             if bot.state == State::Playing {
@@ -447,7 +579,44 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                                 match frame.msg_type() {
                                     wire::ServerMsg::Welcome => {
                                         if let Some(w) = frame.msg_as_welcome() {
+                                            if bot.state == State::Resuming {
+                                                if w.entity() == bot.entity {
+                                                    totals.resumed += 1;
+                                                } else {
+                                                    totals.resume_wrong_entity += 1;
+                                                    eprintln!("sim: bot {b} resumed as entity {} instead of {}", w.entity(), bot.entity);
+                                                }
+                                                if let Some(at) = bot.lost_at.take() {
+                                                    let _ = resume_us.record(
+                                                        now.duration_since(at).as_micros().max(1)
+                                                            as u64,
+                                                    );
+                                                }
+                                                bot.resume_tries = 0;
+                                                bot.entity = w.entity();
+                                                bot.state = State::Playing;
+                                                // What the lost gateway may have dropped
+                                                // goes again (the server skips what it
+                                                // applied already).
+                                                for (_, _, input) in &bot.pending {
+                                                    let msg = ClientMessage::Input(input.clone());
+                                                    if net
+                                                        .endpoint
+                                                        .send(
+                                                            connection,
+                                                            ChannelId(Channel::Reliable.id()),
+                                                            client::encode(&mut fbb, &msg),
+                                                        )
+                                                        .is_ok()
+                                                    {
+                                                        totals.inputs_resent += 1;
+                                                    }
+                                                }
+                                                net.endpoint.recycle(bytes);
+                                                continue;
+                                            }
                                             bot.entity = w.entity();
+                                            bot.resume_key = w.resume_key();
                                             bot.state = State::Playing;
                                             bot.play_started = Some(now);
                                             cell_m = w.cell_size_cm() as f32 / 100.0;
@@ -504,9 +673,9 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                                             while bot
                                                 .pending
                                                 .front()
-                                                .is_some_and(|(seq, _)| *seq <= applied)
+                                                .is_some_and(|(seq, ..)| *seq <= applied)
                                             {
-                                                let (_, sent) =
+                                                let (_, sent, _) =
                                                     bot.pending.pop_front().expect("front");
                                                 let us = now.duration_since(sent).as_micros().max(1)
                                                     as u64;
@@ -567,7 +736,46 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                                             }
                                         }
                                     }
-                                    wire::ServerMsg::Error => totals.errors_from_server += 1,
+                                    wire::ServerMsg::Error => {
+                                        totals.errors_from_server += 1;
+                                        let refused = frame.msg_as_error().is_some_and(|e| {
+                                            e.code() == wire::ErrorCode::ResumeRefused
+                                        });
+                                        if refused && bot.state == State::Resuming {
+                                            totals.resume_failed += 1;
+                                            totals.failed += 1;
+                                            bot.state = State::Failed;
+                                            eprintln!(
+                                                "sim: bot {b}: resume of entity {} refused",
+                                                bot.entity
+                                            );
+                                        }
+                                    }
+                                    wire::ServerMsg::Gateways => {
+                                        if let Some(g) = frame.msg_as_gateways() {
+                                            let list: Vec<SocketAddr> = g
+                                                .addresses()
+                                                .iter()
+                                                .flat_map(|v| v.iter())
+                                                .filter_map(|a| a.parse().ok())
+                                                .collect();
+                                            bot.gateways = list;
+                                            if g.now() && bot.state == State::Playing {
+                                                // The gateway drains: go now.
+                                                totals.told_to_move += 1;
+                                                let _ = net.endpoint.disconnect(
+                                                    now,
+                                                    connection,
+                                                    disconnect::MOVED,
+                                                );
+                                                if !begin_resume(bot, &args, now, b, &mut heap) {
+                                                    totals.resume_failed += 1;
+                                                    totals.failed += 1;
+                                                    bot.state = State::Failed;
+                                                }
+                                            }
+                                        }
+                                    }
                                     _ => {}
                                 }
                             }
@@ -589,11 +797,15 @@ pub fn run(args: SimArgs) -> Result<(), String> {
             let e = bot.endpoint as usize;
             match action {
                 Action::Connect => {
-                    bot.started = now;
-                    match nets[e].endpoint.connect(now, args.addr) {
+                    if bot.state != State::Resuming {
+                        bot.started = now;
+                    }
+                    match nets[e].endpoint.connect(now, bot.addr) {
                         Ok(h) => {
                             bot.connection = Some(h);
-                            bot.state = State::Connecting;
+                            if bot.state != State::Resuming {
+                                bot.state = State::Connecting;
+                            }
                             owner_of_slot(&mut nets, e, h, b);
                         }
                         Err(err) => {
@@ -604,6 +816,10 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                     }
                 }
                 Action::Ping => {
+                    if bot.state == State::Resuming {
+                        heap.push(Reverse((now + Duration::from_secs(2), Action::Ping, b)));
+                        continue;
+                    }
                     if bot.state != State::Playing {
                         continue;
                     }
@@ -622,6 +838,11 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                     heap.push(Reverse((now + Duration::from_secs(2), Action::Ping, b)));
                 }
                 Action::Input => {
+                    if bot.state == State::Resuming && now < end {
+                        // Paused, not over: inputs start again once resumed.
+                        heap.push(Reverse((now + input_period, Action::Input, b)));
+                        continue;
+                    }
                     if bot.state != State::Playing || now >= end {
                         continue;
                     }
@@ -683,13 +904,14 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                         });
                         totals.attacks += 1;
                     }
-                    let input = ClientMessage::Input(InputCmd {
+                    let cmd = InputCmd {
                         input_seq: bot.input_seq,
                         client_tick: bot.last_tick,
                         movement: bot.dir,
                         heading: bot.dir[1].atan2(bot.dir[0]),
                         actions,
-                    });
+                    };
+                    let input = ClientMessage::Input(cmd.clone());
                     if nets[e]
                         .endpoint
                         .send(
@@ -700,7 +922,7 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                         .is_ok()
                     {
                         totals.inputs += 1;
-                        bot.pending.push_back((bot.input_seq, now));
+                        bot.pending.push_back((bot.input_seq, now, cmd));
                         if bot.pending.len() > 256 {
                             totals.untracked += 1;
                             bot.pending.pop_front();
@@ -826,6 +1048,7 @@ pub fn run(args: SimArgs) -> Result<(), String> {
         &join_ms,
         &rtt_us,
         &visible_us,
+        &resume_us,
         end,
         measure_from,
         &samples,
@@ -841,6 +1064,7 @@ fn report(
     join: &Histogram<u64>,
     rtt: &Histogram<u64>,
     visible: &Histogram<u64>,
+    resume: &Histogram<u64>,
     end: Instant,
     measure_from: Instant,
     samples: &[Sample],
@@ -928,6 +1152,22 @@ fn report(
         ("verified_snapshots", totals.verified as f64, "snapshots"),
         ("verify_errors", totals.verify_errors as f64, "snapshots"),
     ];
+    if totals.gateways_lost + totals.told_to_move > 0 {
+        rows.extend([
+            ("gateways_lost", totals.gateways_lost as f64, "clients"),
+            ("told_to_move", totals.told_to_move as f64, "clients"),
+            ("resumed", totals.resumed as f64, "clients"),
+            ("resume_failed", totals.resume_failed as f64, "clients"),
+            (
+                "resume_wrong_entity",
+                totals.resume_wrong_entity as f64,
+                "clients",
+            ),
+            ("resume_ms_p50", ms(resume, 0.5), "ms"),
+            ("resume_ms_p99", ms(resume, 0.99), "ms"),
+            ("inputs_resent", totals.inputs_resent as f64, "inputs"),
+        ]);
+    }
     let worst = |f: fn(&Sample) -> Option<f64>| {
         samples
             .iter()

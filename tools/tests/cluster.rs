@@ -996,3 +996,162 @@ fn a_node_cut_from_the_coordinator_fences_itself_and_its_cells_move() {
         "after the bots left: {last:?}, want {npcs} entities in all\n{summary}"
     );
 }
+
+/// Three gateways in front of two compute nodes; 200 bots play through
+/// gateway A. A dies (`kill -9`): every bot notices its silence, connects
+/// to gateway B and takes its own avatar back with its resume credential
+/// (the same entity, never a second one). Then B gets SIGTERM: it tells
+/// each session to resume at C, waits for them to go, and exits 0. Every
+/// bot plays to the end; the world holds exactly one avatar per bot
+/// throughout, and none once they left.
+#[test]
+fn clients_of_a_lost_or_draining_gateway_resume_their_own_avatars_elsewhere() {
+    let _one = exclusive();
+    let (_coord, coord_addr, coord_admin) = coordinator(&["--compute-nodes", "2", "--no-balance"]);
+    let node =
+        |id: &str, ip: &str, role: &str, npcs: &str| cluster_node(&coord_addr, id, ip, role, npcs);
+    let (a_node, b_node) = std::thread::scope(|s| {
+        let a = s.spawn(|| node("1", "127.0.0.31", "compute", "100"));
+        let b = s.spawn(|| node("2", "127.0.0.32", "compute", "100"));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let (mut gw_a, mut gw_b, gw_c) = std::thread::scope(|s| {
+        let a = s.spawn(|| node("3", "127.0.0.33", "gateway", "0"));
+        let b = s.spawn(|| node("4", "127.0.0.34", "gateway", "0"));
+        let c = s.spawn(|| node("5", "127.0.0.35", "gateway", "0"));
+        (a.join().unwrap(), b.join().unwrap(), c.join().unwrap())
+    });
+    wait_for("every shard linked", Duration::from_secs(20), || {
+        let st = coord_status(&coord_admin);
+        let shards = st["shards"].as_array().unwrap();
+        shards.len() == 5 && shards.iter().all(|s| s["linked"] == true)
+    });
+    let entities = || -> u64 {
+        coord_status(&coord_admin)["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["entities"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let mut npcs = 0;
+    wait_for("the NPCs counted", Duration::from_secs(5), || {
+        npcs = entities();
+        npcs > 90
+    });
+    let report_path =
+        std::env::temp_dir().join(format!("tessera-gateways-{}.json", std::process::id()));
+    let fallbacks = format!("{},{}", gw_b.game, gw_c.game);
+    let sim = Guarded::spawn(&[
+        "sim",
+        "--addr",
+        &gw_a.game.to_string(),
+        "--gateways",
+        &fallbacks,
+        "--gateway-timeout",
+        "2",
+        "--clients",
+        "200",
+        "--pattern",
+        "commute",
+        "--duration",
+        "26",
+        "--ramp",
+        "2",
+        "--out",
+        report_path.to_str().unwrap(),
+    ]);
+    wait_for("every bot in the world", Duration::from_secs(15), || {
+        entities() == npcs + 200
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(gw_a.metric("tessera_sessions{"), 200.0);
+    gw_a.child.kill().unwrap();
+    let _ = gw_a.child.wait();
+    let mut seen = Vec::new();
+    let resumed = poll(Duration::from_secs(15), || {
+        let on_b = gw_b.metric("tessera_sessions{");
+        seen.push((entities(), on_b));
+        on_b == 200.0
+    });
+    assert!(
+        resumed,
+        "every bot resumed at B: (entities, sessions on B) over time {seen:?}\nB: {}",
+        gw_b.log_text()
+    );
+    // One avatar per bot: taken back, not doubled. (An entity crossing
+    // between nodes is counted by neither for a moment: poll, and keep the
+    // most seen.)
+    let mut most = 0;
+    let one_each = |most: &mut u64| {
+        poll(Duration::from_secs(5), || {
+            let n = entities();
+            *most = (*most).max(n);
+            n == npcs + 200
+        })
+    };
+    let during = one_each(&mut most);
+    std::thread::sleep(Duration::from_secs(2));
+    gw_b.signal(libc::SIGTERM);
+    let status = gw_b.wait_exit(Duration::from_secs(15));
+    assert!(
+        status.success(),
+        "B after SIGTERM: {status:?}\n{}",
+        gw_b.log_text()
+    );
+    let moved = poll(Duration::from_secs(10), || {
+        gw_c.metric("tessera_sessions{") == 200.0
+    });
+    let after_drain = one_each(&mut most);
+    let (sim_ok, sim_text) = sim.finish(Duration::from_secs(90));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap_or_default())
+            .unwrap_or_default();
+    let _ = std::fs::remove_file(&report_path);
+    let summary = format!(
+        "{sim_text}\nC: {}\nnode 1: {}\nnode 2: {}",
+        gw_c.log_text(),
+        a_node.log_text(),
+        b_node.log_text()
+    );
+    println!(
+        "gateways: {} bots lost A and resumed at B, {} told by B to move resumed at C; resume p50 {} ms, p99 {} ms; longest client-visible gap {} ticks",
+        value(&report, "gateways_lost"),
+        value(&report, "told_to_move"),
+        value(&report, "resume_ms_p50"),
+        value(&report, "resume_ms_p99"),
+        value(&report, "longest_gap_ticks"),
+    );
+    assert!(sim_ok, "sim failed: {summary}");
+    assert!(moved, "every bot moved to C\n{summary}");
+    assert!(during, "one avatar per bot after A's loss\n{summary}");
+    assert!(after_drain, "one avatar per bot after B's drain\n{summary}");
+    assert_eq!(
+        most,
+        npcs + 200,
+        "never more than one avatar per bot\n{summary}"
+    );
+    assert_eq!(value(&report, "clients_joined"), 200.0, "{summary}");
+    assert_eq!(value(&report, "clients_failed"), 0.0, "{summary}");
+    assert_eq!(value(&report, "gateways_lost"), 200.0, "{summary}");
+    assert_eq!(value(&report, "told_to_move"), 200.0, "{summary}");
+    assert_eq!(value(&report, "resumed"), 400.0, "{summary}");
+    assert_eq!(value(&report, "resume_failed"), 0.0, "{summary}");
+    assert_eq!(value(&report, "resume_wrong_entity"), 0.0, "{summary}");
+    assert_eq!(value(&report, "bad_frames"), 0.0, "{summary}");
+    // Inputs sent again after a resume are applied once (the server skips
+    // what it had); the ones A took with it come back that way.
+    assert!(
+        value(&report, "inputs_unconfirmed") <= value(&report, "inputs_sent") / 100.0,
+        "{summary}"
+    );
+    let mut last = 0;
+    let left = poll(Duration::from_secs(15), || {
+        last = entities();
+        last == npcs
+    });
+    assert!(
+        left,
+        "after the bots left: {last} entities, want {npcs}\n{summary}"
+    );
+}

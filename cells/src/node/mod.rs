@@ -345,6 +345,36 @@ impl<G: GameLogic> NodeCore<G> {
         self.route_pending();
     }
 
+    /// The key of the resume credentials this shard's sessions mint (the
+    /// driver passes fresh randomness once, at start).
+    pub fn set_session_secret(&mut self, k0: u64, k1: u64) {
+        self.sessions.set_secret(k0, k1);
+    }
+
+    /// The cluster's other gateways ("host:port"), where this shard's
+    /// clients resume if it is lost: sent to each client at its welcome,
+    /// and to every joined client when the list changes.
+    pub fn set_gateways(&mut self, gateways: Vec<String>) {
+        let mut sink = SessionSink {
+            cells: &mut self.to_route,
+            outputs: &mut self.outputs,
+        };
+        self.sessions.set_gateways::<G>(&mut sink, gateways);
+    }
+
+    /// This shard's gateway drains: each session is told to resume at
+    /// another gateway, and its close (the client's, or the driver's after
+    /// a grace) leaves the avatar in the world for that resume. Returns the
+    /// sessions told (0 when no other gateway is known: then closing makes
+    /// the avatars leave, as before).
+    pub fn hand_off_sessions(&mut self) -> usize {
+        let mut sink = SessionSink {
+            cells: &mut self.to_route,
+            outputs: &mut self.outputs,
+        };
+        self.sessions.hand_off::<G>(&mut sink)
+    }
+
     /// A session's connection closed (either side, or a timeout): its avatar
     /// leaves the world.
     pub fn handle_disconnected(&mut self, connection: ConnectionKey) {

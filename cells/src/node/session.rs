@@ -52,6 +52,13 @@ pub struct SessionCounters {
     pub snapshot_bytes: u64,
     /// Frames for a client whose session is gone.
     pub frames_for_gone_clients: u64,
+    /// Resumes forwarded (a client taking back its avatar after losing
+    /// its gateway).
+    pub resumes: u64,
+    /// Resumes the avatar's cell refused.
+    pub resumes_refused: u64,
+    /// Sessions told to resume at another gateway (this one drains).
+    pub handed_off: u64,
 }
 
 struct Session {
@@ -60,6 +67,8 @@ struct Session {
     route: Option<CellId>,
     route_tick: u64,
     join_requested: bool,
+    /// Told to resume elsewhere: its close leaves the avatar in the world.
+    handed_off: bool,
 }
 
 /// The sessions of one shard.
@@ -71,6 +80,10 @@ pub struct Sessions {
     fbb: FlatBufferBuilder<'static>,
     counters: SessionCounters,
     refused: FrameErrorCounts,
+    /// Key of the resume credentials this gateway mints.
+    secret: (u64, u64),
+    /// The cluster's other gateways, for clients to resume at.
+    gateways: Vec<String>,
 }
 
 /// Where a session's work goes: cell messages to route, frames to send.
@@ -90,7 +103,92 @@ impl Sessions {
             fbb: FlatBufferBuilder::with_capacity(256),
             counters: SessionCounters::default(),
             refused: FrameErrorCounts::default(),
+            secret: (
+                0x7465_7373_6572_6131,
+                u64::from(me.node) << 16 | u64::from(me.shard),
+            ),
+            gateways: Vec::new(),
         }
+    }
+
+    /// The key of the resume credentials minted from now on (the driver
+    /// passes fresh randomness at start; the default is fixed, for
+    /// deterministic simulations).
+    pub fn set_secret(&mut self, k0: u64, k1: u64) {
+        self.secret = (k0, k1);
+    }
+
+    /// A new avatar's resume credential: a keyed hash of its session's
+    /// client id, never 0.
+    fn credential(&self, client: ClientId) -> u64 {
+        use std::hash::Hasher;
+        let mut h = siphasher::sip::SipHasher13::new_with_keys(self.secret.0, self.secret.1);
+        h.write_u64(client.0);
+        h.finish().max(1)
+    }
+
+    /// The cluster's other gateways changed: joined clients learn the new
+    /// list (where to resume if this gateway is lost).
+    pub(crate) fn set_gateways<G: GameLogic>(
+        &mut self,
+        sink: &mut SessionSink<'_, G>,
+        mut gateways: Vec<String>,
+    ) {
+        gateways.truncate(srv::GATEWAYS_MAX);
+        if gateways == self.gateways {
+            return;
+        }
+        self.gateways = gateways;
+        if self.gateways.is_empty() {
+            return;
+        }
+        let mut joined: Vec<ConnectionKey> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.entity.is_some())
+            .map(|(c, _)| *c)
+            .collect();
+        joined.sort_unstable();
+        let msg = ServerMessage::Gateways {
+            addresses: self.gateways.clone(),
+            now: false,
+        };
+        for connection in joined {
+            self.reply(sink, connection, &msg, Channel::Reliable);
+        }
+    }
+
+    /// This gateway drains: every session is told to resume at another
+    /// gateway (spread over them) and its close will leave the avatar in
+    /// the world for the resume. Returns the sessions told; 0 when no other
+    /// gateway is known (then closing them makes their avatars leave).
+    pub(crate) fn hand_off<G: GameLogic>(&mut self, sink: &mut SessionSink<'_, G>) -> usize {
+        if self.gateways.is_empty() {
+            return 0;
+        }
+        let mut all: Vec<ConnectionKey> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| !s.handed_off)
+            .map(|(c, _)| *c)
+            .collect();
+        all.sort_unstable();
+        let n = self.gateways.len();
+        for (i, connection) in all.iter().enumerate() {
+            if let Some(s) = self.sessions.get_mut(connection) {
+                s.handed_off = true;
+            }
+            let mut addresses = self.gateways.clone();
+            addresses.rotate_left(i % n);
+            let msg = ServerMessage::Gateways {
+                addresses,
+                now: true,
+            };
+            self.reply(sink, *connection, &msg, Channel::Reliable);
+        }
+        self.counters.handed_off += all.len() as u64;
+        tracing::info!(shard = %self.me, sessions = all.len(), gateways = n, "sessions told to resume at another gateway");
+        all.len()
     }
 
     /// The counters.
@@ -124,6 +222,7 @@ impl Sessions {
                 route: None,
                 route_tick: 0,
                 join_requested: false,
+                handed_off: false,
             },
         );
         self.by_client.insert(client, connection);
@@ -142,7 +241,12 @@ impl Sessions {
         };
         self.by_client.remove(&s.client);
         self.counters.sessions_closed += 1;
-        tracing::debug!(shard = %self.me, client = %s.client, "session closed");
+        tracing::debug!(shard = %self.me, client = %s.client, handed_off = s.handed_off, "session closed");
+        if s.handed_off {
+            // Its client resumes elsewhere; an avatar never taken back
+            // leaves after the world's linger time.
+            return;
+        }
         if let (Some(entity), Some(route)) = (s.entity, s.route) {
             self.counters.leaves += 1;
             cells.push(leave(route, s.client, entity));
@@ -224,8 +328,57 @@ impl Sessions {
                 session.route = Some(cell);
                 self.counters.joins += 1;
                 tracing::info!(shard = %self.me, %client, %cell, name = %name, "join");
-                sink.cells
-                    .push(to_cell(cell, CellMessage::Join { client, name, pos }));
+                let resume_key = self.credential(client);
+                sink.cells.push(to_cell(
+                    cell,
+                    CellMessage::Join {
+                        client,
+                        name,
+                        pos,
+                        resume_key,
+                    },
+                ));
+            }
+            ClientMessage::Resume {
+                entity,
+                key,
+                position,
+            } => {
+                if session.join_requested {
+                    self.counters.already_joined += 1;
+                    self.error(sink, connection, ErrorCode::AlreadyJoined, "already joined");
+                    return;
+                }
+                // Positions travel in centimetres: one on the world's far
+                // edge rounds onto it, outside. The nearest inside will do.
+                let at = layout
+                    .geometry()
+                    .world_rect()
+                    .clamp(crate::geometry::Vec2::new(position[0], position[1]));
+                let Some(cell) = layout.leaf_at(at) else {
+                    self.error(
+                        sink,
+                        connection,
+                        ErrorCode::ResumeRefused,
+                        "the position is outside the world",
+                    );
+                    return;
+                };
+                session.join_requested = true;
+                session.route = Some(cell);
+                self.counters.resumes += 1;
+                let entity = EntityId(entity);
+                tracing::info!(shard = %self.me, %client, %entity, %cell, "resume");
+                sink.cells.push(to_cell(
+                    cell,
+                    CellMessage::Resume {
+                        client,
+                        entity,
+                        key,
+                        hops: 0,
+                        after: TickId(0),
+                    },
+                ));
             }
             ClientMessage::Input(input) => match joined {
                 Some((entity, route)) => {
@@ -296,10 +449,12 @@ impl Sessions {
             s.route = Some(out.cell);
             s.route_tick = out.tick.0;
         }
+        let mut welcome = false;
         let channel = match out.kind {
             ClientOutputKind::Welcome => {
                 s.entity = Some(out.entity);
                 self.counters.welcomes += 1;
+                welcome = true;
                 tracing::info!(shard = %self.me, client = %out.client, entity = %out.entity, cell = %out.cell, tick = out.tick.0, "welcome");
                 Channel::Reliable
             }
@@ -308,12 +463,27 @@ impl Sessions {
                 self.counters.snapshot_bytes += out.bytes.len() as u64;
                 Channel::Snapshots
             }
+            ClientOutputKind::Refused => {
+                // The session may join afresh.
+                s.join_requested = false;
+                s.entity = None;
+                s.route = None;
+                self.counters.resumes_refused += 1;
+                Channel::Reliable
+            }
         };
         sink.outputs.push_back(NodeOutput::Client {
             connection,
             channel,
             bytes: out.bytes,
         });
+        if welcome && !self.gateways.is_empty() {
+            let msg = ServerMessage::Gateways {
+                addresses: self.gateways.clone(),
+                now: false,
+            };
+            self.reply(sink, connection, &msg, Channel::Reliable);
+        }
     }
 }
 

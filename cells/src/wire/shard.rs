@@ -171,6 +171,7 @@ impl BundleWriter {
                         kind: match out.kind {
                             ClientOutputKind::Welcome => 0,
                             ClientOutputKind::Snapshot => 1,
+                            ClientOutputKind::Refused => 2,
                         },
                         bytes: Some(bytes),
                     },
@@ -480,6 +481,7 @@ fn frame_in<G: GameLogic>(
             kind: match m.kind() {
                 0 => ClientOutputKind::Welcome,
                 1 => ClientOutputKind::Snapshot,
+                2 => ClientOutputKind::Refused,
                 _ => return Err(FrameError::BadValue("client.kind")),
             },
             bytes: m.bytes().bytes().to_vec(),

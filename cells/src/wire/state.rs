@@ -237,6 +237,8 @@ pub(crate) fn entity_out<'a, G: GameLogic>(
             view,
             interests: Some(interests),
             subscribers: Some(subscribers),
+            resume_key: e.resume_key,
+            heard: e.heard.0,
         },
     )
 }
@@ -262,6 +264,8 @@ pub(crate) fn entity_in<G: GameLogic>(
         heading: finite(r.heading(), "entity.heading")?,
         version: r.version(),
         client: r.client().map(ClientId),
+        resume_key: r.resume_key(),
+        heard: TickId(r.heard()),
         last_input_seq: r.last_input_seq(),
         pending_inputs,
         game,
@@ -575,7 +579,12 @@ pub(crate) fn cell_msg_out<'a, G: GameLogic>(
     WIPOffset<tessera_schema::flatbuffers::UnionWIPOffset>,
 ) {
     match msg {
-        CellMessage::Join { client, name, pos } => {
+        CellMessage::Join {
+            client,
+            name,
+            pos,
+            resume_key,
+        } => {
             let name = fbb.create_string(name);
             let t = wire::JoinMsg::create(
                 fbb,
@@ -583,6 +592,7 @@ pub(crate) fn cell_msg_out<'a, G: GameLogic>(
                     client: client.0,
                     name: Some(name),
                     pos: Some(&vec_out(*pos)),
+                    resume_key: *resume_key,
                 },
             );
             (wire::CellMsg::JoinMsg, t.as_union_value())
@@ -642,6 +652,25 @@ pub(crate) fn cell_msg_out<'a, G: GameLogic>(
                 },
             );
             (wire::CellMsg::LeaveMsg, t.as_union_value())
+        }
+        CellMessage::Resume {
+            client,
+            entity,
+            key,
+            hops,
+            after,
+        } => {
+            let t = wire::ResumeMsg::create(
+                fbb,
+                &wire::ResumeMsgArgs {
+                    client: client.0,
+                    entity: entity.0,
+                    key: *key,
+                    hops: *hops,
+                    after: after.0,
+                },
+            );
+            (wire::CellMsg::ResumeMsg, t.as_union_value())
         }
         CellMessage::Ghost(update) => {
             let entries = ghost_entries_out(fbb, &update.entries);
@@ -730,6 +759,7 @@ pub(crate) struct CellMsgParts<'a> {
     pub(crate) transfer: Option<wire::TransferMsg<'a>>,
     pub(crate) intent: Option<wire::IntentMsg<'a>>,
     pub(crate) subscribe: Option<wire::SubscribeMsg<'a>>,
+    pub(crate) resume: Option<wire::ResumeMsg<'a>>,
 }
 
 /// The parts of any table holding a `msg: CellMsg` union.
@@ -746,6 +776,7 @@ macro_rules! cell_msg_parts {
             transfer: rec.msg_as_transfer_msg(),
             intent: rec.msg_as_intent_msg(),
             subscribe: rec.msg_as_subscribe_msg(),
+            resume: rec.msg_as_resume_msg(),
         }
     }};
 }
@@ -762,6 +793,16 @@ pub(crate) fn cell_msg_in<G: GameLogic>(p: CellMsgParts<'_>) -> Result<Msg<G>, F
             client: ClientId(m.client()),
             name: m.name().to_string(),
             pos: vec_in(need(m.pos(), "join.pos")?, "join.pos")?,
+            resume_key: m.resume_key(),
+        });
+    }
+    if let Some(m) = p.resume {
+        return Ok(CellMessage::Resume {
+            client: ClientId(m.client()),
+            entity: EntityId(m.entity()),
+            key: m.key(),
+            hops: m.hops(),
+            after: TickId(m.after()),
         });
     }
     if let Some(m) = p.input {
@@ -886,6 +927,9 @@ fn counters_out(c: &CellCounters) -> wire::CellCountersRec {
         c.subscriptions_dropped,
         c.transfers_resent_known,
         c.transfers_resent_taken,
+        c.resumes,
+        c.resumes_refused,
+        c.players_lingered_out,
     )
 }
 
@@ -917,6 +961,9 @@ fn counters_in(c: &wire::CellCountersRec) -> CellCounters {
         subscriptions_dropped: c.subscriptions_dropped(),
         transfers_resent_known: c.transfers_resent_known(),
         transfers_resent_taken: c.transfers_resent_taken(),
+        resumes: c.resumes(),
+        resumes_refused: c.resumes_refused(),
+        players_lingered_out: c.players_lingered_out(),
     }
 }
 

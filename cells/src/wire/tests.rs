@@ -51,6 +51,7 @@ fn busy_world(ticks: u64, seed: u64) -> (ShardWorld<DemoGame>, Vec<Envelope<Demo
                 client: ClientId(i + 1),
                 name: format!("p{i}"),
                 pos,
+                resume_key: i + 7,
             },
         });
     }
@@ -366,6 +367,42 @@ fn small_peer_messages_and_client_frames_cross() {
     ));
     match &out[3].1 {
         ShardMsg::Client(o) => assert_eq!(o.bytes, vec![1, 2, 3]),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn resumes_and_refusals_cross_unchanged() {
+    let cell = CellId::root(0, 1, 1);
+    let resume = CellEnvelope {
+        to: cell,
+        from: cell,
+        msg: CellMessage::Resume {
+            client: ClientId(0x0003_0001_0000_0009),
+            entity: EntityId(42),
+            key: 0xdead_beef_cafe,
+            hops: 2,
+            after: TickId(77),
+        },
+    };
+    let refused = crate::messages::ClientOutput {
+        client: ClientId(5),
+        entity: EntityId(42),
+        cell,
+        tick: TickId(8),
+        kind: crate::messages::ClientOutputKind::Refused,
+        bytes: vec![9, 9],
+    };
+    let out = round_trip(vec![
+        ShardMsg::Cell(resume.clone()),
+        ShardMsg::Client(refused.clone()),
+    ]);
+    match &out[0].1 {
+        ShardMsg::Cell(env) => assert_eq!(env, &resume),
+        other => panic!("{other:?}"),
+    }
+    match &out[1].1 {
+        ShardMsg::Client(o) => assert_eq!(o, &refused),
         other => panic!("{other:?}"),
     }
 }

@@ -213,6 +213,8 @@ struct NodeEntry {
     /// those fail over as from a dead node (its heartbeats are not taken
     /// until they did), and the new incarnation starts empty.
     old_cells: bool,
+    /// Its heartbeats say it drains.
+    draining: bool,
 }
 
 enum AdminInput {
@@ -380,6 +382,8 @@ struct Loop {
     registry_writes: u64,
     /// Nodes whose drain request was refused (logged once).
     drain_refused: std::collections::BTreeSet<u16>,
+    /// Gateways dead or draining, left out of the directory.
+    gateways_out: std::collections::BTreeSet<u16>,
 }
 
 impl Loop {
@@ -422,6 +426,7 @@ impl Loop {
             ignored_as_standby: 0,
             registry_writes: 0,
             drain_refused: std::collections::BTreeSet::new(),
+            gateways_out: std::collections::BTreeSet::new(),
         }
     }
 
@@ -597,6 +602,7 @@ impl Loop {
                         c.tick(now);
                     }
                 }
+                self.watch_gateways();
                 // Often enough that a node's death is seen within a tick
                 // of `dead_after`.
                 next_tick = now + Duration::from_millis(25);
@@ -629,8 +635,31 @@ impl Loop {
         }
     }
 
+    /// Every node, but gateways that are dead or draining: clients learn
+    /// from the directory where to resume, and must not be sent there.
+    /// (Nodes only add what a directory lists, so links are unaffected.)
     fn directory(&self) -> Vec<NodeInfo> {
-        self.nodes.values().map(|n| n.info.clone()).collect()
+        self.nodes
+            .values()
+            .filter(|n| !self.gateways_out.contains(&n.info.node))
+            .map(|n| n.info.clone())
+            .collect()
+    }
+
+    /// Gateways newly dead or draining (or back) change the directory.
+    fn watch_gateways(&mut self) {
+        let out: std::collections::BTreeSet<u16> = self
+            .nodes
+            .values()
+            .filter(|n| n.info.role == NodeRole::Gateway)
+            .filter(|n| n.draining || self.coord.as_ref().is_some_and(|c| c.is_dead(n.info.node)))
+            .map(|n| n.info.node)
+            .collect();
+        if out != self.gateways_out {
+            tracing::info!(out = ?out, "gateways out of service changed: directory updated");
+            self.gateways_out = out;
+            self.directory_version += 1;
+        }
     }
 
     fn event(&mut self, ev: Event, now: Instant) {
@@ -702,6 +731,9 @@ impl Loop {
                 };
                 let leads = self.leads(now);
                 let node = p.node;
+                if let Some(n) = self.nodes.get_mut(&node) {
+                    n.draining |= draining;
+                }
                 // Every heartbeat is answered, so that a node notices a
                 // coordinator process that is gone (or restarted at the
                 // same address) within a second; only the leader's answer
@@ -818,6 +850,7 @@ impl Loop {
                     info,
                     incarnation: r.incarnation,
                     old_cells,
+                    draining: false,
                 },
             );
             self.directory_version += 1;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tessera_cells::node::{NodeCore, ShardMsg};
 use tessera_cells::wire::{
-    decode_bundle, decode_control, encode_control, BundleWriter, ControlMsg, NodeInfo,
+    decode_bundle, decode_control, encode_control, BundleWriter, ControlMsg, NodeInfo, NodeRole,
     Registration, ShardHeader,
 };
 use tessera_cells::{GameLogic, Registry, ShardRef, TickId};
@@ -117,6 +117,19 @@ pub struct ClusterSide {
     lease: tessera_cells::lease::LeaseKeeper,
     /// The leader said it drains this node.
     drain_asked: bool,
+    /// Other gateways in service, as the last directory listed them (the
+    /// coordinator leaves out dead and draining ones).
+    gateways: Vec<String>,
+}
+
+fn gateways_in(me: u16, nodes: &[NodeInfo]) -> Vec<String> {
+    nodes
+        .iter()
+        .filter(|n| n.node != me && n.role != NodeRole::Compute)
+        .filter_map(|n| n.game_addr)
+        .filter(|a| !a.ip().is_unspecified())
+        .map(|a| a.to_string())
+        .collect()
 }
 
 impl ClusterSide {
@@ -150,6 +163,7 @@ impl ClusterSide {
                 .collect(),
             leader_epoch: 0,
             registration,
+            gateways: gateways_in(me.node, &directory),
             directory: directory.into_iter().map(|n| (n.node, n)).collect(),
             links: BTreeMap::new(),
             lease: tessera_cells::lease::LeaseKeeper::new(),
@@ -345,6 +359,12 @@ impl ClusterSide {
     }
 
     /// Sends a heartbeat (numbered: its ack renews this shard's lease);
+    /// The game addresses of the cluster's other gateways in service (for
+    /// clients to resume at if this node is lost), from the last directory.
+    pub fn other_gateways(&self) -> Vec<String> {
+        self.gateways.clone()
+    }
+
     /// `draining` asks the coordinator to move the node's cells away.
     pub fn heartbeat<G: GameLogic>(&mut self, core: &NodeCore<G>, now: Instant, draining: bool) {
         let seq = self.lease.sent(now);
@@ -608,6 +628,7 @@ impl ClusterSide {
                 Some(r)
             }
             ControlMsg::Directory(nodes) => {
+                self.gateways = gateways_in(self.me.node, &nodes);
                 for n in nodes {
                     if self.directory.get(&n.node).is_some_and(|old| {
                         old.cluster_addr != n.cluster_addr || old.incarnation != n.incarnation
@@ -629,6 +650,7 @@ impl ClusterSide {
                     }
                     self.directory.insert(n.node, n);
                 }
+                core.set_gateways(self.other_gateways());
                 None
             }
             ControlMsg::Order(order) => {

@@ -468,7 +468,32 @@ pub fn render(shared: &NodeShared, board: &StatsBoard) -> String {
             let _ = writeln!(o, "tessera_sessions{{shard=\"{i}\"}} {}", s.sessions);
         }
     }
-    let net: [Counter<NodeShardStats>; 6] = [
+    let net: [Counter<NodeShardStats>; 11] = [
+        (
+            "tessera_resumes_requested_total",
+            "Clients taking back their avatar at this gateway after losing theirs.",
+            |s| s.gateway.resumes,
+        ),
+        (
+            "tessera_resumes_total",
+            "Avatars of this shard's cells taken back by a new session.",
+            |s| s.world.counters.resumes,
+        ),
+        (
+            "tessera_resumes_refused_total",
+            "Resumes refused by the avatar's cell (wrong credential, avatar gone).",
+            |s| s.world.counters.resumes_refused,
+        ),
+        (
+            "tessera_sessions_handed_off_total",
+            "Sessions told to resume at another gateway (this one drained).",
+            |s| s.gateway.handed_off,
+        ),
+        (
+            "tessera_players_lingered_out_total",
+            "Avatars removed after their client stayed silent for the linger time (session lost, never resumed).",
+            |s| s.world.counters.players_lingered_out,
+        ),
         (
             "tessera_packets_received_total",
             "UDP datagrams received.",

@@ -382,6 +382,15 @@ impl<G: GameLogic> Node<G> {
                 tessera_cells::ids::IdAllocator::prefix_of(me.node, me.shard),
             );
             let mut core = NodeCore::new(me, world, registry);
+            // Resume credentials must not be guessable: keyed from the OS.
+            if let (Ok(k0), Ok(k1)) = (
+                tessera_net::driver::os_seed(),
+                tessera_net::driver::os_seed(),
+            ) {
+                core.set_session_secret(k0, k1);
+            } else {
+                tracing::warn!(shard = %me, "no OS randomness: resume credentials use a fixed key");
+            }
             if sh.clustered {
                 let unix_ms = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)

@@ -39,6 +39,10 @@ use super::shared::{DriverCounters, NodeShardStats, NodeShared};
 /// hears one even if a copy is lost).
 const DISCONNECT_LINGER: Duration = Duration::from_millis(100);
 
+/// How long a draining gateway waits for the clients it told to resume
+/// elsewhere to leave by themselves before it closes the rest.
+const HAND_OFF_GRACE: Duration = Duration::from_secs(2);
+
 /// Lets the socket watcher wait for the loop to drain the socket before it
 /// watches again (a readable socket stays readable until drained).
 #[derive(Default)]
@@ -117,6 +121,9 @@ pub struct NodeShard<G: GameLogic> {
     budget_us: u64,
     counters: DriverCounters,
     linger_until: Option<Instant>,
+    /// When a drain told the sessions to resume at another gateway, and
+    /// whether any was told.
+    handed_off: Option<(Instant, bool)>,
     cluster: Option<ClusterSide>,
     cluster_rearm: Rc<Rearm>,
     next_heartbeat: Instant,
@@ -158,6 +165,7 @@ impl<G: GameLogic> NodeShard<G> {
             budget_us,
             counters: DriverCounters::default(),
             linger_until: None,
+            handed_off: None,
             cluster: None,
             cluster_rearm: Rc::new(Rearm::default()),
             next_heartbeat: Instant::now(),
@@ -175,6 +183,7 @@ impl<G: GameLogic> NodeShard<G> {
     /// Joins the shard to a cluster: messages for other nodes' shards go
     /// over `side`'s links, reports to the coordinator over its link.
     pub fn with_cluster(mut self, side: ClusterSide) -> Self {
+        self.core.borrow_mut().set_gateways(side.other_gateways());
         self.cluster = Some(side);
         self
     }
@@ -434,9 +443,22 @@ impl<G: GameLogic> ShardHandler for NodeShard<G> {
                 cluster.heartbeat(&self.core.borrow(), started, self.shared.is_draining());
             }
             if self.shared.is_draining() {
-                let core = self.core.borrow();
+                let mut core = self.core.borrow_mut();
+                let (since, told) = *self.handed_off.get_or_insert_with(|| {
+                    let told = core.hand_off_sessions();
+                    if told > 0 {
+                        tracing::warn!(shard = %self.shard, sessions = told, "draining: sessions told to resume at another gateway");
+                    }
+                    (started, told > 0)
+                });
+                // Clients leave by themselves once told; the rest are
+                // closed at stop (their avatars stay for the resume).
+                let sessions_gone = !told
+                    || core.sessions().is_empty()
+                    || started.duration_since(since) >= HAND_OFF_GRACE;
                 let me = core.me();
-                let drained = core.world().cell_ids().is_empty()
+                let drained = sessions_gone
+                    && core.world().cell_ids().is_empty()
                     && core.agent().in_progress() == 0
                     && core.held_transfers().next().is_none()
                     && !core
@@ -480,7 +502,11 @@ impl<G: GameLogic> ShardHandler for NodeShard<G> {
     ) {
         let now = Instant::now();
         let sessions = self.core.borrow().sessions().len();
-        self.endpoint.disconnect_all(now, disconnect::SHUTTING_DOWN);
+        let code = match self.handed_off {
+            Some((_, true)) => disconnect::MOVED,
+            _ => disconnect::SHUTTING_DOWN,
+        };
+        self.endpoint.disconnect_all(now, code);
         if let Some(cluster) = &mut self.cluster {
             cluster.close(now);
         }

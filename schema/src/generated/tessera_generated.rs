@@ -281,16 +281,17 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ActionKind {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_CLIENT_MSG: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_CLIENT_MSG: u8 = 5;
+pub const ENUM_MAX_CLIENT_MSG: u8 = 6;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_CLIENT_MSG: [ClientMsg; 6] = [
+pub const ENUM_VALUES_CLIENT_MSG: [ClientMsg; 7] = [
   ClientMsg::NONE,
   ClientMsg::Join,
   ClientMsg::Input,
   ClientMsg::Ack,
   ClientMsg::Ping,
   ClientMsg::Leave,
+  ClientMsg::Resume,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -304,9 +305,10 @@ impl ClientMsg {
   pub const Ack: Self = Self(3);
   pub const Ping: Self = Self(4);
   pub const Leave: Self = Self(5);
+  pub const Resume: Self = Self(6);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 5;
+  pub const ENUM_MAX: u8 = 6;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Join,
@@ -314,6 +316,7 @@ impl ClientMsg {
     Self::Ack,
     Self::Ping,
     Self::Leave,
+    Self::Resume,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -324,6 +327,7 @@ impl ClientMsg {
       Self::Ack => Some("Ack"),
       Self::Ping => Some("Ping"),
       Self::Leave => Some("Leave"),
+      Self::Resume => Some("Resume"),
       _ => None,
     }
   }
@@ -383,16 +387,17 @@ pub struct ClientMsgUnionTableOffset {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ERROR_CODE: u16 = 5;
+pub const ENUM_MAX_ERROR_CODE: u16 = 6;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 6] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 7] = [
   ErrorCode::Unknown,
   ErrorCode::BadFrame,
   ErrorCode::NotJoined,
   ErrorCode::AlreadyJoined,
   ErrorCode::Full,
   ErrorCode::ShuttingDown,
+  ErrorCode::ResumeRefused,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -406,9 +411,10 @@ impl ErrorCode {
   pub const AlreadyJoined: Self = Self(3);
   pub const Full: Self = Self(4);
   pub const ShuttingDown: Self = Self(5);
+  pub const ResumeRefused: Self = Self(6);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 5;
+  pub const ENUM_MAX: u16 = 6;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::Unknown,
     Self::BadFrame,
@@ -416,6 +422,7 @@ impl ErrorCode {
     Self::AlreadyJoined,
     Self::Full,
     Self::ShuttingDown,
+    Self::ResumeRefused,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -426,6 +433,7 @@ impl ErrorCode {
       Self::AlreadyJoined => Some("AlreadyJoined"),
       Self::Full => Some("Full"),
       Self::ShuttingDown => Some("ShuttingDown"),
+      Self::ResumeRefused => Some("ResumeRefused"),
       _ => None,
     }
   }
@@ -483,16 +491,17 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ErrorCode {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_SERVER_MSG: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_SERVER_MSG: u8 = 5;
+pub const ENUM_MAX_SERVER_MSG: u8 = 6;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_SERVER_MSG: [ServerMsg; 6] = [
+pub const ENUM_VALUES_SERVER_MSG: [ServerMsg; 7] = [
   ServerMsg::NONE,
   ServerMsg::Welcome,
   ServerMsg::Snapshot,
   ServerMsg::Event,
   ServerMsg::Pong,
   ServerMsg::Error,
+  ServerMsg::Gateways,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -506,9 +515,10 @@ impl ServerMsg {
   pub const Event: Self = Self(3);
   pub const Pong: Self = Self(4);
   pub const Error: Self = Self(5);
+  pub const Gateways: Self = Self(6);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 5;
+  pub const ENUM_MAX: u8 = 6;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Welcome,
@@ -516,6 +526,7 @@ impl ServerMsg {
     Self::Event,
     Self::Pong,
     Self::Error,
+    Self::Gateways,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -526,6 +537,7 @@ impl ServerMsg {
       Self::Event => Some("Event"),
       Self::Pong => Some("Pong"),
       Self::Error => Some("Error"),
+      Self::Gateways => Some("Gateways"),
       _ => None,
     }
   }
@@ -673,10 +685,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for GhostChangeKind {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_CELL_MSG: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_CELL_MSG: u8 = 8;
+pub const ENUM_MAX_CELL_MSG: u8 = 9;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_CELL_MSG: [CellMsg; 9] = [
+pub const ENUM_VALUES_CELL_MSG: [CellMsg; 10] = [
   CellMsg::NONE,
   CellMsg::JoinMsg,
   CellMsg::InputMsg,
@@ -686,6 +698,7 @@ pub const ENUM_VALUES_CELL_MSG: [CellMsg; 9] = [
   CellMsg::TransferMsg,
   CellMsg::IntentMsg,
   CellMsg::SubscribeMsg,
+  CellMsg::ResumeMsg,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -702,9 +715,10 @@ impl CellMsg {
   pub const TransferMsg: Self = Self(6);
   pub const IntentMsg: Self = Self(7);
   pub const SubscribeMsg: Self = Self(8);
+  pub const ResumeMsg: Self = Self(9);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 8;
+  pub const ENUM_MAX: u8 = 9;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::JoinMsg,
@@ -715,6 +729,7 @@ impl CellMsg {
     Self::TransferMsg,
     Self::IntentMsg,
     Self::SubscribeMsg,
+    Self::ResumeMsg,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -728,6 +743,7 @@ impl CellMsg {
       Self::TransferMsg => Some("TransferMsg"),
       Self::IntentMsg => Some("IntentMsg"),
       Self::SubscribeMsg => Some("SubscribeMsg"),
+      Self::ResumeMsg => Some("ResumeMsg"),
       _ => None,
     }
   }
@@ -4838,10 +4854,10 @@ impl<'a> ForwardRec {
 // struct CellCountersRec, aligned to 8
 #[repr(transparent)]
 #[derive(Clone, Copy, PartialEq)]
-pub struct CellCountersRec(pub [u8; 208]);
+pub struct CellCountersRec(pub [u8; 232]);
 impl Default for CellCountersRec { 
   fn default() -> Self { 
-    Self([0; 208])
+    Self([0; 232])
   }
 }
 impl ::core::fmt::Debug for CellCountersRec {
@@ -4873,6 +4889,9 @@ impl ::core::fmt::Debug for CellCountersRec {
       .field("subscriptions_dropped", &self.subscriptions_dropped())
       .field("transfers_resent_known", &self.transfers_resent_known())
       .field("transfers_resent_taken", &self.transfers_resent_taken())
+      .field("resumes", &self.resumes())
+      .field("resumes_refused", &self.resumes_refused())
+      .field("players_lingered_out", &self.players_lingered_out())
       .finish()
   }
 }
@@ -4943,8 +4962,11 @@ impl<'a> CellCountersRec {
     subscriptions_dropped: u64,
     transfers_resent_known: u64,
     transfers_resent_taken: u64,
+    resumes: u64,
+    resumes_refused: u64,
+    players_lingered_out: u64,
   ) -> Self {
-    let mut s = Self([0; 208]);
+    let mut s = Self([0; 232]);
     s.set_inputs(inputs);
     s.set_inputs_forwarded(inputs_forwarded);
     s.set_inputs_duplicate(inputs_duplicate);
@@ -4971,6 +4993,9 @@ impl<'a> CellCountersRec {
     s.set_subscriptions_dropped(subscriptions_dropped);
     s.set_transfers_resent_known(transfers_resent_known);
     s.set_transfers_resent_taken(transfers_resent_taken);
+    s.set_resumes(resumes);
+    s.set_resumes_refused(resumes_refused);
+    s.set_players_lingered_out(players_lingered_out);
     s
   }
 
@@ -5723,6 +5748,93 @@ impl<'a> CellCountersRec {
       ::core::ptr::copy_nonoverlapping(
         &x_le as *const _ as *const u8,
         self.0[200..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn resumes(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[208..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_resumes(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[208..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn resumes_refused(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[216..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_resumes_refused(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[216..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn players_lingered_out(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[224..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_players_lingered_out(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[224..].as_mut_ptr(),
         ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
       );
     }
@@ -7071,6 +7183,140 @@ impl ::core::fmt::Debug for Leave<'_> {
       ds.finish()
   }
 }
+pub enum ResumeOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Take back an avatar after losing the gateway that hosted it (killed, or
+/// draining with a reconnect hint): the credential is the Welcome's
+/// `resume_key`; `position` is where the client last saw its avatar (the
+/// gateway asks the cell there, which follows the entity if it moved on).
+pub struct Resume<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Resume<'a> {
+  type Inner = Resume<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Resume<'a> {
+  pub const VT_ENTITY: ::flatbuffers::VOffsetT = 4;
+  pub const VT_KEY: ::flatbuffers::VOffsetT = 6;
+  pub const VT_POSITION: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Resume { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ResumeArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Resume<'bldr>> {
+    let mut builder = ResumeBuilder::new(_fbb);
+    builder.add_key(args.key);
+    builder.add_entity(args.entity);
+    if let Some(x) = args.position { builder.add_position(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn entity(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Resume::VT_ENTITY, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn key(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Resume::VT_KEY, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn position(&self) -> Option<&'a QVec2> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<QVec2>(Resume::VT_POSITION, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Resume<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("entity", Self::VT_ENTITY, false)?
+     .visit_field::<u64>("key", Self::VT_KEY, false)?
+     .visit_field::<QVec2>("position", Self::VT_POSITION, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ResumeArgs<'a> {
+    pub entity: u64,
+    pub key: u64,
+    pub position: Option<&'a QVec2>,
+}
+impl<'a> Default for ResumeArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ResumeArgs {
+      entity: 0,
+      key: 0,
+      position: None,
+    }
+  }
+}
+
+pub struct ResumeBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ResumeBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_entity(&mut self, entity: u64) {
+    self.fbb_.push_slot::<u64>(Resume::VT_ENTITY, entity, 0);
+  }
+  #[inline]
+  pub fn add_key(&mut self, key: u64) {
+    self.fbb_.push_slot::<u64>(Resume::VT_KEY, key, 0);
+  }
+  #[inline]
+  pub fn add_position(&mut self, position: &QVec2) {
+    self.fbb_.push_slot_always::<&QVec2>(Resume::VT_POSITION, position);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ResumeBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ResumeBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Resume<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Resume<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Resume");
+      ds.field("entity", &self.entity());
+      ds.field("key", &self.key());
+      ds.field("position", &self.position());
+      ds.finish()
+  }
+}
 pub enum ClientFrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -7195,6 +7441,21 @@ impl<'a> ClientFrame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_resume(&self) -> Option<Resume<'a>> {
+    if self.msg_type() == ClientMsg::Resume {
+      self.msg().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Resume::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for ClientFrame<'_> {
@@ -7210,6 +7471,7 @@ impl ::flatbuffers::Verifiable for ClientFrame<'_> {
           ClientMsg::Ack => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Ack>>("ClientMsg::Ack", pos),
           ClientMsg::Ping => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Ping>>("ClientMsg::Ping", pos),
           ClientMsg::Leave => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Leave>>("ClientMsg::Leave", pos),
+          ClientMsg::Resume => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Resume>>("ClientMsg::Resume", pos),
           _ => Ok(()),
         }
      })?
@@ -7299,6 +7561,13 @@ impl ::core::fmt::Debug for ClientFrame<'_> {
             ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
           }
         },
+        ClientMsg::Resume => {
+          if let Some(x) = self.msg_as_resume() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
         _ => {
           let x: Option<()> = None;
           ds.field("msg", &x)
@@ -7330,6 +7599,7 @@ impl<'a> Welcome<'a> {
   pub const VT_AOI_RADIUS_CM: ::flatbuffers::VOffsetT = 12;
   pub const VT_CELL_SIZE_CM: ::flatbuffers::VOffsetT = 14;
   pub const VT_POSITION: ::flatbuffers::VOffsetT = 16;
+  pub const VT_RESUME_KEY: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -7341,6 +7611,7 @@ impl<'a> Welcome<'a> {
     args: &'args WelcomeArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Welcome<'bldr>> {
     let mut builder = WelcomeBuilder::new(_fbb);
+    builder.add_resume_key(args.resume_key);
     builder.add_tick(args.tick);
     builder.add_entity(args.entity);
     if let Some(x) = args.position { builder.add_position(x); }
@@ -7401,6 +7672,15 @@ impl<'a> Welcome<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<QVec2>(Welcome::VT_POSITION, None)}
   }
+  /// The credential that takes this avatar back through another gateway
+  /// (ClientFrame Resume) if this one is lost.
+  #[inline]
+  pub fn resume_key(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Welcome::VT_RESUME_KEY, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Welcome<'_> {
@@ -7416,6 +7696,7 @@ impl ::flatbuffers::Verifiable for Welcome<'_> {
      .visit_field::<u32>("aoi_radius_cm", Self::VT_AOI_RADIUS_CM, false)?
      .visit_field::<u32>("cell_size_cm", Self::VT_CELL_SIZE_CM, false)?
      .visit_field::<QVec2>("position", Self::VT_POSITION, false)?
+     .visit_field::<u64>("resume_key", Self::VT_RESUME_KEY, false)?
      .finish();
     Ok(())
   }
@@ -7428,6 +7709,7 @@ pub struct WelcomeArgs<'a> {
     pub aoi_radius_cm: u32,
     pub cell_size_cm: u32,
     pub position: Option<&'a QVec2>,
+    pub resume_key: u64,
 }
 impl<'a> Default for WelcomeArgs<'a> {
   #[inline]
@@ -7440,6 +7722,7 @@ impl<'a> Default for WelcomeArgs<'a> {
       aoi_radius_cm: 0,
       cell_size_cm: 0,
       position: None,
+      resume_key: 0,
     }
   }
 }
@@ -7478,6 +7761,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> WelcomeBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<&QVec2>(Welcome::VT_POSITION, position);
   }
   #[inline]
+  pub fn add_resume_key(&mut self, resume_key: u64) {
+    self.fbb_.push_slot::<u64>(Welcome::VT_RESUME_KEY, resume_key, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> WelcomeBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     WelcomeBuilder {
@@ -7502,6 +7789,7 @@ impl ::core::fmt::Debug for Welcome<'_> {
       ds.field("aoi_radius_cm", &self.aoi_radius_cm());
       ds.field("cell_size_cm", &self.cell_size_cm());
       ds.field("position", &self.position());
+      ds.field("resume_key", &self.resume_key());
       ds.finish()
   }
 }
@@ -8078,6 +8366,122 @@ impl ::core::fmt::Debug for Error<'_> {
       ds.finish()
   }
 }
+pub enum GatewaysOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Other gateways of the cluster ("host:port"), where a client resumes if
+/// this one is lost. `now`: this gateway is draining: resume at the first
+/// address right away (the connection closes next).
+pub struct Gateways<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Gateways<'a> {
+  type Inner = Gateways<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Gateways<'a> {
+  pub const VT_ADDRESSES: ::flatbuffers::VOffsetT = 4;
+  pub const VT_NOW: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Gateways { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GatewaysArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Gateways<'bldr>> {
+    let mut builder = GatewaysBuilder::new(_fbb);
+    if let Some(x) = args.addresses { builder.add_addresses(x); }
+    builder.add_now(args.now);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn addresses(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(Gateways::VT_ADDRESSES, None)}
+  }
+  #[inline]
+  pub fn now(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Gateways::VT_NOW, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Gateways<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("addresses", Self::VT_ADDRESSES, false)?
+     .visit_field::<bool>("now", Self::VT_NOW, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GatewaysArgs<'a> {
+    pub addresses: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
+    pub now: bool,
+}
+impl<'a> Default for GatewaysArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    GatewaysArgs {
+      addresses: None,
+      now: false,
+    }
+  }
+}
+
+pub struct GatewaysBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GatewaysBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_addresses(&mut self, addresses: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Gateways::VT_ADDRESSES, addresses);
+  }
+  #[inline]
+  pub fn add_now(&mut self, now: bool) {
+    self.fbb_.push_slot::<bool>(Gateways::VT_NOW, now, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GatewaysBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GatewaysBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Gateways<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Gateways<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Gateways");
+      ds.field("addresses", &self.addresses());
+      ds.field("now", &self.now());
+      ds.finish()
+  }
+}
 pub enum ServerFrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -8202,6 +8606,21 @@ impl<'a> ServerFrame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_gateways(&self) -> Option<Gateways<'a>> {
+    if self.msg_type() == ServerMsg::Gateways {
+      self.msg().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Gateways::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for ServerFrame<'_> {
@@ -8217,6 +8636,7 @@ impl ::flatbuffers::Verifiable for ServerFrame<'_> {
           ServerMsg::Event => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Event>>("ServerMsg::Event", pos),
           ServerMsg::Pong => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Pong>>("ServerMsg::Pong", pos),
           ServerMsg::Error => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Error>>("ServerMsg::Error", pos),
+          ServerMsg::Gateways => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Gateways>>("ServerMsg::Gateways", pos),
           _ => Ok(()),
         }
      })?
@@ -8301,6 +8721,13 @@ impl ::core::fmt::Debug for ServerFrame<'_> {
         },
         ServerMsg::Error => {
           if let Some(x) = self.msg_as_error() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ServerMsg::Gateways => {
+          if let Some(x) = self.msg_as_gateways() {
             ds.field("msg", &x)
           } else {
             ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -8920,6 +9347,8 @@ impl<'a> EntityRec<'a> {
   pub const VT_VIEW: ::flatbuffers::VOffsetT = 24;
   pub const VT_INTERESTS: ::flatbuffers::VOffsetT = 26;
   pub const VT_SUBSCRIBERS: ::flatbuffers::VOffsetT = 28;
+  pub const VT_RESUME_KEY: ::flatbuffers::VOffsetT = 30;
+  pub const VT_HEARD: ::flatbuffers::VOffsetT = 32;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -8931,6 +9360,8 @@ impl<'a> EntityRec<'a> {
     args: &'args EntityRecArgs<'args>
   ) -> ::flatbuffers::WIPOffset<EntityRec<'bldr>> {
     let mut builder = EntityRecBuilder::new(_fbb);
+    builder.add_heard(args.heard);
+    builder.add_resume_key(args.resume_key);
     if let Some(x) = args.client { builder.add_client(x); }
     builder.add_id(args.id);
     if let Some(x) = args.subscribers { builder.add_subscribers(x); }
@@ -9041,6 +9472,22 @@ impl<'a> EntityRec<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, SubscriberRec>>>(EntityRec::VT_SUBSCRIBERS, None)}
   }
+  /// A player's resume credential (0: none).
+  #[inline]
+  pub fn resume_key(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(EntityRec::VT_RESUME_KEY, Some(0)).unwrap()}
+  }
+  /// The tick its client was last heard from (players).
+  #[inline]
+  pub fn heard(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(EntityRec::VT_HEARD, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for EntityRec<'_> {
@@ -9062,6 +9509,8 @@ impl ::flatbuffers::Verifiable for EntityRec<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<ClientViewRec>>("view", Self::VT_VIEW, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, TickStamp>>>("interests", Self::VT_INTERESTS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, SubscriberRec>>>("subscribers", Self::VT_SUBSCRIBERS, false)?
+     .visit_field::<u64>("resume_key", Self::VT_RESUME_KEY, false)?
+     .visit_field::<u64>("heard", Self::VT_HEARD, false)?
      .finish();
     Ok(())
   }
@@ -9080,6 +9529,8 @@ pub struct EntityRecArgs<'a> {
     pub view: Option<::flatbuffers::WIPOffset<ClientViewRec<'a>>>,
     pub interests: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, TickStamp>>>,
     pub subscribers: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, SubscriberRec>>>,
+    pub resume_key: u64,
+    pub heard: u64,
 }
 impl<'a> Default for EntityRecArgs<'a> {
   #[inline]
@@ -9098,6 +9549,8 @@ impl<'a> Default for EntityRecArgs<'a> {
       view: None,
       interests: None,
       subscribers: None,
+      resume_key: 0,
+      heard: 0,
     }
   }
 }
@@ -9160,6 +9613,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> EntityRecBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(EntityRec::VT_SUBSCRIBERS, subscribers);
   }
   #[inline]
+  pub fn add_resume_key(&mut self, resume_key: u64) {
+    self.fbb_.push_slot::<u64>(EntityRec::VT_RESUME_KEY, resume_key, 0);
+  }
+  #[inline]
+  pub fn add_heard(&mut self, heard: u64) {
+    self.fbb_.push_slot::<u64>(EntityRec::VT_HEARD, heard, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> EntityRecBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     EntityRecBuilder {
@@ -9190,6 +9651,8 @@ impl ::core::fmt::Debug for EntityRec<'_> {
       ds.field("view", &self.view());
       ds.field("interests", &self.interests());
       ds.field("subscribers", &self.subscribers());
+      ds.field("resume_key", &self.resume_key());
+      ds.field("heard", &self.heard());
       ds.finish()
   }
 }
@@ -9212,6 +9675,7 @@ impl<'a> JoinMsg<'a> {
   pub const VT_CLIENT: ::flatbuffers::VOffsetT = 4;
   pub const VT_NAME: ::flatbuffers::VOffsetT = 6;
   pub const VT_POS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_RESUME_KEY: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -9223,6 +9687,7 @@ impl<'a> JoinMsg<'a> {
     args: &'args JoinMsgArgs<'args>
   ) -> ::flatbuffers::WIPOffset<JoinMsg<'bldr>> {
     let mut builder = JoinMsgBuilder::new(_fbb);
+    builder.add_resume_key(args.resume_key);
     builder.add_client(args.client);
     if let Some(x) = args.pos { builder.add_pos(x); }
     if let Some(x) = args.name { builder.add_name(x); }
@@ -9251,6 +9716,14 @@ impl<'a> JoinMsg<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<Vec2f>(JoinMsg::VT_POS, None)}
   }
+  /// The avatar's resume credential, chosen by the gateway.
+  #[inline]
+  pub fn resume_key(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(JoinMsg::VT_RESUME_KEY, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for JoinMsg<'_> {
@@ -9262,6 +9735,7 @@ impl ::flatbuffers::Verifiable for JoinMsg<'_> {
      .visit_field::<u64>("client", Self::VT_CLIENT, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, true)?
      .visit_field::<Vec2f>("pos", Self::VT_POS, false)?
+     .visit_field::<u64>("resume_key", Self::VT_RESUME_KEY, false)?
      .finish();
     Ok(())
   }
@@ -9270,6 +9744,7 @@ pub struct JoinMsgArgs<'a> {
     pub client: u64,
     pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub pos: Option<&'a Vec2f>,
+    pub resume_key: u64,
 }
 impl<'a> Default for JoinMsgArgs<'a> {
   #[inline]
@@ -9278,6 +9753,7 @@ impl<'a> Default for JoinMsgArgs<'a> {
       client: 0,
       name: None, // required field
       pos: None,
+      resume_key: 0,
     }
   }
 }
@@ -9298,6 +9774,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> JoinMsgBuilder<'a, 'b, A> {
   #[inline]
   pub fn add_pos(&mut self, pos: &Vec2f) {
     self.fbb_.push_slot_always::<&Vec2f>(JoinMsg::VT_POS, pos);
+  }
+  #[inline]
+  pub fn add_resume_key(&mut self, resume_key: u64) {
+    self.fbb_.push_slot::<u64>(JoinMsg::VT_RESUME_KEY, resume_key, 0);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> JoinMsgBuilder<'a, 'b, A> {
@@ -9321,6 +9801,7 @@ impl ::core::fmt::Debug for JoinMsg<'_> {
       ds.field("client", &self.client());
       ds.field("name", &self.name());
       ds.field("pos", &self.pos());
+      ds.field("resume_key", &self.resume_key());
       ds.finish()
   }
 }
@@ -9795,6 +10276,171 @@ impl ::core::fmt::Debug for LeaveMsg<'_> {
     let mut ds = f.debug_struct("LeaveMsg");
       ds.field("client", &self.client());
       ds.field("entity", &self.entity());
+      ds.field("hops", &self.hops());
+      ds.field("after", &self.after());
+      ds.finish()
+  }
+}
+pub enum ResumeMsgOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// A new session (`client`) takes back `entity` with its credential.
+pub struct ResumeMsg<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ResumeMsg<'a> {
+  type Inner = ResumeMsg<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ResumeMsg<'a> {
+  pub const VT_CLIENT: ::flatbuffers::VOffsetT = 4;
+  pub const VT_ENTITY: ::flatbuffers::VOffsetT = 6;
+  pub const VT_KEY: ::flatbuffers::VOffsetT = 8;
+  pub const VT_HOPS: ::flatbuffers::VOffsetT = 10;
+  pub const VT_AFTER: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ResumeMsg { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ResumeMsgArgs
+  ) -> ::flatbuffers::WIPOffset<ResumeMsg<'bldr>> {
+    let mut builder = ResumeMsgBuilder::new(_fbb);
+    builder.add_after(args.after);
+    builder.add_key(args.key);
+    builder.add_entity(args.entity);
+    builder.add_client(args.client);
+    builder.add_hops(args.hops);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn client(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ResumeMsg::VT_CLIENT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn entity(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ResumeMsg::VT_ENTITY, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn key(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ResumeMsg::VT_KEY, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn hops(&self) -> u8 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u8>(ResumeMsg::VT_HOPS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn after(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ResumeMsg::VT_AFTER, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ResumeMsg<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("client", Self::VT_CLIENT, false)?
+     .visit_field::<u64>("entity", Self::VT_ENTITY, false)?
+     .visit_field::<u64>("key", Self::VT_KEY, false)?
+     .visit_field::<u8>("hops", Self::VT_HOPS, false)?
+     .visit_field::<u64>("after", Self::VT_AFTER, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ResumeMsgArgs {
+    pub client: u64,
+    pub entity: u64,
+    pub key: u64,
+    pub hops: u8,
+    pub after: u64,
+}
+impl<'a> Default for ResumeMsgArgs {
+  #[inline]
+  fn default() -> Self {
+    ResumeMsgArgs {
+      client: 0,
+      entity: 0,
+      key: 0,
+      hops: 0,
+      after: 0,
+    }
+  }
+}
+
+pub struct ResumeMsgBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ResumeMsgBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_client(&mut self, client: u64) {
+    self.fbb_.push_slot::<u64>(ResumeMsg::VT_CLIENT, client, 0);
+  }
+  #[inline]
+  pub fn add_entity(&mut self, entity: u64) {
+    self.fbb_.push_slot::<u64>(ResumeMsg::VT_ENTITY, entity, 0);
+  }
+  #[inline]
+  pub fn add_key(&mut self, key: u64) {
+    self.fbb_.push_slot::<u64>(ResumeMsg::VT_KEY, key, 0);
+  }
+  #[inline]
+  pub fn add_hops(&mut self, hops: u8) {
+    self.fbb_.push_slot::<u8>(ResumeMsg::VT_HOPS, hops, 0);
+  }
+  #[inline]
+  pub fn add_after(&mut self, after: u64) {
+    self.fbb_.push_slot::<u64>(ResumeMsg::VT_AFTER, after, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ResumeMsgBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ResumeMsgBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ResumeMsg<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ResumeMsg<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ResumeMsg");
+      ds.field("client", &self.client());
+      ds.field("entity", &self.entity());
+      ds.field("key", &self.key());
       ds.field("hops", &self.hops());
       ds.field("after", &self.after());
       ds.finish()
@@ -10504,6 +11150,20 @@ impl<'a> CellEnvelopeRec<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_resume_msg(&self) -> Option<ResumeMsg<'a>> {
+    if self.msg_type() == CellMsg::ResumeMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { ResumeMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for CellEnvelopeRec<'_> {
@@ -10524,6 +11184,7 @@ impl ::flatbuffers::Verifiable for CellEnvelopeRec<'_> {
           CellMsg::TransferMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<TransferMsg>>("CellMsg::TransferMsg", pos),
           CellMsg::IntentMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<IntentMsg>>("CellMsg::IntentMsg", pos),
           CellMsg::SubscribeMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SubscribeMsg>>("CellMsg::SubscribeMsg", pos),
+          CellMsg::ResumeMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ResumeMsg>>("CellMsg::ResumeMsg", pos),
           _ => Ok(()),
         }
      })?
@@ -10644,6 +11305,13 @@ impl ::core::fmt::Debug for CellEnvelopeRec<'_> {
         },
         CellMsg::SubscribeMsg => {
           if let Some(x) = self.msg_as_subscribe_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        CellMsg::ResumeMsg => {
+          if let Some(x) = self.msg_as_resume_msg() {
             ds.field("msg", &x)
           } else {
             ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -11454,6 +12122,20 @@ impl<'a> QueuedMsg<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn msg_as_resume_msg(&self) -> Option<ResumeMsg<'a>> {
+    if self.msg_type() == CellMsg::ResumeMsg {
+      let u = self.msg();
+      // Safety:
+      // Created from a valid Table for this object
+      // Which contains a valid union in this slot
+      Some(unsafe { ResumeMsg::init_from_table(u) })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for QueuedMsg<'_> {
@@ -11473,6 +12155,7 @@ impl ::flatbuffers::Verifiable for QueuedMsg<'_> {
           CellMsg::TransferMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<TransferMsg>>("CellMsg::TransferMsg", pos),
           CellMsg::IntentMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<IntentMsg>>("CellMsg::IntentMsg", pos),
           CellMsg::SubscribeMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SubscribeMsg>>("CellMsg::SubscribeMsg", pos),
+          CellMsg::ResumeMsg => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ResumeMsg>>("CellMsg::ResumeMsg", pos),
           _ => Ok(()),
         }
      })?
@@ -11586,6 +12269,13 @@ impl ::core::fmt::Debug for QueuedMsg<'_> {
         },
         CellMsg::SubscribeMsg => {
           if let Some(x) = self.msg_as_subscribe_msg() {
+            ds.field("msg", &x)
+          } else {
+            ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        CellMsg::ResumeMsg => {
+          if let Some(x) = self.msg_as_resume_msg() {
             ds.field("msg", &x)
           } else {
             ds.field("msg", &"InvalidFlatbuffer: Union discriminant does not match value.")
