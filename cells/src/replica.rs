@@ -163,6 +163,9 @@ pub struct ReplicaCounters {
     pub transfers_held: u64,
     /// Transfers sent again after a restore.
     pub transfers_resent: u64,
+    /// Kept transfers too old to send again after a restore (their
+    /// receiver might no longer recognise them).
+    pub transfers_too_old_to_resend: u64,
     /// Cells dropped because the registry gave them (restored from a
     /// replica) to another shard while this one was cut off.
     pub cells_superseded: u64,
@@ -373,18 +376,34 @@ impl<G: GameLogic> ReplicaStore<G> {
         passing: Vec<crate::cell::Retained<G>>,
         counters: &mut ReplicaCounters,
     ) -> Option<ReplicaMsg<G>> {
-        if self.sources.get(&from).is_some_and(|s| s.retired.is_some()) {
-            counters.rounds_ignored += 1;
-            return None;
+        if let Some(retired) = self.sources.get(&from).and_then(|s| s.retired) {
+            // Promoted: what is left serves the promotion's leftovers. Only
+            // a new incarnation of the owner (restarted under its old id)
+            // sends rounds taken after it, and starts with a full one.
+            if !(full && tick > retired) {
+                counters.rounds_ignored += 1;
+                return None;
+            }
+            self.sources.remove(&from);
         }
-        if full && self.sources.get(&from).is_some_and(|s| seq <= s.seq) {
+        // Rounds number from 1 again after the owner restarted, but their
+        // ticks go on (one clock for the cluster): a round is old when both
+        // its number and its tick are.
+        if full
+            && self
+                .sources
+                .get(&from)
+                .is_some_and(|s| seq <= s.seq && tick <= s.tick)
+        {
             // A late or repeated full round must not undo newer state.
             counters.rounds_ignored += 1;
             return None;
         }
         if !full {
             match self.sources.get(&from) {
-                Some(s) if seq <= s.seq => {
+                // Repeated, or a diff of a previous incarnation arriving
+                // after the new one's first round.
+                Some(s) if seq <= s.seq || tick <= s.tick => {
                     counters.rounds_ignored += 1;
                     return None;
                 }
@@ -430,7 +449,9 @@ impl<G: GameLogic> ReplicaStore<G> {
         Some(ReplicaMsg::Ack { from: self.me, seq })
     }
 
-    /// Takes the replica of `cell` held for `from`.
+    /// Takes the replica of `cell` held for `from` (a promoted source's
+    /// leftovers too: a later order may restore one of its cells, a
+    /// handover's target lost with it).
     pub fn take(&mut self, from: ShardRef, cell: CellId) -> Option<Promotion<G>> {
         let s = self.sources.get_mut(&from)?;
         let tick = s.tick;
@@ -485,6 +506,14 @@ impl<G: GameLogic> ReplicaStore<G> {
     /// Keeps only the replicas of these owners.
     pub fn retain_sources(&mut self, keep: impl Fn(ShardRef) -> bool) {
         self.sources.retain(|s, _| keep(*s));
+    }
+
+    /// Forgets what is left of promoted owners that `alive` says run again
+    /// (a new incarnation the registry gives cells): those leftovers are
+    /// older than anything the new incarnation held, never to be restored.
+    pub fn forget_retired(&mut self, alive: impl Fn(ShardRef) -> bool) {
+        self.sources
+            .retain(|s, src| src.retired.is_none() || !alive(*s));
     }
 
     /// A message for a cell this shard holds a replica of and that the

@@ -537,12 +537,12 @@ fn a_draining_node_hands_every_cell_over_and_loses_nothing() {
 /// while cells move: each comes back empty (its entity serials past its
 /// last incarnation's), gets cells again by handover, and may be the next
 /// to crash. Nothing is lost or doubled, and no id is handed out twice.
-/// KNOWN FAILING on 2 of seeds 7000-7019 (7004, 7019: an entity owned
-/// twice after repeated crashes, a kept transfer copy sent again to a shard
-/// that had it): kept to reproduce what is left to fix (issue 12); the
-/// default 6 seeds include 7004.
+/// Found and fixed with it: kept transfer copies older than their
+/// receiver's memory sent again after a restore (7004, 7026), a backup
+/// that ignored a restarted owner's rounds and later promoted what it had
+/// kept of the previous incarnation (7019), a restore's leftovers
+/// outliving the owner's return (7026).
 #[test]
-#[ignore = "known failing on seeds 7004 and 7019 (an entity owned twice after repeated crashes): issue 12"]
 fn restarted_nodes_lose_nothing() {
     for seed in seeds(6) {
         restarts(seed, false);
@@ -552,14 +552,14 @@ fn restarted_nodes_lose_nothing() {
 /// The same with coordinator crashes (its successor starts from the
 /// registry, knowing nothing in flight) and replays of old orders at any
 /// step. KNOWN FAILING, kept to reproduce what is left to fix (issue 12):
-/// seed 7005 (an entity owned twice after a coordinator crash during
-/// restarts), besides the seeds of `restarted_nodes_lose_nothing`. Fixed on the way: replayed promotions (now checked against
-/// the registry), a committed handover whose target a new coordinator has
-/// not heard from (the source now keeps its frozen copy), new backups on
-/// unheard nodes. Run: `cargo test --release -p tessera-coord --test
-/// fault_sim -- --ignored`.
+/// seeds 7000, 7003 and 7005 of 7000-7006 lose entities (their last trace
+/// a ghost) after a coordinator crash during restarts. Fixed on the way:
+/// replayed promotions (now checked against the registry), a committed
+/// handover whose target a new coordinator has not heard from (the source
+/// now keeps its frozen copy), new backups on unheard nodes. Run: `cargo
+/// test --release -p tessera-coord --test fault_sim -- --ignored`.
 #[test]
-#[ignore = "known failing under coordinator crashes + replays (seed 7005): issue 12"]
+#[ignore = "known failing under coordinator crashes + replays (seeds 7000, 7003, 7005: entities lost): issue 12"]
 fn restarted_nodes_coordinator_crashes_and_stale_orders_lose_nothing() {
     let (mut coordinator_crashes, mut replays) = (0, 0);
     for seed in seeds(6) {

@@ -164,6 +164,11 @@ fn mark_resent<C, I>(msg: &mut CellMessage<C, I>) {
     }
 }
 
+/// Ticks a transfer sent again after a restore may take to reach its
+/// receiver (holding for replication, links, queues): older copies are not
+/// sent again (see `resend_kept`).
+const RESEND_TRANSIT_TICKS: u64 = 20;
+
 /// How many ticks apart replication rounds are by default (the state a
 /// node's loss can cost, plus the link's delay).
 pub const REPLICATE_EVERY: u64 = 2;
@@ -585,6 +590,7 @@ impl<G: GameLogic> NodeCore<G> {
             t.resent = true;
             resend.push((r.to, r.to, t));
         }
+        self.leave_out_too_old(&mut resend);
         let n = resend.len();
         for (from_cell, to, t) in resend {
             self.replicator.counters_mut().transfers_resent += 1;
@@ -599,6 +605,28 @@ impl<G: GameLogic> NodeCore<G> {
             );
         }
         n
+    }
+
+    /// A receiver recognises a copy it already had by its forward pointer
+    /// for the entity, which lives `forward_ticks` from the entity's
+    /// departure from it (later than the copy's). A copy too old to arrive
+    /// while that pointer surely lives could bring back an entity that left
+    /// since: it stays home. (A replica's kept copies are not pruned until
+    /// the restored cell ticks.)
+    fn leave_out_too_old(&mut self, resend: &mut Vec<(CellId, CellId, crate::cell::Transfer<G>)>) {
+        let now = self.world.tick_id().0;
+        let horizon = self
+            .world
+            .config()
+            .forward_ticks
+            .saturating_sub(RESEND_TRANSIT_TICKS);
+        let before = resend.len();
+        resend.retain(|(_, _, t)| t.departed.0.saturating_add(horizon) >= now);
+        let dropped = before - resend.len();
+        if dropped > 0 {
+            self.replicator.counters_mut().transfers_too_old_to_resend += dropped as u64;
+            tracing::info!(shard = %self.me, tick = now, dropped, "kept transfers too old to send again: left out");
+        }
     }
 
     fn release_held(&mut self) {
@@ -714,6 +742,7 @@ impl<G: GameLogic> NodeCore<G> {
                 }
             }
         }
+        self.leave_out_too_old(&mut resend);
         for (from_cell, to, t) in resend {
             self.replicator.counters_mut().transfers_resent += 1;
             self.send_transfer(CellEnvelope {
@@ -778,6 +807,8 @@ impl<G: GameLogic> NodeCore<G> {
         let me = self.me;
         self.replicas
             .retain_sources(|s| registry.backup_of(s).is_none_or(|b| b == me));
+        let owners: BTreeSet<ShardRef> = registry.iter().map(|(_, a)| a.owner).collect();
+        self.replicas.forget_retired(|s| owners.contains(&s));
         self.release_held();
     }
 

@@ -314,6 +314,11 @@ fn render_replica(o: &mut String, node_id: u16, node: &[Option<super::NodeShardS
             |c| c.transfers_resent,
         ),
         (
+            "tessera_replica_transfers_too_old_to_resend_total",
+            "Kept transfers left out of a resend after a loss: older than their receiver's memory of them.",
+            |c| c.transfers_too_old_to_resend,
+        ),
+        (
             "tessera_replica_cells_superseded_total",
             "Cells dropped because they were restored elsewhere while this shard was cut off.",
             |c| c.cells_superseded,
