@@ -203,6 +203,8 @@ pub struct Coordinator {
     registry: Registry,
     policy: Policy,
     moves: BTreeMap<HandoverId, MoveOp>,
+    /// Cells pinned at the admin epoch by an operator.
+    pinned: BTreeSet<CellId>,
     reshapes: BTreeMap<u64, ReshapeOp>,
     /// Merges waiting for their children to be gathered on one shard: the
     /// cause, and when to give up.
@@ -244,10 +246,17 @@ impl Coordinator {
     pub fn taking_over(mut registry: Registry, policy: Policy, epoch: u32) -> Self {
         let incarnation = registry.raise_cluster_epoch(epoch);
         let policy_shards = policy.shards;
+        // A successor taking over the registry keeps the pins.
+        let pinned = registry
+            .iter()
+            .filter(|(_, a)| a.epoch == crate::ADMIN_EPOCH)
+            .map(|(c, _)| c)
+            .collect();
         Self {
             registry,
             policy,
             moves: BTreeMap::new(),
+            pinned,
             reshapes: BTreeMap::new(),
             gathering: BTreeMap::new(),
             next_id: (u64::from(incarnation) << 32) | 1,
@@ -391,7 +400,11 @@ impl Coordinator {
         let Some((id, m, source_backup)) = self.reclaimable.remove(&cell) else {
             return;
         };
-        let epoch = self.registry.get(m.cell).map_or(m.epoch, |a| a.epoch) + 1;
+        let epoch = self
+            .registry
+            .get(m.cell)
+            .map_or(m.epoch, |a| a.epoch)
+            .saturating_add(1);
         let source_lost = self.is_dead(m.from.node);
         let to = match (source_lost, source_backup) {
             (false, _) => m.from,
@@ -538,6 +551,12 @@ impl Coordinator {
                 why: "is already on that shard",
             });
         }
+        if self.pinned_near(cell) {
+            return Err(CommandError::Busy {
+                cell,
+                why: "is pinned at the admin epoch",
+            });
+        }
         if self.busy(cell) {
             return Err(CommandError::Busy {
                 cell,
@@ -559,6 +578,12 @@ impl Coordinator {
                 self.policy.max_depth
             )));
         }
+        if self.pinned_near(cell) {
+            return Err(CommandError::Busy {
+                cell,
+                why: "is pinned at the admin epoch",
+            });
+        }
         if self.busy(cell) {
             return Err(CommandError::Busy {
                 cell,
@@ -572,7 +597,71 @@ impl Coordinator {
     /// shards are first gathered on the shard that has most of them; the
     /// merge follows by itself once they are there (0 is returned then).
     pub fn command_merge(&mut self, now: Instant, parent: CellId) -> Result<u64, CommandError> {
+        if self.pinned_near(parent) {
+            return Err(CommandError::Busy {
+                cell: parent,
+                why: "has a part pinned at the admin epoch",
+            });
+        }
         self.start_merge(now, parent, "operator")
+    }
+
+    /// Operator override, seed 002's admin epoch: `cell` stays with its
+    /// current owner at [`crate::ADMIN_EPOCH`] (`u32::MAX`), above any epoch
+    /// anyone can hold. A handover of it not yet committed is aborted;
+    /// every other shard still holding a copy drops it (a newer epoch names
+    /// someone else); the balancer never moves, splits or merges it again,
+    /// nor do operator commands; it still fails over if its node dies (at
+    /// the same epoch: it cannot go higher). For a cell that flaps or that
+    /// two shards claim. Returns the owner it is pinned to.
+    pub fn command_pin(&mut self, now: Instant, cell: CellId) -> Result<ShardRef, CommandError> {
+        let a = self
+            .registry
+            .get(cell)
+            .ok_or(CommandError::UnknownCell(cell))?;
+        if a.epoch == crate::ADMIN_EPOCH {
+            return Err(CommandError::Busy {
+                cell,
+                why: "is already pinned at the admin epoch",
+            });
+        }
+        let overlaps =
+            |other: CellId| other == cell || other.contains_cell(cell) || cell.contains_cell(other);
+        if self.reshapes.values().any(|r| overlaps(r.cell))
+            || self.gathering.keys().any(|p| overlaps(*p))
+        {
+            return Err(CommandError::Busy {
+                cell,
+                why: "is being split or merged: try again in a moment",
+            });
+        }
+        if let Some((&id, m)) = self.moves.iter().find(|(_, m)| m.cell == cell) {
+            if m.committed.is_some() {
+                return Err(CommandError::Busy {
+                    cell,
+                    why: "is committing a handover: try again in a moment",
+                });
+            }
+            self.abort(now, id, AbortReason::Superseded);
+        }
+        self.registry
+            .reassign(cell, a.owner, crate::ADMIN_EPOCH)
+            .map_err(|e| CommandError::Impossible(e.to_string()))?;
+        self.pinned.insert(cell);
+        self.note(format!(
+            "ADMIN EPOCH: {cell} pinned to {} at epoch {} (was {}): every other claim is overridden",
+            a.owner,
+            crate::ADMIN_EPOCH,
+            a.epoch
+        ));
+        Ok(a.owner)
+    }
+
+    /// True if `cell`, a part of it or a cell containing it is pinned.
+    fn pinned_near(&self, cell: CellId) -> bool {
+        self.pinned
+            .iter()
+            .any(|p| *p == cell || p.contains_cell(cell) || cell.contains_cell(*p))
     }
 
     fn start_move(
@@ -825,7 +914,7 @@ impl Coordinator {
             self.counters.stale_events += 1;
             return;
         }
-        let epoch = m.epoch + 1;
+        let epoch = m.epoch.saturating_add(1);
         let to = m.to;
         match self.registry.reassign(cell, to, epoch) {
             Ok(()) => {
@@ -923,7 +1012,11 @@ impl Coordinator {
         let Some(owner) = self.reshape_owner(op, shard, &[parent]) else {
             return;
         };
-        let epoch = self.registry.get(parent).map_or(1, |a| a.epoch) + 1;
+        let epoch = self
+            .registry
+            .get(parent)
+            .map_or(1, |a| a.epoch)
+            .saturating_add(1);
         let mut layout = (**self.registry.layout()).clone();
         let Ok(children) = layout.split(parent) else {
             self.note(format!("split {op} of {parent}: the layout refused it"));
@@ -996,7 +1089,7 @@ impl Coordinator {
             Some(current) => Order::Commit {
                 id,
                 cell,
-                epoch: current.max(epoch + 1),
+                epoch: current.max(epoch.saturating_add(1)),
             },
             None => Order::Abort {
                 id,
@@ -1121,7 +1214,8 @@ impl Coordinator {
     }
 
     fn cooling(&self, cell: CellId, now: Instant) -> bool {
-        self.cooldown.get(&cell).is_some_and(|t| *t > now)
+        // A pinned cell (and what contains it) is never reshaped or moved.
+        self.cooldown.get(&cell).is_some_and(|t| *t > now) || self.pinned_near(cell)
     }
 
     /// Node liveness (detection, recovery), timeouts, then (if automatic)
@@ -1419,6 +1513,61 @@ mod tests {
 
     fn orders(c: &mut Coordinator) -> Vec<(ShardRef, Order)> {
         std::iter::from_fn(|| c.poll_order()).collect()
+    }
+
+    #[test]
+    fn a_pinned_cell_overrides_a_handover_in_flight_and_never_moves_again() {
+        let (mut c, now) = coordinator(false, &[]);
+        let left = CellId::root(0, 0, 0);
+        let id = c.command_move(now, left, shard(1)).unwrap();
+        let _ = orders(&mut c);
+        let before = c.registry().version();
+        assert_eq!(c.command_pin(now, left), Ok(shard(0)));
+        let a = c.registry().get(left).unwrap();
+        assert_eq!((a.owner, a.epoch), (shard(0), crate::ADMIN_EPOCH));
+        assert!(c.registry().version() > before, "published");
+        // The handover it overrode is aborted on both sides.
+        let sent = orders(&mut c);
+        assert_eq!(sent.len(), 2, "{sent:?}");
+        assert!(sent.iter().all(|(_, o)| matches!(o, Order::Abort { id: i, reason: AbortReason::Superseded, .. } if *i == id)));
+        // Nothing moves, splits or merges it any more, and pinning twice says so.
+        for e in [
+            c.command_move(now, left, shard(1)).map(|_| ()),
+            c.command_split(now, left).map(|_| ()),
+            c.command_pin(now, left).map(|_| ()),
+        ] {
+            assert!(matches!(e, Err(CommandError::Busy { .. })), "{e:?}");
+        }
+        // A successor taking over the registry keeps the pin.
+        let mut next = Coordinator::new(c.registry().clone(), c.policy().clone());
+        assert!(matches!(
+            next.command_move(now, left, shard(1)),
+            Err(CommandError::Busy {
+                why: "is pinned at the admin epoch",
+                ..
+            })
+        ));
+        assert!(matches!(
+            next.command_pin(now, CellId::root(0, 5, 5)),
+            Err(CommandError::UnknownCell(_))
+        ));
+    }
+
+    #[test]
+    fn a_committing_handover_is_not_pinned_over() {
+        let (mut c, now) = coordinator(false, &[]);
+        let left = CellId::root(0, 0, 0);
+        let id = c.command_move(now, left, shard(1)).unwrap();
+        if let Some(m) = c.moves.get_mut(&id) {
+            m.committed = Some((now, 2));
+        }
+        assert!(matches!(
+            c.command_pin(now, left),
+            Err(CommandError::Busy {
+                why: "is committing a handover: try again in a moment",
+                ..
+            })
+        ));
     }
 
     #[test]

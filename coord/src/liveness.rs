@@ -271,7 +271,8 @@ impl Coordinator {
                 .collect();
             let mut promoted = Vec::with_capacity(cells.len());
             for (cell, epoch) in cells {
-                let epoch = epoch + 1;
+                // Saturating: a cell pinned at the admin epoch fails over at it.
+                let epoch = epoch.saturating_add(1);
                 match self.registry_mut().reassign(cell, to, epoch) {
                     Ok(()) => promoted.push((cell, epoch)),
                     Err(e) => self.note(format!("recovery of {cell}: {e}")),

@@ -131,6 +131,15 @@ pub enum AdminCommand {
         /// The node id.
         node: u16,
     },
+    /// Operator override (the admin epoch, u32::MAX): pin a cell to its
+    /// current owner above every epoch. A handover of it in flight is
+    /// aborted, any other shard's claim is dropped, and nothing moves,
+    /// splits or merges it afterwards (it still fails over if its node
+    /// dies). Logged loudly; for a cell that flaps or is claimed twice.
+    Pin {
+        /// The cell.
+        cell: String,
+    },
     /// Stop the node gracefully.
     Shutdown,
 }
@@ -167,6 +176,7 @@ pub fn run(args: AdminArgs) -> Result<(), String> {
         AdminCommand::Split { cell } => format!("split {}", check(cell)?),
         AdminCommand::Merge { cell } => format!("merge {}", check(cell)?),
         AdminCommand::Drain { node } => format!("drain {node}"),
+        AdminCommand::Pin { cell } => format!("pin {}", check(cell)?),
         AdminCommand::Shutdown => "shutdown".to_string(),
     };
     let answer = fetch(args.addr, &command)?;

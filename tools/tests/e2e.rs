@@ -405,3 +405,79 @@ fn a_second_signal_exits_at_once() {
     }
     drop(sim);
 }
+
+/// The admin epoch (seed 002): an operator pins a cell to its owner at
+/// `u32::MAX`; a handover of it in flight is overridden, the cell keeps
+/// running where it is with its entities, and nothing moves it again. The
+/// log says so loudly.
+#[test]
+fn an_operator_pins_a_cell_at_the_admin_epoch() {
+    let server = node(&["--no-balance"]);
+    let status = |server: &Server| -> serde_json::Value {
+        let (ok, out) = server.admin(&["--json", "status"]);
+        assert!(ok, "{out}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let cell_of = |st: &serde_json::Value, id: &str| -> serde_json::Value {
+        st["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["cell"] == id)
+            .cloned()
+            .unwrap()
+    };
+    let entities = |st: &serde_json::Value| -> u64 {
+        st["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["entities"].as_u64().unwrap())
+            .sum()
+    };
+    let settled = server.poll(Duration::from_secs(10), |s| {
+        let (_, out) = s.admin(&["--json", "status"]);
+        serde_json::from_str::<serde_json::Value>(&out)
+            .map(|st| entities(&st) == 300)
+            .unwrap_or(false)
+    });
+    assert!(settled, "{:?}", server.admin(&["status"]));
+    let before = cell_of(&status(&server), "0:0,0");
+    // A handover starts; the pin overrides it (or, if it was already
+    // committing, waits for it and pins where it landed).
+    let (ok, out) = server.admin(&[
+        "move",
+        "0:0,0",
+        &(1 - before["owner"].as_u64().unwrap()).to_string(),
+    ]);
+    assert!(ok, "{out}");
+    let mut pinned = false;
+    for _ in 0..50 {
+        let (ok, out) = server.admin(&["pin", "0:0,0"]);
+        assert!(ok, "{out}");
+        if out.contains("pinned") && !out.contains("error") {
+            pinned = true;
+            break;
+        }
+        assert!(out.contains("try again"), "{out}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(pinned, "the pin never went through");
+    let after = server.poll(Duration::from_secs(5), |s| {
+        let (_, out) = s.admin(&["--json", "status"]);
+        let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+        cell_of(&st, "0:0,0")["epoch"] == u64::from(u32::MAX) && entities(&st) == 300
+    });
+    assert!(after, "{:?}", server.admin(&["status"]));
+    let (ok, out) = server.admin(&["move", "0:0,0", "0"]);
+    assert!(
+        !out.contains("started") && out.contains("pinned") || out.contains("already on"),
+        "{ok} {out}"
+    );
+    let (_, out) = server.admin(&["split", "0:0,0"]);
+    assert!(out.contains("pinned"), "{out}");
+    std::thread::sleep(Duration::from_secs(1));
+    let st = status(&server);
+    assert_eq!(entities(&st), 300, "nothing lost: {st}");
+    assert!(server.log_text().contains("ADMIN EPOCH"));
+}

@@ -792,7 +792,19 @@ impl<G: GameLogic> NodeCore<G> {
             // cut off, and the handover is moot. A frozen one waits for the
             // coordinator (its commit, or a reclaim).
             let moot = self.agent.source_unfrozen(c);
-            if a.owner != self.me && a.epoch > mine && (!self.agent.busy(c) || moot) {
+            let admin = crate::registry::ADMIN_EPOCH;
+            if a.owner == self.me && a.epoch == admin && mine != admin {
+                // An operator pinned it here (seed 002's admin epoch): a
+                // handover of it was aborted; it now runs at the epoch
+                // above every other.
+                tracing::error!(shard = %self.me, cell = %c, was = mine, "ADMIN EPOCH: cell pinned to this shard by an operator");
+                self.world.set_epoch(c, admin);
+                continue;
+            }
+            // Ownership at the admin epoch follows the registry alone (the
+            // epoch cannot go higher: a pinned cell fails over at it).
+            let newer = a.epoch > mine || (a.epoch == admin && mine == admin);
+            if a.owner != self.me && newer && (!self.agent.busy(c) || moot) {
                 if moot {
                     self.agent.forget_source(c);
                 }

@@ -1246,13 +1246,17 @@ fn reply(
             Some(Ok(node)) => command(AdminCommand::Drain { node }),
             _ => err("usage: drain NODE (a node id)".into()),
         },
+        Some("pin") => match cell(words.next()) {
+            Ok(c) => command(AdminCommand::Pin { cell: c }),
+            Err(e) => err(e),
+        },
         Some("shutdown") => {
             tracing::warn!("coordinator shutdown requested on the admin port");
             stop.store(true, Ordering::Release);
             "{\"ok\":true}".to_string()
         }
         Some(other) => err(format!(
-            "unknown command {other:?}: try status, handovers, move CELL NODE/SHARD, split CELL, merge CELL, drain NODE, shutdown"
+            "unknown command {other:?}: try status, handovers, move CELL NODE/SHARD, split CELL, merge CELL, drain NODE, pin CELL, shutdown"
         )),
         None => err("empty command".into()),
     };

@@ -235,8 +235,8 @@ fn reply(
 ) -> io::Result<String> {
     let mut words = line.split_whitespace();
     let first = words.next();
-    if shared.clustered && matches!(first, Some("move" | "split" | "merge")) {
-        return Ok(serde_json::json!({ "error": "this node is part of a cluster: send move, split and merge to the coordinator's admin port (tessera admin --addr COORD_ADMIN ...)" }).to_string());
+    if shared.clustered && matches!(first, Some("move" | "split" | "merge" | "pin")) {
+        return Ok(serde_json::json!({ "error": "this node is part of a cluster: send move, split, merge and pin to the coordinator's admin port (tessera admin --addr COORD_ADMIN ...)" }).to_string());
     }
     let reply = match first {
         Some("status") | Some("cells") => serde_json::to_string(&status(shared, board)).map_err(io::Error::other)?,
@@ -251,6 +251,10 @@ fn reply(
         },
         Some("merge") => match parse_cell(words.next()) {
             Ok(cell) => command(coord, AdminCommand::Merge { cell }),
+            Err(e) => serde_json::json!({ "error": e }).to_string(),
+        },
+        Some("pin") => match parse_cell(words.next()) {
+            Ok(cell) => command(coord, AdminCommand::Pin { cell }),
             Err(e) => serde_json::json!({ "error": e }).to_string(),
         },
         Some("handovers") => {
@@ -285,7 +289,7 @@ fn reply(
             "{\"ok\":true}".to_string()
         }
         Some(other) => serde_json::json!({
-            "error": format!("unknown command {other:?}: try status, cells, handovers, move CELL SHARD, split CELL, merge CELL, shutdown")
+            "error": format!("unknown command {other:?}: try status, cells, handovers, move CELL SHARD, split CELL, merge CELL, pin CELL, shutdown")
         })
         .to_string(),
         None => serde_json::json!({ "error": "empty command" }).to_string(),

@@ -44,6 +44,12 @@ pub enum AdminCommand {
         /// The node.
         node: u16,
     },
+    /// Pin a cell to its owner at the admin epoch (`u32::MAX`): every other
+    /// claim is overridden, and nothing moves it again.
+    Pin {
+        /// The cell.
+        cell: CellId,
+    },
 }
 
 /// What reaches the coordinator thread.
@@ -90,6 +96,13 @@ pub fn run_command(
         AdminCommand::Drain { node } => coord.drain(now, *node).map(|cells| {
             format!(
                 "node {node} drains: {cells} cells to hand over; it exits once it holds nothing"
+            )
+        }),
+        AdminCommand::Pin { cell } => coord.command_pin(now, *cell).map(|owner| {
+            tracing::error!(%cell, %owner, epoch = tessera_coord::ADMIN_EPOCH, "ADMIN EPOCH: operator pinned the cell; every other claim is overridden and it never moves again");
+            format!(
+                "{cell} pinned to {owner} at the admin epoch {}: other claims overridden; it no longer moves, splits or merges",
+                tessera_coord::ADMIN_EPOCH
             )
         }),
     }
