@@ -774,11 +774,22 @@ fn replication(npcs: usize, ticks: u64) -> Replication {
                 seq,
                 tick,
                 full,
+                incarnation,
                 cells,
                 passing,
             }) = m
             {
-                let _ = store.on_round(from, seq, tick, full, cells, passing, &mut counters);
+                let _ = store.on_round(
+                    from,
+                    seq,
+                    tick,
+                    full,
+                    incarnation,
+                    cells,
+                    passing,
+                    |_| true,
+                    &mut counters,
+                );
             }
         }
         let applied = started.elapsed();

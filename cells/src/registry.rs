@@ -97,6 +97,10 @@ pub struct Registry {
     cells: BTreeMap<CellId, Assignment>,
     /// Owner shard -> the shard on another node that replicates its cells.
     backups: BTreeMap<ShardRef, ShardRef>,
+    /// Node -> the process (incarnation) its cells belong to: kept here,
+    /// durable with the rest, so that a coordinator taking over still
+    /// knows that a node registering under another one lost its cells.
+    incarnations: BTreeMap<u16, u64>,
     version: u64,
     cluster_epoch: u32,
 }
@@ -121,6 +125,7 @@ impl Registry {
             layout,
             cells,
             backups: BTreeMap::new(),
+            incarnations: BTreeMap::new(),
             version: 1,
             cluster_epoch: 1,
         })
@@ -148,6 +153,7 @@ impl Registry {
             layout,
             cells,
             backups: BTreeMap::new(),
+            incarnations: BTreeMap::new(),
             version,
             cluster_epoch,
         })
@@ -158,6 +164,32 @@ impl Registry {
     pub fn with_backups(mut self, backups: BTreeMap<ShardRef, ShardRef>) -> Self {
         self.backups = backups;
         self
+    }
+
+    /// The same registry with these incarnations (as another process sent
+    /// it: the version stays).
+    pub fn with_incarnations(mut self, incarnations: BTreeMap<u16, u64>) -> Self {
+        self.incarnations = incarnations;
+        self
+    }
+
+    /// The process `node`'s cells belong to, if it ever registered.
+    pub fn incarnation_of(&self, node: u16) -> Option<u64> {
+        self.incarnations.get(&node).copied()
+    }
+
+    /// Every node's incarnation.
+    pub fn incarnations(&self) -> &BTreeMap<u16, u64> {
+        &self.incarnations
+    }
+
+    /// Records `node`'s process; the version goes up if it changed.
+    pub fn set_incarnation(&mut self, node: u16, incarnation: u64) -> bool {
+        if self.incarnations.insert(node, incarnation) == Some(incarnation) {
+            return false;
+        }
+        self.version += 1;
+        true
     }
 
     /// The shard that replicates `owner`'s cells, if any (none on one node).

@@ -61,6 +61,10 @@ pub enum ReplicaMsg<G: GameLogic> {
         tick: TickId,
         /// True: replaces whatever the backup held of `from`.
         full: bool,
+        /// The owner's process: a backup keeps what it holds of an earlier
+        /// process (restarted under the same id) until those cells are
+        /// promoted, since it is their only copy.
+        incarnation: u64,
         /// Every cell the owner has (a cell not listed is no longer its).
         cells: Vec<ReplicaCell<G>>,
         /// Transfers the owner passed on for cells it no longer runs (a
@@ -155,6 +159,11 @@ pub struct ReplicaCounters {
     /// Rounds ignored as backup (an older or repeated round, or from a
     /// shard this one does not back up).
     pub rounds_ignored: u64,
+    /// Rounds from another process of an owner than the one whose cells
+    /// the backup holds and the registry still gives it (an owner
+    /// restarted under its id before those cells were promoted; or a late
+    /// round of a dead process): turned away, the state kept.
+    pub rounds_of_other_process: u64,
     /// Cells promoted from a replica.
     pub promoted: u64,
     /// Cells promoted without a replica (restarted empty).
@@ -194,6 +203,7 @@ pub struct Replicator<G: GameLogic> {
     full: bool,
     base: BTreeMap<CellId, CellState<G>>,
     counters: ReplicaCounters,
+    incarnation: u64,
 }
 
 impl<G: GameLogic> Replicator<G> {
@@ -208,7 +218,14 @@ impl<G: GameLogic> Replicator<G> {
             full: true,
             base: BTreeMap::new(),
             counters: ReplicaCounters::default(),
+            incarnation: 0,
         }
+    }
+
+    /// The process this shard runs in (as registered with the coordinator),
+    /// sent with every round.
+    pub fn set_incarnation(&mut self, incarnation: u64) {
+        self.incarnation = incarnation;
     }
 
     /// The backup the registry names (None: no replication, as on one node).
@@ -306,6 +323,7 @@ impl<G: GameLogic> Replicator<G> {
                 seq: self.seq,
                 tick,
                 full,
+                incarnation: self.incarnation,
                 cells,
                 passing: passing.iter().cloned().collect(),
             },
@@ -330,6 +348,7 @@ impl<G: GameLogic> Replicator<G> {
 
 /// A replica of one owner shard's cells.
 struct Source<G: GameLogic> {
+    incarnation: u64,
     seq: u64,
     tick: TickId,
     cells: BTreeMap<CellId, (u32, CellState<G>)>,
@@ -372,38 +391,46 @@ impl<G: GameLogic> ReplicaStore<G> {
         seq: u64,
         tick: TickId,
         full: bool,
+        incarnation: u64,
         cells: Vec<ReplicaCell<G>>,
         passing: Vec<crate::cell::Retained<G>>,
+        owned_by_source: impl Fn(CellId) -> bool,
         counters: &mut ReplicaCounters,
     ) -> Option<ReplicaMsg<G>> {
-        if let Some(retired) = self.sources.get(&from).and_then(|s| s.retired) {
-            // Promoted: what is left serves the promotion's leftovers. Only
-            // a new incarnation of the owner (restarted under its old id)
-            // sends rounds taken after it, and starts with a full one.
-            if !(full && tick > retired) {
+        if let Some(s) = self.sources.get(&from) {
+            if s.incarnation != incarnation {
+                if s.retired.is_none() && s.cells.keys().any(|c| owned_by_source(*c)) {
+                    // The owner restarted under its id before its old
+                    // process's cells were promoted: this replica is their
+                    // only copy. The new process starts over (a full round)
+                    // until they are.
+                    counters.rounds_of_other_process += 1;
+                    return Some(ReplicaMsg::Resync { from: self.me });
+                }
+                // Promoted (or nothing of it is still the owner's): the
+                // leftovers go, the new process starts with a full round.
+                self.sources.remove(&from);
+                if !full {
+                    counters.resyncs += 1;
+                    return Some(ReplicaMsg::Resync { from: self.me });
+                }
+            } else if s.retired.is_some() {
+                // A late round of the promoted process: what is left
+                // serves the promotion's leftovers.
                 counters.rounds_ignored += 1;
                 return None;
             }
-            self.sources.remove(&from);
         }
-        // Rounds number from 1 again after the owner restarted, but their
-        // ticks go on (one clock for the cluster): a round is old when both
-        // its number and its tick are.
-        if full
-            && self
-                .sources
-                .get(&from)
-                .is_some_and(|s| seq <= s.seq && tick <= s.tick)
-        {
+        // The same process: numbers only go up.
+        if full && self.sources.get(&from).is_some_and(|s| seq <= s.seq) {
             // A late or repeated full round must not undo newer state.
             counters.rounds_ignored += 1;
             return None;
         }
         if !full {
             match self.sources.get(&from) {
-                // Repeated, or a diff of a previous incarnation arriving
-                // after the new one's first round.
-                Some(s) if seq <= s.seq || tick <= s.tick => {
+                // Repeated or late.
+                Some(s) if seq <= s.seq => {
                     counters.rounds_ignored += 1;
                     return None;
                 }
@@ -438,6 +465,7 @@ impl<G: GameLogic> ReplicaStore<G> {
         self.sources.insert(
             from,
             Source {
+                incarnation,
                 seq,
                 tick,
                 cells: next,
@@ -503,9 +531,13 @@ impl<G: GameLogic> ReplicaStore<G> {
         self.sources.get(&from).map(|s| s.tick)
     }
 
-    /// Keeps only the replicas of these owners.
-    pub fn retain_sources(&mut self, keep: impl Fn(ShardRef) -> bool) {
-        self.sources.retain(|s, _| keep(*s));
+    /// Keeps only the replicas `keep` says (given each owner and the cells
+    /// held of it).
+    pub fn retain_sources(&mut self, keep: impl Fn(ShardRef, &[CellId]) -> bool) {
+        self.sources.retain(|s, src| {
+            let cells: Vec<CellId> = src.cells.keys().copied().collect();
+            keep(*s, &cells)
+        });
     }
 
     /// Forgets what is left of promoted owners that `alive` says run again

@@ -904,7 +904,9 @@ impl Harness {
     /// Crashed node `node` starts again under its old id: fresh, empty
     /// shards (the production cores, as a restarted process builds them)
     /// whose entity serials start at `first_serial` (past what the dead
-    /// incarnation handed out), taking the current registry.
+    /// incarnation handed out), taking the current registry. `first_serial`
+    /// also names the new process (its incarnation): register it with the
+    /// coordinator under that.
     pub fn restart_node(&mut self, node: u16, first_serial: u64) {
         let per_node = self.per_node;
         let layout = self.registry.layout().clone();
@@ -920,7 +922,10 @@ impl Harness {
                 crate::ids::IdAllocator::prefix_of(me.node, me.shard),
             );
             world.start_ids_at(first_serial);
-            self.cores[i] = NodeCore::new(me, world, self.registry.clone());
+            // A new process: its first serial names it (as it registers
+            // with the coordinator).
+            self.cores[i] =
+                NodeCore::with_incarnation(me, world, self.registry.clone(), first_serial);
             self.process_outputs(i);
         }
     }

@@ -90,14 +90,62 @@ pub(crate) struct Liveness {
     pub(crate) watching_since: Option<Instant>,
     pub(crate) pending: BTreeMap<ShardRef, Pending>,
     pub(crate) records: Vec<FailoverRecord>,
+    /// Nodes whose process was replaced while the registry still gave
+    /// their old one cells -> the new incarnation, recorded once those
+    /// cells have failed over.
+    pub(crate) replaced: BTreeMap<u16, u64>,
 }
 
 impl Coordinator {
+    /// `node` registered as process `incarnation` (it does at every start
+    /// and to every coordinator it reaches). Under another incarnation
+    /// than the one the registry gives cells to, the process that ran them
+    /// is gone: the node is declared dead now (the cells move to their
+    /// backups once the old process's lease has ended, as for any death),
+    /// and its heartbeats renew nothing until they have; only then does
+    /// the registry take the new incarnation. Returns true when this call
+    /// found it out (every shard link registers: the rest return false).
+    pub fn registered(&mut self, now: Instant, node: u16, incarnation: u64) -> bool {
+        let owns = self.registry().iter().any(|(_, a)| a.owner.node == node);
+        let old = self.registry().incarnation_of(node);
+        if owns && old.is_some_and(|old| old != incarnation) {
+            // Every shard link registers: said and acted on once.
+            let fresh = self.liveness.replaced.insert(node, incarnation) != Some(incarnation);
+            if fresh {
+                self.note(format!(
+                    "node {node} registered as a new process ({incarnation:#x}, was {:#x}) while it owned cells: they fail over to their backups once the old process's lease ends",
+                    old.unwrap_or_default()
+                ));
+                let l = self.liveness.nodes.entry(node).or_insert(NodeLiveness {
+                    last_seen: now,
+                    last_tick: TickId(0),
+                    dead_since: None,
+                    recovered: false,
+                    heard: false,
+                });
+                if l.dead_since.is_none() {
+                    let silent = now.saturating_duration_since(l.last_seen);
+                    self.declare_dead(now, node, silent);
+                }
+            }
+            return fresh;
+        }
+        self.liveness.replaced.remove(&node);
+        self.registry_mut().set_incarnation(node, incarnation);
+        false
+    }
+
     /// A heartbeat from `node`, sent at its tick `tick`, arrived at `now`:
-    /// its lease runs on. A node declared dead that speaks again is alive
-    /// (its cells, if they were recovered meanwhile, stay where they went:
-    /// the registry tells it).
-    pub fn heartbeat(&mut self, now: Instant, node: u16, tick: TickId) {
+    /// its lease runs on (returns true: grant it). A node declared dead
+    /// that speaks again is alive (its cells, if they were recovered
+    /// meanwhile, stay where they went: the registry tells it). A node
+    /// whose process was replaced while it owned cells
+    /// ([`Coordinator::registered`]) gets nothing until those cells have
+    /// failed over (returns false).
+    pub fn heartbeat(&mut self, now: Instant, node: u16, tick: TickId) -> bool {
+        if self.liveness.replaced.contains_key(&node) {
+            return false;
+        }
         let l = self.liveness.nodes.entry(node).or_insert(NodeLiveness {
             last_seen: now,
             last_tick: tick,
@@ -119,6 +167,7 @@ impl Coordinator {
                 }
             ));
         }
+        true
     }
 
     /// True if `node` is declared dead.
@@ -193,6 +242,19 @@ impl Coordinator {
             if l.dead_since.is_some() && !l.recovered && silent >= lease {
                 self.recover(now, node);
             }
+        }
+        // A replaced node whose old cells have all gone: its new process
+        // becomes the registry's.
+        let settled: Vec<(u16, u64)> = self
+            .liveness
+            .replaced
+            .iter()
+            .filter(|(n, _)| !self.registry().iter().any(|(_, a)| a.owner.node == **n))
+            .map(|(n, i)| (*n, *i))
+            .collect();
+        for (node, incarnation) in settled {
+            self.liveness.replaced.remove(&node);
+            self.registry_mut().set_incarnation(node, incarnation);
         }
         self.place_backups();
     }

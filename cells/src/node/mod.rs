@@ -174,13 +174,35 @@ const RESEND_TRANSIT_TICKS: u64 = 20;
 pub const REPLICATE_EVERY: u64 = 2;
 
 impl<G: GameLogic> NodeCore<G> {
-    /// The core of shard `me`: it takes the cells `registry` gives it (empty,
-    /// at their epochs) into `world`.
-    pub fn new(me: ShardRef, mut world: ShardWorld<G>, registry: Arc<Registry>) -> Self {
+    /// The core of shard `me`, first process of its node (incarnation 0):
+    /// see [`NodeCore::with_incarnation`].
+    pub fn new(me: ShardRef, world: ShardWorld<G>, registry: Arc<Registry>) -> Self {
+        Self::with_incarnation(me, world, registry, 0)
+    }
+
+    /// The core of shard `me` in process `incarnation` (as its node
+    /// registered with the coordinator): it takes the cells `registry`
+    /// gives it (empty, at their epochs) into `world`, unless the registry
+    /// records another process for this node: those cells were that
+    /// process's, their state lives in replicas, and they fail over.
+    pub fn with_incarnation(
+        me: ShardRef,
+        mut world: ShardWorld<G>,
+        registry: Arc<Registry>,
+        incarnation: u64,
+    ) -> Self {
         let backup = registry.backup_of(me);
-        for (cell, a) in registry.cells_of(me) {
-            world.add_cell(cell);
-            world.set_epoch(cell, a.epoch);
+        let ours = registry
+            .incarnation_of(me.node)
+            .is_none_or(|i| i == incarnation);
+        if ours {
+            for (cell, a) in registry.cells_of(me) {
+                world.add_cell(cell);
+                world.set_epoch(cell, a.epoch);
+            }
+        } else if !registry.cells_of(me).is_empty() {
+            tracing::warn!(shard = %me, incarnation, previous = ?registry.incarnation_of(me.node), cells = registry.cells_of(me).len(),
+                "the registry gives this shard an earlier process's cells: not run here (they fail over to their backup)");
         }
         Self {
             me,
@@ -196,6 +218,7 @@ impl<G: GameLogic> NodeCore<G> {
             replicator: {
                 let mut r = Replicator::new(me, REPLICATE_EVERY);
                 r.set_backup(backup);
+                r.set_incarnation(incarnation);
                 r
             },
             replicas: ReplicaStore::new(me),
@@ -409,6 +432,7 @@ impl<G: GameLogic> NodeCore<G> {
                 seq,
                 tick,
                 full,
+                incarnation,
                 cells,
                 passing,
             } => {
@@ -418,13 +442,22 @@ impl<G: GameLogic> NodeCore<G> {
                     self.replicator.counters_mut().rounds_ignored += 1;
                     return;
                 }
+                let (registry, world, me) = (self.router.registry(), &self.world, self.me);
                 let answer = self.replicas.on_round(
                     from,
                     seq,
                     tick,
                     full,
+                    incarnation,
                     cells,
                     passing,
+                    // An earlier process's cells are needed until promoted:
+                    // still its, or given here and not run yet.
+                    |c| {
+                        registry
+                            .get(c)
+                            .is_some_and(|a| a.owner == from || (a.owner == me && !world.owns(c)))
+                    },
                     self.replicator.counters_mut(),
                 );
                 if let Some(answer) = answer {
@@ -653,6 +686,15 @@ impl<G: GameLogic> NodeCore<G> {
     fn promote(&mut self, from: ShardRef, cells: Vec<(CellId, u32)>, fallback: &[CellId]) {
         let tick = self.world.tick_id();
         let replica_tick = self.replicas.tick_of(from).unwrap_or(TickId(0));
+        // A shard is promoted once the registry gives all its cells away:
+        // one it still names as an owner runs (restarted, given cells
+        // again), and this is a replayed order that must not retire what
+        // this shard holds of it.
+        if let Some((cell, _)) = self.router.registry().iter().find(|(_, a)| a.owner == from) {
+            self.replicator.counters_mut().promotions_stale += 1;
+            tracing::info!(shard = %self.me, lost = %from, %cell, "promotion of a shard the registry still gives cells: a stale order, ignored");
+            return;
+        }
         let (mut restored, mut missing, mut entities) = (Vec::new(), Vec::new(), 0usize);
         for (cell, epoch) in cells {
             // The registry comes before the orders relying on it: one that
@@ -815,10 +857,20 @@ impl<G: GameLogic> NodeCore<G> {
             .retain(|c, (lost, _)| registry.get(*c).is_some_and(|a| a.owner == *lost));
         self.replicator.set_backup(registry.backup_of(self.me));
         // Replicas of shards now backed up elsewhere are dropped; those of
-        // shards without a backup entry (lost, promotion pending) stay.
-        let me = self.me;
-        self.replicas
-            .retain_sources(|s| registry.backup_of(s).is_none_or(|b| b == me));
+        // shards without a backup entry (lost, promotion pending) stay, and
+        // so do those holding a cell the registry gives here that this
+        // shard does not run yet (its promotion order is on the way: a
+        // coordinator that took over meanwhile may have placed a backup
+        // for a lost shard it has not found dead yet).
+        let (me, world) = (self.me, &self.world);
+        self.replicas.retain_sources(|s, cells| {
+            registry.backup_of(s).is_none_or(|b| b == me)
+                || cells.iter().any(|c| {
+                    registry
+                        .get(*c)
+                        .is_some_and(|a| a.owner == me && !world.owns(*c))
+                })
+        });
         let owners: BTreeSet<ShardRef> = registry.iter().map(|(_, a)| a.owner).collect();
         self.replicas.forget_retired(|s| owners.contains(&s));
         self.release_held();

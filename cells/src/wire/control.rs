@@ -272,10 +272,17 @@ pub fn encode_control(header: &ShardHeader, msg: &ControlMsg) -> Vec<u8> {
                 .map(|(s, b)| wire::BackupRec::new(&shard_out(*s), &shard_out(*b)))
                 .collect();
             let backups = fbb.create_vector(&backups);
+            let incarnations: Vec<_> = r
+                .incarnations()
+                .iter()
+                .map(|(n, i)| wire::IncarnationRec::new(*n, *i))
+                .collect();
+            let incarnations = fbb.create_vector(&incarnations);
             t!(
                 RegistryRec,
                 RegistryRecArgs {
                     backups: Some(backups),
+                    incarnations: Some(incarnations),
                     version: r.version(),
                     cluster_epoch: r.cluster_epoch(),
                     geometry: Some(&wire::GeometryRec::new(
@@ -599,8 +606,14 @@ fn registry_in(r: &wire::RegistryRec) -> Result<Registry, FrameError> {
             return Err(FrameError::BadValue("registry.backups"));
         }
     }
+    let mut incarnations = BTreeMap::new();
+    for i in r.incarnations().iter().flat_map(|v| v.iter()) {
+        if incarnations.insert(i.node(), i.incarnation()).is_some() {
+            return Err(FrameError::BadValue("registry.incarnations"));
+        }
+    }
     Registry::from_parts(Arc::new(layout), cells, r.version(), r.cluster_epoch())
-        .map(|r| r.with_backups(backups))
+        .map(|r| r.with_backups(backups).with_incarnations(incarnations))
         .map_err(|_| FrameError::BadValue("registry.cells"))
 }
 

@@ -339,6 +339,7 @@ fn replica_out<'a, G: GameLogic>(
             seq,
             tick,
             full,
+            incarnation,
             cells,
             passing,
         } => {
@@ -379,6 +380,7 @@ fn replica_out<'a, G: GameLogic>(
                     seq: *seq,
                     tick: tick.0,
                     full: *full,
+                    incarnation: *incarnation,
                     cells: Some(cells),
                     passing: Some(passing),
                 },
@@ -456,6 +458,7 @@ fn replica_round_in<G: GameLogic>(
         seq: m.seq(),
         tick: TickId(m.tick()),
         full: m.full(),
+        incarnation: m.incarnation(),
         cells,
         passing: state::retained_in::<G>(m.passing(), "replica.passing")?,
     })

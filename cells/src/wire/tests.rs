@@ -212,12 +212,97 @@ fn sent_transfer(world: &ShardWorld<DemoGame>) -> Option<crate::cell::Retained<D
     })
 }
 
+/// An owner restarted under its id before its old process's cells were
+/// promoted: the backup keeps the old replica (their only copy) and asks
+/// the new process to start over, until the registry no longer gives the
+/// old cells to that owner.
+#[test]
+fn a_restarted_owner_does_not_erase_the_replica_of_its_previous_process() {
+    use crate::replica::{ReplicaCounters, ReplicaMsg, ReplicaStore, Replicator};
+    let (mut world, _) = busy_world(60, 6);
+    let mut store = ReplicaStore::<DemoGame>::new(B);
+    let mut counters = ReplicaCounters::default();
+    let mut old = Replicator::<DemoGame>::new(A, 1);
+    old.set_backup(Some(B));
+    old.set_incarnation(1);
+    world.tick(TickId(61));
+    let apply = |store: &mut ReplicaStore<DemoGame>,
+                 counters: &mut ReplicaCounters,
+                 round: ReplicaMsg<DemoGame>,
+                 still_owned: bool| {
+        let ReplicaMsg::Round {
+            from,
+            seq,
+            tick,
+            full,
+            incarnation,
+            cells,
+            passing,
+        } = round
+        else {
+            unreachable!()
+        };
+        store.on_round(
+            from,
+            seq,
+            tick,
+            full,
+            incarnation,
+            cells,
+            passing,
+            |_| still_owned,
+            counters,
+        )
+    };
+    let (_, round) = old
+        .round(&world, &Default::default(), TickId(61), true)
+        .unwrap();
+    assert!(matches!(
+        apply(&mut store, &mut counters, round, true),
+        Some(ReplicaMsg::Ack { .. })
+    ));
+    let held = store.summary();
+    assert!(held[0].1 > 0, "cells replicated: {held:?}");
+    // The new process owns nothing yet: its first (full, empty) round,
+    // numbered from 1 and later in time, would erase the old cells.
+    let empty = ShardWorld::new(
+        DemoGame::new(DemoConfig::default()),
+        layout(),
+        WorldConfig::default(),
+        1,
+    );
+    let mut new = Replicator::<DemoGame>::new(A, 1);
+    new.set_backup(Some(B));
+    new.set_incarnation(2);
+    let (_, round) = new
+        .round(&empty, &Default::default(), TickId(90), true)
+        .unwrap();
+    assert!(matches!(
+        apply(&mut store, &mut counters, round, true),
+        Some(ReplicaMsg::Resync { .. })
+    ));
+    assert_eq!(store.summary(), held, "the old process's replica stays");
+    assert_eq!(counters.rounds_of_other_process, 1);
+    // Once the registry gives those cells elsewhere (promoted here, or
+    // recovered), the new process's full round is taken.
+    new.on_resync(B);
+    let (_, round) = new
+        .round(&empty, &Default::default(), TickId(92), true)
+        .unwrap();
+    assert!(matches!(
+        apply(&mut store, &mut counters, round, false),
+        Some(ReplicaMsg::Ack { .. })
+    ));
+    assert_eq!(store.summary()[0].1, 0, "the new process's (empty) replica");
+}
+
 #[test]
 fn replication_rounds_rebuild_the_cells_across_the_wire() {
     use crate::replica::{ReplicaCounters, ReplicaMsg, ReplicaStore, Replicator};
     let (mut world, _) = busy_world(60, 6);
     let mut rep = Replicator::<DemoGame>::new(A, 1);
     rep.set_backup(Some(B));
+    rep.set_incarnation(0xABCD);
     let mut store = ReplicaStore::<DemoGame>::new(B);
     let mut counters = ReplicaCounters::default();
     for t in 61..66 {
@@ -236,6 +321,7 @@ fn replication_rounds_rebuild_the_cells_across_the_wire() {
                 seq,
                 tick,
                 full,
+                incarnation,
                 cells,
                 passing: got,
             }),
@@ -252,7 +338,18 @@ fn replication_rounds_rebuild_the_cells_across_the_wire() {
             got == passing.iter().cloned().collect::<Vec<_>>(),
             "the kept transfers cross"
         );
-        let ack = store.on_round(from, seq, tick, full, cells, got, &mut counters);
+        assert_eq!(incarnation, 0xABCD, "the process crosses");
+        let ack = store.on_round(
+            from,
+            seq,
+            tick,
+            full,
+            incarnation,
+            cells,
+            got,
+            |_| true,
+            &mut counters,
+        );
         let Some(ReplicaMsg::Ack { seq, .. }) = ack else {
             panic!("applied in order: {ack:?}");
         };
@@ -287,6 +384,7 @@ fn replication_rounds_rebuild_the_cells_across_the_wire() {
         seq,
         tick,
         full,
+        incarnation,
         cells,
         passing,
     } = round
@@ -294,7 +392,17 @@ fn replication_rounds_rebuild_the_cells_across_the_wire() {
         unreachable!()
     };
     assert!(matches!(
-        store.on_round(from, seq, tick, full, cells, passing, &mut counters),
+        store.on_round(
+            from,
+            seq,
+            tick,
+            full,
+            incarnation,
+            cells,
+            passing,
+            |_| true,
+            &mut counters
+        ),
         Some(ReplicaMsg::Resync { .. })
     ));
     rep.on_resync(B);
@@ -472,6 +580,8 @@ fn control_messages_cross_unchanged() {
         .collect();
     registry.relayout(Arc::new(l), &[cell], &added).unwrap();
     registry.set_backups([(A, B), (B, A)].into_iter().collect());
+    registry.set_incarnation(3, 99);
+    registry.set_incarnation(0, u64::MAX);
     let addr = "127.0.0.2:7000".parse().unwrap();
     for msg in [
         ControlMsg::Register(Registration {
@@ -738,6 +848,7 @@ fn a_registry_that_claims_a_huge_world_is_refused_before_anything_is_built() {
             split: Some(split),
             cells: Some(cells),
             backups: None,
+            incarnations: None,
         },
     );
     let h = tessera_schema::wire::FrameHeader::new(

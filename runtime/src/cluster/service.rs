@@ -209,10 +209,6 @@ struct ShardEntry {
 struct NodeEntry {
     info: NodeInfo,
     incarnation: u64,
-    /// Restarted while the registry still gave its old incarnation cells:
-    /// those fail over as from a dead node (its heartbeats are not taken
-    /// until they did), and the new incarnation starts empty.
-    old_cells: bool,
     /// Its heartbeats say it drains.
     draining: bool,
 }
@@ -547,16 +543,9 @@ impl Loop {
                 self.members_changed();
             }
         }
-        // Nodes a standby saw restart keep their old cells' failover only if
-        // the registry still gives them cells.
-        let owners: std::collections::BTreeSet<u16> = self
-            .coord
-            .as_ref()
-            .map(|c| c.registry().iter().map(|(_, a)| a.owner.node).collect())
-            .unwrap_or_default();
-        for (id, n) in self.nodes.iter_mut() {
-            n.old_cells &= owners.contains(id);
-        }
+        // The registry names the process each node's cells belong to: a
+        // node that restarted meanwhile lost them.
+        self.register_known(now);
         // Every node learns the new epoch first: older orders are void.
         let conns: Vec<ConnectionHandle> = self.peers.keys().copied().collect();
         let welcome = ControlMsg::Welcome {
@@ -743,29 +732,21 @@ impl Loop {
                     lease_ms: 0,
                     draining: false,
                 };
-                let mut taken = self.coord.is_some();
-                if let (Some(n), Some(c)) = (self.nodes.get_mut(&node), &self.coord) {
-                    if n.old_cells {
-                        n.old_cells = c.registry().iter().any(|(_, a)| a.owner.node == node);
-                        taken = !n.old_cells;
-                    }
-                }
-                if !taken {
+                let Some(c) = &mut self.coord else {
                     self.ignored_as_standby += 1;
                     self.send(connection, &no_lease);
                     return;
-                }
-                if !leads {
+                };
+                // False for a restarted node whose old cells still wait
+                // for their failover: no lease for it.
+                let granted = c.heartbeat(now, node, tick);
+                if !leads || !granted {
                     // Not sure to lead this instant (etcd slow to renew):
                     // the node is alive all the same, but gets no lease.
-                    if let Some(c) = &mut self.coord {
-                        c.heartbeat(now, node, tick);
-                    }
                     self.send(connection, &no_lease);
                     return;
                 }
                 if let Some(c) = &mut self.coord {
-                    c.heartbeat(now, node, tick);
                     if draining && !c.is_draining(node) && self.drain_refused.insert(node) {
                         match c.drain(now, node) {
                             Ok(cells) => {
@@ -819,24 +800,13 @@ impl Loop {
         };
         let known = self.nodes.get(&r.node);
         if known.is_none_or(|old| old.info != info || old.incarnation != r.incarnation) {
-            let mut old_cells = false;
             match known {
                 Some(old) => {
                     tracing::warn!(node = r.node, old = %old.info.cluster_addr, new = %r.cluster_addr, incarnation = r.incarnation, "node registered again (restarted or moved)");
                     if old.incarnation != r.incarnation {
-                        match &mut self.coord {
-                            Some(c) => {
-                                self.drain_refused.remove(&r.node);
-                                c.forget_drain(r.node);
-                                old_cells =
-                                    c.registry().iter().any(|(_, a)| a.owner.node == r.node);
-                                if old_cells {
-                                    tracing::warn!(node = r.node, "restarted while it still owned cells: they fail over to their backups once its old lease ends; the new process starts empty");
-                                }
-                            }
-                            // A standby cannot tell yet: settled against the
-                            // registry it takes over if elected.
-                            None => old_cells = true,
+                        self.drain_refused.remove(&r.node);
+                        if let Some(c) = &mut self.coord {
+                            c.forget_drain(r.node);
                         }
                     }
                 }
@@ -849,7 +819,6 @@ impl Loop {
                 NodeEntry {
                     info,
                     incarnation: r.incarnation,
-                    old_cells,
                     draining: false,
                 },
             );
@@ -871,6 +840,13 @@ impl Loop {
                     });
             }
             self.members_changed();
+        }
+        // Every link registers: the coordinator acts once per process.
+        // (A standby tells its coordinator when it takes over.)
+        if let Some(c) = &mut self.coord {
+            if c.registered(now, r.node, r.incarnation) {
+                tracing::warn!(node = r.node, incarnation = r.incarnation, "restarted while it still owned cells: they fail over to their backups once its old lease ends; the new process starts empty");
+            }
         }
         self.peers.insert(
             connection,
@@ -967,6 +943,20 @@ impl Loop {
             "cells assigned over the compute shards"
         );
         self.coord = Some(coord);
+        self.register_known(Instant::now());
+    }
+
+    /// Tells a coordinator just created (or taking over) the process each
+    /// registered node runs as.
+    fn register_known(&mut self, now: Instant) {
+        let Some(c) = &mut self.coord else {
+            return;
+        };
+        for (node, n) in &self.nodes {
+            if c.registered(now, *node, n.incarnation) {
+                tracing::warn!(node, incarnation = n.incarnation, "restarted while it still owned cells: they fail over to their backups once its old lease ends; the new process starts empty");
+            }
+        }
     }
 
     /// Registry, directory and orders, in that order (one ordered channel

@@ -381,7 +381,7 @@ impl<G: GameLogic> Node<G> {
                 world_config.clone(),
                 tessera_cells::ids::IdAllocator::prefix_of(me.node, me.shard),
             );
-            let mut core = NodeCore::new(me, world, registry);
+            let mut core = NodeCore::with_incarnation(me, world, registry, incarnation);
             // Resume credentials must not be guessable: keyed from the OS.
             if let (Ok(k0), Ok(k1)) = (
                 tessera_net::driver::os_seed(),

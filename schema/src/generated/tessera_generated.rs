@@ -6443,6 +6443,136 @@ impl<'a> BackupRec {
 
 }
 
+/// The process a node id last registered as, as the registry knows it: a
+/// node registering under another incarnation while the registry still
+/// gives it cells is a new process, and those cells fail over.
+// struct IncarnationRec, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct IncarnationRec(pub [u8; 16]);
+impl Default for IncarnationRec { 
+  fn default() -> Self { 
+    Self([0; 16])
+  }
+}
+impl ::core::fmt::Debug for IncarnationRec {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("IncarnationRec")
+      .field("node", &self.node())
+      .field("incarnation", &self.incarnation())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for IncarnationRec {}
+impl<'a> ::flatbuffers::Follow<'a> for IncarnationRec {
+  type Inner = &'a IncarnationRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a IncarnationRec>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a IncarnationRec {
+  type Inner = &'a IncarnationRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<IncarnationRec>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for IncarnationRec {
+    type Output = IncarnationRec;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const IncarnationRec as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for IncarnationRec {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> IncarnationRec {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    node: u16,
+    incarnation: u64,
+  ) -> Self {
+    let mut s = Self([0; 16]);
+    s.set_node(node);
+    s.set_incarnation(incarnation);
+    s
+  }
+
+  pub fn node(&self) -> u16 {
+    let mut mem = ::core::mem::MaybeUninit::<<u16 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[0..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u16 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_node(&mut self, x: u16) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[0..].as_mut_ptr(),
+        ::core::mem::size_of::<<u16 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn incarnation(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[8..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_incarnation(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[8..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
 // struct CellLoadRec, aligned to 8
 #[repr(transparent)]
 #[derive(Clone, Copy, PartialEq)]
@@ -13636,6 +13766,7 @@ impl<'a> ReplicaRoundMsg<'a> {
   pub const VT_FULL: ::flatbuffers::VOffsetT = 10;
   pub const VT_CELLS: ::flatbuffers::VOffsetT = 12;
   pub const VT_PASSING: ::flatbuffers::VOffsetT = 14;
+  pub const VT_INCARNATION: ::flatbuffers::VOffsetT = 16;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -13647,6 +13778,7 @@ impl<'a> ReplicaRoundMsg<'a> {
     args: &'args ReplicaRoundMsgArgs<'args>
   ) -> ::flatbuffers::WIPOffset<ReplicaRoundMsg<'bldr>> {
     let mut builder = ReplicaRoundMsgBuilder::new(_fbb);
+    builder.add_incarnation(args.incarnation);
     builder.add_tick(args.tick);
     builder.add_seq(args.seq);
     if let Some(x) = args.passing { builder.add_passing(x); }
@@ -13700,6 +13832,14 @@ impl<'a> ReplicaRoundMsg<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<RetainedRec>>>>(ReplicaRoundMsg::VT_PASSING, None)}
   }
+  /// The owner's process (it restarted under the same id if this changes).
+  #[inline]
+  pub fn incarnation(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReplicaRoundMsg::VT_INCARNATION, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ReplicaRoundMsg<'_> {
@@ -13714,6 +13854,7 @@ impl ::flatbuffers::Verifiable for ReplicaRoundMsg<'_> {
      .visit_field::<bool>("full", Self::VT_FULL, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ReplicaCellRec>>>>("cells", Self::VT_CELLS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<RetainedRec>>>>("passing", Self::VT_PASSING, false)?
+     .visit_field::<u64>("incarnation", Self::VT_INCARNATION, false)?
      .finish();
     Ok(())
   }
@@ -13725,6 +13866,7 @@ pub struct ReplicaRoundMsgArgs<'a> {
     pub full: bool,
     pub cells: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ReplicaCellRec<'a>>>>>,
     pub passing: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<RetainedRec<'a>>>>>,
+    pub incarnation: u64,
 }
 impl<'a> Default for ReplicaRoundMsgArgs<'a> {
   #[inline]
@@ -13736,6 +13878,7 @@ impl<'a> Default for ReplicaRoundMsgArgs<'a> {
       full: false,
       cells: None,
       passing: None,
+      incarnation: 0,
     }
   }
 }
@@ -13770,6 +13913,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReplicaRoundMsgBuilder<'a, 'b
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReplicaRoundMsg::VT_PASSING, passing);
   }
   #[inline]
+  pub fn add_incarnation(&mut self, incarnation: u64) {
+    self.fbb_.push_slot::<u64>(ReplicaRoundMsg::VT_INCARNATION, incarnation, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReplicaRoundMsgBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ReplicaRoundMsgBuilder {
@@ -13793,6 +13940,7 @@ impl ::core::fmt::Debug for ReplicaRoundMsg<'_> {
       ds.field("full", &self.full());
       ds.field("cells", &self.cells());
       ds.field("passing", &self.passing());
+      ds.field("incarnation", &self.incarnation());
       ds.finish()
   }
 }
@@ -15295,6 +15443,7 @@ impl<'a> RegistryRec<'a> {
   pub const VT_SPLIT: ::flatbuffers::VOffsetT = 10;
   pub const VT_CELLS: ::flatbuffers::VOffsetT = 12;
   pub const VT_BACKUPS: ::flatbuffers::VOffsetT = 14;
+  pub const VT_INCARNATIONS: ::flatbuffers::VOffsetT = 16;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -15307,6 +15456,7 @@ impl<'a> RegistryRec<'a> {
   ) -> ::flatbuffers::WIPOffset<RegistryRec<'bldr>> {
     let mut builder = RegistryRecBuilder::new(_fbb);
     builder.add_version(args.version);
+    if let Some(x) = args.incarnations { builder.add_incarnations(x); }
     if let Some(x) = args.backups { builder.add_backups(x); }
     if let Some(x) = args.cells { builder.add_cells(x); }
     if let Some(x) = args.split { builder.add_split(x); }
@@ -15358,6 +15508,13 @@ impl<'a> RegistryRec<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, BackupRec>>>(RegistryRec::VT_BACKUPS, None)}
   }
+  #[inline]
+  pub fn incarnations(&self) -> Option<::flatbuffers::Vector<'a, IncarnationRec>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, IncarnationRec>>>(RegistryRec::VT_INCARNATIONS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for RegistryRec<'_> {
@@ -15372,6 +15529,7 @@ impl ::flatbuffers::Verifiable for RegistryRec<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellId>>>("split", Self::VT_SPLIT, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellAssignment>>>("cells", Self::VT_CELLS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, BackupRec>>>("backups", Self::VT_BACKUPS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, IncarnationRec>>>("incarnations", Self::VT_INCARNATIONS, false)?
      .finish();
     Ok(())
   }
@@ -15383,6 +15541,7 @@ pub struct RegistryRecArgs<'a> {
     pub split: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellId>>>,
     pub cells: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellAssignment>>>,
     pub backups: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, BackupRec>>>,
+    pub incarnations: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, IncarnationRec>>>,
 }
 impl<'a> Default for RegistryRecArgs<'a> {
   #[inline]
@@ -15394,6 +15553,7 @@ impl<'a> Default for RegistryRecArgs<'a> {
       split: None,
       cells: None,
       backups: None,
+      incarnations: None,
     }
   }
 }
@@ -15428,6 +15588,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RegistryRecBuilder<'a, 'b, A>
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(RegistryRec::VT_BACKUPS, backups);
   }
   #[inline]
+  pub fn add_incarnations(&mut self, incarnations: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , IncarnationRec>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(RegistryRec::VT_INCARNATIONS, incarnations);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RegistryRecBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     RegistryRecBuilder {
@@ -15451,6 +15615,7 @@ impl ::core::fmt::Debug for RegistryRec<'_> {
       ds.field("split", &self.split());
       ds.field("cells", &self.cells());
       ds.field("backups", &self.backups());
+      ds.field("incarnations", &self.incarnations());
       ds.finish()
   }
 }
