@@ -294,6 +294,11 @@ fn render_replica(o: &mut String, node_id: u16, node: &[Option<super::NodeShardS
             |c| c.rounds_ignored,
         ),
         (
+            "tessera_replica_rounds_of_other_process_total",
+            "Rounds turned away as backup because they come from another process of the owner than the one whose cells are held here and not yet promoted (a node restarted under its id before its cells failed over).",
+            |c| c.rounds_of_other_process,
+        ),
+        (
             "tessera_replica_promoted_cells_total",
             "Cells of a lost shard run again from a replica here.",
             |c| c.promoted,
