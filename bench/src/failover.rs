@@ -32,7 +32,7 @@ use serde_json::Value;
 use tessera_cells::demo::{DemoConfig, DemoGame};
 use tessera_cells::geometry::{Geometry, Layout, Vec2};
 use tessera_cells::node::ShardMsg;
-use tessera_cells::replica::{ReplicaCounters, ReplicaMsg, ReplicaStore, Replicator};
+use tessera_cells::replica::{ReplicaCounters, ReplicaStore, Replicator};
 use tessera_cells::wire::{decode_bundle, BundleWriter, ShardHeader};
 use tessera_cells::world::{ShardWorld, WorldConfig};
 use tessera_cells::{Registry, ShardRef, TickId};
@@ -769,27 +769,8 @@ fn replication(npcs: usize, ticks: u64) -> Replication {
         let started = Instant::now();
         decode_bundle::<DemoGame>(&frame, &mut inbound).expect("decodes");
         for (_, m) in inbound.drain(..) {
-            if let ShardMsg::Replica(ReplicaMsg::Round {
-                from,
-                seq,
-                tick,
-                full,
-                incarnation,
-                cells,
-                passing,
-            }) = m
-            {
-                let _ = store.on_round(
-                    from,
-                    seq,
-                    tick,
-                    full,
-                    incarnation,
-                    cells,
-                    passing,
-                    |_| true,
-                    &mut counters,
-                );
+            if let ShardMsg::Replica(round) = m {
+                let _ = store.on_round(round, |_| true, &mut counters);
             }
         }
         let applied = started.elapsed();

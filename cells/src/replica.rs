@@ -382,10 +382,44 @@ impl<G: GameLogic> ReplicaStore<G> {
         }
     }
 
-    /// Applies a round; returns the answer for the owner (an ack, or a
-    /// resync when the round does not follow the last one applied).
-    #[allow(clippy::too_many_arguments)]
+    /// Applies a round (other messages are not for the store: None);
+    /// returns the answer for the owner (an ack, or a resync when the
+    /// round does not follow the last one applied). `owned_by_source` says
+    /// whether a cell held of an earlier process of the owner is still
+    /// needed (not yet promoted).
     pub fn on_round(
+        &mut self,
+        round: ReplicaMsg<G>,
+        owned_by_source: impl Fn(CellId) -> bool,
+        counters: &mut ReplicaCounters,
+    ) -> Option<ReplicaMsg<G>> {
+        let ReplicaMsg::Round {
+            from,
+            seq,
+            tick,
+            full,
+            incarnation,
+            cells,
+            passing,
+        } = round
+        else {
+            return None;
+        };
+        self.apply_round(
+            from,
+            seq,
+            tick,
+            full,
+            incarnation,
+            cells,
+            passing,
+            owned_by_source,
+            counters,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply_round(
         &mut self,
         from: ShardRef,
         seq: u64,

@@ -427,15 +427,7 @@ impl<G: GameLogic> NodeCore<G> {
 
     fn handle_replica(&mut self, msg: ReplicaMsg<G>) {
         match msg {
-            ReplicaMsg::Round {
-                from,
-                seq,
-                tick,
-                full,
-                incarnation,
-                cells,
-                passing,
-            } => {
+            round @ ReplicaMsg::Round { from, .. } => {
                 if self.router.registry().backup_of(from) != Some(self.me) {
                     // Not (or no longer) its backup: ignored (the owner's
                     // next backup gets a full round).
@@ -444,13 +436,7 @@ impl<G: GameLogic> NodeCore<G> {
                 }
                 let (registry, world, me) = (self.router.registry(), &self.world, self.me);
                 let answer = self.replicas.on_round(
-                    from,
-                    seq,
-                    tick,
-                    full,
-                    incarnation,
-                    cells,
-                    passing,
+                    round,
                     // An earlier process's cells are needed until promoted:
                     // still its, or given here and not run yet.
                     |c| {

@@ -226,34 +226,11 @@ fn a_restarted_owner_does_not_erase_the_replica_of_its_previous_process() {
     old.set_backup(Some(B));
     old.set_incarnation(1);
     world.tick(TickId(61));
-    let apply = |store: &mut ReplicaStore<DemoGame>,
-                 counters: &mut ReplicaCounters,
-                 round: ReplicaMsg<DemoGame>,
-                 still_owned: bool| {
-        let ReplicaMsg::Round {
-            from,
-            seq,
-            tick,
-            full,
-            incarnation,
-            cells,
-            passing,
-        } = round
-        else {
-            unreachable!()
-        };
-        store.on_round(
-            from,
-            seq,
-            tick,
-            full,
-            incarnation,
-            cells,
-            passing,
-            |_| still_owned,
-            counters,
-        )
-    };
+    let apply =
+        |store: &mut ReplicaStore<DemoGame>,
+         counters: &mut ReplicaCounters,
+         round: ReplicaMsg<DemoGame>,
+         still_owned: bool| { store.on_round(round, |_| still_owned, counters) };
     let (_, round) = old
         .round(&world, &Default::default(), TickId(61), true)
         .unwrap();
@@ -314,42 +291,30 @@ fn replication_rounds_rebuild_the_cells_across_the_wire() {
             .expect("a round every tick");
         assert_eq!(to, B);
         let mut out = round_trip(vec![ShardMsg::Replica(round)]);
-        let Some((
-            _,
-            ShardMsg::Replica(ReplicaMsg::Round {
-                from,
-                seq,
-                tick,
-                full,
-                incarnation,
-                cells,
-                passing: got,
-            }),
-        )) = out.pop()
-        else {
+        let Some((_, ShardMsg::Replica(round))) = out.pop() else {
             panic!("a round");
         };
+        let ReplicaMsg::Round {
+            full,
+            incarnation,
+            passing: got,
+            ..
+        } = &round
+        else {
+            panic!("a round: {round:?}");
+        };
+        let (full, incarnation) = (*full, *incarnation);
         assert_eq!(
             full,
             t == 61,
             "the first round is full, the next ones diffs"
         );
         assert!(
-            got == passing.iter().cloned().collect::<Vec<_>>(),
+            *got == passing.iter().cloned().collect::<Vec<_>>(),
             "the kept transfers cross"
         );
         assert_eq!(incarnation, 0xABCD, "the process crosses");
-        let ack = store.on_round(
-            from,
-            seq,
-            tick,
-            full,
-            incarnation,
-            cells,
-            got,
-            |_| true,
-            &mut counters,
-        );
+        let ack = store.on_round(round, |_| true, &mut counters);
         let Some(ReplicaMsg::Ack { seq, .. }) = ack else {
             panic!("applied in order: {ack:?}");
         };
@@ -379,30 +344,8 @@ fn replication_rounds_rebuild_the_cells_across_the_wire() {
     let (_, round) = rep
         .round(&world, &Default::default(), TickId(67), false)
         .unwrap();
-    let ReplicaMsg::Round {
-        from,
-        seq,
-        tick,
-        full,
-        incarnation,
-        cells,
-        passing,
-    } = round
-    else {
-        unreachable!()
-    };
     assert!(matches!(
-        store.on_round(
-            from,
-            seq,
-            tick,
-            full,
-            incarnation,
-            cells,
-            passing,
-            |_| true,
-            &mut counters
-        ),
+        store.on_round(round, |_| true, &mut counters),
         Some(ReplicaMsg::Resync { .. })
     ));
     rep.on_resync(B);
