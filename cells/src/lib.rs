@@ -52,5 +52,5 @@ pub use geometry::{CellId, Geometry, Layout, Rect, Vec2};
 pub use ids::{ClientId, EntityId, TickId};
 pub use messages::{CellEnvelope, CellMessage, ClientOutput, EntityTransfer, Output};
 pub use node::{NodeCore, NodeOutput, ShardMsg};
-pub use registry::{Assignment, Registry, RegistryError, ShardRef};
+pub use registry::{Assignment, FrozenCopy, Registry, RegistryError, ShardRef};
 pub use world::{ShardWorld, WorldConfig};

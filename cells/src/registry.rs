@@ -66,6 +66,25 @@ pub struct Assignment {
     pub epoch: u32,
 }
 
+/// Where the frozen copy of a cell lives while its handover's commit is not
+/// yet durable (the target's backup does not hold the cell yet): if the
+/// target is lost before it does, the cell comes back from this copy. Kept
+/// in the registry, durable with the rest, so that a coordinator taking
+/// over still knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrozenCopy {
+    /// The handover (a [`crate::control::HandoverId`]'s value).
+    pub handover: u64,
+    /// The handover's source: the shard the copy was frozen on, and the
+    /// owner of the replica holding it once that source is lost too.
+    pub source: ShardRef,
+    /// The shard holding the copy: the source itself, or its backup (in
+    /// its replica of the source) after the source was lost.
+    pub holder: ShardRef,
+    /// The handover's target, to which the cell was committed.
+    pub target: ShardRef,
+}
+
 /// Why a registry change was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
@@ -101,6 +120,8 @@ pub struct Registry {
     /// durable with the rest, so that a coordinator taking over still
     /// knows that a node registering under another one lost its cells.
     incarnations: BTreeMap<u16, u64>,
+    /// Cells committed to a new owner whose backup does not hold them yet.
+    frozen: BTreeMap<CellId, FrozenCopy>,
     version: u64,
     cluster_epoch: u32,
 }
@@ -126,6 +147,7 @@ impl Registry {
             cells,
             backups: BTreeMap::new(),
             incarnations: BTreeMap::new(),
+            frozen: BTreeMap::new(),
             version: 1,
             cluster_epoch: 1,
         })
@@ -154,6 +176,7 @@ impl Registry {
             cells,
             backups: BTreeMap::new(),
             incarnations: BTreeMap::new(),
+            frozen: BTreeMap::new(),
             version,
             cluster_epoch,
         })
@@ -171,6 +194,38 @@ impl Registry {
     pub fn with_incarnations(mut self, incarnations: BTreeMap<u16, u64>) -> Self {
         self.incarnations = incarnations;
         self
+    }
+
+    /// The same registry with these frozen copies (as another process sent
+    /// it: the version stays).
+    pub fn with_frozen_copies(mut self, frozen: BTreeMap<CellId, FrozenCopy>) -> Self {
+        self.frozen = frozen;
+        self
+    }
+
+    /// The frozen copy `cell` would come back from if its owner were lost
+    /// now: set while its last handover's commit is not durable.
+    pub fn frozen_copy(&self, cell: CellId) -> Option<FrozenCopy> {
+        self.frozen.get(&cell).copied()
+    }
+
+    /// Every frozen copy, by cell.
+    pub fn frozen_copies(&self) -> &BTreeMap<CellId, FrozenCopy> {
+        &self.frozen
+    }
+
+    /// Records (or, with None, forgets) where `cell`'s frozen copy lives;
+    /// the version goes up if it changed.
+    pub fn set_frozen_copy(&mut self, cell: CellId, copy: Option<FrozenCopy>) -> bool {
+        let old = match copy {
+            Some(c) => self.frozen.insert(cell, c),
+            None => self.frozen.remove(&cell),
+        };
+        if old == copy {
+            return false;
+        }
+        self.version += 1;
+        true
     }
 
     /// The process `node`'s cells belong to, if it ever registered.
@@ -307,6 +362,8 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         for c in removed {
             self.cells.remove(c);
+            // A reshaped cell's frozen copy is of a cell that is no more.
+            self.frozen.remove(c);
         }
         for (c, a) in added {
             if !layout.is_leaf(*c) {

@@ -181,6 +181,14 @@ pub struct ReplicaCounters {
     /// Cells of a promotion order the registry no longer gives this shard
     /// at that epoch (a replayed or outdated order): ignored.
     pub promotions_stale: u64,
+    /// Handovers into this shard reported durable again to a coordinator
+    /// that took over while the registry still recorded their frozen copy
+    /// (the first report went to its predecessor).
+    pub durable_retold: u64,
+    /// Cells of a lost handover target this shard had no replica of,
+    /// reported again to a coordinator that took over before it settled
+    /// them (they come back from their frozen copy).
+    pub missing_retold: u64,
 }
 
 /// A player's view history is not replicated: it changes every tick and

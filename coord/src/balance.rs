@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tessera_cells::control::{AbortReason, HandoverId, LoadReport, Order, Report};
-use tessera_cells::registry::{Assignment, Registry, ShardRef};
+use tessera_cells::registry::{Assignment, FrozenCopy, Registry, ShardRef};
 use tessera_cells::CellId;
 
 /// Tunables of the balancing policy.
@@ -222,9 +222,6 @@ pub struct Coordinator {
     counters: CoordinatorCounters,
     members: Vec<ShardRef>,
     pub(crate) liveness: crate::liveness::Liveness,
-    /// Cells committed to a lost handover target, waiting for its backup
-    /// to say whether it holds them (else their source takes them back).
-    reclaimable: BTreeMap<CellId, (HandoverId, MoveOp, Option<ShardRef>)>,
     /// Nodes draining, since when.
     pub(crate) draining: BTreeMap<u16, Instant>,
 }
@@ -272,7 +269,6 @@ impl Coordinator {
             counters: CoordinatorCounters::default(),
             members: (0..policy_shards).map(ShardRef::local).collect(),
             liveness: crate::liveness::Liveness::default(),
-            reclaimable: BTreeMap::new(),
             draining: BTreeMap::new(),
         }
     }
@@ -354,96 +350,125 @@ impl Coordinator {
     }
 
     /// The lease of `node` ended: the cells committed to one of its shards
-    /// whose backup was not known to hold them yet. Their backup promotes
-    /// its replica if it has one; if not, [`Self::reclaim`] gives them back
-    /// to their source, which still holds the whole frozen cell.
+    /// whose backup was not known to hold them yet (the registry still
+    /// records their frozen copy). Their backup promotes its replica if it
+    /// has one; if not, [`Self::reclaim`] gives them back to the frozen
+    /// copy.
     pub(crate) fn uncertain_moves(&mut self, node: u16) -> Vec<CellId> {
-        let ids: Vec<HandoverId> = self
-            .moves
+        self.moves
+            .retain(|_, m| !(m.to.node == node && m.committed.is_some() && !m.durable));
+        self.registry
+            .frozen_copies()
             .iter()
-            .filter(|(_, m)| m.to.node == node && m.committed.is_some() && !m.durable)
-            .map(|(id, _)| *id)
+            .filter(|(c, f)| {
+                f.target.node == node && self.registry.get(**c).is_some_and(|a| a.owner == f.target)
+            })
+            .map(|(c, _)| *c)
+            .collect()
+    }
+
+    /// The shards of `node` are lost: frozen copies they held now live in
+    /// their backups' replicas of them.
+    pub(crate) fn frozen_copies_move_to_backups(&mut self, node: u16) {
+        let moved: Vec<(CellId, FrozenCopy)> = self
+            .registry
+            .frozen_copies()
+            .iter()
+            .filter(|(_, f)| f.holder.node == node)
+            .map(|(c, f)| (*c, *f))
             .collect();
-        let mut out = Vec::new();
-        for id in ids {
-            if let Some(m) = self.moves.remove(&id) {
-                out.push(m.cell);
-                // If the source is lost too, its backup holds the frozen
-                // copy among the lost source's replicas.
-                let source_backup = self.registry.backup_of(m.from);
-                self.reclaimable.insert(m.cell, (id, m, source_backup));
+        for (cell, mut f) in moved {
+            match self.registry.backup_of(f.holder) {
+                Some(b) if b.node != node => {
+                    f.holder = b;
+                    self.registry.set_frozen_copy(cell, Some(f));
+                }
+                _ => {
+                    self.note(format!(
+                        "handover {} of {cell}: its frozen copy was lost with {} (no backup)",
+                        f.handover, f.holder
+                    ));
+                    self.registry.set_frozen_copy(cell, None);
+                }
             }
         }
-        out
     }
 
-    /// The lost target's backup restored `cell`: its handover's source (if
-    /// alive) releases its frozen copy.
-    pub(crate) fn release_reclaimable(&mut self, cell: CellId) {
-        let Some((id, m, _)) = self.reclaimable.remove(&cell) else {
+    /// `cell`'s new owner holds it durably (its backup has it, or a lost
+    /// target's backup restored it): the frozen copy is let go.
+    pub(crate) fn release_frozen(&mut self, cell: CellId) {
+        let Some(f) = self.registry.frozen_copy(cell) else {
             return;
         };
-        if !self.is_dead(m.from.node) {
-            let epoch = self.registry.get(cell).map_or(m.epoch, |a| a.epoch);
+        self.registry.set_frozen_copy(cell, None);
+        // A copy held in a replica is forgotten with the replica's leftovers.
+        if f.holder == f.source && !self.is_dead(f.holder.node) {
+            let epoch = self.registry.get(cell).map_or(0, |a| a.epoch);
+            let id = HandoverId(f.handover);
             self.orders
-                .push_back((m.from, Order::Commit { id, cell, epoch }));
+                .push_back((f.source, Order::Commit { id, cell, epoch }));
         }
     }
 
+    /// True if `cell` can come back from a frozen copy.
     pub(crate) fn reclaimable(&self, cell: CellId) -> bool {
-        self.reclaimable.contains_key(&cell)
+        self.registry.frozen_copy(cell).is_some()
     }
 
     /// A cell of a lost handover target that its backup had no replica of
-    /// goes back to the handover's source (epoch + 1).
+    /// goes back to its frozen copy (epoch + 1): the handover's source, or
+    /// the source's backup if the source was lost too.
     pub(crate) fn reclaim(&mut self, cell: CellId) {
-        let Some((id, m, source_backup)) = self.reclaimable.remove(&cell) else {
+        let Some(f) = self.registry.frozen_copy(cell) else {
             return;
         };
+        self.registry.set_frozen_copy(cell, None);
+        let id = HandoverId(f.handover);
         let epoch = self
             .registry
-            .get(m.cell)
-            .map_or(m.epoch, |a| a.epoch)
+            .get(cell)
+            .map_or(0, |a| a.epoch)
             .saturating_add(1);
-        let source_lost = self.is_dead(m.from.node);
-        let to = match (source_lost, source_backup) {
-            (false, _) => m.from,
-            (true, Some(b)) if !self.is_dead(b.node) => b,
-            _ => {
-                self.note(format!(
-                    "handover {} of {}: its source and target were lost with no replica of it",
-                    id.0, m.cell
-                ));
-                return;
-            }
+        // A source lost but not yet failed over: its backup still holds it.
+        let holder = if self.is_dead(f.holder.node) && f.holder == f.source {
+            self.registry.backup_of(f.source)
+        } else {
+            Some(f.holder)
         };
-        match self.registry.reassign(m.cell, to, epoch) {
+        let Some(to) = holder.filter(|h| !self.is_dead(h.node)) else {
+            self.note(format!(
+                "handover {} of {cell}: its source and target were lost with no replica of it",
+                id.0
+            ));
+            return;
+        };
+        let in_replica = to != f.source;
+        match self.registry.reassign(cell, to, epoch) {
             Ok(()) => {
                 self.note(format!(
-                    "handover {} of {}: its target {} was lost before its backup held the cell; back to its source {}{} (epoch {epoch})",
+                    "handover {} of {cell}: its target {} was lost before its backup held the cell; back to its source {}{} (epoch {epoch})",
                     id.0,
-                    m.cell,
-                    m.to,
-                    m.from,
-                    if source_lost { format!(", lost too: its copy on {to}") } else { String::new() }
+                    f.target,
+                    f.source,
+                    if in_replica { format!(", lost too: its copy on {to}") } else { String::new() }
                 ));
-                let order = if source_lost {
+                let order = if in_replica {
                     Order::Promote {
-                        from: m.from,
-                        cells: vec![(m.cell, epoch)],
+                        from: f.source,
+                        cells: vec![(cell, epoch)],
                         fallback: Vec::new(),
                     }
                 } else {
                     Order::Reclaim {
                         id,
-                        cell: m.cell,
+                        cell,
                         epoch,
-                        lost: m.to,
+                        lost: f.target,
                     }
                 };
                 self.orders.push_back((to, order));
             }
-            Err(e) => self.note(format!("handover {} of {}: {e}", id.0, m.cell)),
+            Err(e) => self.note(format!("handover {} of {cell}: {e}", id.0)),
         }
     }
 
@@ -816,7 +841,7 @@ impl Coordinator {
             } => self.on_frozen(now, shard, id, cell, epoch, entities, repeat),
             Report::Prepared { id, cell, repeat } => self.on_prepared(now, shard, id, cell, repeat),
             Report::Activated { id, .. } => self.on_activated(now, id),
-            Report::Durable { id, .. } => self.on_durable(id),
+            Report::Durable { id, cell } => self.on_durable(shard, id, cell),
             Report::Released { id, .. } => {
                 if self.moves.get(&id).is_some_and(|m| m.durable) {
                     self.moves.remove(&id);
@@ -921,6 +946,16 @@ impl Coordinator {
                 // The target first: the source lets go of its frozen copy
                 // only once the target runs the cell.
                 m.committed = Some((now, epoch));
+                let source = m.from;
+                self.registry.set_frozen_copy(
+                    cell,
+                    Some(FrozenCopy {
+                        handover: id.0,
+                        source,
+                        holder: source,
+                        target: to,
+                    }),
+                );
                 self.orders
                     .push_back((to, Order::Commit { id, cell, epoch }));
             }
@@ -975,23 +1010,39 @@ impl Coordinator {
     /// The target's backup holds the activated cell: the source lets go of
     /// its frozen copy (until then it is the copy a lost target's cell
     /// comes back from).
-    fn on_durable(&mut self, id: HandoverId) {
+    ///
+    /// A handover this coordinator does not know (its predecessor ordered
+    /// it; the target reports again to every new coordinator) is settled
+    /// from the registry's record of its frozen copy.
+    fn on_durable(&mut self, shard: ShardRef, id: HandoverId, cell: CellId) {
         let Some(m) = self.moves.get_mut(&id) else {
             self.counters.stale_events += 1;
+            let recorded = self
+                .registry
+                .frozen_copy(cell)
+                .is_some_and(|f| f.handover == id.0 && f.target == shard);
+            if recorded && self.registry.get(cell).is_some_and(|a| a.owner == shard) {
+                self.release_frozen(cell);
+            }
             return;
         };
         if !m.activated || m.durable {
             return;
         }
         m.durable = true;
-        let epoch = m.committed.map_or(m.epoch, |(_, e)| e);
-        let commit = Order::Commit {
-            id,
-            cell: m.cell,
-            epoch,
-        };
-        let from = m.from;
-        self.orders.push_back((from, commit));
+        let cell = m.cell;
+        if self
+            .registry
+            .frozen_copy(cell)
+            .is_some_and(|f| f.handover == id.0)
+        {
+            self.release_frozen(cell);
+        } else {
+            let epoch = m.committed.map_or(m.epoch, |(_, e)| e);
+            let from = m.from;
+            self.orders
+                .push_back((from, Order::Commit { id, cell, epoch }));
+        }
     }
 
     /// A reshape report names what its shard did: an unknown one (ordered by
@@ -1081,8 +1132,14 @@ impl Coordinator {
     /// the cell.
     fn settle_unknown(&mut self, shard: ShardRef, id: HandoverId, cell: CellId, epoch: u32) {
         self.counters.stale_events += 1;
-        if self.reclaimable.get(&cell).is_some_and(|(r, ..)| *r == id) {
-            // Its lost target's backup decides whether the source keeps it.
+        if self
+            .registry
+            .frozen_copy(cell)
+            .is_some_and(|f| f.handover == id.0 && f.holder == shard)
+        {
+            // Committed, not yet durable: the source keeps its copy until
+            // the target says its backup holds the cell (it tells every new
+            // coordinator), or the target's backup decides after its loss.
             return;
         }
         let order = match self.moved_on(cell, shard) {
@@ -1551,6 +1608,61 @@ mod tests {
             next.command_pin(now, CellId::root(0, 5, 5)),
             Err(CommandError::UnknownCell(_))
         ));
+    }
+
+    #[test]
+    fn a_successor_keeps_a_frozen_copy_until_the_target_says_its_backup_holds_the_cell() {
+        let (mut c, now) = coordinator(false, &[]);
+        let left = CellId::root(0, 0, 0);
+        let id = c.command_move(now, left, shard(1)).unwrap();
+        let frozen = |repeat| Report::Frozen {
+            id,
+            cell: left,
+            epoch: 1,
+            tick: tessera_cells::TickId(10),
+            entities: 3,
+            repeat,
+        };
+        c.handle_report(now, shard(0), frozen(false));
+        c.handle_report(
+            now,
+            shard(1),
+            Report::Prepared {
+                id,
+                cell: left,
+                repeat: false,
+            },
+        );
+        let _ = orders(&mut c);
+        let copy = c
+            .registry()
+            .frozen_copy(left)
+            .expect("recorded at the commit");
+        assert_eq!(
+            (copy.source, copy.holder, copy.target),
+            (shard(0), shard(0), shard(1))
+        );
+        // The coordinator dies before the target's backup holds the cell.
+        let mut next = Coordinator::new(c.registry().clone(), c.policy().clone());
+        // The source, still frozen, asks again: it must keep its copy.
+        next.handle_report(now, shard(0), frozen(true));
+        let sent = orders(&mut next);
+        assert!(
+            sent.iter().all(|(_, o)| !matches!(o, Order::Commit { .. })),
+            "{sent:?}"
+        );
+        assert!(next.registry().frozen_copy(left).is_some());
+        // The target tells the new coordinator its commit is durable: the
+        // source lets go, and the record goes.
+        next.handle_report(now, shard(1), Report::Durable { id, cell: left });
+        let sent = orders(&mut next);
+        assert!(
+            sent.iter()
+                .any(|(to, o)| *to == shard(0)
+                    && matches!(o, Order::Commit { id: i, .. } if *i == id)),
+            "{sent:?}"
+        );
+        assert!(next.registry().frozen_copy(left).is_none());
     }
 
     #[test]

@@ -290,6 +290,7 @@ impl Coordinator {
         l.recovered = true;
         let l = *l;
         let uncertain = self.uncertain_moves(node);
+        self.frozen_copies_move_to_backups(node);
         let declared = l.dead_since.unwrap_or(now);
         // Shards that own cells, and those that own none but were
         // replicated: their backup still holds what waited in them (a
@@ -394,6 +395,24 @@ impl Coordinator {
         else {
             return;
         };
+        // Whoever ordered the promotion (a predecessor that crashed since,
+        // too), the registry's records of frozen copies settle its cells:
+        // one the backup lacked comes back from its copy, one it restored
+        // lets its copy go.
+        let mut lost_cells = 0;
+        for cell in &missing {
+            let given = self.registry().get(*cell).is_some_and(|a| a.owner == shard);
+            if given && self.reclaimable(*cell) {
+                self.reclaim(*cell);
+            } else {
+                lost_cells += 1;
+            }
+        }
+        for cell in &promoted {
+            if self.registry().get(*cell).is_some_and(|a| a.owner == shard) {
+                self.release_frozen(*cell);
+            }
+        }
         let Some(mut p) = self.liveness.pending.remove(&from) else {
             self.counters_mut().stale_events += 1;
             return;
@@ -402,19 +421,6 @@ impl Coordinator {
             self.liveness.pending.insert(from, p);
             self.counters_mut().stale_events += 1;
             return;
-        }
-        let mut lost_cells = 0;
-        for cell in &missing {
-            if self.reclaimable(*cell) {
-                self.reclaim(*cell);
-            } else {
-                lost_cells += 1;
-            }
-        }
-        // Cells the backup had: their handover's source lets go of its
-        // frozen copy.
-        for cell in &promoted {
-            self.release_reclaimable(*cell);
         }
         let missing = lost_cells;
         p.record.served = Some(now.saturating_duration_since(p.declared));

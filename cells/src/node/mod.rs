@@ -142,6 +142,13 @@ pub struct NodeCore<G: GameLogic> {
     /// Handovers activated here waiting for the round that carries their
     /// cell to the backup: (round, handover, cell).
     durable_after: VecDeque<(u64, crate::control::HandoverId, CellId)>,
+    /// Handovers reported (or queued to be) durable, with the cluster epoch
+    /// of the coordinator told: a new coordinator is told again while the
+    /// registry still records their frozen copy.
+    durable_told: BTreeMap<crate::control::HandoverId, u32>,
+    /// Cells of a promotion this shard had no replica of and left to their
+    /// frozen copy, with the cluster epoch of the coordinator told.
+    missing_told: BTreeMap<CellId, u32>,
     /// Cells another shard said it restored (lost shard, new owner), used
     /// for routing until this shard's registry says so too.
     restored_routes: BTreeMap<CellId, (ShardRef, ShardRef)>,
@@ -225,6 +232,8 @@ impl<G: GameLogic> NodeCore<G> {
             held: VecDeque::new(),
             passing: VecDeque::new(),
             durable_after: VecDeque::new(),
+            durable_told: BTreeMap::new(),
+            missing_told: BTreeMap::new(),
             restored_routes: BTreeMap::new(),
             fenced: false,
             fences: 0,
@@ -726,6 +735,8 @@ impl<G: GameLogic> NodeCore<G> {
                 }
                 None if fallback.contains(&cell) => {
                     // Its handover's source takes it back.
+                    let epoch = self.router.registry().cluster_epoch();
+                    self.missing_told.insert(cell, epoch);
                     missing.push(cell);
                     continue;
                 }
@@ -842,6 +853,7 @@ impl<G: GameLogic> NodeCore<G> {
         self.restored_routes
             .retain(|c, (lost, _)| registry.get(*c).is_some_and(|a| a.owner == *lost));
         self.replicator.set_backup(registry.backup_of(self.me));
+        self.retell_to_new_coordinator(&registry);
         // Replicas of shards now backed up elsewhere are dropped; those of
         // shards without a backup entry (lost, promotion pending) stay, and
         // so do those holding a cell the registry gives here that this
@@ -860,6 +872,62 @@ impl<G: GameLogic> NodeCore<G> {
         let owners: BTreeSet<ShardRef> = registry.iter().map(|(_, a)| a.owner).collect();
         self.replicas.forget_retired(|s| owners.contains(&s));
         self.release_held();
+    }
+
+    /// What a coordinator that crashed may never have read, told again to
+    /// its successor (a registry of a newer cluster epoch) while the
+    /// registry still records a frozen copy: a commit into this shard that
+    /// its backup holds (reported durable after the next acknowledged
+    /// round), and a promoted cell this shard had no replica of.
+    fn retell_to_new_coordinator(&mut self, registry: &crate::registry::Registry) {
+        let epoch = registry.cluster_epoch();
+        self.durable_told.retain(|id, _| {
+            registry
+                .frozen_copies()
+                .values()
+                .any(|f| f.handover == id.0)
+        });
+        for (cell, f) in registry.frozen_copies() {
+            let id = crate::control::HandoverId(f.handover);
+            let mine = f.target == self.me
+                && self.world.owns(*cell)
+                && registry.get(*cell).is_some_and(|a| a.owner == self.me);
+            let told = self.durable_told.get(&id).is_some_and(|e| *e >= epoch);
+            let queued = self.durable_after.iter().any(|(_, i, _)| *i == id);
+            if mine && !told && !queued {
+                self.replicator.counters_mut().durable_retold += 1;
+                let seq = self.replicator.covering_seq();
+                self.durable_after.push_back((seq, id, *cell));
+                self.durable_told.insert(id, epoch);
+            }
+        }
+        // A cell of a lost handover target that this shard was promoted to
+        // without a replica of it: the report saying so went to a
+        // coordinator that crashed since; the cell waits for its frozen
+        // copy until the new one hears it.
+        let me = self.me;
+        self.missing_told.retain(|c, _| {
+            registry.get(*c).is_some_and(|a| a.owner == me)
+                && registry.frozen_copy(*c).is_some_and(|f| f.target != me)
+        });
+        let again: Vec<(CellId, ShardRef)> = self
+            .missing_told
+            .iter()
+            .filter(|(c, e)| **e < epoch && !self.world.owns(**c))
+            .filter_map(|(c, _)| registry.frozen_copy(*c).map(|f| (*c, f.target)))
+            .collect();
+        for (cell, lost) in again {
+            self.missing_told.insert(cell, epoch);
+            self.replicator.counters_mut().missing_retold += 1;
+            self.report(Report::Promoted {
+                from: lost,
+                cells: Vec::new(),
+                missing: vec![cell],
+                replica_tick: TickId(0),
+                tick: self.world.tick_id(),
+                entities: 0,
+            });
+        }
     }
 
     fn drop_superseded(&mut self, cell: CellId, owner: ShardRef, epoch: u32, mine: u32) {
@@ -1084,6 +1152,8 @@ impl<G: GameLogic> NodeCore<G> {
                     if let Some((id, cell)) = activated {
                         let seq = self.replicator.covering_seq();
                         self.durable_after.push_back((seq, id, cell));
+                        let epoch = self.router.registry().cluster_epoch();
+                        self.durable_told.insert(id, epoch);
                         self.release_held();
                     }
                 }

@@ -278,11 +278,26 @@ pub fn encode_control(header: &ShardHeader, msg: &ControlMsg) -> Vec<u8> {
                 .map(|(n, i)| wire::IncarnationRec::new(*n, *i))
                 .collect();
             let incarnations = fbb.create_vector(&incarnations);
+            let frozen: Vec<_> = r
+                .frozen_copies()
+                .iter()
+                .map(|(c, f)| {
+                    wire::FrozenRec::new(
+                        &cell_out(*c),
+                        f.handover,
+                        &shard_out(f.source),
+                        &shard_out(f.holder),
+                        &shard_out(f.target),
+                    )
+                })
+                .collect();
+            let frozen = fbb.create_vector(&frozen);
             t!(
                 RegistryRec,
                 RegistryRecArgs {
                     backups: Some(backups),
                     incarnations: Some(incarnations),
+                    frozen: Some(frozen),
                     version: r.version(),
                     cluster_epoch: r.cluster_epoch(),
                     geometry: Some(&wire::GeometryRec::new(
@@ -612,8 +627,29 @@ fn registry_in(r: &wire::RegistryRec) -> Result<Registry, FrameError> {
             return Err(FrameError::BadValue("registry.incarnations"));
         }
     }
+    let mut frozen = BTreeMap::new();
+    for f in r.frozen().iter().flat_map(|v| v.iter()) {
+        let cell = cell_in(f.cell(), "registry.frozen")?;
+        // A frozen copy is of a cell the registry assigns, once.
+        if !cells.contains_key(&cell) {
+            return Err(FrameError::BadValue("registry.frozen"));
+        }
+        let copy = crate::registry::FrozenCopy {
+            handover: f.handover(),
+            source: shard_in(f.source()),
+            holder: shard_in(f.holder()),
+            target: shard_in(f.target()),
+        };
+        if frozen.insert(cell, copy).is_some() {
+            return Err(FrameError::BadValue("registry.frozen"));
+        }
+    }
     Registry::from_parts(Arc::new(layout), cells, r.version(), r.cluster_epoch())
-        .map(|r| r.with_backups(backups).with_incarnations(incarnations))
+        .map(|r| {
+            r.with_backups(backups)
+                .with_incarnations(incarnations)
+                .with_frozen_copies(frozen)
+        })
         .map_err(|_| FrameError::BadValue("registry.cells"))
 }
 

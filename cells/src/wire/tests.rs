@@ -525,6 +525,15 @@ fn control_messages_cross_unchanged() {
     registry.set_backups([(A, B), (B, A)].into_iter().collect());
     registry.set_incarnation(3, 99);
     registry.set_incarnation(0, u64::MAX);
+    registry.set_frozen_copy(
+        kids[0],
+        Some(crate::registry::FrozenCopy {
+            handover: 1 << 40 | 7,
+            source: A,
+            holder: B,
+            target: B,
+        }),
+    );
     let addr = "127.0.0.2:7000".parse().unwrap();
     for msg in [
         ControlMsg::Register(Registration {
@@ -792,6 +801,7 @@ fn a_registry_that_claims_a_huge_world_is_refused_before_anything_is_built() {
             cells: Some(cells),
             backups: None,
             incarnations: None,
+            frozen: None,
         },
     );
     let h = tessera_schema::wire::FrameHeader::new(
@@ -813,6 +823,70 @@ fn a_registry_that_claims_a_huge_world_is_refused_before_anything_is_built() {
     assert!(matches!(
         decode_control(fbb.finished_data()),
         Err(tessera_schema::verify::FrameError::BadValue(_))
+    ));
+}
+
+#[test]
+fn a_frozen_copy_of_a_cell_the_registry_does_not_assign_is_refused() {
+    use tessera_schema::wire;
+    let frame = |frozen_cell: CellId| {
+        let mut fbb = tessera_schema::flatbuffers::FlatBufferBuilder::new();
+        let cells = fbb.create_vector(&[wire::CellAssignment::new(
+            &cell_out(CellId::root(0, 0, 0)),
+            &super::shard_out(A),
+            1,
+        )]);
+        let split = fbb.create_vector::<wire::CellId>(&[]);
+        let frozen = fbb.create_vector(&[wire::FrozenRec::new(
+            &cell_out(frozen_cell),
+            9,
+            &super::shard_out(B),
+            &super::shard_out(B),
+            &super::shard_out(A),
+        )]);
+        let rec = wire::RegistryRec::create(
+            &mut fbb,
+            &wire::RegistryRecArgs {
+                version: 1,
+                cluster_epoch: 1,
+                geometry: Some(&wire::GeometryRec::new(0, 128.0, 1, 1)),
+                split: Some(split),
+                cells: Some(cells),
+                backups: None,
+                incarnations: None,
+                frozen: Some(frozen),
+            },
+        );
+        let h = wire::FrameHeader::new(
+            &cell_out(CellId::root(0, 0, 0)),
+            0,
+            1,
+            &super::shard_out(A),
+            0,
+        );
+        let frame = wire::ControlFrame::create(
+            &mut fbb,
+            &wire::ControlFrameArgs {
+                header: Some(&h),
+                msg_type: wire::ControlMsg::RegistryRec,
+                msg: Some(rec.as_union_value()),
+            },
+        );
+        fbb.finish(frame, None);
+        fbb.finished_data().to_vec()
+    };
+    match decode_control(&frame(CellId::root(0, 0, 0))) {
+        Ok((_, ControlMsg::Registry(r))) => {
+            let f = r.frozen_copy(CellId::root(0, 0, 0)).expect("kept");
+            assert_eq!((f.handover, f.source, f.holder), (9, B, B));
+        }
+        other => panic!("a valid record refused: {other:?}"),
+    }
+    assert!(matches!(
+        decode_control(&frame(CellId::root(0, 3, 3))),
+        Err(tessera_schema::verify::FrameError::BadValue(
+            "registry.frozen"
+        ))
     ));
 }
 

@@ -299,6 +299,16 @@ fn render_replica(o: &mut String, node_id: u16, node: &[Option<super::NodeShardS
             |c| c.rounds_of_other_process,
         ),
         (
+            "tessera_replica_durable_retold_total",
+            "Handovers into this shard reported durable again to a coordinator that took over while the registry still recorded the source's frozen copy.",
+            |c| c.durable_retold,
+        ),
+        (
+            "tessera_replica_missing_retold_total",
+            "Cells of a lost handover target this shard had no replica of, reported again to a coordinator that took over before it gave them back to their frozen copy.",
+            |c| c.missing_retold,
+        ),
+        (
             "tessera_replica_promoted_cells_total",
             "Cells of a lost shard run again from a replica here.",
             |c| c.promoted,

@@ -6573,6 +6573,163 @@ impl<'a> IncarnationRec {
 
 }
 
+/// Where a cell's frozen copy lives while its handover's commit is not
+/// durable (the target's backup does not hold the cell yet).
+// struct FrozenRec, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct FrozenRec(pub [u8; 40]);
+impl Default for FrozenRec { 
+  fn default() -> Self { 
+    Self([0; 40])
+  }
+}
+impl ::core::fmt::Debug for FrozenRec {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("FrozenRec")
+      .field("cell", &self.cell())
+      .field("handover", &self.handover())
+      .field("source", &self.source())
+      .field("holder", &self.holder())
+      .field("target", &self.target())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for FrozenRec {}
+impl<'a> ::flatbuffers::Follow<'a> for FrozenRec {
+  type Inner = &'a FrozenRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a FrozenRec>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a FrozenRec {
+  type Inner = &'a FrozenRec;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<FrozenRec>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for FrozenRec {
+    type Output = FrozenRec;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const FrozenRec as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for FrozenRec {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> FrozenRec {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    cell: &CellId,
+    handover: u64,
+    source: &Sender,
+    holder: &Sender,
+    target: &Sender,
+  ) -> Self {
+    let mut s = Self([0; 40]);
+    s.set_cell(cell);
+    s.set_handover(handover);
+    s.set_source(source);
+    s.set_holder(holder);
+    s.set_target(target);
+    s
+  }
+
+  pub fn cell(&self) -> &CellId {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[0..].as_ptr() as *const CellId) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_cell(&mut self, x: &CellId) {
+    self.0[0..0 + 16].copy_from_slice(&x.0)
+  }
+
+  pub fn handover(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[16..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_handover(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[16..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn source(&self) -> &Sender {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[24..].as_ptr() as *const Sender) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_source(&mut self, x: &Sender) {
+    self.0[24..24 + 4].copy_from_slice(&x.0)
+  }
+
+  pub fn holder(&self) -> &Sender {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[28..].as_ptr() as *const Sender) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_holder(&mut self, x: &Sender) {
+    self.0[28..28 + 4].copy_from_slice(&x.0)
+  }
+
+  pub fn target(&self) -> &Sender {
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid struct in this slot
+    unsafe { &*(self.0[32..].as_ptr() as *const Sender) }
+  }
+
+  #[allow(clippy::identity_op)]
+  pub fn set_target(&mut self, x: &Sender) {
+    self.0[32..32 + 4].copy_from_slice(&x.0)
+  }
+
+}
+
 // struct CellLoadRec, aligned to 8
 #[repr(transparent)]
 #[derive(Clone, Copy, PartialEq)]
@@ -15444,6 +15601,7 @@ impl<'a> RegistryRec<'a> {
   pub const VT_CELLS: ::flatbuffers::VOffsetT = 12;
   pub const VT_BACKUPS: ::flatbuffers::VOffsetT = 14;
   pub const VT_INCARNATIONS: ::flatbuffers::VOffsetT = 16;
+  pub const VT_FROZEN: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -15456,6 +15614,7 @@ impl<'a> RegistryRec<'a> {
   ) -> ::flatbuffers::WIPOffset<RegistryRec<'bldr>> {
     let mut builder = RegistryRecBuilder::new(_fbb);
     builder.add_version(args.version);
+    if let Some(x) = args.frozen { builder.add_frozen(x); }
     if let Some(x) = args.incarnations { builder.add_incarnations(x); }
     if let Some(x) = args.backups { builder.add_backups(x); }
     if let Some(x) = args.cells { builder.add_cells(x); }
@@ -15515,6 +15674,13 @@ impl<'a> RegistryRec<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, IncarnationRec>>>(RegistryRec::VT_INCARNATIONS, None)}
   }
+  #[inline]
+  pub fn frozen(&self) -> Option<::flatbuffers::Vector<'a, FrozenRec>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, FrozenRec>>>(RegistryRec::VT_FROZEN, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for RegistryRec<'_> {
@@ -15530,6 +15696,7 @@ impl ::flatbuffers::Verifiable for RegistryRec<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, CellAssignment>>>("cells", Self::VT_CELLS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, BackupRec>>>("backups", Self::VT_BACKUPS, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, IncarnationRec>>>("incarnations", Self::VT_INCARNATIONS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, FrozenRec>>>("frozen", Self::VT_FROZEN, false)?
      .finish();
     Ok(())
   }
@@ -15542,6 +15709,7 @@ pub struct RegistryRecArgs<'a> {
     pub cells: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, CellAssignment>>>,
     pub backups: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, BackupRec>>>,
     pub incarnations: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, IncarnationRec>>>,
+    pub frozen: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, FrozenRec>>>,
 }
 impl<'a> Default for RegistryRecArgs<'a> {
   #[inline]
@@ -15554,6 +15722,7 @@ impl<'a> Default for RegistryRecArgs<'a> {
       cells: None,
       backups: None,
       incarnations: None,
+      frozen: None,
     }
   }
 }
@@ -15592,6 +15761,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RegistryRecBuilder<'a, 'b, A>
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(RegistryRec::VT_INCARNATIONS, incarnations);
   }
   #[inline]
+  pub fn add_frozen(&mut self, frozen: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , FrozenRec>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(RegistryRec::VT_FROZEN, frozen);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RegistryRecBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     RegistryRecBuilder {
@@ -15616,6 +15789,7 @@ impl ::core::fmt::Debug for RegistryRec<'_> {
       ds.field("cells", &self.cells());
       ds.field("backups", &self.backups());
       ds.field("incarnations", &self.incarnations());
+      ds.field("frozen", &self.frozen());
       ds.finish()
   }
 }
