@@ -95,6 +95,12 @@ struct TargetOp<G: GameLogic> {
     from: ShardRef,
     state: TargetState<G>,
     since: TickId,
+    /// Messages sent to this shard for the cell while it was a shadow
+    /// (routed here ahead of the registry, or by a forward pointer): kept
+    /// apart, because the diff replaces the shadow's queues with the
+    /// source's. They join the cell at activation, and go to the source
+    /// (still the owner) if the handover is dropped.
+    arrived: Vec<Msg<G>>,
 }
 
 /// One shard's side of every handover it takes part in.
@@ -147,8 +153,9 @@ impl<G: GameLogic> HandoverAgent<G> {
     /// the shadow's InputQueue. Handed back otherwise.
     pub fn deliver_to_shadow(&mut self, cell: CellId, msg: Msg<G>) -> Result<(), Msg<G>> {
         match self.targets.get_mut(&cell).map(|op| &mut op.state) {
-            Some(TargetState::Prepared(state)) | Some(TargetState::Shadow(state)) => {
-                state.input_queue.push(msg);
+            Some(_) => {
+                let op = self.targets.get_mut(&cell).expect("matched");
+                op.arrived.push(msg);
                 Ok(())
             }
             None => Err(msg),
@@ -163,6 +170,15 @@ impl<G: GameLogic> HandoverAgent<G> {
                 TargetState::Prepared(s) => Some((*cell, s.as_ref())),
                 TargetState::Shadow(_) => None,
             })
+    }
+
+    /// Transfers sent to this shard for cells it is a handover target of
+    /// (waiting to join the cell, or to go back to the source), for
+    /// checkers.
+    pub fn arrived_transfers(&self) -> impl Iterator<Item = (CellId, crate::ids::EntityId)> + '_ {
+        self.targets.iter().flat_map(|(cell, op)| {
+            crate::cell::queued_transfer_ids(&op.arrived).map(move |id| (*cell, id))
+        })
     }
 
     /// Entities held in shadows (not authoritative), for checkers.
@@ -320,6 +336,7 @@ impl<G: GameLogic> HandoverAgent<G> {
                 from,
                 state: TargetState::Shadow(state),
                 since: tick,
+                arrived: Vec::new(),
             },
         );
         out.push(AgentOutput::ToShard(from, PeerMsg::Ready { id, cell }));
@@ -388,7 +405,8 @@ impl<G: GameLogic> HandoverAgent<G> {
             known = true;
             let op = self.targets.remove(&cell).expect("checked");
             match op.state {
-                TargetState::Prepared(state) => {
+                TargetState::Prepared(mut state) => {
+                    state.input_queue.extend(op.arrived);
                     let layout = world.layout().clone();
                     world.insert_cell(Cell::from_state(*state, &layout));
                     world.set_epoch(cell, epoch);
@@ -438,8 +456,11 @@ impl<G: GameLogic> HandoverAgent<G> {
         let mut known = false;
         if self.targets.get(&cell).is_some_and(|op| op.id == id) {
             known = true;
-            self.targets.remove(&cell);
+            let op = self.targets.remove(&cell).expect("checked");
             self.counters.aborted += 1;
+            if !op.arrived.is_empty() {
+                out.push(AgentOutput::Forward(cell, op.arrived));
+            }
             out.push(AgentOutput::Report(Report::Aborted { id, cell, reason }));
         }
         if self.sources.get(&cell).is_some_and(|op| op.id == id) {
@@ -643,6 +664,9 @@ impl<G: GameLogic> HandoverAgent<G> {
             // coordinator, which commits or aborts).
             let op = self.targets.remove(&cell).expect("listed");
             self.counters.aborted += 1;
+            if !op.arrived.is_empty() {
+                out.push(AgentOutput::Forward(cell, op.arrived));
+            }
             out.push(AgentOutput::Report(Report::Aborted {
                 id: op.id,
                 cell,

@@ -1385,6 +1385,13 @@ impl Harness {
                     }
                 }
             }
+            // Sent to a handover target ahead of its activation: they join
+            // the cell, or go back to the source.
+            if !self.config.node_faults {
+                for (_, id) in core.agent().arrived_transfers() {
+                    *count.entry(id).or_default() += 1;
+                }
+            }
             // Committed but not yet activated: the target's shadow holds them.
             for (cell, state) in core.agent().prepared() {
                 let named = self
@@ -1681,6 +1688,13 @@ impl Harness {
             }
         }
         for (s, core) in self.cores.iter().enumerate() {
+            for (cell, e) in core.agent().arrived_transfers() {
+                if e == id {
+                    out.push(format!(
+                        "sent to the handover target of {cell} on shard {s}"
+                    ));
+                }
+            }
             for (cell, state) in core.agent().prepared() {
                 if crate::cell::queued_transfer_ids(&state.input_queue).any(|e| e == id) {
                     out.push(format!(
