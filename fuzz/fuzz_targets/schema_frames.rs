@@ -24,6 +24,6 @@ fuzz_target!(|data: &[u8]| {
         shifted.tick = s.tick.saturating_add(1);
         let _ = mirror.apply(&shifted);
     }
-    let _ = verify::shard_frame(data);
+    let _ = verify::shard_bundle(data);
     let _ = verify::control_frame(data);
 });

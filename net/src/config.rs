@@ -187,8 +187,10 @@ pub struct Config {
     pub channels: Vec<ChannelConfig>,
     /// Largest datagram (UDP payload) this endpoint sends, header included.
     pub mtu: usize,
-    /// Bytes kept free at the end of every packet (room for an AEAD tag once
-    /// encryption lands).
+    /// Bytes kept free at the end of every packet: room for the AEAD tag of
+    /// a sealed session (at least [`crate::crypto::TAG_LEN`], 16, for one;
+    /// the default). A clear-text session leaves it unused, so that both
+    /// kinds of session share one configuration.
     pub trailer_reserved_bytes: usize,
     /// Largest message `send` accepts (fragmented above one packet).
     pub message_bytes_max: usize,
@@ -265,7 +267,7 @@ impl Default for Config {
                 ChannelConfig::reliable_unordered(),
             ],
             mtu: 1200,
-            trailer_reserved_bytes: 0,
+            trailer_reserved_bytes: crate::crypto::TAG_LEN,
             message_bytes_max: 256 * 1024,
             reliable_window: 1024,
             receive_buffer_bytes_max: 1 << 20,
@@ -299,6 +301,9 @@ impl Default for Config {
 /// A configuration that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
+    /// Sealed sessions need 16 bytes of trailer for their tag.
+    #[error("trailer_reserved_bytes must be at least 16 for sealed sessions, got {0}")]
+    TrailerTooSmall(usize),
     /// Zero or more than 255 channels.
     #[error("between 1 and 255 channels are needed, got {0}")]
     ChannelCount(usize),
@@ -499,7 +504,10 @@ mod tests {
         Config::default().validate().unwrap();
         Config::server().validate().unwrap();
         let limits = Config::default().limits();
-        assert_eq!(limits.frame_room, 1200 - HEADER_LEN);
+        assert_eq!(
+            limits.frame_room,
+            1200 - HEADER_LEN - crate::crypto::TAG_LEN
+        );
         assert_eq!(limits.order, vec![2, 3, 1, 0]);
     }
 

@@ -335,6 +335,13 @@ pub(crate) struct Connection {
     /// (channel, id) of reassemblies already counted in a pre-scan.
     scratch: Vec<(u8, u64)>,
     stats: ConnectionStats,
+    /// The session's ciphers (a connection opened with a connect token):
+    /// every packet after the handshake is sealed.
+    pub(crate) crypto: Option<Box<crate::crypto::PacketCrypto>>,
+    /// The client's sealed token, sent in its handshake requests.
+    pub(crate) token: Option<Box<[u8; crate::token::SEALED_TOKEN_LEN]>>,
+    /// What the server learnt from the client's token.
+    pub(crate) claims: Option<Box<crate::token::TokenClaims>>,
 }
 
 impl Connection {
@@ -406,6 +413,9 @@ impl Connection {
             recv_stats: RecvStats::default(),
             scratch: Vec::new(),
             stats: ConnectionStats::default(),
+            crypto: None,
+            token: None,
+            claims: None,
         }
     }
 
@@ -981,6 +991,9 @@ impl Connection {
                             client_id: self.local_id,
                         }
                         .encode(out);
+                        if let Some(token) = &self.token {
+                            out.extend_from_slice(&token[..]);
+                        }
                     }
                     Some((period, cookie)) => {
                         Header::control(PacketType::ConnectResponse, 0).encode(out);
@@ -991,6 +1004,9 @@ impl Connection {
                             cookie,
                         }
                         .encode(out);
+                        if let Some(token) = &self.token {
+                            out.extend_from_slice(&token[..]);
+                        }
                     }
                 }
                 // Padding: no server reply is ever larger than this request.
@@ -1019,9 +1035,11 @@ impl Connection {
                     connection_id: self.peer_id,
                     seq: self.next_seq as u16,
                     ack: self.received.ack_fields(),
+                    sealed: false,
                 }
                 .encode(out);
                 out.extend_from_slice(&code.to_le_bytes());
+                self.seal(out, start, crate::crypto::SealKind::Data, self.next_seq);
                 self.on_datagram_sent(now, out.len() - start);
                 return true;
             }
@@ -1032,6 +1050,7 @@ impl Connection {
             self.accept_pending = false;
             Header::control(PacketType::Accept, self.peer_id).encode(out);
             out.extend_from_slice(&self.local_id.to_le_bytes());
+            self.seal(out, start, crate::crypto::SealKind::Accept, 0);
             self.on_datagram_sent(now, out.len() - start);
             return true;
         }
@@ -1060,8 +1079,10 @@ impl Connection {
                 connection_id: self.peer_id,
                 seq: self.next_seq as u16,
                 ack: Some((top as u16, self.received.bits_below(top))),
+                sealed: false,
             }
             .encode(out);
+            self.seal(out, start, crate::crypto::SealKind::Data, self.next_seq);
             self.next_seq += 1;
             self.on_datagram_sent(now, out.len() - start);
             return true;
@@ -1085,6 +1106,7 @@ impl Connection {
             connection_id: self.peer_id,
             seq: seq as u16,
             ack: self.received.ack_fields(),
+            sealed: false,
         }
         .encode(out);
         let frames_start = self.frames_base + self.sent_frames.len() as u64;
@@ -1098,6 +1120,7 @@ impl Connection {
             out.truncate(start);
             return false;
         }
+        self.seal(out, start, crate::crypto::SealKind::Data, seq);
         let size = out.len() - start;
         self.next_seq += 1;
         if ack_eliciting {
@@ -1136,6 +1159,19 @@ impl Connection {
             .max(largest.saturating_sub(RECEIVED_WINDOW - 1));
         let end = oldest + ACK_BITS;
         (end < largest).then_some(end)
+    }
+
+    /// Seals the packet at `out[start..]` if this session is encrypted.
+    fn seal(&self, out: &mut Vec<u8>, start: usize, kind: crate::crypto::SealKind, seq: u64) {
+        if let Some(crypto) = &self.crypto {
+            crypto.seal(out, start, kind, seq);
+        }
+    }
+
+    /// The 64-bit sequence number a received header's 16 bits stand for
+    /// (the nonce of a sealed packet); None if too old to tell.
+    pub(crate) fn received_seq(&self, seq: u16) -> Option<u64> {
+        wire::unwrap_u16(self.received.largest.unwrap_or(0), seq)
     }
 
     fn on_datagram_sent(&mut self, now: Instant, size: usize) {

@@ -91,6 +91,46 @@ pub struct EndpointStats {
     pub connections_opened: u64,
     /// Connections gone (any reason).
     pub connections_closed: u64,
+    /// Handshakes whose connect token is malformed or does not open under
+    /// any key (forged, damaged, or sealed under a retired key): dropped
+    /// without a reply.
+    pub dropped_bad_token: u64,
+    /// Handshakes refused: the token expired.
+    pub rejected_token_expired: u64,
+    /// Handshakes refused: the token does not name this server's address.
+    pub rejected_token_wrong_address: u64,
+    /// Handshakes refused: a live session uses the token's player from
+    /// another address.
+    pub rejected_token_in_use: u64,
+    /// Handshakes refused: this endpoint requires a token and none came.
+    pub rejected_token_required: u64,
+    /// Sealed packets that did not open (forged, damaged, replayed from
+    /// another session): dropped before anything read them.
+    pub dropped_bad_seal: u64,
+    /// Packets whose sealing does not match their session (clear text on a
+    /// sealed session, or sealed on a clear one).
+    pub dropped_unsealed: u64,
+}
+
+/// What a server demands of a connecting client: a connect token sealed
+/// under one of `keys`, not expired, naming one of `addresses`.
+#[derive(Clone, Debug)]
+pub struct TokenPolicy {
+    /// The current key first, then the previous one (rotation).
+    pub keys: Vec<crate::token::TokenKey>,
+    /// The addresses clients reach this server at (a token must name one).
+    pub addresses: Vec<SocketAddr>,
+    /// Wall-clock anchor: the Unix time in milliseconds at an instant. The
+    /// endpoint never reads the clock; tokens expire in Unix time.
+    pub clock: (Instant, u64),
+}
+
+impl TokenPolicy {
+    fn unix_s(&self, now: Instant) -> u64 {
+        let (at, unix_ms) = self.clock;
+        let since = now.saturating_duration_since(at).as_millis() as u64;
+        unix_ms.saturating_add(since) / 1000
+    }
 }
 
 /// Sizes of the endpoint's tables: what outside input can make grow.
@@ -241,6 +281,12 @@ pub struct Endpoint {
     pool: BufferPool,
     receive_bytes: usize,
     stats: EndpointStats,
+    /// Set: every client needs a connect token, and sessions are sealed.
+    tokens: Option<TokenPolicy>,
+    /// Token client id -> the session using it (one address per player).
+    by_token: HashMap<u64, u32>,
+    /// Where a sealed packet's body is opened.
+    plain: Vec<u8>,
 }
 
 impl Endpoint {
@@ -269,7 +315,42 @@ impl Endpoint {
             control: VecDeque::new(),
             receive_bytes: 0,
             stats: EndpointStats::default(),
+            tokens: None,
+            by_token: HashMap::new(),
+            plain: Vec::new(),
         })
+    }
+
+    /// From now on every client needs a connect token under `policy`, and
+    /// every session is sealed. Fails if the configuration keeps no room
+    /// for the tag.
+    pub fn require_tokens(&mut self, policy: TokenPolicy) -> Result<(), ConfigError> {
+        if self.config.trailer_reserved_bytes < crate::crypto::TAG_LEN {
+            return Err(ConfigError::TrailerTooSmall(
+                self.config.trailer_reserved_bytes,
+            ));
+        }
+        self.tokens = Some(policy);
+        Ok(())
+    }
+
+    /// Moves the wall-clock anchor of the token policy (a driver re-reads
+    /// the clock now and then). No effect without a policy.
+    pub fn set_clock(&mut self, now: Instant, unix_ms: u64) {
+        if let Some(p) = &mut self.tokens {
+            p.clock = (now, unix_ms);
+        }
+    }
+
+    /// What the token of a server-side session said (player id, user
+    /// data); None for a session opened without one.
+    pub fn token_claims(&self, connection: ConnectionHandle) -> Option<&crate::token::TokenClaims> {
+        let index = self.resolve(connection)?;
+        self.slots[index as usize]
+            .connection
+            .as_deref()?
+            .claims
+            .as_deref()
     }
 
     /// The configuration.
@@ -294,6 +375,27 @@ impl Endpoint {
         let handle = self.insert(connection);
         self.by_id.insert(local_id, handle.index);
         self.refresh(handle.index, true);
+        Ok(handle)
+    }
+
+    /// Starts a handshake with `addr` presenting `token`; the session is
+    /// sealed with the token's keys.
+    pub fn connect_with_token(
+        &mut self,
+        now: Instant,
+        addr: SocketAddr,
+        token: &crate::token::ConnectToken,
+    ) -> Result<ConnectionHandle, ConnectError> {
+        if self.config.trailer_reserved_bytes < crate::crypto::TAG_LEN
+            || self.config.mtu < wire::HEADER_LEN + 28 + crate::token::SEALED_TOKEN_LEN
+        {
+            return Err(ConnectError::NoRoomForToken);
+        }
+        let handle = self.connect(now, addr)?;
+        self.with_connection(handle.index, |c, _| {
+            c.crypto = Some(Box::new(crate::crypto::PacketCrypto::client(&token.keys)));
+            c.token = Some(token.sealed.clone());
+        });
         Ok(handle)
     }
 
@@ -384,7 +486,7 @@ impl Endpoint {
             PacketType::ConnectRequest | PacketType::ConnectResponse => {
                 self.on_handshake(now, from, &header, body, bytes.len())
             }
-            _ => self.on_connection_packet(now, from, &header, body, bytes.len()),
+            _ => self.on_connection_packet(now, from, &header, bytes, body),
         }
     }
 
@@ -673,6 +775,11 @@ impl Endpoint {
         if self.by_peer.get(&peer) == Some(&index) {
             self.by_peer.remove(&peer);
         }
+        if let Some(claims) = &connection.claims {
+            if self.by_token.get(&claims.client_id) == Some(&index) {
+                self.by_token.remove(&claims.client_id);
+            }
+        }
         let slot = &mut self.slots[index as usize];
         slot.generation = slot.generation.wrapping_add(1);
         slot.deadline = None;
@@ -732,17 +839,27 @@ impl Endpoint {
             self.stats.dropped_short_handshake += 1;
             return;
         }
-        let (config_hash, client_id, cookie) = if header.packet_type == PacketType::ConnectRequest {
-            match ConnectRequest::decode(body) {
-                Ok(r) => (r.config_hash, r.client_id, None),
-                Err(error) => return self.count_decode_error(error),
-            }
-        } else {
-            match ConnectResponse::decode(body) {
-                Ok(r) => (r.config_hash, r.client_id, Some((r.period, r.cookie))),
-                Err(error) => return self.count_decode_error(error),
-            }
-        };
+        if header.sealed {
+            self.stats.dropped_unsealed += 1;
+            return;
+        }
+        let (config_hash, client_id, cookie, fixed) =
+            if header.packet_type == PacketType::ConnectRequest {
+                match ConnectRequest::decode(body) {
+                    Ok(r) => (r.config_hash, r.client_id, None, ConnectRequest::LEN),
+                    Err(error) => return self.count_decode_error(error),
+                }
+            } else {
+                match ConnectResponse::decode(body) {
+                    Ok(r) => (
+                        r.config_hash,
+                        r.client_id,
+                        Some((r.period, r.cookie)),
+                        ConnectResponse::LEN,
+                    ),
+                    Err(error) => return self.count_decode_error(error),
+                }
+            };
         if client_id == 0 {
             self.stats.dropped_bad_body += 1;
             return;
@@ -752,7 +869,14 @@ impl Endpoint {
             let reason = RejectReason::IncompatibleConfig;
             return self.queue_control(from, Control::Reject { client_id, reason });
         }
+        // With a token policy, nothing happens for a client without a
+        // valid token: one AEAD open per request, no state. A response's
+        // cookie (cheaper) is checked before its token.
+        let token = &body[fixed.min(body.len())..];
         let Some((period, cookie)) = cookie else {
+            if self.check_token(now, from, client_id, token).is_err() {
+                return;
+            }
             if self.live >= self.config.connections_max {
                 self.stats.rejected_full += 1;
                 let reason = RejectReason::ServerFull;
@@ -783,6 +907,9 @@ impl Endpoint {
                 return;
             }
         }
+        let Ok(claims) = self.check_token(now, from, client_id, token) else {
+            return;
+        };
         if let Some(&index) = self.by_peer.get(&(from, client_id)) {
             // The client did not hear our Accept: say it again.
             if let Some(connection) = self.slots[index as usize].connection.as_deref_mut() {
@@ -798,9 +925,36 @@ impl Endpoint {
             let reason = RejectReason::ServerFull;
             return self.queue_control(from, Control::Reject { client_id, reason });
         }
+        if let Some(c) = &claims {
+            let other = self.by_token.get(&c.client_id).and_then(|i| {
+                self.slots[*i as usize]
+                    .connection
+                    .as_deref()
+                    .map(|x| x.addr)
+            });
+            if other.is_some_and(|addr| addr != from) {
+                // One player, one address: a stolen token cannot take over
+                // (the player's own reconnect waits for the old session to
+                // time out, or comes from the same address).
+                self.stats.rejected_token_in_use += 1;
+                let reason = RejectReason::TokenInUse;
+                return self.queue_control(from, Control::Reject { client_id, reason });
+            }
+        }
         let server_id = self.fresh_id();
-        let connection = Connection::new(server_id, client_id, from, now, false, &self.config);
+        let mut connection = Connection::new(server_id, client_id, from, now, false, &self.config);
+        if let Some(c) = claims {
+            connection.crypto = Some(Box::new(crate::crypto::PacketCrypto::server(&c.keys)));
+            connection.claims = Some(Box::new(c));
+        }
         let handle = self.insert(connection);
+        if let Some(c) = &self.slots[handle.index as usize]
+            .connection
+            .as_deref()
+            .and_then(|x| x.claims.as_deref())
+        {
+            self.by_token.insert(c.client_id, handle.index);
+        }
         self.by_id.insert(server_id, handle.index);
         self.by_peer.insert((from, client_id), handle.index);
         self.stats.connections_accepted += 1;
@@ -812,7 +966,112 @@ impl Endpoint {
         self.refresh(handle.index, true);
     }
 
+    /// The token a handshake packet carries, checked against the policy:
+    /// Ok(None) without a policy; Err after counting (and, where the client
+    /// can act on it, queueing a reject).
+    fn check_token(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        client_id: u32,
+        token: &[u8],
+    ) -> Result<Option<crate::token::TokenClaims>, ()> {
+        use crate::token::{TokenError, SEALED_TOKEN_LEN};
+        let Some(policy) = &self.tokens else {
+            return Ok(None);
+        };
+        if token.len() < SEALED_TOKEN_LEN || token[0] == 0 {
+            self.stats.rejected_token_required += 1;
+            let reason = RejectReason::TokenRequired;
+            self.queue_control(from, Control::Reject { client_id, reason });
+            return Err(());
+        }
+        let sealed = &token[..SEALED_TOKEN_LEN];
+        let reason = match crate::token::open_sealed(sealed, &policy.keys, policy.unix_s(now)) {
+            Ok(claims) if claims.servers.iter().any(|a| policy.addresses.contains(a)) => {
+                return Ok(Some(claims));
+            }
+            Ok(_) | Err(TokenError::WrongAddress) => {
+                self.stats.rejected_token_wrong_address += 1;
+                RejectReason::TokenWrongAddress
+            }
+            Err(TokenError::Expired) => {
+                self.stats.rejected_token_expired += 1;
+                RejectReason::TokenExpired
+            }
+            Err(_) => {
+                // A forgery learns nothing, not even that it was read.
+                self.stats.dropped_bad_token += 1;
+                return Err(());
+            }
+        };
+        self.queue_control(from, Control::Reject { client_id, reason });
+        Err(())
+    }
+
+    /// A packet for a connection: a sealed session's packets are opened
+    /// first (a packet that does not open goes no further).
     fn on_connection_packet(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        header: &Header,
+        datagram: &[u8],
+        body: &[u8],
+    ) {
+        use crate::crypto::SealKind;
+        let sealed_session = self
+            .by_id
+            .get(&header.connection_id)
+            .and_then(|i| self.slots[*i as usize].connection.as_deref())
+            .filter(|c| c.addr == from)
+            .map(|c| (c.crypto.is_some(), c.received_seq(header.seq)));
+        let Some((true, received_seq)) = sealed_session else {
+            if header.sealed && sealed_session.is_some() {
+                self.stats.dropped_unsealed += 1;
+                return;
+            }
+            return self.on_session_packet(now, from, header, body, datagram.len());
+        };
+        // Challenges and rejects stay clear text: they carry nothing secret,
+        // and forging one takes the client's random connection id.
+        let kind = match header.packet_type {
+            PacketType::Data | PacketType::Disconnect => SealKind::Data,
+            PacketType::Accept => SealKind::Accept,
+            _ => return self.on_session_packet(now, from, header, body, datagram.len()),
+        };
+        if !header.sealed {
+            self.stats.dropped_unsealed += 1;
+            return;
+        }
+        let seq = match kind {
+            SealKind::Accept => 0,
+            SealKind::Data => match received_seq {
+                Some(seq) => seq,
+                None => {
+                    self.stats.dropped_too_old += 1;
+                    return;
+                }
+            },
+        };
+        let mut plain = std::mem::take(&mut self.plain);
+        let crypto = self.by_id.get(&header.connection_id).and_then(|i| {
+            self.slots[*i as usize]
+                .connection
+                .as_deref()
+                .and_then(|c| c.crypto.as_deref())
+        });
+        let opened = crypto
+            .is_some_and(|c| c.open(&datagram[..wire::HEADER_LEN], body, kind, seq, &mut plain));
+        if opened {
+            self.on_session_packet(now, from, header, &plain, datagram.len());
+        } else {
+            self.stats.dropped_bad_seal += 1;
+        }
+        self.plain = plain;
+    }
+
+    fn on_session_packet(
         &mut self,
         now: Instant,
         from: SocketAddr,

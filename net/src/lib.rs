@@ -11,6 +11,7 @@ pub mod conditioner;
 mod config;
 mod connection;
 mod cookie;
+mod crypto;
 #[cfg(feature = "driver")]
 pub mod driver;
 mod endpoint;
@@ -19,6 +20,7 @@ pub mod pair;
 mod pool;
 mod recovery;
 pub mod rng;
+pub mod token;
 mod types;
 pub mod wire;
 
@@ -27,7 +29,8 @@ pub use config::{
     GAME_CLIENT_ACK_DELAY, RELIABLE_WINDOW_MAX,
 };
 pub use connection::ConnectionStats;
-pub use endpoint::{Endpoint, EndpointStats, Footprint, Transmit, TransmitBatch};
+pub use crypto::TAG_LEN;
+pub use endpoint::{Endpoint, EndpointStats, Footprint, TokenPolicy, Transmit, TransmitBatch};
 pub use types::{
     ConnectError, ConnectionHandle, DisconnectReason, Event, MessageId, RejectReason, SendError,
     UnknownConnection,

@@ -41,7 +41,15 @@ pub struct Pair {
     pub client_events: Vec<Event>,
     batch: TransmitBatch,
     turns_at_now: u32,
+    /// Set by [`Pair::seal_sessions`]: the token key, the generator of
+    /// session keys and nonces, the next player id.
+    tokens: Option<(crate::token::TokenKey, crate::rng::Rng, u64)>,
+    token_seed: u64,
 }
+
+/// The Unix time (ms) a pair's virtual clock starts at: tokens minted by
+/// [`Pair::seal_sessions`] expire an hour after it.
+pub const PAIR_UNIX_MS: u64 = 1_800_000_000_000;
 
 impl Pair {
     /// A pair with the same link properties both ways. `seed` fixes both
@@ -73,7 +81,48 @@ impl Pair {
             client_events: Vec::new(),
             batch: TransmitBatch::new(64),
             turns_at_now: 0,
+            tokens: None,
+            token_seed: seeds.next_u64(),
         }
+    }
+
+    /// From now on the server requires connect tokens and [`Pair::connect`]
+    /// presents a fresh one (player ids 1, 2, ...): every session is sealed.
+    pub fn seal_sessions(&mut self) {
+        let key = crate::token::TokenKey([0x5E; crate::token::KEY_LEN]);
+        self.server
+            .require_tokens(crate::TokenPolicy {
+                keys: vec![key.clone()],
+                addresses: vec![self.server_addr],
+                clock: (self.start, PAIR_UNIX_MS),
+            })
+            .expect("room for the tag");
+        self.tokens = Some((key, crate::rng::Rng::from_seed(self.token_seed), 1));
+    }
+
+    /// A token for the next player, as a login service would mint it.
+    pub fn mint_token(&mut self) -> crate::token::ConnectToken {
+        let (key, rng, next) = self.tokens.as_mut().expect("seal_sessions first");
+        let mut bytes = |n: usize| (0..n).map(|_| rng.next_u32() as u8).collect::<Vec<u8>>();
+        let keys = crate::token::SessionKeys {
+            client_to_server: bytes(32).try_into().expect("32"),
+            server_to_client: bytes(32).try_into().expect("32"),
+        };
+        let nonce: [u8; 24] = bytes(24).try_into().expect("24");
+        let client_id = *next;
+        *next += 1;
+        crate::token::ConnectToken::mint(
+            key,
+            &crate::token::TokenRequest {
+                client_id,
+                expires_unix_s: PAIR_UNIX_MS / 1000 + 3600,
+                servers: &[self.server_addr],
+                user_data: &client_id.to_le_bytes(),
+            },
+            keys,
+            nonce,
+        )
+        .expect("a valid request")
     }
 
     /// Virtual time since the pair was built.
@@ -83,6 +132,13 @@ impl Pair {
 
     /// Starts a client connection to the server.
     pub fn connect(&mut self) -> ConnectionHandle {
+        if self.tokens.is_some() {
+            let token = self.mint_token();
+            return self
+                .client
+                .connect_with_token(self.now, self.server_addr, &token)
+                .expect("client below its connection cap");
+        }
         self.client
             .connect(self.now, self.server_addr)
             .expect("client below its connection cap")

@@ -67,6 +67,15 @@ pub enum RejectReason {
     ServerFull,
     /// Channel layout or limits differ.
     IncompatibleConfig,
+    /// The connect token expired: get a fresh one from the login service.
+    TokenExpired,
+    /// The connect token is not valid for the address the client reached.
+    TokenWrongAddress,
+    /// A live session already uses this token's player from another
+    /// address.
+    TokenInUse,
+    /// The server requires a connect token and none came.
+    TokenRequired,
     /// A reason this version does not know.
     Unknown(u8),
 }
@@ -76,6 +85,10 @@ impl RejectReason {
         match self {
             Self::ServerFull => 1,
             Self::IncompatibleConfig => 2,
+            Self::TokenExpired => 3,
+            Self::TokenWrongAddress => 4,
+            Self::TokenInUse => 5,
+            Self::TokenRequired => 6,
             Self::Unknown(code) => code,
         }
     }
@@ -84,6 +97,10 @@ impl RejectReason {
         match code {
             1 => Self::ServerFull,
             2 => Self::IncompatibleConfig,
+            3 => Self::TokenExpired,
+            4 => Self::TokenWrongAddress,
+            5 => Self::TokenInUse,
+            6 => Self::TokenRequired,
             other => Self::Unknown(other),
         }
     }
@@ -158,6 +175,10 @@ pub enum ConnectError {
     /// The endpoint holds `connections_max` connections.
     #[error("connection limit reached")]
     TooManyConnections,
+    /// The configuration keeps no room for a connect token (MTU) or for
+    /// the tag of a sealed packet (`trailer_reserved_bytes` under 16).
+    #[error("the configuration has no room for a connect token or a packet tag")]
+    NoRoomForToken,
 }
 
 /// The handle is stale or unknown.

@@ -30,10 +30,10 @@ pub const FRAGMENTED_LEN_MAX: u32 = 16 << 20;
 
 /// Header flag: the `ack`/`ack_bits` fields are meaningful.
 pub const FLAG_HAS_ACK: u8 = 0x01;
-/// Header flag reserved for the encryption issue (an AEAD tag trails the
-/// packet). Rejected until then.
+/// Header flag: the body is sealed (ChaCha20-Poly1305, the header as
+/// associated data) and a 16-byte tag trails the packet.
 pub const FLAG_ENCRYPTED: u8 = 0x80;
-const FLAGS_KNOWN: u8 = FLAG_HAS_ACK;
+const FLAGS_KNOWN: u8 = FLAG_HAS_ACK | FLAG_ENCRYPTED;
 
 /// Frame type: ack-eliciting no-op (keepalive, RTT probe).
 pub const FRAME_PING: u8 = 0x01;
@@ -152,6 +152,8 @@ pub struct Header {
     pub seq: u16,
     /// `(ack, ack_bits)` when the sender has received anything.
     pub ack: Option<(u16, u64)>,
+    /// The body is sealed ([`FLAG_ENCRYPTED`]): only a session's keys read it.
+    pub sealed: bool,
 }
 
 impl Header {
@@ -162,15 +164,19 @@ impl Header {
             connection_id,
             seq: 0,
             ack: None,
+            sealed: false,
         }
     }
 
     /// Appends the 22 header bytes to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        let (ack, ack_bits, flags) = match self.ack {
+        let (ack, ack_bits, mut flags) = match self.ack {
             Some((ack, bits)) => (ack, bits, FLAG_HAS_ACK),
             None => (0, 0, 0),
         };
+        if self.sealed {
+            flags |= FLAG_ENCRYPTED;
+        }
         let raw = RawHeader {
             protocol_id: U16::new(PROTOCOL_ID),
             version: PROTOCOL_VERSION,
@@ -208,6 +214,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<(Header, &[u8]), DecodeError> {
             connection_id: raw.connection_id.get(),
             seq: raw.seq.get(),
             ack,
+            sealed: raw.flags & FLAG_ENCRYPTED != 0,
         },
         body,
     ))
@@ -278,7 +285,16 @@ pub struct ConnectResponse {
     pub cookie: [u8; COOKIE_LEN],
 }
 
+impl ConnectResponse {
+    /// Length of the fixed fields (the connect token follows again, then
+    /// padding: the server keeps no state between request and response).
+    pub const LEN: usize = 12 + COOKIE_LEN;
+}
+
 impl ConnectRequest {
+    /// Length of the fixed fields (a connect token follows, then padding).
+    pub const LEN: usize = 8;
+
     /// Appends the body.
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.config_hash.to_le_bytes());
@@ -547,6 +563,7 @@ mod tests {
             connection_id: 0xDEAD_BEEF,
             seq: 65535,
             ack: Some((12, u64::MAX - 5)),
+            sealed: true,
         };
         let mut out = Vec::new();
         header.encode(&mut out);
@@ -575,8 +592,11 @@ mod tests {
         bad[3] = 0;
         assert_eq!(decode_header(&bad), Err(DecodeError::UnknownPacketType(0)));
         let mut bad = out.clone();
-        bad[4] = FLAG_ENCRYPTED;
+        bad[4] = 0x40;
         assert_eq!(decode_header(&bad), Err(DecodeError::ReservedBits));
+        let mut sealed = out.clone();
+        sealed[4] = FLAG_ENCRYPTED;
+        assert!(decode_header(&sealed).unwrap().0.sealed);
         let mut bad = out;
         bad[5] = 1;
         assert_eq!(decode_header(&bad), Err(DecodeError::ReservedBits));

@@ -224,6 +224,7 @@ fn reassembly_memory_is_bounded() {
                 connection_id: server_id,
                 seq: seq as u16,
                 ack: None,
+                sealed: false,
             }
             .encode(&mut packet);
             let channel = if id % 2 == 0 { 2 } else { 3 };

@@ -111,8 +111,13 @@ fn check_direction(
     );
 }
 
-fn harsh_run(seed: u64, link: ConditionerConfig) {
+/// `sealed`: every session opened with a connect token, every packet
+/// sealed (ChaCha20-Poly1305).
+fn harsh_run(seed: u64, link: ConditionerConfig, sealed: bool) {
     let mut pair = Pair::new(Config::server(), Config::client(), link, seed);
+    if sealed {
+        pair.seal_sessions();
+    }
     // A bursty link can eat a whole handshake: retry like a real client.
     let (client, server) = (0..5)
         .find_map(|_| pair.try_connect())
@@ -152,6 +157,8 @@ fn harsh_run(seed: u64, link: ConditionerConfig) {
         "seed {seed}: {stats:?}"
     );
     assert!(stats.duplicate_packets > 0, "seed {seed}: {stats:?}");
+    assert_eq!(pair.server.token_claims(server).is_some(), sealed);
+    assert_eq!(pair.server.stats().dropped_bad_seal, 0, "seed {seed}");
 }
 
 proptest! {
@@ -159,10 +166,12 @@ proptest! {
 
     /// 20% loss, 5% duplication, 10% reordering, 20-50 ms delay: every
     /// reliable message exactly once (in order on the ordered channel), both
-    /// ways; unreliable at most once; sequenced never backwards.
+    /// ways; unreliable at most once; sequenced never backwards. In clear
+    /// text and sealed.
     #[test]
     fn harsh_link_delivers_exactly_once(seed in any::<u64>()) {
-        harsh_run(seed, ConditionerConfig::harsh());
+        harsh_run(seed, ConditionerConfig::harsh(), false);
+        harsh_run(seed, ConditionerConfig::harsh(), true);
     }
 
     /// Bursty loss (Gilbert-Elliott) with the same duplication and reordering.
@@ -172,7 +181,8 @@ proptest! {
             loss: Loss::GilbertElliott { good_to_bad: 0.05, bad_to_good: 0.3, loss_good: 0.05, loss_bad: 0.7 },
             ..ConditionerConfig::harsh()
         };
-        harsh_run(seed, link);
+        harsh_run(seed, link.clone(), false);
+        harsh_run(seed, link, true);
     }
 }
 
