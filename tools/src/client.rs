@@ -29,6 +29,22 @@ pub struct ClientArgs {
     /// Player name for join.
     #[arg(long, default_value = "player", global = true)]
     pub name: String,
+    /// A connect token (hex, from the game's login service or `tessera
+    /// token mint`) for a node that requires one.
+    #[arg(long, env = "TESSERA_TOKEN", global = true)]
+    pub token: Option<String>,
+    /// Mint our own token with this key file (operators and tests; the
+    /// node's `--key`), as player `--client-id` (default: random).
+    #[arg(
+        long,
+        env = "TESSERA_TOKEN_KEY",
+        global = true,
+        conflicts_with = "token"
+    )]
+    pub token_key: Option<std::path::PathBuf>,
+    /// The player id of a self-minted token.
+    #[arg(long, global = true, requires = "token_key")]
+    pub client_id: Option<u64>,
     #[command(subcommand)]
     pub command: ClientCommand,
 }
@@ -93,7 +109,13 @@ pub struct GameClient {
 
 impl GameClient {
     /// Connects (handshake included) within `timeout`.
-    pub fn connect(server: SocketAddr, timeout: Duration) -> Result<Self, String> {
+    /// With `token`, the session is sealed (the node requires one when it
+    /// runs with `--key`).
+    pub fn connect(
+        server: SocketAddr,
+        timeout: Duration,
+        token: Option<&tessera_net::token::ConnectToken>,
+    ) -> Result<Self, String> {
         let local: SocketAddr = if server.is_ipv4() {
             "0.0.0.0:0"
         } else {
@@ -112,9 +134,11 @@ impl GameClient {
         let seed = tessera_net::driver::os_seed().unwrap_or(7);
         let mut endpoint =
             Endpoint::new(tessera_net::Config::game_client(1), seed).map_err(|e| e.to_string())?;
-        let connection = endpoint
-            .connect(Instant::now(), server)
-            .map_err(|e| e.to_string())?;
+        let connection = match token {
+            Some(t) => endpoint.connect_with_token(Instant::now(), server, t),
+            None => endpoint.connect(Instant::now(), server),
+        }
+        .map_err(|e| e.to_string())?;
         let batch = TransmitBatch::new(socket.batch_size());
         let mut c = Self {
             endpoint,
@@ -307,9 +331,13 @@ const HELP: &str = "commands: join [NAME] | move DX DY | stop | attack ID | ping
 
 impl Driver {
     /// Connects.
-    pub fn new(addr: SocketAddr, name: &str) -> Result<Self, String> {
+    pub fn new(
+        addr: SocketAddr,
+        name: &str,
+        token: Option<&tessera_net::token::ConnectToken>,
+    ) -> Result<Self, String> {
         Ok(Self {
-            client: GameClient::connect(addr, Duration::from_secs(5))?,
+            client: GameClient::connect(addr, Duration::from_secs(5), token)?,
             name: name.to_string(),
             moving: [0.0, 0.0],
             last_input: Instant::now(),
@@ -426,10 +454,14 @@ impl Driver {
     }
 }
 
-fn repl(addr: SocketAddr, name: &str) -> Result<(), String> {
+fn repl(
+    addr: SocketAddr,
+    name: &str,
+    token: Option<&tessera_net::token::ConnectToken>,
+) -> Result<(), String> {
     let (tx, rx) = crossbeam_channel::unbounded::<String>();
     let (reply_tx, reply_rx) = crossbeam_channel::unbounded::<Option<String>>();
-    let mut driver = Driver::new(addr, name)?;
+    let mut driver = Driver::new(addr, name, token)?;
     // The network keeps running (keepalives, movement) while the user types.
     let worker = std::thread::spawn(move || loop {
         match rx.recv_timeout(Duration::from_millis(10)) {
@@ -482,11 +514,31 @@ fn repl(addr: SocketAddr, name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The token `args` give or ask to mint, if any.
+fn token_of(args: &ClientArgs) -> Result<Option<tessera_net::token::ConnectToken>, String> {
+    if let Some(hex) = &args.token {
+        return tessera_net::token::ConnectToken::from_hex(hex)
+            .map(Some)
+            .map_err(|e| format!("--token: {e}"));
+    }
+    let Some(path) = &args.token_key else {
+        return Ok(None);
+    };
+    let keys = crate::token::read_keys(path)?;
+    let id = match args.client_id {
+        Some(id) => id,
+        None => tessera_net::driver::os_seed().map_err(|e| e.to_string())? | 1,
+    };
+    crate::token::mint(&keys[0], id, &[args.addr], 3600, args.name.as_bytes()).map(Some)
+}
+
 /// Runs a client command.
 pub fn run(args: ClientArgs) -> Result<(), String> {
+    let token = token_of(&args)?;
+    let token = token.as_ref();
     match args.command {
         ClientCommand::Ping { count } => {
-            let mut c = GameClient::connect(args.addr, Duration::from_secs(5))?;
+            let mut c = GameClient::connect(args.addr, Duration::from_secs(5), token)?;
             let mut got = Vec::new();
             for i in 0..count {
                 match c.ping(Duration::from_secs(2)) {
@@ -510,7 +562,7 @@ pub fn run(args: ClientArgs) -> Result<(), String> {
             Ok(())
         }
         ClientCommand::Join { seconds } => {
-            let mut d = Driver::new(args.addr, &args.name)?;
+            let mut d = Driver::new(args.addr, &args.name, token)?;
             println!("{}", d.execute("join").unwrap_or_default());
             if d.client.welcome.is_none() {
                 return Err("join failed".into());
@@ -526,7 +578,7 @@ pub fn run(args: ClientArgs) -> Result<(), String> {
             Ok(())
         }
         ClientCommand::Move { dx, dy, seconds } => {
-            let mut d = Driver::new(args.addr, &args.name)?;
+            let mut d = Driver::new(args.addr, &args.name, token)?;
             println!("{}", d.execute("join").unwrap_or_default());
             if d.client.welcome.is_none() {
                 return Err("join failed".into());
@@ -543,11 +595,11 @@ pub fn run(args: ClientArgs) -> Result<(), String> {
             d.client.leave();
             Ok(())
         }
-        ClientCommand::Repl => repl(args.addr, &args.name),
+        ClientCommand::Repl => repl(args.addr, &args.name, token),
         ClientCommand::Script { file } => {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| format!("cannot read script {}: {e}", file.display()))?;
-            let mut d = Driver::new(args.addr, &args.name)?;
+            let mut d = Driver::new(args.addr, &args.name, token)?;
             for (n, line) in text.lines().enumerate() {
                 let line = line.trim();
                 if line.is_empty() || line.starts_with('#') {

@@ -79,6 +79,19 @@ pub struct ServeArgs {
     /// sessions), compute (owns cells) or gateway (hosts sessions only).
     #[arg(long, env = "TESSERA_ROLE", default_value = "both")]
     pub role: tessera_cells::wire::NodeRole,
+    /// Key file (`tessera token key`): clients then need a connect token
+    /// minted with it, and their sessions are sealed. Without it the node
+    /// runs in development mode (clear text, no token).
+    #[arg(long, env = "TESSERA_KEY")]
+    pub key: Option<PathBuf>,
+    /// An address clients reach the game port at, as tokens name it
+    /// (repeat for more; default: the game port's own address).
+    #[arg(
+        long = "public-addr",
+        env = "TESSERA_PUBLIC_ADDR",
+        value_delimiter = ','
+    )]
+    pub public_addrs: Vec<SocketAddr>,
 }
 
 pub fn parse_world_size(s: &str) -> Result<(i32, i32), String> {
@@ -389,6 +402,16 @@ pub fn node_config(args: &ServeArgs) -> Result<NodeConfig, String> {
             .min(8),
         policy,
         cluster: cluster_config(args)?,
+        tokens: match &args.key {
+            Some(path) => Some(tessera_runtime::node::ClientTokens {
+                keys: crate::token::read_keys(path)?,
+                addresses: args.public_addrs.clone(),
+            }),
+            None if !args.public_addrs.is_empty() => {
+                return Err("--public-addr names what tokens must name: it needs --key".into())
+            }
+            None => None,
+        },
     })
 }
 

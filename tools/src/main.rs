@@ -10,6 +10,7 @@ mod demo;
 mod dev;
 mod serve;
 mod sim;
+mod token;
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +40,8 @@ enum Command {
     Dev(dev::DevArgs),
     /// Start the runtime alone (shards, ticks, messages) and print stats.
     RuntimeDemo(demo::DemoArgs),
+    /// Keys and connect tokens: `token key`, `token mint`.
+    Token(token::TokenArgs),
 }
 
 fn main() {
@@ -99,6 +102,7 @@ fn main() {
         Command::Admin(args) => admin::run(args),
         Command::Coord(args) => coord::run(args),
         Command::Dev(args) => dev::run(args),
+        Command::Token(args) => token::run(args),
         Command::RuntimeDemo(args) => demo::run(args),
     };
     if let Err(e) = result {

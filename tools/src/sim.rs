@@ -111,6 +111,14 @@ pub struct SimArgs {
     /// disperses (random walk), to watch cells merge back.
     #[arg(long)]
     pub crowd_seconds: Option<f64>,
+    /// Mint each bot a connect token with this key file (the node's
+    /// `--key`): bot b is player `--first-player-id` + b, its token valid
+    /// for `--addr` and the `--gateways`.
+    #[arg(long, env = "TESSERA_TOKEN_KEY")]
+    pub token_key: Option<PathBuf>,
+    /// The player id of bot 0 with `--token-key`.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub first_player_id: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -344,6 +352,15 @@ pub fn run(args: SimArgs) -> Result<(), String> {
             return Err(format!("cannot pin the simulator to CPU {cpu}"));
         }
     }
+    let token_key = match &args.token_key {
+        Some(path) => Some(crate::token::read_keys(path)?.remove(0)),
+        None => None,
+    };
+    // A bot's token names every gateway it may resume at (up to 8).
+    let token_servers: Vec<SocketAddr> = std::iter::once(args.addr)
+        .chain(args.gateways.iter().copied().filter(|g| *g != args.addr))
+        .take(tessera_net::token::SERVERS_MAX)
+        .collect();
     let sockets = args
         .sockets
         .unwrap_or(args.clients.div_ceil(200))
@@ -800,7 +817,26 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                     if bot.state != State::Resuming {
                         bot.started = now;
                     }
-                    match nets[e].endpoint.connect(now, bot.addr) {
+                    let connected = match &token_key {
+                        Some(key) => crate::token::mint(
+                            key,
+                            args.first_player_id.saturating_add(u64::from(b)),
+                            &token_servers,
+                            3600,
+                            b"sim",
+                        )
+                        .and_then(|t| {
+                            nets[e]
+                                .endpoint
+                                .connect_with_token(now, bot.addr, &t)
+                                .map_err(|e| e.to_string())
+                        }),
+                        None => nets[e]
+                            .endpoint
+                            .connect(now, bot.addr)
+                            .map_err(|e| e.to_string()),
+                    };
+                    match connected {
                         Ok(h) => {
                             bot.connection = Some(h);
                             if bot.state != State::Resuming {

@@ -82,6 +82,21 @@ pub struct NodeConfig {
     /// Join a cluster (a standalone coordinator owns the registry); None:
     /// a single node with its embedded coordinator.
     pub cluster: Option<ClusterConfig>,
+    /// Clients need a connect token, and their sessions are sealed; None:
+    /// development mode (clear text, no token), logged as such.
+    pub tokens: Option<ClientTokens>,
+}
+
+/// What a client must present: a connect token sealed under one of `keys`
+/// (the current key first, then the previous one) naming one of
+/// `addresses`.
+#[derive(Clone, Debug)]
+pub struct ClientTokens {
+    /// The keys shared with the login service.
+    pub keys: Vec<tessera_net::token::TokenKey>,
+    /// The addresses clients reach this node at; empty: the game port's
+    /// own address (loopback if it is bound to every interface).
+    pub addresses: Vec<SocketAddr>,
 }
 
 impl Default for NodeConfig {
@@ -106,6 +121,7 @@ impl Default for NodeConfig {
             max_depth: 3,
             policy: None,
             cluster: None,
+            tokens: None,
         }
     }
 }
@@ -272,7 +288,29 @@ impl<G: GameLogic> Node<G> {
             _ => Self::bind_game_sockets(&config, shards)?,
         };
         let game_addr = sockets[0].local_addr();
+        let token_policy = config.tokens.as_ref().map(|t| {
+            let addresses = if t.addresses.is_empty() {
+                let ip = if game_addr.ip().is_unspecified() {
+                    std::net::IpAddr::from([127, 0, 0, 1])
+                } else {
+                    game_addr.ip()
+                };
+                vec![SocketAddr::new(ip, game_addr.port())]
+            } else {
+                t.addresses.clone()
+            };
+            // Tokens expire in Unix time; the endpoint never reads the clock.
+            let unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            tessera_net::TokenPolicy {
+                keys: t.keys.clone(),
+                addresses,
+                clock: (std::time::Instant::now(), unix_ms),
+            }
+        });
 
+        let policy_summary = token_policy.clone();
         // In a cluster, the coordinator owns the registry: bind the cluster
         // ports, register, wait for it.
         let incarnation = tessera_net::driver::os_seed().unwrap_or(config.seed);
@@ -400,8 +438,13 @@ impl<G: GameLogic> Node<G> {
             }
             (setup.populate)(core.world_mut(), share);
             let endpoint_seed = tessera_net::driver::os_seed().unwrap_or(seed) ^ u64::from(shard.0);
-            let endpoint = Endpoint::new(EndpointConfig::game_server(sessions), endpoint_seed)
+            let mut endpoint = Endpoint::new(EndpointConfig::game_server(sessions), endpoint_seed)
                 .expect("valid server configuration");
+            if let Some(p) = &token_policy {
+                endpoint
+                    .require_tokens(p.clone())
+                    .expect("the game configuration keeps room for the tag");
+            }
             let driver = shard::NodeShard::new(
                 shard,
                 sh.clone(),
@@ -479,6 +522,16 @@ impl<G: GameLogic> Node<G> {
                 runtime.stop_handle(),
                 helpers_stop.clone(),
             )?);
+        }
+        // Said once the node is up (a configuration error is the only line
+        // of a failed start).
+        match &policy_summary {
+            Some(p) => {
+                tracing::info!(keys = p.keys.len(), addresses = ?p.addresses, "clients need a connect token; sessions are sealed")
+            }
+            None => {
+                tracing::warn!(addr = %game_addr, "development mode: clients connect without a token, in clear text (give --key to require tokens)")
+            }
         }
         tracing::info!(addr = %game_addr, shards, metrics = ?metrics_addr, admin = ?admin_addr, "node started");
         Ok(Node {

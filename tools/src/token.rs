@@ -1,0 +1,165 @@
+//! `tessera token`: keys and connect tokens for operators and tests (a
+//! game's login service mints tokens with the library call,
+//! `tessera_net::token::ConnectToken::mint`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+use tessera_net::token::{ConnectToken, SessionKeys, TokenKey, TokenRequest};
+
+/// Arguments of `tessera token`.
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    #[command(subcommand)]
+    command: TokenCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Print a fresh random key (64 hex digits) for `serve --key FILE`.
+    Key,
+    /// Mint a connect token (printed as hex) for one player.
+    Mint(MintArgs),
+}
+
+#[derive(Args, Debug)]
+struct MintArgs {
+    /// The key file the servers use (its first line is the current key).
+    #[arg(long)]
+    key: PathBuf,
+    /// The player's id (not 0); reconnects with this id are the same
+    /// player.
+    #[arg(long)]
+    client_id: u64,
+    /// A server address the token is valid for (repeat for more, up to 8).
+    #[arg(long = "server", required = true)]
+    servers: Vec<SocketAddr>,
+    /// Seconds until the token expires.
+    #[arg(long, default_value_t = 3600)]
+    expires_in: u64,
+    /// Account data handed to the game server (up to 256 bytes).
+    #[arg(long, default_value = "")]
+    user_data: String,
+}
+
+/// Runs `tessera token`.
+pub fn run(args: TokenArgs) -> Result<(), String> {
+    match args.command {
+        TokenCommand::Key => {
+            println!("{}", TokenKey(random_bytes()?).to_hex());
+            Ok(())
+        }
+        TokenCommand::Mint(m) => {
+            let keys = read_keys(&m.key)?;
+            let token = mint(
+                &keys[0],
+                m.client_id,
+                &m.servers,
+                m.expires_in,
+                m.user_data.as_bytes(),
+            )?;
+            println!("{}", token.to_hex());
+            Ok(())
+        }
+    }
+}
+
+/// Reads a key file: the current key on its first line, optionally the
+/// previous one on the second (rotation); `#` starts a comment line.
+pub fn read_keys(path: &Path) -> Result<Vec<TokenKey>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the key file {}: {e}", path.display()))?;
+    let keys: Vec<TokenKey> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| TokenKey::from_hex(l).map_err(|e| format!("{}: {e}", path.display())))
+        .collect::<Result<_, _>>()?;
+    match keys.len() {
+        0 => Err(format!("{}: no key in the file", path.display())),
+        1 | 2 => Ok(keys),
+        n => Err(format!(
+            "{}: {n} keys; a key file holds the current key and at most the previous one",
+            path.display()
+        )),
+    }
+}
+
+/// Mints a token valid `expires_in` seconds from now.
+pub fn mint(
+    key: &TokenKey,
+    client_id: u64,
+    servers: &[SocketAddr],
+    expires_in: u64,
+    user_data: &[u8],
+) -> Result<ConnectToken, String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_secs();
+    ConnectToken::mint(
+        key,
+        &TokenRequest {
+            client_id,
+            expires_unix_s: now.saturating_add(expires_in),
+            servers,
+            user_data,
+        },
+        SessionKeys {
+            client_to_server: random_bytes()?,
+            server_to_client: random_bytes()?,
+        },
+        random_bytes()?,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Bytes from the OS's generator: session keys and nonces must not be
+/// guessable.
+fn random_bytes<const N: usize>() -> Result<[u8; N], String> {
+    let mut out = [0u8; N];
+    for chunk in out.chunks_mut(8) {
+        let v = tessera_net::driver::os_seed()
+            .map_err(|e| format!("no OS randomness: {e}"))?
+            .to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_files_name_what_is_wrong() {
+        let dir = std::env::temp_dir().join(format!("tessera-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let k = "ab".repeat(32);
+        let two = file(
+            "two",
+            &format!("# rotated on Monday\n{k}\n{}\n", "cd".repeat(32)),
+        );
+        assert_eq!(read_keys(&two).unwrap().len(), 2);
+        let e = read_keys(&file("empty", "# nothing\n")).unwrap_err();
+        assert!(e.contains("no key"), "{e}");
+        let e = read_keys(&file("bad", "xyz\n")).unwrap_err();
+        assert!(e.contains("64 hex digits"), "{e}");
+        let e = read_keys(&file("three", &format!("{k}\n{k}\n{k}\n"))).unwrap_err();
+        assert!(e.contains("at most the previous"), "{e}");
+        let e = read_keys(&dir.join("missing")).unwrap_err();
+        assert!(e.contains("cannot read"), "{e}");
+        let keys = read_keys(&two).unwrap();
+        let server: SocketAddr = "127.0.0.1:7777".parse().unwrap();
+        let t = mint(&keys[0], 9, &[server], 60, b"bob").unwrap();
+        assert_eq!(ConnectToken::from_hex(&t.to_hex()).unwrap(), t);
+        assert!(mint(&keys[0], 0, &[server], 60, b"").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

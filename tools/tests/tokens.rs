@@ -1,0 +1,172 @@
+//! End-to-end on loopback: a node started with `--key` lets in only clients
+//! with a valid connect token, and seals their sessions; bots with tokens
+//! play as usual.
+
+mod common;
+
+use common::{run, sim_value, Server};
+
+fn key_file(name: &str) -> std::path::PathBuf {
+    let (ok, key) = run(&["token", "key"]);
+    assert!(ok && key.trim().len() == 64, "{key}");
+    let path = std::env::temp_dir().join(format!("tessera-{name}-{}.key", std::process::id()));
+    std::fs::write(&path, key).unwrap();
+    path
+}
+
+#[test]
+fn a_node_with_a_key_admits_only_valid_tokens_and_bots_with_tokens_play() {
+    let key = key_file("e2e");
+    let key_arg = key.to_str().unwrap();
+    let mut server = Server::start(&[
+        "--shards", "2", "--world", "4x4", "--npcs", "100", "--key", key_arg,
+    ]);
+    let addr = server.game.to_string();
+
+    // Without a token: refused, with a reason the client can act on.
+    let (ok, out) = server.tessera(&["client", "--addr", &addr, "ping", "--count", "1"]);
+    assert!(!ok && out.contains("TokenRequired"), "{out}");
+    // A token minted with the key: in.
+    let (ok, out) = server.tessera(&[
+        "client",
+        "--addr",
+        &addr,
+        "--token-key",
+        key_arg,
+        "ping",
+        "--count",
+        "3",
+    ]);
+    assert!(ok && out.contains("pongs"), "{out}");
+    // Minted by the operator command, passed as text.
+    let (ok, token) = run(&[
+        "token",
+        "mint",
+        "--key",
+        key_arg,
+        "--client-id",
+        "5",
+        "--server",
+        &addr,
+    ]);
+    assert!(ok, "{token}");
+    let (ok, out) = server.tessera(&[
+        "client",
+        "--addr",
+        &addr,
+        "--token",
+        token.trim(),
+        "--name",
+        "ada",
+        "join",
+        "--seconds",
+        "1",
+    ]);
+    assert!(ok && out.contains("joined as entity"), "{out}");
+    // Expired, or for another server: refused with the reason.
+    let (ok, expired) = run(&[
+        "token",
+        "mint",
+        "--key",
+        key_arg,
+        "--client-id",
+        "6",
+        "--server",
+        &addr,
+        "--expires-in",
+        "0",
+    ]);
+    assert!(ok, "{expired}");
+    let (ok, out) = server.tessera(&[
+        "client",
+        "--addr",
+        &addr,
+        "--token",
+        expired.trim(),
+        "ping",
+        "--count",
+        "1",
+    ]);
+    assert!(!ok && out.contains("TokenExpired"), "{out}");
+    let (ok, elsewhere) = run(&[
+        "token",
+        "mint",
+        "--key",
+        key_arg,
+        "--client-id",
+        "7",
+        "--server",
+        "127.0.0.9:7777",
+    ]);
+    assert!(ok, "{elsewhere}");
+    let (ok, out) = server.tessera(&[
+        "client",
+        "--addr",
+        &addr,
+        "--token",
+        elsewhere.trim(),
+        "ping",
+        "--count",
+        "1",
+    ]);
+    assert!(!ok && out.contains("TokenWrongAddress"), "{out}");
+    // Another key's token is dropped without a word: the client times out.
+    let other = key_file("other");
+    let (ok, out) = server.tessera(&[
+        "client",
+        "--addr",
+        &addr,
+        "--token-key",
+        other.to_str().unwrap(),
+        "ping",
+        "--count",
+        "1",
+    ]);
+    assert!(!ok && out.contains("HandshakeTimedOut"), "{out}");
+
+    // 100 bots with tokens commute across both shards' cells.
+    let report = std::env::temp_dir().join(format!("tessera-tokens-{}.json", std::process::id()));
+    let (ok, out) = server.tessera(&[
+        "sim",
+        "--addr",
+        &addr,
+        "--clients",
+        "100",
+        "--sockets",
+        "8",
+        "--duration",
+        "4",
+        "--ramp",
+        "1",
+        "--pattern",
+        "commute",
+        "--token-key",
+        key_arg,
+        "--out",
+        report.to_str().unwrap(),
+    ]);
+    assert!(ok, "sim failed: {out}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(sim_value(&report, "clients_joined"), 100.0, "{out}");
+    assert_eq!(sim_value(&report, "clients_failed"), 0.0, "{out}");
+    assert_eq!(sim_value(&report, "verify_errors"), 0.0, "{out}");
+    // Each refusal was counted under its reason; nothing failed to open.
+    let drops = |reason: &str| {
+        server
+            .by_reason("tessera_drops_total{")
+            .into_iter()
+            .filter(|(r, _)| r == reason)
+            .map(|(_, n)| n)
+            .sum::<f64>()
+    };
+    assert!(drops("token_required") >= 1.0);
+    assert!(drops("token_expired") >= 1.0);
+    assert!(drops("token_wrong_address") >= 1.0);
+    assert!(drops("bad_token") >= 1.0);
+    assert_eq!(drops("bad_seal"), 0.0);
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}");
+    let _ = std::fs::remove_file(&key);
+    let _ = std::fs::remove_file(&other);
+}
