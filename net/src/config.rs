@@ -255,6 +255,43 @@ pub struct Config {
     pub retransmission_copies: u8,
     /// Message buffers kept for reuse.
     pub buffer_pool_max: usize,
+    /// What one peer may send (abuse limits); None: unlimited (cluster
+    /// links, clients).
+    pub peer_limit: Option<PeerLimit>,
+}
+
+/// Receive limits per connection: token buckets of packets and bytes per
+/// second, each holding `burst` worth. A packet over either is dropped
+/// (after it opened, so a forger cannot spend a victim's budget) and
+/// counted; `abuse_drops` drops within one second close the connection
+/// with [`PeerLimit::CODE`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PeerLimit {
+    /// Packets per second.
+    pub packets_per_s: u32,
+    /// Bytes per second (datagram sizes).
+    pub bytes_per_s: u32,
+    /// How much the buckets hold, in seconds of their rate.
+    pub burst: Duration,
+    /// Drops within one second that close the connection (0: never).
+    pub abuse_drops: u32,
+}
+
+impl PeerLimit {
+    /// The disconnect code of a connection closed for sending too much
+    /// (the transport reserves codes from 0xFF00).
+    pub const CODE: u16 = 0xFF01;
+
+    /// A game client's budget: its inputs (up to 120 Hz), acks and pings,
+    /// with room to spare; a client doing far more is not playing.
+    pub fn game_client() -> Self {
+        Self {
+            packets_per_s: 300,
+            bytes_per_s: 128 * 1024,
+            burst: Duration::from_secs(2),
+            abuse_drops: 300,
+        }
+    }
 }
 
 impl Default for Config {
@@ -294,6 +331,7 @@ impl Default for Config {
             transmit_burst_packets: 8,
             retransmission_copies: 1,
             buffer_pool_max: 4096,
+            peer_limit: None,
         }
     }
 }
@@ -365,6 +403,7 @@ impl Config {
     pub fn game_server(sessions: usize) -> Self {
         let mut c = Self::server();
         c.connections_max = sessions.max(1);
+        c.peer_limit = Some(PeerLimit::game_client());
         c
     }
 

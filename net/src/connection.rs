@@ -342,6 +342,65 @@ pub(crate) struct Connection {
     pub(crate) token: Option<Box<[u8; crate::token::SEALED_TOKEN_LEN]>>,
     /// What the server learnt from the client's token.
     pub(crate) claims: Option<Box<crate::token::TokenClaims>>,
+    /// What is left of the peer's receive budget (with a peer limit).
+    pub(crate) budget: Option<PeerBudget>,
+}
+
+/// A peer's token buckets (see [`crate::PeerLimit`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PeerBudget {
+    packets: f64,
+    bytes: f64,
+    refilled: Instant,
+    drops: u32,
+    drops_since: Instant,
+}
+
+/// What the budget says of a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Budgeted {
+    Admit,
+    Drop,
+    /// Dropped, and the peer went over `abuse_drops` in one second.
+    Abuse,
+}
+
+impl PeerBudget {
+    pub fn new(limit: &crate::PeerLimit, now: Instant) -> Self {
+        let burst = limit.burst.as_secs_f64();
+        Self {
+            packets: f64::from(limit.packets_per_s) * burst,
+            bytes: f64::from(limit.bytes_per_s) * burst,
+            refilled: now,
+            drops: 0,
+            drops_since: now,
+        }
+    }
+
+    /// Spends one packet of `len` bytes, if both buckets hold it.
+    pub fn spend(&mut self, limit: &crate::PeerLimit, now: Instant, len: usize) -> Budgeted {
+        let burst = limit.burst.as_secs_f64();
+        let dt = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        let (pps, bps) = (f64::from(limit.packets_per_s), f64::from(limit.bytes_per_s));
+        self.packets = (self.packets + dt * pps).min(pps * burst);
+        self.bytes = (self.bytes + dt * bps).min(bps * burst);
+        if self.packets >= 1.0 && self.bytes >= len as f64 {
+            self.packets -= 1.0;
+            self.bytes -= len as f64;
+            return Budgeted::Admit;
+        }
+        if now.saturating_duration_since(self.drops_since) >= Duration::from_secs(1) {
+            self.drops = 0;
+            self.drops_since = now;
+        }
+        self.drops += 1;
+        if limit.abuse_drops > 0 && self.drops >= limit.abuse_drops {
+            Budgeted::Abuse
+        } else {
+            Budgeted::Drop
+        }
+    }
 }
 
 impl Connection {
@@ -416,6 +475,7 @@ impl Connection {
             crypto: None,
             token: None,
             claims: None,
+            budget: config.peer_limit.as_ref().map(|l| PeerBudget::new(l, now)),
         }
     }
 
@@ -1172,6 +1232,13 @@ impl Connection {
     /// (the nonce of a sealed packet); None if too old to tell.
     pub(crate) fn received_seq(&self, seq: u16) -> Option<u64> {
         wire::unwrap_u16(self.received.largest.unwrap_or(0), seq)
+    }
+
+    /// True if a data packet with this header sequence number was not
+    /// received yet (neither a duplicate nor too old).
+    pub(crate) fn is_new_packet(&self, seq: u16) -> bool {
+        self.received_seq(seq)
+            .is_some_and(|s| self.received.arrival(s) == Arrival::New)
     }
 
     fn on_datagram_sent(&mut self, now: Instant, size: usize) {

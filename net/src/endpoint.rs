@@ -110,6 +110,10 @@ pub struct EndpointStats {
     /// Packets whose sealing does not match their session (clear text on a
     /// sealed session, or sealed on a clear one).
     pub dropped_unsealed: u64,
+    /// Data packets over their peer's receive limit ([`crate::PeerLimit`]).
+    pub dropped_rate_limited: u64,
+    /// Connections closed for staying far over their receive limit.
+    pub closed_for_abuse: u64,
 }
 
 /// What a server demands of a connecting client: a connect token sealed
@@ -1031,6 +1035,9 @@ impl Endpoint {
                 self.stats.dropped_unsealed += 1;
                 return;
             }
+            if !self.within_budget(now, from, header, datagram.len()) {
+                return;
+            }
             return self.on_session_packet(now, from, header, body, datagram.len());
         };
         // Challenges and rejects stay clear text: they carry nothing secret,
@@ -1064,11 +1071,64 @@ impl Endpoint {
         let opened = crypto
             .is_some_and(|c| c.open(&datagram[..wire::HEADER_LEN], body, kind, seq, &mut plain));
         if opened {
-            self.on_session_packet(now, from, header, &plain, datagram.len());
+            if self.within_budget(now, from, header, datagram.len()) {
+                self.on_session_packet(now, from, header, &plain, datagram.len());
+            }
         } else {
             self.stats.dropped_bad_seal += 1;
         }
         self.plain = plain;
+    }
+
+    /// Spends a data packet from the session's peer against its receive
+    /// limit: false if it must be dropped. A peer far over the limit is
+    /// closed with [`crate::PeerLimit::CODE`].
+    fn within_budget(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        header: &Header,
+        len: usize,
+    ) -> bool {
+        use crate::connection::Budgeted;
+        if header.packet_type != PacketType::Data {
+            return true;
+        }
+        let Some(limit) = self.config.peer_limit else {
+            return true;
+        };
+        let Some(&index) = self.by_id.get(&header.connection_id) else {
+            return true;
+        };
+        let slot = &mut self.slots[index as usize];
+        let generation = slot.generation;
+        // Only new packets spend: a replayed one (an on-path attacker
+        // repeating a victim's) is dropped as a duplicate, not charged to
+        // the victim.
+        let verdict = match slot
+            .connection
+            .as_deref_mut()
+            .filter(|c| c.addr == from && c.is_new_packet(header.seq))
+            .and_then(|c| c.budget.as_mut())
+        {
+            Some(budget) => budget.spend(&limit, now, len),
+            None => return true,
+        };
+        match verdict {
+            Budgeted::Admit => true,
+            Budgeted::Drop => {
+                self.stats.dropped_rate_limited += 1;
+                false
+            }
+            Budgeted::Abuse => {
+                self.stats.dropped_rate_limited += 1;
+                self.stats.closed_for_abuse += 1;
+                let handle = ConnectionHandle { index, generation };
+                tracing::warn!(connection = ?handle, %from, "peer far over its receive limit: closed");
+                let _ = self.disconnect(now, handle, crate::PeerLimit::CODE);
+                false
+            }
+        }
     }
 
     fn on_session_packet(

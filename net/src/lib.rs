@@ -25,7 +25,7 @@ mod types;
 pub mod wire;
 
 pub use config::{
-    ChannelConfig, ChannelId, ChannelKind, Config, ConfigError, CongestionConfig,
+    ChannelConfig, ChannelId, ChannelKind, Config, ConfigError, CongestionConfig, PeerLimit,
     GAME_CLIENT_ACK_DELAY, RELIABLE_WINDOW_MAX,
 };
 pub use connection::ConnectionStats;

@@ -57,7 +57,7 @@ struct Net {
 impl Net {
     fn new(clients: usize) -> Net {
         let now = Instant::now();
-        let mut server = Endpoint::new(Config::server(), 1).unwrap();
+        let mut server = Endpoint::new(Config::game_server(64), 1).unwrap();
         server
             .require_tokens(TokenPolicy {
                 keys: vec![TokenKey([9; 32]), KEY],
@@ -387,4 +387,90 @@ fn sealed_sessions_stay_reliable_on_a_harsh_link() {
         );
         assert_eq!(pair.server.stats().dropped_bad_seal, 0, "seed {seed}");
     }
+}
+
+/// A game server's peer limit: a client sending far more than a player
+/// is dropped, then closed with `PeerLimit::CODE`; one playing at 60 Hz
+/// loses nothing.
+#[test]
+fn a_peer_far_over_its_receive_limit_is_cut_off_and_players_are_not() {
+    use tessera_net::PeerLimit;
+    for flood in [false, true] {
+        // Tighter than a game server's default, so that a client endpoint
+        // (which paces itself) can be far over it.
+        let mut config = Config::game_server(16);
+        config.peer_limit = Some(PeerLimit {
+            packets_per_s: 100,
+            bytes_per_s: 64 * 1024,
+            burst: Duration::from_secs(1),
+            abuse_drops: 50,
+        });
+        let mut pair = Pair::new(config, Config::default(), ConditionerConfig::default(), 21);
+        pair.seal_sessions();
+        let (client, server) = pair.connect_and_wait();
+        let tick = Duration::from_millis(if flood { 1 } else { 16 });
+        let mut sent = 0u32;
+        for _ in 0..(Duration::from_secs(3).as_millis() / tick.as_millis()) {
+            // One player input a tick (a flood: a large one every ms).
+            let len = if flood { 1000 } else { 40 };
+            let _ = pair
+                .client
+                .send(client, ChannelId::UNRELIABLE, &make_message(3, sent, len));
+            sent += 1;
+            pair.run_for(tick);
+        }
+        let s = pair.server.stats();
+        if flood {
+            assert!(s.dropped_rate_limited > 0, "{s:?}");
+            assert_eq!(s.closed_for_abuse, 1, "{s:?}");
+            assert!(
+                util::disconnects(&pair.client_events, client)
+                    .contains(&DisconnectReason::Remote(PeerLimit::CODE)),
+                "{:?}",
+                pair.client_events.iter().rev().take(3).collect::<Vec<_>>()
+            );
+        } else {
+            assert_eq!(s.dropped_rate_limited, 0, "{s:?}");
+            assert_eq!(
+                received(&pair.server_events, server, ChannelId::UNRELIABLE).len(),
+                sent as usize
+            );
+            assert!(pair.client.is_connected(client));
+        }
+    }
+}
+
+#[test]
+fn replays_of_a_players_packets_are_not_charged_to_the_player() {
+    let mut net = Net::new(1);
+    let t = token(9, PAIR_UNIX_MS / 1000 + 60, &[server_addr()], 9);
+    let client = net.clients[0]
+        .1
+        .connect_with_token(net.now, server_addr(), &t)
+        .unwrap();
+    net.run(100);
+    let _ = net.server_connection();
+    net.clients[0]
+        .1
+        .send(client, RO, &make_message(1, 0, 100))
+        .unwrap();
+    net.transmit();
+    let (from, to, genuine) = net
+        .wire
+        .iter()
+        .find(|(f, ..)| *f == net.clients[0].0)
+        .cloned()
+        .expect("the data packet");
+    net.wire.clear();
+    for _ in 0..5000 {
+        net.deliver(from, to, &genuine);
+    }
+    net.collect();
+    let s = net.server.stats();
+    assert_eq!(s.closed_for_abuse, 0, "{s:?}");
+    assert!(s.dropped_duplicate >= 4999, "{s:?}");
+    net.run(100);
+    assert!(!net.client_events[0]
+        .iter()
+        .any(|e| matches!(e, Event::Disconnected { .. })));
 }

@@ -581,6 +581,8 @@ pub fn render(shared: &NodeShared, board: &StatsBoard) -> String {
             ("token_required", e.rejected_token_required),
             ("bad_seal", e.dropped_bad_seal),
             ("unsealed", e.dropped_unsealed),
+            ("peer_rate_limited", e.dropped_rate_limited),
+            ("peer_closed_for_abuse", e.closed_for_abuse),
             ("socket_truncated", s.socket.recv_truncated),
             ("socket_send_would_block", s.socket.send_would_block),
             ("send_queue_full", s.driver.send_refused),
