@@ -391,7 +391,8 @@ impl Endpoint {
         token: &crate::token::ConnectToken,
     ) -> Result<ConnectionHandle, ConnectError> {
         if self.config.trailer_reserved_bytes < crate::crypto::TAG_LEN
-            || self.config.mtu < wire::HEADER_LEN + 28 + crate::token::SEALED_TOKEN_LEN
+            || self.config.mtu
+                < wire::HEADER_LEN + wire::ConnectResponse::LEN + crate::token::SEALED_TOKEN_LEN
         {
             return Err(ConnectError::NoRoomForToken);
         }

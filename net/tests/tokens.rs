@@ -156,6 +156,42 @@ impl Net {
         })
     }
 
+    /// Client 0 opens a sealed session as player `player` and sends one
+    /// message: the server's session, and the data packet carrying it
+    /// (taken off the wire, not delivered).
+    fn sealed_data_packet(
+        &mut self,
+        player: u8,
+    ) -> (ConnectionHandle, (SocketAddr, SocketAddr, Vec<u8>)) {
+        let t = token(
+            u64::from(player),
+            PAIR_UNIX_MS / 1000 + 60,
+            &[server_addr()],
+            player,
+        );
+        let now = self.now;
+        let client = self.clients[0]
+            .1
+            .connect_with_token(now, server_addr(), &t)
+            .unwrap();
+        self.run(100);
+        let session = self.server_connection();
+        self.clients[0]
+            .1
+            .send(client, RO, &make_message(1, 0, 100))
+            .unwrap();
+        self.transmit();
+        let me = self.clients[0].0;
+        let packet = self
+            .wire
+            .iter()
+            .find(|(f, ..)| *f == me)
+            .cloned()
+            .expect("the data packet");
+        self.wire.clear();
+        (session, packet)
+    }
+
     fn server_connection(&self) -> ConnectionHandle {
         self.server_events
             .iter()
@@ -287,25 +323,7 @@ fn forged_expired_wrong_address_missing_and_reused_tokens_are_refused_and_counte
 #[test]
 fn tampered_replayed_and_spoofed_packets_inject_nothing() {
     let mut net = Net::new(2);
-    let t = token(8, PAIR_UNIX_MS / 1000 + 60, &[server_addr()], 8);
-    let client = net.clients[0]
-        .1
-        .connect_with_token(net.now, server_addr(), &t)
-        .unwrap();
-    net.run(100);
-    let session = net.server_connection();
-    net.clients[0]
-        .1
-        .send(client, RO, &make_message(1, 0, 100))
-        .unwrap();
-    net.transmit();
-    let (from, to, genuine) = net
-        .wire
-        .iter()
-        .find(|(f, ..)| *f == net.clients[0].0)
-        .cloned()
-        .expect("the data packet");
-    net.wire.clear();
+    let (session, (from, to, genuine)) = net.sealed_data_packet(8);
     // Every single-bit change of the packet's header or body is dropped
     // before anything reads it.
     let before = net.server.stats().dropped_bad_seal;
@@ -443,25 +461,7 @@ fn a_peer_far_over_its_receive_limit_is_cut_off_and_players_are_not() {
 #[test]
 fn replays_of_a_players_packets_are_not_charged_to_the_player() {
     let mut net = Net::new(1);
-    let t = token(9, PAIR_UNIX_MS / 1000 + 60, &[server_addr()], 9);
-    let client = net.clients[0]
-        .1
-        .connect_with_token(net.now, server_addr(), &t)
-        .unwrap();
-    net.run(100);
-    let _ = net.server_connection();
-    net.clients[0]
-        .1
-        .send(client, RO, &make_message(1, 0, 100))
-        .unwrap();
-    net.transmit();
-    let (from, to, genuine) = net
-        .wire
-        .iter()
-        .find(|(f, ..)| *f == net.clients[0].0)
-        .cloned()
-        .expect("the data packet");
-    net.wire.clear();
+    let (_, (from, to, genuine)) = net.sealed_data_packet(9);
     for _ in 0..5000 {
         net.deliver(from, to, &genuine);
     }

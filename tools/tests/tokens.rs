@@ -39,23 +39,29 @@ fn a_node_with_a_key_admits_only_valid_tokens_and_bots_with_tokens_play() {
     ]);
     assert!(ok && out.contains("pongs"), "{out}");
     // Minted by the operator command, passed as text.
-    let (ok, token) = run(&[
-        "token",
-        "mint",
-        "--key",
-        key_arg,
-        "--client-id",
-        "5",
-        "--server",
-        &addr,
-    ]);
-    assert!(ok, "{token}");
+    let mint = |client_id: &str, server: &str, extra: &[&str]| {
+        let mut args = vec![
+            "token",
+            "mint",
+            "--key",
+            key_arg,
+            "--client-id",
+            client_id,
+            "--server",
+            server,
+        ];
+        args.extend_from_slice(extra);
+        let (ok, token) = run(&args);
+        assert!(ok, "{token}");
+        token.trim().to_string()
+    };
+    let token = mint("5", &addr, &[]);
     let (ok, out) = server.tessera(&[
         "client",
         "--addr",
         &addr,
         "--token",
-        token.trim(),
+        &token,
         "--name",
         "ada",
         "join",
@@ -64,52 +70,15 @@ fn a_node_with_a_key_admits_only_valid_tokens_and_bots_with_tokens_play() {
     ]);
     assert!(ok && out.contains("joined as entity"), "{out}");
     // Expired, or for another server: refused with the reason.
-    let (ok, expired) = run(&[
-        "token",
-        "mint",
-        "--key",
-        key_arg,
-        "--client-id",
-        "6",
-        "--server",
-        &addr,
-        "--expires-in",
-        "0",
-    ]);
-    assert!(ok, "{expired}");
-    let (ok, out) = server.tessera(&[
-        "client",
-        "--addr",
-        &addr,
-        "--token",
-        expired.trim(),
-        "ping",
-        "--count",
-        "1",
-    ]);
-    assert!(!ok && out.contains("TokenExpired"), "{out}");
-    let (ok, elsewhere) = run(&[
-        "token",
-        "mint",
-        "--key",
-        key_arg,
-        "--client-id",
-        "7",
-        "--server",
-        "127.0.0.9:7777",
-    ]);
-    assert!(ok, "{elsewhere}");
-    let (ok, out) = server.tessera(&[
-        "client",
-        "--addr",
-        &addr,
-        "--token",
-        elsewhere.trim(),
-        "ping",
-        "--count",
-        "1",
-    ]);
-    assert!(!ok && out.contains("TokenWrongAddress"), "{out}");
+    for (token, why) in [
+        (mint("6", &addr, &["--expires-in", "0"]), "TokenExpired"),
+        (mint("7", "127.0.0.9:7777", &[]), "TokenWrongAddress"),
+    ] {
+        let (ok, out) = server.tessera(&[
+            "client", "--addr", &addr, "--token", &token, "ping", "--count", "1",
+        ]);
+        assert!(!ok && out.contains(why), "{why}: {out}");
+    }
     // Another key's token is dropped without a word: the client times out.
     let other = key_file("other");
     let (ok, out) = server.tessera(&[
