@@ -258,6 +258,38 @@ pub struct Config {
     /// What one peer may send (abuse limits); None: unlimited (cluster
     /// links, clients).
     pub peer_limit: Option<PeerLimit>,
+    /// What one source IP address (all its ports) may open; None:
+    /// unlimited (cluster links, clients, a development server whose
+    /// clients all share loopback).
+    pub address_limit: Option<AddressLimit>,
+}
+
+/// Limits per source IP address, whatever the port: a flood from many
+/// ports of one host cannot take every session slot or keep the
+/// handshake path busy. Handshake packets over the rate are dropped
+/// without a reply; a handshake past `sessions_max` live sessions is
+/// refused with [`crate::RejectReason::TooManySessions`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AddressLimit {
+    /// Handshake packets (requests and cookie responses) per second.
+    pub handshakes_per_s: u32,
+    /// How many the bucket holds, in seconds of its rate.
+    pub burst: Duration,
+    /// Live sessions at once.
+    pub sessions_max: u32,
+}
+
+impl AddressLimit {
+    /// A public game server's default: a household or a small LAN party
+    /// behind one NAT connects freely, and one host cannot hold more than
+    /// a few dozen slots. A host behind a carrier-grade NAT may need more.
+    pub fn game_server() -> Self {
+        Self {
+            handshakes_per_s: 10,
+            burst: Duration::from_secs(3),
+            sessions_max: 32,
+        }
+    }
 }
 
 /// Receive limits per connection: token buckets of packets and bytes per
@@ -332,6 +364,7 @@ impl Default for Config {
             retransmission_copies: 1,
             buffer_pool_max: 4096,
             peer_limit: None,
+            address_limit: None,
         }
     }
 }
@@ -404,6 +437,7 @@ impl Config {
         let mut c = Self::server();
         c.connections_max = sessions.max(1);
         c.peer_limit = Some(PeerLimit::game_client());
+        c.address_limit = Some(AddressLimit::game_server());
         c
     }
 
@@ -486,6 +520,11 @@ impl Config {
         }
         if self.ack_frequency == 0 {
             return Err(ConfigError::Zero("ack_frequency"));
+        }
+        if let Some(limit) = &self.address_limit {
+            if limit.handshakes_per_s == 0 || limit.burst.is_zero() || limit.sessions_max == 0 {
+                return Err(ConfigError::Zero("address_limit"));
+            }
         }
         if self.cookie_rotation.is_zero() {
             return Err(ConfigError::Zero("cookie_rotation"));

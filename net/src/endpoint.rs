@@ -114,6 +114,12 @@ pub struct EndpointStats {
     pub dropped_rate_limited: u64,
     /// Connections closed for staying far over their receive limit.
     pub closed_for_abuse: u64,
+    /// Handshake packets over their source address's rate
+    /// ([`crate::AddressLimit`]): dropped without a reply.
+    pub dropped_handshake_rate_limited: u64,
+    /// Handshakes refused: their source address holds `sessions_max`
+    /// sessions already.
+    pub rejected_address_sessions: u64,
 }
 
 /// What a server demands of a connecting client: a connect token sealed
@@ -158,6 +164,8 @@ pub struct Footprint {
     pub receive_buffer_bytes: usize,
     /// Buffers in the reuse pool.
     pub pooled_buffers: usize,
+    /// Source addresses holding live sessions (with an address limit).
+    pub source_addresses: usize,
 }
 
 /// Datagrams produced by `poll_transmit`, in one reusable buffer.
@@ -261,6 +269,8 @@ struct Slot {
     /// The deadline registered in the heap.
     deadline: Option<Instant>,
     dirty: bool,
+    /// The connection counts against its source address's sessions.
+    address_counted: bool,
 }
 
 /// A set of connections over one socket; see the module docs for the call
@@ -291,6 +301,8 @@ pub struct Endpoint {
     by_token: HashMap<u64, u32>,
     /// Where a sealed packet's body is opened.
     plain: Vec<u8>,
+    /// Per source address accounting, with `config.address_limit`.
+    addresses: Option<crate::address::AddressTable>,
 }
 
 impl Endpoint {
@@ -300,6 +312,10 @@ impl Endpoint {
         config.validate()?;
         let mut rng = Rng::from_seed(seed);
         let cookies = CookieJar::new(config.cookie_rotation, &mut rng);
+        // A stream of its own: the endpoint's other draws stay as they were.
+        let addresses = config
+            .address_limit
+            .map(|_| crate::address::AddressTable::new(&mut Rng::from_seed(seed ^ 0xADD7_E55E5)));
         Ok(Self {
             limits: config.limits(),
             config_hash: config.protocol_hash(),
@@ -322,6 +338,7 @@ impl Endpoint {
             tokens: None,
             by_token: HashMap::new(),
             plain: Vec::new(),
+            addresses,
         })
     }
 
@@ -666,6 +683,7 @@ impl Endpoint {
             events: self.events.len(),
             receive_buffer_bytes: self.receive_bytes,
             pooled_buffers: self.pool.len(),
+            source_addresses: self.addresses.as_ref().map_or(0, |t| t.addresses()),
         }
     }
 
@@ -786,6 +804,11 @@ impl Endpoint {
             }
         }
         let slot = &mut self.slots[index as usize];
+        if std::mem::take(&mut slot.address_counted) {
+            if let Some(table) = &mut self.addresses {
+                table.session_closed(connection.addr.ip());
+            }
+        }
         slot.generation = slot.generation.wrapping_add(1);
         slot.deadline = None;
         self.free_slots.push(index);
@@ -848,6 +871,14 @@ impl Endpoint {
             self.stats.dropped_unsealed += 1;
             return;
         }
+        // Before any MAC or AEAD work: a flooding host spends its own
+        // budget only.
+        if let (Some(limit), Some(table)) = (&self.config.address_limit, &mut self.addresses) {
+            if !table.spend_handshake(limit, from.ip(), now) {
+                self.stats.dropped_handshake_rate_limited += 1;
+                return;
+            }
+        }
         let (config_hash, client_id, cookie, fixed) =
             if header.packet_type == PacketType::ConnectRequest {
                 match ConnectRequest::decode(body) {
@@ -886,6 +917,9 @@ impl Endpoint {
                 self.stats.rejected_full += 1;
                 let reason = RejectReason::ServerFull;
                 return self.queue_control(from, Control::Reject { client_id, reason });
+            }
+            if self.address_full(from) {
+                return self.reject_address_full(from, client_id);
             }
             let (period, cookie) = self.cookies.mint(now, &mut self.rng, from, client_id);
             self.stats.challenges_sent += 1;
@@ -930,6 +964,9 @@ impl Endpoint {
             let reason = RejectReason::ServerFull;
             return self.queue_control(from, Control::Reject { client_id, reason });
         }
+        if self.address_full(from) {
+            return self.reject_address_full(from, client_id);
+        }
         if let Some(c) = &claims {
             let other = self.by_token.get(&c.client_id).and_then(|i| {
                 self.slots[*i as usize]
@@ -962,6 +999,10 @@ impl Endpoint {
         }
         self.by_id.insert(server_id, handle.index);
         self.by_peer.insert((from, client_id), handle.index);
+        if let Some(table) = &mut self.addresses {
+            table.session_opened(from.ip());
+            self.slots[handle.index as usize].address_counted = true;
+        }
         self.stats.connections_accepted += 1;
         tracing::debug!(connection = ?handle, %from, "connection accepted");
         self.events.push_back(Event::Connected {
@@ -969,6 +1010,20 @@ impl Endpoint {
             addr: from,
         });
         self.refresh(handle.index, true);
+    }
+
+    /// True when `from`'s host holds `sessions_max` live sessions already.
+    fn address_full(&self, from: SocketAddr) -> bool {
+        match (&self.config.address_limit, &self.addresses) {
+            (Some(limit), Some(table)) => table.sessions(from.ip()) >= limit.sessions_max,
+            _ => false,
+        }
+    }
+
+    fn reject_address_full(&mut self, from: SocketAddr, client_id: u32) {
+        self.stats.rejected_address_sessions += 1;
+        let reason = RejectReason::TooManySessions;
+        self.queue_control(from, Control::Reject { client_id, reason });
     }
 
     /// The token a handshake packet carries, checked against the policy:

@@ -6,6 +6,7 @@
 //! panic on bytes from the network.
 #![warn(missing_docs)]
 
+mod address;
 mod channel;
 pub mod conditioner;
 mod config;
@@ -25,8 +26,8 @@ mod types;
 pub mod wire;
 
 pub use config::{
-    ChannelConfig, ChannelId, ChannelKind, Config, ConfigError, CongestionConfig, PeerLimit,
-    GAME_CLIENT_ACK_DELAY, RELIABLE_WINDOW_MAX,
+    AddressLimit, ChannelConfig, ChannelId, ChannelKind, Config, ConfigError, CongestionConfig,
+    PeerLimit, GAME_CLIENT_ACK_DELAY, RELIABLE_WINDOW_MAX,
 };
 pub use connection::ConnectionStats;
 pub use crypto::TAG_LEN;

@@ -76,6 +76,9 @@ pub enum RejectReason {
     TokenInUse,
     /// The server requires a connect token and none came.
     TokenRequired,
+    /// The client's IP address holds as many sessions as the server allows
+    /// one address ([`crate::AddressLimit::sessions_max`]).
+    TooManySessions,
     /// A reason this version does not know.
     Unknown(u8),
 }
@@ -89,6 +92,7 @@ impl RejectReason {
             Self::TokenWrongAddress => 4,
             Self::TokenInUse => 5,
             Self::TokenRequired => 6,
+            Self::TooManySessions => 7,
             Self::Unknown(code) => code,
         }
     }
@@ -101,6 +105,7 @@ impl RejectReason {
             4 => Self::TokenWrongAddress,
             5 => Self::TokenInUse,
             6 => Self::TokenRequired,
+            7 => Self::TooManySessions,
             other => Self::Unknown(other),
         }
     }

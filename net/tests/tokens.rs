@@ -56,8 +56,17 @@ struct Net {
 
 impl Net {
     fn new(clients: usize) -> Net {
+        let addrs = (0..clients)
+            .map(|i| SocketAddr::from(([10, 0, 1, i as u8 + 1], 40_000)))
+            .collect();
+        Net::with(Config::game_server(64), addrs)
+    }
+
+    /// A server with `config` and one client endpoint at each address.
+    fn with(config: Config, addrs: Vec<SocketAddr>) -> Net {
         let now = Instant::now();
-        let mut server = Endpoint::new(Config::game_server(64), 1).unwrap();
+        let clients = addrs.len();
+        let mut server = Endpoint::new(config, 1).unwrap();
         server
             .require_tokens(TokenPolicy {
                 keys: vec![TokenKey([9; 32]), KEY],
@@ -68,9 +77,10 @@ impl Net {
         Net {
             now,
             server,
-            clients: (0..clients)
-                .map(|i| {
-                    let addr = SocketAddr::from(([10, 0, 1, i as u8 + 1], 40_000));
+            clients: addrs
+                .into_iter()
+                .enumerate()
+                .map(|(i, addr)| {
                     (
                         addr,
                         Endpoint::new(Config::default(), 100 + i as u64).unwrap(),
@@ -473,4 +483,88 @@ fn replays_of_a_players_packets_are_not_charged_to_the_player() {
     assert!(!net.client_events[0]
         .iter()
         .any(|e| matches!(e, Event::Disconnected { .. })));
+}
+
+/// One host, many ports: past `sessions_max` its handshakes are refused
+/// with `TooManySessions` while another host still gets in; a flood of
+/// requests from one host is cut to its handshake rate, without replies.
+#[test]
+fn one_host_gets_its_share_of_sessions_and_handshakes_and_no_more() {
+    use tessera_net::AddressLimit;
+    let mut config = Config::game_server(64);
+    config.address_limit = Some(AddressLimit {
+        handshakes_per_s: 10,
+        burst: Duration::from_secs(2),
+        sessions_max: 3,
+    });
+    let crowd = [10, 0, 2, 1];
+    let mut addrs: Vec<SocketAddr> = (0..5)
+        .map(|port| SocketAddr::from((crowd, 50_000 + port)))
+        .collect();
+    addrs.push(SocketAddr::from(([10, 0, 3, 1], 50_000)));
+    let mut net = Net::with(config, addrs);
+    let expires = PAIR_UNIX_MS / 1000 + 60;
+    for i in 0..6 {
+        let t = token(i as u64 + 1, expires, &[server_addr()], i as u8 + 1);
+        let now = net.now;
+        net.clients[i]
+            .1
+            .connect_with_token(now, server_addr(), &t)
+            .unwrap();
+        // One at a time, so the outcome does not depend on arrival order.
+        net.run(200);
+    }
+    for i in 0..3 {
+        assert!(net.connected(i), "client {i} of the crowded host");
+    }
+    for i in 3..5 {
+        assert_eq!(
+            net.rejected(i),
+            Some(DisconnectReason::Rejected(RejectReason::TooManySessions)),
+            "client {i}"
+        );
+    }
+    assert!(net.connected(5), "another host still gets in");
+    let s = net.server.stats().clone();
+    assert!(s.rejected_address_sessions >= 2, "{s:?}");
+    assert_eq!(net.server.footprint().source_addresses, 2);
+
+    // A request flood from 1,000 ports of one host: past its burst
+    // (20 handshakes) nothing is answered.
+    let replies_before = net.server.stats().datagrams_sent;
+    let request = {
+        let mut probe = Endpoint::new(Config::default(), 7).unwrap();
+        let t = token(99, expires, &[server_addr()], 99);
+        let now = net.now;
+        probe.connect_with_token(now, server_addr(), &t).unwrap();
+        let mut batch = TransmitBatch::new(4);
+        let _ = probe.poll_transmit(now, &mut batch);
+        batch.get(0).unwrap().payload.to_vec()
+    };
+    let flooder = [10, 0, 4, 1];
+    for port in 0..1000u16 {
+        net.server.handle_datagram(
+            net.now,
+            SocketAddr::from((flooder, 20_000 + port)),
+            &request,
+        );
+    }
+    net.transmit();
+    let replies = net
+        .wire
+        .iter()
+        .filter(|(from, to, _)| {
+            *from == server_addr() && to.ip() == SocketAddr::from((flooder, 0)).ip()
+        })
+        .count();
+    net.wire.clear();
+    let s = net.server.stats();
+    assert_eq!(replies, 20, "one burst's worth of challenges");
+    assert_eq!(s.dropped_handshake_rate_limited, 980, "{s:?}");
+    assert!(s.datagrams_sent > replies_before);
+    // The players already in keep playing.
+    net.run(500);
+    for i in [0, 1, 2, 5] {
+        assert!(net.rejected(i).is_none(), "client {i} still connected");
+    }
 }

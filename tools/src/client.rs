@@ -521,15 +521,19 @@ fn token_of(args: &ClientArgs) -> Result<Option<tessera_net::token::ConnectToken
             .map(Some)
             .map_err(|e| format!("--token: {e}"));
     }
-    let Some(path) = &args.token_key else {
-        return Ok(None);
+    // Without a token, a loopback development server's key, if one made it.
+    let key = match &args.token_key {
+        Some(path) => crate::token::read_keys(path)?.remove(0),
+        None => match crate::token::dev_key_for(args.addr) {
+            Some(key) => key,
+            None => return Ok(None),
+        },
     };
-    let keys = crate::token::read_keys(path)?;
     let id = match args.client_id {
         Some(id) => id,
         None => tessera_net::driver::os_seed().map_err(|e| e.to_string())? | 1,
     };
-    crate::token::mint(&keys[0], id, &[args.addr], 3600, args.name.as_bytes()).map(Some)
+    crate::token::mint(&key, id, &[args.addr], 3600, args.name.as_bytes()).map(Some)
 }
 
 /// Runs a client command.

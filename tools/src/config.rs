@@ -79,11 +79,22 @@ pub struct ServeArgs {
     /// sessions), compute (owns cells) or gateway (hosts sessions only).
     #[arg(long, env = "TESSERA_ROLE", default_value = "both")]
     pub role: tessera_cells::wire::NodeRole,
-    /// Key file (`tessera token key`): clients then need a connect token
-    /// minted with it, and their sessions are sealed. Without it the node
-    /// runs in development mode (clear text, no token).
+    /// Key file (`tessera token key`): clients need a connect token minted
+    /// with it, and their sessions are sealed. Without it the node runs in
+    /// development mode: it serves loopback only, with a generated key
+    /// (`$TESSERA_DEV_KEY`, or tessera-dev-<uid>.key in the temporary
+    /// directory) that the local `client` and `sim` pick up.
     #[arg(long, env = "TESSERA_KEY")]
     pub key: Option<PathBuf>,
+    /// With --key: live sessions one client IP address may hold (0: no
+    /// limit; default 32). Raise it for players behind a carrier-grade NAT,
+    /// or for a load test from one host.
+    #[arg(long, env = "TESSERA_SESSIONS_PER_ADDRESS")]
+    pub sessions_per_address: Option<u32>,
+    /// With --key: handshake packets per second one client IP address may
+    /// send (burst of three seconds; default 10).
+    #[arg(long, env = "TESSERA_HANDSHAKES_PER_ADDRESS")]
+    pub handshakes_per_address: Option<u32>,
     /// An address clients reach the game port at, as tokens name it
     /// (repeat for more; default: the game port's own address).
     #[arg(
@@ -208,6 +219,14 @@ pub struct FileConfig {
     pub demo: Option<DemoSection>,
     /// Static cell mapping.
     pub shard: Option<Vec<ShardSection>>,
+    /// See `--key`.
+    pub key: Option<PathBuf>,
+    /// See `--public-addr`.
+    pub public_addrs: Option<Vec<SocketAddr>>,
+    /// See `--sessions-per-address`.
+    pub sessions_per_address: Option<u32>,
+    /// See `--handshakes-per-address`.
+    pub handshakes_per_address: Option<u32>,
 }
 
 impl FileConfig {
@@ -242,6 +261,7 @@ pub fn node_config(args: &ServeArgs) -> Result<NodeConfig, String> {
         None => FileConfig::default(),
     };
     let d = NodeConfig::default();
+    let (bind, tokens, address_limit) = client_security(args, &file)?;
     let world = file.world.unwrap_or_default();
     let (columns, rows) = args.world.unwrap_or((
         world.columns.unwrap_or(d.geometry.columns),
@@ -371,7 +391,7 @@ pub fn node_config(args: &ServeArgs) -> Result<NodeConfig, String> {
         return Err("shards must be at least 1".into());
     }
     Ok(NodeConfig {
-        bind: args.bind.or(file.bind).unwrap_or(d.bind),
+        bind,
         port: args.port.or(file.port).unwrap_or(d.port),
         metrics_addr: Some(
             args.metrics_addr
@@ -402,17 +422,74 @@ pub fn node_config(args: &ServeArgs) -> Result<NodeConfig, String> {
             .min(8),
         policy,
         cluster: cluster_config(args)?,
-        tokens: match &args.key {
-            Some(path) => Some(tessera_runtime::node::ClientTokens {
-                keys: crate::token::read_keys(path)?,
-                addresses: args.public_addrs.clone(),
-            }),
-            None if !args.public_addrs.is_empty() => {
-                return Err("--public-addr names what tokens must name: it needs --key".into())
-            }
-            None => None,
-        },
+        tokens: Some(tokens),
+        address_limit,
     })
+}
+
+/// The client side of `serve`: who may connect, and how much one address
+/// may open. Without a key, development mode: loopback only, a generated
+/// key, no per-address limits (every local client shares one address).
+fn client_security(
+    args: &ServeArgs,
+    file: &FileConfig,
+) -> Result<
+    (
+        IpAddr,
+        tessera_runtime::node::ClientTokens,
+        Option<tessera_net::AddressLimit>,
+    ),
+    String,
+> {
+    let key = args.key.clone().or_else(|| file.key.clone());
+    let public_addrs = if args.public_addrs.is_empty() {
+        file.public_addrs.clone().unwrap_or_default()
+    } else {
+        args.public_addrs.clone()
+    };
+    let sessions = args.sessions_per_address.or(file.sessions_per_address);
+    let handshakes = args.handshakes_per_address.or(file.handshakes_per_address);
+    let bind = args.bind.or(file.bind);
+    let Some(path) = key else {
+        if !public_addrs.is_empty() {
+            return Err("--public-addr names what tokens must name: it needs --key".into());
+        }
+        if sessions.is_some() || handshakes.is_some() {
+            return Err("per-address limits apply to a node with --key (development mode serves loopback only)".into());
+        }
+        let bind = bind.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        if !bind.is_loopback() {
+            return Err(format!(
+                "development mode (no --key) serves loopback clients only: --bind {bind} needs --key FILE (make one with `tessera token key > FILE`)"
+            ));
+        }
+        let dev = crate::token::dev_key_path();
+        let tokens = tessera_runtime::node::ClientTokens {
+            keys: vec![crate::token::dev_key(&dev)?],
+            addresses: Vec::new(),
+            development: true,
+        };
+        return Ok((bind, tokens, None));
+    };
+    let tokens = tessera_runtime::node::ClientTokens {
+        keys: crate::token::read_keys(&path)?,
+        addresses: public_addrs,
+        development: false,
+    };
+    let mut limit = tessera_net::AddressLimit::game_server();
+    if let Some(h) = handshakes {
+        if h == 0 {
+            return Err("--handshakes-per-address must be at least 1".into());
+        }
+        limit.handshakes_per_s = h;
+    }
+    match sessions {
+        Some(0) => limit.sessions_max = u32::MAX,
+        Some(n) => limit.sessions_max = n,
+        None => {}
+    }
+    let bind = bind.unwrap_or(NodeConfig::default().bind);
+    Ok((bind, tokens, Some(limit)))
 }
 
 fn cluster_config(

@@ -113,12 +113,14 @@ pub struct SimArgs {
     pub crowd_seconds: Option<f64>,
     /// Mint each bot a connect token with this key file (the node's
     /// `--key`): bot b is player `--first-player-id` + b, its token valid
-    /// for `--addr` and the `--gateways`.
+    /// for `--addr` and the `--gateways`. Without it, a loopback
+    /// development server's generated key, if there is one.
     #[arg(long, env = "TESSERA_TOKEN_KEY")]
     pub token_key: Option<PathBuf>,
-    /// The player id of bot 0 with `--token-key`.
-    #[arg(long, default_value_t = 1_000_000)]
-    pub first_player_id: u64,
+    /// The player id of bot 0 (default: random, so that two simulators
+    /// never play the same players).
+    #[arg(long)]
+    pub first_player_id: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -354,7 +356,12 @@ pub fn run(args: SimArgs) -> Result<(), String> {
     }
     let token_key = match &args.token_key {
         Some(path) => Some(crate::token::read_keys(path)?.remove(0)),
-        None => None,
+        None => crate::token::dev_key_for(args.addr),
+    };
+    let first_player_id = match args.first_player_id {
+        Some(id) => id,
+        // Far from 0 and from its neighbours' ranges.
+        None => (tessera_net::driver::os_seed().map_err(|e| e.to_string())? >> 24) | 1 << 32,
     };
     // A bot's token names every gateway it may resume at (up to 8).
     let token_servers: Vec<SocketAddr> = std::iter::once(args.addr)
@@ -820,7 +827,7 @@ pub fn run(args: SimArgs) -> Result<(), String> {
                     let connected = match &token_key {
                         Some(key) => crate::token::mint(
                             key,
-                            args.first_player_id.saturating_add(u64::from(b)),
+                            first_player_id.saturating_add(u64::from(b)),
                             &token_servers,
                             3600,
                             b"sim",

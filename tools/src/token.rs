@@ -86,6 +86,78 @@ pub fn read_keys(path: &Path) -> Result<Vec<TokenKey>, String> {
     }
 }
 
+/// Where the development key lives: `$TESSERA_DEV_KEY`, else
+/// `tessera-dev-<uid>.key` in the temporary directory. Every development
+/// server of this user shares it, and the local `client` and `sim` read
+/// it, so a development setup stays two commands.
+pub fn dev_key_path() -> PathBuf {
+    match std::env::var_os("TESSERA_DEV_KEY") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        // SAFETY: getuid cannot fail and touches no memory.
+        _ => std::env::temp_dir().join(format!("tessera-dev-{}.key", unsafe { libc::getuid() })),
+    }
+}
+
+/// The development key at `path`, created (mode 0600) when missing. Two
+/// servers starting at once agree on one key: the file appears whole or
+/// not at all. A file another user owns or can write is refused: whoever
+/// can write the key can join as anyone.
+pub fn dev_key(path: &Path) -> Result<TokenKey, String> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    if !path.exists() {
+        let temp = path.with_extension(format!("tmp{}", std::process::id()));
+        {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&temp)
+                .map_err(|e| format!("cannot write the development key {}: {e}", temp.display()))?;
+            writeln!(
+                f,
+                "# tessera development key: loopback servers without --key use it\n{}",
+                TokenKey(random_bytes()?).to_hex()
+            )
+            .map_err(|e| format!("cannot write the development key {}: {e}", temp.display()))?;
+        }
+        // A hard link fails if another process made the file first: keep
+        // theirs.
+        let linked = std::fs::hard_link(&temp, path);
+        let _ = std::fs::remove_file(&temp);
+        if let Err(e) = linked {
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                return Err(format!(
+                    "cannot create the development key {}: {e}",
+                    path.display()
+                ));
+            }
+        }
+    }
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read the development key {}: {e}", path.display()))?;
+    // SAFETY: as above.
+    let me = unsafe { libc::getuid() };
+    if meta.uid() != me || meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "the development key {} belongs to another user or others can write it: remove it, or set TESSERA_DEV_KEY",
+            path.display()
+        ));
+    }
+    Ok(read_keys(path)?.remove(0))
+}
+
+/// The development key for a client dialing `server`: only for loopback
+/// addresses, and only if a development server made one.
+pub fn dev_key_for(server: SocketAddr) -> Option<TokenKey> {
+    if !server.ip().is_loopback() {
+        return None;
+    }
+    let path = dev_key_path();
+    path.exists().then(|| dev_key(&path).ok()).flatten()
+}
+
 /// Mints a token valid `expires_in` seconds from now.
 pub fn mint(
     key: &TokenKey,
@@ -160,6 +232,24 @@ mod tests {
         let t = mint(&keys[0], 9, &[server], 60, b"bob").unwrap();
         assert_eq!(ConnectToken::from_hex(&t.to_hex()).unwrap(), t);
         assert!(mint(&keys[0], 0, &[server], 60, b"").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_development_key_is_made_once_and_then_shared() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("tessera-devkey-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("dev.key");
+        let first = dev_key(&path).unwrap();
+        assert_eq!(dev_key(&path).unwrap(), first, "read back, not made again");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = dev_key(&path).unwrap_err();
+        assert!(e.contains("others can write"), "{e}");
+        let v6: SocketAddr = "[2001:db8::1]:7777".parse().unwrap();
+        assert!(dev_key_for(v6).is_none(), "never for a remote server");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -209,7 +209,10 @@ fn a_node_serves_200_commuting_clients_and_stops_cleanly() {
     socket
         .set_read_timeout(Some(Duration::from_millis(20)))
         .unwrap();
-    let connection = endpoint.connect(Instant::now(), server.game).unwrap();
+    let token = common::dev_token(server.game, 77);
+    let connection = endpoint
+        .connect_with_token(Instant::now(), server.game, &token)
+        .unwrap();
     let pump = |endpoint: &mut Endpoint| -> Vec<Event> {
         let now = Instant::now();
         let mut batch = tessera_net::TransmitBatch::new(16);
@@ -312,6 +315,12 @@ fn mistakes_give_one_clear_line_and_a_nonzero_exit() {
     let _ = std::fs::remove_file(&cfg);
     assert!(
         err.contains("assigned twice") && err.lines().count() == 1,
+        "{err}"
+    );
+    // Development mode (no --key) serves loopback only.
+    let err = must_fail(&["serve", "--bind", "0.0.0.0", "--port", "0"]);
+    assert!(
+        err.contains("loopback clients only") && err.contains("--key") && err.lines().count() == 1,
         "{err}"
     );
 }

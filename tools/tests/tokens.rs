@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{run, sim_value, Server};
+use common::{run, run_env, sim_value, Server};
 
 fn key_file(name: &str) -> std::path::PathBuf {
     let (ok, key) = run(&["token", "key"]);
@@ -18,13 +18,30 @@ fn key_file(name: &str) -> std::path::PathBuf {
 fn a_node_with_a_key_admits_only_valid_tokens_and_bots_with_tokens_play() {
     let key = key_file("e2e");
     let key_arg = key.to_str().unwrap();
+    // One host plays 100 bots: no per-address session cap, a generous
+    // handshake rate.
     let mut server = Server::start(&[
-        "--shards", "2", "--world", "4x4", "--npcs", "100", "--key", key_arg,
+        "--shards",
+        "2",
+        "--world",
+        "4x4",
+        "--npcs",
+        "100",
+        "--key",
+        key_arg,
+        "--sessions-per-address",
+        "0",
+        "--handshakes-per-address",
+        "2000",
     ]);
     let addr = server.game.to_string();
 
-    // Without a token: refused, with a reason the client can act on.
-    let (ok, out) = server.tessera(&["client", "--addr", &addr, "ping", "--count", "1"]);
+    // Without a token (and no development key to fall back on): refused,
+    // with a reason the client can act on.
+    let (ok, out) = run_env(
+        &["client", "--addr", &addr, "ping", "--count", "1"],
+        &[("TESSERA_DEV_KEY", "/nonexistent/tessera-dev.key")],
+    );
     assert!(!ok && out.contains("TokenRequired"), "{out}");
     // A token minted with the key: in.
     let (ok, out) = server.tessera(&[

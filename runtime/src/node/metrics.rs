@@ -583,6 +583,8 @@ pub fn render(shared: &NodeShared, board: &StatsBoard) -> String {
             ("unsealed", e.dropped_unsealed),
             ("peer_rate_limited", e.dropped_rate_limited),
             ("peer_closed_for_abuse", e.closed_for_abuse),
+            ("address_handshake_rate", e.dropped_handshake_rate_limited),
+            ("address_sessions", e.rejected_address_sessions),
             ("socket_truncated", s.socket.recv_truncated),
             ("socket_send_would_block", s.socket.send_would_block),
             ("send_queue_full", s.driver.send_refused),

@@ -83,8 +83,13 @@ pub struct NodeConfig {
     /// a single node with its embedded coordinator.
     pub cluster: Option<ClusterConfig>,
     /// Clients need a connect token, and their sessions are sealed; None:
-    /// development mode (clear text, no token), logged as such.
+    /// open mode (clear text, no token: tests and embedding), logged as
+    /// such. `tessera serve` always sets it (a generated development key
+    /// without `--key`).
     pub tokens: Option<ClientTokens>,
+    /// Limits per client source address (sessions at once, handshakes per
+    /// second); None: unlimited, as when every client shares loopback.
+    pub address_limit: Option<tessera_net::AddressLimit>,
 }
 
 /// What a client must present: a connect token sealed under one of `keys`
@@ -97,6 +102,8 @@ pub struct ClientTokens {
     /// The addresses clients reach this node at; empty: the game port's
     /// own address (loopback if it is bound to every interface).
     pub addresses: Vec<SocketAddr>,
+    /// The keys are a generated development key (logged as such).
+    pub development: bool,
 }
 
 impl Default for NodeConfig {
@@ -122,6 +129,7 @@ impl Default for NodeConfig {
             policy: None,
             cluster: None,
             tokens: None,
+            address_limit: None,
         }
     }
 }
@@ -311,6 +319,8 @@ impl<G: GameLogic> Node<G> {
         });
 
         let policy_summary = token_policy.clone();
+        let development = config.tokens.as_ref().is_some_and(|t| t.development);
+        let address_limit = config.address_limit;
         // In a cluster, the coordinator owns the registry: bind the cluster
         // ports, register, wait for it.
         let incarnation = tessera_net::driver::os_seed().unwrap_or(config.seed);
@@ -438,8 +448,10 @@ impl<G: GameLogic> Node<G> {
             }
             (setup.populate)(core.world_mut(), share);
             let endpoint_seed = tessera_net::driver::os_seed().unwrap_or(seed) ^ u64::from(shard.0);
-            let mut endpoint = Endpoint::new(EndpointConfig::game_server(sessions), endpoint_seed)
-                .expect("valid server configuration");
+            let mut endpoint_config = EndpointConfig::game_server(sessions);
+            endpoint_config.address_limit = address_limit;
+            let mut endpoint =
+                Endpoint::new(endpoint_config, endpoint_seed).expect("valid server configuration");
             if let Some(p) = &token_policy {
                 endpoint
                     .require_tokens(p.clone())
@@ -526,11 +538,14 @@ impl<G: GameLogic> Node<G> {
         // Said once the node is up (a configuration error is the only line
         // of a failed start).
         match &policy_summary {
+            Some(p) if development => {
+                tracing::warn!(addr = %game_addr, addresses = ?p.addresses, "development mode: loopback clients with a token from the generated development key (give --key to serve players)")
+            }
             Some(p) => {
-                tracing::info!(keys = p.keys.len(), addresses = ?p.addresses, "clients need a connect token; sessions are sealed")
+                tracing::info!(keys = p.keys.len(), addresses = ?p.addresses, address_limit = ?address_limit, "clients need a connect token; sessions are sealed")
             }
             None => {
-                tracing::warn!(addr = %game_addr, "development mode: clients connect without a token, in clear text (give --key to require tokens)")
+                tracing::warn!(addr = %game_addr, "open mode: clients connect without a token, in clear text")
             }
         }
         tracing::info!(addr = %game_addr, shards, metrics = ?metrics_addr, admin = ?admin_addr, "node started");

@@ -195,7 +195,16 @@ impl Drop for Server {
 
 /// Runs a `tessera` command to its end: (success, stdout + stderr).
 pub fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(BIN).args(args).output().expect("run tessera");
+    run_env(args, &[])
+}
+
+/// As [`run`], with extra environment variables.
+pub fn run_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run tessera");
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
@@ -347,4 +356,40 @@ impl Drop for Etcd {
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = std::fs::remove_file(self.dir.with_extension("log"));
     }
+}
+
+/// A connect token for a development node at `server`, minted with the
+/// development key the node made (as `tessera client` does by itself), for
+/// tests that drive a raw endpoint.
+pub fn dev_token(server: SocketAddr, client_id: u64) -> tessera_net::token::ConnectToken {
+    let path = match std::env::var_os("TESSERA_DEV_KEY") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        // SAFETY: getuid cannot fail and touches no memory.
+        _ => std::env::temp_dir().join(format!("tessera-dev-{}.key", unsafe { libc::getuid() })),
+    };
+    let text = std::fs::read_to_string(&path).expect("the development key a node made");
+    let line = text
+        .lines()
+        .find(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .expect("a key line");
+    let key = tessera_net::token::TokenKey::from_hex(line.trim()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    tessera_net::token::ConnectToken::mint(
+        &key,
+        &tessera_net::token::TokenRequest {
+            client_id,
+            expires_unix_s: now + 600,
+            servers: &[server],
+            user_data: b"test",
+        },
+        tessera_net::token::SessionKeys {
+            client_to_server: [client_id as u8; 32],
+            server_to_client: [!(client_id as u8); 32],
+        },
+        [client_id as u8; 24],
+    )
+    .unwrap()
 }
