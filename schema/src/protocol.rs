@@ -38,4 +38,7 @@ pub mod disconnect {
     /// This gateway is draining: the avatar stays; resume it at another
     /// gateway (the `Gateways` message sent before names where).
     pub const MOVED: u16 = 4;
+    /// The session kept sending far more game messages than a player can
+    /// (the gateway's per-session input limit).
+    pub const FLOODING: u16 = 5;
 }

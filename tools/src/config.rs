@@ -95,6 +95,11 @@ pub struct ServeArgs {
     /// send (burst of three seconds; default 10).
     #[arg(long, env = "TESSERA_HANDSHAKES_PER_ADDRESS")]
     pub handshakes_per_address: Option<u32>,
+    /// Inputs, acks and pings one session may send per second (two
+    /// seconds of burst; 0: no limit; default 240, twice a 60 Hz client's).
+    /// A session far over it is closed.
+    #[arg(long, env = "TESSERA_INPUTS_PER_SECOND")]
+    pub inputs_per_second: Option<u32>,
     /// An address clients reach the game port at, as tokens name it
     /// (repeat for more; default: the game port's own address).
     #[arg(
@@ -227,6 +232,8 @@ pub struct FileConfig {
     pub sessions_per_address: Option<u32>,
     /// See `--handshakes-per-address`.
     pub handshakes_per_address: Option<u32>,
+    /// See `--inputs-per-second`.
+    pub inputs_per_second: Option<u32>,
 }
 
 impl FileConfig {
@@ -424,6 +431,14 @@ pub fn node_config(args: &ServeArgs) -> Result<NodeConfig, String> {
         cluster: cluster_config(args)?,
         tokens: Some(tokens),
         address_limit,
+        input_limit: match args.inputs_per_second.or(file.inputs_per_second) {
+            Some(0) => None,
+            Some(n) => Some(tessera_cells::node::InputLimit {
+                per_second: n,
+                ..tessera_cells::node::InputLimit::game_client()
+            }),
+            None => d.input_limit,
+        },
     })
 }
 

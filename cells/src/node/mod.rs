@@ -28,7 +28,7 @@ use std::sync::Arc;
 use tessera_schema::protocol::Channel;
 
 pub use route::{client_id, gateway_of, Router, RouterCounters, CLIENT_SERIAL_BITS};
-pub use session::{SessionCounters, Sessions};
+pub use session::{InputLimit, SessionCounters, Sessions};
 
 use crate::cell::Envelope;
 use crate::control::{CellLoad, LoadReport, Order, PeerMsg, Report};
@@ -386,6 +386,12 @@ impl<G: GameLogic> NodeCore<G> {
     /// driver passes fresh randomness once, at start).
     pub fn set_session_secret(&mut self, k0: u64, k1: u64) {
         self.sessions.set_secret(k0, k1);
+    }
+
+    /// Limits each session's inputs, acks and pings (None: unlimited); the
+    /// world ticks `tick_hz` times a second.
+    pub fn set_input_limit(&mut self, limit: Option<session::InputLimit>, tick_hz: u32) {
+        self.sessions.set_input_limit(limit, tick_hz);
     }
 
     /// The cluster's other gateways ("host:port"), where this shard's

@@ -59,6 +59,90 @@ pub struct SessionCounters {
     pub resumes_refused: u64,
     /// Sessions told to resume at another gateway (this one drains).
     pub handed_off: u64,
+    /// Inputs, acks and pings over their session's [`InputLimit`]: dropped.
+    pub inputs_rate_limited: u64,
+    /// Sessions closed for staying far over their input limit.
+    pub closed_for_flooding: u64,
+}
+
+/// What one session may send of game messages (inputs, acks, pings): a
+/// token bucket refilled every tick. The excess is dropped and counted; a
+/// session that has `per_second` messages dropped within one second is
+/// closed with [`disconnect::FLOODING`]. Counted in ticks, so that a
+/// simulation replays it exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InputLimit {
+    /// Messages per second.
+    pub per_second: u32,
+    /// How many the bucket holds, in seconds of its rate.
+    pub burst_seconds: u32,
+}
+
+impl InputLimit {
+    /// A player's client: an input and an ack a tick at up to 60 Hz, pings,
+    /// with twice the room.
+    pub fn game_client() -> Self {
+        Self {
+            per_second: 240,
+            burst_seconds: 2,
+        }
+    }
+}
+
+/// A session's input budget, in thousandths of a message.
+#[derive(Clone, Copy, Debug, Default)]
+struct InputBudget {
+    milli: u64,
+    refilled_tick: u64,
+    drops: u32,
+    drops_since_tick: u64,
+}
+
+/// What [`InputBudget::spend`] decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Spent {
+    Admit,
+    Drop,
+    Flooding,
+}
+
+impl InputBudget {
+    fn full(limit: &InputLimit, tick: u64) -> Self {
+        Self {
+            milli: capacity(limit),
+            refilled_tick: tick,
+            drops: 0,
+            drops_since_tick: tick,
+        }
+    }
+
+    fn spend(&mut self, limit: &InputLimit, tick_hz: u32, tick: u64) -> Spent {
+        let elapsed = tick.saturating_sub(self.refilled_tick);
+        if elapsed > 0 {
+            let refill = elapsed.saturating_mul(u64::from(limit.per_second) * 1000)
+                / u64::from(tick_hz.max(1));
+            self.milli = self.milli.saturating_add(refill).min(capacity(limit));
+            self.refilled_tick = tick;
+        }
+        if self.milli >= 1000 {
+            self.milli -= 1000;
+            return Spent::Admit;
+        }
+        if tick.saturating_sub(self.drops_since_tick) >= u64::from(tick_hz.max(1)) {
+            self.drops = 0;
+            self.drops_since_tick = tick;
+        }
+        self.drops += 1;
+        if self.drops >= limit.per_second {
+            Spent::Flooding
+        } else {
+            Spent::Drop
+        }
+    }
+}
+
+fn capacity(limit: &InputLimit) -> u64 {
+    u64::from(limit.per_second) * u64::from(limit.burst_seconds.max(1)) * 1000
 }
 
 struct Session {
@@ -69,6 +153,10 @@ struct Session {
     join_requested: bool,
     /// Told to resume elsewhere: its close leaves the avatar in the world.
     handed_off: bool,
+    /// With an input limit.
+    budget: InputBudget,
+    /// Closed for flooding: later frames are ignored.
+    flooding: bool,
 }
 
 /// The sessions of one shard.
@@ -84,6 +172,10 @@ pub struct Sessions {
     secret: (u64, u64),
     /// The cluster's other gateways, for clients to resume at.
     gateways: Vec<String>,
+    /// Per-session input limit and the tick rate that refills it.
+    input_limit: Option<(InputLimit, u32)>,
+    /// The tick of the last frame handled (new sessions start full then).
+    last_tick: u64,
 }
 
 /// Where a session's work goes: cell messages to route, frames to send.
@@ -108,7 +200,15 @@ impl Sessions {
                 u64::from(me.node) << 16 | u64::from(me.shard),
             ),
             gateways: Vec::new(),
+            input_limit: None,
+            last_tick: 0,
         }
+    }
+
+    /// Limits every session's game messages from now on (None: unlimited);
+    /// `tick_hz` converts the rate into ticks.
+    pub fn set_input_limit(&mut self, limit: Option<InputLimit>, tick_hz: u32) {
+        self.input_limit = limit.map(|l| (l, tick_hz.max(1)));
     }
 
     /// The key of the resume credentials minted from now on (the driver
@@ -223,6 +323,11 @@ impl Sessions {
                 route_tick: 0,
                 join_requested: false,
                 handed_off: false,
+                budget: self
+                    .input_limit
+                    .map(|(l, _)| InputBudget::full(&l, self.last_tick))
+                    .unwrap_or_default(),
+                flooding: false,
             },
         );
         self.by_client.insert(client, connection);
@@ -302,11 +407,40 @@ impl Sessions {
                 return;
             }
         };
+        self.last_tick = tick.0;
         let Some(session) = self.sessions.get_mut(&connection) else {
             return;
         };
         let client = session.client;
         let joined = session.entity.zip(session.route);
+        if session.flooding {
+            self.counters.inputs_rate_limited += 1;
+            return;
+        }
+        if let (
+            ClientMessage::Input(_) | ClientMessage::Ack { .. } | ClientMessage::Ping { .. },
+            Some((limit, hz)),
+        ) = (&msg, self.input_limit)
+        {
+            match session.budget.spend(&limit, hz, tick.0) {
+                Spent::Admit => {}
+                Spent::Drop => {
+                    self.counters.inputs_rate_limited += 1;
+                    return;
+                }
+                Spent::Flooding => {
+                    self.counters.inputs_rate_limited += 1;
+                    self.counters.closed_for_flooding += 1;
+                    session.flooding = true;
+                    tracing::warn!(shard = %self.me, %client, %tick, "session far over its input limit: closed");
+                    sink.outputs.push_back(NodeOutput::Disconnect {
+                        connection,
+                        code: disconnect::FLOODING,
+                    });
+                    return;
+                }
+            }
+        }
         match msg {
             ClientMessage::Join { name, .. } => {
                 if session.join_requested {

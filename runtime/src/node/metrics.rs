@@ -589,6 +589,8 @@ pub fn render(shared: &NodeShared, board: &StatsBoard) -> String {
             ("socket_send_would_block", s.socket.send_would_block),
             ("send_queue_full", s.driver.send_refused),
             ("not_joined", s.gateway.not_joined),
+            ("input_rate_limited", s.gateway.inputs_rate_limited),
+            ("session_closed_for_flooding", s.gateway.closed_for_flooding),
             ("router_unknown_cell", s.router.cell_unknown),
             ("router_mailbox_full", s.driver.mailbox_refused),
             ("router_undeliverable", s.router.cell_undeliverable),

@@ -90,6 +90,10 @@ pub struct NodeConfig {
     /// Limits per client source address (sessions at once, handshakes per
     /// second); None: unlimited, as when every client shares loopback.
     pub address_limit: Option<tessera_net::AddressLimit>,
+    /// Game messages (inputs, acks, pings) one session may send; None:
+    /// unlimited. The excess is dropped and counted, a flood closes the
+    /// session.
+    pub input_limit: Option<tessera_cells::node::InputLimit>,
 }
 
 /// What a client must present: a connect token sealed under one of `keys`
@@ -130,6 +134,7 @@ impl Default for NodeConfig {
             cluster: None,
             tokens: None,
             address_limit: None,
+            input_limit: Some(tessera_cells::node::InputLimit::game_client()),
         }
     }
 }
@@ -321,6 +326,7 @@ impl<G: GameLogic> Node<G> {
         let policy_summary = token_policy.clone();
         let development = config.tokens.as_ref().is_some_and(|t| t.development);
         let address_limit = config.address_limit;
+        let (input_limit, tick_hz) = (config.input_limit, config.tick_hz);
         // In a cluster, the coordinator owns the registry: bind the cluster
         // ports, register, wait for it.
         let incarnation = tessera_net::driver::os_seed().unwrap_or(config.seed);
@@ -430,6 +436,7 @@ impl<G: GameLogic> Node<G> {
                 tessera_cells::ids::IdAllocator::prefix_of(me.node, me.shard),
             );
             let mut core = NodeCore::with_incarnation(me, world, registry, incarnation);
+            core.set_input_limit(input_limit, tick_hz);
             // Resume credentials must not be guessable: keyed from the OS.
             if let (Ok(k0), Ok(k1)) = (
                 tessera_net::driver::os_seed(),
