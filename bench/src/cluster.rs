@@ -74,6 +74,7 @@ impl Cluster {
         let coord = CoordService::start(CoordServiceConfig {
             listen,
             admin: Some(admin),
+            admin_token: None,
             geometry: Geometry::new(0, 128.0, world.0, world.1),
             tick_hz: 20,
             compute_nodes: computes,

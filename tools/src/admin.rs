@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use tessera_runtime::cluster::service::ClusterStatus;
-use tessera_runtime::node::admin::{request, Status};
+use tessera_runtime::node::admin::{read_admin_token, request_with, Status};
 
 /// Prints a coordinator's view of the cluster.
 fn print_cluster(st: &ClusterStatus, with_shards: bool) {
@@ -93,6 +93,10 @@ pub struct AdminArgs {
     /// Print the raw JSON.
     #[arg(long)]
     pub json: bool,
+    /// The admin token file (`--admin-token-file` of the node or
+    /// coordinator), for an admin port off loopback.
+    #[arg(long, env = "TESSERA_ADMIN_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: AdminCommand,
 }
@@ -144,8 +148,8 @@ pub enum AdminCommand {
     Shutdown,
 }
 
-fn fetch(addr: SocketAddr, command: &str) -> Result<String, String> {
-    let answer = request(addr, command).map_err(|e| {
+fn fetch(addr: SocketAddr, token: Option<&str>, command: &str) -> Result<String, String> {
+    let answer = request_with(addr, token, command).map_err(|e| {
         format!("cannot reach the admin port {addr}: {e} (is the node running? pass --addr)")
     })?;
     if let Ok(v) = serde_json::from_str::<serde_json::Value>(&answer) {
@@ -179,7 +183,12 @@ pub fn run(args: AdminArgs) -> Result<(), String> {
         AdminCommand::Pin { cell } => format!("pin {}", check(cell)?),
         AdminCommand::Shutdown => "shutdown".to_string(),
     };
-    let answer = fetch(args.addr, &command)?;
+    let token = args
+        .token_file
+        .as_deref()
+        .map(read_admin_token)
+        .transpose()?;
+    let answer = fetch(args.addr, token.as_deref(), &command)?;
     if args.json || !matches!(args.command, AdminCommand::Status | AdminCommand::Cells) {
         match serde_json::from_str::<serde_json::Value>(&answer) {
             Ok(v) if !args.json => match v.get("ok").and_then(|o| o.as_str()) {

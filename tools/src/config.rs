@@ -100,6 +100,11 @@ pub struct ServeArgs {
     /// A session far over it is closed.
     #[arg(long, env = "TESSERA_INPUTS_PER_SECOND")]
     pub inputs_per_second: Option<u32>,
+    /// A file holding the token a peer off loopback presents to the admin
+    /// port (`tessera admin --token-file`); without it the admin port
+    /// answers loopback only.
+    #[arg(long, env = "TESSERA_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// An address clients reach the game port at, as tokens name it
     /// (repeat for more; default: the game port's own address).
     #[arg(
@@ -234,6 +239,8 @@ pub struct FileConfig {
     pub handshakes_per_address: Option<u32>,
     /// See `--inputs-per-second`.
     pub inputs_per_second: Option<u32>,
+    /// See `--admin-token-file`.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -431,6 +438,13 @@ pub fn node_config(args: &ServeArgs) -> Result<NodeConfig, String> {
         cluster: cluster_config(args)?,
         tokens: Some(tokens),
         address_limit,
+        admin_token: args
+            .admin_token_file
+            .clone()
+            .or(file.admin_token_file.clone())
+            .as_deref()
+            .map(tessera_runtime::node::admin::read_admin_token)
+            .transpose()?,
         input_limit: match args.inputs_per_second.or(file.inputs_per_second) {
             Some(0) => None,
             Some(n) => Some(tessera_cells::node::InputLimit {

@@ -74,6 +74,11 @@ pub struct CoordArgs {
     /// Stop by itself after this many seconds.
     #[arg(long)]
     pub duration: Option<f64>,
+    /// A file holding the token a peer off loopback presents to the admin
+    /// port (`tessera admin --token-file`); without it the admin port
+    /// answers loopback only.
+    #[arg(long, env = "TESSERA_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<std::path::PathBuf>,
 }
 
 /// Runs the coordinator until SIGINT/SIGTERM, `tessera admin shutdown` or
@@ -113,6 +118,11 @@ pub fn run(args: CoordArgs) -> Result<(), String> {
     let service = CoordService::start(CoordServiceConfig {
         listen: args.listen,
         admin: Some(args.admin_addr),
+        admin_token: args
+            .admin_token_file
+            .as_deref()
+            .map(tessera_runtime::node::admin::read_admin_token)
+            .transpose()?,
         geometry: Geometry::new(0, args.cell_size, args.world.0, args.world.1),
         tick_hz: args.tick_hz,
         compute_nodes: args.compute_nodes,

@@ -102,6 +102,7 @@ pub fn run(args: DevArgs) -> Result<(), String> {
         DevCommand::Status => crate::admin::run(crate::admin::AdminArgs {
             addr: COORD_ADMIN.parse().expect("literal"),
             json: false,
+            token_file: None,
             command: crate::admin::AdminCommand::Status,
         }),
     }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{run, run_env, sim_value, Server};
+use common::{free_tcp_port, run, run_env, sim_value, Guarded, Server};
 
 fn key_file(name: &str) -> std::path::PathBuf {
     let (ok, key) = run(&["token", "key"]);
@@ -155,4 +155,109 @@ fn a_node_with_a_key_admits_only_valid_tokens_and_bots_with_tokens_play() {
     assert!(status.success(), "{status:?}");
     let _ = std::fs::remove_file(&key);
     let _ = std::fs::remove_file(&other);
+}
+
+/// This machine's address on its default route, if it has one that is not
+/// loopback (connecting a UDP socket sends nothing).
+fn lan_ip() -> Option<std::net::IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[test]
+fn the_admin_port_answers_off_loopback_only_with_its_token() {
+    // Without a token, an admin port reachable off loopback is refused at
+    // start.
+    let (ok, out) = run(&[
+        "serve",
+        "--port",
+        "0",
+        "--unpinned",
+        "--admin-addr",
+        "0.0.0.0:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--duration",
+        "5",
+    ]);
+    assert!(!ok && out.contains("--admin-token-file"), "{out}");
+
+    let token_file =
+        std::env::temp_dir().join(format!("tessera-admin-{}.token", std::process::id()));
+    std::fs::write(&token_file, "# admin\nfeedc0de-5ca1ab1e-0001\n").unwrap();
+    let tf = token_file.to_str().unwrap();
+    let admin_port = free_tcp_port();
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
+    let _node = Guarded::spawn(&[
+        "serve",
+        "--port",
+        "0",
+        "--unpinned",
+        "--world",
+        "2x2",
+        "--npcs",
+        "10",
+        "--admin-addr",
+        &format!("0.0.0.0:{admin_port}"),
+        "--admin-token-file",
+        tf,
+        "--metrics-addr",
+        &metrics,
+        "--duration",
+        "60",
+    ]);
+    let local = format!("127.0.0.1:{admin_port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // Loopback needs no token.
+    loop {
+        let (ok, out) = run(&["admin", "--addr", &local, "status"]);
+        if ok {
+            assert!(out.contains("sessions"), "{out}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{out}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let Some(ip) = lan_ip() else {
+        eprintln!(
+            "no address off loopback on this machine: the refusal is covered by the unit test only"
+        );
+        return;
+    };
+    let remote = format!("{ip}:{admin_port}");
+    let (ok, out) = run(&["admin", "--addr", &remote, "status"]);
+    assert!(!ok && out.contains("refused"), "{out}");
+    let (ok, out) = run(&["admin", "--addr", &remote, "--token-file", tf, "status"]);
+    assert!(ok && out.contains("sessions"), "{out}");
+    let wrong = std::env::temp_dir().join(format!("tessera-admin-{}.wrong", std::process::id()));
+    std::fs::write(&wrong, "feedc0de-5ca1ab1e-0002\n").unwrap();
+    let (ok, out) = run(&[
+        "admin",
+        "--addr",
+        &remote,
+        "--token-file",
+        wrong.to_str().unwrap(),
+        "status",
+    ]);
+    assert!(!ok && out.contains("refused"), "{out}");
+    let body = http_get(&metrics, "/metrics");
+    let refused: f64 = body
+        .lines()
+        .find(|l| l.starts_with("tessera_admin_refused_total "))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .expect("the refusal counter");
+    assert_eq!(refused, 2.0, "{body}");
+    let _ = std::fs::remove_file(&token_file);
+    let _ = std::fs::remove_file(&wrong);
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
 }

@@ -42,6 +42,9 @@ pub struct CoordServiceConfig {
     pub listen: SocketAddr,
     /// Its admin port (TCP), None to disable.
     pub admin: Option<SocketAddr>,
+    /// The token a peer off loopback presents to the admin port; None:
+    /// loopback only (and the admin port may not bind elsewhere).
+    pub admin_token: Option<String>,
     /// The world's shape.
     pub geometry: Geometry,
     /// The cluster's tick rate (nodes must match).
@@ -274,6 +277,15 @@ impl CoordService {
             source,
         })?;
         let listen = socket.local_addr();
+        let access = crate::node::admin::AdminAccess {
+            token: config.admin_token.clone(),
+            ..Default::default()
+        };
+        if let Some(a) = config.admin {
+            access
+                .check_bind(a, "--admin-addr")
+                .map_err(CoordServiceError::Invalid)?;
+        }
         let admin_listener = config
             .admin
             .map(|a| {
@@ -300,7 +312,7 @@ impl CoordService {
             .map_err(|e| CoordServiceError::Invalid(e.to_string()))?;
         let admin_thread = match admin_listener {
             Some(l) => Some(
-                serve_admin(l, board, admin_tx, stop.clone())
+                serve_admin(l, board, admin_tx, access, stop.clone())
                     .map_err(|e| CoordServiceError::Invalid(e.to_string()))?,
             ),
             None => None,
@@ -1158,10 +1170,11 @@ fn serve_admin(
     listener: TcpListener,
     board: Arc<Mutex<Board>>,
     tx: Sender<AdminInput>,
+    access: crate::node::admin::AdminAccess,
     stop: Arc<AtomicBool>,
 ) -> io::Result<JoinHandle<()>> {
     let flag = stop.clone();
-    crate::node::admin::serve_lines(listener, "tessera-coord-admin", stop, move |line| {
+    crate::node::admin::serve_lines(listener, "tessera-coord-admin", access, stop, move |line| {
         reply(line, &board, &tx, &flag)
     })
 }

@@ -1,9 +1,14 @@
-//! The admin port: a line protocol on a loopback TCP port.
+//! The admin port: a line protocol on a TCP port.
 //!
 //! A client connects, writes one command line, reads one JSON document and
 //! the connection closes. Commands: `status`, `cells`, `handovers`,
 //! `move CELL SHARD`, `split CELL`, `merge CELL`, `shutdown`. Errors come
 //! back as `{"error": "..."}`.
+//!
+//! Loopback peers are always answered. Any other peer must start its line
+//! with `token TOKEN ` ([`AdminAccess`]); without a configured token only
+//! loopback is answered, and a node refuses to bind a non-loopback admin
+//! address at all.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -148,6 +153,76 @@ pub fn status(shared: &NodeShared, board: &StatsBoard) -> Status {
     }
 }
 
+/// Who an admin port answers besides loopback peers.
+#[derive(Clone, Debug, Default)]
+pub struct AdminAccess {
+    /// The token a non-loopback peer presents; None: loopback only.
+    pub token: Option<String>,
+    /// Requests refused (a peer off loopback without the right token).
+    pub refused: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl AdminAccess {
+    /// Fails when `addr` is reachable off loopback and no token guards it.
+    pub fn check_bind(&self, addr: std::net::SocketAddr, flag: &str) -> Result<(), String> {
+        if addr.ip().is_loopback() || self.token.is_some() {
+            return Ok(());
+        }
+        Err(format!(
+            "the admin port answers loopback only unless given a token: {flag} {addr} needs --admin-token-file FILE"
+        ))
+    }
+
+    /// The command of `line` if `peer` may run it: a loopback peer, or one
+    /// whose line starts with the right `token TOKEN`.
+    fn admit<'a>(&self, peer: std::net::SocketAddr, line: &'a str) -> Option<&'a str> {
+        let (presented, command) = match line.trim_start().strip_prefix("token ") {
+            Some(rest) => {
+                let rest = rest.trim_start();
+                let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+                (Some(&rest[..end]), &rest[end..])
+            }
+            None => (None, line),
+        };
+        if peer.ip().is_loopback() {
+            return Some(command);
+        }
+        match (&self.token, presented) {
+            (Some(want), Some(got)) if constant_time_eq(want.as_bytes(), got.as_bytes()) => {
+                Some(command)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Equality whose time does not depend on where the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads an admin token file: its first line that is not empty or a `#`
+/// comment, at least 16 characters without whitespace.
+pub fn read_admin_token(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the admin token file {}: {e}", path.display()))?;
+    let token = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .ok_or_else(|| format!("{}: no token in the file", path.display()))?;
+    if token.len() < 16 || token.contains(char::is_whitespace) {
+        return Err(format!(
+            "{}: an admin token is at least 16 characters without spaces (`tessera token key` makes one)",
+            path.display()
+        ));
+    }
+    Ok(token.to_string())
+}
+
 /// Serves the admin port until `stop` is set.
 pub fn serve(
     listener: TcpListener,
@@ -155,9 +230,10 @@ pub fn serve(
     board: Arc<StatsBoard>,
     node_stop: StopHandle,
     coord: CoordSender,
+    access: AdminAccess,
     stop: Arc<AtomicBool>,
 ) -> io::Result<JoinHandle<()>> {
-    serve_lines(listener, "tessera-admin", stop, move |line| {
+    serve_lines(listener, "tessera-admin", access, stop, move |line| {
         reply(line, &shared, &board, &node_stop, &coord)
     })
 }
@@ -168,6 +244,7 @@ pub fn serve(
 pub(crate) fn serve_lines(
     listener: TcpListener,
     thread: &str,
+    access: AdminAccess,
     stop: Arc<AtomicBool>,
     answer: impl Fn(&str) -> io::Result<String> + Send + 'static,
 ) -> io::Result<JoinHandle<()>> {
@@ -176,7 +253,15 @@ pub(crate) fn serve_lines(
         while !stop.load(Ordering::Acquire) {
             match listener.accept() {
                 Ok((stream, peer)) => {
-                    if let Err(e) = answer_one(stream, &answer) {
+                    let guarded = |line: &str| match access.admit(peer, line) {
+                        Some(command) => answer(command),
+                        None => {
+                            access.refused.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(%peer, "admin request refused: not loopback, no valid token");
+                            Ok(serde_json::json!({ "error": "refused: the admin port answers loopback, or a peer presenting the admin token" }).to_string())
+                        }
+                    };
+                    if let Err(e) = answer_one(stream, &guarded) {
                         tracing::debug!(%peer, error = %e, "admin request failed");
                     }
                 }
@@ -300,11 +385,60 @@ fn reply(
 /// Sends one command to an admin port and returns the JSON answer (used by
 /// `tessera admin`).
 pub fn request(addr: std::net::SocketAddr, command: &str) -> io::Result<String> {
+    request_with(addr, None, command)
+}
+
+/// As [`request`], presenting `token` (an admin port off loopback needs it).
+pub fn request_with(
+    addr: std::net::SocketAddr,
+    token: Option<&str>,
+    command: &str,
+) -> io::Result<String> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    if let Some(t) = token {
+        stream.write_all(format!("token {t} ").as_bytes())?;
+    }
     stream.write_all(command.as_bytes())?;
     stream.write_all(b"\n")?;
     let mut out = String::new();
     stream.take(16 << 20).read_to_string(&mut out)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn off_loopback_only_the_right_token_gets_a_command_through() {
+        let local: std::net::SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let remote: std::net::SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        let open = AdminAccess::default();
+        assert_eq!(open.admit(local, "status\n"), Some("status\n"));
+        assert_eq!(open.admit(remote, "status\n"), None);
+        assert_eq!(open.admit(remote, "token anything status\n"), None);
+        let guarded = AdminAccess {
+            token: Some("s3cret-admin-token".into()),
+            ..AdminAccess::default()
+        };
+        assert_eq!(
+            guarded.admit(remote, "token s3cret-admin-token split 0:1,1\n"),
+            Some(" split 0:1,1\n")
+        );
+        assert_eq!(
+            guarded.admit(remote, "token s3cret-admin-tokeX status"),
+            None
+        );
+        assert_eq!(guarded.admit(remote, "token s3cret status"), None);
+        assert_eq!(guarded.admit(remote, "status"), None);
+        // Loopback may present it too (the same `tessera admin` everywhere).
+        assert_eq!(
+            guarded.admit(local, "token whatever status"),
+            Some(" status")
+        );
+        assert!(open.check_bind(remote, "--admin-addr").is_err());
+        assert!(guarded.check_bind(remote, "--admin-addr").is_ok());
+        assert!(open.check_bind(local, "--admin-addr").is_ok());
+    }
 }

@@ -479,6 +479,19 @@ pub fn render(shared: &NodeShared, board: &StatsBoard) -> String {
 
     help(
         &mut o,
+        "tessera_admin_refused_total",
+        "counter",
+        "Admin requests refused: a peer off loopback without the admin token.",
+    );
+    let _ = writeln!(
+        o,
+        "tessera_admin_refused_total {}",
+        shared
+            .admin_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    help(
+        &mut o,
         "tessera_sessions",
         "gauge",
         "Client sessions hosted, per shard.",

@@ -94,6 +94,9 @@ pub struct NodeConfig {
     /// unlimited. The excess is dropped and counted, a flood closes the
     /// session.
     pub input_limit: Option<tessera_cells::node::InputLimit>,
+    /// The token a peer off loopback presents to the admin port; None: the
+    /// admin port answers loopback only (and may not bind elsewhere).
+    pub admin_token: Option<String>,
 }
 
 /// What a client must present: a connect token sealed under one of `keys`
@@ -135,6 +138,7 @@ impl Default for NodeConfig {
             tokens: None,
             address_limit: None,
             input_limit: Some(tessera_cells::node::InputLimit::game_client()),
+            admin_token: None,
         }
     }
 }
@@ -285,6 +289,15 @@ impl<G: GameLogic> Node<G> {
             .metrics_addr
             .map(|a| bind_helper(a, "metrics", "--metrics-addr"))
             .transpose()?;
+        let mut admin_access = admin::AdminAccess {
+            token: config.admin_token.clone(),
+            ..admin::AdminAccess::default()
+        };
+        if let Some(a) = config.admin_addr {
+            admin_access
+                .check_bind(a, "--admin-addr")
+                .map_err(NodeError::Invalid)?;
+        }
         let admin = config
             .admin_addr
             .map(|a| bind_helper(a, "admin", "--admin-addr"))
@@ -526,12 +539,14 @@ impl<G: GameLogic> Node<G> {
             )?);
         }
         if let Some(listener) = admin {
+            admin_access.refused = shared.admin_refused.clone();
             helpers.push(admin::serve(
                 listener,
                 shared.clone(),
                 runtime.stats(),
                 runtime.stop_handle(),
                 coord_tx.clone(),
+                admin_access.clone(),
                 helpers_stop.clone(),
             )?);
         }

@@ -105,6 +105,8 @@ pub struct NodeShared {
     pub node: u16,
     draining: AtomicBool,
     drained: Vec<AtomicBool>,
+    /// Admin requests refused (off loopback without the admin token).
+    pub admin_refused: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl NodeShared {
@@ -120,6 +122,7 @@ impl NodeShared {
             clustered: false,
             node: 0,
             draining: AtomicBool::new(false),
+            admin_refused: Arc::default(),
             drained: (0..shards).map(|_| AtomicBool::new(false)).collect(),
         }
     }
