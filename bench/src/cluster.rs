@@ -81,6 +81,8 @@ impl Cluster {
             policy,
             etcd: None,
             lease_follows_ttl: false,
+            // Sealed links, as a deployment runs them.
+            cluster_key: Some(bench_cluster_key()),
         })
         .map_err(|e| e.to_string())?;
         let configs: Vec<NodeConfig> = nodes
@@ -105,6 +107,7 @@ impl Cluster {
                     cluster_addr: format!("{ip}:{}", free_port(ip)).parse().expect("addr"),
                     role,
                     join_timeout: Duration::from_secs(30),
+                    key: Some(bench_cluster_key()),
                 }),
                 ..NodeConfig::default()
             })
@@ -478,4 +481,11 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     report.note("targets: freeze_ms_p99 <= 50 (one tick at 20 Hz), commit_ms_p99 <= 150 (3 ticks); entities_lost = inputs_lost = 0; bytes per ghost include the transfers of NPCs crossing the border".to_string());
     report.finish()?;
     Ok(())
+}
+
+/// The key the bench's cluster links are sealed under.
+fn bench_cluster_key() -> tessera_runtime::cluster::ClusterKey {
+    tessera_runtime::cluster::ClusterKey {
+        keys: vec![tessera_net::token::TokenKey([0xB7; 32])],
+    }
 }

@@ -105,6 +105,11 @@ pub struct ServeArgs {
     /// answers loopback only.
     #[arg(long, env = "TESSERA_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// The cluster key file (`tessera token key`; the coordinators and
+    /// every node share it): cluster links are authenticated and sealed
+    /// under it. A cluster all on loopback uses the development key.
+    #[arg(long, env = "TESSERA_CLUSTER_KEY", requires = "coord")]
+    pub cluster_key: Option<PathBuf>,
     /// An address clients reach the game port at, as tokens name it
     /// (repeat for more; default: the game port's own address).
     #[arg(
@@ -541,12 +546,18 @@ fn cluster_config(
             "--cluster-addr {cluster_addr} must be this node's own address and a port (other nodes dial it)"
         ));
     }
+    let mut all = args.coord.clone();
+    all.push(cluster_addr);
     Ok(Some(tessera_runtime::cluster::ClusterConfig {
         coords: args.coord.clone(),
         node,
         cluster_addr,
         role: args.role,
         join_timeout: std::time::Duration::from_secs(60),
+        key: Some(crate::token::cluster_key(
+            args.cluster_key.as_deref(),
+            &all,
+        )?),
     }))
 }
 

@@ -79,6 +79,11 @@ pub struct CoordArgs {
     /// answers loopback only.
     #[arg(long, env = "TESSERA_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<std::path::PathBuf>,
+    /// The cluster key file (the same on every node): links from nodes
+    /// must be authenticated and are sealed under it. A coordinator
+    /// listening on loopback uses the development key.
+    #[arg(long, env = "TESSERA_CLUSTER_KEY")]
+    pub cluster_key: Option<std::path::PathBuf>,
 }
 
 /// Runs the coordinator until SIGINT/SIGTERM, `tessera admin shutdown` or
@@ -134,6 +139,10 @@ pub fn run(args: CoordArgs) -> Result<(), String> {
             ttl_s: args.leader_ttl,
         }),
         lease_follows_ttl: args.lease.is_none() && !args.etcd.is_empty(),
+        cluster_key: Some(crate::token::cluster_key(
+            args.cluster_key.as_deref(),
+            &[args.listen],
+        )?),
     })
     .map_err(|e| e.to_string())?;
     println!(

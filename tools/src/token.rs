@@ -158,6 +158,28 @@ pub fn dev_key_for(server: SocketAddr) -> Option<TokenKey> {
     path.exists().then(|| dev_key(&path).ok()).flatten()
 }
 
+/// The key of a cluster's links: the file's, or, for a cluster whose
+/// every address in `addresses` is loopback, the development key. A
+/// cluster reachable off loopback needs a key file.
+pub fn cluster_key(
+    file: Option<&Path>,
+    addresses: &[SocketAddr],
+) -> Result<tessera_runtime::cluster::ClusterKey, String> {
+    let keys = match file {
+        Some(path) => read_keys(path)?,
+        None if addresses.iter().all(|a| a.ip().is_loopback()) => {
+            vec![dev_key(&dev_key_path())?]
+        }
+        None => {
+            return Err(
+                "cluster links off loopback need --cluster-key FILE (the same file on the coordinators and every node; `tessera token key > FILE` makes one)"
+                    .into(),
+            )
+        }
+    };
+    Ok(tessera_runtime::cluster::ClusterKey { keys })
+}
+
 /// Mints a token valid `expires_in` seconds from now.
 pub fn mint(
     key: &TokenKey,

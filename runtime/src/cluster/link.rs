@@ -29,7 +29,11 @@ pub struct ControlLink {
 
 impl ControlLink {
     /// Connects (handshake included) within `timeout`.
-    pub fn connect(remote: SocketAddr, timeout: Duration) -> Result<Self, JoinError> {
+    pub fn connect(
+        remote: SocketAddr,
+        timeout: Duration,
+        key: Option<&super::ClusterKey>,
+    ) -> Result<Self, JoinError> {
         let local: SocketAddr = if remote.is_ipv4() {
             "0.0.0.0:0"
         } else {
@@ -48,12 +52,12 @@ impl ControlLink {
         let mut endpoint =
             Endpoint::new(tessera_net::Config::cluster(1), seed).expect("valid cluster config");
         let connection =
-            endpoint
-                .connect(Instant::now(), remote)
-                .map_err(|e| JoinError::Closed {
+            super::auth::dial(&mut endpoint, Instant::now(), remote, key).map_err(|reason| {
+                JoinError::Closed {
                     addr: remote,
-                    reason: e.to_string(),
-                })?;
+                    reason,
+                }
+            })?;
         let batch = TransmitBatch::new(socket.batch_size());
         let mut link = Self {
             endpoint,

@@ -12,6 +12,7 @@
 //!
 //! Frames are those of `tessera_cells::wire`; this module only moves bytes.
 
+pub mod auth;
 pub mod etcd;
 pub mod link;
 pub mod service;
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use tessera_cells::wire::{ControlMsg, NodeInfo, NodeRole, Registration};
 use tessera_cells::Registry;
 
+pub use auth::ClusterKey;
 pub use link::ControlLink;
 
 /// The shard number a node's join link registers with (a shard's own link
@@ -43,6 +45,10 @@ pub struct ClusterConfig {
     pub role: NodeRole,
     /// How long to wait for the coordinator at start.
     pub join_timeout: Duration,
+    /// Cluster links are sealed under this key (every node and coordinator
+    /// of the cluster shares it); None: links in clear text, open to
+    /// anyone who reaches the ports (tests, a trusted private network).
+    pub key: Option<ClusterKey>,
 }
 
 impl ClusterConfig {
@@ -173,9 +179,11 @@ pub fn join(
         for (i, slot) in links.iter_mut().enumerate() {
             if slot.is_none() {
                 // Short tries: one coordinator down must not hold the others up.
-                if let Ok(mut l) =
-                    ControlLink::connect(config.coords[i], Duration::from_millis(200))
-                {
+                if let Ok(mut l) = ControlLink::connect(
+                    config.coords[i],
+                    Duration::from_millis(200),
+                    config.key.as_ref(),
+                ) {
                     l.send(&register);
                     heard = true;
                     *slot = Some(l);

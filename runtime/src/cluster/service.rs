@@ -58,6 +58,9 @@ pub struct CoordServiceConfig {
     /// With etcd: the node lease becomes the leader TTL etcd granted + 1 s
     /// at each election (the operator did not set `--lease`).
     pub lease_follows_ttl: bool,
+    /// Links from nodes must present a token under this key, and are
+    /// sealed; None: clear text, open to anyone who reaches the port.
+    pub cluster_key: Option<super::ClusterKey>,
 }
 
 /// One shard in the cluster status.
@@ -402,8 +405,11 @@ impl Loop {
         admin: Receiver<AdminInput>,
     ) -> Self {
         let seed = tessera_net::driver::os_seed().unwrap_or(0xC00D);
-        let endpoint =
+        let mut endpoint =
             Endpoint::new(tessera_net::Config::cluster(4096), seed).expect("valid cluster config");
+        if let Some(key) = &config.cluster_key {
+            key.guard(&mut endpoint, vec![config.listen, socket.local_addr()]);
+        }
         let batch = TransmitBatch::new(socket.batch_size());
         Self {
             config,

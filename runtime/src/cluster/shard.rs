@@ -120,6 +120,8 @@ pub struct ClusterSide {
     /// Other gateways in service, as the last directory listed them (the
     /// coordinator leaves out dead and draining ones).
     gateways: Vec<String>,
+    /// Links are sealed under it (None: clear text).
+    key: Option<super::ClusterKey>,
 }
 
 fn gateways_in(me: u16, nodes: &[NodeInfo]) -> Vec<String> {
@@ -143,6 +145,7 @@ impl ClusterSide {
         coords: &[SocketAddr],
         registration: Registration,
         directory: Vec<NodeInfo>,
+        key: Option<super::ClusterKey>,
     ) -> Self {
         let batch = TransmitBatch::new(socket.batch_size());
         Self {
@@ -172,6 +175,7 @@ impl ClusterSide {
             backlog: BTreeMap::new(),
             control_seq: 0,
             counters: ClusterCounters::default(),
+            key,
         }
     }
 
@@ -243,7 +247,7 @@ impl ClusterSide {
             return Some(*c);
         }
         let addr = self.directory.get(&to.node)?.shard_addr(to.shard);
-        match self.endpoint.connect(now, addr) {
+        match super::auth::dial(&mut self.endpoint, now, addr, self.key.as_ref()) {
             Ok(c) => {
                 self.counters.links_opened += 1;
                 tracing::info!(shard = %self.me, %to, %addr, "cluster link opened");
@@ -565,7 +569,7 @@ impl ClusterSide {
         }
         let addr = c.addr;
         self.coords[i].retry_at = None;
-        match self.endpoint.connect(now, addr) {
+        match super::auth::dial(&mut self.endpoint, now, addr, self.key.as_ref()) {
             Ok(h) => {
                 if self.counters.control_sent > 0 {
                     self.counters.coord_redials += 1;

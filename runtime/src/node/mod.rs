@@ -493,9 +493,15 @@ impl<G: GameLogic> Node<G> {
                         [shard.index()]
                     .take()
                     .expect("one cluster socket per shard");
-                    let endpoint =
+                    let mut endpoint =
                         Endpoint::new(EndpointConfig::cluster(1024), endpoint_seed ^ 0xC1A5)
                             .expect("valid cluster configuration");
+                    if let Some(key) = &cc.key {
+                        // Others dial the advertised address (port + shard).
+                        let mut advertised = cc.cluster_addr;
+                        advertised.set_port(advertised.port().wrapping_add(shard.0));
+                        key.guard(&mut endpoint, vec![advertised, socket.local_addr()]);
+                    }
                     let registration = Registration {
                         node: cc.node,
                         shard: shard.0,
@@ -512,6 +518,7 @@ impl<G: GameLogic> Node<G> {
                         &cc.coords,
                         registration,
                         directory.clone(),
+                        cc.key.clone(),
                     ))
                 }
             }
