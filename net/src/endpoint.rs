@@ -303,6 +303,8 @@ pub struct Endpoint {
     plain: Vec<u8>,
     /// Per source address accounting, with `config.address_limit`.
     addresses: Option<crate::address::AddressTable>,
+    /// Shared with the server's other endpoints, and this one's id there.
+    gate: Option<(std::sync::Arc<crate::token::PlayerGate>, u32)>,
 }
 
 impl Endpoint {
@@ -339,6 +341,7 @@ impl Endpoint {
             by_token: HashMap::new(),
             plain: Vec::new(),
             addresses,
+            gate: None,
         })
     }
 
@@ -353,6 +356,13 @@ impl Endpoint {
         }
         self.tokens = Some(policy);
         Ok(())
+    }
+
+    /// Shares the one-session-per-player rule with the other endpoints of
+    /// the server holding `gate` (each with its own `id`): a token's
+    /// player in a session on any of them is refused with `TokenInUse`.
+    pub fn share_players(&mut self, gate: std::sync::Arc<crate::token::PlayerGate>, id: u32) {
+        self.gate = Some((gate, id));
     }
 
     /// Moves the wall-clock anchor of the token policy (a driver re-reads
@@ -802,6 +812,9 @@ impl Endpoint {
             if self.by_token.get(&claims.client_id) == Some(&index) {
                 self.by_token.remove(&claims.client_id);
             }
+            if let Some((gate, id)) = &self.gate {
+                gate.exit(claims.client_id, *id, connection.local_id);
+            }
         }
         let slot = &mut self.slots[index as usize];
         if std::mem::take(&mut slot.address_counted) {
@@ -974,7 +987,11 @@ impl Endpoint {
                     .as_deref()
                     .map(|x| x.addr)
             });
-            if other.is_some_and(|addr| addr != from) {
+            let elsewhere = self
+                .gate
+                .as_ref()
+                .is_some_and(|(g, id)| g.held_elsewhere(c.client_id, *id));
+            if other.is_some_and(|addr| addr != from) || elsewhere {
                 // One player, one address: a stolen token cannot take over
                 // (the player's own reconnect waits for the old session to
                 // time out, or comes from the same address).
@@ -996,6 +1013,9 @@ impl Endpoint {
             .and_then(|x| x.claims.as_deref())
         {
             self.by_token.insert(c.client_id, handle.index);
+            if let Some((gate, id)) = &self.gate {
+                gate.enter(c.client_id, *id, server_id);
+            }
         }
         self.by_id.insert(server_id, handle.index);
         self.by_peer.insert((from, client_id), handle.index);

@@ -539,3 +539,47 @@ mod tests {
         }
     }
 }
+
+/// Which endpoint holds each player's session, shared by the endpoints of
+/// one server (a node's shards each run their own endpoint on one port):
+/// a token's player gets one session across all of them, not one per
+/// endpoint. Bounded by the sessions the endpoints hold.
+#[derive(Debug, Default)]
+pub struct PlayerGate {
+    held: std::sync::Mutex<std::collections::HashMap<u64, (u32, u32)>>,
+}
+
+impl PlayerGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, (u32, u32)>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True if `player`'s session is held by an endpoint other than
+    /// `endpoint`.
+    pub(crate) fn held_elsewhere(&self, player: u64, endpoint: u32) -> bool {
+        self.lock().get(&player).is_some_and(|h| h.0 != endpoint)
+    }
+
+    /// `endpoint`'s session `session` now holds `player`.
+    pub(crate) fn enter(&self, player: u64, endpoint: u32, session: u32) {
+        self.lock().insert(player, (endpoint, session));
+    }
+
+    /// `endpoint`'s session `session` of `player` ended.
+    pub(crate) fn exit(&self, player: u64, endpoint: u32, session: u32) {
+        let mut held = self.lock();
+        if held.get(&player) == Some(&(endpoint, session)) {
+            held.remove(&player);
+        }
+    }
+
+    /// Players in a session now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True if none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -568,3 +568,95 @@ fn one_host_gets_its_share_of_sessions_and_handshakes_and_no_more() {
         assert!(net.rejected(i).is_none(), "client {i} still connected");
     }
 }
+
+/// Runs the handshake of `client` (at `caddr`) with `server` (at `saddr`)
+/// by hand: true once connected, false once refused.
+fn shake(
+    client: &mut Endpoint,
+    caddr: SocketAddr,
+    server: &mut Endpoint,
+    saddr: SocketAddr,
+    now: Instant,
+) -> Result<(), DisconnectReason> {
+    let mut batch = TransmitBatch::new(16);
+    for _ in 0..20 {
+        for (from, to) in [(0, 1), (1, 0)] {
+            let (src, dst) = if from == 0 {
+                (&mut *client, &mut *server)
+            } else {
+                (&mut *server, &mut *client)
+            };
+            batch.clear();
+            let _ = src.poll_transmit(now, &mut batch);
+            let from_addr = if to == 1 { caddr } else { saddr };
+            for t in batch.iter() {
+                dst.handle_datagram(now, from_addr, t.payload);
+            }
+        }
+        while let Some(e) = client.poll_event() {
+            match e {
+                Event::Connected { .. } => return Ok(()),
+                Event::Disconnected { reason, .. } => return Err(reason),
+                _ => {}
+            }
+        }
+        while server.poll_event().is_some() {}
+    }
+    panic!("the handshake neither finished nor failed");
+}
+
+/// A server's endpoints (a node's shards) share one session per player:
+/// a token's player in a session on one is refused on another until that
+/// session ends.
+#[test]
+fn one_session_per_player_across_endpoints_sharing_a_gate() {
+    use std::sync::Arc;
+    use tessera_net::token::PlayerGate;
+    let now = Instant::now();
+    let gate = Arc::new(PlayerGate::default());
+    let addrs = [server_addr(), SocketAddr::from(([10, 0, 0, 2], 7777))];
+    let mut servers: Vec<Endpoint> = (0..2)
+        .map(|i| {
+            let mut s = Endpoint::new(Config::game_server(8), 50 + i).unwrap();
+            s.require_tokens(TokenPolicy {
+                keys: vec![KEY],
+                addresses: addrs.to_vec(),
+                clock: (now, PAIR_UNIX_MS),
+            })
+            .unwrap();
+            s.share_players(gate.clone(), i as u32);
+            s
+        })
+        .collect();
+    let expires = PAIR_UNIX_MS / 1000 + 60;
+    let a_addr = SocketAddr::from(([10, 0, 9, 1], 4000));
+    let b_addr = SocketAddr::from(([10, 0, 9, 2], 4000));
+    let mut a = Endpoint::new(Config::default(), 1).unwrap();
+    let mut b = Endpoint::new(Config::default(), 2).unwrap();
+    let ha = a
+        .connect_with_token(now, addrs[0], &token(5, expires, &addrs, 1))
+        .unwrap();
+    shake(&mut a, a_addr, &mut servers[0], addrs[0], now).expect("the first session");
+    assert_eq!(gate.len(), 1);
+    b.connect_with_token(now, addrs[1], &token(5, expires, &addrs, 2))
+        .unwrap();
+    assert_eq!(
+        shake(&mut b, b_addr, &mut servers[1], addrs[1], now),
+        Err(DisconnectReason::Rejected(RejectReason::TokenInUse)),
+        "the same player on the other endpoint"
+    );
+    assert_eq!(servers[1].stats().rejected_token_in_use, 1);
+    // Another player is welcome there.
+    let mut c = Endpoint::new(Config::default(), 3).unwrap();
+    c.connect_with_token(now, addrs[1], &token(6, expires, &addrs, 3))
+        .unwrap();
+    shake(&mut c, b_addr, &mut servers[1], addrs[1], now).expect("another player");
+    // The first session ends: the player may connect anywhere again.
+    a.disconnect(now, ha, 1).unwrap();
+    let _ = shake(&mut a, a_addr, &mut servers[0], addrs[0], now);
+    assert_eq!(gate.len(), 1, "only player 6 is in a session");
+    let mut b = Endpoint::new(Config::default(), 4).unwrap();
+    b.connect_with_token(now, addrs[1], &token(5, expires, &addrs, 4))
+        .unwrap();
+    shake(&mut b, b_addr, &mut servers[1], addrs[1], now).expect("after the first ended");
+}

@@ -35,17 +35,22 @@ fn only_holders_of_the_cluster_key_link_to_the_coordinator() {
     .unwrap();
     let at = service.listen_addr();
     let wait = Duration::from_millis(600);
-    let refused = ControlLink::connect(at, wait, None).err().expect("no token: refused");
+    let refused = ControlLink::connect(at, wait, None)
+        .err()
+        .expect("no token: refused");
     assert!(refused.to_string().contains("TokenRequired"), "{refused}");
     assert!(
         ControlLink::connect(at, wait, Some(&key(9))).is_err(),
         "another cluster's key"
     );
-    let mut link = ControlLink::connect(at, Duration::from_secs(5), Some(&key(1))).expect("the key");
+    let mut link =
+        ControlLink::connect(at, Duration::from_secs(5), Some(&key(1))).expect("the key");
     link.close();
     let mut link =
         ControlLink::connect(at, Duration::from_secs(5), Some(&key(2))).expect("the previous key");
     link.close();
-    service.stop_flag().store(true, std::sync::atomic::Ordering::Release);
+    service
+        .stop_flag()
+        .store(true, std::sync::atomic::Ordering::Release);
     service.wait();
 }

@@ -41,4 +41,16 @@ pub mod disconnect {
     /// The session kept sending far more game messages than a player can
     /// (the gateway's per-session input limit).
     pub const FLOODING: u16 = 5;
+
+    /// What a code means, for people.
+    pub fn describe(code: u16) -> &'static str {
+        match code {
+            LEFT => "left",
+            SHUTTING_DOWN => "the server is shutting down",
+            PROTOCOL => "protocol error",
+            MOVED => "resume at another gateway",
+            FLOODING => "sent far too many messages",
+            _ => "unknown",
+        }
+    }
 }

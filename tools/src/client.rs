@@ -217,7 +217,13 @@ impl GameClient {
                     self.endpoint.recycle(bytes);
                 }
                 Event::Disconnected { reason, .. } => {
-                    self.disconnected = Some(format!("{reason:?}"))
+                    self.disconnected = Some(match reason {
+                        tessera_net::DisconnectReason::Remote(code) => format!(
+                            "Remote({code}): {}",
+                            tessera_schema::protocol::disconnect::describe(code)
+                        ),
+                        other => format!("{other:?}"),
+                    })
                 }
                 Event::Acked { .. } => {}
             }

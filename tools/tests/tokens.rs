@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{free_tcp_port, run, run_env, sim_value, Guarded, Server};
+use common::{dev_key_path, free_tcp_port, run, run_env, sim_value, Guarded, Server};
 
 fn key_file(name: &str) -> std::path::PathBuf {
     let (ok, key) = run(&["token", "key"]);
@@ -260,4 +260,66 @@ fn http_get(addr: &str, path: &str) -> String {
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
     body
+}
+
+fn entity_of(out: &str) -> Option<u64> {
+    out.split("joined as entity ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A player whose client dies without a word (killed) comes back with the
+/// same token identity and takes its avatar back; a player who left gets
+/// a fresh one.
+#[test]
+fn a_player_whose_client_died_takes_its_avatar_back() {
+    let server = Server::start(&["--shards", "2", "--world", "2x2", "--npcs", "20"]);
+    let addr = server.game.to_string();
+    let key = dev_key_path();
+    let key = key.to_str().unwrap();
+    let client = |seconds: &str| {
+        Guarded::spawn(&[
+            "client",
+            "--addr",
+            &addr,
+            "--token-key",
+            key,
+            "--client-id",
+            "4242",
+            "join",
+            "--seconds",
+            seconds,
+        ])
+    };
+    let first = client("60");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let entity = loop {
+        if let Some(e) = entity_of(&first.output()) {
+            break e;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", first.output());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    // Killed: no leave, no disconnect; the node times the session out.
+    drop(first);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    let again = loop {
+        // Refused (TokenInUse) until the old session times out.
+        let (ok, out) = client("1").finish(std::time::Duration::from_secs(20));
+        if ok {
+            break entity_of(&out).expect(&out);
+        }
+        assert!(out.contains("TokenInUse"), "{out}");
+        assert!(std::time::Instant::now() < deadline, "{out}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert_eq!(again, entity, "the same avatar");
+    // That client left (its join ended with a leave): a fresh avatar now.
+    let (ok, out) = client("1").finish(std::time::Duration::from_secs(20));
+    assert!(ok, "{out}");
+    assert_ne!(entity_of(&out), Some(entity), "{out}");
+    assert!(server.metric("tessera_avatars_reclaimed_total") >= 1.0);
 }

@@ -19,6 +19,7 @@
 //! mailboxes; the deterministic simulator drives the same cores over a
 //! seeded network.
 
+mod players;
 mod route;
 mod session;
 
@@ -27,6 +28,7 @@ use std::sync::Arc;
 
 use tessera_schema::protocol::Channel;
 
+pub use players::{ParkedAvatar, PlayerDirectory};
 pub use route::{client_id, gateway_of, Router, RouterCounters, CLIENT_SERIAL_BITS};
 pub use session::{InputLimit, SessionCounters, Sessions};
 
@@ -366,7 +368,21 @@ impl<G: GameLogic> NodeCore<G> {
 
     /// A client's handshake completed on this shard: a session opens.
     pub fn handle_connected(&mut self, connection: ConnectionKey) -> ClientId {
-        self.sessions.open(connection)
+        self.sessions.open(connection, None)
+    }
+
+    /// As [`NodeCore::handle_connected`], for the player a connect token
+    /// names: if the player's earlier session was lost, its join takes the
+    /// parked avatar back (see [`NodeCore::set_player_directory`]). One
+    /// session per player is the transport's rule (`TokenInUse`).
+    pub fn handle_connected_as(&mut self, connection: ConnectionKey, player: u64) -> ClientId {
+        self.sessions.open(connection, Some(player))
+    }
+
+    /// Parks lost players' avatars in `directory` (one per node, shared by
+    /// its shards) instead of removing them.
+    pub fn set_player_directory(&mut self, directory: Arc<PlayerDirectory>) {
+        self.sessions.set_player_directory(directory);
     }
 
     /// A frame from a session's client.
@@ -421,7 +437,18 @@ impl<G: GameLogic> NodeCore<G> {
     /// A session's connection closed (either side, or a timeout): its avatar
     /// leaves the world.
     pub fn handle_disconnected(&mut self, connection: ConnectionKey) {
-        self.sessions.close::<G>(connection, &mut self.to_route);
+        self.sessions
+            .close::<G>(connection, false, &mut self.to_route);
+        self.route_pending();
+    }
+
+    /// A session's client went without leaving (a timeout, a client that
+    /// closed without a leave): a player's avatar (a session opened with
+    /// [`NodeCore::handle_connected_as`]) is parked for the player's next
+    /// session; any other avatar leaves.
+    pub fn handle_connection_lost(&mut self, connection: ConnectionKey) {
+        self.sessions
+            .close::<G>(connection, true, &mut self.to_route);
         self.route_pending();
     }
 
@@ -1335,5 +1362,9 @@ impl<G: GameLogic> NodeCore<G> {
             outputs: &mut self.outputs,
         };
         self.sessions.deliver_frame(&mut sink, out);
+        // A refused reclaim turns into a join.
+        if !self.to_route.is_empty() {
+            self.route_pending();
+        }
     }
 }

@@ -63,6 +63,13 @@ pub struct SessionCounters {
     pub inputs_rate_limited: u64,
     /// Sessions closed for staying far over their input limit.
     pub closed_for_flooding: u64,
+    /// Avatars parked when their player's session was lost.
+    pub avatars_parked: u64,
+    /// Joins that took back the player's parked avatar.
+    pub avatars_reclaimed: u64,
+    /// Parked avatars that were gone when their player came back (a fresh
+    /// join followed).
+    pub reclaims_refused: u64,
 }
 
 /// What one session may send of game messages (inputs, acks, pings): a
@@ -157,6 +164,13 @@ struct Session {
     budget: InputBudget,
     /// Closed for flooding: later frames are ignored.
     flooding: bool,
+    /// The player its connect token names.
+    player: Option<u64>,
+    /// The avatar's resume credential.
+    key: u64,
+    /// A join sent as a reclaim of a parked avatar: where to join afresh
+    /// if the avatar is gone.
+    fallback: Option<(CellId, String, crate::geometry::Vec2)>,
 }
 
 /// The sessions of one shard.
@@ -176,6 +190,9 @@ pub struct Sessions {
     input_limit: Option<(InputLimit, u32)>,
     /// The tick of the last frame handled (new sessions start full then).
     last_tick: u64,
+    /// Where lost players' avatars wait (None: a lost session's avatar
+    /// leaves at once).
+    directory: Option<std::sync::Arc<super::PlayerDirectory>>,
 }
 
 /// Where a session's work goes: cell messages to route, frames to send.
@@ -202,7 +219,14 @@ impl Sessions {
             gateways: Vec::new(),
             input_limit: None,
             last_tick: 0,
+            directory: None,
         }
+    }
+
+    /// Parks lost players' avatars in `directory` (shared by the node's
+    /// gateway shards), for their next session to take back.
+    pub fn set_player_directory(&mut self, directory: std::sync::Arc<super::PlayerDirectory>) {
+        self.directory = Some(directory);
     }
 
     /// Limits every session's game messages from now on (None: unlimited);
@@ -216,15 +240,6 @@ impl Sessions {
     /// deterministic simulations).
     pub fn set_secret(&mut self, k0: u64, k1: u64) {
         self.secret = (k0, k1);
-    }
-
-    /// A new avatar's resume credential: a keyed hash of its session's
-    /// client id, never 0.
-    fn credential(&self, client: ClientId) -> u64 {
-        use std::hash::Hasher;
-        let mut h = siphasher::sip::SipHasher13::new_with_keys(self.secret.0, self.secret.1);
-        h.write_u64(client.0);
-        h.finish().max(1)
     }
 
     /// The cluster's other gateways changed: joined clients learn the new
@@ -311,7 +326,7 @@ impl Sessions {
         self.sessions.is_empty()
     }
 
-    pub(crate) fn open(&mut self, connection: ConnectionKey) -> ClientId {
+    pub(crate) fn open(&mut self, connection: ConnectionKey, player: Option<u64>) -> ClientId {
         self.serial = self.serial.wrapping_add(1);
         let client = client_id(self.me, self.serial);
         self.sessions.insert(
@@ -328,6 +343,9 @@ impl Sessions {
                     .map(|(l, _)| InputBudget::full(&l, self.last_tick))
                     .unwrap_or_default(),
                 flooding: false,
+                player,
+                key: 0,
+                fallback: None,
             },
         );
         self.by_client.insert(client, connection);
@@ -336,9 +354,12 @@ impl Sessions {
         client
     }
 
+    /// A session ends. `lost`: its client went without leaving (a
+    /// timeout): a player's avatar is parked for the player's next session.
     pub(crate) fn close<G: GameLogic>(
         &mut self,
         connection: ConnectionKey,
+        lost: bool,
         cells: &mut Vec<Envelope<G>>,
     ) {
         let Some(s) = self.sessions.remove(&connection) else {
@@ -346,10 +367,27 @@ impl Sessions {
         };
         self.by_client.remove(&s.client);
         self.counters.sessions_closed += 1;
-        tracing::debug!(shard = %self.me, client = %s.client, handed_off = s.handed_off, "session closed");
+        tracing::debug!(shard = %self.me, client = %s.client, handed_off = s.handed_off, lost, "session closed");
         if s.handed_off {
             // Its client resumes elsewhere; an avatar never taken back
             // leaves after the world's linger time.
+            return;
+        }
+        if let (true, Some(player), Some(entity), Some(cell), Some(directory)) =
+            (lost, s.player, s.entity, s.route, &self.directory)
+        {
+            // Like a handed-off session: the avatar lingers, silent.
+            directory.park(
+                player,
+                super::ParkedAvatar {
+                    entity,
+                    cell,
+                    key: s.key,
+                    tick: self.last_tick,
+                },
+            );
+            self.counters.avatars_parked += 1;
+            tracing::info!(shard = %self.me, client = %s.client, player, %entity, %cell, "session lost: avatar parked for its player");
             return;
         }
         if let (Some(entity), Some(route)) = (s.entity, s.route) {
@@ -408,6 +446,7 @@ impl Sessions {
             }
         };
         self.last_tick = tick.0;
+        let secret = self.secret;
         let Some(session) = self.sessions.get_mut(&connection) else {
             return;
         };
@@ -460,9 +499,33 @@ impl Sessions {
                 };
                 session.join_requested = true;
                 session.route = Some(cell);
+                let parked = match (session.player, &self.directory) {
+                    (Some(player), Some(d)) => d.take(player, tick.0).map(|a| (player, a)),
+                    _ => None,
+                };
+                if let Some((player, avatar)) = parked {
+                    // The player's avatar from a lost session: take it back.
+                    session.route = Some(avatar.cell);
+                    session.key = avatar.key;
+                    session.fallback = Some((cell, name, pos));
+                    self.counters.avatars_reclaimed += 1;
+                    tracing::info!(shard = %self.me, %client, player, entity = %avatar.entity, cell = %avatar.cell, "join: the player's parked avatar is taken back");
+                    sink.cells.push(to_cell(
+                        avatar.cell,
+                        CellMessage::Resume {
+                            client,
+                            entity: avatar.entity,
+                            key: avatar.key,
+                            hops: 0,
+                            after: TickId(0),
+                        },
+                    ));
+                    return;
+                }
                 self.counters.joins += 1;
                 tracing::info!(shard = %self.me, %client, %cell, name = %name, "join");
-                let resume_key = self.credential(client);
+                let resume_key = credential(secret, client);
+                session.key = resume_key;
                 sink.cells.push(to_cell(
                     cell,
                     CellMessage::Join {
@@ -500,6 +563,7 @@ impl Sessions {
                 };
                 session.join_requested = true;
                 session.route = Some(cell);
+                session.key = key;
                 self.counters.resumes += 1;
                 let entity = EntityId(entity);
                 tracing::info!(shard = %self.me, %client, %entity, %cell, "resume");
@@ -575,9 +639,32 @@ impl Sessions {
             self.counters.frames_for_gone_clients += 1;
             return;
         };
+        let secret = self.secret;
         let Some(s) = self.sessions.get_mut(&connection) else {
             return;
         };
+        if out.kind == ClientOutputKind::Refused {
+            if let Some((cell, name, pos)) = s.fallback.take() {
+                // The parked avatar was gone: the player joins afresh, and
+                // never sees the refusal.
+                let fresh_key = credential(secret, out.client);
+                s.route = Some(cell);
+                s.key = fresh_key;
+                self.counters.reclaims_refused += 1;
+                self.counters.joins += 1;
+                tracing::info!(shard = %self.me, client = %out.client, %cell, "parked avatar gone: join afresh");
+                sink.cells.push(to_cell(
+                    cell,
+                    CellMessage::Join {
+                        client: out.client,
+                        name,
+                        pos,
+                        resume_key: fresh_key,
+                    },
+                ));
+                return;
+            }
+        }
         if out.tick.0 >= s.route_tick {
             // The cell that computed this owns the avatar now: inputs go there.
             s.route = Some(out.cell);
@@ -587,6 +674,7 @@ impl Sessions {
         let channel = match out.kind {
             ClientOutputKind::Welcome => {
                 s.entity = Some(out.entity);
+                s.fallback = None;
                 self.counters.welcomes += 1;
                 welcome = true;
                 tracing::info!(shard = %self.me, client = %out.client, entity = %out.entity, cell = %out.cell, tick = out.tick.0, "welcome");
@@ -619,6 +707,15 @@ impl Sessions {
             self.reply(sink, connection, &msg, Channel::Reliable);
         }
     }
+}
+
+/// A resume credential under `secret`: a keyed hash of the client id,
+/// never 0.
+fn credential(secret: (u64, u64), client: ClientId) -> u64 {
+    use std::hash::Hasher;
+    let mut h = siphasher::sip::SipHasher13::new_with_keys(secret.0, secret.1);
+    h.write_u64(client.0);
+    h.finish().max(1)
 }
 
 fn to_cell<C, I>(cell: CellId, msg: CellMessage<C, I>) -> CellEnvelope<C, I> {

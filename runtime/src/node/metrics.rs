@@ -501,7 +501,22 @@ pub fn render(shared: &NodeShared, board: &StatsBoard) -> String {
             let _ = writeln!(o, "tessera_sessions{{shard=\"{i}\"}} {}", s.sessions);
         }
     }
-    let net: [Counter<NodeShardStats>; 11] = [
+    let net: [Counter<NodeShardStats>; 14] = [
+        (
+            "tessera_avatars_parked_total",
+            "Players' avatars parked when their session timed out (a token names the player), for the player's next session.",
+            |s| s.gateway.avatars_parked,
+        ),
+        (
+            "tessera_avatars_reclaimed_total",
+            "Joins that took back the player's parked avatar.",
+            |s| s.gateway.avatars_reclaimed,
+        ),
+        (
+            "tessera_avatar_reclaims_refused_total",
+            "Parked avatars gone when their player came back (a fresh join followed).",
+            |s| s.gateway.reclaims_refused,
+        ),
         (
             "tessera_resumes_requested_total",
             "Clients taking back their avatar at this gateway after losing theirs.",

@@ -340,6 +340,13 @@ impl<G: GameLogic> Node<G> {
         let development = config.tokens.as_ref().is_some_and(|t| t.development);
         let address_limit = config.address_limit;
         let (input_limit, tick_hz) = (config.input_limit, config.tick_hz);
+        // One per node: a player who comes back on another shard of it
+        // finds its avatar. Bounded: a few times the sessions a node hosts.
+        let player_gate = Arc::new(tessera_net::token::PlayerGate::default());
+        let players = Arc::new(tessera_cells::node::PlayerDirectory::new(
+            config.world.player_linger_ticks,
+            2 * config.sessions_per_shard * shards,
+        ));
         // In a cluster, the coordinator owns the registry: bind the cluster
         // ports, register, wait for it.
         let incarnation = tessera_net::driver::os_seed().unwrap_or(config.seed);
@@ -450,6 +457,7 @@ impl<G: GameLogic> Node<G> {
             );
             let mut core = NodeCore::with_incarnation(me, world, registry, incarnation);
             core.set_input_limit(input_limit, tick_hz);
+            core.set_player_directory(players.clone());
             // Resume credentials must not be guessable: keyed from the OS.
             if let (Ok(k0), Ok(k1)) = (
                 tessera_net::driver::os_seed(),
@@ -476,6 +484,8 @@ impl<G: GameLogic> Node<G> {
                 endpoint
                     .require_tokens(p.clone())
                     .expect("the game configuration keeps room for the tag");
+                // One session per player across the node's shards.
+                endpoint.share_players(player_gate.clone(), u32::from(shard.0));
             }
             let driver = shard::NodeShard::new(
                 shard,

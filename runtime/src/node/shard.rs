@@ -317,7 +317,13 @@ impl<G: GameLogic> NodeShard<G> {
                 work += 1;
                 match event {
                     Event::Connected { connection, addr } => {
-                        let client = core.handle_connected(key(connection));
+                        // A token's player id is the player's identity.
+                        let client = match self.endpoint.token_claims(connection) {
+                            Some(claims) => {
+                                core.handle_connected_as(key(connection), claims.client_id)
+                            }
+                            None => core.handle_connected(key(connection)),
+                        };
                         tracing::debug!(shard = %self.shard, %client, %addr, "session opened");
                     }
                     Event::Message {
@@ -328,7 +334,12 @@ impl<G: GameLogic> NodeShard<G> {
                     }
                     Event::Disconnected { connection, reason } => {
                         tracing::debug!(shard = %self.shard, reason = ?reason, "connection closed");
-                        core.handle_disconnected(key(connection));
+                        if reason == tessera_net::DisconnectReason::TimedOut {
+                            // Gone without a word: a player may come back.
+                            core.handle_connection_lost(key(connection));
+                        } else {
+                            core.handle_disconnected(key(connection));
+                        }
                     }
                     Event::Acked { .. } => {}
                 }

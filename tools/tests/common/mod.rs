@@ -234,6 +234,11 @@ impl Guarded {
         Guarded(child, path)
     }
 
+    /// Its output so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.1).unwrap_or_default()
+    }
+
     /// Waits (at most `limit`) for its end: (success, its output).
     pub fn finish(mut self, limit: Duration) -> (bool, String) {
         let deadline = Instant::now() + limit;
@@ -362,12 +367,7 @@ impl Drop for Etcd {
 /// development key the node made (as `tessera client` does by itself), for
 /// tests that drive a raw endpoint.
 pub fn dev_token(server: SocketAddr, client_id: u64) -> tessera_net::token::ConnectToken {
-    let path = match std::env::var_os("TESSERA_DEV_KEY") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        // SAFETY: getuid cannot fail and touches no memory.
-        _ => std::env::temp_dir().join(format!("tessera-dev-{}.key", unsafe { libc::getuid() })),
-    };
-    let text = std::fs::read_to_string(&path).expect("the development key a node made");
+    let text = std::fs::read_to_string(dev_key_path()).expect("the development key a node made");
     let line = text
         .lines()
         .find(|l| !l.trim().is_empty() && !l.starts_with('#'))
@@ -392,4 +392,13 @@ pub fn dev_token(server: SocketAddr, client_id: u64) -> tessera_net::token::Conn
         [client_id as u8; 24],
     )
     .unwrap()
+}
+
+/// Where development nodes keep their generated key (as `tessera` finds it).
+pub fn dev_key_path() -> PathBuf {
+    match std::env::var_os("TESSERA_DEV_KEY") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        // SAFETY: getuid cannot fail and touches no memory.
+        _ => std::env::temp_dir().join(format!("tessera-dev-{}.key", unsafe { libc::getuid() })),
+    }
 }
