@@ -323,3 +323,203 @@ fn a_player_whose_client_died_takes_its_avatar_back() {
     assert_ne!(entity_of(&out), Some(entity), "{out}");
     assert!(server.metric("tessera_avatars_reclaimed_total") >= 1.0);
 }
+
+/// Legitimate players keep playing while one host floods the node from
+/// hundreds of source ports with valid tokens (a stolen key at worst) and
+/// forged ones, and one of its sessions floods game messages: the host
+/// gets its handshake rate and its session cap and no more, forgeries are
+/// dropped, the flooding session is closed, every player stays in.
+#[test]
+fn a_flood_from_many_ports_is_held_at_its_limits_while_players_play() {
+    use std::net::UdpSocket;
+    use std::time::{Duration, Instant};
+    use tessera_net::token::{ConnectToken, SessionKeys, TokenKey, TokenRequest};
+    use tessera_net::{ChannelId, Config, Endpoint, Event, TransmitBatch};
+
+    let key = key_file("flood");
+    let key_arg = key.to_str().unwrap();
+    // Default per-address limits: 32 sessions, 10 handshakes a second.
+    let server = Server::start(&[
+        "--shards", "1", "--world", "4x4", "--npcs", "50", "--key", key_arg,
+    ]);
+    let addr = server.game.to_string();
+    let report = std::env::temp_dir().join(format!("tessera-flood-{}.json", std::process::id()));
+    let players = Guarded::spawn(&[
+        "sim",
+        "--addr",
+        &addr,
+        "--clients",
+        "20",
+        "--sockets",
+        "4",
+        "--duration",
+        "14",
+        "--ramp",
+        "3",
+        "--pattern",
+        "commute",
+        "--token-key",
+        key_arg,
+        "--out",
+        report.to_str().unwrap(),
+    ]);
+    std::thread::sleep(Duration::from_secs(5));
+
+    let hex = std::fs::read_to_string(&key).unwrap();
+    let token_key = TokenKey::from_hex(hex.trim()).unwrap();
+    let unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mint = |player: u64, k: &TokenKey| {
+        ConnectToken::mint(
+            k,
+            &TokenRequest {
+                client_id: player,
+                expires_unix_s: unix_s + 60,
+                servers: &[server.game],
+                user_data: b"flood",
+            },
+            SessionKeys {
+                client_to_server: [player as u8; 32],
+                server_to_client: [!(player as u8); 32],
+            },
+            [player as u8; 24],
+        )
+        .unwrap()
+    };
+    // Host A (127.0.0.67) blasts handshakes from 600 ports: half with
+    // valid tokens, half forged. Host B (127.0.0.66) opens 40 sessions at
+    // a pace its handshake rate allows, from 40 ports. Host C (127.0.0.68)
+    // opens one session that floods game messages.
+    let forged_key = TokenKey([0x66; 32]);
+    struct Flooder {
+        socket: UdpSocket,
+        endpoint: Endpoint,
+        token: ConnectToken,
+        start: Duration,
+        handle: Option<tessera_net::ConnectionHandle>,
+        up: bool,
+        paced: bool,
+        flooding: bool,
+    }
+    let mut flood: Vec<Flooder> = (0..641u64)
+        .map(|i| {
+            let paced = (600..640).contains(&i);
+            let ip = match i {
+                0..600 => "127.0.0.67:0",
+                600..640 => "127.0.0.66:0",
+                _ => "127.0.0.68:0",
+            };
+            let socket = UdpSocket::bind(ip).unwrap();
+            socket.set_nonblocking(true).unwrap();
+            // Host A's valid and forged tokens alternate.
+            let valid = i >= 600 || i % 2 == 0;
+            Flooder {
+                socket,
+                endpoint: Endpoint::new(Config::game_client(1), 9000 + i).unwrap(),
+                token: mint(50_000 + i, if valid { &token_key } else { &forged_key }),
+                start: Duration::from_millis(if paced { (i - 600) * 150 } else { 0 }),
+                flooding: i == 640,
+                handle: None,
+                up: false,
+                paced,
+            }
+        })
+        .collect();
+    let ping = {
+        let mut fbb = tessera_schema::flatbuffers::FlatBufferBuilder::with_capacity(64);
+        tessera_schema::client::encode(
+            &mut fbb,
+            &tessera_schema::client::ClientMessage::Ping { client_time_us: 1 },
+        )
+        .to_vec()
+    };
+    let mut batch = TransmitBatch::new(32);
+    let mut buf = [0u8; 2048];
+    let began = Instant::now();
+    while began.elapsed() < Duration::from_secs(8) {
+        let now = Instant::now();
+        for f in flood.iter_mut() {
+            if f.handle.is_none() {
+                if began.elapsed() < f.start {
+                    continue;
+                }
+                f.handle = f
+                    .endpoint
+                    .connect_with_token(now, server.game, &f.token)
+                    .ok();
+            }
+            if let (true, true, Some(h)) = (f.flooding, f.up, f.handle) {
+                // Far over a player's rate.
+                for _ in 0..20 {
+                    let _ = f.endpoint.send(h, ChannelId(0), &ping);
+                }
+            }
+            while let Ok((n, from)) = f.socket.recv_from(&mut buf) {
+                f.endpoint.handle_datagram(now, from, &buf[..n]);
+            }
+            f.endpoint.handle_timeout(now);
+            while let Some(ev) = f.endpoint.poll_event() {
+                if let Event::Connected { .. } = ev {
+                    f.up = true;
+                }
+            }
+            batch.clear();
+            let _ = f.endpoint.poll_transmit(now, &mut batch);
+            for t in batch.iter() {
+                let _ = f.socket.send_to(t.payload, t.destination);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let connected = flood
+        .iter()
+        .filter(|f| f.paced && f.handle.is_some_and(|h| f.endpoint.is_connected(h)))
+        .count();
+    assert!(flood[640].up, "host C's session opened");
+    drop(flood);
+
+    let (ok, out) = players.finish(Duration::from_secs(60));
+    assert!(ok, "the players' simulator failed: {out}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(sim_value(&report, "clients_joined"), 20.0, "{out}");
+    assert_eq!(sim_value(&report, "clients_failed"), 0.0, "{out}");
+    assert_eq!(sim_value(&report, "verify_errors"), 0.0, "{out}");
+    let drops = |reason: &str| {
+        server
+            .by_reason("tessera_drops_total{")
+            .into_iter()
+            .filter(|(r, _)| r == reason)
+            .map(|(_, n)| n)
+            .sum::<f64>()
+    };
+    eprintln!(
+        "flood: host B sessions {connected} of 40; drops {:?}",
+        server
+            .by_reason("tessera_drops_total{")
+            .into_iter()
+            .filter(|(_, n)| *n > 0.0)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        connected, 32,
+        "of host B's 40 sessions, its cap of 32 open (and stay open)"
+    );
+    assert!(
+        drops("address_sessions") >= 8.0,
+        "host B refused past its cap"
+    );
+    assert!(drops("address_handshake_rate") >= 100.0, "handshake rate");
+    assert!(drops("bad_token") >= 1.0, "forgeries dropped");
+    assert!(
+        drops("input_rate_limited") + drops("peer_rate_limited") >= 1.0,
+        "game message flood dropped"
+    );
+    assert!(
+        drops("session_closed_for_flooding") + drops("peer_closed_for_abuse") >= 1.0,
+        "a flooding session is closed"
+    );
+    let _ = std::fs::remove_file(&key);
+}
