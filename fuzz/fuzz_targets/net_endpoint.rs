@@ -16,8 +16,9 @@ use tessera_net::{ChannelId, Config};
 
 /// A connected pair and the server's id for the connection.
 fn setup() -> (Pair, u32) {
+    // The game server's settings: per-peer and per-address limits on.
     let mut pair = Pair::new(
-        Config::server(),
+        Config::game_server(64),
         Config::client(),
         ConditionerConfig::default(),
         1,

@@ -441,4 +441,22 @@ mod tests {
         assert!(guarded.check_bind(remote, "--admin-addr").is_ok());
         assert!(open.check_bind(local, "--admin-addr").is_ok());
     }
+
+    proptest::proptest! {
+        /// Whatever line a peer off loopback sends, it gets through only
+        /// with the exact token in front, and parsing never panics.
+        #[test]
+        fn no_line_gets_through_off_loopback_without_the_token(line in ".{0,200}", prefix in proptest::bool::ANY) {
+            let remote: std::net::SocketAddr = "10.1.2.3:5000".parse().unwrap();
+            let token = "0123456789abcdef-admin";
+            let guarded = AdminAccess { token: Some(token.into()), ..AdminAccess::default() };
+            let sent = if prefix { format!("token {token} {line}") } else { line.clone() };
+            let admitted = guarded.admit(remote, &sent).is_some();
+            let honest = sent.trim_start().strip_prefix("token ").is_some_and(|r| {
+                r.trim_start().split_whitespace().next() == Some(token)
+            });
+            proptest::prop_assert_eq!(admitted, honest);
+            proptest::prop_assert!(AdminAccess::default().admit(remote, &sent).is_none());
+        }
+    }
 }
