@@ -453,7 +453,7 @@ mod tests {
             let sent = if prefix { format!("token {token} {line}") } else { line.clone() };
             let admitted = guarded.admit(remote, &sent).is_some();
             let honest = sent.trim_start().strip_prefix("token ").is_some_and(|r| {
-                r.trim_start().split_whitespace().next() == Some(token)
+                r.split_whitespace().next() == Some(token)
             });
             proptest::prop_assert_eq!(admitted, honest);
             proptest::prop_assert!(AdminAccess::default().admit(remote, &sent).is_none());
