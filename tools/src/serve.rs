@@ -18,6 +18,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         config.npcs,
         config.tick_hz
     );
+    let development = config.tokens.as_ref().is_some_and(|t| t.development);
     let node = Node::start(config).map_err(|e| e.to_string())?;
     let stop = node.stop_handle();
     install_drain_on_signals(stop.clone(), node.shared().clone(), None)
@@ -31,6 +32,12 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
             Some(c) => println!("  {shard} -> CPU {c}"),
             None => println!("  {shard} -> unpinned"),
         }
+    }
+    if development {
+        println!(
+            "  development mode: loopback clients, tokens from {} (give --key FILE to serve players)",
+            crate::token::dev_key_path().display()
+        );
     }
     if let Some(a) = node.metrics_addr() {
         println!("  metrics: http://{a}/metrics");
