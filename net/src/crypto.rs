@@ -10,8 +10,7 @@
 //! that does not open is dropped before anything reads it; the per-packet
 //! duplicate window then drops replays.
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 
 use crate::token::SessionKeys;
 use crate::wire::{FLAG_ENCRYPTED, HEADER_LEN};
@@ -32,13 +31,19 @@ fn nonce(kind: SealKind, seq: u64) -> Nonce {
     let mut n = [0u8; 12];
     n[0] = kind as u8;
     n[4..].copy_from_slice(&seq.to_le_bytes());
-    *Nonce::from_slice(&n)
+    // Unique per direction's key: the sequence never repeats within a
+    // session, and the kind keeps the Accept apart.
+    Nonce::assume_unique_for_key(n)
+}
+
+fn key(bytes: &[u8; 32]) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, bytes).expect("a 32-byte key"))
 }
 
 /// A session's two ciphers.
 pub(crate) struct PacketCrypto {
-    seal: ChaCha20Poly1305,
-    open: ChaCha20Poly1305,
+    seal: LessSafeKey,
+    open: LessSafeKey,
 }
 
 impl std::fmt::Debug for PacketCrypto {
@@ -51,16 +56,16 @@ impl PacketCrypto {
     /// The client's side: seals with the client-to-server key.
     pub fn client(keys: &SessionKeys) -> Self {
         Self {
-            seal: ChaCha20Poly1305::new(Key::from_slice(&keys.client_to_server)),
-            open: ChaCha20Poly1305::new(Key::from_slice(&keys.server_to_client)),
+            seal: key(&keys.client_to_server),
+            open: key(&keys.server_to_client),
         }
     }
 
     /// The server's side.
     pub fn server(keys: &SessionKeys) -> Self {
         Self {
-            seal: ChaCha20Poly1305::new(Key::from_slice(&keys.server_to_client)),
-            open: ChaCha20Poly1305::new(Key::from_slice(&keys.client_to_server)),
+            seal: key(&keys.server_to_client),
+            open: key(&keys.client_to_server),
         }
     }
 
@@ -71,10 +76,10 @@ impl PacketCrypto {
         let (header, body) = out[start..].split_at_mut(HEADER_LEN);
         let tag = self
             .seal
-            .encrypt_in_place_detached(&nonce(kind, seq), header, body)
+            .seal_in_place_separate_tag(nonce(kind, seq), Aad::from(&*header), body)
             // Only fails past 256 GiB in one packet.
             .expect("a packet is far below ChaCha20's limit");
-        out.extend_from_slice(&tag);
+        out.extend_from_slice(tag.as_ref());
     }
 
     /// Opens a sealed packet's body into `plain`: false if it does not open
@@ -87,15 +92,17 @@ impl PacketCrypto {
         seq: u64,
         plain: &mut Vec<u8>,
     ) -> bool {
-        let Some(split) = sealed_body.len().checked_sub(TAG_LEN) else {
+        let Some(len) = sealed_body.len().checked_sub(TAG_LEN) else {
             return false;
         };
-        let (body, tag) = sealed_body.split_at(split);
         plain.clear();
-        plain.extend_from_slice(body);
-        self.open
-            .decrypt_in_place_detached(&nonce(kind, seq), header, plain, Tag::from_slice(tag))
-            .is_ok()
+        plain.extend_from_slice(sealed_body);
+        let opened = self
+            .open
+            .open_in_place(nonce(kind, seq), Aad::from(header), plain)
+            .is_ok();
+        plain.truncate(len);
+        opened
     }
 }
 
