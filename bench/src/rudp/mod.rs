@@ -1512,8 +1512,21 @@ fn measure_fanout(control: &FanoutControl, run: FanoutRun) -> Result<FanoutOutco
         )
     };
     let (t0, cpu0, load0, in0, out0) = sample();
-    thread::sleep(run.window);
-    let (t1, cpu1, load1, in1, out1) = sample();
+    // The counters move in steps (once per loop turn of each side; renet's
+    // once per 60 Hz tick): rates from two samples would swing by a step
+    // at each end, a fit through many samples does not.
+    let mut messages = vec![(0.0, in0 as f64)];
+    let mut updates = vec![(0.0, out0 as f64)];
+    let (t1, cpu1, load1) = loop {
+        thread::sleep(RATE_SAMPLE);
+        let (t, cpu, load, received, delivered) = sample();
+        let at = (t - t0).as_secs_f64();
+        messages.push((at, received as f64));
+        updates.push((at, delivered as f64));
+        if t - t0 >= run.window {
+            break (t, cpu, load);
+        }
+    };
     let seconds = (t1 - t0).as_secs_f64();
     let connections = control.server_connected.load(Ordering::Acquire);
     Ok(FanoutOutcome {
@@ -1521,7 +1534,48 @@ fn measure_fanout(control: &FanoutControl, run: FanoutRun) -> Result<FanoutOutco
         connections,
         server_cpu_ns_per_s: (cpu1 - cpu0) as f64 / seconds,
         clients_cpu_ns_per_s: (load1 - load0) as f64 / seconds,
-        messages_in_per_s: (in1 - in0) as f64 / seconds,
-        updates_out_per_s: (out1 - out0) as f64 / seconds,
+        messages_in_per_s: slope(&messages),
+        updates_out_per_s: slope(&updates),
     })
+}
+
+/// How often the clients case samples its delivery counters.
+const RATE_SAMPLE: Duration = Duration::from_millis(5);
+
+/// Least-squares slope of `(seconds, count)` samples: a rate per second.
+fn slope(samples: &[(f64, f64)]) -> f64 {
+    let n = samples.len() as f64;
+    if samples.len() < 2 {
+        return 0.0;
+    }
+    let mean_t = samples.iter().map(|s| s.0).sum::<f64>() / n;
+    let mean_c = samples.iter().map(|s| s.1).sum::<f64>() / n;
+    let (mut covariance, mut variance) = (0.0, 0.0);
+    for &(t, c) in samples {
+        covariance += (t - mean_t) * (c - mean_c);
+        variance += (t - mean_t) * (t - mean_t);
+    }
+    if variance > 0.0 {
+        covariance / variance
+    } else {
+        0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slope;
+
+    #[test]
+    fn slope_of_a_staircase_is_its_mean_rate() {
+        // 1000 per second, published in steps of 17 ms.
+        let samples: Vec<(f64, f64)> = (0..=200)
+            .map(|i| {
+                let t = i as f64 * 0.005;
+                (t, ((t / 0.017).floor() * 17.0).round())
+            })
+            .collect();
+        assert!((slope(&samples) - 1000.0).abs() < 15.0);
+        assert_eq!(slope(&[(0.0, 5.0)]), 0.0);
+    }
 }

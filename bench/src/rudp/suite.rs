@@ -45,6 +45,9 @@ pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         failures: Vec::new(),
         goals: Vec::new(),
     };
+    suite.report.note(
+        "ratio column: \"X vs S\" compares the row with system S, higher is better for S's side (throughput: S / row; latency, CPU and bytes: row / S); rows of tessera-encrypted and tessera-default are compared with tessera (so > 1 is what encryption or the defaults cost), the encrypted peers with tessera-encrypted too",
+    );
     let runs =
         |case: Case| -> Vec<System> { systems.iter().copied().filter(|s| case.runs(*s)).collect() };
     if suite.wants("ping") {
@@ -527,6 +530,10 @@ impl Suite {
         });
         self.report
             .note("reliable-100B: raw-udp is not run (no reliability)");
+        #[cfg(feature = "peers")]
+        self.report.note(
+            "reliable-100B: rusty_enet's reliable window cannot be raised: ENet keeps at most 64 KiB of reliable data in flight per peer (ENET_PROTOCOL_MAXIMUM_WINDOW_SIZE, reached without bandwidth limits), about 580 messages of 100 B with their command headers, so at most ~58,000 msg/s at this 10 ms RTT; its throttle can only shrink that window, which is what the throttle presets sweep",
+        );
     }
 
     // ------------------------------------------------------------ clients=N
