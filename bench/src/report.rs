@@ -1,6 +1,7 @@
 //! Benchmark reports: a table for people, `target/bench/<suite>.json` for
 //! machines (shape in shared/BENCH.md).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -36,6 +37,20 @@ pub struct Ratio {
     pub value: f64,
 }
 
+impl Ratio {
+    /// The side a ratio is measured against, whose row does not repeat it:
+    /// `tessera` if it is a side, else a side named `tessera-...`, else the
+    /// denominator.
+    fn base(&self) -> &str {
+        let sides = [&self.numerator, &self.denominator];
+        sides
+            .iter()
+            .find(|s| s.as_str() == "tessera")
+            .or_else(|| sides.iter().find(|s| s.starts_with("tessera")))
+            .map_or(self.denominator.as_str(), |s| s.as_str())
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 struct Machine {
     cpus: usize,
@@ -51,6 +66,10 @@ pub struct Report {
     machine: Machine,
     results: Vec<Row>,
     ratios: Vec<Ratio>,
+    /// What each system pays that others may not (e.g. `encrypted`), shown
+    /// as a column: a suite without labels keeps its old table and JSON.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    labels: BTreeMap<String, String>,
     notes: Vec<String>,
 }
 
@@ -84,8 +103,14 @@ impl Report {
             },
             results: Vec::new(),
             ratios: Vec::new(),
+            labels: BTreeMap::new(),
             notes: Vec::new(),
         }
+    }
+
+    /// Labels a system (a column of the table, `labels` in the JSON).
+    pub fn label(&mut self, system: &str, label: &str) {
+        self.labels.insert(system.into(), label.into());
     }
 
     /// Records a value.
@@ -161,30 +186,50 @@ impl Report {
             .max()
             .unwrap_or(6)
             .max(6);
+        // The label column exists only when some system has a label.
+        let w_label = self.labels.values().map(|l| l.len() + 2).max().unwrap_or(0);
+        let label_of = |system: &str| match self.labels.get(system) {
+            Some(label) => format!("{label:<w$}", w = w_label),
+            None => " ".repeat(w_label),
+        };
         let _ = writeln!(
             out,
-            "{:<w_case$}  {:<w_metric$}  {:<w_sys$}  {:>16}  {:<8}  ratio (tessera better if > 1)",
-            "case", "metric", "system", "value", "unit"
+            "{:<w_case$}  {:<w_metric$}  {:<w_sys$}  {}{:>16}  {:<8}  ratio (tessera better if > 1)",
+            "case",
+            "metric",
+            "system",
+            if w_label > 0 {
+                format!("{:<w$}", "wire", w = w_label)
+            } else {
+                String::new()
+            },
+            "value",
+            "unit"
         );
         for r in &self.results {
             let ratio = self
                 .ratios
                 .iter()
-                .filter(|x| {
-                    x.case == r.case
-                        && x.metric == r.metric
-                        && (x.numerator == r.system || x.denominator == r.system)
-                        && r.system != "tessera"
+                .filter(|x| x.case == r.case && x.metric == r.metric)
+                .filter_map(|x| {
+                    let other = if x.numerator == r.system {
+                        &x.denominator
+                    } else if x.denominator == r.system {
+                        &x.numerator
+                    } else {
+                        return None;
+                    };
+                    (x.base() != r.system).then(|| format!("{:.2}x vs {other}", x.value))
                 })
-                .map(|x| format!("{:.2}x", x.value))
-                .next()
-                .unwrap_or_default();
+                .collect::<Vec<_>>()
+                .join("; ");
             let _ = writeln!(
                 out,
-                "{:<w_case$}  {:<w_metric$}  {:<w_sys$}  {:>16}  {:<8}  {}",
+                "{:<w_case$}  {:<w_metric$}  {:<w_sys$}  {}{:>16}  {:<8}  {}",
                 r.case,
                 r.metric,
                 r.system,
+                label_of(&r.system),
                 fmt_value(r.value),
                 r.unit,
                 ratio
@@ -265,6 +310,29 @@ mod tests {
         r.push("c", "peer", "m", 2.0, "x");
         r.ratio("c", "m", "tessera", "peer");
         assert_eq!(r.ratios[0].value, 5.0);
-        assert!(r.table().contains("5.00x"));
+        assert!(r.table().contains("5.00x vs tessera"));
+    }
+
+    #[test]
+    fn ratios_show_on_the_row_measured_against_the_base() {
+        let mut r = Report::new("t", false);
+        r.push("c", "tessera", "m", 10.0, "x");
+        r.push("c", "tessera-encrypted", "m", 12.0, "x");
+        r.push("c", "quinn", "m", 3.0, "x");
+        r.ratio("c", "m", "tessera-encrypted", "tessera");
+        r.ratio("c", "m", "tessera-encrypted", "quinn");
+        r.label("quinn", "encrypted");
+        let table = r.table();
+        let row = |system: &str| {
+            table
+                .lines()
+                .find(|l| l.split_whitespace().nth(2) == Some(system))
+                .unwrap()
+                .to_string()
+        };
+        assert!(row("tessera-encrypted").contains("1.20x vs tessera"));
+        assert!(row("quinn").contains("4.00x vs tessera-encrypted"));
+        assert!(row("quinn").contains("encrypted"));
+        assert!(!row("tessera").contains("vs"));
     }
 }

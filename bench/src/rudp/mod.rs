@@ -2,27 +2,67 @@
 //! (`renet` + `renet_netcode`) and QUIC (`quinn`), with `raw-udp` (a bare
 //! recvmmsg/sendmmsg loop, no protocol at all) as the machine's ceiling.
 //!
-//! Three cases, every system on the same loopback, payloads and schedule:
+//! Rows of tessera: `tessera` (settings tuned per case, clear text),
+//! `tessera-encrypted` (the same settings; the server requires connect
+//! tokens and every client presents one, so every packet after the
+//! handshake is sealed with ChaCha20-Poly1305) and `tessera-default` (the
+//! game server's and game client's `Config`, untuned: what the tuning buys;
+//! stream and clients=N). The tuned rows set `peer_limit: None` explicitly:
+//! the game server's 300 packets/s per peer would throttle a bench stream;
+//! `tessera-default` keeps it where it can (clients=N) and drops it in the
+//! stream, where it would close the connection. The table labels every
+//! system's wire `encrypted` (tessera-encrypted, quinn's TLS 1.3, renet's
+//! netcode ChaCha20-Poly1305) or `clear` (tessera, ENet, KCP, raw-udp).
+//!
+//! Cases, every system on the same loopback, payloads and schedule:
 //!
 //! 1. `ping-32B`: one connection, a 32 B reliable message echoed back, one at
-//!    a time; round-trip time p50/p99. Both sides busy-poll on their own core.
+//!    a time; round-trip time p50/p99. Every system waits the same way: it
+//!    blocks in the kernel (ppoll, or quinn's epoll under tokio) until its
+//!    socket is readable or its next timer is due.
 //! 2. `reliable-100B loss=N%`: one reliable-ordered stream of 100 B messages
-//!    through an impairment relay (the same seeded [`LinkConditioner`] for
-//!    every system): delivered messages/s with the sender saturating, then
-//!    delivery latency (send call -> in-order delivery) at a steady
-//!    1,000 msg/s.
+//!    through an impairment relay (`relay.rs`, the same seeds for every
+//!    system). Lossy cases get a real link: 100 Mbit/s (`--link-mbit`)
+//!    with a drop-tail queue of 50 ms at that rate (625,000 B), loss after
+//!    the queue, 5 ms each way;
+//!    `loss=0%` stays uncapped (what each protocol's CPU allows). Delivered
+//!    messages/s with the sender saturating, bytes on the wire (both
+//!    directions, IP and UDP headers included, from the relay's counters)
+//!    per delivered message, then delivery latency (send call -> in-order
+//!    delivery) at a steady 1,000 msg/s. Before each loss rate, each
+//!    system's window is swept (tessera's reliable_window, KCP's send and
+//!    receive window, quinn's stream and connection windows, ENet's throttle,
+//!    which scales its fixed 64 KiB window) with one short run per
+//!    setting; the best one is the system's row, and the notes say which.
+//!    Sizes everybody gets: 4 MiB socket buffers (quinn included), at most
+//!    65,536 messages undelivered, renet's reliable channel 16 MiB of
+//!    memory like tessera's queue.
 //! 3. `clients=N`: N connections to one server endpoint; each client sends a
 //!    32 B reliable message 20 times/s and the server sends each client a
 //!    300 B unreliable update 20 times/s (staggered over 1 ms buckets). Server
-//!    thread CPU per connection and delivered packets/s vs `raw-udp`. Here
-//!    `tessera-single-syscall` runs the same tessera server with one syscall
-//!    per datagram (recvfrom/sendto, as glommio's UDP socket does) instead
-//!    of recvmmsg/sendmmsg: what batching buys.
+//!    thread CPU per connection and per packet, delivered packets/s vs
+//!    `raw-udp`. Here `tessera-single-syscall` runs the same tessera server
+//!    with one syscall per datagram (recvfrom/sendto, as glommio's UDP
+//!    socket does) instead of recvmmsg/sendmmsg: what batching buys.
+//! 4. `clients-capacity`: per system, the largest N whose clients=N run is
+//!    valid, found by doubling from the smallest N, then bisecting, within
+//!    a time budget.
+//!
+//! A clients=N run is invalid when the load generator's thread used >= 95%
+//! of its core or less than 99% of the offered messages or updates arrived:
+//! it measures the harness, not the system. It is shown as invalid, and no
+//! median or ratio comes from it. A system whose repetitions did not all
+//! succeed (or were not all valid) shows "k of n" with the errors, never a
+//! median of the survivors.
 //!
 //! Systems are alternated within each repetition; medians of the repetitions
 //! are reported (latency percentiles come from each repetition's
-//! hdrhistogram). Loss and delay come from one impairment relay
-//! (`relay.rs`) with the same seeds for every system.
+//! hdrhistogram). Ratios are "higher is better for tessera"; the other
+//! tessera rows are compared with `tessera`, and the encrypted peers with
+//! `tessera-encrypted` too. The two goals are printed as notes and
+//! kept in the JSON: server CPU per packet of tessera-encrypted over tessera
+//! in clients=N (<= 1.3), and tessera-encrypted's reliable throughput at 5%
+//! loss over quinn's (>= 2).
 //!
 //! The peers are behind the `peers` cargo feature (they are slow to build);
 //! without it the suite runs tessera and raw-udp and says so.
@@ -40,10 +80,11 @@ use hdrhistogram::Histogram;
 use tessera_net::conditioner::{ConditionerConfig, Loss};
 use tessera_net::driver::IoMode;
 
-use crate::report::{median, Report};
+use tessera::Flavor;
 
 mod raw;
 mod relay;
+mod suite;
 mod tessera;
 
 #[cfg(feature = "peers")]
@@ -55,10 +96,12 @@ mod peer_quinn;
 #[cfg(feature = "peers")]
 mod peer_renet;
 
+pub use suite::run;
+
 /// Options of the `rudp` suite.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A short run, for CI: one repetition, short windows.
+    /// A short run, for CI: one repetition, short windows, no window sweep.
     #[arg(long)]
     pub quick: bool,
     /// Repetitions per system and case (median reported).
@@ -67,27 +110,45 @@ pub struct Args {
     /// Systems to run (comma separated), e.g. `tessera,kcp`. Default: all built.
     #[arg(long, value_delimiter = ',')]
     pub systems: Option<Vec<String>>,
-    /// Cases to run (comma separated): `ping`, `stream`, `clients`.
+    /// Cases to run (comma separated): `ping`, `stream`, `clients`,
+    /// `capacity`.
     #[arg(long, value_delimiter = ',')]
     pub cases: Option<Vec<String>>,
     /// Loss rates of the stream case, in percent (comma separated).
     #[arg(long, value_delimiter = ',')]
     pub loss: Option<Vec<f64>>,
-    /// Connection counts of the clients case (comma separated).
+    /// Connection counts of the clients case (comma separated); the
+    /// capacity sweep starts at the smallest.
     #[arg(long, value_delimiter = ',')]
     pub clients: Option<Vec<usize>>,
     /// Measured seconds per repetition of the stream and clients cases
     /// (profiling runs want longer ones).
     #[arg(long)]
     pub seconds: Option<f64>,
+    /// Stream windows to use instead of sweeping, e.g.
+    /// `tessera=32768,kcp=4096,quinn=16,rusty_enet=2` (units: messages,
+    /// segments, MiB of stream window, throttle preset).
+    #[arg(long, value_delimiter = ',')]
+    pub windows: Option<Vec<String>>,
+    /// Largest connection count the capacity sweep tries.
+    #[arg(long)]
+    pub capacity_max: Option<usize>,
+    /// Rate of the lossy stream cases' link, in Mbit/s (its queue holds
+    /// 50 ms at that rate).
+    #[arg(long, default_value_t = LOSSY_LINK_MBIT)]
+    pub link_mbit: u64,
 }
 
 // ------------------------------------------------------------------ systems
 
 /// A system under test.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum System {
     Tessera,
+    /// Tessera with connect tokens: every packet sealed.
+    TesseraEncrypted,
+    /// Tessera with the game server's default `Config`.
+    TesseraDefault,
     /// tessera-net with one syscall per datagram (`IoMode::Single`): the
     /// measure of what recvmmsg/sendmmsg batching buys (clients=N only).
     TesseraSingle,
@@ -106,6 +167,8 @@ impl System {
     fn name(self) -> &'static str {
         match self {
             System::Tessera => "tessera",
+            System::TesseraEncrypted => "tessera-encrypted",
+            System::TesseraDefault => "tessera-default",
             System::TesseraSingle => "tessera-single-syscall",
             System::RawUdp => "raw-udp",
             #[cfg(feature = "peers")]
@@ -119,23 +182,49 @@ impl System {
         }
     }
 
+    /// What its packets look like on the wire: what a system pays that
+    /// others may not.
+    fn wire(self) -> &'static str {
+        match self {
+            System::TesseraEncrypted => "encrypted",
+            #[cfg(feature = "peers")]
+            System::Quinn | System::Renet => "encrypted",
+            _ => "clear",
+        }
+    }
+
     fn all() -> Vec<System> {
-        #[cfg(feature = "peers")]
-        {
-            vec![
-                System::Tessera,
-                System::TesseraSingle,
-                System::RawUdp,
-                System::Enet,
-                System::Kcp,
-                System::Renet,
-                System::Quinn,
-            ]
+        vec![
+            System::Tessera,
+            System::TesseraEncrypted,
+            System::TesseraDefault,
+            System::TesseraSingle,
+            System::RawUdp,
+            #[cfg(feature = "peers")]
+            System::Enet,
+            #[cfg(feature = "peers")]
+            System::Kcp,
+            #[cfg(feature = "peers")]
+            System::Renet,
+            #[cfg(feature = "peers")]
+            System::Quinn,
+        ]
+    }
+
+    /// The tessera flavor, for tessera's rows.
+    fn flavor(self) -> Option<Flavor> {
+        match self {
+            System::Tessera | System::TesseraSingle => Some(Flavor::Tuned),
+            System::TesseraEncrypted => Some(Flavor::Encrypted),
+            System::TesseraDefault => Some(Flavor::Default),
+            _ => None,
         }
-        #[cfg(not(feature = "peers"))]
-        {
-            vec![System::Tessera, System::TesseraSingle, System::RawUdp]
-        }
+    }
+
+    /// True for tessera's rows and the raw ceiling: a failure there is a
+    /// bug, not a finding.
+    fn is_ours(self) -> bool {
+        self.flavor().is_some() || self == System::RawUdp
     }
 
     /// Most connections one server endpoint of this system can hold.
@@ -145,6 +234,45 @@ impl System {
             System::Enet => Some(peer_enet::PEERS_MAX),
             #[cfg(feature = "peers")]
             System::Renet => Some(peer_renet::CLIENTS_MAX),
+            _ => None,
+        }
+    }
+
+    /// The stream settings the window sweep tries, smallest first, and
+    /// what they are; empty: nothing to sweep (the encrypted row takes
+    /// tessera's setting, so the two differ only in sealing).
+    fn window_candidates(self) -> (&'static [u32], &'static str) {
+        match self {
+            System::Tessera => (&[8_192, 16_384, 32_768], "reliable_window, messages"),
+            #[cfg(feature = "peers")]
+            System::Kcp => (
+                &[1_024, 4_096, 16_384, 65_535],
+                "send and receive window, segments",
+            ),
+            #[cfg(feature = "peers")]
+            System::Quinn => (
+                &[4, 16, 64],
+                "stream receive window in MiB (connection receive and send windows twice that)",
+            ),
+            #[cfg(feature = "peers")]
+            System::Enet => (
+                &peer_enet::THROTTLE_PRESETS,
+                peer_enet::THROTTLE_PRESETS_TEXT,
+            ),
+            _ => (&[], ""),
+        }
+    }
+
+    /// The setting used when the sweep does not run (`--quick`).
+    fn window_default(self) -> Option<u32> {
+        match self {
+            System::Tessera | System::TesseraEncrypted => Some(32_768),
+            #[cfg(feature = "peers")]
+            System::Kcp => Some(4_096),
+            #[cfg(feature = "peers")]
+            System::Quinn => Some(16),
+            #[cfg(feature = "peers")]
+            System::Enet => Some(0),
             _ => None,
         }
     }
@@ -164,11 +292,8 @@ pub(crate) enum Workload {
 pub(crate) enum Role {
     /// Binds 127.0.0.1:0 and accepts one connection. `public` is the address
     /// clients send to (the relay's), when it is not the bound one (renet's
-    /// netcode checks it).
-    Server {
-        #[cfg_attr(not(feature = "peers"), allow(dead_code))]
-        public: Option<SocketAddr>,
-    },
+    /// netcode and tessera's tokens check it).
+    Server { public: Option<SocketAddr> },
     /// Connects to `server`.
     Client { server: SocketAddr },
 }
@@ -195,9 +320,19 @@ pub(crate) trait Side {
     fn fd(&self) -> RawFd;
 }
 
-fn make_side(system: System, workload: Workload, role: Role) -> io::Result<Box<dyn Side>> {
+/// `window`: the stream setting from the sweep (see
+/// `System::window_candidates`), None elsewhere.
+fn make_side(
+    system: System,
+    workload: Workload,
+    role: Role,
+    window: Option<u32>,
+) -> io::Result<Box<dyn Side>> {
     Ok(match system {
-        System::Tessera => Box::new(tessera::TesseraSide::new(workload, role)?),
+        System::Tessera | System::TesseraEncrypted | System::TesseraDefault => {
+            let flavor = system.flavor().expect("a tessera row");
+            Box::new(tessera::TesseraSide::new(flavor, workload, role, window)?)
+        }
         System::TesseraSingle => {
             return Err(io::Error::other(
                 "tessera-single-syscall runs clients=N only",
@@ -205,9 +340,9 @@ fn make_side(system: System, workload: Workload, role: Role) -> io::Result<Box<d
         }
         System::RawUdp => Box::new(raw::RawSide::new(role)?),
         #[cfg(feature = "peers")]
-        System::Enet => Box::new(peer_enet::EnetSide::new(workload, role)?),
+        System::Enet => Box::new(peer_enet::EnetSide::new(workload, role, window)?),
         #[cfg(feature = "peers")]
-        System::Kcp => Box::new(peer_kcp::KcpSide::new(workload, role)?),
+        System::Kcp => Box::new(peer_kcp::KcpSide::new(workload, role, window)?),
         #[cfg(feature = "peers")]
         System::Renet => Box::new(peer_renet::RenetSide::new(workload, role)?),
         #[cfg(feature = "peers")]
@@ -267,10 +402,19 @@ pub(crate) trait FanoutClients {
 
 fn make_fanout_server(system: System, clients: usize) -> io::Result<Box<dyn FanoutServer>> {
     Ok(match system {
-        System::Tessera => Box::new(tessera::TesseraFanoutServer::new(clients, IoMode::Batched)?),
-        System::TesseraSingle => {
-            Box::new(tessera::TesseraFanoutServer::new(clients, IoMode::Single)?)
+        System::Tessera | System::TesseraEncrypted | System::TesseraDefault => {
+            let flavor = system.flavor().expect("a tessera row");
+            Box::new(tessera::TesseraFanoutServer::new(
+                flavor,
+                clients,
+                IoMode::Batched,
+            )?)
         }
+        System::TesseraSingle => Box::new(tessera::TesseraFanoutServer::new(
+            Flavor::Tuned,
+            clients,
+            IoMode::Single,
+        )?),
         System::RawUdp => Box::new(raw::RawFanoutServer::new(clients)?),
         #[cfg(feature = "peers")]
         System::Enet => Box::new(peer_enet::EnetFanoutServer::new(clients)?),
@@ -289,10 +433,14 @@ fn make_fanout_clients(
     clients: usize,
 ) -> io::Result<Box<dyn FanoutClients>> {
     Ok(match system {
-        // The same batched load generator for both tessera servers: only the
-        // server's IO mode differs.
-        System::Tessera | System::TesseraSingle => {
-            Box::new(tessera::TesseraFanoutClients::new(server, clients)?)
+        // The same batched load generator for every tessera server of a
+        // flavor: tessera-single-syscall differs only in the server's IO mode.
+        System::Tessera
+        | System::TesseraSingle
+        | System::TesseraEncrypted
+        | System::TesseraDefault => {
+            let flavor = system.flavor().expect("a tessera row");
+            Box::new(tessera::TesseraFanoutClients::new(flavor, server, clients)?)
         }
         System::RawUdp => Box::new(raw::RawFanoutClients::new(server, clients)?),
         #[cfg(feature = "peers")]
@@ -497,8 +645,13 @@ fn ping_pong(system: System, run: PingRun) -> Result<Histogram<u64>, String> {
     let server_stop = stop.clone();
     let server = thread::spawn(move || -> Result<(), String> {
         run.cores.pin_server();
-        let mut side = make_side(system, Workload::PingPong, Role::Server { public: None })
-            .map_err(io_err("server"))?;
+        let mut side = make_side(
+            system,
+            Workload::PingPong,
+            Role::Server { public: None },
+            None,
+        )
+        .map_err(io_err("server"))?;
         let _ = addr_tx.send(side.local_addr());
         let limit = Instant::now() + HARD_LIMIT;
         let mut pending = Vec::with_capacity(PING_BYTES * 4);
@@ -512,6 +665,10 @@ fn ping_pong(system: System, run: PingRun) -> Result<Histogram<u64>, String> {
             }
             pending.clear();
             side.flush(now).map_err(io_err("server flush"))?;
+            // Sleep in the kernel until the next ping, as quinn's tokio
+            // runtime does: one waiting model for every system.
+            let deadline = side.deadline();
+            wait_readable(&[side.fd()], deadline);
         }
         Ok(())
     });
@@ -526,6 +683,7 @@ fn ping_pong(system: System, run: PingRun) -> Result<Histogram<u64>, String> {
             Role::Client {
                 server: server_addr,
             },
+            None,
         )
         .map_err(io_err("client"))?;
         connect_side(side.as_mut())?;
@@ -551,6 +709,10 @@ fn ping_pong(system: System, run: PingRun) -> Result<Histogram<u64>, String> {
                 })
                 .map_err(io_err("client poll"))?;
                 side.flush(now).map_err(io_err("client flush"))?;
+                if !answered {
+                    let deadline = side.deadline();
+                    wait_readable(&[side.fd()], deadline);
+                }
             }
             if seq as usize >= run.warmup {
                 let rtt = sent.elapsed().as_nanos() as u64;
@@ -596,6 +758,21 @@ pub(crate) const SEND_BURST: usize = 256;
 pub(crate) const PACED_RATE: u64 = 1_000;
 /// One-way delay of the impairment relay in the stream case.
 pub(crate) const RELAY_DELAY: Duration = Duration::from_millis(5);
+/// The lossy cases' link rate unless `--link-mbit` says otherwise: what
+/// a protocol sends beyond what is delivered (extra copies, spurious
+/// retransmissions) costs it throughput, as it would on a real path.
+pub(crate) const LOSSY_LINK_MBIT: u64 = 100;
+/// The link's drop-tail queue holds this long at its rate.
+pub(crate) const LINK_QUEUE: Duration = Duration::from_millis(50);
+
+/// The lossy cases' bottleneck at `mbit` Mbit/s (IP and UDP headers count).
+pub(crate) fn lossy_link(mbit: u64) -> relay::Capacity {
+    let bits_per_s = mbit.max(1) * 1_000_000;
+    relay::Capacity {
+        bits_per_s,
+        queue_bytes: bits_per_s / 8 * LINK_QUEUE.as_millis() as u64 / 1000,
+    }
+}
 
 pub(crate) const PHASE_CONNECTING: u8 = 0;
 pub(crate) const PHASE_SATURATE: u8 = 1;
@@ -744,10 +921,15 @@ fn stream_receiver(side: &mut dyn Side, control: &StreamControl) -> Result<(), S
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct StreamRun {
     pub loss: f64,
+    /// The bottleneck of the link, None: no cap.
+    pub capacity: Option<relay::Capacity>,
     pub seed: u64,
     pub warmup: Duration,
     pub window: Duration,
+    /// Length of the latency phase; zero skips it (the window sweep).
     pub paced: Duration,
+    /// The system's stream setting (see `System::window_candidates`).
+    pub setting: Option<u32>,
     pub cores: Cores,
 }
 
@@ -768,78 +950,147 @@ impl StreamRun {
 /// What one stream run measured.
 pub(crate) struct StreamOutcome {
     pub msgs_per_s: f64,
+    /// Bytes both sides put on the wire (headers included) per message
+    /// delivered, over the saturated window.
+    pub wire_bytes_per_msg: f64,
+    /// Datagrams the bottleneck queue dropped, % of those offered to it,
+    /// over the saturated window.
+    pub queue_drop_pct: f64,
     pub latency: Histogram<u64>,
+}
+
+/// What `measure_stream` saw in the saturated window.
+struct Saturated {
+    msgs_per_s: f64,
+    delivered: u64,
+    wire: relay::WireTotals,
+}
+
+/// Runs a thread's body; an error stops the run at once, so a failing side
+/// is reported with its own message instead of as a drain timeout.
+fn failing_stops<T>(
+    stop: &AtomicBool,
+    body: impl FnOnce() -> Result<T, String>,
+) -> Result<T, String> {
+    let result = body();
+    if result.is_err() {
+        stop.store(true, Ordering::Release);
+    }
+    result
+}
+
+/// Every error of a run, labelled by where it happened.
+fn gather_errors(results: &[(&str, Result<(), String>)]) -> Result<(), String> {
+    let errors: Vec<String> = results
+        .iter()
+        .filter_map(|(what, result)| result.as_ref().err().map(|e| format!("{what}: {e}")))
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
 }
 
 fn stream(system: System, run: StreamRun) -> Result<StreamOutcome, String> {
     let control = StreamControl::new();
     let relay = relay::Relay::bind().map_err(io_err("relay"))?;
     let relay_addr = relay.client_facing();
+    let counters = relay.counters();
     let (addr_tx, addr_rx) = mpsc::channel();
     let server = {
         let control = control.clone();
         thread::spawn(move || -> Result<(), String> {
             run.cores.pin_server();
-            #[cfg(feature = "peers")]
-            if system == System::Quinn {
-                return peer_quinn::stream_receiver(relay_addr, addr_tx, &control);
-            }
-            let mut side = make_side(
-                system,
-                Workload::Stream,
-                Role::Server {
-                    public: Some(relay_addr),
-                },
-            )
-            .map_err(io_err("receiver"))?;
-            let _ = addr_tx.send(side.local_addr());
-            stream_receiver(side.as_mut(), &control)
+            failing_stops(&control.stop, || {
+                #[cfg(feature = "peers")]
+                if system == System::Quinn {
+                    return peer_quinn::stream_receiver(addr_tx, &control, run.setting);
+                }
+                let mut side = make_side(
+                    system,
+                    Workload::Stream,
+                    Role::Server {
+                        public: Some(relay_addr),
+                    },
+                    run.setting,
+                )
+                .map_err(io_err("receiver"))?;
+                let _ = addr_tx.send(side.local_addr());
+                stream_receiver(side.as_mut(), &control)
+            })
         })
     };
-    let server_addr = addr_rx
-        .recv_timeout(CONNECT_TIMEOUT)
-        .map_err(|_| "stream receiver did not start".to_string())?;
-    let relay = relay.start(server_addr, run.link(), run.seed, control.limit, run.cores);
+    let server_addr = match addr_rx.recv_timeout(CONNECT_TIMEOUT) {
+        Ok(addr) => addr,
+        Err(_) => {
+            control.stop.store(true, Ordering::Release);
+            let why = join(server, "receiver").err().unwrap_or_default();
+            return Err(format!("stream receiver did not start: {why}"));
+        }
+    };
+    let relay = relay.start(
+        server_addr,
+        run.link(),
+        run.capacity,
+        run.seed,
+        control.limit,
+        run.cores,
+    );
     let client = {
         let control = control.clone();
         thread::spawn(move || -> Result<(), String> {
             run.cores.pin_client();
-            #[cfg(feature = "peers")]
-            if system == System::Quinn {
-                return peer_quinn::stream_sender(relay_addr, &control);
-            }
-            let mut side = make_side(
-                system,
-                Workload::Stream,
-                Role::Client { server: relay_addr },
-            )
-            .map_err(io_err("sender"))?;
-            connect_side(side.as_mut())?;
-            control.connected.store(true, Ordering::Release);
-            stream_sender(side.as_mut(), &control)
+            failing_stops(&control.stop, || {
+                #[cfg(feature = "peers")]
+                if system == System::Quinn {
+                    return peer_quinn::stream_sender(relay_addr, &control, run.setting);
+                }
+                let mut side = make_side(
+                    system,
+                    Workload::Stream,
+                    Role::Client { server: relay_addr },
+                    run.setting,
+                )
+                .map_err(io_err("sender"))?;
+                connect_side(side.as_mut())?;
+                control.connected.store(true, Ordering::Release);
+                stream_sender(side.as_mut(), &control)
+            })
         })
     };
-    let measured = measure_stream(&control, run);
+    let measured = measure_stream(&control, run, &counters);
     control.stop.store(true, Ordering::Release);
     let client_result = join(client, "sender");
     let server_result = join(server, "receiver");
-    let relay_stats = relay.stop();
-    let msgs_per_s = measured?;
-    client_result?;
-    server_result?;
-    relay_stats?;
+    let relay_result = relay.stop().map(drop);
+    let measured_result = measured.as_ref().map(drop).map_err(Clone::clone);
+    gather_errors(&[
+        ("sender", client_result),
+        ("receiver", server_result),
+        ("measure", measured_result),
+        ("relay", relay_result),
+    ])?;
+    let saturated = measured?;
     let disorder = control.disorder.load(Ordering::Acquire);
     if disorder > 0 {
         return Err(format!("{disorder} messages delivered out of order"));
     }
     let latency = control.latency.lock().expect("latency lock").clone();
+    let wire = saturated.wire;
     Ok(StreamOutcome {
-        msgs_per_s,
+        msgs_per_s: saturated.msgs_per_s,
+        wire_bytes_per_msg: wire.bytes as f64 / saturated.delivered.max(1) as f64,
+        queue_drop_pct: 100.0 * wire.queue_drops as f64 / wire.datagrams.max(1) as f64,
         latency,
     })
 }
 
-fn measure_stream(control: &StreamControl, run: StreamRun) -> Result<f64, String> {
+fn measure_stream(
+    control: &StreamControl,
+    run: StreamRun,
+    counters: &relay::RelayCounters,
+) -> Result<Saturated, String> {
     let start = Instant::now();
     while !control.connected.load(Ordering::Acquire) {
         if start.elapsed() > CONNECT_TIMEOUT || !control.running() {
@@ -851,17 +1102,30 @@ fn measure_stream(control: &StreamControl, run: StreamRun) -> Result<f64, String
         control.phase.store(PHASE_SATURATE, Ordering::Release);
     }
     thread::sleep(run.warmup);
-    let (t0, d0) = (Instant::now(), control.delivered.load(Ordering::Acquire));
+    let sample = || {
+        (
+            Instant::now(),
+            control.delivered.load(Ordering::Acquire),
+            counters.totals(),
+        )
+    };
+    let (t0, d0, w0) = sample();
     thread::sleep(run.window);
-    let (t1, d1) = (Instant::now(), control.delivered.load(Ordering::Acquire));
-    let rate = (d1 - d0) as f64 / (t1 - t0).as_secs_f64();
+    let (t1, d1, w1) = sample();
+    let saturated = Saturated {
+        msgs_per_s: (d1 - d0) as f64 / (t1 - t0).as_secs_f64(),
+        delivered: d1 - d0,
+        wire: w1.since(w0),
+    };
     control.phase.store(PHASE_DRAIN, Ordering::Release);
     drain(control, Duration::from_secs(20))?;
-    control.phase.store(PHASE_PACED, Ordering::Release);
-    thread::sleep(run.paced);
-    control.phase.store(PHASE_DRAIN, Ordering::Release);
-    drain(control, Duration::from_secs(10))?;
-    Ok(rate)
+    if !run.paced.is_zero() {
+        control.phase.store(PHASE_PACED, Ordering::Release);
+        thread::sleep(run.paced);
+        control.phase.store(PHASE_DRAIN, Ordering::Release);
+        drain(control, Duration::from_secs(10))?;
+    }
+    Ok(saturated)
 }
 
 /// Waits until every message sent was delivered.
@@ -896,7 +1160,7 @@ const BUCKET: Duration = Duration::from_millis(1);
 /// Handshakes started per wave, one wave per `WAVE_INTERVAL`.
 pub(crate) const WAVE_SIZE: usize = 250;
 pub(crate) const WAVE_INTERVAL: Duration = Duration::from_millis(5);
-const FANOUT_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const FANOUT_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub(crate) const FANOUT_CONNECTING: u8 = 0;
 pub(crate) const FANOUT_RUNNING: u8 = 1;
@@ -1086,12 +1350,24 @@ pub(crate) struct FanoutRun {
     pub clients: usize,
     pub warmup: Duration,
     pub window: Duration,
+    /// Budget for every handshake to finish at the clients.
+    pub connect_timeout: Duration,
     pub cores: Cores,
 }
+
+/// A run whose load generator used this much of its core measured the load
+/// generator, not the system.
+pub(crate) const LOADGEN_CPU_PCT_MAX: f64 = 95.0;
+/// A run that delivered less than this share of what was offered (messages
+/// up or updates down) did not keep up.
+pub(crate) const DELIVERY_PCT_MIN: f64 = 99.0;
 
 /// What one clients run measured.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct FanoutOutcome {
+    /// Connections the run was asked for.
+    pub offered_connections: usize,
+    /// Connections the server held at the end.
     pub connections: usize,
     /// Server thread CPU, ns per second of the window.
     pub server_cpu_ns_per_s: f64,
@@ -1103,6 +1379,35 @@ pub(crate) struct FanoutOutcome {
     pub updates_out_per_s: f64,
 }
 
+impl FanoutOutcome {
+    pub(crate) fn loadgen_cpu_pct(&self) -> f64 {
+        self.clients_cpu_ns_per_s / 1e7
+    }
+
+    /// The worse direction's delivered share of what the schedule offers
+    /// (`RATE_HZ` per connection each way).
+    pub(crate) fn delivery_pct(&self) -> f64 {
+        let offered = (self.offered_connections as u64 * RATE_HZ) as f64;
+        if offered == 0.0 {
+            return 0.0;
+        }
+        100.0 * self.messages_in_per_s.min(self.updates_out_per_s) / offered
+    }
+
+    /// Why the run measures the harness rather than the system, if it does.
+    pub(crate) fn invalid_because(&self) -> Option<String> {
+        let load = self.loadgen_cpu_pct();
+        let delivery = self.delivery_pct();
+        if load >= LOADGEN_CPU_PCT_MAX {
+            Some(format!("load generator at {load:.0}% CPU"))
+        } else if delivery < DELIVERY_PCT_MIN {
+            Some(format!("{delivery:.1}% delivered"))
+        } else {
+            None
+        }
+    }
+}
+
 fn fanout(system: System, run: FanoutRun) -> Result<FanoutOutcome, String> {
     let control = FanoutControl::new(run.clients);
     let (addr_tx, addr_rx) = mpsc::channel();
@@ -1111,40 +1416,53 @@ fn fanout(system: System, run: FanoutRun) -> Result<FanoutOutcome, String> {
         thread::spawn(move || -> Result<(), String> {
             run.cores.pin_server();
             control.server_tid.store(thread_id(), Ordering::Release);
-            #[cfg(feature = "peers")]
-            if system == System::Quinn {
-                return peer_quinn::fanout_server(addr_tx, &control);
-            }
-            let mut server = make_fanout_server(system, run.clients).map_err(io_err("server"))?;
-            let _ = addr_tx.send(server.local_addr());
-            fanout_server_loop(server.as_mut(), &control)
+            failing_stops(&control.stop, || {
+                #[cfg(feature = "peers")]
+                if system == System::Quinn {
+                    return peer_quinn::fanout_server(addr_tx, &control);
+                }
+                let mut server =
+                    make_fanout_server(system, run.clients).map_err(io_err("server"))?;
+                let _ = addr_tx.send(server.local_addr());
+                fanout_server_loop(server.as_mut(), &control)
+            })
         })
     };
-    let server_addr = addr_rx
-        .recv_timeout(CONNECT_TIMEOUT)
-        .map_err(|_| "fan-out server did not start".to_string())?;
+    let server_addr = match addr_rx.recv_timeout(CONNECT_TIMEOUT) {
+        Ok(addr) => addr,
+        Err(_) => {
+            control.stop.store(true, Ordering::Release);
+            let why = join(server, "server").err().unwrap_or_default();
+            return Err(format!("fan-out server did not start: {why}"));
+        }
+    };
     let clients = {
         let control = control.clone();
         thread::spawn(move || -> Result<(), String> {
             run.cores.pin_client();
             control.clients_tid.store(thread_id(), Ordering::Release);
-            #[cfg(feature = "peers")]
-            if system == System::Quinn {
-                return peer_quinn::fanout_clients(server_addr, &control);
-            }
-            let mut clients =
-                make_fanout_clients(system, server_addr, run.clients).map_err(io_err("clients"))?;
-            fanout_clients_loop(clients.as_mut(), &control)
+            failing_stops(&control.stop, || {
+                #[cfg(feature = "peers")]
+                if system == System::Quinn {
+                    return peer_quinn::fanout_clients(server_addr, &control);
+                }
+                let mut clients = make_fanout_clients(system, server_addr, run.clients)
+                    .map_err(io_err("clients"))?;
+                fanout_clients_loop(clients.as_mut(), &control)
+            })
         })
     };
     let measured = measure_fanout(&control, run);
     control.stop.store(true, Ordering::Release);
     let clients_result = join(clients, "clients");
     let server_result = join(server, "server");
-    let outcome = measured?;
-    clients_result?;
-    server_result?;
-    Ok(outcome)
+    let measured_result = measured.as_ref().map(drop).map_err(Clone::clone);
+    gather_errors(&[
+        ("load generator", clients_result),
+        ("server", server_result),
+        ("measure", measured_result),
+    ])?;
+    measured
 }
 
 fn measure_fanout(control: &FanoutControl, run: FanoutRun) -> Result<FanoutOutcome, String> {
@@ -1169,7 +1487,7 @@ fn measure_fanout(control: &FanoutControl, run: FanoutRun) -> Result<FanoutOutco
     wait(
         "open at the clients",
         &control.clients_connected,
-        FANOUT_CONNECT_TIMEOUT,
+        run.connect_timeout,
     )?;
     // Systems without a handshake (KCP) meet their clients with the first
     // messages. A server that never completes a few handshakes the clients
@@ -1194,388 +1512,70 @@ fn measure_fanout(control: &FanoutControl, run: FanoutRun) -> Result<FanoutOutco
         )
     };
     let (t0, cpu0, load0, in0, out0) = sample();
-    thread::sleep(run.window);
-    let (t1, cpu1, load1, in1, out1) = sample();
+    // The counters move in steps (once per loop turn of each side; renet's
+    // once per 60 Hz tick): rates from two samples would swing by a step
+    // at each end, a fit through many samples does not.
+    let mut messages = vec![(0.0, in0 as f64)];
+    let mut updates = vec![(0.0, out0 as f64)];
+    let (t1, cpu1, load1) = loop {
+        thread::sleep(RATE_SAMPLE);
+        let (t, cpu, load, received, delivered) = sample();
+        let at = (t - t0).as_secs_f64();
+        messages.push((at, received as f64));
+        updates.push((at, delivered as f64));
+        if t - t0 >= run.window {
+            break (t, cpu, load);
+        }
+    };
     let seconds = (t1 - t0).as_secs_f64();
     let connections = control.server_connected.load(Ordering::Acquire);
     Ok(FanoutOutcome {
+        offered_connections: run.clients,
         connections,
         server_cpu_ns_per_s: (cpu1 - cpu0) as f64 / seconds,
         clients_cpu_ns_per_s: (load1 - load0) as f64 / seconds,
-        messages_in_per_s: (in1 - in0) as f64 / seconds,
-        updates_out_per_s: (out1 - out0) as f64 / seconds,
+        messages_in_per_s: slope(&messages),
+        updates_out_per_s: slope(&updates),
     })
 }
 
-// ------------------------------------------------------------ the suite
+/// How often the clients case samples its delivery counters.
+const RATE_SAMPLE: Duration = Duration::from_millis(5);
 
-fn select_systems(args: &Args) -> Result<Vec<System>, String> {
-    let all = System::all();
-    let Some(names) = &args.systems else {
-        return Ok(all);
-    };
-    names
-        .iter()
-        .map(|name| {
-            all.iter()
-                .copied()
-                .find(|s| s.name() == name.as_str())
-                .ok_or_else(|| {
-                    let known: Vec<_> = all.iter().map(|s| s.name()).collect();
-                    format!(
-                        "unknown or unbuilt system {name:?}; built: {} (peers need --features peers)",
-                        known.join(", ")
-                    )
-                })
-        })
-        .collect()
-}
-
-/// The measured window: `--seconds` or the default.
-fn window(args: &Args, default_seconds: f64) -> Duration {
-    Duration::from_secs_f64(args.seconds.unwrap_or(default_seconds).max(0.1))
-}
-
-fn wants(args: &Args, case: &str) -> bool {
-    args.cases
-        .as_ref()
-        .is_none_or(|cases| cases.iter().any(|c| c == case))
-}
-
-/// Runs the suite.
-pub fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let systems = select_systems(&args)?;
-    let cores = Cores::detect();
-    let reps = args.reps.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
-    let mut report = Report::new("rudp", cores.pinned());
-    report.note(format!(
-        "all traffic on 127.0.0.1; {}; the load generator shares this {}-CPU machine with the systems under test; {reps} repetition(s), systems alternated within each, median of the repetitions reported (latency percentiles from each repetition's hdrhistogram)",
-        cores.describe(),
-        thread::available_parallelism().map_or(1, |n| n.get()),
-    ));
-    if cfg!(not(feature = "peers")) {
-        report.note(
-            "peers (rusty_enet, kcp, renet, quinn) are not built: run with `--features peers` to compare against them",
-        );
+/// Least-squares slope of `(seconds, count)` samples: a rate per second.
+fn slope(samples: &[(f64, f64)]) -> f64 {
+    let n = samples.len() as f64;
+    if samples.len() < 2 {
+        return 0.0;
     }
-    let mut failures: Vec<(System, String)> = Vec::new();
-
-    // The IO-mode variant only matters where one socket carries thousands
-    // of connections.
-    let solo: Vec<System> = systems
-        .iter()
-        .copied()
-        .filter(|s| *s != System::TesseraSingle)
-        .collect();
-    if wants(&args, "ping") {
-        ping_case(&args, &solo, cores, reps, &mut report, &mut failures);
+    let mean_t = samples.iter().map(|s| s.0).sum::<f64>() / n;
+    let mean_c = samples.iter().map(|s| s.1).sum::<f64>() / n;
+    let (mut covariance, mut variance) = (0.0, 0.0);
+    for &(t, c) in samples {
+        covariance += (t - mean_t) * (c - mean_c);
+        variance += (t - mean_t) * (t - mean_t);
     }
-    if wants(&args, "stream") {
-        stream_case(&args, &solo, cores, reps, &mut report, &mut failures);
-    }
-    if wants(&args, "clients") {
-        fanout_case(&args, &systems, cores, reps, &mut report, &mut failures);
-    }
-    describe_systems(&systems, &mut report);
-    for (_, failure) in &failures {
-        report.note(format!("FAILED: {failure}"));
-    }
-    report.finish()?;
-    // A peer that fails a repetition (renet timing out under saturation)
-    // is reported, not fatal; tessera or the raw ceiling failing is a bug.
-    let ours = failures
-        .iter()
-        .filter(|(system, _)| {
-            matches!(
-                system,
-                System::Tessera | System::TesseraSingle | System::RawUdp
-            )
-        })
-        .count();
-    if ours == 0 {
-        Ok(())
+    if variance > 0.0 {
+        covariance / variance
     } else {
-        Err(format!("{ours} tessera or raw-udp run(s) failed (see the notes above)").into())
+        0.0
     }
 }
 
-fn peers_of(systems: &[System]) -> impl Iterator<Item = &'static str> + '_ {
-    systems
-        .iter()
-        .filter(|s| **s != System::Tessera)
-        .map(|s| s.name())
-}
+#[cfg(test)]
+mod tests {
+    use super::slope;
 
-fn ping_case(
-    args: &Args,
-    systems: &[System],
-    cores: Cores,
-    reps: usize,
-    report: &mut Report,
-    failures: &mut Vec<(System, String)>,
-) {
-    let run = PingRun {
-        warmup: if args.quick { 200 } else { 1_000 },
-        pings: if args.quick { 2_000 } else { 5_000 },
-        cores,
-    };
-    let case = "ping-32B";
-    let quantiles = [("rtt_us_p50", 0.5), ("rtt_us_p99", 0.99)];
-    // Per system and quantile, the value of every repetition.
-    let mut values: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); quantiles.len()]; systems.len()];
-    for rep in 0..reps {
-        for (i, &system) in systems.iter().enumerate() {
-            eprintln!("rudp: {case}: {} repetition {}", system.name(), rep + 1);
-            match ping_pong(system, run) {
-                Ok(h) => {
-                    for (q, &(_, quantile)) in quantiles.iter().enumerate() {
-                        values[i][q].push(h.value_at_quantile(quantile) as f64 / 1000.0);
-                    }
-                }
-                Err(e) => failures.push((system, format!("{case} {}: {e}", system.name()))),
-            }
-        }
-    }
-    for (i, system) in systems.iter().enumerate() {
-        for (q, &(metric, _)) in quantiles.iter().enumerate() {
-            if !values[i][q].is_empty() {
-                report.push(case, system.name(), metric, median(&mut values[i][q]), "us");
-            }
-        }
-    }
-    for peer in peers_of(systems) {
-        for metric in ["rtt_us_p50", "rtt_us_p99"] {
-            report.ratio(case, metric, peer, "tessera");
-        }
-    }
-    report.note(format!(
-        "{case}: one connection, a {PING_BYTES} B reliable message echoed by the server, one in flight; {} pings after {} warm-up per repetition; both sides busy-poll their socket (quinn: tokio current-thread runtimes), client and server on separate cores",
-        run.pings, run.warmup
-    ));
-}
-
-fn stream_case(
-    args: &Args,
-    systems: &[System],
-    cores: Cores,
-    reps: usize,
-    report: &mut Report,
-    failures: &mut Vec<(System, String)>,
-) {
-    // raw-udp has no reliability: it has no place in this case.
-    let systems: Vec<System> = systems
-        .iter()
-        .copied()
-        .filter(|s| *s != System::RawUdp)
-        .collect();
-    let losses = args.loss.clone().unwrap_or_else(|| vec![0.0, 5.0, 10.0]);
-    let base = StreamRun {
-        loss: 0.0,
-        seed: 0x7E55_E7A0,
-        warmup: Duration::from_millis(if args.quick { 300 } else { 500 }),
-        window: window(args, if args.quick { 0.7 } else { 1.0 }),
-        paced: window(args, if args.quick { 0.7 } else { 1.0 }),
-        cores,
-    };
-    for &loss in &losses {
-        let case = format!("reliable-100B loss={loss}%");
-        let quantiles = [("delivery_ms_p50", 0.5), ("delivery_ms_p99", 0.99)];
-        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); systems.len()];
-        let mut latencies: Vec<Vec<Vec<f64>>> =
-            vec![vec![Vec::new(); quantiles.len()]; systems.len()];
-        for rep in 0..reps {
-            for (i, &system) in systems.iter().enumerate() {
-                eprintln!("rudp: {case}: {} repetition {}", system.name(), rep + 1);
-                let run = StreamRun {
-                    loss: loss / 100.0,
-                    // Same link for every system in a repetition.
-                    seed: base.seed + rep as u64,
-                    ..base
-                };
-                match stream(system, run) {
-                    Ok(outcome) => {
-                        rates[i].push(outcome.msgs_per_s);
-                        for (q, &(_, quantile)) in quantiles.iter().enumerate() {
-                            latencies[i][q]
-                                .push(outcome.latency.value_at_quantile(quantile) as f64 / 1e6);
-                        }
-                    }
-                    Err(e) => failures.push((system, format!("{case} {}: {e}", system.name()))),
-                }
-            }
-        }
-        for (i, system) in systems.iter().enumerate() {
-            if !rates[i].is_empty() {
-                report.push(
-                    &case,
-                    system.name(),
-                    "msgs_per_s",
-                    median(&mut rates[i]),
-                    "msg/s",
-                );
-            }
-            for (q, &(metric, _)) in quantiles.iter().enumerate() {
-                if !latencies[i][q].is_empty() {
-                    report.push(
-                        &case,
-                        system.name(),
-                        metric,
-                        median(&mut latencies[i][q]),
-                        "ms",
-                    );
-                }
-            }
-        }
-        for peer in peers_of(&systems) {
-            report.ratio(&case, "msgs_per_s", "tessera", peer);
-            report.ratio(&case, "delivery_ms_p50", peer, "tessera");
-            report.ratio(&case, "delivery_ms_p99", peer, "tessera");
-        }
-    }
-    report.note(format!(
-        "reliable-100B: one reliable-ordered stream of {STREAM_BYTES} B messages client -> server through an impairment relay on loopback (one thread, two sockets) that applies tessera-net's LinkConditioner to both directions with the same seeds for every system (the relay thread is pinned to the server's core): uniform random loss at the given rate, {} ms one-way delay (RTT {} ms), no reordering; msgs_per_s = in-order deliveries/s over {:?} after {:?} with the sender saturating (at most {OUTSTANDING_MAX} messages undelivered, plus each system's own backpressure); delivery_ms = send call -> in-order delivery at a steady {PACED_RATE} msg/s for {:?}; every delivery is checked for order",
-        RELAY_DELAY.as_millis(),
-        2 * RELAY_DELAY.as_millis(),
-        base.window,
-        base.warmup,
-        base.paced
-    ));
-    report.note("reliable-100B: raw-udp is not run (no reliability)");
-}
-
-fn fanout_case(
-    args: &Args,
-    systems: &[System],
-    cores: Cores,
-    reps: usize,
-    report: &mut Report,
-    failures: &mut Vec<(System, String)>,
-) {
-    let sizes = args.clients.clone().unwrap_or_else(|| vec![1_000, 10_000]);
-    let base = FanoutRun {
-        clients: 0,
-        warmup: Duration::from_millis(500),
-        window: window(args, if args.quick { 1.0 } else { 1.5 }),
-        cores,
-    };
-    for &clients in &sizes {
-        let case = format!("clients={clients}");
-        // A system that cannot hold `clients` in one endpoint runs at its cap.
-        let count_of = |system: System| {
-            system
-                .connections_max()
-                .map_or(clients, |max| clients.min(max))
-        };
-        let mut outcomes: Vec<Vec<FanoutOutcome>> = vec![Vec::new(); systems.len()];
-        for rep in 0..reps {
-            for (i, &system) in systems.iter().enumerate() {
-                let n = count_of(system);
-                eprintln!(
-                    "rudp: {case}: {} ({n} connections) repetition {}",
-                    system.name(),
-                    rep + 1
-                );
-                match fanout(system, FanoutRun { clients: n, ..base }) {
-                    Ok(outcome) => outcomes[i].push(outcome),
-                    Err(e) => failures.push((system, format!("{case} {}: {e}", system.name()))),
-                }
-            }
-        }
-        let mut raw_pps = None;
-        let mut rows = Vec::new();
-        for (i, &system) in systems.iter().enumerate() {
-            if outcomes[i].is_empty() {
-                continue;
-            }
-            let pick = |f: fn(&FanoutOutcome) -> f64| {
-                let mut values: Vec<f64> = outcomes[i].iter().map(f).collect();
-                median(&mut values)
-            };
-            let cpu = pick(|o| o.server_cpu_ns_per_s);
-            let load = pick(|o| o.clients_cpu_ns_per_s);
-            let messages = pick(|o| o.messages_in_per_s);
-            let updates = pick(|o| o.updates_out_per_s);
-            let connections = pick(|o| o.connections as f64);
-            let pps = pick(|o| o.messages_in_per_s + o.updates_out_per_s);
-            if system == System::RawUdp {
-                raw_pps = Some(pps);
-            }
-            rows.push((system, connections, cpu, load, messages, updates, pps));
-        }
-        for &(system, connections, cpu, load, messages, updates, pps) in &rows {
-            let name = system.name();
-            let n = count_of(system);
-            report.push(&case, name, "connections_held", connections, "conns");
-            report.push(
-                &case,
-                name,
-                "server_cpu_us_per_connection_per_s",
-                cpu / 1000.0 / n as f64,
-                "us/s",
-            );
-            report.push(
-                &case,
-                name,
-                "server_cpu_ns_per_pkt",
-                if pps > 0.0 { cpu / pps } else { 0.0 },
-                "ns",
-            );
-            report.push(&case, name, "server_cpu_pct", cpu / 1e7, "%");
-            report.push(&case, name, "loadgen_cpu_pct", load / 1e7, "%");
-            report.push(&case, name, "server_msgs_in_per_s", messages, "msg/s");
-            report.push(&case, name, "updates_delivered_per_s", updates, "msg/s");
-            report.push(&case, name, "server_pps", pps, "pkt/s");
-            match raw_pps {
-                Some(raw) if n == clients => {
-                    report.push(&case, name, "server_pps_pct_of_raw", 100.0 * pps / raw, "%")
-                }
-                _ => {}
-            }
-        }
-        for &system in systems {
-            if let Some(max) = system.connections_max().filter(|&max| clients > max) {
-                report.note(format!(
-                    "{case}: {} cannot hold {clients} connections in one server endpoint (at most {max}): run at {max}, so its rows are for {max} connections (no % of raw, no ratio)",
-                    system.name()
-                ));
-            }
-        }
-        let full: Vec<System> = systems
-            .iter()
-            .copied()
-            .filter(|&s| count_of(s) == clients)
+    #[test]
+    fn slope_of_a_staircase_is_its_mean_rate() {
+        // 1000 per second, published in steps of 17 ms.
+        let samples: Vec<(f64, f64)> = (0..=200)
+            .map(|i| {
+                let t = i as f64 * 0.005;
+                (t, ((t / 0.017).floor() * 17.0).round())
+            })
             .collect();
-        for peer in peers_of(&full) {
-            report.ratio(&case, "server_cpu_us_per_connection_per_s", peer, "tessera");
-            report.ratio(&case, "server_cpu_ns_per_pkt", peer, "tessera");
-            report.ratio(&case, "server_pps_pct_of_raw", "tessera", peer);
-        }
-    }
-    let offered = 2 * RATE_HZ;
-    report.note(format!(
-        "clients=N: N connections to one server endpoint on one socket; every client sends a {INPUT_BYTES} B reliable-ordered message {RATE_HZ} times/s and the server sends every client a {UPDATE_BYTES} B unreliable update {RATE_HZ} times/s, both staggered over {BUCKETS} 1 ms buckets (offered: {offered} packets/s per connection); after {:?} warm-up, {:?} measured; server CPU = the server thread's schedstat run time (user + kernel, including loopback delivery it triggers); server_pps = client messages received by the server + updates received by the clients, per second (application packets; acks and keep-alives are not counted); server_pps_pct_of_raw compares with the raw-udp server under the same load; server_cpu_ns_per_pkt = server CPU / server_pps (efficiency even where the server saturates, which caps CPU per connection at 1e6/N us/s); loadgen_cpu_pct = the load generator's thread, on the other core",
-        base.warmup, base.window
-    ));
-    report.note(
-        "clients=N: server loops wake when the socket is readable or the next 1 ms bucket is due; they receive everything waiting, run timers, send the due updates and flush; the load generator runs the same loop for all clients on the other core",
-    );
-}
-
-fn describe_systems(systems: &[System], report: &mut Report) {
-    for system in systems {
-        let text = match system {
-            System::Tessera => tessera::DESCRIPTION,
-            System::TesseraSingle => tessera::SINGLE_DESCRIPTION,
-            System::RawUdp => raw::DESCRIPTION,
-            #[cfg(feature = "peers")]
-            System::Enet => peer_enet::DESCRIPTION,
-            #[cfg(feature = "peers")]
-            System::Kcp => peer_kcp::DESCRIPTION,
-            #[cfg(feature = "peers")]
-            System::Renet => peer_renet::DESCRIPTION,
-            #[cfg(feature = "peers")]
-            System::Quinn => peer_quinn::DESCRIPTION,
-        };
-        report.note(format!("{}: {text}", system.name()));
+        assert!((slope(&samples) - 1000.0).abs() < 15.0);
+        assert_eq!(slope(&[(0.0, 5.0)]), 0.0);
     }
 }

@@ -18,7 +18,18 @@ use super::{
 /// ENet peer ids are 12 bits: a host holds at most 4095 peers.
 pub(crate) const PEERS_MAX: usize = rusty_enet::consts::PROTOCOL_MAXIMUM_PEER_ID as usize;
 
-pub(crate) const DESCRIPTION: &str = "rusty_enet 0.4 (ENet 1.3.18), one Host per side on a std UdpSocket (one syscall per datagram, as ENet does), default host settings (no bandwidth limits, default throttle and timeouts); reliable packets on channel 0, updates as unreliable sequenced packets on channel 1 (one Packet shared by all peers, ENet's refcounted broadcast style); service() called every loop turn, flush() after sends; at most 4095 peers per host, so the load generator uses one client host per 4095 connections";
+pub(crate) const DESCRIPTION: &str = "rusty_enet 0.4 (ENet 1.3.18), one Host per side on a std UdpSocket (one syscall per datagram, as ENet does), default host settings (no bandwidth limits, so ENet's reliable window is its protocol ceiling, 64 KiB of reliable data in flight per peer: about 580 messages of 100 B, which caps a stream at ~580 / RTT whatever the link); reliable packets on channel 0, updates as unreliable sequenced packets on channel 1 (one Packet shared by all peers, ENet's refcounted broadcast style); service() called every loop turn, flush() after sends; reliable-100B: the packet throttle (which scales that window by throttle/32 when RTT samples rise) swept over presets via Peer::set_throttle (enet_peer_throttle_configure) on both peers: 0 = ENet's defaults (interval 5000 ms, acceleration 2, deceleration 2), 1 = responsive (1000 ms, 8, 1), 2 = held open (5000 ms, acceleration 32, deceleration 0: the window never shrinks); ping and clients=N: defaults; at most 4095 peers per host, so the load generator uses one client host per 4095 connections";
+
+/// The stream's throttle settings the window sweep tries (indices of
+/// `THROTTLES`).
+pub(crate) const THROTTLE_PRESETS: [u32; 3] = [0, 1, 2];
+pub(crate) const THROTTLE_PRESETS_TEXT: &str = "packet throttle preset: 0 ENet defaults (5000 ms, 2, 2), 1 responsive (1000 ms, 8, 1), 2 held open (5000 ms, 32, 0)";
+
+/// (interval ms, acceleration, deceleration) per preset. ENet documents
+/// acceleration and deceleration as ratios to the throttle scale (32): a
+/// deceleration of 0 never lowers the throttle, so the reliable window
+/// stays at 64 KiB.
+const THROTTLES: [(u32, u32, u32); 3] = [(5000, 2, 2), (1000, 8, 1), (5000, 32, 0)];
 
 const CHANNELS: usize = 2;
 const RELIABLE: u8 = 0;
@@ -47,10 +58,19 @@ pub(crate) struct EnetSide {
     fd: RawFd,
     peer: Option<PeerID>,
     connected: bool,
+    /// Set on the peer once connected (stream only).
+    throttle: Option<(u32, u32, u32)>,
 }
 
 impl EnetSide {
-    pub(crate) fn new(_workload: Workload, role: Role) -> io::Result<Self> {
+    /// `throttle`: a preset of `THROTTLES` for the stream.
+    pub(crate) fn new(workload: Workload, role: Role, throttle: Option<u32>) -> io::Result<Self> {
+        let throttle = match workload {
+            Workload::Stream => {
+                throttle.map(|preset| THROTTLES[(preset as usize).min(THROTTLES.len() - 1)])
+            }
+            Workload::PingPong => None,
+        };
         let (mut host, local, fd) = host(1)?;
         let peer = match role {
             Role::Server { .. } => None,
@@ -66,6 +86,7 @@ impl EnetSide {
             fd,
             peer,
             connected: false,
+            throttle,
         })
     }
 }
@@ -91,12 +112,17 @@ impl Side for EnetSide {
         while let Some(event) = self.host.service()? {
             match event {
                 Event::Connect { peer, .. } => {
+                    if let Some((interval, acceleration, deceleration)) = self.throttle {
+                        peer.set_throttle(interval, acceleration, deceleration);
+                    }
                     self.peer = Some(peer.id());
                     self.connected = true;
                 }
                 Event::Receive { packet, .. } => on_message(packet.data()),
-                Event::Disconnect { .. } => {
-                    return Err(io::Error::other("ENet peer disconnected"));
+                Event::Disconnect { data, .. } => {
+                    return Err(io::Error::other(format!(
+                        "ENet peer disconnected (data {data})"
+                    )));
                 }
             }
         }

@@ -21,7 +21,7 @@ use super::{
     STREAM_BYTES,
 };
 
-pub(crate) const DESCRIPTION: &str = "kcp 0.6 (KCP), transport as in KCP's README (one sendto per output datagram, input per datagram); fast mode nodelay(1, interval 10 ms, fast resend 2, no congestion window) for ping and reliable-100B, nodelay(1, 20 ms, 2, nc) for clients=N; window 128 (ping), 1024 segments in stream mode (reliable-100B, the mode KCP offers for bulk small writes), 32 (clients=N); flush() right after sends and flush_ack() right after input (as kcp-go's write path and ack-no-delay do); update() when check() says; KCP has no unreliable mode, so updates ride KCP too; conversations demultiplexed by conv on one socket";
+pub(crate) const DESCRIPTION: &str = "kcp 0.6 (KCP), transport as in KCP's README (one sendto per output datagram, input per datagram); fast mode nodelay(1, interval 10 ms, fast resend 2, no congestion window) for ping and reliable-100B, nodelay(1, 20 ms, 2, nc) for clients=N; window 128 (ping), 32 (clients=N); reliable-100B: stream mode (the mode KCP offers for bulk small writes) with the send and receive window from the sweep (1,024 to 65,535 segments, KCP's largest; a segment carries up to 13 messages of 100 B), the sender blocking at 2 windows waiting as kcp-go's write path does; flush() right after sends and flush_ack() right after input (as kcp-go's write path and ack-no-delay do); update() when check() says; KCP has no unreliable mode, so updates ride KCP too; conversations demultiplexed by conv on one socket";
 
 /// Datagrams KCP wants sent, written straight to the socket.
 struct Output {
@@ -51,7 +51,9 @@ struct Tuning {
     stream: bool,
 }
 
-fn tuning(workload: Workload) -> Tuning {
+/// `window`: the stream's send and receive window (segments), from the
+/// sweep.
+fn tuning(workload: Workload, window: Option<u32>) -> Tuning {
     match workload {
         Workload::PingPong => Tuning {
             interval: 10,
@@ -60,7 +62,7 @@ fn tuning(workload: Workload) -> Tuning {
         },
         Workload::Stream => Tuning {
             interval: 10,
-            window: 1024,
+            window: window.map_or(4_096, |w| w.clamp(128, u16::MAX as u32) as u16),
             stream: true,
         },
     }
@@ -115,11 +117,11 @@ pub(crate) struct KcpSide {
 }
 
 impl KcpSide {
-    pub(crate) fn new(workload: Workload, role: Role) -> io::Result<Self> {
+    pub(crate) fn new(workload: Workload, role: Role, window: Option<u32>) -> io::Result<Self> {
         let socket = bind()?;
         let local = socket.local_addr()?;
         let epoch = Instant::now();
-        let tuning = tuning(workload);
+        let tuning = tuning(workload, window);
         let kcp = match role {
             Role::Server { .. } => None,
             Role::Client { server } => {

@@ -17,15 +17,17 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use quinn::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use quinn::{ClientConfig, Connection, Endpoint, ServerConfig, TransportConfig, VarInt};
-
-use super::{
-    join, latency_histogram, loopback, FanoutControl, PingRun, Schedule, StreamControl, BUCKETS,
-    FANOUT_RUNNING, INPUT_BYTES, OUTSTANDING_MAX, PACED_RATE, PHASE_PACED, PHASE_SATURATE,
-    PING_BYTES, STREAM_BYTES, UPDATE_BYTES, WAVE_SIZE,
+use quinn::{
+    ClientConfig, Connection, Endpoint, EndpointConfig, ServerConfig, TransportConfig, VarInt,
 };
 
-pub(crate) const DESCRIPTION: &str = "quinn 0.11 (QUIC, rustls + ring, TLS 1.3 with an in-process rcgen certificate), tokio current-thread runtime per side; ping: one bidirectional stream, default transport; reliable-100B: one unidirectional stream written in bursts of up to 256 messages, stream/connection receive windows 16/32 MiB and send window 32 MiB (its docs: at least bandwidth x RTT), BBR congestion control (quinn's loss-tolerant option; Cubic, the default, collapses under random loss); clients=N: one stream per client for its messages, QUIC datagrams for the updates, default transport, one client Endpoint for all connections (at most 128 handshakes in progress)";
+use super::{
+    join, latency_histogram, loopback, set_socket_buffers, FanoutControl, PingRun, Schedule,
+    StreamControl, BUCKETS, FANOUT_RUNNING, INPUT_BYTES, OUTSTANDING_MAX, PACED_RATE, PHASE_PACED,
+    PHASE_SATURATE, PING_BYTES, STREAM_BYTES, UPDATE_BYTES, WAVE_SIZE,
+};
+
+pub(crate) const DESCRIPTION: &str = "quinn 0.11 (QUIC, rustls + ring, TLS 1.3 with an in-process rcgen certificate), tokio current-thread runtime per side; every endpoint on a std UdpSocket given the same 4 MiB SO_RCVBUF/SO_SNDBUF as every other system before quinn wraps it (Endpoint::new); ping: one bidirectional stream, default transport; reliable-100B: one unidirectional stream written in bursts of up to 256 messages, stream receive window from the sweep (4, 16 or 64 MiB; connection receive window and send window twice that; its docs: at least bandwidth x RTT), BBR congestion control (quinn's loss-tolerant option; Cubic, the default, collapses under random loss); clients=N: one stream per client for its messages, QUIC datagrams for the updates, default transport, one client Endpoint for all connections (at most 128 handshakes in progress)";
 
 struct Identity {
     cert: CertificateDer<'static>,
@@ -48,19 +50,51 @@ fn identity() -> &'static Identity {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Tuning {
     Default,
-    Bulk,
+    /// The stream, with this stream receive window in MiB.
+    Bulk {
+        window_mib: u32,
+    },
+}
+
+/// The stream's window when none is given (the sweep's middle setting).
+const WINDOW_MIB_DEFAULT: u32 = 16;
+
+fn bulk(window_mib: Option<u32>) -> Tuning {
+    Tuning::Bulk {
+        window_mib: window_mib.unwrap_or(WINDOW_MIB_DEFAULT).clamp(1, 512),
+    }
 }
 
 fn transport(tuning: Tuning) -> Arc<TransportConfig> {
     let mut transport = TransportConfig::default();
-    if tuning == Tuning::Bulk {
+    if let Tuning::Bulk { window_mib } = tuning {
+        let stream = window_mib << 20;
         transport
-            .stream_receive_window(VarInt::from_u32(16 << 20))
-            .receive_window(VarInt::from_u32(32 << 20))
-            .send_window(32 << 20)
+            .stream_receive_window(VarInt::from_u32(stream))
+            .receive_window(VarInt::from_u32(2 * stream))
+            .send_window(2 * stream as u64)
             .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     }
     Arc::new(transport)
+}
+
+/// A std socket with the buffers every system gets, handed to quinn.
+fn endpoint(server: Option<ServerConfig>) -> Result<Endpoint, String> {
+    let socket = std::net::UdpSocket::bind(loopback()).map_err(|e| err("bind")(&e))?;
+    set_socket_buffers(&socket).map_err(|e| err("socket buffers")(&e))?;
+    let runtime = quinn::default_runtime().ok_or("quinn: no async runtime")?;
+    Endpoint::new(EndpointConfig::default(), server, socket, runtime)
+        .map_err(|e| err("endpoint")(&e))
+}
+
+fn server_endpoint(tuning: Tuning) -> Result<Endpoint, String> {
+    endpoint(Some(server_config(tuning).map_err(|e| err("config")(&e))?))
+}
+
+fn client_endpoint(tuning: Tuning) -> Result<Endpoint, String> {
+    let mut endpoint = endpoint(None)?;
+    endpoint.set_default_client_config(client_config(tuning).map_err(|e| err("config")(&e))?);
+    Ok(endpoint)
 }
 
 fn server_config(tuning: Tuning) -> io::Result<ServerConfig> {
@@ -129,11 +163,7 @@ pub(crate) fn ping_pong(run: PingRun) -> Result<Histogram<u64>, String> {
     let server = thread::spawn(move || -> Result<(), String> {
         run.cores.pin_server();
         runtime()?.block_on(async move {
-            let endpoint = Endpoint::server(
-                server_config(Tuning::Default).map_err(|e| err("config")(&e))?,
-                loopback(),
-            )
-            .map_err(|e| err("server")(&e))?;
+            let endpoint = server_endpoint(Tuning::Default)?;
             let _ = addr_tx.send(endpoint.local_addr().map_err(|e| err("addr")(&e))?);
             let work = async {
                 let incoming = endpoint.accept().await.ok_or("quinn endpoint closed")?;
@@ -162,10 +192,7 @@ pub(crate) fn ping_pong(run: PingRun) -> Result<Histogram<u64>, String> {
     let client = thread::spawn(move || -> Result<Histogram<u64>, String> {
         run.cores.pin_client();
         runtime()?.block_on(async move {
-            let mut endpoint = Endpoint::client(loopback()).map_err(|e| err("client")(&e))?;
-            endpoint.set_default_client_config(
-                client_config(Tuning::Default).map_err(|e| err("config")(&e))?,
-            );
+            let endpoint = client_endpoint(Tuning::Default)?;
             let connection = connect(&endpoint, server_addr).await?;
             let (mut send, mut recv) =
                 connection.open_bi().await.map_err(|e| err("open_bi")(&e))?;
@@ -200,17 +227,14 @@ pub(crate) fn ping_pong(run: PingRun) -> Result<Histogram<u64>, String> {
 
 // ---------------------------------------------------------------- stream
 
+/// `window_mib`: the stream receive window from the sweep.
 pub(crate) fn stream_receiver(
-    _public: SocketAddr,
     addr_tx: mpsc::Sender<SocketAddr>,
     control: &StreamControl,
+    window_mib: Option<u32>,
 ) -> Result<(), String> {
     runtime()?.block_on(async {
-        let endpoint = Endpoint::server(
-            server_config(Tuning::Bulk).map_err(|e| err("config")(&e))?,
-            loopback(),
-        )
-        .map_err(|e| err("server")(&e))?;
+        let endpoint = server_endpoint(bulk(window_mib))?;
         let _ = addr_tx.send(endpoint.local_addr().map_err(|e| err("addr")(&e))?);
         let mut histogram = latency_histogram();
         let mut expected = 0u64;
@@ -248,11 +272,13 @@ pub(crate) fn stream_receiver(
     })
 }
 
-pub(crate) fn stream_sender(server: SocketAddr, control: &StreamControl) -> Result<(), String> {
+pub(crate) fn stream_sender(
+    server: SocketAddr,
+    control: &StreamControl,
+    window_mib: Option<u32>,
+) -> Result<(), String> {
     runtime()?.block_on(async {
-        let mut endpoint = Endpoint::client(loopback()).map_err(|e| err("client")(&e))?;
-        endpoint
-            .set_default_client_config(client_config(Tuning::Bulk).map_err(|e| err("config")(&e))?);
+        let endpoint = client_endpoint(bulk(window_mib))?;
         let connection = connect(&endpoint, server).await?;
         let mut send = connection
             .open_uni()
@@ -326,11 +352,7 @@ pub(crate) fn fanout_server(
     let runtime = runtime()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async {
-        let endpoint = Endpoint::server(
-            server_config(Tuning::Default).map_err(|e| err("config")(&e))?,
-            loopback(),
-        )
-        .map_err(|e| err("server")(&e))?;
+        let endpoint = server_endpoint(Tuning::Default)?;
         let _ = addr_tx.send(endpoint.local_addr().map_err(|e| err("addr")(&e))?);
         let state = Rc::new(RefCell::new(ServerState {
             connections: Vec::with_capacity(control.clients),
@@ -404,10 +426,7 @@ pub(crate) fn fanout_clients(server: SocketAddr, control: &FanoutControl) -> Res
     let runtime = runtime()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async {
-        let mut endpoint = Endpoint::client(loopback()).map_err(|e| err("client")(&e))?;
-        endpoint.set_default_client_config(
-            client_config(Tuning::Default).map_err(|e| err("config")(&e))?,
-        );
+        let endpoint = client_endpoint(Tuning::Default)?;
         let updates = Rc::new(Cell::new(0u64));
         let connected = Rc::new(Cell::new(0usize));
         let failure: Rc<RefCell<Option<String>>> = Rc::new(RefCell::new(None));

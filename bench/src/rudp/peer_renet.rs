@@ -26,14 +26,25 @@ use super::{
 /// renetcode's `NETCODE_MAX_CLIENTS`.
 pub(crate) const CLIENTS_MAX: usize = 1024;
 
-pub(crate) const DESCRIPTION: &str = "renet 2.0 + renet_netcode 2.0 (netcode unsecure mode), one RenetServer/RenetClient + Netcode transport per side (std UdpSocket, one syscall per datagram; one socket per client, as netcode identifies clients by address); default channels; reliable messages on ReliableOrdered, updates on Unreliable; resend_time 25 ms (2.5x the relay RTT) for ping and reliable-100B, 300 ms default for clients=N; available_bytes_per_tick 1 MB for reliable-100B; one-connection cases: update every loop turn, send_packets when a message was queued or 1 ms passed (it emits an ack packet per call); clients=N: the server ticks at 60 Hz as in its README (update, receive_message per client, send_packets; updates queued between ticks), the client load generator at 100 Hz; at most 1024 clients per server (renetcode's NETCODE_MAX_CLIENTS)";
+pub(crate) const DESCRIPTION: &str = "renet 2.0 + renet_netcode 2.0 (netcode in unsecure token mode; its packets are still sealed with ChaCha20-Poly1305 under the token's keys), one RenetServer/RenetClient + Netcode transport per side (std UdpSocket, one syscall per datagram; one socket per client, as netcode identifies clients by address); default channels; reliable messages on ReliableOrdered, updates on Unreliable; resend_time 25 ms (2.5x the relay RTT) for ping and reliable-100B, 300 ms default for clients=N; reliable-100B: available_bytes_per_tick 1 MB and max_memory_usage_bytes 16 MiB on every channel (like tessera's 16 MiB reliable queue; renet's 5 MiB default is below the 65,536 x 100 B the harness lets be outstanding, and a full reliable channel disconnects), the sender asking can_send_message before each message; one-connection cases: update every loop turn, send_packets when a message was queued or 1 ms passed (it emits an ack packet per call); a disconnect on either side is reported with renet's and netcode's reasons; clients=N: the server ticks at 60 Hz as in its README (update, receive_message per client, send_packets; updates queued between ticks), the client load generator at 100 Hz; at most 1024 clients per server (renetcode's NETCODE_MAX_CLIENTS)";
+
+/// A stream's channel memory: tessera's reliable queue holds 16 MiB.
+const STREAM_CHANNEL_BYTES: usize = 16 << 20;
 
 const PROTOCOL_ID: u64 = 0x7E55_E7A0;
 
-fn connection_config(resend: Duration, bytes_per_tick: u64) -> ConnectionConfig {
+/// `memory`: each channel's max_memory_usage_bytes, None: renet's default.
+fn connection_config(
+    resend: Duration,
+    bytes_per_tick: u64,
+    memory: Option<usize>,
+) -> ConnectionConfig {
     let channels: Vec<ChannelConfig> = DefaultChannel::config()
         .into_iter()
         .map(|mut channel| {
+            if let Some(bytes) = memory {
+                channel.max_memory_usage_bytes = bytes;
+            }
             channel.send_type = match channel.send_type {
                 SendType::ReliableOrdered { .. } => SendType::ReliableOrdered {
                     resend_time: resend,
@@ -55,8 +66,12 @@ fn connection_config(resend: Duration, bytes_per_tick: u64) -> ConnectionConfig 
 
 fn workload_config(workload: Workload) -> ConnectionConfig {
     match workload {
-        Workload::PingPong => connection_config(Duration::from_millis(25), 60_000),
-        Workload::Stream => connection_config(Duration::from_millis(25), 1 << 20),
+        Workload::PingPong => connection_config(Duration::from_millis(25), 60_000, None),
+        Workload::Stream => connection_config(
+            Duration::from_millis(25),
+            1 << 20,
+            Some(STREAM_CHANNEL_BYTES),
+        ),
     }
 }
 
@@ -246,7 +261,9 @@ impl Side for RenetSide {
                     match event {
                         ServerEvent::ClientConnected { client_id } => *client = Some(client_id),
                         ServerEvent::ClientDisconnected { reason, .. } => {
-                            return Err(io::Error::other(format!("renet client left: {reason}")));
+                            return Err(io::Error::other(format!(
+                                "renet server lost its client: {reason}"
+                            )));
                         }
                     }
                 }
@@ -261,6 +278,13 @@ impl Side for RenetSide {
                 transport.update(delta, client).map_err(transport_error)?;
                 while let Some(message) = client.receive_message(RELIABLE) {
                     on_message(&message);
+                }
+                if client.is_disconnected() {
+                    return Err(io::Error::other(format!(
+                        "renet client disconnected: renet reason {:?}, netcode reason {:?}",
+                        client.disconnect_reason(),
+                        transport.disconnect_reason()
+                    )));
                 }
             }
         }
