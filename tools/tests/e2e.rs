@@ -110,10 +110,7 @@ fn a_node_serves_200_commuting_clients_and_stops_cleanly() {
         report_path.to_str().unwrap(),
     ]);
     assert!(ok, "sim failed: {out}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
-    assert_eq!(sim_value(&report, "clients_joined"), 200.0, "{out}");
-    assert_eq!(sim_value(&report, "clients_failed"), 0.0, "{out}");
+    let report = common::all_joined(&report_path, 200, &out);
     // Rebuilt views are consistent: no duplicate entity, no missing baseline.
     assert!(sim_value(&report, "verified_snapshots") > 500.0, "{out}");
     assert_eq!(sim_value(&report, "verify_errors"), 0.0, "{out}");

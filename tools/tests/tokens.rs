@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{dev_key_path, free_tcp_port, run, run_env, sim_value, Guarded, Server};
+use common::{all_joined, dev_key_path, free_tcp_port, run, run_env, sim_value, Guarded, Server};
 
 fn key_file(name: &str) -> std::path::PathBuf {
     let (ok, key) = run(&["token", "key"]);
@@ -132,20 +132,10 @@ fn a_node_with_a_key_admits_only_valid_tokens_and_bots_with_tokens_play() {
         report.to_str().unwrap(),
     ]);
     assert!(ok, "sim failed: {out}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    assert_eq!(sim_value(&report, "clients_joined"), 100.0, "{out}");
-    assert_eq!(sim_value(&report, "clients_failed"), 0.0, "{out}");
+    let report = all_joined(&report, 100, &out);
     assert_eq!(sim_value(&report, "verify_errors"), 0.0, "{out}");
     // Each refusal was counted under its reason; nothing failed to open.
-    let drops = |reason: &str| {
-        server
-            .by_reason("tessera_drops_total{")
-            .into_iter()
-            .filter(|(r, _)| r == reason)
-            .map(|(_, n)| n)
-            .sum::<f64>()
-    };
+    let drops = |reason: &str| server.drops(reason);
     assert!(drops("token_required") >= 1.0);
     assert!(drops("token_expired") >= 1.0);
     assert!(drops("token_wrong_address") >= 1.0);
@@ -482,19 +472,9 @@ fn a_flood_from_many_ports_is_held_at_its_limits_while_players_play() {
 
     let (ok, out) = players.finish(Duration::from_secs(60));
     assert!(ok, "the players' simulator failed: {out}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    assert_eq!(sim_value(&report, "clients_joined"), 20.0, "{out}");
-    assert_eq!(sim_value(&report, "clients_failed"), 0.0, "{out}");
+    let report = all_joined(&report, 20, &out);
     assert_eq!(sim_value(&report, "verify_errors"), 0.0, "{out}");
-    let drops = |reason: &str| {
-        server
-            .by_reason("tessera_drops_total{")
-            .into_iter()
-            .filter(|(r, _)| r == reason)
-            .map(|(_, n)| n)
-            .sum::<f64>()
-    };
+    let drops = |reason: &str| server.drops(reason);
     eprintln!(
         "flood: host B sessions {connected} of 40; drops {:?}",
         server

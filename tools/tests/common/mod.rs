@@ -110,6 +110,15 @@ impl Server {
             .sum()
     }
 
+    /// `tessera_drops_total` under `reason`, summed over shards.
+    pub fn drops(&self, reason: &str) -> f64 {
+        self.by_reason("tessera_drops_total{")
+            .into_iter()
+            .filter(|(r, _)| r == reason)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
     /// The metric samples whose line starts with `prefix`, by the value of
     /// their `reason` label.
     pub fn by_reason(&self, prefix: &str) -> Vec<(String, f64)> {
@@ -266,6 +275,20 @@ impl Drop for Guarded {
 }
 
 /// A metric of a simulator report (`tessera sim --out`).
+/// A simulator's JSON report at `path`, after asserting that its `clients`
+/// bots all joined and none failed (`out`: its output, for the message).
+pub fn all_joined(path: &std::path::Path, clients: usize, out: &str) -> serde_json::Value {
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(
+        sim_value(&report, "clients_joined"),
+        clients as f64,
+        "{out}"
+    );
+    assert_eq!(sim_value(&report, "clients_failed"), 0.0, "{out}");
+    report
+}
+
 pub fn sim_value(report: &serde_json::Value, metric: &str) -> f64 {
     report["results"]
         .as_array()
