@@ -434,8 +434,8 @@ impl<G: GameLogic> NodeCore<G> {
         self.sessions.hand_off::<G>(&mut sink)
     }
 
-    /// A session's connection closed (either side, or a timeout): its avatar
-    /// leaves the world.
+    /// A session's connection closed (either side): its avatar leaves the
+    /// world. A timeout is [`NodeCore::handle_connection_lost`].
     pub fn handle_disconnected(&mut self, connection: ConnectionKey) {
         self.sessions
             .close::<G>(connection, false, &mut self.to_route);
